@@ -1,0 +1,196 @@
+"""Command line: parse arguments, layer them over config file and environment, run.
+
+Exit status: 0 success, 2 usage or config error, 1 runtime failure; every deliberate
+error is printed as one line naming what and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from n2s_stream import __version__
+from n2s_stream.config import (
+    DenoiseConfig,
+    TrainConfig,
+    build,
+    env_options,
+    read_toml_table,
+)
+from n2s_stream.errors import N2SError, UsageError
+from n2s_stream.models import MODEL_NAMES
+from n2s_stream.n2s.masking import MASK_MODES
+from n2s_stream.n2s.normalize import NORMALIZE_MODES
+
+log = logging.getLogger("n2s_stream")
+
+COMMANDS = ("train", "denoise", "simulate", "demo")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file; its [<command>] table is read")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a denoiser on a noisy HDF5 stack (self-supervised)",
+                       argument_default=argparse.SUPPRESS)
+    _common(p)
+    p.add_argument("--h5", type=Path, help="input HDF5 file")
+    p.add_argument("--dataset", help="frame dataset path (default: discovered)")
+    p.add_argument("--max-samples", type=int, help="frames used for training (default 1000)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--model", choices=MODEL_NAMES, help="architecture (default unet)")
+    p.add_argument("--width", type=int, help="channels of the first level (default 32)")
+    p.add_argument("--depth", type=int, help="UNet down-samplings (default 3)")
+    p.add_argument("--layers", type=int, help="DnCNN conv layers (default 10)")
+    p.add_argument("--residual", action="store_true", help="add the input to the output")
+    p.add_argument("--batch-norm", action="store_true", help="batch normalisation layers")
+    p.add_argument("--grid-size", type=int, help="mask grid spacing (default 4)")
+    p.add_argument("--mask-mode", choices=MASK_MODES, help="fill of hidden pixels")
+    p.add_argument("--mask-as-input", action="store_true", help="mask as an extra input channel")
+    p.add_argument("--patch", type=int, help="patch size; 0 = full frames (default 64)")
+    p.add_argument("--batch", type=int, help="patches per step (default 16)")
+    p.add_argument("--epochs", type=int, help="epochs (default 10)")
+    p.add_argument("--steps-per-epoch", type=int, help="default: one pass over the pixels")
+    p.add_argument("--max-seconds", type=float, help="stop after this much training time")
+    p.add_argument("--lr", type=float, help="peak learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--val-frac", type=float, help="fraction of frames held out for validation")
+    p.add_argument("--save-best", action="store_true", help="also keep ckpt_best.pt")
+    p.add_argument("--early-stop-patience", type=int, help="epochs without gain before stop")
+    p.add_argument("--early-stop-min-delta", type=float, help="smallest loss gain that counts")
+    p.add_argument("--normalize", choices=NORMALIZE_MODES, help="default meanstd")
+    p.add_argument("--no-scale-integers", action="store_true",
+                   help="do not divide integer input by its dtype maximum")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--out-dir", type=Path, help="checkpoint folder (default runs/noise2self)")
+    p.add_argument("--ckpt", type=Path, help="start from this checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+
+
+def _denoise_parser(sub: Any) -> None:
+    p = sub.add_parser("denoise", help="denoise an HDF5 stack with a trained checkpoint",
+                       argument_default=argparse.SUPPRESS)
+    _common(p)
+    p.add_argument("--h5", type=Path, help="input HDF5 file")
+    p.add_argument("--ckpt", type=Path, help="checkpoint from n2s-stream train")
+    p.add_argument("--out", type=Path, help="output file or folder (default: <input>_n2s.h5)")
+    p.add_argument("--dataset", help="frame dataset path (default: discovered)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--batch", type=int, help="frames per forward pass (default 8)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--jinv", action="store_true",
+                   help="J-invariant inference (grid_size**2 passes; never sees the pixel)")
+    p.add_argument("--require-reconstructable", action="store_true",
+                   help="write in the input's dtype and counts; needs an exact normalisation")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+
+
+def _simulate_parser(sub: Any) -> None:
+    p = sub.add_parser("simulate", help="test detector: write noisy frames (truth kept aside)")
+    p.add_argument("--dir", type=Path, required=True, help="folder to write into")
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--shape", default="128x128", help="HxW (default 128x128)")
+    p.add_argument("--dose", type=float, default=20.0, help="mean counts at the brightest pixel")
+    p.add_argument("--rate", type=float, default=0.0, help="frames/s; 0 = as fast as possible")
+    p.add_argument("--layout", default="areadetector", choices=("areadetector", "eiger", "plain"))
+    p.add_argument("--name", default="scan_0001", help="series name")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="INFO")
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="simulate a detector and watch denoising quality improve")
+    p.add_argument("--dir", type=Path, default=Path("demo-output"), help="working folder")
+    p.add_argument("--seconds", type=float, default=40.0, help="training time budget")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The full command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="n2s-stream",
+        description="Self-supervised (Noise2Self) denoising of detector frames.",
+    )
+    parser.add_argument("--version", action="version", version=f"n2s-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    _denoise_parser(sub)
+    _simulate_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def _layered(cls: type, command: str, args: argparse.Namespace) -> Any:
+    """Defaults < config file < N2S_<COMMAND>_* environment < command line."""
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    config_file = getattr(args, "config", None)
+    if config_file is not None:
+        layers.append((str(config_file), read_toml_table(config_file, command)))
+    layers.append(("environment", env_options(command)))
+    layers.append(("command line", cli))
+    return build(cls, layers)
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError as exc:
+        raise UsageError(f"--shape {text!r}: expected HxW, e.g. 256x256") from exc
+    if height < 8 or width < 8:
+        raise UsageError(f"--shape {text!r}: frames must be at least 8x8")
+    return height, width
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from n2s_stream.offline import train
+
+        result = train(_layered(TrainConfig, "train", args))
+        print(f"checkpoints: {result.last}" + (f", {result.best}" if result.best else ""))
+    elif args.command == "denoise":
+        from n2s_stream.offline import denoise
+
+        result = denoise(_layered(DenoiseConfig, "denoise", args))
+        print(f"wrote {result.n_frames} frames to {result.out}")
+    elif args.command == "simulate":
+        from n2s_stream.simulate import SimulateConfig, simulate
+
+        path = simulate(SimulateConfig(
+            dir=args.dir, frames=args.frames, shape=_parse_shape(args.shape), dose=args.dose,
+            rate=args.rate, layout=args.layout, name=args.name, seed=args.seed,
+        ))
+        print(f"wrote {args.frames} frames to {path}")
+    elif args.command == "demo":
+        from n2s_stream.demo import run_demo
+
+        run_demo(args.dir, seconds=args.seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``n2s-stream``; returns the exit status."""
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        _run(args)
+    except UsageError as exc:
+        print(f"n2s-stream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except N2SError as exc:
+        print(f"n2s-stream {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"n2s-stream {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,211 @@
+"""Typed options of every command, and how they are layered.
+
+Each command has one frozen dataclass. Values come, lowest precedence first, from the
+defaults here, a TOML file (``--config``, one table per command, e.g. ``[train]``),
+``N2S_<COMMAND>_<OPTION>`` environment variables, and the command line. Unknown keys are
+rejected with their name; types are checked when the object is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+from n2s_stream.errors import UsageError
+from n2s_stream.models import ModelConfig
+from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.n2s.normalize import NORMALIZE_MODES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of ``n2s-stream train`` (the seed's ``train_noise2self.py`` flags and more)."""
+
+    h5: Path | None = None
+    dataset: str | None = None
+    max_samples: int = 1000
+    device: str = "auto"
+    model: str = "unet"
+    width: int = 32
+    depth: int = 3
+    layers: int = 10
+    residual: bool = False
+    batch_norm: bool = False
+    grid_size: int = 4
+    mask_mode: str = "interpolate"
+    mask_as_input: bool = False
+    patch: int = 64
+    batch: int = 16
+    epochs: int = 10
+    steps_per_epoch: int = 0  # 0: one pass over the training pixels per epoch
+    max_seconds: float = 0.0  # 0: no time budget
+    lr: float = 1e-3
+    amp: bool = False
+    val_frac: float = 0.0
+    save_best: bool = False
+    early_stop_patience: int = 0  # 0: never stop early
+    early_stop_min_delta: float = 0.0
+    normalize: str = "meanstd"
+    no_scale_integers: bool = False
+    seed: int = 0
+    out_dir: Path = Path("runs/noise2self")
+    ckpt: Path | None = None  # start from these weights instead of from scratch
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            self.model_config()
+            self.masker_config()
+        except ValueError as exc:
+            raise UsageError(f"train: {exc}") from exc
+        if self.normalize not in NORMALIZE_MODES:
+            raise UsageError(f"train: normalize must be one of {NORMALIZE_MODES}")
+        if self.batch < 1 or self.epochs < 1 or self.patch < 0 or self.max_samples < 0:
+            raise UsageError("train: batch and epochs must be >= 1, patch and max_samples >= 0")
+        if not 0.0 <= self.val_frac < 1.0:
+            raise UsageError(f"train: val_frac must be in [0, 1), got {self.val_frac}")
+
+    def model_config(self) -> ModelConfig:
+        """The architecture these options describe (one input channel per image, +mask)."""
+        return ModelConfig(
+            name=self.model,
+            in_channels=1 + int(self.mask_as_input),
+            width=self.width,
+            depth=self.depth,
+            layers=self.layers,
+            residual=self.residual,
+            batch_norm=self.batch_norm,
+        )
+
+    def masker_config(self) -> MaskerConfig:
+        """The masking these options describe."""
+        return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input)
+
+
+@dataclass(frozen=True)
+class DenoiseConfig:
+    """Options of ``n2s-stream denoise`` (the seed's ``denoise_h5_stack.py`` flags and more)."""
+
+    h5: Path | None = None
+    ckpt: Path | None = None
+    out: Path | None = None
+    dataset: str | None = None
+    device: str = "auto"
+    batch: int = 8
+    amp: bool = False
+    jinv: bool = False
+    require_reconstructable: bool = False
+    progress: bool = True
+
+
+def build(cls: type[T], layers: list[tuple[str, Mapping[str, Any]]]) -> T:
+    """Build ``cls`` from mappings applied in order (later wins); each is named for errors.
+
+    Raises `UsageError` naming the source and key of an unknown option or a bad value.
+    """
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for source, mapping in layers:
+        for key, raw in mapping.items():
+            name = key.replace("-", "_")
+            if name not in hints:
+                raise UsageError(f"{source}: unknown option {key!r}")
+            values[name] = _coerce(raw, hints[name], f"{source}: option {key!r}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    text = str(hint)
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{where}: a value is required")
+    try:
+        if "Path" in text:
+            return Path(value)
+        if "bool" in text:
+            return _to_bool(value)
+        if "int" in text and "float" not in text:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if "float" in text:
+            return float(value)
+        if "str" in text:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: invalid value {value!r} (expected {text})") from exc
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def read_toml_table(path: Path, table: str) -> dict[str, Any]:
+    """The ``[table]`` of a TOML file (empty if absent); errors name the file."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{path}: config file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML: {exc}") from exc
+    section = document.get(table, {})
+    if not isinstance(section, dict):
+        raise UsageError(f"{path}: [{table}] must be a table")
+    return section
+
+
+def env_options(command: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Options given as ``N2S_<COMMAND>_<OPTION>`` environment variables."""
+    environ = os.environ if environ is None else environ
+    prefix = f"N2S_{command.upper()}_"
+    return {
+        key[len(prefix) :].lower(): value for key, value in environ.items()
+        if key.startswith(prefix)
+    }
+
+
+def as_toml(config: object, table: str) -> str:
+    """The effective options as a TOML table, for output files and logs."""
+    lines = [f"[{table}]"]
+    for field in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{field.name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def replace(config: T, **changes: Any) -> T:
+    """A copy of a frozen config with some options changed."""
+    return dataclasses.replace(config, **changes)  # type: ignore[type-var]

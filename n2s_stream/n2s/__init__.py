@@ -1,0 +1,1 @@
+"""Pure tensor math of Noise2Self: masking, loss and normalisation. No I/O, no threads."""

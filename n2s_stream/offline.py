@@ -1,0 +1,314 @@
+"""The seed's offline tools: ``n2s-stream train`` and ``n2s-stream denoise``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
+from n2s_stream.config import DenoiseConfig, TrainConfig, as_toml
+from n2s_stream.errors import CheckpointError, InputError, UsageError
+from n2s_stream.inference import denoise_counts, to_source_dtype
+from n2s_stream.models import build_model, count_parameters
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
+from n2s_stream.stack import FrameStack, open_stack
+from n2s_stream.training import (
+    amp_enabled,
+    cosine_lr,
+    masked_validation_loss,
+    resolve_device,
+    sample_patches,
+    train_step,
+)
+from n2s_stream.writer import FrameWriter, output_name
+
+log = logging.getLogger(__name__)
+
+# Validation frames are scored on a centre crop of at most this size, to keep it cheap.
+VAL_CROP = 256
+
+
+@dataclass
+class EpochReport:
+    """What one epoch of offline training achieved."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    val_loss: float | None
+    lr: float
+    elapsed: float
+
+
+@dataclass
+class TrainResult:
+    """Where the checkpoints went and how training went."""
+
+    last: Path
+    best: Path | None
+    epochs: list[EpochReport] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+@dataclass
+class _Data:
+    train: np.ndarray  # (N, H, W) normalised float32
+    train_valid: np.ndarray | None  # (N, H, W) 1/0 float32, None if all valid
+    val: torch.Tensor | None  # (M, 1, h, w) normalised, centre crops
+    val_valid: torch.Tensor | None
+    normalizer: Normalizer
+
+
+def train(
+    config: TrainConfig,
+    *,
+    on_epoch: Callable[[EpochReport, nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train a denoiser on the noisy stack ``config.h5`` alone; write checkpoints.
+
+    ``ckpt_last.pt`` is written after every epoch, ``ckpt_best.pt`` (with ``save_best``)
+    whenever the validation loss (training loss without validation) improves.
+    ``on_epoch`` sees each report and the model, e.g. to measure PSNR against a truth.
+    """
+    if config.h5 is None:
+        raise UsageError("train: --h5 is required")
+    device = resolve_device(config.device)
+    amp = amp_enabled(config.amp, device)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+
+    data = _load_training_data(config, rng, device)
+    model_config = config.model_config()
+    model = build_model(model_config).to(device)
+    masker = Masker(config.masker_config())
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_version = _maybe_resume(config, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    n, height, width = data.train.shape
+    patch_pixels = (height * width) if config.patch <= 0 else min(config.patch, height) * min(
+        config.patch, width
+    )
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, math.ceil(n * height * width / (config.batch * patch_pixels))
+    )
+    total_steps = steps_per_epoch * config.epochs
+    log.info(
+        "training %s (%d parameters) on %d frames %dx%d from %s: %d epochs x %d steps, device %s",
+        config.model, count_parameters(model), n, height, width, config.h5,
+        config.epochs, steps_per_epoch, device,
+    )
+
+    out_dir = Path(config.out_dir)
+    result = TrainResult(last=out_dir / "ckpt_last.pt", best=None)
+    best_loss, epochs_without_gain = math.inf, 0
+    started = time.monotonic()
+    step = 0
+
+    def save(path: Path, epoch: int, report: EpochReport) -> None:
+        save_checkpoint(
+            path, model=model, model_config=model_config, masker_config=masker.config,
+            normalizer=data.normalizer, optimizer=optimizer, step=step,
+            version=start_version + step,
+            extra={"epoch": epoch, "train_loss": report.train_loss,
+                   "val_loss": report.val_loss, "config": as_toml(config, "train")},
+        )
+
+    for epoch in range(1, config.epochs + 1):
+        loss_sum = torch.zeros((), device=device)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
+                   unit="step", leave=False, disable=not config.progress)
+        steps_this_epoch = 0
+        for _ in bar:
+            elapsed = time.monotonic() - started
+            progress = step / total_steps
+            if config.max_seconds > 0:
+                progress = max(progress, elapsed / config.max_seconds)
+                if elapsed >= config.max_seconds:
+                    break
+            lr = cosine_lr(config.lr, progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            patches, valid = sample_patches(
+                data.train, data.train_valid, batch=config.batch, patch=config.patch, rng=rng
+            )
+            batch = torch.from_numpy(patches).to(device)
+            valid_t = None if valid is None else torch.from_numpy(valid).to(device)
+            phases = torch.from_numpy(rng.integers(masker.n_phases, size=config.batch))
+            loss_sum += train_step(model, optimizer, masker, batch, phases=phases.to(device),
+                                   valid=valid_t, scaler=scaler, amp=amp)
+            step += 1
+            steps_this_epoch += 1
+        bar.close()
+        if steps_this_epoch == 0:
+            break
+        train_loss = float(loss_sum) / steps_this_epoch  # host sync, once per epoch
+        val_loss = None
+        if data.val is not None:
+            val_loss = masked_validation_loss(model, masker, data.val, valid=data.val_valid,
+                                              amp=amp)
+        report = EpochReport(epoch, step, train_loss, val_loss, lr,
+                             time.monotonic() - started)
+        result.epochs.append(report)
+        log.info(
+            "epoch %d/%d: train masked loss %.5f, val masked loss %s, lr %.2e, %.1fs",
+            epoch, config.epochs, train_loss,
+            "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed,
+        )
+        save(result.last, epoch, report)
+        score = val_loss if val_loss is not None else train_loss
+        if score < best_loss - config.early_stop_min_delta:
+            best_loss, epochs_without_gain = score, 0
+            if config.save_best:
+                result.best = out_dir / "ckpt_best.pt"
+                save(result.best, epoch, report)
+        else:
+            epochs_without_gain += 1
+        if on_epoch is not None:
+            on_epoch(report, model)
+        if config.early_stop_patience and epochs_without_gain >= config.early_stop_patience:
+            log.info("early stop: no gain above %g for %d epochs",
+                     config.early_stop_min_delta, epochs_without_gain)
+            result.stopped_early = True
+            break
+        if config.max_seconds > 0 and time.monotonic() - started >= config.max_seconds:
+            log.info("time budget of %.0fs reached", config.max_seconds)
+            break
+    return result
+
+
+def _maybe_resume(config: TrainConfig, model: nn.Module) -> int:
+    """Load ``config.ckpt`` into ``model`` if given; returns its version (0 otherwise)."""
+    if config.ckpt is None:
+        return 0
+    checkpoint = load_checkpoint(config.ckpt)
+    checkpoint.check_compatible(config.model_config())
+    model.load_state_dict(checkpoint.state_dict)
+    log.info("starting from %s (version %d)", config.ckpt, checkpoint.version)
+    return checkpoint.version
+
+
+def _load_training_data(
+    config: TrainConfig, rng: np.random.Generator, device: torch.device
+) -> _Data:
+    with open_stack(config.h5, config.dataset) as stack:  # type: ignore[arg-type]
+        frames = _read_samples(stack, config.max_samples)
+        source_dtype = stack.dtype
+    valid = valid_pixels(frames, source_dtype)
+    normalizer = fit_normalizer(
+        frames, mode=config.normalize, scale_integers=not config.no_scale_integers,
+        source_dtype=source_dtype, valid=valid,
+    )
+    normalized = normalizer.forward(fill_invalid(frames, valid))
+    valid_f = None if valid.all() else valid.astype(np.float32)
+    order = rng.permutation(len(normalized))
+    n_val = 0
+    if config.val_frac > 0 and len(normalized) >= 2:
+        n_val = min(max(round(config.val_frac * len(normalized)), 1), len(normalized) - 1)
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    val = val_valid = None
+    if n_val:
+        val = _centre_crop(torch.from_numpy(normalized[val_idx]).unsqueeze(1)).to(device)
+        if valid_f is not None:
+            val_valid = _centre_crop(torch.from_numpy(valid_f[val_idx]).unsqueeze(1)).to(device)
+    return _Data(
+        train=normalized[train_idx],
+        train_valid=None if valid_f is None else valid_f[train_idx],
+        val=val, val_valid=val_valid, normalizer=normalizer,
+    )
+
+
+def _read_samples(stack: FrameStack, max_samples: int) -> np.ndarray:
+    """Up to ``max_samples`` frames spread evenly over the stack, read chunk by chunk."""
+    n = len(stack)
+    if n == 0:
+        raise InputError(f"{stack.path}: the stack holds no frames", reason="empty")
+    if max_samples <= 0 or n <= max_samples:
+        return np.concatenate([chunk for _, chunk in stack.iter_chunks(64)])
+    indices = np.unique(np.linspace(0, n - 1, max_samples).round().astype(int))
+    return stack.read_frames(indices)
+
+
+def _centre_crop(x: torch.Tensor) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    top, left = max((height - VAL_CROP) // 2, 0), max((width - VAL_CROP) // 2, 0)
+    return x[..., top : top + VAL_CROP, left : left + VAL_CROP].contiguous()
+
+
+@dataclass
+class DenoiseResult:
+    """Where the denoised stack went."""
+
+    out: Path
+    n_frames: int
+
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
+
+
+def resolve_output(source: Path, out: Path | None) -> Path:
+    """``--out`` as a file (HDF5 suffix), else a folder that gets the mirrored name
+    (``scan_0001.h5`` → ``scan_0001_n2s.h5``); without ``--out``, next to the source."""
+    if out is None:
+        return source.with_name(output_name(source))
+    if out.is_dir() or out.suffix.lower() not in HDF5_SUFFIXES:
+        return out / output_name(source)
+    return out
+
+
+def denoise(config: DenoiseConfig) -> DenoiseResult:
+    """Denoise the stack ``config.h5`` with ``config.ckpt`` into a new output file.
+
+    Reads, denoises and writes ``batch`` frames at a time, so memory does not grow with
+    the stack. Output is float32 in the input's units, or the input's dtype with
+    ``require_reconstructable`` (refused unless the normalisation inverts exactly).
+    """
+    if config.h5 is None or config.ckpt is None:
+        raise UsageError("denoise: --h5 and --ckpt are required")
+    if config.batch < 1:
+        raise UsageError(f"denoise: --batch must be >= 1, got {config.batch}")
+    checkpoint = load_checkpoint(config.ckpt)
+    if config.require_reconstructable and not checkpoint.normalizer.is_exact:
+        raise CheckpointError(
+            f"{config.ckpt}: --require-reconstructable needs a normalisation that inverts"
+            f" exactly, but this checkpoint has {checkpoint.normalizer.describe()};"
+            " train with --normalize none --no-scale-integers"
+        )
+    device = resolve_device(config.device)
+    amp = amp_enabled(config.amp, device)
+    model = checkpoint.build_model(device)
+    masker = Masker(checkpoint.masker_config)
+    out_path = resolve_output(Path(config.h5), config.out)
+    if out_path.resolve() == Path(config.h5).resolve():
+        raise UsageError(f"denoise: --out {out_path} would overwrite the input")
+
+    with open_stack(config.h5, config.dataset) as stack:
+        out_dtype = stack.dtype if config.require_reconstructable else np.dtype(np.float32)
+        log.info("denoising %s (%d frames %dx%d, %s) with %s version %d -> %s",
+                 config.h5, len(stack), *stack.frame_shape, stack.dtype, config.ckpt,
+                 checkpoint.version, out_path)
+        with FrameWriter(out_path, frame_shape=stack.frame_shape, dtype=out_dtype,
+                         config_text=as_toml(config, "denoise"), source=str(config.h5)) as writer:
+            bar = tqdm(total=len(stack), unit="frame", disable=not config.progress)
+            for start, frames in stack.iter_chunks(config.batch):
+                received = time.time()
+                denoised = denoise_counts(model, masker, checkpoint.normalizer, frames,
+                                          jinv=config.jinv, device=device, amp=amp)
+                if config.require_reconstructable:
+                    denoised = to_source_dtype(denoised, stack.dtype)
+                writer.append(denoised, source_frames=np.arange(start, start + len(frames)),
+                              model_version=checkpoint.version, t_received=received)
+                bar.update(len(frames))
+            bar.close()
+            n_written = writer.n_written
+    return DenoiseResult(out_path, n_written)

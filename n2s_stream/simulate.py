@@ -1,0 +1,128 @@
+"""A test detector: a slowly drifting textured scene with Poisson noise.
+
+`clean_frames` and `poisson_frames` are pure functions (numpy in, numpy out). `simulate`
+writes the noisy frames the way real detectors do (areaDetector SWMR file, Eiger master +
+data files with bitshuffle-LZ4, or the seed's plain ``/data``), one frame at a time at a
+given rate, and keeps the clean truth in a side file ``<name>_truth.h5`` for tests,
+benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("areadetector", "eiger", "plain")
+
+
+def scene_canvas(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A textured field in [0, 1]: blobs, rings and fine stripes, like a sample under a beam."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    canvas = 0.15 + 0.1 * np.sin(xx / 23.0) * np.cos(yy / 31.0)
+    for _ in range(max(8, height * width // 1500)):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        sigma = rng.uniform(1.5, 8.0)
+        canvas += rng.uniform(0.2, 0.8) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2)
+                                                 / (2 * sigma**2))
+    for _ in range(max(2, height * width // 20000)):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        radius, thickness = rng.uniform(6, 30), rng.uniform(1.0, 2.5)
+        r = np.hypot(yy - cy, xx - cx)
+        canvas += 0.4 * np.exp(-((r - radius) ** 2) / (2 * thickness**2))
+    stripes = (np.sin((xx + 0.6 * yy) / 2.5) > 0.6) & (np.sin(yy / 40.0) > 0)
+    canvas += 0.08 * stripes
+    return (canvas / canvas.max()).astype(np.float32)
+
+
+def clean_frames(
+    n_frames: int, shape: tuple[int, int], *, seed: int = 0, drift: float = 0.5
+) -> np.ndarray:
+    """``(n_frames, H, W)`` views of one scene drifting ``drift`` pixels per frame, in [0, 1]."""
+    height, width = shape
+    margin = int(np.ceil(drift * n_frames)) + 1
+    canvas = scene_canvas(height + margin, width + margin, seed)
+    frames = np.empty((n_frames, height, width), dtype=np.float32)
+    for k in range(n_frames):
+        offset = round(k * drift)
+        frames[k] = canvas[offset // 2 : offset // 2 + height, offset : offset + width]
+    return frames
+
+
+def poisson_frames(clean: np.ndarray, dose: float, rng: np.random.Generator) -> np.ndarray:
+    """Photon-counting frames: Poisson counts with mean ``dose * clean`` (uint16)."""
+    counts = rng.poisson(np.clip(clean, 0, None) * dose)
+    return np.minimum(counts, np.iinfo(np.uint16).max - 1).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Options of ``n2s-stream simulate``."""
+
+    dir: Path
+    frames: int = 100
+    shape: tuple[int, int] = (128, 128)
+    dose: float = 20.0
+    rate: float = 0.0  # frames per second; 0: as fast as possible
+    layout: str = "areadetector"
+    name: str = "scan_0001"
+    seed: int = 0
+    drift: float = 0.5
+
+
+def truth_path(data_path: Path) -> Path:
+    """The side file that keeps the clean frames for ``data_path``."""
+    return data_path.with_name(data_path.stem + "_truth.h5")
+
+
+def simulate(config: SimulateConfig) -> Path:
+    """Write a noisy series to ``config.dir``; returns the file a reader should open."""
+    if config.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {config.layout!r}")
+    rng = np.random.default_rng(config.seed + 1)
+    clean = clean_frames(config.frames, config.shape, seed=config.seed, drift=config.drift)
+    out_dir = Path(config.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main = out_dir / (config.name + ("_master.h5" if config.layout == "eiger" else ".h5"))
+    with h5py.File(truth_path(main), "w") as truth:
+        truth["clean"] = clean
+        truth["clean"].attrs["dose"] = config.dose
+    data_file = out_dir / f"{config.name}_data_000001.h5" if config.layout == "eiger" else main
+    dataset_path = {"areadetector": "/entry/data/data", "eiger": "/entry/data/data",
+                    "plain": "/data"}[config.layout]
+    if config.layout == "eiger":
+        _write_eiger_master(main, data_file.name, config.shape)
+    compression = hdf5plugin.Bitshuffle(nelems=0, cname="lz4") if config.layout == "eiger" else {}
+    with h5py.File(data_file, "w", libver="latest") as handle:
+        ds = handle.create_dataset(
+            dataset_path, shape=(0, *config.shape), maxshape=(None, *config.shape),
+            chunks=(1, *config.shape), dtype=np.uint16, **compression,
+        )
+        handle.swmr_mode = True
+        period = 1.0 / config.rate if config.rate > 0 else 0.0
+        started = time.monotonic()
+        for k in range(config.frames):
+            ds.resize(k + 1, axis=0)
+            ds[k] = poisson_frames(clean[k], config.dose, rng)
+            ds.flush()
+            if period:
+                time.sleep(max(0.0, started + (k + 1) * period - time.monotonic()))
+    log.info("simulated %d frames %dx%d (dose %g) into %s", config.frames, *config.shape,
+             config.dose, main)
+    return main
+
+
+def _write_eiger_master(master: Path, data_name: str, shape: tuple[int, int]) -> None:
+    """An Eiger-style master file: external link to the data file, and a pixel mask."""
+    with h5py.File(master, "w") as handle:
+        handle["/entry/data/data_000001"] = h5py.ExternalLink(data_name, "/entry/data/data")
+        detector = handle.create_group("/entry/instrument/detector/detectorSpecific")
+        detector["pixel_mask"] = np.zeros(shape, dtype=np.uint32)

@@ -1,0 +1,157 @@
+"""Pieces of Noise2Self training shared by offline `train` and the daemon's online trainer.
+
+``train_step`` is the one place a gradient step happens. Tensors are ``(B, 1, H, W)``
+float32 in normalised units.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from n2s_stream.n2s.loss import masked_mse
+from n2s_stream.n2s.masking import Masker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from n2s_stream.errors import UsageError
+
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def amp_enabled(requested: bool, device: torch.device) -> bool:
+    """Mixed precision runs on CUDA only; on CPU the request is a no-op with a warning."""
+    if requested and device.type != "cuda":
+        warnings.warn("--amp has no effect on CPU; running in float32", stacklevel=2)
+        log.warning("--amp has no effect on CPU; running in float32")
+        return False
+    return requested
+
+
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[object]:
+    """float16 autocast on CUDA when enabled, else nothing."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def cosine_lr(base_lr: float, progress: float, floor: float = 0.05) -> float:
+    """Learning rate at ``progress`` in [0, 1] of a cosine schedule ending at ``floor*base``."""
+    progress = min(max(progress, 0.0), 1.0)
+    return base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def sample_patches(
+    frames: np.ndarray,
+    valid: np.ndarray | None,
+    *,
+    batch: int,
+    patch: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Random ``(batch, 1, patch, patch)`` crops with random flips and 90° turns.
+
+    ``frames`` is ``(N, H, W)`` in normalised units; ``patch=0`` (or a patch larger than
+    the frame) takes whole frames. ``valid`` is cropped alongside when given.
+    """
+    n, height, width = frames.shape
+    ph, pw = (height, width) if patch <= 0 else (min(patch, height), min(patch, width))
+    square = ph == pw
+    crops = np.empty((batch, 1, ph, pw), dtype=np.float32)
+    valid_crops = None if valid is None else np.empty((batch, 1, ph, pw), dtype=np.float32)
+    for b in range(batch):
+        k = rng.integers(n)
+        top, left = rng.integers(height - ph + 1), rng.integers(width - pw + 1)
+        turns = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
+        flip = bool(rng.integers(2))
+        crops[b, 0] = _augment(frames[k, top : top + ph, left : left + pw], turns, flip)
+        if valid_crops is not None and valid is not None:
+            window = valid[k, top : top + ph, left : left + pw]
+            valid_crops[b, 0] = _augment(window, turns, flip)
+    return crops, valid_crops
+
+
+def _augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    image = np.rot90(image, turns)
+    return image[:, ::-1] if flip else image
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    masker: Masker,
+    batch: torch.Tensor,
+    *,
+    phases: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+) -> torch.Tensor:
+    """One masked self-supervised gradient step; returns the loss (a 0-d tensor, no sync).
+
+    ``batch``: ``(B, 1, H, W)`` noisy patches; ``phases``: ``(B,)`` mask phase per patch.
+    """
+    model.train()
+    # 1. hide one grid phase per patch: net_input (B, 1[+1], H, W), mask (B, 1, H, W)
+    net_input, mask = masker.mask(batch, phases)
+    # 2. predict the hidden pixels from their surroundings
+    with autocast(batch.device, amp):
+        output = model(net_input)
+    # 3. loss on hidden (and valid) pixels only, in float32
+    loss = masked_mse(output.float(), batch, mask, valid)
+    # 4. update
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+@torch.inference_mode()
+def masked_validation_loss(
+    model: nn.Module,
+    masker: Masker,
+    frames: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    batch: int = 8,
+    amp: bool = False,
+) -> float:
+    """Masked loss on held-out frames: a quality estimate that needs no ground truth.
+
+    Each frame ``k`` of ``(N, 1, H, W)`` is scored with two fixed phases (``k`` and
+    ``k + n_phases/2``), so the number is comparable from one evaluation to the next.
+    """
+    model.eval()
+    total, count = 0.0, 0
+    half = masker.n_phases // 2
+    for start in range(0, frames.shape[0], batch):
+        chunk = frames[start : start + batch]
+        chunk_valid = None if valid is None else valid[start : start + batch]
+        index = torch.arange(start, start + chunk.shape[0], device=chunk.device)
+        for phases in (index, index + half):
+            net_input, mask = masker.mask(chunk, phases)
+            with autocast(chunk.device, amp):
+                output = model(net_input)
+            loss = masked_mse(output.float(), chunk, mask, chunk_valid)
+            total += float(loss) * chunk.shape[0]  # host sync, once per chunk
+            count += chunk.shape[0]
+    return total / max(count, 1)
