@@ -38,8 +38,8 @@ class TrainConfig:
     max_samples: int = 1000
     device: str = "auto"
     model: str = "unet"
-    width: int = 32
-    depth: int = 3
+    width: int = 16
+    depth: int = 2
     layers: int = 10
     residual: bool = False
     batch_norm: bool = False
@@ -47,11 +47,11 @@ class TrainConfig:
     mask_mode: str = "interpolate"
     mask_as_input: bool = False
     patch: int = 64
-    batch: int = 16
+    batch: int = 8
     epochs: int = 10
     steps_per_epoch: int = 0  # 0: one pass over the training pixels per epoch
     max_seconds: float = 0.0  # 0: no time budget
-    lr: float = 1e-3
+    lr: float = 3e-3
     amp: bool = False
     val_frac: float = 0.0
     save_best: bool = False

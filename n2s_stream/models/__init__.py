@@ -23,8 +23,8 @@ class ModelConfig:
     name: str = "unet"
     in_channels: int = 1
     out_channels: int = 1
-    width: int = 32
-    depth: int = 3
+    width: int = 16
+    depth: int = 2
     layers: int = 10
     residual: bool = False
     batch_norm: bool = False

@@ -1,0 +1,35 @@
+# Everything a fresh machine needs. torch is pinned to the CPU wheel that lies on disk
+# and installed before the package, so pip never pulls a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/n2s-stream demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check n2s_stream tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/offline_quality.py
+
+clean:
+	rm -rf $(VENV) runs demo-output .pytest_cache

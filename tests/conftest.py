@@ -1,0 +1,49 @@
+"""Shared fixtures: small real HDF5 stacks with known truth, and a thread-leak guard."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from n2s_stream.simulate import clean_frames, poisson_frames
+
+# Tests run on 2 cores next to other work; keep torch from oversubscribing.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves threads running (STYLE: every worker is stoppable)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()
+                  and not t.daemon]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"test leaked threads: {leaked}")
+
+
+def write_stack(path: Path, frames: np.ndarray, dataset: str = "/data", **kwargs) -> Path:
+    """Write ``frames`` to ``path`` at ``dataset`` (plain HDF5, optional filter kwargs)."""
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset(dataset, data=frames, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def noisy_series(tmp_path_factory) -> tuple[Path, np.ndarray, float]:
+    """A 24-frame 64x64 Poisson series at dose 20: (file, clean counts, dose)."""
+    dose = 20.0
+    clean = clean_frames(24, (64, 64), seed=3, drift=0.5)
+    noisy = poisson_frames(clean, dose, np.random.default_rng(7))
+    path = write_stack(tmp_path_factory.mktemp("series") / "series.h5", noisy)
+    return path, clean * dose, dose

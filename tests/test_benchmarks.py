@@ -1,0 +1,27 @@
+"""Each benchmark script runs on a tiny setting and writes its JSON (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_offline_quality_runs(tmp_path):
+    out = tmp_path / "q.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "offline_quality.py"), "--doses", "20", "--budget",
+         "3", "--tiles", "4", "--tile", "64", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    row = report["rows"][0]
+    assert row["dose"] == 20
+    assert row["n2s"]["steps"] > 0
+    for name in ("wavelet", "tv", "nl_means"):
+        assert row["classical"][name]["psnr"] > row["noisy"]["psnr"]
+    assert "N2S J-inv" in proc.stdout
