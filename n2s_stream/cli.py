@@ -15,9 +15,11 @@ from typing import Any
 
 from n2s_stream import __version__
 from n2s_stream.config import (
+    DaemonConfig,
     DenoiseConfig,
     TrainConfig,
     build,
+    daemon_env_options,
     env_options,
     read_toml_table,
 )
@@ -28,7 +30,7 @@ from n2s_stream.n2s.normalize import NORMALIZE_MODES
 
 log = logging.getLogger("n2s_stream")
 
-COMMANDS = ("train", "denoise", "simulate", "demo")
+COMMANDS = ("train", "denoise", "simulate", "demo", "check-config")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -113,14 +115,58 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--log-level", default="WARNING")
 
 
+def _daemon_options(parser: argparse.ArgumentParser) -> None:
+    d = parser.add_argument_group("daemon (n2s-stream --watch DIR ...)")
+    d.add_argument("--watch", type=Path, default=argparse.SUPPRESS,
+                   help="acquisition directory to follow")
+    d.add_argument("--out", type=Path, default=argparse.SUPPRESS,
+                   help="output directory (default ./denoised)")
+    d.add_argument("--config", type=Path, help="TOML file ([daemon] table)")
+    d.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS,
+                   help="checkpoints and ledger (default ./n2s-state)")
+    d.add_argument("--device", default=argparse.SUPPRESS, help="cpu, cuda, cuda:N or auto")
+    d.add_argument("--metrics-port", type=int, default=argparse.SUPPRESS,
+                   help="Prometheus port (default 9750; 0 any free port; -1 none)")
+    d.add_argument("--metrics-addr", default=argparse.SUPPRESS,
+                   help="metrics bind address (default 127.0.0.1)")
+    d.add_argument("--poll", type=float, default=argparse.SUPPRESS,
+                   help="poll the directory every N s instead of inotify")
+    d.add_argument("--pattern", default=argparse.SUPPRESS, help="file name glob (default *)")
+    d.add_argument("--settle-seconds", type=float, default=argparse.SUPPRESS,
+                   help="a file not grown for this long is finished (default 5)")
+    d.add_argument("--no-existing", dest="process_existing", action="store_false",
+                   default=argparse.SUPPRESS, help="ignore files present at start")
+    d.add_argument("--dataset", default=argparse.SUPPRESS, help="frame dataset path")
+    d.add_argument("--ckpt", type=Path, default=argparse.SUPPRESS,
+                   help="start from an offline checkpoint")
+    d.add_argument("--no-train", dest="train", action="store_false",
+                   default=argparse.SUPPRESS, help="inference only")
+    d.add_argument("--jinv", action="store_true", default=argparse.SUPPRESS,
+                   help="J-invariant inference")
+    d.add_argument("--require-reconstructable", action="store_true",
+                   default=argparse.SUPPRESS, help="write the source dtype")
+    d.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="torch intra-op threads")
+    d.add_argument("--log-level", default="INFO")
+
+
+def _check_config_parser(sub: Any) -> None:
+    p = sub.add_parser("check-config", help="validate a config file and print it resolved")
+    p.add_argument("file", type=Path)
+    p.add_argument("--log-level", default="WARNING")
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The full command-line parser."""
     parser = argparse.ArgumentParser(
         prog="n2s-stream",
-        description="Self-supervised (Noise2Self) denoising of detector frames.",
+        description="Self-supervised (Noise2Self) denoising of detector frames. Without a "
+                    "command, runs the streaming daemon.",
     )
     parser.add_argument("--version", action="version", version=f"n2s-stream {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _daemon_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _check_config_parser(sub)
     _train_parser(sub)
     _denoise_parser(sub)
     _simulate_parser(sub)
@@ -150,8 +196,44 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return height, width
 
 
-def _run(args: argparse.Namespace) -> None:
-    if args.command == "train":
+def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if args.config is not None:
+        layers.append((str(args.config), read_toml_table(args.config, "daemon")))
+    layers.append(("environment", daemon_env_options()))
+    layers.append(("command line", cli))
+    return build(DaemonConfig, layers)
+
+
+def _check_config(path: Path) -> None:
+    """Every table of the file must build; prints the resolved options."""
+    from n2s_stream.config import as_toml
+
+    for table, cls in (("daemon", DaemonConfig), ("train", TrainConfig),
+                       ("denoise", DenoiseConfig)):
+        print(as_toml(build(cls, [(str(path), read_toml_table(path, table))]), table))
+    unknown = set(_toml_tables(path)) - {"daemon", "train", "denoise"}
+    if unknown:
+        raise UsageError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
+    print(f"{path}: OK")
+
+
+def _toml_tables(path: Path) -> list[str]:
+    from n2s_stream.config import tomllib
+
+    with open(path, "rb") as handle:
+        return list(tomllib.load(handle))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command is None:
+        from n2s_stream.daemon import Daemon
+
+        return Daemon(_daemon_config(args)).run()
+    if args.command == "check-config":
+        _check_config(args.file)
+    elif args.command == "train":
         from n2s_stream.offline import train
 
         result = train(_layered(TrainConfig, "train", args))
@@ -173,6 +255,7 @@ def _run(args: argparse.Namespace) -> None:
         from n2s_stream.demo import run_demo
 
         run_demo(args.dir, seconds=args.seconds)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,15 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    name = f"n2s-stream {args.command}" if args.command else "n2s-stream"
     try:
-        _run(args)
+        return _run(args)
     except UsageError as exc:
-        print(f"n2s-stream {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except N2SError as exc:
-        print(f"n2s-stream {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"n2s-stream {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
-    return 0

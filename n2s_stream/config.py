@@ -110,6 +110,81 @@ class DenoiseConfig:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Options of the streaming daemon (``n2s-stream --watch DIR``), TOML table ``[daemon]``,
+    environment ``N2S_<OPTION>`` (e.g. ``N2S_WATCH=/acq``)."""
+
+    watch: Path | None = None
+    out: Path = Path("denoised")
+    state_dir: Path = Path("n2s-state")
+    device: str = "auto"
+    metrics_port: int = 9750  # -1: no metrics endpoint; 0: any free port
+    metrics_addr: str = "127.0.0.1"
+    # directory source
+    pattern: str = "*"
+    poll: float = 0.0  # seconds; 0 = inotify (polling is chosen anyway on NFS/GPFS/Lustre)
+    settle_seconds: float = 5.0  # a file that has not grown this long is finished
+    process_existing: bool = True
+    dataset: str | None = None
+    # model (ignored when resuming from the state dir or starting from --ckpt)
+    ckpt: Path | None = None
+    model: str = "unet"
+    width: int = 16
+    depth: int = 2
+    layers: int = 10
+    residual: bool = False
+    grid_size: int = 4
+    mask_mode: str = "interpolate"
+    mask_as_input: bool = False
+    normalize: str = "meanstd"
+    no_scale_integers: bool = False
+    # online training
+    train: bool = True
+    patch: int = 64
+    batch: int = 8
+    lr: float = 1e-3
+    publish_every: int = 50  # training steps between model versions
+    checkpoint_every: float = 60.0  # seconds between checkpoints in the state dir
+    buffer_frames: int = 256
+    buffer_mb: int = 512
+    # inference and output
+    queue_size: int = 64  # frames waiting for inference; a full queue stalls the source
+    jinv: bool = False
+    require_reconstructable: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            self.model_config()
+            self.masker_config()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        if self.normalize not in NORMALIZE_MODES:
+            raise UsageError(f"normalize must be one of {NORMALIZE_MODES}")
+        if self.queue_size < 1 or self.buffer_frames < 2 or self.publish_every < 1:
+            raise UsageError("queue_size >= 1, buffer_frames >= 2, publish_every >= 1 needed")
+
+    def model_config(self) -> ModelConfig:
+        """Architecture of a model started from scratch."""
+        return ModelConfig(name=self.model, in_channels=1 + int(self.mask_as_input),
+                           width=self.width, depth=self.depth, layers=self.layers,
+                           residual=self.residual)
+
+    def masker_config(self) -> MaskerConfig:
+        """Masking of a model started from scratch."""
+        return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input)
+
+
+def daemon_env_options(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Daemon options given as ``N2S_<OPTION>``; other N2S_ variables are not ours."""
+    environ = os.environ if environ is None else environ
+    names = {f.name for f in fields(DaemonConfig)}
+    return {key[4:].lower(): value for key, value in environ.items()
+            if key.startswith("N2S_") and key[4:].lower() in names}
+
+
 def build(cls: type[T], layers: list[tuple[str, Mapping[str, Any]]]) -> T:
     """Build ``cls`` from mappings applied in order (later wins); each is named for errors.
 

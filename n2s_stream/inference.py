@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
+from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
 from n2s_stream.training import autocast
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -62,3 +71,141 @@ def to_source_dtype(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(frames), info.min, info.max).astype(dtype)
     return frames.astype(dtype)
+
+
+STOP = object()
+"""Put on the queue to wake the inference worker when it should stop."""
+
+
+@dataclass
+class InferenceSettings:
+    """How frames are denoised and written."""
+
+    jinv: bool = False
+    require_reconstructable: bool = False
+    val_every: int = 10  # every n-th frame goes to the held-out set, not the training buffer
+    normalize: str = "meanstd"
+    scale_integers: bool = True
+
+
+class InferenceWorker:
+    """Takes frames off the queue, denoises them with the newest weights, writes them.
+
+    The only thread that touches output files. Bad frames are rejected with a reason and
+    counted; nothing already accepted is lost when stopping: the queue is drained first.
+    """
+
+    def __init__(self, *, frames: queue.Queue, model: nn.Module, masker: Masker,
+                 normalizer: Normalizer | None, store, outputs, buffer, val_buffer,
+                 metrics, state, device: torch.device, settings: InferenceSettings,
+                 on_fatal: Callable[[BaseException], None]) -> None:
+        self.frames, self.model, self.masker, self.normalizer = frames, model, masker, normalizer
+        self.store, self.outputs, self.buffer, self.val_buffer = store, outputs, buffer, val_buffer
+        self.metrics, self.state, self.device, self.settings = metrics, state, device, settings
+        self._on_fatal = on_fatal
+        self.version = -1
+        self.written = 0
+        self._seen = 0
+        self._thread = threading.Thread(target=self._run, name="inference")
+
+    def start(self) -> None:
+        """Start consuming the queue."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Process everything queued so far, then stop."""
+        if not self._thread.is_alive():
+            return
+        self.frames.put(STOP)
+        self._thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        from n2s_stream.frames import Frame, SeriesEnd
+
+        while True:
+            item = self.frames.get()
+            self.metrics.queue_depth.set(self.frames.qsize())
+            if item is STOP:
+                break
+            try:
+                if isinstance(item, Frame):
+                    self._denoise_and_write(item)
+                elif isinstance(item, SeriesEnd):
+                    self._end_series(item)
+            except OSError as exc:  # disk full, file system gone: cannot go on safely
+                log.error("writing failed: %s", exc)
+                self._on_fatal(exc)
+                break
+            except Exception as exc:
+                log.exception("inference failed")
+                self._on_fatal(exc)
+                break
+        for series, writer in self.outputs.close_all():
+            self.state.record(series, output=writer.path, written=writer.n_written,
+                              finished=False)
+
+    def _reject(self, frame, reason: str, why: str) -> None:
+        log.warning("rejected frame %d of %s: %s", frame.index, frame.series, why)
+        self.metrics.reject(reason)
+
+    def _refresh_weights(self) -> None:
+        version, weights = self.store.latest()
+        if version != self.version:
+            self.model.load_state_dict(weights)
+            self.model.eval()
+            self.version = version
+            self.metrics.model_version.set(version)
+            log.info("inference now uses model version %d", version)
+
+    def _denoise_and_write(self, frame) -> None:
+        data = frame.data
+        valid = valid_pixels(data, data.dtype)
+        if data.dtype.kind == "f" and not valid.all():
+            self._reject(frame, "nan", "NaN or inf pixels in a float frame")
+            return
+        if not valid.any():
+            self._reject(frame, "no_valid_pixels", "every pixel is a sentinel")
+            return
+        if self.normalizer is None:
+            self.normalizer = fit_normalizer(
+                data[np.newaxis], mode=self.settings.normalize,
+                scale_integers=self.settings.scale_integers, source_dtype=data.dtype,
+                valid=valid[np.newaxis])
+            log.info("normalisation fitted on the first frame: %s", self.normalizer.describe())
+        out_dtype = data.dtype if self.settings.require_reconstructable else np.dtype("f4")
+        writer = self.outputs.writer_for(frame.series, frame.output, frame_shape=data.shape,
+                                         dtype=out_dtype, source=frame.series)
+        if writer.frame_shape != data.shape:
+            self._reject(frame, "shape_change", f"shape {data.shape} in a series of "
+                         f"{writer.frame_shape} frames")
+            return
+        if frame.index <= writer.last_source_frame:
+            log.debug("frame %d of %s already written; skipped", frame.index, frame.series)
+            return
+        if frame.index > writer.last_source_frame + 1:
+            gap = frame.index - writer.last_source_frame - 1
+            log.warning("%s: %d frames missing before frame %d", frame.series, gap, frame.index)
+            self.metrics.frames_missing.inc(gap)
+        self._refresh_weights()
+        filled = fill_invalid(data[np.newaxis], valid[np.newaxis])
+        normalized = self.normalizer.forward(filled)  # (1, H, W)
+        denoised = self.normalizer.inverse(denoise_normalized(
+            self.model, self.masker, normalized, jinv=self.settings.jinv, device=self.device))
+        if not valid.all():
+            denoised[0][~valid] = data[~valid]
+        if self.settings.require_reconstructable:
+            denoised = to_source_dtype(denoised, data.dtype)
+        writer.append(denoised, source_frames=[frame.index], model_version=self.version,
+                      t_received=frame.received_at)
+        self.written += 1
+        self.metrics.frames_denoised.inc()
+        self.metrics.frame_latency.observe(time.time() - frame.received_at)
+        self._seen += 1
+        valid_map = None if valid.all() else valid.astype(np.float32)
+        target = self.val_buffer if self._seen % self.settings.val_every == 0 else self.buffer
+        target.add(normalized[0], valid_map)
+
+    def _end_series(self, end) -> None:
+        writer = self.outputs.close(end.series)
+        written = writer.n_written if writer is not None else 0
+        self.state.record(end.series, output=end.output, written=written, finished=True)

@@ -3,7 +3,7 @@
 `clean_frames` and `poisson_frames` are pure functions (numpy in, numpy out). `simulate`
 writes the noisy frames the way real detectors do (areaDetector SWMR file, Eiger master +
 data files with bitshuffle-LZ4, or the seed's plain ``/data``), one frame at a time at a
-given rate, and keeps the clean truth in a side file ``<name>_truth.h5`` for tests,
+given rate, and keeps the clean truth in a side file ``.truth/<name>_truth.h5`` for tests,
 benchmarks and the demo.
 """
 
@@ -79,8 +79,9 @@ class SimulateConfig:
 
 
 def truth_path(data_path: Path) -> Path:
-    """The side file that keeps the clean frames for ``data_path``."""
-    return data_path.with_name(data_path.stem + "_truth.h5")
+    """The side file that keeps the clean frames for ``data_path``: in a hidden folder
+    beside it, so that a daemon watching the directory never takes it for data."""
+    return data_path.parent / ".truth" / (data_path.stem + "_truth.h5")
 
 
 def simulate(config: SimulateConfig) -> Path:
@@ -92,6 +93,7 @@ def simulate(config: SimulateConfig) -> Path:
     out_dir = Path(config.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     main = out_dir / (config.name + ("_master.h5" if config.layout == "eiger" else ".h5"))
+    truth_path(main).parent.mkdir(exist_ok=True)
     with h5py.File(truth_path(main), "w") as truth:
         truth["clean"] = clean
         truth["clean"].attrs["dose"] = config.dose

@@ -32,11 +32,16 @@ CHUNK_CACHE_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class _Segment:
-    """One HDF5 dataset holding ``n_frames`` consecutive frames of the stack."""
+    """One HDF5 dataset holding consecutive frames of the stack."""
 
     name: str
     dataset: h5py.Dataset
-    n_frames: int
+
+    @property
+    def n_frames(self) -> int:
+        """Frames in the dataset now (it may grow)."""
+        shape = self.dataset.shape
+        return 1 if len(shape) == 2 else int(np.prod(shape[:-2]))
 
 
 class FrameStack:
@@ -44,6 +49,7 @@ class FrameStack:
 
     def __init__(self, path: Path, dataset: str | None = None, *, swmr: bool = False) -> None:
         self.path = Path(path)
+        self.swmr = swmr
         self._file = _open_file(self.path, swmr=swmr)
         try:
             self.dataset_name, self._segments = _find_segments(self._file, self.path, dataset)
@@ -63,6 +69,18 @@ class FrameStack:
     def close(self) -> None:
         """Close the underlying HDF5 file."""
         self._file.close()
+
+    def refresh(self) -> int:
+        """Catch up with a file another process is still writing (SWMR); returns the
+        number of frames now visible. Frames are never visible before they are whole."""
+        if self.swmr:
+            for segment in self._segments:
+                try:
+                    segment.dataset.refresh()
+                except (OSError, RuntimeError) as exc:
+                    raise InputError(f"{self.path}:{segment.name}: refresh failed: "
+                                     f"{_first_line(exc)}", reason="read_error") from exc
+        return len(self)
 
     def __len__(self) -> int:
         return sum(segment.n_frames for segment in self._segments)
@@ -134,7 +152,8 @@ def _open_file(path: Path, *, swmr: bool) -> h5py.File:
     try:
         if not h5py.is_hdf5(path):
             raise InputError(f"{path}: not an HDF5 file", reason="not_hdf5")
-        return h5py.File(path, "r", swmr=swmr, rdcc_nbytes=CHUNK_CACHE_BYTES)
+        # locking=False: a detector writer may hold the file; HDF5's lock would refuse us.
+        return h5py.File(path, "r", swmr=swmr, locking=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except PermissionError as exc:
         raise InputError(f"{path}: permission denied", reason="unreadable") from exc
     except OSError as exc:
@@ -193,5 +212,4 @@ def _segment(file: h5py.File, path: Path, name: str) -> _Segment:
         )
     if min(ds.shape[-2:]) < 1:
         raise InputError(f"{path}:{name}: empty frames, shape {ds.shape}", reason="empty")
-    n_frames = 1 if ds.ndim == 2 else int(np.prod(ds.shape[:-2]))
-    return _Segment(name, ds, n_frames)
+    return _Segment(name, ds)

@@ -78,14 +78,15 @@ def sample_patches(
         top, left = rng.integers(height - ph + 1), rng.integers(width - pw + 1)
         turns = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
         flip = bool(rng.integers(2))
-        crops[b, 0] = _augment(frames[k, top : top + ph, left : left + pw], turns, flip)
+        crops[b, 0] = augment(frames[k, top : top + ph, left : left + pw], turns, flip)
         if valid_crops is not None and valid is not None:
             window = valid[k, top : top + ph, left : left + pw]
-            valid_crops[b, 0] = _augment(window, turns, flip)
+            valid_crops[b, 0] = augment(window, turns, flip)
     return crops, valid_crops
 
 
-def _augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+def augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """Rotate by ``turns`` quarter turns, then mirror left-right if ``flip``."""
     image = np.rot90(image, turns)
     return image[:, ::-1] if flip else image
 

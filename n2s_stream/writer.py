@@ -16,6 +16,7 @@ whole frames. The object that opens a file is its only writer.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -40,7 +41,12 @@ def output_name(source: Path) -> str:
 
 
 class FrameWriter:
-    """Appends denoised frames and their provenance rows to a new SWMR output file."""
+    """Appends denoised frames and their provenance rows to an SWMR output file.
+
+    A new file is created, or with ``resume=True`` an existing one is continued: it is
+    first cut back to its whole frames (a frame counts once its last provenance row is
+    in), and a file left "open for write" by a killed process is rewritten first.
+    """
 
     def __init__(
         self,
@@ -50,9 +56,23 @@ class FrameWriter:
         dtype: np.dtype | str = np.float32,
         config_text: str = "",
         source: str = "",
+        resume: bool = False,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and self.path.exists():
+            self._file = _open_existing(self.path)
+            try:
+                self._attach_layout(tuple(frame_shape), np.dtype(dtype))
+                self._file.swmr_mode = True
+            except BaseException:
+                self._file.close()
+                raise
+            self.last_source_frame = (int(self._provenance["source_frame"][self.n_written - 1])
+                                      if self.n_written else -1)
+            log.info("resumed output %s: %d frames, last source frame %d", self.path,
+                     self.n_written, self.last_source_frame)
+            return
         self._file = h5py.File(self.path, "w", libver="latest")
         try:
             self._create_layout(tuple(frame_shape), np.dtype(dtype), config_text, source)
@@ -60,11 +80,32 @@ class FrameWriter:
         except BaseException:
             self._file.close()
             raise
+        self.last_source_frame = -1
         log.info("opened output %s (%dx%d %s)", self.path, *frame_shape, np.dtype(dtype))
+
+    def _attach_layout(self, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
+        self._count = 0
+        self._frames = self._file["/entry/data/data"]
+        if self._frames.shape[1:] != frame_shape or self._frames.dtype != dtype:
+            raise ValueError(
+                f"{self.path}: existing output holds {self._frames.shape[1:]} {self._frames.dtype}"
+                f" frames, not {frame_shape} {dtype}"
+            )
+        self._provenance = {name: self._file[f"/entry/provenance/{name}"]
+                            for name in PROVENANCE_FIELDS}
+        whole = min(self._frames.shape[0], *(ds.shape[0] for ds in self._provenance.values()))
+        for ds in (self._frames, *self._provenance.values()):
+            if ds.shape[0] != whole:
+                ds.resize(whole, axis=0)
+
+    def written_source_frames(self) -> np.ndarray:
+        """Source frame numbers already in the file (for exactly-once restarts)."""
+        return self._provenance["source_frame"][: self.n_written]
 
     def _create_layout(
         self, frame_shape: tuple[int, int], dtype: np.dtype, config_text: str, source: str
     ) -> None:
+        self._count = 0
         entry = self._file.create_group("entry")
         entry.attrs["NX_class"] = "NXentry"
         data = entry.create_group("data")
@@ -89,9 +130,16 @@ class FrameWriter:
         process["source"] = source
 
     @property
+    def frame_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the frames this file holds."""
+        return tuple(self._frames.shape[1:])  # type: ignore[return-value]
+
+    @property
     def n_written(self) -> int:
-        """Frames in the file so far."""
-        return int(self._frames.shape[0])
+        """Frames in the file so far (still known after closing)."""
+        if self._file.id.valid:
+            self._count = int(self._frames.shape[0])
+        return self._count
 
     def append(
         self,
@@ -117,6 +165,8 @@ class FrameWriter:
             ds.resize(start + n, axis=0)
             ds[start:] = values
         self._file.flush()
+        if n:
+            self.last_source_frame = int(rows["source_frame"][-1])
 
     def close(self) -> None:
         """Flush and close; the file then holds exactly the frames appended."""
@@ -130,3 +180,70 @@ class FrameWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_existing(path: Path) -> h5py.File:
+    """Open an output for appending; a crash leaves it flagged "open for write", which
+    HDF5 refuses, so the whole frames are then copied to a fresh file that replaces it."""
+    try:
+        return h5py.File(path, "a", libver="latest")
+    except OSError as exc:
+        log.warning("%s: left open by a stopped writer (%s); rewriting its whole frames",
+                    path, str(exc).splitlines()[0])
+    tmp = path.with_name(path.name + ".recovering")
+    with h5py.File(path, "r", swmr=True) as old, h5py.File(tmp, "w", libver="latest") as new:
+        provenance = [old[f"/entry/provenance/{name}"] for name in PROVENANCE_FIELDS]
+        whole = min(old["/entry/data/data"].shape[0], *(ds.shape[0] for ds in provenance))
+        for name, obj in _walk(old):
+            if isinstance(obj, h5py.Group):
+                new.require_group(name).attrs.update(obj.attrs)
+            elif obj.maxshape and obj.maxshape[0] is None:
+                copy = new.create_dataset(name, shape=(whole, *obj.shape[1:]),
+                                          maxshape=obj.maxshape, chunks=obj.chunks,
+                                          dtype=obj.dtype)
+                for start in range(0, whole, 256):
+                    copy[start : start + 256] = obj[start : min(start + 256, whole)]
+                copy.attrs.update(obj.attrs)
+            else:
+                new[name] = obj[()]
+        new.flush()
+    os.replace(tmp, path)
+    return h5py.File(path, "a", libver="latest")
+
+
+def _walk(file: h5py.File) -> list[tuple[str, h5py.Group | h5py.Dataset]]:
+    items: list[tuple[str, h5py.Group | h5py.Dataset]] = []
+    file.visititems(lambda name, obj: items.append((name, obj)))
+    return items
+
+
+class OutputSet:
+    """The open output files of the daemon, one per series; used by one thread only."""
+
+    def __init__(self, *, config_text: str) -> None:
+        self._writers: dict[str, FrameWriter] = {}
+        self._config_text = config_text
+
+    def writer_for(self, series: str, path: Path, *, frame_shape: tuple[int, int],
+                   dtype: np.dtype, source: str) -> FrameWriter:
+        """The writer of ``series``: open, resumed from an earlier run, or new."""
+        writer = self._writers.get(series)
+        if writer is None:
+            writer = FrameWriter(path, frame_shape=frame_shape, dtype=dtype,
+                                 config_text=self._config_text, source=source, resume=True)
+            self._writers[series] = writer
+        return writer
+
+    def close(self, series: str) -> FrameWriter | None:
+        """Close the output of a finished series; returns it (None if it had none)."""
+        writer = self._writers.pop(series, None)
+        if writer is not None:
+            writer.close()
+        return writer
+
+    def close_all(self) -> list[tuple[str, FrameWriter]]:
+        """Close every output (daemon stopping); returns what was open."""
+        closed = list(self._writers.items())
+        for series in list(self._writers):
+            self.close(series)
+        return closed

@@ -126,5 +126,5 @@ def test_simulate_layouts(tmp_path):
 
     with open_stack(tmp_path / "eiger" / "scan_0001_master.h5") as stack:
         assert stack.shape == (3, 16, 24)
-    with h5py.File(tmp_path / "plain" / "scan_0001_truth.h5") as handle:
+    with h5py.File(tmp_path / "plain" / ".truth" / "scan_0001_truth.h5") as handle:
         assert handle["clean"].shape == (3, 16, 24)

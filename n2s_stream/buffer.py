@@ -1,0 +1,82 @@
+"""The rolling buffer of recent frames that online training learns from."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+from n2s_stream.training import augment
+
+
+class RollingBuffer:
+    """The newest frames (normalised float32 ``(H, W)``), bounded in count and bytes.
+
+    Thread-safe: the inference side adds, the trainer samples. When full, the oldest
+    frame goes: the model should follow what the detector sees now.
+    """
+
+    def __init__(self, *, max_frames: int, max_bytes: int) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames: deque[tuple[np.ndarray, np.ndarray | None]] = deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.added = 0
+
+    def add(self, frame: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Keep ``frame`` (and its valid-pixel map, None if all valid); evict the oldest."""
+        size = frame.nbytes + (0 if valid is None else valid.nbytes)
+        with self._lock:
+            self._frames.append((frame, valid))
+            self._bytes += size
+            self.added += 1
+            while self._frames and (len(self._frames) > self.max_frames
+                                    or self._bytes > self.max_bytes):
+                old, old_valid = self._frames.popleft()
+                self._bytes -= old.nbytes + (0 if old_valid is None else old_valid.nbytes)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._frames)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        with self._lock:
+            return self._bytes
+
+    def snapshot(self) -> np.ndarray | None:
+        """The held frames stacked ``(N, H, W)`` if they share a shape (else the newest
+        shape's frames); None when empty. Used to score the model on held-out frames."""
+        with self._lock:
+            frames = [f for f, _ in self._frames]
+        if not frames:
+            return None
+        shape = frames[-1].shape
+        return np.stack([f for f in frames if f.shape == shape])
+
+    def sample(
+        self, *, batch: int, patch: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(batch, 1, p, p)`` random crops (random flips/turns) of random frames.
+
+        ``p`` is ``patch`` or the smallest frame side if smaller. The valid-pixel crops are
+        None when every sampled pixel is valid.
+        """
+        with self._lock:
+            picks = [self._frames[i] for i in rng.integers(len(self._frames), size=batch)]
+        size = min(patch, *(min(f.shape) for f, _ in picks))
+        crops = np.empty((batch, 1, size, size), np.float32)
+        valid_crops = np.ones((batch, 1, size, size), np.float32)
+        for b, (frame, valid) in enumerate(picks):
+            top = rng.integers(frame.shape[0] - size + 1)
+            left = rng.integers(frame.shape[1] - size + 1)
+            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+            crops[b, 0] = augment(frame[top : top + size, left : left + size], turns, flip)
+            if valid is not None:
+                window = valid[top : top + size, left : left + size]
+                valid_crops[b, 0] = augment(window, turns, flip)
+        all_valid = all(v is None for _, v in picks)
+        return crops, None if all_valid else valid_crops

@@ -1,0 +1,226 @@
+"""The streaming daemon: wires source → queue → inference/writer, buffer → trainer.
+
+``Daemon.run()`` is startup, a loop that watches a stop flag (metrics, systemd pings),
+then a shutdown that drains: the source stops reading, every queued frame is denoised
+and written, the trainer saves a checkpoint, files are closed. Signal handlers only set
+the flag; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from types import FrameType
+
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry
+from torch import nn
+
+from n2s_stream.buffer import RollingBuffer
+from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
+from n2s_stream.config import DaemonConfig, as_toml
+from n2s_stream.errors import UsageError
+from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.inference import InferenceSettings, InferenceWorker
+from n2s_stream.metrics import Metrics, MetricsServer
+from n2s_stream.models import build_model
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.service import Notifier
+from n2s_stream.sources.directory import DirectoryConfig, DirectorySource
+from n2s_stream.state import StateDir
+from n2s_stream.trainer import ModelStore, OnlineTrainConfig, OnlineTrainer, copy_state
+from n2s_stream.training import resolve_device
+from n2s_stream.writer import OutputSet
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """One running n2s-stream service."""
+
+    def __init__(self, config: DaemonConfig, *, registry: CollectorRegistry = REGISTRY) -> None:
+        if config.watch is None:
+            raise UsageError("give --watch DIR (the acquisition directory to follow)")
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.stop_requested = threading.Event()
+        self.failure: BaseException | None = None
+        self.notifier = Notifier()
+        self._signals = 0
+        self._frames: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self._blocked_seconds = 0.0
+
+    # ---- wiring -------------------------------------------------------------------------
+    def _start(self) -> None:
+        config = self.config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.state = StateDir(config.state_dir)
+        checkpoint = self.state.latest_checkpoint()
+        if checkpoint is not None:
+            log.info("resuming from %s (version %d, step %d)", checkpoint.path,
+                     checkpoint.version, checkpoint.step)
+        elif config.ckpt is not None:
+            checkpoint = load_checkpoint(config.ckpt)
+            log.info("starting from offline model %s (version %d)", config.ckpt,
+                     checkpoint.version)
+        self._checkpoint = checkpoint
+        model_config = checkpoint.model_config if checkpoint else config.model_config()
+        masker = Masker(checkpoint.masker_config if checkpoint else config.masker_config())
+        self._model_config, self._masker = model_config, masker
+        torch.manual_seed(config.seed)
+        train_model = checkpoint.build_model(self.device) if checkpoint else build_model(
+            model_config).to(self.device)
+        version = checkpoint.version if checkpoint else 0
+        self.store = ModelStore(copy_state(train_model), version)
+        self.metrics.model_version.set(version)
+        buffer = RollingBuffer(max_frames=config.buffer_frames,
+                               max_bytes=config.buffer_mb * 2**20)
+        val_buffer = RollingBuffer(max_frames=8, max_bytes=64 * 2**20)
+        self.worker = InferenceWorker(
+            frames=self._frames, model=build_model(model_config).to(self.device),
+            masker=masker, normalizer=checkpoint.normalizer if checkpoint else None,
+            store=self.store, outputs=OutputSet(config_text=as_toml(config, "daemon")),
+            buffer=buffer, val_buffer=val_buffer, metrics=self.metrics, state=self.state,
+            device=self.device, on_fatal=self._fatal,
+            settings=InferenceSettings(jinv=config.jinv,
+                                       require_reconstructable=config.require_reconstructable,
+                                       normalize=config.normalize,
+                                       scale_integers=not config.no_scale_integers),
+        )
+        self.trainer: OnlineTrainer | None = None
+        if config.train:
+            self.trainer = OnlineTrainer(
+                model=train_model, masker=masker, buffer=buffer, val_buffer=val_buffer,
+                store=self.store, metrics=self.metrics, device=self.device,
+                config=OnlineTrainConfig(patch=config.patch, batch=config.batch, lr=config.lr,
+                                         publish_every=config.publish_every),
+                busy=lambda: not self._frames.empty(), save=self._save_checkpoint,
+                checkpoint_every=config.checkpoint_every,
+                optimizer_state=checkpoint.optimizer_state if checkpoint else None,
+                step=checkpoint.step if checkpoint else 0, seed=config.seed,
+            )
+        self.source = DirectorySource(
+            DirectoryConfig(root=config.watch, out_root=config.out,
+                            ignore=(config.state_dir,), pattern=config.pattern,
+                            poll=config.poll, settle_seconds=config.settle_seconds,
+                            process_existing=config.process_existing, dataset=config.dataset),
+            emit=self._emit, reject=self._reject,
+            start_position=self.state.start_position,
+        )
+        self.metrics_server = None
+        if config.metrics_port >= 0:
+            self.metrics_server = MetricsServer(self.metrics.registry, port=config.metrics_port,
+                                                addr=config.metrics_addr)
+        self.worker.start()
+        if self.trainer is not None:
+            self.trainer.start()
+        self.source.start()
+
+    # ---- callbacks from the stages ------------------------------------------------------
+    def _emit(self, item: Frame | SeriesEnd) -> bool:
+        """Queue an item; block while full (backpressure), give up once stopping."""
+        if isinstance(item, Frame):
+            self.metrics.frames_received.inc()
+        started = time.monotonic()
+        while True:
+            try:
+                self._frames.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                if self.stop_requested.is_set():
+                    return False
+        self._blocked_seconds += time.monotonic() - started
+        self.metrics.queue_depth.set(self._frames.qsize())
+        return True
+
+    def _reject(self, reason: str, message: str) -> None:
+        log.warning("rejected: %s", message)
+        self.metrics.reject(reason)
+
+    def _fatal(self, exc: BaseException) -> None:
+        self.failure = exc
+        self.stop_requested.set()
+
+    def _save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                         version: int) -> None:
+        normalizer = self.worker.normalizer
+        if normalizer is None:
+            return  # nothing seen yet: nothing learnt worth keeping
+        path = save_checkpoint(self.state.checkpoint_path(version), model=model,
+                               model_config=self._model_config, masker_config=self._masker.config,
+                               normalizer=normalizer, optimizer=optimizer, step=step,
+                               version=version)
+        self.state.prune_checkpoints()
+        log.info("checkpoint %s (step %d)", path, step)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(1)  # second signal: the operator wants out now
+        log.info("%s received: draining and stopping", signal.Signals(signum).name)
+        self.stop_requested.set()
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit status (0 clean, 1 failure)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self._start()
+        except BaseException:
+            self._shutdown_partial()
+            raise
+        self.notifier.notify("READY=1", f"STATUS=watching {self.config.watch}")
+        log.info("n2s-stream ready: watching %s, writing to %s", self.config.watch,
+                 self.config.out)
+        self._loop()
+        self.notifier.notify("STOPPING=1")
+        self._shutdown()
+        if self.failure is not None:
+            log.error("stopped after a failure: %s", self.failure)
+            return 1
+        log.info("stopped cleanly after %d frames", self.worker.written)
+        return 0
+
+    def _loop(self) -> None:
+        last_ping = last_status = time.monotonic()
+        last_written, last_time = 0, time.monotonic()
+        while not self.stop_requested.wait(0.25):
+            now = time.monotonic()
+            if now - last_time >= 2.0:
+                fps = (self.worker.written - last_written) / (now - last_time)
+                self.metrics.frames_per_second.set(fps)
+                last_written, last_time = self.worker.written, now
+            interval = self.notifier.watchdog_interval
+            if interval is not None and now - last_ping >= interval:
+                self.notifier.notify("WATCHDOG=1")
+                last_ping = now
+            if now - last_status >= 5.0:
+                self.notifier.notify(
+                    f"STATUS={self.worker.written} frames written, model version "
+                    f"{self.store.version}, queue {self._frames.qsize()}")
+                last_status = now
+
+    def _shutdown(self) -> None:
+        self.source.stop()  # no new frames; unread ones stay in their files for next time
+        self.worker.stop()  # writes everything already queued
+        if self.trainer is not None:
+            self.trainer.stop()  # final checkpoint
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+
+    def _shutdown_partial(self) -> None:
+        for name in ("source", "worker", "trainer"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.stop()
+        server = getattr(self, "metrics_server", None)
+        if server is not None:
+            server.close()

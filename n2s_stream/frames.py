@@ -1,0 +1,33 @@
+"""What flows between the daemon's stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One detector frame as read from a source.
+
+    ``series`` names the acquisition it belongs to (its output file is named after it),
+    ``index`` is its position in that series, ``data`` the ``(H, W)`` raw frame in the
+    source's dtype, ``received_at`` the unix time it arrived.
+    """
+
+    series: str
+    index: int
+    data: np.ndarray
+    received_at: float
+    output: Path
+
+
+@dataclass(frozen=True)
+class SeriesEnd:
+    """The source will send no more frames of ``series``; ``n_frames`` were in it."""
+
+    series: str
+    n_frames: int
+    output: Path

@@ -1,0 +1,86 @@
+"""Every Prometheus metric of the daemon, declared once against an injected registry.
+
+Names are a contract (DESIGN.md): dashboards and alerts depend on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+
+from n2s_stream import __version__
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The daemon's metrics; tests pass a fresh registry and read values back."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.frames_received = Counter(
+            "n2s_frames_received", "Frames read from sources", registry=registry)
+        self.frames_denoised = Counter(
+            "n2s_frames_denoised", "Denoised frames written to output files", registry=registry)
+        self.frames_rejected = Counter(
+            "n2s_frames_rejected", "Frames or files refused, by reason", ["reason"],
+            registry=registry)
+        self.frames_missing = Counter(
+            "n2s_frames_missing", "Gaps in a series' frame numbers", registry=registry)
+        self.train_steps = Counter(
+            "n2s_train_steps", "Online training steps", registry=registry)
+        self.train_rollbacks = Counter(
+            "n2s_train_rollbacks", "Training steps undone (NaN/inf or diverging loss)",
+            registry=registry)
+        self.train_loss = Gauge(
+            "n2s_train_loss", "Masked training loss (mean since last publish)",
+            registry=registry)
+        self.selfsup_val_loss = Gauge(
+            "n2s_selfsup_val_loss", "Masked loss on held-out frames (no ground truth needed)",
+            registry=registry)
+        self.frame_latency = Histogram(
+            "n2s_frame_latency_seconds", "Time from a frame's arrival to its being written",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_depth = Gauge(
+            "n2s_queue_depth", "Frames waiting for inference", registry=registry)
+        self.model_version = Gauge(
+            "n2s_model_version", "Version of the weights used for inference", registry=registry)
+        self.frames_per_second = Gauge(
+            "n2s_frames_per_second", "Frames written per second (recent average)",
+            registry=registry)
+        self.build = Info("n2s_build", "n2s-stream build", registry=registry)
+        self.build.info({"version": __version__})
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` rejected frames or files under ``reason``."""
+        self.frames_rejected.labels(reason=reason).inc(count)
+
+
+class MetricsServer:
+    """The HTTP endpoint for Prometheus; loopback unless an address is configured."""
+
+    def __init__(self, registry: CollectorRegistry, *, port: int, addr: str = "127.0.0.1"):
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        self.port = self._server.server_port
+        log.info("metrics on http://%s:%d/metrics", addr, self.port)
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

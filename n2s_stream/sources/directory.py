@@ -1,0 +1,274 @@
+"""Follow HDF5 files appearing and growing under a directory.
+
+New files are noticed through watchdog (inotify), or by polling where inotify cannot see
+writes (NFS, GPFS, Lustre: writes from other hosts raise no event), chosen by ``poll`` or
+detected from the mount table. Each file is followed while it grows (SWMR files through
+``refresh()``, plain files by re-opening) and counts as finished when its writer closes it
+or when it has not grown for ``settle_seconds``. Every frame is emitted exactly once: a
+series resumes at the number of frames already written for it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from n2s_stream.errors import InputError
+from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.sources import Emit, Reject, StartPosition
+from n2s_stream.stack import FrameStack, open_stack
+from n2s_stream.writer import output_name
+
+log = logging.getLogger(__name__)
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "gpfs", "lustre", "cifs", "smb3", "smbfs", "beegfs",
+                       "ceph", "fuse.sshfs", "9p")
+_EIGER_DATA_FILE = re.compile(r"_data_\d{6}$")
+# Reasons for which a young file is retried: it may still be being created.
+_RETRY_REASONS = ("unreadable", "no_dataset", "not_hdf5", "missing", "read_error")
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """What to watch and how."""
+
+    root: Path
+    out_root: Path
+    ignore: tuple[Path, ...] = ()
+    pattern: str = "*"
+    poll: float = 0.0  # seconds between scans; 0 = inotify unless a network file system
+    settle_seconds: float = 5.0
+    process_existing: bool = True
+    dataset: str | None = None
+    read_batch: int = 16
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding ``path``, from /proc/mounts ("" if unknown)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    resolved, best, kind = path.resolve(), "", ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and resolved.is_relative_to(parts[1]) and len(parts[1]) > len(best):
+            best, kind = parts[1], parts[2]
+    return kind
+
+
+@dataclass
+class _Followed:
+    path: Path
+    series: str
+    output: Path
+    first_seen: float
+    last_growth: float
+    stack: FrameStack | None = None
+    position: int = 0
+    closed_by_writer: bool = False
+
+
+@dataclass(eq=False)
+class _Events(FileSystemEventHandler):
+    """Collects paths that watchdog says were created, moved in, modified or closed."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: set[Path] = field(default_factory=set)
+    closed: set[Path] = field(default_factory=set)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        path = Path(str(getattr(event, "dest_path", "") or event.src_path))
+        with self.lock:
+            self.changed.add(path)
+            if event.event_type == "closed":
+                self.closed.add(path)
+
+    def take(self) -> tuple[set[Path], set[Path]]:
+        with self.lock:
+            changed, closed = self.changed, self.closed
+            self.changed, self.closed = set(), set()
+        return changed, closed
+
+
+class DirectorySource:
+    """Emits the frames of every HDF5 series under ``config.root``, each exactly once."""
+
+    def __init__(self, config: DirectoryConfig, *, emit: Emit, reject: Reject,
+                 start_position: StartPosition) -> None:
+        self.config = config
+        self._root = config.root.resolve()
+        self._ignore = tuple(p.resolve() for p in (config.out_root, *config.ignore))
+        self._emit, self._reject, self._start_position = emit, reject, start_position
+        self._stop = threading.Event()
+        self._events = _Events()
+        self._followed: dict[Path, _Followed] = {}
+        self._done: set[Path] = set()
+        self._thread = threading.Thread(target=self._run, name="directory-source")
+        self._observer: BaseObserver | None = None
+        self.polling = config.poll > 0 or filesystem_type(self._root) in NETWORK_FILESYSTEMS
+
+    def start(self) -> None:
+        """Start watching; existing files are picked up first when configured."""
+        if not self._root.is_dir():
+            raise InputError(f"{self._root}: watch directory does not exist", reason="missing")
+        interval = self.config.poll or 1.0
+        self._observer = PollingObserver(timeout=interval) if self.polling else Observer()
+        self._observer.schedule(self._events, str(self._root), recursive=True)
+        self._observer.start()
+        log.info("watching %s (%s)", self._root,
+                 f"polling every {interval:g}s" if self.polling else "inotify")
+        if self.config.process_existing:
+            for path in sorted(self._root.rglob("*")):
+                if path.is_file():
+                    self._consider(path)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading; frames already emitted stay emitted, the rest are read on restart."""
+        self._stop.set()
+        if self._observer is not None and self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        for followed in self._followed.values():
+            if followed.stack is not None:
+                followed.stack.close()
+
+    @property
+    def active_series(self) -> int:
+        """Files currently followed."""
+        return len(self._followed)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            changed, closed = self._events.take()
+            for path in changed:
+                self._consider(path)
+            for path in closed:
+                if path in self._followed:
+                    self._followed[path].closed_by_writer = True
+            busy = False
+            for followed in list(self._followed.values()):
+                if self._stop.is_set():
+                    return
+                try:
+                    busy |= self._follow(followed)
+                except Exception as exc:  # a bad file must never stop the daemon
+                    log.exception("%s: unexpected error while following", followed.path)
+                    self._finish(followed, reason="internal_error", message=str(exc))
+            if not busy:
+                self._stop.wait(0.05)
+
+    def _wanted(self, path: Path) -> bool:
+        if path.suffix.lower() not in HDF5_SUFFIXES or path.name.endswith(".recovering"):
+            return False
+        try:
+            relative = path.relative_to(self._root)
+        except ValueError:
+            return False
+        if any(part.startswith(".") for part in relative.parts):
+            return False
+        if any(path.resolve().is_relative_to(p) for p in self._ignore):
+            return False  # our own outputs and state are never read back
+        if _EIGER_DATA_FILE.search(path.stem):
+            return False  # read through its master file
+        return fnmatch.fnmatch(path.name, self.config.pattern)
+
+    def _consider(self, path: Path) -> None:
+        path = Path(path)
+        if path in self._followed or path in self._done or not self._wanted(path):
+            return
+        if not path.resolve().is_relative_to(self._root):
+            self._done.add(path)
+            self._reject("path_escape", f"{path}: resolves outside the watched directory")
+            return
+        relative = path.relative_to(self._root)
+        stem = relative.stem.removesuffix("_master")
+        series = str(relative.parent / stem)
+        output = self.config.out_root / relative.parent / output_name(Path(stem + ".h5"))
+        now = time.monotonic()
+        self._followed[path] = _Followed(path, series, output, now, now)
+        log.info("found %s (series %s)", path, series)
+
+    def _open(self, followed: _Followed) -> bool:
+        last_error: InputError | None = None
+        for swmr in (True, False):
+            try:
+                followed.stack = open_stack(followed.path, self.config.dataset, swmr=swmr)
+                break
+            except InputError as exc:
+                last_error = exc
+        if followed.stack is None:
+            assert last_error is not None
+            young = time.monotonic() - followed.first_seen < self.config.settle_seconds
+            if young and last_error.reason in _RETRY_REASONS and followed.path.exists():
+                return False
+            self._finish(followed, reason=last_error.reason, message=str(last_error))
+            return False
+        start = self._start_position(followed.series, followed.output)
+        if start is None:
+            log.info("%s: series %s already complete", followed.path, followed.series)
+            followed.stack.close()
+            followed.stack = None
+            self._finish(followed)
+            return False
+        followed.position = start
+        log.info("opened %s: %d frames %dx%d %s, resuming at frame %d", followed.path,
+                 len(followed.stack), *followed.stack.frame_shape, followed.stack.dtype, start)
+        return True
+
+    def _follow(self, followed: _Followed) -> bool:
+        """Read what is new in one file; True if frames were read."""
+        if followed.stack is None and not self._open(followed):
+            return False
+        stack = followed.stack
+        assert stack is not None
+        try:
+            if not stack.swmr:  # a plain file shows growth only when re-opened
+                stack.close()
+                stack = followed.stack = open_stack(followed.path, self.config.dataset)
+            available = stack.refresh()
+            if available > followed.position:
+                stop = min(available, followed.position + self.config.read_batch)
+                frames = stack.read(followed.position, stop)
+                for data in frames:
+                    frame = Frame(followed.series, followed.position, data, time.time(),
+                                  followed.output)
+                    if not self._emit(frame):
+                        return False
+                    followed.position += 1
+                followed.last_growth = time.monotonic()
+                return True
+        except InputError as exc:
+            self._finish(followed, reason=exc.reason, message=str(exc))
+            return False
+        quiet = time.monotonic() - followed.last_growth
+        if followed.closed_by_writer or quiet > self.config.settle_seconds:
+            self._finish(followed)
+        return False
+
+    def _finish(self, followed: _Followed, *, reason: str = "", message: str = "") -> None:
+        if reason:
+            self._reject(reason, message)
+        if followed.stack is not None:
+            followed.stack.close()
+            followed.stack = None
+            self._emit(SeriesEnd(followed.series, followed.position, followed.output))
+            log.info("finished %s after %d frames", followed.path, followed.position)
+        self._followed.pop(followed.path, None)
+        self._done.add(followed.path)

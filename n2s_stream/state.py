@@ -1,0 +1,112 @@
+"""The daemon's state directory: versioned checkpoints and the ledger of series.
+
+Layout: ``checkpoints/ckpt_v00000012.pt`` (the newest few are kept) and ``ledger.json``
+(for each series: its output file, frames written, finished or not). Both are written
+atomically (temp file, fsync, rename). The output files themselves are the authority on
+which source frames were written: the ledger only remembers which series are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from n2s_stream.checkpoint import Checkpoint, load_checkpoint
+from n2s_stream.errors import CheckpointError, UsageError
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 3
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def last_written_source_frame(output: Path) -> int | None:
+    """Highest source frame number in an output file's provenance, None if none."""
+    if not output.exists():
+        return None
+    try:
+        with h5py.File(output, "r", swmr=True, locking=False) as handle:
+            rows = [handle[f"/entry/provenance/{k}"] for k in
+                    ("source_frame", "model_version", "t_received", "t_written")]
+            whole = min(handle["/entry/data/data"].shape[0], *(r.shape[0] for r in rows))
+            return int(rows[0][whole - 1]) if whole else None
+    except (OSError, KeyError) as exc:
+        raise UsageError(f"{output}: existing output cannot be read to resume: {exc}") from exc
+
+
+class StateDir:
+    """Checkpoints and ledger under one directory, created if needed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"{self.root}: state directory is not writable: {exc}") from exc
+        self._ledger_path = self.root / "ledger.json"
+        self._lock = threading.Lock()
+        self._series: dict[str, dict[str, Any]] = self._read_ledger()
+
+    def _read_ledger(self) -> dict[str, dict[str, Any]]:
+        if not self._ledger_path.exists():
+            return {}
+        try:
+            return dict(json.loads(self._ledger_path.read_text())["series"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s unreadable (%s); rebuilding it from the outputs",
+                        self._ledger_path, exc)
+            return {}
+
+    def start_position(self, series: str, output: Path) -> int | None:
+        """Next source frame to read for ``series``; None when it is already complete."""
+        with self._lock:
+            entry = self._series.get(series, {})
+        if entry.get("finished"):
+            return None
+        last = last_written_source_frame(output)
+        return 0 if last is None else last + 1
+
+    def record(self, series: str, *, output: Path, written: int, finished: bool) -> None:
+        """Note progress of a series and persist the ledger."""
+        with self._lock:
+            self._series[series] = {"output": str(output), "written": written,
+                                    "finished": finished}
+            text = json.dumps({"series": self._series}, indent=1, sort_keys=True)
+            atomic_write_text(self._ledger_path, text)
+
+    def checkpoint_path(self, version: int) -> Path:
+        """Where the checkpoint of ``version`` goes."""
+        return self.checkpoints / f"ckpt_v{version:08d}.pt"
+
+    def prune_checkpoints(self) -> None:
+        """Keep the newest few checkpoints."""
+        for old in sorted(self.checkpoints.glob("ckpt_v*.pt"))[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint that loads; a corrupt one is skipped with a warning."""
+        for path in sorted(self.checkpoints.glob("ckpt_v*.pt"), reverse=True):
+            try:
+                return load_checkpoint(path)
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint: %s", exc)
+        return None

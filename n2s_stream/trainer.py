@@ -1,0 +1,177 @@
+"""Online training: keeps improving the model on the rolling buffer, in the background.
+
+The trainer owns its model and optimizer. Every ``publish_every`` steps it scores the
+model on held-out frames (masked loss: no ground truth needed) and publishes a copy of
+the weights with a new version number; inference swaps them in between frames. Inference
+has priority: while frames wait in the queue, the trainer yields. A step whose loss is
+NaN/inf, or far above its recent level, is undone from the last published weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from n2s_stream.buffer import RollingBuffer
+from n2s_stream.metrics import Metrics
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.training import masked_validation_loss, train_step
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+
+class ModelStore:
+    """The newest published weights and their version; safe across threads."""
+
+    def __init__(self, state_dict: StateDict, version: int) -> None:
+        self._lock = threading.Lock()
+        self._state, self._version = state_dict, version
+
+    def publish(self, state_dict: StateDict, version: int) -> None:
+        """Make ``state_dict`` (a private copy) the current weights."""
+        with self._lock:
+            self._state, self._version = state_dict, version
+
+    def latest(self) -> tuple[int, StateDict]:
+        """``(version, weights)``; callers must not modify the weights."""
+        with self._lock:
+            return self._version, self._state
+
+    @property
+    def version(self) -> int:
+        """Version of the newest weights."""
+        with self._lock:
+            return self._version
+
+
+@dataclass(frozen=True)
+class OnlineTrainConfig:
+    """How the online trainer learns."""
+
+    patch: int = 64
+    batch: int = 8
+    lr: float = 1e-3
+    publish_every: int = 50
+    min_frames: int = 2
+    divergence_factor: float = 20.0
+
+
+def copy_state(model: nn.Module) -> StateDict:
+    """A detached CPU copy of a model's weights."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class OnlineTrainer:
+    """Background worker running masked training steps on the rolling buffer."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        masker: Masker,
+        buffer: RollingBuffer,
+        val_buffer: RollingBuffer,
+        store: ModelStore,
+        metrics: Metrics,
+        config: OnlineTrainConfig,
+        device: torch.device,
+        busy: Callable[[], bool],
+        save: Callable[[nn.Module, torch.optim.Optimizer, int, int], None],
+        checkpoint_every: float = 60.0,
+        optimizer_state: dict | None = None,
+        step: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.masker, self.buffer, self.val_buffer = model, masker, buffer, val_buffer
+        self.store, self.metrics, self.config, self.device = store, metrics, config, device
+        self._busy, self._save, self._checkpoint_every = busy, save, checkpoint_every
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        if optimizer_state:
+            try:
+                self.optimizer.load_state_dict(optimizer_state)
+            except (ValueError, KeyError) as exc:
+                log.warning("optimizer state not restored (%s); starting it afresh", exc)
+        self.step = step
+        self._rng = np.random.default_rng(seed)
+        self._good = copy_state(model)
+        self._loss_ema: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="online-trainer")
+
+    def start(self) -> None:
+        """Start training in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the current step, save a checkpoint and stop."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        last_save = time.monotonic()
+        loss_sum, n_losses = 0.0, 0
+        try:
+            while not self._stop.is_set():
+                if len(self.buffer) < self.config.min_frames or self._busy():
+                    self._stop.wait(0.01)  # inference first
+                    continue
+                loss = self._step()
+                if loss is not None:
+                    loss_sum, n_losses = loss_sum + loss, n_losses + 1
+                if self.step % self.config.publish_every == 0 and n_losses:
+                    self._publish(loss_sum / n_losses)
+                    loss_sum, n_losses = 0.0, 0
+                if time.monotonic() - last_save > self._checkpoint_every:
+                    self._save(self.model, self.optimizer, self.step, self.store.version)
+                    last_save = time.monotonic()
+        except Exception:
+            log.exception("online trainer failed; inference continues with version %d",
+                          self.store.version)
+            return
+        self._save(self.model, self.optimizer, self.step, self.store.version)
+
+    def _step(self) -> float | None:
+        patches, valid = self.buffer.sample(batch=self.config.batch, patch=self.config.patch,
+                                            rng=self._rng)
+        batch = torch.from_numpy(patches).to(self.device)
+        valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
+        phases = torch.from_numpy(self._rng.integers(self.masker.n_phases, size=len(batch)))
+        loss = float(train_step(self.model, self.optimizer, self.masker, batch,
+                                phases=phases.to(self.device), valid=valid_t))  # host sync
+        self.step += 1
+        self.metrics.train_steps.inc()
+        ema = self._loss_ema
+        diverging = ema is not None and loss > self.config.divergence_factor * ema
+        if not math.isfinite(loss) or diverging:
+            log.warning("training step %d: loss %g (recent %s); rolling back to version %d",
+                        self.step, loss, f"{ema:.4g}" if ema else "n/a", self.store.version)
+            self.model.load_state_dict(self._good)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+            self.metrics.train_rollbacks.inc()
+            return None
+        self._loss_ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+        return loss
+
+    def _publish(self, train_loss: float) -> None:
+        self.metrics.train_loss.set(train_loss)
+        val_frames = self.val_buffer.snapshot()
+        if val_frames is not None:
+            frames = torch.from_numpy(val_frames).unsqueeze(1).to(self.device)
+            self.metrics.selfsup_val_loss.set(masked_validation_loss(self.model, self.masker,
+                                                                     frames))
+        self._good = copy_state(self.model)
+        version = self.store.version + 1
+        self.store.publish(copy_state(self.model), version)
+        log.debug("published model version %d (step %d, loss %.4g)", version, self.step,
+                  train_loss)
