@@ -10,8 +10,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from n2s_stream import __version__
 from n2s_stream.config import (
@@ -115,39 +116,43 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--log-level", default="WARNING")
 
 
+DAEMON_HELP = {
+    "watch": "acquisition directory to follow",
+    "out": "output directory (default ./denoised)",
+    "state_dir": "checkpoints and ledger (default ./n2s-state)",
+    "device": "cpu, cuda, cuda:N or auto (default)",
+    "metrics_port": "Prometheus port (default 9750; 0 any free port; -1 none)",
+    "metrics_addr": "metrics bind address (default 127.0.0.1, loopback only)",
+    "poll": "poll the directory every N s instead of inotify (auto on NFS/GPFS/Lustre)",
+    "pattern": "file name glob (default *)",
+    "settle_seconds": "a file that has not grown this long is finished (default 5)",
+    "process_existing": "process files already present at start (default yes)",
+    "ckpt": "start from an offline checkpoint (n2s-stream train)",
+    "train": "keep training online (default yes); --no-train: inference only",
+    "publish_every": "training steps between model versions (default 50)",
+    "checkpoint_every": "seconds between checkpoints (default 60)",
+    "queue_size": "frames waiting for inference before the source is held back",
+    "threads": "torch intra-op threads (default: torch's choice)",
+}
+
+
 def _daemon_options(parser: argparse.ArgumentParser) -> None:
-    d = parser.add_argument_group("daemon (n2s-stream --watch DIR ...)")
-    d.add_argument("--watch", type=Path, default=argparse.SUPPRESS,
-                   help="acquisition directory to follow")
-    d.add_argument("--out", type=Path, default=argparse.SUPPRESS,
-                   help="output directory (default ./denoised)")
-    d.add_argument("--config", type=Path, help="TOML file ([daemon] table)")
-    d.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS,
-                   help="checkpoints and ledger (default ./n2s-state)")
-    d.add_argument("--device", default=argparse.SUPPRESS, help="cpu, cuda, cuda:N or auto")
-    d.add_argument("--metrics-port", type=int, default=argparse.SUPPRESS,
-                   help="Prometheus port (default 9750; 0 any free port; -1 none)")
-    d.add_argument("--metrics-addr", default=argparse.SUPPRESS,
-                   help="metrics bind address (default 127.0.0.1)")
-    d.add_argument("--poll", type=float, default=argparse.SUPPRESS,
-                   help="poll the directory every N s instead of inotify")
-    d.add_argument("--pattern", default=argparse.SUPPRESS, help="file name glob (default *)")
-    d.add_argument("--settle-seconds", type=float, default=argparse.SUPPRESS,
-                   help="a file not grown for this long is finished (default 5)")
-    d.add_argument("--no-existing", dest="process_existing", action="store_false",
-                   default=argparse.SUPPRESS, help="ignore files present at start")
-    d.add_argument("--dataset", default=argparse.SUPPRESS, help="frame dataset path")
-    d.add_argument("--ckpt", type=Path, default=argparse.SUPPRESS,
-                   help="start from an offline checkpoint")
-    d.add_argument("--no-train", dest="train", action="store_false",
-                   default=argparse.SUPPRESS, help="inference only")
-    d.add_argument("--jinv", action="store_true", default=argparse.SUPPRESS,
-                   help="J-invariant inference")
-    d.add_argument("--require-reconstructable", action="store_true",
-                   default=argparse.SUPPRESS, help="write the source dtype")
-    d.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                   help="torch intra-op threads")
-    d.add_argument("--log-level", default="INFO")
+    """One option per `DaemonConfig` field, so file, environment and CLI stay one-to-one."""
+    group = parser.add_argument_group("daemon (n2s-stream --watch DIR ...)")
+    group.add_argument("--config", type=Path, help="TOML file ([daemon] table)")
+    group.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    hints = get_type_hints(DaemonConfig)
+    for field in fields(DaemonConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = str(hints[field.name])
+        help_text = DAEMON_HELP.get(field.name, f"(default {field.default})")
+        if "bool" in hint:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = (Path if "Path" in hint else int if "int" in hint
+                    else float if "float" in hint else str)
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
 def _check_config_parser(sub: Any) -> None:

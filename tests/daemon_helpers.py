@@ -1,0 +1,88 @@
+"""Run the daemon, a detector writer and readers as real processes, for the daemon tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+N2S = [sys.executable, "-m", "n2s_stream"]
+
+
+class DaemonProcess:
+    """``n2s-stream --watch`` as a subprocess, its log in a file, its metrics scraped."""
+
+    def __init__(self, tmp: Path, *extra: str, env: dict | None = None, name: str = "daemon"):
+        self.log_path = tmp / f"{name}.log"
+        self.watch, self.out, self.state = tmp / "acq", tmp / "out", tmp / "state"
+        self.watch.mkdir(exist_ok=True)
+        args = [*N2S, "--watch", str(self.watch), "--out", str(self.out), "--state-dir",
+                str(self.state), "--device", "cpu", "--metrics-port", "0",
+                "--settle-seconds", "2", "--threads", "1", *extra]
+        self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in wait())
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.port: int | None = None
+
+    def log(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.log_path.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        """Wait until the log matches ``pattern``; fail with the log if it does not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.log())
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} not in daemon log:\n{self.log()[-3000:]}")
+
+    def wait_ready(self) -> None:
+        """Wait for READY; learn the metrics port."""
+        self.port = int(self.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        self.wait_for("n2s-stream ready")
+
+    def scrape(self) -> dict[str, float]:
+        """Metrics over HTTP, as ``{'name{labels}': value}``."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                values[key] = float(value)
+        return values
+
+    def terminate(self, timeout: float = 120.0) -> int:
+        """SIGTERM, then wait for the drain to finish; returns the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        self.proc.kill()
+        self.wait(30)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for exit; returns the status."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+
+def start_writer(directory: Path, *, frames: int, rate: float, shape: str = "48x48",
+                 name: str = "scan_0001", layout: str = "areadetector",
+                 seed: int = 0) -> subprocess.Popen:
+    """A detector writing a growing SWMR file, as a separate process."""
+    return subprocess.Popen([*N2S, "simulate", "--dir", str(directory), "--frames", str(frames),
+                             "--rate", str(rate), "--shape", shape, "--name", name,
+                             "--layout", layout, "--seed", str(seed), "--log-level", "WARNING"])

@@ -1,0 +1,212 @@
+"""The daemon as a real subprocess: a detector process writes SWMR files into the watched
+directory, another process follows the output with ``swmr=True``, metrics are scraped over
+HTTP, and the daemon is stopped with real signals."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import shutil
+import socket
+import time
+
+import h5py
+import numpy as np
+import pytest
+from conftest import write_stack
+from daemon_helpers import DaemonProcess, start_writer
+
+from n2s_stream.quality import psnr
+from n2s_stream.simulate import truth_path
+
+
+def _follow_output(path: str, queue, seconds: float) -> None:
+    """Reader process: open the growing output with SWMR, record the frame counts it saw."""
+    deadline = time.monotonic() + seconds
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            with h5py.File(path, "r", swmr=True) as handle:
+                ds = handle["/entry/data/data"]
+                while time.monotonic() < deadline:
+                    ds.refresh()
+                    seen.append(int(ds.shape[0]))
+                    if np.isnan(ds[seen[-1] - 1]).any() if seen[-1] else False:
+                        seen.append(-1)
+                    time.sleep(0.2)
+        except (OSError, KeyError):
+            time.sleep(0.2)
+    queue.put(seen)
+
+
+def _read_output(path):
+    with h5py.File(path, "r") as handle:
+        return (handle["/entry/data/data"][()],
+                {k: handle[f"/entry/provenance/{k}"][()] for k in
+                 ("source_frame", "model_version", "t_received", "t_written")})
+
+
+def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
+    n_frames, dose = 80, 20.0
+    daemon = DaemonProcess(tmp_path, "--publish-every", "20")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=n_frames, rate=8, seed=1)
+    output = daemon.out / "scan_0001_n2s.h5"
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    reader = ctx.Process(target=_follow_output, args=(str(output), queue, 8.0))
+    daemon.wait_for("opened output")
+    reader.start()
+    assert writer.wait(timeout=120) == 0
+    daemon.wait_for("closed output .* \\(80 frames\\)", timeout=120)
+    seen = queue.get(timeout=60)
+    reader.join(timeout=30)
+    time.sleep(3)  # let the idle trainer publish a few more versions
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+
+    # the reader saw the file grow while the daemon wrote it, never a torn frame
+    assert len(set(seen)) > 3 and -1 not in seen and seen == sorted(seen)
+    frames, provenance = _read_output(output)
+    assert frames.shape == (n_frames, 48, 48) and frames.dtype == np.float32
+    assert np.array_equal(provenance["source_frame"], np.arange(n_frames))
+    assert (np.diff(provenance["model_version"]) >= 0).all()
+    assert provenance["model_version"][-1] > provenance["model_version"][0]
+    assert (provenance["t_written"] >= provenance["t_received"]).all()
+
+    assert metrics["n2s_frames_received_total"] == n_frames
+    assert metrics["n2s_frames_denoised_total"] == n_frames
+    assert metrics["n2s_frame_latency_seconds_count"] == n_frames
+    assert metrics["n2s_train_steps_total"] > 0
+    assert metrics["n2s_model_version"] >= 1
+    assert metrics["n2s_selfsup_val_loss"] > 0
+    assert not any(k.startswith("n2s_frames_rejected_total") and v for k, v in metrics.items())
+    assert metrics['n2s_build_info{version="0.1.0"}'] == 1
+
+    with h5py.File(truth_path(daemon.watch / "scan_0001.h5")) as handle:
+        clean = handle["clean"][()] * dose
+    with h5py.File(daemon.watch / "scan_0001.h5") as handle:
+        noisy = handle["/entry/data/data"][()].astype(np.float32)
+    first = psnr(clean[:10], frames[:10], dose)
+    last = psnr(clean[-20:], frames[-20:], dose)
+    noisy_last = psnr(clean[-20:], noisy[-20:], dose)
+    assert last > first + 3.0, (first, last)
+    assert last > noisy_last + 5.0, (noisy_last, last)
+
+
+def test_bad_files_are_counted_and_good_ones_processed(tmp_path):
+    daemon = DaemonProcess(tmp_path)
+    watch = daemon.watch
+    daemon.wait_ready()
+    good = np.random.default_rng(0).poisson(10, (6, 32, 32)).astype(np.uint16)
+    write_stack(watch / "good_a.h5", good)
+    (watch / "not_hdf5.h5").write_bytes(b"definitely not HDF5 " * 100)
+    write_stack(watch / "truncated.h5", good)
+    with open(watch / "truncated.h5", "r+b") as handle:
+        handle.truncate(1000)
+    write_stack(watch / "no_dataset.h5", good, "/entry/other")
+    write_stack(watch / "wrong_rank.h5", np.zeros((2, 2, 2, 4, 4), np.uint16))
+    nan_frames = good.astype(np.float32)
+    nan_frames[[1, 3]] = np.nan
+    write_stack(watch / "nan_frames.h5", nan_frames)
+    for k, shape in ((1, (32, 32)), (2, (16, 16))):  # Eiger series whose shape changes
+        write_stack(watch / f"mixed_data_00000{k}.h5", np.zeros((2, *shape), np.uint16),
+                    "/entry/data/data")
+    with h5py.File(watch / "mixed_master.h5", "w") as handle:
+        for k in (1, 2):
+            handle[f"/entry/data/data_00000{k}"] = h5py.ExternalLink(
+                f"mixed_data_00000{k}.h5", "/entry/data/data")
+    write_stack(watch / "good_b.h5", good[:4])
+    (watch / "notes.txt").write_text("ignored: not an HDF5 name")
+
+    daemon.wait_for("closed output .*good_b_n2s.h5 \\(4 frames\\)", timeout=60)
+    daemon.wait_for("closed output .*good_a_n2s.h5 \\(6 frames\\)", timeout=60)
+    daemon.wait_for("closed output .*nan_frames_n2s.h5 \\(4 frames\\)", timeout=60)
+    deadline = time.monotonic() + 30
+    expected = {"not_hdf5": 1, "unreadable": 1, "no_dataset": 1, "rank": 1, "nan": 2,
+                "shape": 1}
+    while time.monotonic() < deadline:
+        metrics = daemon.scrape()
+        rejected = {k.split('"')[1]: v for k, v in metrics.items()
+                    if k.startswith("n2s_frames_rejected_total")}
+        if rejected == expected:
+            break
+        time.sleep(0.5)
+    assert rejected == expected
+    assert metrics["n2s_frames_denoised_total"] == 14
+    log = daemon.log()
+    assert "not_hdf5.h5: not an HDF5 file" in log
+    assert "rejected frame 1 of nan_frames: NaN or inf" in log
+    assert daemon.terminate() == 0
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
+    """SIGKILL the daemon three times while a detector writes; every frame exactly once."""
+    rng = random.Random(1234)
+    n_frames = 150
+    (tmp_path / "acq").mkdir()
+    writer = start_writer(tmp_path / "acq", frames=n_frames, rate=15, seed=2)
+    for trial in range(3):
+        daemon = DaemonProcess(tmp_path, name=f"run{trial}")
+        daemon.wait_for("n2s-stream ready")
+        time.sleep(rng.uniform(0.2, 2.0))
+        daemon.kill()
+        output = tmp_path / "out" / "scan_0001_n2s.h5"
+        if output.exists():  # a killed writer leaves a file that still opens, whole frames
+            with h5py.File(output, "r", swmr=True) as handle:
+                n = handle["/entry/provenance/t_written"].shape[0]
+                assert handle["/entry/data/data"].shape[0] >= n
+    assert writer.wait(timeout=120) == 0
+    daemon = DaemonProcess(tmp_path, name="final")
+    daemon.wait_ready()
+    daemon.wait_for("closed output .*scan_0001_n2s.h5|series scan_0001 already complete",
+                    timeout=120)
+    assert daemon.terminate() == 0
+    frames, provenance = _read_output(tmp_path / "out" / "scan_0001_n2s.h5")
+    assert np.array_equal(provenance["source_frame"], np.arange(n_frames))
+    assert frames.shape[0] == n_frames and np.isfinite(frames).all()
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
+    assert "resumed output" in logs  # a killed run's output was continued, not restarted
+    # a restart of a finished series writes nothing twice
+    again = DaemonProcess(tmp_path, name="again")
+    again.wait_for("series scan_0001 already complete")
+    assert again.terminate() == 0
+    assert _read_output(tmp_path / "out" / "scan_0001_n2s.h5")[0].shape[0] == n_frames
+
+
+def test_sd_notify_messages_arrive(tmp_path):
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(30)
+    try:
+        daemon = DaemonProcess(tmp_path, env={"NOTIFY_SOCKET": str(notify),
+                                              "WATCHDOG_USEC": "1000000"})
+        messages = []
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert messages[0].startswith("READY=1") and "STATUS=watching" in messages[0]
+        assert daemon.terminate() == 0
+        while "STOPPING=1" not in messages[-1]:
+            messages.append(sock.recv(4096).decode())
+    finally:
+        sock.close()
+
+
+def test_usage_errors(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "--watch", str(tmp_path / "no"),
+                           "--state-dir", str(tmp_path / "s"), "--metrics-port", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "watch directory does not exist" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "--metrics-port", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--watch" in proc.stderr
+
+
+@pytest.fixture(autouse=True)
+def _cleanup_outputs(tmp_path):
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
