@@ -199,7 +199,8 @@ class Daemon:
                 self.metrics.frames_per_second.set(fps)
                 last_written, last_time = self.worker.written, now
             interval = self.notifier.watchdog_interval
-            if interval is not None and now - last_ping >= interval:
+            healthy = self.worker.alive and self.source.alive
+            if interval is not None and healthy and now - last_ping >= interval:
                 self.notifier.notify("WATCHDOG=1")
                 last_ping = now
             if now - last_status >= 5.0:

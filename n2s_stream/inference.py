@@ -112,6 +112,11 @@ class InferenceWorker:
         """Start consuming the queue."""
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs (systemd's watchdog is fed only then)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 120.0) -> None:
         """Process everything queued so far, then stop."""
         if not self._thread.is_alive():

@@ -150,6 +150,11 @@ class DirectorySource:
                 followed.stack.close()
 
     @property
+    def alive(self) -> bool:
+        """True while the follower thread runs."""
+        return self._thread.is_alive()
+
+    @property
     def active_series(self) -> int:
         """Files currently followed."""
         return len(self._followed)
