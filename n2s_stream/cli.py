@@ -112,7 +112,7 @@ def _simulate_parser(sub: Any) -> None:
 def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="simulate a detector and watch denoising quality improve")
     p.add_argument("--dir", type=Path, default=Path("demo-output"), help="working folder")
-    p.add_argument("--seconds", type=float, default=40.0, help="training time budget")
+    p.add_argument("--seconds", type=float, default=60.0, help="acquisition length")
     p.add_argument("--log-level", default="WARNING")
 
 

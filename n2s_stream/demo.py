@@ -1,71 +1,124 @@
-"""``n2s-stream demo``: a simulated detector, a denoiser learning from it, quality live.
+"""``n2s-stream demo``: a simulated detector, the daemon learning from it, quality live.
 
-Until the streaming daemon lands this demo trains offline on a simulated series; it prints
-one table row per epoch so a new user watches PSNR against the hidden truth rise from
-the noisy input's level, then writes the denoised series.
+Starts ``n2s-stream simulate`` (a growing SWMR file of a drifting scene with Poisson noise,
+clean truth kept aside) and the daemon on it as two processes, then every few seconds
+reads the daemon's output like a live viewer would (SWMR) and prints a row: frames in and
+out, model version, PSNR of the newest frames against the truth (noisy vs denoised) and
+the self-supervised validation loss the daemon exports (which needs no truth).
 """
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-from torch import nn
 
-from n2s_stream.config import DenoiseConfig, TrainConfig
-from n2s_stream.inference import denoise_normalized
-from n2s_stream.n2s.masking import Masker
-from n2s_stream.offline import EpochReport, denoise, train
 from n2s_stream.quality import psnr
-from n2s_stream.simulate import SimulateConfig, simulate, truth_path
-from n2s_stream.stack import open_stack
+from n2s_stream.simulate import truth_path
 
-DEMO_FRAMES = 48
-DEMO_SHAPE = (128, 128)
+DEMO_SHAPE = "96x96"
 DEMO_DOSE = 20.0
-EVAL_FRAMES = 8
+DEMO_RATE = 6.0  # frames per second
+NEWEST = 12  # frames scored per row
 
 
-def run_demo(work_dir: Path, *, seconds: float = 40.0) -> None:
-    """Simulate, train for ``seconds`` while printing quality, then denoise the series."""
-    work_dir = Path(work_dir)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def _newest_quality(output: Path, source: Path, truth: np.ndarray) -> tuple[float, float, int]:
+    """PSNR of the newest denoised frames and of the same noisy frames, and the count."""
+    try:
+        with h5py.File(output, "r", swmr=True) as out:
+            n = out["/entry/provenance/t_written"].shape[0]
+            if n == 0:
+                return float("nan"), float("nan"), 0
+            index = out["/entry/provenance/source_frame"][max(0, n - NEWEST) : n]
+            denoised = out["/entry/data/data"][max(0, n - NEWEST) : n]
+        with h5py.File(source, "r", swmr=True) as src:
+            noisy = src["/entry/data/data"][index[0] : index[-1] + 1].astype(np.float32)
+    except (OSError, KeyError):
+        return float("nan"), float("nan"), 0
+    clean = truth[index] * DEMO_DOSE
+    return psnr(clean, noisy, DEMO_DOSE), psnr(clean, denoised, DEMO_DOSE), n
+
+
+def run_demo(work_dir: Path, *, seconds: float = 60.0) -> None:
+    """Run simulator and daemon for about ``seconds`` and print quality as it improves."""
+    work_dir = Path(work_dir).resolve()
+    acq, out, state = work_dir / "acq", work_dir / "out", work_dir / "state"
+    for folder in (acq, out, state):
+        folder.mkdir(parents=True, exist_ok=True)
+    name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
+    frames = int(seconds * DEMO_RATE)
+    port = _free_port()
+    command = [sys.executable, "-m", "n2s_stream"]
+    log = open(work_dir / "daemon.log", "w")  # noqa: SIM115 (closed below)
+    daemon = subprocess.Popen(
+        [*command, "--watch", str(acq), "--out", str(out), "--state-dir", str(state),
+         "--metrics-port", str(port), "--device", "cpu", "--publish-every", "25",
+         "--settle-seconds", "3"], stdout=log, stderr=subprocess.STDOUT)
+    detector = subprocess.Popen(
+        [*command, "simulate", "--dir", str(acq), "--frames", str(frames), "--rate",
+         str(DEMO_RATE), "--shape", DEMO_SHAPE, "--dose", str(DEMO_DOSE), "--name", name,
+         "--log-level", "WARNING"], stdout=subprocess.DEVNULL)
+    source, output = acq / f"{name}.h5", out / f"{name}_n2s.h5"
+    print(f"detector: {frames} frames {DEMO_SHAPE} at {DEMO_RATE:g}/s, Poisson dose "
+          f"{DEMO_DOSE:g} counts -> {source}")
+    print(f"daemon:   n2s-stream --watch {acq} --out {out}  (log: {work_dir / 'daemon.log'},"
+          f" metrics: http://127.0.0.1:{port}/metrics)")
+    print(f"{'elapsed':>7} {'in':>5} {'out':>5} {'model':>5} {'PSNR noisy':>10} "
+          f"{'PSNR n2s':>9} {'self-sup val loss':>17}")
     started = time.monotonic()
-    source = simulate(SimulateConfig(dir=work_dir / "acq", frames=DEMO_FRAMES, shape=DEMO_SHAPE,
-                                     dose=DEMO_DOSE))
-    with h5py.File(truth_path(source), "r") as handle:
-        truth = handle["clean"][:EVAL_FRAMES] * DEMO_DOSE  # counts
-    with open_stack(source) as stack:
-        noisy = stack.read(0, EVAL_FRAMES).astype(np.float32)
-    print(f"simulated {DEMO_FRAMES} frames {DEMO_SHAPE[0]}x{DEMO_SHAPE[1]}, Poisson dose "
-          f"{DEMO_DOSE:g} counts, into {source}")
-    print(f"{'elapsed':>8} {'epoch':>5} {'steps':>6} {'train loss':>10} {'val loss':>9} "
-          f"{'PSNR noisy':>10} {'PSNR n2s':>9}")
-    noisy_psnr = psnr(truth, noisy, data_range=DEMO_DOSE)
-    config = TrainConfig(
-        h5=source, device="cpu", width=16, depth=2, patch=48, batch=8, epochs=100,
-        steps_per_epoch=60, max_seconds=seconds, val_frac=0.1, save_best=True,
-        out_dir=work_dir / "runs", progress=False,
-    )
-
-    def report(epoch: EpochReport, model: nn.Module) -> None:
-        from n2s_stream.checkpoint import load_checkpoint
-
-        normalizer = load_checkpoint(work_dir / "runs" / "ckpt_last.pt").normalizer
-        denoised = normalizer.inverse(denoise_normalized(
-            model, Masker(config.masker_config()), normalizer.forward(noisy), jinv=False,
-            device=torch.device("cpu"),
-        ))
-        print(f"{time.monotonic() - started:7.1f}s {epoch.epoch:5d} {epoch.step:6d} "
-              f"{epoch.train_loss:10.4f} {epoch.val_loss or 0:9.4f} {noisy_psnr:9.2f}dB "
-              f"{psnr(truth, denoised, data_range=DEMO_DOSE):7.2f}dB", flush=True)
-
-    result = train(config, on_epoch=report)
-    out = denoise(DenoiseConfig(h5=source, ckpt=result.best or result.last,
-                                out=work_dir / "out", device="cpu", progress=False))
-    with h5py.File(out.out, "r") as handle:
-        denoised = handle["/entry/data/data"][:EVAL_FRAMES]
-    print(f"wrote {out.n_frames} denoised frames to {out.out}: PSNR {noisy_psnr:.2f} dB noisy "
-          f"-> {psnr(truth, denoised, data_range=DEMO_DOSE):.2f} dB denoised")
+    truth = None
+    try:
+        while True:
+            time.sleep(5)
+            if truth is None and truth_path(source).exists():
+                with h5py.File(truth_path(source), "r") as handle:
+                    truth = handle["clean"][()]
+            metrics = _scrape(port)
+            noisy_db, denoised_db, written = (_newest_quality(output, source, truth)
+                                              if truth is not None else (np.nan, np.nan, 0))
+            received = metrics.get("n2s_frames_received_total", 0)
+            version = metrics.get("n2s_model_version", 0)
+            val_loss = metrics.get("n2s_selfsup_val_loss", float("nan"))
+            print(f"{time.monotonic() - started:6.0f}s {received:5.0f} {written:5d} "
+                  f"{version:5.0f} {noisy_db:8.2f}dB {denoised_db:7.2f}dB {val_loss:17.4f}",
+                  flush=True)
+            if detector.poll() is not None and written >= frames:
+                break
+            if daemon.poll() is not None:
+                print("the daemon stopped unexpectedly; see its log")
+                break
+    finally:
+        detector.terminate()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+        detector.wait(timeout=30)
+        log.close()
+    print(f"denoised series: {output} (raw: {source}); the daemon stopped with status "
+          f"{daemon.returncode}")

@@ -1,0 +1,21 @@
+"""`n2s-stream demo` end to end (simulator + daemon processes), shortened."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def test_demo_shows_quality_rising(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "demo", "--dir", str(tmp_path),
+                           "--seconds", "15"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^\s*\d+s\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)dB\s+([\d.]+)dB", proc.stdout,
+                      flags=re.MULTILINE)
+    assert len(rows) >= 3, proc.stdout
+    frames_in, frames_out, version, noisy, denoised = rows[-1]
+    assert int(frames_in) == int(frames_out) == 90
+    assert int(version) >= 1
+    assert float(denoised) > float(noisy) + 5.0, proc.stdout
+    assert "stopped with status 0" in proc.stdout
