@@ -52,7 +52,6 @@ class Daemon:
         self.notifier = Notifier()
         self._signals = 0
         self._frames: queue.Queue = queue.Queue(maxsize=config.queue_size)
-        self._blocked_seconds = 0.0
 
     # ---- wiring -------------------------------------------------------------------------
     def _start(self) -> None:
@@ -135,7 +134,7 @@ class Daemon:
             except queue.Full:
                 if self.stop_requested.is_set():
                     return False
-        self._blocked_seconds += time.monotonic() - started
+        self.metrics.source_blocked.inc(time.monotonic() - started)
         self.metrics.queue_depth.set(self._frames.qsize())
         return True
 

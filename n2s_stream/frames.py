@@ -14,7 +14,8 @@ class Frame:
 
     ``series`` names the acquisition it belongs to (its output file is named after it),
     ``index`` is its position in that series, ``data`` the ``(H, W)`` raw frame in the
-    source's dtype, ``received_at`` the unix time it arrived.
+    source's dtype, ``received_at`` the unix time it arrived, ``output`` the file its
+    denoised version goes to, ``pixel_mask`` the detector's bad pixels (True), if known.
     """
 
     series: str
@@ -22,6 +23,7 @@ class Frame:
     data: np.ndarray
     received_at: float
     output: Path
+    pixel_mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

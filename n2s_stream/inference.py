@@ -48,13 +48,17 @@ def denoise_counts(
     jinv: bool,
     device: torch.device,
     amp: bool = False,
+    pixel_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Denoise ``(n, H, W)`` frames in detector units; returns float32 in the same units.
 
-    Sentinel, NaN and inf pixels are in-filled for the network and keep their source
-    value in the output, so nothing is invented where the detector measured nothing.
+    Sentinel, NaN and inf pixels, and those in ``pixel_mask`` (``(H, W)``, True = bad), are
+    in-filled for the network and keep their source value in the output, so nothing is
+    invented where the detector measured nothing.
     """
     valid = valid_pixels(frames, frames.dtype)
+    if pixel_mask is not None:
+        valid &= ~pixel_mask
     normalized = normalizer.forward(fill_invalid(frames, valid))
     denoised = normalizer.inverse(
         denoise_normalized(model, masker, normalized, jinv=jinv, device=device, amp=amp)
@@ -168,8 +172,10 @@ class InferenceWorker:
         if data.dtype.kind == "f" and not valid.all():
             self._reject(frame, "nan", "NaN or inf pixels in a float frame")
             return
+        if frame.pixel_mask is not None:
+            valid &= ~frame.pixel_mask
         if not valid.any():
-            self._reject(frame, "no_valid_pixels", "every pixel is a sentinel")
+            self._reject(frame, "no_valid_pixels", "every pixel is a sentinel or masked")
             return
         if self.normalizer is None:
             self.normalizer = fit_normalizer(

@@ -51,6 +51,9 @@ class Metrics:
         self.selfsup_val_loss = Gauge(
             "n2s_selfsup_val_loss", "Masked loss on held-out frames (no ground truth needed)",
             registry=registry)
+        self.source_blocked = Counter(
+            "n2s_source_blocked_seconds", "Time sources waited on a full queue (backpressure)",
+            registry=registry)
         self.frame_latency = Histogram(
             "n2s_frame_latency_seconds", "Time from a frame's arrival to its being written",
             buckets=LATENCY_BUCKETS, registry=registry)

@@ -204,7 +204,10 @@ def _load_training_data(
     with open_stack(config.h5, config.dataset) as stack:  # type: ignore[arg-type]
         frames = _read_samples(stack, config.max_samples)
         source_dtype = stack.dtype
+        pixel_mask = stack.pixel_mask
     valid = valid_pixels(frames, source_dtype)
+    if pixel_mask is not None:
+        valid &= ~pixel_mask
     normalizer = fit_normalizer(
         frames, mode=config.normalize, scale_integers=not config.no_scale_integers,
         source_dtype=source_dtype, valid=valid,
@@ -303,7 +306,8 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
             for start, frames in stack.iter_chunks(config.batch):
                 received = time.time()
                 denoised = denoise_counts(model, masker, checkpoint.normalizer, frames,
-                                          jinv=config.jinv, device=device, amp=amp)
+                                          jinv=config.jinv, device=device, amp=amp,
+                                          pixel_mask=stack.pixel_mask)
                 if config.require_reconstructable:
                     denoised = to_source_dtype(denoised, stack.dtype)
                 writer.append(denoised, source_frames=np.arange(start, start + len(frames)),

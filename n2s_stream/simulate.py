@@ -111,9 +111,12 @@ def simulate(config: SimulateConfig) -> Path:
         handle.swmr_mode = True
         period = 1.0 / config.rate if config.rate > 0 else 0.0
         started = time.monotonic()
+        gap = eiger_gap_rows(config.shape) if config.layout == "eiger" else []
         for k in range(config.frames):
             ds.resize(k + 1, axis=0)
-            ds[k] = poisson_frames(clean[k], config.dose, rng)
+            frame = poisson_frames(clean[k], config.dose, rng)
+            frame[gap] = np.iinfo(np.uint16).max  # Eiger marks module gaps with 2**n - 1
+            ds[k] = frame
             ds.flush()
             if period:
                 time.sleep(max(0.0, started + (k + 1) * period - time.monotonic()))
@@ -122,9 +125,17 @@ def simulate(config: SimulateConfig) -> Path:
     return main
 
 
+def eiger_gap_rows(shape: tuple[int, int]) -> list[int]:
+    """Rows the simulated Eiger loses to the gap between its two modules."""
+    return [shape[0] // 2]
+
+
 def _write_eiger_master(master: Path, data_name: str, shape: tuple[int, int]) -> None:
-    """An Eiger-style master file: external link to the data file, and a pixel mask."""
+    """An Eiger-style master file: external link to the data file, and a pixel mask that
+    flags the module gap (bit 0, as the Eiger does)."""
     with h5py.File(master, "w") as handle:
         handle["/entry/data/data_000001"] = h5py.ExternalLink(data_name, "/entry/data/data")
         detector = handle.create_group("/entry/instrument/detector/detectorSpecific")
-        detector["pixel_mask"] = np.zeros(shape, dtype=np.uint32)
+        mask = np.zeros(shape, dtype=np.uint32)
+        mask[eiger_gap_rows(shape)] = 1
+        detector["pixel_mask"] = mask

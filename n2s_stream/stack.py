@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATASETS = ("/entry/data/data", "/data", "/X")
 EIGER_DATA_GROUP = "/entry/data"
+PIXEL_MASK_PATHS = ("/entry/instrument/detector/detectorSpecific/pixel_mask",
+                    "/entry/instrument/detector/pixel_mask")
 _EIGER_LINK = re.compile(r"^data_\d{6}$")
 # Bigger than h5py's 1 MiB default so that a whole chunk row of a large frame stays cached.
 CHUNK_CACHE_BYTES = 64 * 2**20
@@ -56,6 +58,7 @@ class FrameStack:
             first = self._segments[0].dataset
             self.frame_shape: tuple[int, int] = tuple(first.shape[-2:])  # type: ignore[assignment]
             self.dtype = np.dtype(first.dtype)
+            self.pixel_mask = self._read_pixel_mask()
         except BaseException:
             self._file.close()
             raise
@@ -69,6 +72,23 @@ class FrameStack:
     def close(self) -> None:
         """Close the underlying HDF5 file."""
         self._file.close()
+
+    def _read_pixel_mask(self) -> np.ndarray | None:
+        """Eiger/NeXus ``pixel_mask`` (non-zero = gap, dead, hot...) as a bool map of bad
+        pixels, or None. A mask of the wrong shape is ignored with a warning."""
+        for name in PIXEL_MASK_PATHS:
+            if name in self._file:
+                mask = np.asarray(self._file[name][()]) != 0
+                if mask.shape == self.frame_shape:
+                    return mask if mask.any() else None
+                log.warning("%s:%s: pixel mask shape %s does not match frames %s; ignored",
+                            self.path, name, mask.shape, self.frame_shape)
+        return None
+
+    @property
+    def linked(self) -> bool:
+        """True for an Eiger master: frames live in data files that may still appear."""
+        return any(_EIGER_LINK.match(seg.name.rsplit("/", 1)[-1]) for seg in self._segments)
 
     def refresh(self) -> int:
         """Catch up with a file another process is still writing (SWMR); returns the

@@ -25,3 +25,17 @@ def test_offline_quality_runs(tmp_path):
     for name in ("wavelet", "tv", "nl_means"):
         assert row["classical"][name]["psnr"] > row["noisy"]["psnr"]
     assert "N2S J-inv" in proc.stdout
+
+
+def test_daemon_memory_runs(tmp_path):
+    out = tmp_path / "m.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "daemon_memory.py"), "--frames", "24",
+         "--buffer-frames", "4", "--shape", "32x32", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["peak_rss_mib"] > 0 and report["end_to_end_fps"] > 0
+    assert report["samples"][-1]["written"] == 24
+    assert "peak RSS" in proc.stdout and out.with_suffix(".png").exists()

@@ -210,3 +210,19 @@ def test_usage_errors(tmp_path):
 def _cleanup_outputs(tmp_path):
     yield
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
+    """Master + bitshuffle-LZ4 data file growing; polling instead of inotify; the module gap
+    flagged in pixel_mask keeps its raw value in the output."""
+    daemon = DaemonProcess(tmp_path, "--poll", "0.3")
+    daemon.wait_ready()
+    assert "polling every 0.3s" in daemon.log()
+    writer = start_writer(daemon.watch, frames=30, rate=15, layout="eiger", shape="32x40")
+    assert writer.wait(timeout=60) == 0
+    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(30 frames\\)", timeout=60)
+    assert daemon.terminate() == 0
+    frames, provenance = _read_output(daemon.out / "scan_0001_n2s.h5")
+    assert np.array_equal(provenance["source_frame"], np.arange(30))
+    assert (frames[:, 16, :] == 65535).all()  # the gap row, untouched
+    assert frames[:, :16].max() < 1000  # the rest is denoised counts

@@ -148,3 +148,18 @@ def test_unreadable_permissions(tmp_path):
     path = write_stack(tmp_path / "a.h5", FRAMES)
     path.chmod(0)
     _expect(path, "unreadable", "permission")
+
+
+def test_eiger_pixel_mask_is_read(tmp_path):
+    with h5py.File(tmp_path / "p_data_000001.h5", "w") as handle:
+        handle["/entry/data/data"] = FRAMES
+    with h5py.File(tmp_path / "p_master.h5", "w") as handle:
+        handle["/entry/data/data_000001"] = h5py.ExternalLink("p_data_000001.h5",
+                                                             "/entry/data/data")
+        mask = np.zeros((5, 7), np.uint32)
+        mask[2, 3] = 1
+        handle["/entry/instrument/detector/detectorSpecific/pixel_mask"] = mask
+    with open_stack(tmp_path / "p_master.h5") as stack:
+        assert stack.linked
+        assert stack.pixel_mask is not None and stack.pixel_mask.sum() == 1
+        assert stack.pixel_mask[2, 3]

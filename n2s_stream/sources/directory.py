@@ -244,16 +244,19 @@ class DirectorySource:
         stack = followed.stack
         assert stack is not None
         try:
-            if not stack.swmr:  # a plain file shows growth only when re-opened
+            if not stack.swmr or stack.linked:
+                # A plain file shows growth only when re-opened; a master file may gain
+                # links to new data files.
                 stack.close()
-                stack = followed.stack = open_stack(followed.path, self.config.dataset)
+                stack = followed.stack = open_stack(followed.path, self.config.dataset,
+                                                    swmr=stack.swmr)
             available = stack.refresh()
             if available > followed.position:
                 stop = min(available, followed.position + self.config.read_batch)
                 frames = stack.read(followed.position, stop)
                 for data in frames:
                     frame = Frame(followed.series, followed.position, data, time.time(),
-                                  followed.output)
+                                  followed.output, stack.pixel_mask)
                     if not self._emit(frame):
                         return False
                     followed.position += 1
@@ -263,7 +266,10 @@ class DirectorySource:
             self._finish(followed, reason=exc.reason, message=str(exc))
             return False
         quiet = time.monotonic() - followed.last_growth
-        if followed.closed_by_writer or quiet > self.config.settle_seconds:
+        # A master file is closed long before its data files are complete: for it, only
+        # a quiet spell ends the series.
+        closed = followed.closed_by_writer and not stack.linked
+        if closed or quiet > self.config.settle_seconds:
             self._finish(followed)
         return False
 

@@ -1,0 +1,153 @@
+"""Daemon memory and throughput while streaming 10x its training buffer.
+
+A detector process writes ``--frames`` frames as fast as it can into a watched directory;
+the daemon (a separate process, training on) follows, denoises and writes them. Its
+resident memory is sampled from /proc every 0.25 s. Printed: RSS after each tenth of the
+stream, the peak, the slope over the second half (flat means bounded), and the end-to-end
+frame rate next to the bare model's forward rate on the same frame size and threads.
+Writes ``benchmarks/results/daemon_memory.json`` and ``.png``.
+
+    python benchmarks/daemon_memory.py                       # 320 frames 256x256, buffer 32
+    python benchmarks/daemon_memory.py --frames 40 --buffer-frames 4 --shape 64x64   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from n2s_stream.models import ModelConfig, build_model
+
+RESULTS = Path(__file__).parent / "results"
+N2S = [sys.executable, "-m", "n2s_stream"]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's metrics (empty until it serves)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    pairs = (line.rpartition(" ") for line in text.splitlines() if line[:1] not in ("#", ""))
+    return {key: float(value) for key, _, value in pairs}
+
+
+def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0) -> float:
+    """Frames/s of the default model's forward pass alone, one frame at a time."""
+    torch.set_num_threads(threads)
+    model = build_model(ModelConfig()).eval()
+    x = torch.randn(1, 1, *shape)
+    with torch.inference_mode():
+        model(x)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            model(x)
+            count += 1
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    """Stream, sample, report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=320)
+    parser.add_argument("--shape", default="256x256")
+    parser.add_argument("--buffer-frames", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "daemon_memory.json")
+    args = parser.parse_args()
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        acq = Path(tmp) / "acq"
+        acq.mkdir()
+        daemon = subprocess.Popen(
+            [*N2S, "--watch", str(acq), "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
+             "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
+             "--buffer-frames", str(args.buffer_frames), "--settle-seconds", "2",
+             "--log-level", "WARNING"])
+        while not scrape(port):
+            time.sleep(0.2)
+        writer = subprocess.Popen([*N2S, "simulate", "--dir", str(acq), "--frames",
+                                   str(args.frames), "--shape", args.shape, "--log-level",
+                                   "WARNING"], stdout=subprocess.DEVNULL)
+        samples = []  # (seconds, frames written, rss MiB)
+        started = time.monotonic()
+        written = 0.0
+        while written < args.frames:
+            written = scrape(port).get("n2s_frames_denoised_total", 0.0)
+            samples.append((time.monotonic() - started, written, rss_mb(daemon.pid)))
+            time.sleep(0.25)
+        elapsed = time.monotonic() - started
+        metrics = scrape(port)
+        writer.wait(timeout=60)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+    fps = args.frames / elapsed
+    bare = bare_forward_fps(shape, args.threads)
+    _, counts, rss = (np.array(column) for column in zip(*samples, strict=True))
+    half = counts >= args.frames / 2
+    slope = float(np.polyfit(counts[half], rss[half], 1)[0]) if half.sum() > 2 else 0.0
+    print(f"{'frames written':>15} {'RSS MiB':>8}")
+    for tenth in range(1, 11):
+        k = int(np.searchsorted(counts, args.frames * tenth / 10))
+        k = min(k, len(counts) - 1)
+        print(f"{counts[k]:15.0f} {rss[k]:8.1f}")
+    buffer_mib = args.buffer_frames * shape[0] * shape[1] * 4 / 2**20
+    print(f"peak RSS {rss.max():.1f} MiB; slope over the second half {slope * 1000:+.2f} MiB "
+          f"per 1000 frames; training buffer {buffer_mib:.1f} MiB "
+          f"({args.buffer_frames} frames, stream = {args.frames / args.buffer_frames:.0f}x)")
+    print(f"end to end {fps:.1f} frames/s with training on; bare forward {bare:.1f} frames/s; "
+          f"ratio {fps / bare:.2f}; train steps {metrics.get('n2s_train_steps_total', 0):.0f}")
+    report = {
+        "benchmark": "daemon_memory", "machine": f"{platform.machine()}, {args.threads} threads",
+        "settings": vars(args) | {"out": str(args.out)}, "peak_rss_mib": float(rss.max()),
+        "rss_slope_mib_per_1000_frames": slope * 1000, "end_to_end_fps": fps,
+        "bare_forward_fps": bare, "ratio": fps / bare,
+        "samples": [{"t": t, "written": c, "rss_mib": r} for t, c, r in samples],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(counts, rss)
+        ax.set_xlabel("frames written")
+        ax.set_ylabel("daemon RSS (MiB)")
+        ax.set_title(f"{args.frames} frames {args.shape}, buffer {args.buffer_frames} frames")
+        ax.set_ylim(0, rss.max() * 1.15)
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
