@@ -22,12 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from n2s_stream.metrics import scrape
 from n2s_stream.models import ModelConfig, build_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,17 +40,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The daemon's metrics (empty until it serves)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return {}
-    pairs = (line.rpartition(" ") for line in text.splitlines() if line[:1] not in ("#", ""))
-    return {key: float(value) for key, _, value in pairs}
 
 
 def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0) -> float:

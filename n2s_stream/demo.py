@@ -14,12 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from n2s_stream.metrics import scrape
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import truth_path
 
@@ -33,20 +33,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _scrape(port: int) -> dict[str, float]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return {}
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
 
 
 def _newest_quality(output: Path, source: Path, truth: np.ndarray) -> tuple[float, float, int]:
@@ -100,7 +86,7 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0) -> None:
             if truth is None and truth_path(source).exists():
                 with h5py.File(truth_path(source), "r") as handle:
                     truth = handle["clean"][()]
-            metrics = _scrape(port)
+            metrics = scrape(port)
             noisy_db, denoised_db, written = (_newest_quality(output, source, truth)
                                               if truth is not None else (np.nan, np.nan, 0))
             received = metrics.get("n2s_frames_received_total", 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import urllib.request
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -18,6 +19,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from n2s_stream import __version__
 
@@ -87,3 +89,21 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> dict[str, float]:
+    """Read a metrics endpoint as ``{'name{label="value"}': value}``; empty if unreachable.
+
+    For the demo, benchmarks and tests: what Prometheus would see.
+    """
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = float(sample.value)
+    return values

@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from n2s_stream.metrics import scrape
 
 N2S = [sys.executable, "-m", "n2s_stream"]
 
@@ -52,13 +53,8 @@ class DaemonProcess:
 
     def scrape(self) -> dict[str, float]:
         """Metrics over HTTP, as ``{'name{labels}': value}``."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                values[key] = float(value)
+        values = scrape(self.port)
+        assert values, "metrics endpoint did not answer"
         return values
 
     def terminate(self, timeout: float = 120.0) -> int:
