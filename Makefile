@@ -30,6 +30,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/offline_quality.py
+	$(PY) benchmarks/daemon_memory.py
 
 clean:
 	rm -rf $(VENV) runs demo-output .pytest_cache

@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--shape", default="256x256")
     parser.add_argument("--buffer-frames", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--idle-seconds", type=float, default=20.0,
+                        help="keep sampling this long after the stream, while training runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "daemon_memory.json")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -90,29 +92,42 @@ def main() -> None:
             samples.append((time.monotonic() - started, written, rss_mb(daemon.pid)))
             time.sleep(0.25)
         elapsed = time.monotonic() - started
+        streaming = len(samples)
+        idle_until = time.monotonic() + args.idle_seconds  # the idle detector: training runs
+        while time.monotonic() < idle_until:
+            samples.append((time.monotonic() - started, written, rss_mb(daemon.pid)))
+            time.sleep(0.25)
         metrics = scrape(port)
         writer.wait(timeout=60)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
     fps = args.frames / elapsed
     bare = bare_forward_fps(shape, args.threads)
-    _, counts, rss = (np.array(column) for column in zip(*samples, strict=True))
-    half = counts >= args.frames / 2
-    slope = float(np.polyfit(counts[half], rss[half], 1)[0]) if half.sum() > 2 else 0.0
+    times, counts, rss = (np.array(column) for column in zip(*samples, strict=True))
+    stream_rss, idle_rss = rss[:streaming], rss[streaming:]
+    # Startup (model, first allocations) and the hand-over to training are left out.
+    middle = np.zeros(len(counts), bool)
+    middle[:streaming] = (counts[:streaming] >= 0.2 * args.frames) & (
+        counts[:streaming] <= 0.9 * args.frames)
+    slope = float(np.polyfit(counts[middle], rss[middle], 1)[0]) if middle.sum() > 2 else 0.0
     print(f"{'frames written':>15} {'RSS MiB':>8}")
     for tenth in range(1, 11):
-        k = int(np.searchsorted(counts, args.frames * tenth / 10))
-        k = min(k, len(counts) - 1)
+        k = min(int(np.searchsorted(counts[:streaming], args.frames * tenth / 10)),
+                streaming - 1)
         print(f"{counts[k]:15.0f} {rss[k]:8.1f}")
+    if len(idle_rss):
+        print(f"{'idle, training':>15} {idle_rss.max():8.1f}")
     buffer_mib = args.buffer_frames * shape[0] * shape[1] * 4 / 2**20
-    print(f"peak RSS {rss.max():.1f} MiB; slope over the second half {slope * 1000:+.2f} MiB "
-          f"per 1000 frames; training buffer {buffer_mib:.1f} MiB "
+    print(f"RSS while streaming {stream_rss.min():.1f}-{stream_rss.max():.1f} MiB, slope from "
+          f"20 % to 90 % of the stream {slope * 1000:+.1f} MiB per 1000 frames; "
+          f"peak RSS {rss.max():.1f} MiB (idle, training); training buffer {buffer_mib:.1f} MiB "
           f"({args.buffer_frames} frames, stream = {args.frames / args.buffer_frames:.0f}x)")
     print(f"end to end {fps:.1f} frames/s with training on; bare forward {bare:.1f} frames/s; "
           f"ratio {fps / bare:.2f}; train steps {metrics.get('n2s_train_steps_total', 0):.0f}")
     report = {
         "benchmark": "daemon_memory", "machine": f"{platform.machine()}, {args.threads} threads",
         "settings": vars(args) | {"out": str(args.out)}, "peak_rss_mib": float(rss.max()),
+        "streaming_rss_mib": [float(stream_rss.min()), float(stream_rss.max())],
         "rss_slope_mib_per_1000_frames": slope * 1000, "end_to_end_fps": fps,
         "bare_forward_fps": bare, "ratio": fps / bare,
         "samples": [{"t": t, "written": c, "rss_mib": r} for t, c, r in samples],
@@ -126,8 +141,10 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(counts, rss)
-        ax.set_xlabel("frames written")
+        ax.plot(times[:streaming], rss[:streaming], label="streaming")
+        ax.plot(times[streaming - 1 :], rss[streaming - 1 :], label="idle: training")
+        ax.legend()
+        ax.set_xlabel("seconds")
         ax.set_ylabel("daemon RSS (MiB)")
         ax.set_title(f"{args.frames} frames {args.shape}, buffer {args.buffer_frames} frames")
         ax.set_ylim(0, rss.max() * 1.15)

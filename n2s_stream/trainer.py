@@ -168,8 +168,9 @@ class OnlineTrainer:
         val_frames = self.val_buffer.snapshot()
         if val_frames is not None:
             frames = torch.from_numpy(val_frames).unsqueeze(1).to(self.device)
+            # two frames at a time: full-frame activations are the trainer's largest buffers
             self.metrics.selfsup_val_loss.set(masked_validation_loss(self.model, self.masker,
-                                                                     frames))
+                                                                     frames, batch=2))
         self._good = copy_state(self.model)
         version = self.store.version + 1
         self.store.publish(copy_state(self.model), version)

@@ -31,7 +31,8 @@ def test_daemon_memory_runs(tmp_path):
     out = tmp_path / "m.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "daemon_memory.py"), "--frames", "24",
-         "--buffer-frames", "4", "--shape", "32x32", "--threads", "1", "--out", str(out)],
+         "--buffer-frames", "4", "--shape", "32x32", "--threads", "1", "--idle-seconds", "1",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
