@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--shape", default="256x256")
     parser.add_argument("--buffer-frames", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="detector frames/s (0: as fast as the writer can)")
     parser.add_argument("--idle-seconds", type=float, default=20.0,
                         help="keep sampling this long after the stream, while training runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "daemon_memory.json")
@@ -82,8 +85,9 @@ def main() -> None:
         while not scrape(port):
             time.sleep(0.2)
         writer = subprocess.Popen([*N2S, "simulate", "--dir", str(acq), "--frames",
-                                   str(args.frames), "--shape", args.shape, "--log-level",
-                                   "WARNING"], stdout=subprocess.DEVNULL)
+                                   str(args.frames), "--shape", args.shape, "--rate",
+                                   str(args.rate), "--log-level", "WARNING"],
+                                  stdout=subprocess.DEVNULL)
         samples = []  # (seconds, frames written, rss MiB)
         started = time.monotonic()
         written = 0.0
@@ -101,6 +105,10 @@ def main() -> None:
         writer.wait(timeout=60)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
+        with h5py.File(f"{tmp}/out/scan_0001_n2s.h5", "r") as output:
+            latency = (output["/entry/provenance/t_written"][()]
+                       - output["/entry/provenance/t_received"][()])
+    p50, p99 = (float(v) for v in np.percentile(latency, [50, 99]))
     fps = args.frames / elapsed
     bare = bare_forward_fps(shape, args.threads)
     times, counts, rss = (np.array(column) for column in zip(*samples, strict=True))
@@ -122,6 +130,8 @@ def main() -> None:
           f"20 % to 90 % of the stream {slope * 1000:+.1f} MiB per 1000 frames; "
           f"peak RSS {rss.max():.1f} MiB (idle, training); training buffer {buffer_mib:.1f} MiB "
           f"({args.buffer_frames} frames, stream = {args.frames / args.buffer_frames:.0f}x)")
+    print(f"latency arrival -> written: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+          f"(detector rate {'as fast as possible' if not args.rate else f'{args.rate:g}/s'})")
     print(f"end to end {fps:.1f} frames/s with training on; bare forward {bare:.1f} frames/s; "
           f"ratio {fps / bare:.2f}; train steps {metrics.get('n2s_train_steps_total', 0):.0f}")
     report = {
@@ -130,6 +140,7 @@ def main() -> None:
         "streaming_rss_mib": [float(stream_rss.min()), float(stream_rss.max())],
         "rss_slope_mib_per_1000_frames": slope * 1000, "end_to_end_fps": fps,
         "bare_forward_fps": bare, "ratio": fps / bare,
+        "latency_p50_s": p50, "latency_p99_s": p99,
         "samples": [{"t": t, "written": c, "rss_mib": r} for t, c, r in samples],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

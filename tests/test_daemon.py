@@ -170,6 +170,8 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     # a restart of a finished series writes nothing twice
     again = DaemonProcess(tmp_path, name="again")
     again.wait_for("series scan_0001 already complete")
+    # the SIGTERM above checkpointed: training resumes from it
+    again.wait_for(r"resuming from .*ckpt_v\d+\.pt")
     assert again.terminate() == 0
     assert _read_output(tmp_path / "out" / "scan_0001_n2s.h5")[0].shape[0] == n_frames
 

@@ -54,14 +54,15 @@ class DirectoryConfig:
     read_batch: int = 16
 
 
-def filesystem_type(path: Path) -> str:
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
     """The type of the file system holding ``path``, from /proc/mounts ("" if unknown)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return ""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
     resolved, best, kind = path.resolve(), "", ""
-    for line in mounts:
+    for line in mounts.splitlines():
         parts = line.split()
         if len(parts) >= 3 and resolved.is_relative_to(parts[1]) and len(parts[1]) > len(best):
             best, kind = parts[1], parts[2]
