@@ -1,0 +1,412 @@
+"""ZeroMQ message formats: decoders for the daemon, encoders for the simulator.
+
+- ``native``: our own two-part message, easy to send from any language (README):
+  part 1 a JSON header ``{"htype": "n2s-frame-1", "series": "scan_0001", "frame": 17,
+  "dtype": "<u2", "shape": [H, W], "encoding": "raw"|"bslz4"|"lz4"}``, part 2 the pixel
+  bytes; a series ends with the one-part ``{"htype": "n2s-end-1", "series": "scan_0001"}``.
+- ``dectris-stream1``: SIMPLON stream v1 (``dheader-1.0`` / ``dimage-1.0`` +
+  ``dimage_d-1.0`` + blob + ``dconfig-1.0`` / ``dseries_end-1.0``; shapes are [x, y]).
+- ``dectris-stream2``: CBOR ``start`` / ``image`` / ``end`` maps with multi-dimensional
+  (tag 40) typed arrays (RFC 8746) and Dectris compression (tag 56500).
+
+Decoders are small state machines (they remember each series' header); they return
+`Image` and `End` events and raise `MessageError` with a reason for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import lz4.block
+import numpy as np
+
+from n2s_stream.sources.codecs import (
+    ENCODINGS,
+    MessageError,
+    bslz4_encode,
+    decode_payload,
+)
+
+PROTOCOLS = ("native", "dectris-stream1", "dectris-stream2")
+MAX_PIXELS = 8192 * 8192  # a larger declared frame is refused before anything is allocated
+_SERIES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Image:
+    """A decoded frame of ``series``."""
+
+    series: str
+    index: int
+    data: np.ndarray
+    pixel_mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class End:
+    """The end of ``series``."""
+
+    series: str
+
+
+Event = Image | End
+
+
+def check_series_name(name: Any) -> str:
+    """A series name that is safe as a file name (no path, no traversal)."""
+    if not isinstance(name, str) or not _SERIES_NAME.fullmatch(name):
+        raise MessageError(f"series name {name!r} is not a plain file name",
+                           reason="bad_series_name")
+    return name
+
+
+def _frame_shape(shape: Any, *, xy: bool = False) -> tuple[int, int]:
+    if (not isinstance(shape, list | tuple) or len(shape) != 2
+            or not all(isinstance(v, int) and v > 0 for v in shape)):
+        raise MessageError(f"shape {shape!r} is not two positive integers", reason="shape")
+    height, width = (shape[1], shape[0]) if xy else (shape[0], shape[1])
+    if height * width > MAX_PIXELS:
+        raise MessageError(f"declared shape {shape} exceeds {MAX_PIXELS} pixels",
+                           reason="too_large")
+    return height, width
+
+
+def _dtype(name: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(name)
+    except TypeError as exc:
+        raise MessageError(f"dtype {name!r} is not understood", reason="dtype") from exc
+    if dtype.kind not in "iuf":
+        raise MessageError(f"dtype {dtype} is not numeric", reason="dtype")
+    return dtype
+
+
+def _json(part: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(bytes(part))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"{what} is not JSON: {exc}", reason="bad_json") from exc
+    if not isinstance(value, dict):
+        raise MessageError(f"{what} is not a JSON object", reason="bad_json")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = header.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise MessageError(f"header field {key!r} missing or of the wrong type ({value!r})",
+                           reason="bad_header")
+    return value
+
+
+# ---- native ----------------------------------------------------------------------------
+class NativeDecoder:
+    """Decoder of the ``native`` protocol."""
+
+    def decode(self, parts: list[bytes]) -> list[Event]:
+        """Events in one multipart message."""
+        if not parts:
+            raise MessageError("empty message", reason="truncated")
+        header = _json(parts[0], "header")
+        htype = header.get("htype")
+        if htype == "n2s-end-1":
+            return [End(check_series_name(header.get("series")))]
+        if htype != "n2s-frame-1":
+            raise MessageError(f"unknown htype {htype!r}", reason="unknown_htype")
+        series = check_series_name(header.get("series"))
+        index = _field(header, "frame", int)
+        if index < 0:
+            raise MessageError(f"frame number {index} < 0", reason="bad_header")
+        if len(parts) != 2:
+            raise MessageError(f"series {series} frame {index}: {len(parts)} parts, expected 2",
+                               reason="truncated")
+        shape = _frame_shape(header.get("shape"))
+        data = decode_payload(parts[1], header.get("encoding", "raw"), shape,
+                              _dtype(header.get("dtype")))
+        return [Image(series, index, data)]
+
+
+def native_frame(series: str, index: int, frame: np.ndarray,
+                 encoding: str = "raw") -> list[bytes]:
+    """The two parts of a native frame message."""
+    if encoding not in ENCODINGS:
+        raise ValueError(encoding)
+    if encoding == "bslz4":
+        payload = bslz4_encode(frame)
+    elif encoding == "lz4":
+        payload = lz4.block.compress(frame.tobytes(), store_size=False)
+    else:
+        payload = frame.tobytes()
+    header = {"htype": "n2s-frame-1", "series": series, "frame": index,
+              "dtype": frame.dtype.str, "shape": list(frame.shape), "encoding": encoding}
+    return [json.dumps(header).encode(), payload]
+
+
+def native_end(series: str) -> list[bytes]:
+    """The end-of-series message."""
+    return [json.dumps({"htype": "n2s-end-1", "series": series}).encode()]
+
+
+# ---- Dectris stream v1 -----------------------------------------------------------------
+_STREAM1_ENCODINGS = {"bs32-lz4<": "bslz4", "bs16-lz4<": "bslz4", "bs8-lz4<": "bslz4",
+                      "lz4<": "lz4", "<": "raw", "": "raw"}
+
+
+def stream1_series(series_id: Any) -> str:
+    """File-safe name of a Dectris series id."""
+    if not isinstance(series_id, int) or isinstance(series_id, bool) or series_id < 0:
+        raise MessageError(f"series id {series_id!r} is not a non-negative integer",
+                           reason="bad_header")
+    return f"series_{series_id:06d}"
+
+
+@dataclass
+class Stream1Decoder:
+    """Decoder of SIMPLON stream v1; remembers each series' pixel mask."""
+
+    masks: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+    def decode(self, parts: list[bytes]) -> list[Event]:
+        """Events in one multipart message."""
+        if not parts:
+            raise MessageError("empty message", reason="truncated")
+        header = _json(parts[0], "part 1")
+        htype = header.get("htype", "")
+        if htype.startswith("dheader-"):
+            self._header(header, parts)
+            return []
+        if htype.startswith("dimage-"):
+            return [self._image(header, parts)]
+        if htype.startswith("dseries_end-"):
+            return [End(stream1_series(header.get("series")))]
+        raise MessageError(f"unknown htype {htype!r}", reason="unknown_htype")
+
+    def _header(self, header: dict[str, Any], parts: list[bytes]) -> None:
+        series = stream1_series(header.get("series"))
+        mask = None
+        # header_detail "all": config, then (json, blob) pairs: flatfield, pixel mask, ...
+        for k in range(2, len(parts) - 1, 2):
+            info = _json(parts[k], f"header part {k + 1}")
+            if str(info.get("htype", "")).startswith("dpixelmask-"):
+                shape = _frame_shape(info.get("shape"), xy=True)
+                mask = decode_payload(parts[k + 1], "raw", shape, _dtype(info.get("type"))) != 0
+        self.masks[series] = mask if mask is not None and mask.any() else None
+
+    def _image(self, header: dict[str, Any], parts: list[bytes]) -> Image:
+        series = stream1_series(header.get("series"))
+        index = _field(header, "frame", int)
+        if series not in self.masks:
+            raise MessageError(f"{series} frame {index}: image before the series header",
+                               reason="image_before_header")
+        if len(parts) < 3:
+            raise MessageError(f"{series} frame {index}: {len(parts)} parts, expected 4",
+                               reason="truncated")
+        info = _json(parts[1], "dimage_d part")
+        shape = _frame_shape(info.get("shape"), xy=True)
+        encoding = _STREAM1_ENCODINGS.get(info.get("encoding", ""))
+        if encoding is None:
+            raise MessageError(f"{series} frame {index}: unknown encoding "
+                               f"{info.get('encoding')!r}", reason="unknown_encoding")
+        data = decode_payload(parts[2], encoding, shape, _dtype(info.get("type")))
+        return Image(series, index, data, self.masks[series])
+
+
+def stream1_header(series_id: int, pixel_mask: np.ndarray | None = None) -> list[bytes]:
+    """A ``dheader-1.0`` message (detail "all" when a mask is given, else "basic")."""
+    detail = "all" if pixel_mask is not None else "basic"
+    parts = [json.dumps({"htype": "dheader-1.0", "series": series_id,
+                         "header_detail": detail}).encode(),
+             json.dumps({"description": "n2s-stream simulated Eiger"}).encode()]
+    if pixel_mask is not None:
+        mask = np.ascontiguousarray(pixel_mask, dtype="<u4")
+        parts += [json.dumps({"htype": "dpixelmask-1.0", "shape": list(mask.shape[::-1]),
+                              "type": "uint32"}).encode(), mask.tobytes()]
+    return parts
+
+
+def stream1_image(series_id: int, index: int, frame: np.ndarray) -> list[bytes]:
+    """A ``dimage-1.0`` message, payload bitshuffle-LZ4 as an Eiger sends it."""
+    bits = frame.dtype.itemsize * 8
+    payload = bslz4_encode(frame)
+    return [
+        json.dumps({"htype": "dimage-1.0", "series": series_id, "frame": index,
+                    "hash": ""}).encode(),
+        json.dumps({"htype": "dimage_d-1.0", "shape": list(frame.shape[::-1]),
+                    "type": frame.dtype.name, "encoding": f"bs{bits}-lz4<",
+                    "size": len(payload)}).encode(),
+        payload,
+        json.dumps({"htype": "dconfig-1.0", "start_time": 0, "stop_time": 0,
+                    "real_time": 0}).encode(),
+    ]
+
+
+def stream1_end(series_id: int) -> list[bytes]:
+    """A ``dseries_end-1.0`` message."""
+    return [json.dumps({"htype": "dseries_end-1.0", "series": series_id}).encode()]
+
+
+# ---- Dectris stream2 (CBOR) ------------------------------------------------------------
+_TYPED_ARRAY_TAGS = {64: "|u1", 65: ">u2", 66: ">u4", 67: ">u8", 68: "|u1", 69: "<u2",
+                     70: "<u4", 71: "<u8", 72: "|i1", 73: ">i2", 74: ">i4", 75: ">i8",
+                     77: "<i2", 78: "<i4", 79: "<i8", 80: ">f2", 81: ">f4", 82: ">f8",
+                     84: "<f2", 85: "<f4", 86: "<f8"}
+_TAG_FOR_DTYPE = {np.dtype(v).str: k for k, v in _TYPED_ARRAY_TAGS.items() if k != 68}
+MULTI_DIM_TAG, COMPRESSION_TAG = 40, 56500
+
+
+@dataclass(frozen=True)
+class _Compressed:
+    algorithm: str
+    elem_size: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class _Typed:
+    dtype: np.dtype
+    content: bytes | _Compressed
+
+
+@dataclass(frozen=True)
+class _MultiDim:
+    shape: tuple[int, ...]
+    array: _Typed
+
+
+def _compressed(value: Any, *_: Any) -> _Compressed:
+    algorithm, elem_size, data = value
+    return _Compressed(str(algorithm), int(elem_size), bytes(data))
+
+
+def _typed(tag: int) -> Any:
+    def decode(value: Any, *_: Any) -> _Typed:
+        return _Typed(np.dtype(_TYPED_ARRAY_TAGS[tag]), value)
+    return decode
+
+
+def _multi_dim(value: Any, *_: Any) -> _MultiDim:
+    dims, array = value
+    return _MultiDim(tuple(int(d) for d in dims), array)
+
+
+# cbor2 decodes typed arrays itself, but not when compressed: take these tags over.
+_SEMANTIC_DECODERS = {COMPRESSION_TAG: _compressed, MULTI_DIM_TAG: _multi_dim,
+                      **{tag: _typed(tag) for tag in _TYPED_ARRAY_TAGS}}
+
+
+def _stream2_array(value: Any, what: str) -> np.ndarray:
+    if not isinstance(value, _MultiDim) or not isinstance(value.array, _Typed):
+        raise MessageError(f"{what} is not a multi-dimensional typed array", reason="bad_cbor")
+    if len(value.shape) != 2:
+        raise MessageError(f"{what} has shape {value.shape}, expected 2-D", reason="shape")
+    shape = _frame_shape(list(value.shape))
+    content, dtype = value.array.content, value.array.dtype
+    if isinstance(content, _Compressed):
+        if content.algorithm != "bslz4":
+            raise MessageError(f"{what}: compression {content.algorithm!r} not supported",
+                               reason="unknown_encoding")
+        return decode_payload(content.data, "bslz4", shape, dtype)
+    if not isinstance(content, bytes):
+        raise MessageError(f"{what}: typed array content is not bytes", reason="bad_cbor")
+    return decode_payload(content, "raw", shape, dtype)
+
+
+@dataclass
+class Stream2Decoder:
+    """Decoder of Dectris stream2 (CBOR); uses the first channel of each image."""
+
+    masks: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+    def decode(self, parts: list[bytes]) -> list[Event]:
+        """Events in one message (one CBOR item per ZeroMQ part)."""
+        events: list[Event] = []
+        for part in parts:
+            try:
+                message = cbor2.loads(bytes(part), semantic_decoders=_SEMANTIC_DECODERS)
+            except (cbor2.CBORDecodeError, ValueError, TypeError, EOFError) as exc:
+                raise MessageError(f"not a CBOR message: {_one_line(exc)}",
+                                   reason="bad_cbor") from exc
+            if not isinstance(message, Mapping):
+                raise MessageError("CBOR message is not a map", reason="bad_cbor")
+            event = self._message(message)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _message(self, message: Mapping[str, Any]) -> Event | None:
+        kind = message.get("type")
+        series = stream1_series(message.get("series_id"))
+        if kind == "start":
+            masks = message.get("pixel_mask") or {}
+            first = next(iter(masks.values()), None) if isinstance(masks, Mapping) else None
+            mask = _stream2_array(first, f"{series} pixel mask") != 0 if first else None
+            self.masks[series] = mask if mask is not None and mask.any() else None
+            return None
+        if kind == "image":
+            index = _field(message, "image_id", int)
+            if series not in self.masks:
+                raise MessageError(f"{series} image {index}: image before the start message",
+                                   reason="image_before_header")
+            channels = message.get("data")
+            if not isinstance(channels, Mapping) or not channels:
+                raise MessageError(f"{series} image {index}: no data channels",
+                                   reason="bad_cbor")
+            data = _stream2_array(next(iter(channels.values())), f"{series} image {index}")
+            return Image(series, index, data, self.masks[series])
+        if kind == "end":
+            return End(series)
+        raise MessageError(f"unknown stream2 message type {kind!r}", reason="unknown_htype")
+
+
+def _stream2_typed(array: np.ndarray, compress: bool) -> cbor2.CBORTag:
+    array = np.ascontiguousarray(array)
+    tag = _TAG_FOR_DTYPE[array.dtype.str]
+    content: Any = array.tobytes()
+    if compress:
+        content = cbor2.CBORTag(COMPRESSION_TAG, ["bslz4", array.itemsize,
+                                                  bslz4_encode(array)])
+    return cbor2.CBORTag(MULTI_DIM_TAG, [list(array.shape), cbor2.CBORTag(tag, content)])
+
+
+def stream2_start(series_id: int, shape: tuple[int, int],
+                  pixel_mask: np.ndarray | None = None) -> list[bytes]:
+    """A stream2 ``start`` message."""
+    message: dict[str, Any] = {"type": "start", "series_id": series_id,
+                               "series_unique_id": f"sim-{series_id}",
+                               "image_size_x": shape[1], "image_size_y": shape[0]}
+    if pixel_mask is not None:
+        mask = np.asarray(pixel_mask, dtype="<u4")
+        message["pixel_mask"] = {"threshold_1": _stream2_typed(mask, compress=False)}
+    return [cbor2.dumps(cbor2.CBORTag(55799, message))]
+
+
+def stream2_image(series_id: int, index: int, frame: np.ndarray) -> list[bytes]:
+    """A stream2 ``image`` message with a bitshuffle-LZ4 payload."""
+    message = {"type": "image", "series_id": series_id, "image_id": index,
+               "data": {"threshold_1": _stream2_typed(frame, compress=True)}}
+    return [cbor2.dumps(cbor2.CBORTag(55799, message))]
+
+
+def stream2_end(series_id: int) -> list[bytes]:
+    """A stream2 ``end`` message."""
+    return [cbor2.dumps(cbor2.CBORTag(55799, {"type": "end", "series_id": series_id}))]
+
+
+def make_decoder(protocol: str) -> NativeDecoder | Stream1Decoder | Stream2Decoder:
+    """The decoder for a ``--zmq-protocol`` name."""
+    if protocol == "native":
+        return NativeDecoder()
+    if protocol == "dectris-stream1":
+        return Stream1Decoder()
+    if protocol == "dectris-stream2":
+        return Stream2Decoder()
+    raise ValueError(f"zmq protocol must be one of {PROTOCOLS}, got {protocol!r}")

@@ -1,0 +1,123 @@
+"""ZeroMQ message formats: round trips bit-exact, and a corpus of garbage, each refused
+with its reason."""
+
+from __future__ import annotations
+
+import json
+
+import cbor2
+import numpy as np
+import pytest
+
+from n2s_stream.sources import protocols as p
+from n2s_stream.sources.codecs import MessageError, bslz4_decode, bslz4_encode
+
+RNG = np.random.default_rng(0)
+FRAME16 = RNG.poisson(30, (48, 64)).astype(np.uint16)
+FRAME32 = RNG.poisson(3000, (48, 64)).astype(np.uint32)
+
+
+@pytest.mark.parametrize("frame", [FRAME16, FRAME32, FRAME16.astype(np.float32)])
+def test_bslz4_round_trip_is_bit_exact(frame):
+    blob = bslz4_encode(frame)
+    assert len(blob) < frame.nbytes or frame.dtype.kind == "f"
+    assert np.array_equal(bslz4_decode(blob, frame.shape, frame.dtype), frame)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "bslz4", "lz4"])
+def test_native_round_trip(encoding):
+    decoder = p.NativeDecoder()
+    (image,) = decoder.decode(p.native_frame("scan_01", 7, FRAME16, encoding))
+    assert image.series == "scan_01" and image.index == 7
+    assert np.array_equal(image.data, FRAME16)
+    assert decoder.decode(p.native_end("scan_01")) == [p.End("scan_01")]
+
+
+def test_stream1_round_trip_with_pixel_mask():
+    mask = np.zeros(FRAME32.shape, np.uint32)
+    mask[24, :] = 1
+    decoder = p.Stream1Decoder()
+    assert decoder.decode(p.stream1_header(3, mask)) == []
+    (image,) = decoder.decode(p.stream1_image(3, 0, FRAME32))
+    assert image.series == "series_000003" and np.array_equal(image.data, FRAME32)
+    assert image.pixel_mask is not None and image.pixel_mask[24].all()
+    assert image.pixel_mask.sum() == 64
+    assert decoder.decode(p.stream1_end(3)) == [p.End("series_000003")]
+
+
+def test_stream1_shape_is_x_y():
+    decoder = p.Stream1Decoder()
+    decoder.decode(p.stream1_header(1))
+    parts = p.stream1_image(1, 0, FRAME16)
+    assert json.loads(parts[1])["shape"] == [64, 48]  # Dectris: [x, y]
+    assert decoder.decode(parts)[0].data.shape == (48, 64)
+
+
+def test_stream2_round_trip():
+    mask = np.zeros(FRAME16.shape, np.uint32)
+    mask[0, 0] = 4
+    decoder = p.Stream2Decoder()
+    assert decoder.decode(p.stream2_start(9, FRAME16.shape, mask)) == []
+    (image,) = decoder.decode(p.stream2_image(9, 5, FRAME16))
+    assert image.index == 5 and np.array_equal(image.data, FRAME16)
+    assert image.pixel_mask is not None and image.pixel_mask.sum() == 1
+    assert decoder.decode(p.stream2_end(9)) == [p.End("series_000009")]
+
+
+def _native_header(**changes):
+    header = {"htype": "n2s-frame-1", "series": "s", "frame": 0, "dtype": "<u2",
+              "shape": [48, 64], "encoding": "raw"} | changes
+    return json.dumps(header).encode()
+
+
+GARBAGE = [
+    ("native", [], "truncated"),
+    ("native", [b"{not json"], "bad_json"),
+    ("native", [b"[1, 2]"], "bad_json"),
+    ("native", [b'{"htype": "n2s-zzz"}'], "unknown_htype"),
+    ("native", [_native_header()], "truncated"),
+    ("native", [_native_header(), FRAME16.tobytes()[:-2]], "size_mismatch"),
+    ("native", [_native_header(encoding="zip"), b"x"], "unknown_encoding"),
+    ("native", [_native_header(dtype="<c8"), b"x"], "dtype"),
+    ("native", [_native_header(dtype="nonsense"), b"x"], "dtype"),
+    ("native", [_native_header(shape=[1_000_000, 1_000_000]), b"x"], "too_large"),
+    ("native", [_native_header(shape=[48]), b"x"], "shape"),
+    ("native", [_native_header(frame="7"), b"x"], "bad_header"),
+    ("native", [_native_header(frame=-1), b"x"], "bad_header"),
+    ("native", [_native_header(series="../../etc/passwd"), b"x"], "bad_series_name"),
+    ("native", [_native_header(series="a/b"), b"x"], "bad_series_name"),
+    ("native", [_native_header(series="café"), b"x"], "bad_series_name"),
+    ("native", [_native_header(encoding="bslz4"), b"\x00" * 40], "size_mismatch"),
+    ("native", [_native_header(encoding="bslz4"),
+                bslz4_encode(FRAME16)[:12] + b"\xff" * 50], "corrupt"),
+    ("dectris-stream1", p.stream1_image(4, 0, FRAME16), "image_before_header"),
+    ("dectris-stream1", [b'{"htype": "dimage-1.0", "series": "x", "frame": 0}'], "bad_header"),
+    ("dectris-stream1", [b'{"htype": "dzzz"}'], "unknown_htype"),
+    ("dectris-stream2", [b"\xff\xfe junk"], "bad_cbor"),
+    ("dectris-stream2", [cbor2.dumps([1, 2])], "bad_cbor"),
+    ("dectris-stream2", [cbor2.dumps({"type": "image", "series_id": 1, "image_id": 0})],
+     "image_before_header"),
+    ("dectris-stream2", [cbor2.dumps({"type": "nope", "series_id": 1})], "unknown_htype"),
+]
+
+
+@pytest.mark.parametrize("protocol,parts,reason", GARBAGE)
+def test_garbage_is_refused_with_its_reason(protocol, parts, reason):
+    decoder = p.make_decoder(protocol)
+    with pytest.raises(MessageError) as info:
+        decoder.decode(parts)
+    assert info.value.reason == reason
+    assert "\n" not in str(info.value)
+
+
+def test_stream1_truncated_and_unknown_encoding_after_header():
+    decoder = p.Stream1Decoder()
+    decoder.decode(p.stream1_header(2))
+    parts = p.stream1_image(2, 0, FRAME16)
+    with pytest.raises(MessageError) as info:
+        decoder.decode(parts[:2])
+    assert info.value.reason == "truncated"
+    bad = json.loads(parts[1]) | {"encoding": "bs16-zstd<"}
+    with pytest.raises(MessageError) as info:
+        decoder.decode([parts[0], json.dumps(bad).encode(), parts[2]])
+    assert info.value.reason == "unknown_encoding"
