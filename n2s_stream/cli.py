@@ -97,8 +97,15 @@ def _denoise_parser(sub: Any) -> None:
 
 
 def _simulate_parser(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="test detector: write noisy frames (truth kept aside)")
-    p.add_argument("--dir", type=Path, required=True, help="folder to write into")
+    p = sub.add_parser("simulate", help="test detector: write noisy frames (truth kept aside)"
+                       " or send them over ZeroMQ")
+    p.add_argument("--dir", type=Path, help="folder to write into")
+    p.add_argument("--zmq-bind", help="send over ZeroMQ instead: PUSH bound here")
+    p.add_argument("--protocol", default="native",
+                   choices=("native", "dectris-stream1", "dectris-stream2"))
+    p.add_argument("--series", type=int, default=1, help="series sent back to back (ZeroMQ)")
+    p.add_argument("--encoding", default="bslz4", choices=("raw", "bslz4", "lz4"),
+                   help="payload encoding of the native protocol")
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--shape", default="128x128", help="HxW (default 128x128)")
     p.add_argument("--dose", type=float, default=20.0, help="mean counts at the brightest pixel")
@@ -248,9 +255,19 @@ def _run(args: argparse.Namespace) -> int:
 
         result = denoise(_layered(DenoiseConfig, "denoise", args))
         print(f"wrote {result.n_frames} frames to {result.out}")
+    elif args.command == "simulate" and args.zmq_bind:
+        from n2s_stream.simulate import ZmqSimulateConfig, simulate_zmq
+
+        sent = simulate_zmq(ZmqSimulateConfig(
+            endpoint=args.zmq_bind, protocol=args.protocol, frames=args.frames,
+            series=args.series, shape=_parse_shape(args.shape), dose=args.dose, rate=args.rate,
+            encoding=args.encoding, seed=args.seed))
+        print(f"sent {sent} frames to {args.zmq_bind}")
     elif args.command == "simulate":
         from n2s_stream.simulate import SimulateConfig, simulate
 
+        if args.dir is None:
+            raise UsageError("simulate: give --dir DIR or --zmq-bind ENDPOINT")
         path = simulate(SimulateConfig(
             dir=args.dir, frames=args.frames, shape=_parse_shape(args.shape), dose=args.dose,
             rate=args.rate, layout=args.layout, name=args.name, seed=args.seed,

@@ -116,6 +116,10 @@ class DaemonConfig:
     environment ``N2S_<OPTION>`` (e.g. ``N2S_WATCH=/acq``)."""
 
     watch: Path | None = None
+    zmq: str | None = None  # e.g. tcp://detector:9999 (instead of watch)
+    zmq_protocol: str = "native"  # native, dectris-stream1, dectris-stream2
+    zmq_socket: str = "pull"  # pull (detector PUSHes) or sub (detector PUBlishes)
+    zmq_hwm: int = 1000  # receive high-water mark, in messages
     out: Path = Path("denoised")
     state_dir: Path = Path("n2s-state")
     device: str = "auto"
@@ -163,6 +167,11 @@ class DaemonConfig:
             raise UsageError(str(exc)) from exc
         if self.normalize not in NORMALIZE_MODES:
             raise UsageError(f"normalize must be one of {NORMALIZE_MODES}")
+        if self.zmq_protocol not in ("native", "dectris-stream1", "dectris-stream2"):
+            raise UsageError(f"zmq_protocol {self.zmq_protocol!r}: expected native, "
+                             "dectris-stream1 or dectris-stream2")
+        if self.zmq_socket not in ("pull", "sub"):
+            raise UsageError(f"zmq_socket {self.zmq_socket!r}: expected pull or sub")
         if self.queue_size < 1 or self.buffer_frames < 2 or self.publish_every < 1:
             raise UsageError("queue_size >= 1, buffer_frames >= 2, publish_every >= 1 needed")
 

@@ -31,6 +31,7 @@ from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.service import Notifier
 from n2s_stream.sources.directory import DirectoryConfig, DirectorySource
+from n2s_stream.sources.zmq import ZmqConfig, ZmqSource
 from n2s_stream.state import StateDir
 from n2s_stream.trainer import ModelStore, OnlineTrainConfig, OnlineTrainer, copy_state
 from n2s_stream.training import resolve_device
@@ -43,8 +44,8 @@ class Daemon:
     """One running n2s-stream service."""
 
     def __init__(self, config: DaemonConfig, *, registry: CollectorRegistry = REGISTRY) -> None:
-        if config.watch is None:
-            raise UsageError("give --watch DIR (the acquisition directory to follow)")
+        if (config.watch is None) == (config.zmq is None):
+            raise UsageError("give either --watch DIR or --zmq ENDPOINT (the frames to follow)")
         self.config = config
         self.metrics = Metrics(registry)
         self.stop_requested = threading.Event()
@@ -104,14 +105,7 @@ class Daemon:
                 optimizer_state=checkpoint.optimizer_state if checkpoint else None,
                 step=checkpoint.step if checkpoint else 0, seed=config.seed,
             )
-        self.source = DirectorySource(
-            DirectoryConfig(root=config.watch, out_root=config.out,
-                            ignore=(config.state_dir,), pattern=config.pattern,
-                            poll=config.poll, settle_seconds=config.settle_seconds,
-                            process_existing=config.process_existing, dataset=config.dataset),
-            emit=self._emit, reject=self._reject,
-            start_position=self.state.start_position,
-        )
+        self.source = self._make_source()
         self.metrics_server = None
         if config.metrics_port >= 0:
             self.metrics_server = MetricsServer(self.metrics.registry, port=config.metrics_port,
@@ -120,6 +114,22 @@ class Daemon:
         if self.trainer is not None:
             self.trainer.start()
         self.source.start()
+
+    def _make_source(self) -> DirectorySource | ZmqSource:
+        config = self.config
+        if config.zmq is not None:
+            return ZmqSource(ZmqConfig(endpoint=config.zmq, protocol=config.zmq_protocol,
+                                       out_root=config.out, socket_type=config.zmq_socket,
+                                       hwm=config.zmq_hwm),
+                             emit=self._emit, reject=self._reject)
+        assert config.watch is not None
+        return DirectorySource(
+            DirectoryConfig(root=config.watch, out_root=config.out,
+                            ignore=(config.state_dir,), pattern=config.pattern,
+                            poll=config.poll, settle_seconds=config.settle_seconds,
+                            process_existing=config.process_existing, dataset=config.dataset),
+            emit=self._emit, reject=self._reject, start_position=self.state.start_position,
+        )
 
     # ---- callbacks from the stages ------------------------------------------------------
     def _emit(self, item: Frame | SeriesEnd) -> bool:
@@ -139,7 +149,7 @@ class Daemon:
         return True
 
     def _reject(self, reason: str, message: str) -> None:
-        log.warning("rejected: %s", message)
+        log.warning("rejected (%s): %s", reason, message)
         self.metrics.reject(reason)
 
     def _fatal(self, exc: BaseException) -> None:
@@ -176,9 +186,9 @@ class Daemon:
         except BaseException:
             self._shutdown_partial()
             raise
-        self.notifier.notify("READY=1", f"STATUS=watching {self.config.watch}")
-        log.info("n2s-stream ready: watching %s, writing to %s", self.config.watch,
-                 self.config.out)
+        following = self.config.watch or self.config.zmq
+        self.notifier.notify("READY=1", f"STATUS=following {following}")
+        log.info("n2s-stream ready: following %s, writing to %s", following, self.config.out)
         self._loop()
         self.notifier.notify("STOPPING=1")
         self._shutdown()

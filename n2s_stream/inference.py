@@ -184,8 +184,11 @@ class InferenceWorker:
                 valid=valid[np.newaxis])
             log.info("normalisation fitted on the first frame: %s", self.normalizer.describe())
         out_dtype = data.dtype if self.settings.require_reconstructable else np.dtype("f4")
-        writer = self.outputs.writer_for(frame.series, frame.output, frame_shape=data.shape,
-                                         dtype=out_dtype, source=frame.series)
+        writer = self.outputs.get(frame.series)
+        if writer is None:
+            output = self.state.output_for(frame.series, frame.output)
+            writer = self.outputs.writer_for(frame.series, output, frame_shape=data.shape,
+                                             dtype=out_dtype, source=frame.series)
         if writer.frame_shape != data.shape:
             self._reject(frame, "shape_change", f"shape {data.shape} in a series of "
                          f"{writer.frame_shape} frames")
@@ -218,5 +221,8 @@ class InferenceWorker:
 
     def _end_series(self, end) -> None:
         writer = self.outputs.close(end.series)
-        written = writer.n_written if writer is not None else 0
-        self.state.record(end.series, output=end.output, written=written, finished=True)
+        if writer is None:
+            self.state.record(end.series, output=end.output, written=0, finished=True)
+        else:
+            self.state.record(end.series, output=writer.path, written=writer.n_written,
+                              finished=True)

@@ -139,3 +139,72 @@ def _write_eiger_master(master: Path, data_name: str, shape: tuple[int, int]) ->
         mask = np.zeros(shape, dtype=np.uint32)
         mask[eiger_gap_rows(shape)] = 1
         detector["pixel_mask"] = mask
+
+
+@dataclass(frozen=True)
+class ZmqSimulateConfig:
+    """Options of ``n2s-stream simulate --zmq-bind``."""
+
+    endpoint: str
+    protocol: str = "native"
+    frames: int = 100
+    series: int = 1
+    shape: tuple[int, int] = (128, 128)
+    dose: float = 20.0
+    rate: float = 0.0
+    encoding: str = "bslz4"  # native only; Dectris formats always send bitshuffle-LZ4
+    seed: int = 0
+    first_series: int = 1
+
+
+def simulate_zmq(config: ZmqSimulateConfig) -> int:
+    """Bind a PUSH socket and send ``series`` series of ``frames`` frames, each followed
+    by its end message, as a detector would; returns the number of frames sent."""
+    import zmq
+
+    from n2s_stream.sources import protocols as p
+
+    rng = np.random.default_rng(config.seed + 1)
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 60_000)  # deliver what is queued before exiting
+    sock.bind(config.endpoint)
+    period = 1.0 / config.rate if config.rate > 0 else 0.0
+    sent = 0
+    started = time.monotonic()
+    try:
+        for k in range(config.first_series, config.first_series + config.series):
+            clean = clean_frames(config.frames, config.shape, seed=config.seed + k)
+            mask = np.zeros(config.shape, np.uint32)
+            mask[eiger_gap_rows(config.shape)] = 1
+            name = f"scan_{k:04d}"
+            if config.protocol == "dectris-stream1":
+                sock.send_multipart(p.stream1_header(k, mask))
+            elif config.protocol == "dectris-stream2":
+                sock.send_multipart(p.stream2_start(k, config.shape, mask))
+            for index in range(config.frames):
+                frame = poisson_frames(clean[index], config.dose, rng)
+                if config.protocol != "native":  # an Eiger: module gap marked in the data
+                    frame[eiger_gap_rows(config.shape)] = np.iinfo(np.uint16).max
+                if config.protocol == "native":
+                    message = p.native_frame(name, index, frame, config.encoding)
+                elif config.protocol == "dectris-stream1":
+                    message = p.stream1_image(k, index, frame)
+                else:
+                    message = p.stream2_image(k, index, frame)
+                sock.send_multipart(message)
+                sent += 1
+                if period:
+                    time.sleep(max(0.0, started + sent * period - time.monotonic()))
+            if config.protocol == "native":
+                sock.send_multipart(p.native_end(name))
+            elif config.protocol == "dectris-stream1":
+                sock.send_multipart(p.stream1_end(k))
+            else:
+                sock.send_multipart(p.stream2_end(k))
+    finally:
+        sock.close()
+        context.term()
+    log.info("sent %d frames in %d series over %s (%s)", sent, config.series,
+             config.endpoint, config.protocol)
+    return sent

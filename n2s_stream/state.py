@@ -85,6 +85,24 @@ class StateDir:
         last = last_written_source_frame(output)
         return 0 if last is None else last + 1
 
+    def output_for(self, series: str, default: Path) -> Path:
+        """The output file of ``series``: the one in progress, else ``default``; a series
+        name seen again after it finished (a detector restarted its numbering) gets a new
+        file ``<name>_r2_n2s.h5``, ``_r3``... so earlier output is never appended to."""
+        with self._lock:
+            entry = self._series.get(series)
+        if entry is None:
+            return default
+        if not entry.get("finished"):
+            return Path(entry["output"])
+        stem = default.name.removesuffix("_n2s.h5")
+        run = 2
+        while (candidate := default.with_name(f"{stem}_r{run}_n2s.h5")).exists():
+            run += 1
+        self.record(series, output=candidate, written=0, finished=False)
+        log.info("series %s seen again after it finished: writing to %s", series, candidate)
+        return candidate
+
     def record(self, series: str, *, output: Path, written: int, finished: bool) -> None:
         """Note progress of a series and persist the ledger."""
         with self._lock:

@@ -234,6 +234,10 @@ class OutputSet:
             self._writers[series] = writer
         return writer
 
+    def get(self, series: str) -> FrameWriter | None:
+        """The open writer of ``series``, if any."""
+        return self._writers.get(series)
+
     def close(self, series: str) -> FrameWriter | None:
         """Close the output of a finished series; returns it (None if it had none)."""
         writer = self._writers.pop(series, None)

@@ -22,7 +22,8 @@ class DaemonProcess:
         self.log_path = tmp / f"{name}.log"
         self.watch, self.out, self.state = tmp / "acq", tmp / "out", tmp / "state"
         self.watch.mkdir(exist_ok=True)
-        args = [*N2S, "--watch", str(self.watch), "--out", str(self.out), "--state-dir",
+        source = [] if "--zmq" in extra else ["--watch", str(self.watch)]
+        args = [*N2S, *source, "--out", str(self.out), "--state-dir",
                 str(self.state), "--device", "cpu", "--metrics-port", "0",
                 "--settle-seconds", "2", "--threads", "1", *extra]
         self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in wait())

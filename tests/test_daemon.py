@@ -187,7 +187,7 @@ def test_sd_notify_messages_arrive(tmp_path):
         messages = []
         while not any("WATCHDOG=1" in m for m in messages):
             messages.append(sock.recv(4096).decode())
-        assert messages[0].startswith("READY=1") and "STATUS=watching" in messages[0]
+        assert messages[0].startswith("READY=1") and "STATUS=following" in messages[0]
         assert daemon.terminate() == 0
         while "STOPPING=1" not in messages[-1]:
             messages.append(sock.recv(4096).decode())

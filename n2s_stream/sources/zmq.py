@@ -1,0 +1,112 @@
+"""Follow a ZeroMQ detector feed (PULL from a PUSH, or SUB to a PUB).
+
+The socket connects, so ZeroMQ reconnects by itself when the detector restarts. Each
+message is decoded by the protocol's decoder (`protocols.py`); frames go downstream with
+backpressure (a full queue stops us reading, and the detector's send high-water mark
+then holds frames on its side), undecodable messages are counted under their reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.sources import Emit, Reject
+from n2s_stream.sources.codecs import MessageError
+from n2s_stream.sources.protocols import End, Image, make_decoder
+
+log = logging.getLogger(__name__)
+
+SOCKET_TYPES = {"pull": zmq.PULL, "sub": zmq.SUB}
+MAX_MESSAGE_BYTES = 1 << 30  # ZeroMQ drops the peer's larger messages before we see them
+
+
+@dataclass(frozen=True)
+class ZmqConfig:
+    """Which feed to follow and how."""
+
+    endpoint: str
+    protocol: str
+    out_root: Path
+    socket_type: str = "pull"
+    hwm: int = 1000
+
+
+class ZmqSource:
+    """Emits the frames of a ZeroMQ feed; one output file per series."""
+
+    def __init__(self, config: ZmqConfig, *, emit: Emit, reject: Reject) -> None:
+        self.config = config
+        self._decoder = make_decoder(config.protocol)
+        self._emit, self._reject = emit, reject
+        self._stop = threading.Event()
+        self._frames_in: dict[str, int] = {}
+        self._context = zmq.Context()
+        self._socket = self._context.socket(SOCKET_TYPES[config.socket_type])
+        self._socket.setsockopt(zmq.RCVHWM, config.hwm)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        if config.socket_type == "sub":
+            self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._thread = threading.Thread(target=self._run, name="zmq-source")
+
+    def start(self) -> None:
+        """Connect and start reading."""
+        self._socket.connect(self.config.endpoint)
+        log.info("following %s (%s, %s)", self.config.endpoint, self.config.protocol,
+                 self.config.socket_type.upper())
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading; what the socket still holds is the detector's to resend."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self._socket.close()
+        self._context.term()
+
+    @property
+    def alive(self) -> bool:
+        """True while the reader thread runs."""
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            parts = self._socket.recv_multipart()
+            received = time.time()
+            try:
+                events = self._decoder.decode(parts)
+            except MessageError as exc:
+                self._reject(exc.reason, f"{self.config.endpoint}: {exc}")
+                continue
+            except Exception as exc:  # a decoder bug must not stop the feed
+                log.exception("decoder failed on a message")
+                self._reject("internal_error", f"{self.config.endpoint}: {exc}")
+                continue
+            for event in events:
+                if not self._forward(event, received):
+                    return
+
+    def _output(self, series: str) -> Path:
+        return self.config.out_root / f"{series}_n2s.h5"
+
+    def _forward(self, event: Image | End, received: float) -> bool:
+        if isinstance(event, End):
+            n = self._frames_in.pop(event.series, 0)
+            log.info("series %s ended after %d frames", event.series, n)
+            return self._emit(SeriesEnd(event.series, n, self._output(event.series)))
+        if event.series not in self._frames_in:
+            log.info("series %s started", event.series)
+        self._frames_in[event.series] = self._frames_in.get(event.series, 0) + 1
+        return self._emit(Frame(event.series, event.index, event.data, received,
+                                self._output(event.series), event.pixel_mask))
