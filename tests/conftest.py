@@ -18,6 +18,16 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)
+def no_leaked_processes():
+    """Kill daemons and detectors a failed test left running, so they cannot slow or
+    disturb the tests after it."""
+    from daemon_helpers import reap
+
+    yield
+    reap()
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_threads():
     """Fail a test that leaves threads running (STYLE: every worker is stoppable)."""
     before = set(threading.enumerate())

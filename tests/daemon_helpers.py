@@ -13,6 +13,17 @@ from pathlib import Path
 from n2s_stream.metrics import scrape
 
 N2S = [sys.executable, "-m", "n2s_stream"]
+STARTED: list[subprocess.Popen] = []
+"""Every process started here; conftest kills what a failed test left running."""
+
+
+def reap() -> None:
+    """Kill whatever a test left running (a failed assertion skips its clean stop)."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 class DaemonProcess:
@@ -29,6 +40,7 @@ class DaemonProcess:
         self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in wait())
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
+        STARTED.append(self.proc)
         self.port: int | None = None
 
     def log(self) -> str:
@@ -80,6 +92,8 @@ def start_writer(directory: Path, *, frames: int, rate: float, shape: str = "48x
                  name: str = "scan_0001", layout: str = "areadetector",
                  seed: int = 0) -> subprocess.Popen:
     """A detector writing a growing SWMR file, as a separate process."""
-    return subprocess.Popen([*N2S, "simulate", "--dir", str(directory), "--frames", str(frames),
+    proc = subprocess.Popen([*N2S, "simulate", "--dir", str(directory), "--frames", str(frames),
                              "--rate", str(rate), "--shape", shape, "--name", name,
                              "--layout", layout, "--seed", str(seed), "--log-level", "WARNING"])
+    STARTED.append(proc)
+    return proc

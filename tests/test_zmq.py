@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import zmq
-from daemon_helpers import N2S, DaemonProcess
+from daemon_helpers import N2S, STARTED, DaemonProcess
 
 from n2s_stream.sources import protocols as p
 
@@ -38,6 +38,7 @@ def test_each_protocol_two_series_exactly_once(tmp_path, protocol, names):
     detector = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--protocol",
                                  protocol, "--frames", "12", "--series", "2", "--shape",
                                  "32x40", "--rate", "60", "--log-level", "WARNING"])
+    STARTED.append(detector)
     daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol", protocol)
     daemon.wait_ready()
     for name in names:
