@@ -120,6 +120,8 @@ class DaemonConfig:
     zmq_protocol: str = "native"  # native, dectris-stream1, dectris-stream2
     zmq_socket: str = "pull"  # pull (detector PUSHes) or sub (detector PUBlishes)
     zmq_hwm: int = 1000  # receive high-water mark, in messages
+    zmq_out: str | None = None  # PUB bound here: denoised frames (native) for live viewers
+    zmq_tee: str | None = None  # PUSH bound here: raw messages forwarded untouched
     out: Path = Path("denoised")
     state_dir: Path = Path("n2s-state")
     device: str = "auto"

@@ -25,7 +25,7 @@ from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.config import DaemonConfig, as_toml
 from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.inference import InferenceSettings, InferenceWorker
+from n2s_stream.inference import InferenceSettings, InferenceWorker, Republisher
 from n2s_stream.metrics import Metrics, MetricsServer
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
@@ -88,6 +88,7 @@ class Daemon:
             store=self.store, outputs=OutputSet(config_text=as_toml(config, "daemon")),
             buffer=buffer, val_buffer=val_buffer, metrics=self.metrics, state=self.state,
             device=self.device, on_fatal=self._fatal,
+            republisher=Republisher(config.zmq_out) if config.zmq_out else None,
             settings=InferenceSettings(jinv=config.jinv,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,
@@ -120,7 +121,7 @@ class Daemon:
         if config.zmq is not None:
             return ZmqSource(ZmqConfig(endpoint=config.zmq, protocol=config.zmq_protocol,
                                        out_root=config.out, socket_type=config.zmq_socket,
-                                       hwm=config.zmq_hwm),
+                                       hwm=config.zmq_hwm, tee=config.zmq_tee),
                              emit=self._emit, reject=self._reject)
         assert config.watch is not None
         return DirectorySource(

@@ -102,11 +102,13 @@ class InferenceWorker:
     def __init__(self, *, frames: queue.Queue, model: nn.Module, masker: Masker,
                  normalizer: Normalizer | None, store, outputs, buffer, val_buffer,
                  metrics, state, device: torch.device, settings: InferenceSettings,
-                 on_fatal: Callable[[BaseException], None]) -> None:
+                 on_fatal: Callable[[BaseException], None],
+                 republisher: Republisher | None = None) -> None:
         self.frames, self.model, self.masker, self.normalizer = frames, model, masker, normalizer
         self.store, self.outputs, self.buffer, self.val_buffer = store, outputs, buffer, val_buffer
         self.metrics, self.state, self.device, self.settings = metrics, state, device, settings
         self._on_fatal = on_fatal
+        self.republisher = republisher
         self.version = -1
         self.written = 0
         self._seen = 0
@@ -152,6 +154,8 @@ class InferenceWorker:
         for series, writer in self.outputs.close_all():
             self.state.record(series, output=writer.path, written=writer.n_written,
                               finished=False)
+        if self.republisher is not None:
+            self.republisher.close()
 
     def _reject(self, frame, reason: str, why: str) -> None:
         log.warning("rejected frame %d of %s: %s", frame.index, frame.series, why)
@@ -213,6 +217,8 @@ class InferenceWorker:
                       t_received=frame.received_at)
         self.written += 1
         self.metrics.frames_denoised.inc()
+        if self.republisher is not None:
+            self.republisher.publish(frame.series, frame.index, denoised[0])
         self.metrics.frame_latency.observe(time.time() - frame.received_at)
         self._seen += 1
         valid_map = None if valid.all() else valid.astype(np.float32)
@@ -220,9 +226,45 @@ class InferenceWorker:
         target.add(normalized[0], valid_map)
 
     def _end_series(self, end) -> None:
+        if self.republisher is not None:
+            self.republisher.end(end.series)
         writer = self.outputs.close(end.series)
         if writer is None:
             self.state.record(end.series, output=end.output, written=0, finished=True)
         else:
             self.state.record(end.series, output=writer.path, written=writer.n_written,
                               finished=True)
+
+
+class Republisher:
+    """Publishes denoised frames (native protocol) on a PUB socket for live viewers.
+
+    PUB never blocks the daemon: a viewer too slow to keep up loses frames (ZeroMQ's
+    high-water mark), the output files do not. Used from the inference thread only.
+    """
+
+    def __init__(self, endpoint: str, hwm: int = 100) -> None:
+        import zmq
+
+        from n2s_stream.sources import protocols
+
+        self._protocols = protocols
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(endpoint)
+        log.info("publishing denoised frames on %s", endpoint)
+
+    def publish(self, series: str, index: int, frame: np.ndarray) -> None:
+        """Send one denoised frame (raw float32)."""
+        self._socket.send_multipart(self._protocols.native_frame(series, index, frame, "raw"))
+
+    def end(self, series: str) -> None:
+        """Send the end of a series."""
+        self._socket.send_multipart(self._protocols.native_end(series))
+
+    def close(self) -> None:
+        """Unbind and release the socket."""
+        self._socket.close()
+        self._context.term()

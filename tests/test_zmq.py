@@ -111,3 +111,39 @@ def test_series_number_reused_after_end_gets_a_new_file(tmp_path):
     assert daemon.terminate() == 0
     assert _frames_in(daemon.out / "series_000001_n2s.h5")[1].tolist() == [0, 1, 2, 3]
     assert _frames_in(daemon.out / "series_000001_r2_n2s.h5")[1].tolist() == [0, 1, 2, 3]
+
+
+def test_republish_and_tee(tmp_path):
+    """Viewers SUBscribe to denoised frames; the facility writer PULLs every raw message."""
+    feed, out, tee = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.bind(feed)
+    daemon = DaemonProcess(tmp_path, "--zmq", feed, "--zmq-out", out, "--zmq-tee", tee)
+    viewer = context.socket(zmq.SUB)
+    viewer.setsockopt(zmq.SUBSCRIBE, b"")
+    writer = context.socket(zmq.PULL)
+    try:
+        daemon.wait_ready()
+        viewer.connect(out)
+        writer.connect(tee)
+        time.sleep(1.0)  # let the SUB join before anything is published
+        frames = [np.full((16, 16), 10 + k, np.uint16) for k in range(6)]
+        sent = [p.native_frame("live", k, f, "bslz4") for k, f in enumerate(frames)]
+        for message in [*sent, p.native_end("live")]:
+            push.send_multipart(message)
+        raw = [writer.recv_multipart() for _ in range(7)]
+        assert raw[:6] == sent  # untouched, every one
+        decoder = p.NativeDecoder()
+        viewer.setsockopt(zmq.RCVTIMEO, 30_000)
+        published = [decoder.decode(viewer.recv_multipart()) for _ in range(7)]
+        images = [e[0] for e in published[:6]]
+        assert [i.index for i in images] == list(range(6))
+        assert all(i.data.dtype == np.float32 and i.data.shape == (16, 16) for i in images)
+        assert published[6] == [p.End("live")]
+        assert daemon.terminate() == 0
+    finally:
+        for sock in (push, viewer, writer):
+            sock.close(linger=0)
+        context.term()

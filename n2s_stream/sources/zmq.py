@@ -36,6 +36,7 @@ class ZmqConfig:
     out_root: Path
     socket_type: str = "pull"
     hwm: int = 1000
+    tee: str | None = None
 
 
 class ZmqSource:
@@ -54,6 +55,14 @@ class ZmqSource:
         self._socket.setsockopt(zmq.LINGER, 0)
         if config.socket_type == "sub":
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._tee: zmq.Socket | None = None
+        if config.tee:
+            # The facility's own writer PULLs here and gets every message, untouched: a
+            # second PULL client on the detector would take half of the frames instead.
+            self._tee = self._context.socket(zmq.PUSH)
+            self._tee.setsockopt(zmq.SNDHWM, config.hwm)
+            self._tee.setsockopt(zmq.LINGER, 2000)
+            self._tee.bind(config.tee)
         self._thread = threading.Thread(target=self._run, name="zmq-source")
 
     def start(self) -> None:
@@ -69,6 +78,8 @@ class ZmqSource:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         self._socket.close()
+        if self._tee is not None:
+            self._tee.close()
         self._context.term()
 
     @property
@@ -84,6 +95,8 @@ class ZmqSource:
                 continue
             parts = self._socket.recv_multipart()
             received = time.time()
+            if self._tee is not None:
+                self._tee.send_multipart(parts)  # blocks at HWM: the writer sets the pace
             try:
                 events = self._decoder.decode(parts)
             except MessageError as exc:
