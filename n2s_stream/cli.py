@@ -31,7 +31,7 @@ from n2s_stream.n2s.normalize import NORMALIZE_MODES
 
 log = logging.getLogger("n2s_stream")
 
-COMMANDS = ("train", "denoise", "simulate", "demo", "check-config")
+COMMANDS = ("train", "denoise", "simulate", "demo", "check-config", "merge")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +162,13 @@ def _daemon_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
+def _merge_parser(sub: Any) -> None:
+    p = sub.add_parser("merge", help="join the shards of a fanned-out series (virtual dataset)")
+    p.add_argument("shards", type=Path, nargs="+", help="output files of the workers")
+    p.add_argument("--out", type=Path, required=True, help="merged file to write")
+    p.add_argument("--log-level", default="INFO")
+
+
 def _check_config_parser(sub: Any) -> None:
     p = sub.add_parser("check-config", help="validate a config file and print it resolved")
     p.add_argument("file", type=Path)
@@ -179,6 +186,7 @@ def make_parser() -> argparse.ArgumentParser:
     _daemon_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _check_config_parser(sub)
+    _merge_parser(sub)
     _train_parser(sub)
     _denoise_parser(sub)
     _simulate_parser(sub)
@@ -245,6 +253,12 @@ def _run(args: argparse.Namespace) -> int:
         return Daemon(_daemon_config(args)).run()
     if args.command == "check-config":
         _check_config(args.file)
+    elif args.command == "merge":
+        from n2s_stream.merge import merge_shards
+
+        result = merge_shards(args.shards, args.out)
+        print(f"{result.out}: {result.n_frames} frames from {len(args.shards)} shards"
+              + (f", missing {result.missing}" if result.missing else ""))
     elif args.command == "train":
         from n2s_stream.offline import train
 

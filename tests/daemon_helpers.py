@@ -30,6 +30,7 @@ class DaemonProcess:
     """``n2s-stream --watch`` as a subprocess, its log in a file, its metrics scraped."""
 
     def __init__(self, tmp: Path, *extra: str, env: dict | None = None, name: str = "daemon"):
+        tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / f"{name}.log"
         self.watch, self.out, self.state = tmp / "acq", tmp / "out", tmp / "state"
         self.watch.mkdir(exist_ok=True)

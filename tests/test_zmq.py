@@ -147,3 +147,42 @@ def test_republish_and_tee(tmp_path):
         for sock in (push, viewer, writer):
             sock.close(linger=0)
         context.term()
+
+
+def test_fan_out_to_two_workers_then_merge(tmp_path):
+    """Two daemons PULL one feed (ZeroMQ round-robins the frames); each writes its shard;
+    `merge` presents them as one stack in frame order."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    workers = [DaemonProcess(tmp_path / name, "--zmq", endpoint) for name in ("a", "b")]
+    for worker in workers:
+        worker.wait_ready()
+    time.sleep(0.5)  # both connected, so the feed is shared
+    proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "40",
+                           "--shape", "24x24", "--rate", "80", "--log-level", "WARNING"],
+                          timeout=120)
+    assert proc.returncode == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = sum(w.scrape().get("n2s_frames_denoised_total", 0) for w in workers)
+        if done == 40:
+            break
+        time.sleep(0.3)
+    assert done == 40
+    counts = [w.scrape()["n2s_frames_denoised_total"] for w in workers]
+    assert all(c > 0 for c in counts)  # both workers got a share
+    for worker in workers:
+        assert worker.terminate() == 0
+    shards = [w.out / "scan_0001_n2s.h5" for w in workers]
+    merged = tmp_path / "merged" / "scan_0001.h5"
+    proc = subprocess.run([*N2S, "merge", *map(str, shards), "--out", str(merged)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "40 frames from 2 shards" in proc.stdout and "missing" not in proc.stdout
+    with h5py.File(merged, "r") as handle:
+        stack = handle["/entry/data/data"][()]
+        assert handle["/entry/data/data"].is_virtual
+    expected = np.empty_like(stack)
+    for shard in shards:
+        frames, index = _frames_in(shard)
+        expected[index] = frames
+    assert np.array_equal(stack, expected) and np.isfinite(stack).all()
