@@ -31,6 +31,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/offline_quality.py
 	$(PY) benchmarks/daemon_memory.py
+	$(PY) benchmarks/zmq_throughput.py
 
 clean:
 	rm -rf $(VENV) runs demo-output .pytest_cache

@@ -40,3 +40,16 @@ def test_daemon_memory_runs(tmp_path):
     assert report["peak_rss_mib"] > 0 and report["end_to_end_fps"] > 0
     assert report["samples"][-1]["written"] == 24
     assert "peak RSS" in proc.stdout and out.with_suffix(".png").exists()
+
+
+def test_zmq_throughput_runs(tmp_path):
+    out = tmp_path / "z.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "zmq_throughput.py"), "--sizes", "32", "--frames",
+         "20", "--e2e-frames", "5", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["protocol"] for r in rows} == {"native", "dectris-stream1", "dectris-stream2"}
+    assert all(r["source_fps"] > 0 for r in rows)
