@@ -35,6 +35,17 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "gpfs", "lustre", "cifs", "smb3", "smbfs", "beegfs",
                        "ceph", "fuse.sshfs", "9p")
 _EIGER_DATA_FILE = re.compile(r"_data_\d{6}$")
+_SCAN_NUMBER = re.compile(r"^(.*?)(\d+)$")
+
+
+def series_successor(earlier: Path, later: Path) -> bool:
+    """True when ``later`` is a later file of the same numbered series in the same folder
+    (``scan_0007.h5`` after ``scan_0006.h5``): the detector has moved on."""
+    if earlier.parent != later.parent or earlier.suffix != later.suffix:
+        return False
+    a = _SCAN_NUMBER.match(earlier.stem.removesuffix("_master"))
+    b = _SCAN_NUMBER.match(later.stem.removesuffix("_master"))
+    return bool(a and b and a.group(1) == b.group(1) and int(b.group(2)) > int(a.group(2)))
 # Reasons for which a young file is retried: it may still be being created.
 _RETRY_REASONS = ("unreadable", "no_dataset", "not_hdf5", "missing", "read_error")
 
@@ -79,6 +90,7 @@ class _Followed:
     stack: FrameStack | None = None
     position: int = 0
     closed_by_writer: bool = False
+    superseded: bool = False  # a later file of the same numbered series appeared
 
 
 @dataclass(eq=False)
@@ -208,6 +220,10 @@ class DirectorySource:
         series = str(relative.parent / stem)
         output = self.config.out_root / relative.parent / output_name(Path(stem + ".h5"))
         now = time.monotonic()
+        for earlier in self._followed.values():
+            if series_successor(earlier.path, path):
+                log.info("%s: the next file of its series appeared; finishing it", earlier.path)
+                earlier.superseded = True
         self._followed[path] = _Followed(path, series, output, now, now)
         log.info("found %s (series %s)", path, series)
 
@@ -270,7 +286,7 @@ class DirectorySource:
         # A master file is closed long before its data files are complete: for it, only
         # a quiet spell ends the series.
         closed = followed.closed_by_writer and not stack.linked
-        if closed or quiet > self.config.settle_seconds:
+        if closed or followed.superseded or quiet > self.config.settle_seconds:
             self._finish(followed)
         return False
 
