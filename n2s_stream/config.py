@@ -156,6 +156,7 @@ class DaemonConfig:
     buffer_mb: int = 512
     # inference and output
     queue_size: int = 64  # frames waiting for inference; a full queue stalls the source
+    max_batch: int = 8  # frames denoised in one forward pass when they queue up
     jinv: bool = False
     require_reconstructable: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default

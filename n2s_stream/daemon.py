@@ -89,7 +89,7 @@ class Daemon:
             buffer=buffer, val_buffer=val_buffer, metrics=self.metrics, state=self.state,
             device=self.device, on_fatal=self._fatal,
             republisher=Republisher(config.zmq_out) if config.zmq_out else None,
-            settings=InferenceSettings(jinv=config.jinv,
+            settings=InferenceSettings(jinv=config.jinv, max_batch=config.max_batch,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,
                                        scale_integers=not config.no_scale_integers),

@@ -88,6 +88,7 @@ class InferenceSettings:
     jinv: bool = False
     require_reconstructable: bool = False
     val_every: int = 10  # every n-th frame goes to the held-out set, not the training buffer
+    max_batch: int = 8  # frames denoised in one forward pass when they queue up
     normalize: str = "meanstd"
     scale_integers: bool = True
 
@@ -112,6 +113,7 @@ class InferenceWorker:
         self.version = -1
         self.written = 0
         self._seen = 0
+        self._last_seen: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="inference")
 
     def start(self) -> None:
@@ -131,18 +133,17 @@ class InferenceWorker:
         self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
-        from n2s_stream.frames import Frame, SeriesEnd
+        from n2s_stream.frames import Frame
 
         while True:
-            item = self.frames.get()
-            self.metrics.queue_depth.set(self.frames.qsize())
-            if item is STOP:
-                break
+            batch = self._next_batch()
             try:
-                if isinstance(item, Frame):
-                    self._denoise_and_write(item)
-                elif isinstance(item, SeriesEnd):
-                    self._end_series(item)
+                frames = [item for item in batch if isinstance(item, Frame)]
+                if frames:
+                    self._denoise_and_write(frames)
+                for item in batch:
+                    if not isinstance(item, Frame) and item is not STOP:
+                        self._end_series(item)
             except OSError as exc:  # disk full, file system gone: cannot go on safely
                 log.error("writing failed: %s", exc)
                 self._on_fatal(exc)
@@ -151,11 +152,28 @@ class InferenceWorker:
                 log.exception("inference failed")
                 self._on_fatal(exc)
                 break
+            if batch[-1] is STOP:
+                break
         for series, writer in self.outputs.close_all():
             self.state.record(series, output=writer.path, written=writer.n_written,
                               finished=False)
         if self.republisher is not None:
             self.republisher.close()
+
+    def _next_batch(self) -> list:
+        """The next queue item, plus the frames queued right behind it (up to
+        ``max_batch``): when frames pile up, one forward pass serves several. A series end
+        or the stop sentinel closes the batch, so order is kept."""
+        from n2s_stream.frames import Frame
+
+        batch = [self.frames.get()]
+        while isinstance(batch[-1], Frame) and len(batch) < self.settings.max_batch:
+            try:
+                batch.append(self.frames.get_nowait())
+            except queue.Empty:
+                break
+        self.metrics.queue_depth.set(self.frames.qsize())
+        return batch
 
     def _reject(self, frame, reason: str, why: str) -> None:
         log.warning("rejected frame %d of %s: %s", frame.index, frame.series, why)
@@ -170,17 +188,24 @@ class InferenceWorker:
             self.metrics.model_version.set(version)
             log.info("inference now uses model version %d", version)
 
-    def _denoise_and_write(self, frame) -> None:
+    def _accept(self, frame):
+        """Checks, output file and normalised input of one frame; None if refused.
+
+        ``self._last_seen`` holds the newest frame number taken per series, written or
+        rejected, so a rejected frame is not also counted as missing.
+        """
+        last = self._last_seen.get(frame.series, -1)
+        self._last_seen[frame.series] = max(last, frame.index)
         data = frame.data
         valid = valid_pixels(data, data.dtype)
         if data.dtype.kind == "f" and not valid.all():
             self._reject(frame, "nan", "NaN or inf pixels in a float frame")
-            return
+            return None
         if frame.pixel_mask is not None:
             valid &= ~frame.pixel_mask
         if not valid.any():
             self._reject(frame, "no_valid_pixels", "every pixel is a sentinel or masked")
-            return
+            return None
         if self.normalizer is None:
             self.normalizer = fit_normalizer(
                 data[np.newaxis], mode=self.settings.normalize,
@@ -196,36 +221,59 @@ class InferenceWorker:
         if writer.frame_shape != data.shape:
             self._reject(frame, "shape_change", f"shape {data.shape} in a series of "
                          f"{writer.frame_shape} frames")
-            return
-        if frame.index <= writer.last_source_frame:
+            return None
+        last = max(writer.last_source_frame, last)
+        if frame.index <= last:
             log.debug("frame %d of %s already written; skipped", frame.index, frame.series)
+            return None
+        if frame.index > last + 1:
+            log.warning("%s: %d frames missing before frame %d", frame.series,
+                        frame.index - last - 1, frame.index)
+            self.metrics.frames_missing.inc(frame.index - last - 1)
+        normalized = self.normalizer.forward(fill_invalid(data[np.newaxis], valid[np.newaxis]))
+        return frame, writer, valid, normalized[0]
+
+    def _denoise_and_write(self, frames: list) -> None:
+        """Denoise frames (one forward pass per run of equal shapes), write each in order."""
+        accepted = [a for a in (self._accept(frame) for frame in frames) if a]
+        if not accepted:
             return
-        if frame.index > writer.last_source_frame + 1:
-            gap = frame.index - writer.last_source_frame - 1
-            log.warning("%s: %d frames missing before frame %d", frame.series, gap, frame.index)
-            self.metrics.frames_missing.inc(gap)
         self._refresh_weights()
-        filled = fill_invalid(data[np.newaxis], valid[np.newaxis])
-        normalized = self.normalizer.forward(filled)  # (1, H, W)
-        denoised = self.normalizer.inverse(denoise_normalized(
-            self.model, self.masker, normalized, jinv=self.settings.jinv, device=self.device))
+        start = 0
+        while start < len(accepted):
+            shape = accepted[start][3].shape
+            stop = start
+            while stop < len(accepted) and accepted[stop][3].shape == shape:
+                stop += 1
+            group = accepted[start:stop]
+            stacked = np.stack([normalized for *_, normalized in group])  # (n, H, W)
+            denoised = self.normalizer.inverse(denoise_normalized(
+                self.model, self.masker, stacked, jinv=self.settings.jinv, device=self.device))
+            for (frame, writer, valid, normalized), out in zip(group, denoised, strict=True):
+                self._write(frame, writer, valid, normalized, out)
+            start = stop
+
+    def _write(self, frame, writer, valid: np.ndarray, normalized: np.ndarray,
+               denoised: np.ndarray) -> None:
+        data = frame.data
         if not valid.all():
-            denoised[0][~valid] = data[~valid]
+            denoised[~valid] = data[~valid]
         if self.settings.require_reconstructable:
             denoised = to_source_dtype(denoised, data.dtype)
-        writer.append(denoised, source_frames=[frame.index], model_version=self.version,
-                      t_received=frame.received_at)
+        writer.append(denoised[np.newaxis], source_frames=[frame.index],
+                      model_version=self.version, t_received=frame.received_at)
         self.written += 1
         self.metrics.frames_denoised.inc()
         if self.republisher is not None:
-            self.republisher.publish(frame.series, frame.index, denoised[0])
+            self.republisher.publish(frame.series, frame.index, denoised)
         self.metrics.frame_latency.observe(time.time() - frame.received_at)
         self._seen += 1
         valid_map = None if valid.all() else valid.astype(np.float32)
         target = self.val_buffer if self._seen % self.settings.val_every == 0 else self.buffer
-        target.add(normalized[0], valid_map)
+        target.add(normalized, valid_map)
 
     def _end_series(self, end) -> None:
+        self._last_seen.pop(end.series, None)
         if self.republisher is not None:
             self.republisher.end(end.series)
         writer = self.outputs.close(end.series)

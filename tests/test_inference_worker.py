@@ -1,0 +1,54 @@
+"""The inference/writer worker on its own: batches, order, duplicates, gaps, rejects."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import h5py
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from n2s_stream.buffer import RollingBuffer
+from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.inference import InferenceSettings, InferenceWorker
+from n2s_stream.metrics import Metrics
+from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.state import StateDir
+from n2s_stream.trainer import ModelStore, copy_state
+from n2s_stream.writer import OutputSet
+
+
+def test_queued_frames_are_batched_in_order_once(tmp_path):
+    model = build_model(ModelConfig(width=4, depth=1))
+    frames: queue.Queue = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+    out = tmp_path / "s_n2s.h5"
+    rng = np.random.default_rng(0)
+
+    def frame(index, data=None):
+        data = rng.poisson(10, (16, 16)).astype(np.uint16) if data is None else data
+        return Frame("s", index, data, time.time(), out)
+
+    nan_frame = Frame("s", 5, np.full((16, 16), np.nan, np.float32), time.time(), out)
+    for item in [frame(0), frame(1), frame(1), frame(2), frame(4), nan_frame, frame(6),
+                 SeriesEnd("s", 7, out)]:
+        frames.put(item)
+    worker = InferenceWorker(
+        frames=frames, model=build_model(ModelConfig(width=4, depth=1)), masker=Masker(),
+        normalizer=None, store=ModelStore(copy_state(model), 3),
+        outputs=OutputSet(config_text=""), buffer=RollingBuffer(max_frames=8, max_bytes=2**20),
+        val_buffer=RollingBuffer(max_frames=8, max_bytes=2**20), metrics=metrics,
+        state=StateDir(tmp_path / "state"), device=torch.device("cpu"),
+        settings=InferenceSettings(max_batch=4), on_fatal=lambda exc: None)
+    worker.start()
+    worker.stop()
+    with h5py.File(out, "r") as handle:
+        assert handle["/entry/provenance/source_frame"][()].tolist() == [0, 1, 2, 4, 6]
+        assert (handle["/entry/provenance/model_version"][()] == 3).all()
+    value = metrics.registry.get_sample_value
+    assert value("n2s_frames_denoised_total") == 5
+    assert value("n2s_frames_missing_total") == 1  # 3; 5 was rejected, not missing
+    assert value("n2s_frames_rejected_total", {"reason": "nan"}) == 1
