@@ -157,6 +157,8 @@ class DaemonConfig:
     # inference and output
     queue_size: int = 64  # frames waiting for inference; a full queue stalls the source
     max_batch: int = 8  # frames denoised in one forward pass when they queue up
+    drop_when_full: bool = False  # drop (counted, logged) instead of holding the source back
+    series_idle_close: float = 300.0  # close an output after this long without frames
     jinv: bool = False
     require_reconstructable: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default

@@ -90,6 +90,7 @@ class Daemon:
             device=self.device, on_fatal=self._fatal,
             republisher=Republisher(config.zmq_out) if config.zmq_out else None,
             settings=InferenceSettings(jinv=config.jinv, max_batch=config.max_batch,
+                                       series_idle_close=config.series_idle_close,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,
                                        scale_integers=not config.no_scale_integers),
@@ -122,7 +123,8 @@ class Daemon:
             return ZmqSource(ZmqConfig(endpoint=config.zmq, protocol=config.zmq_protocol,
                                        out_root=config.out, socket_type=config.zmq_socket,
                                        hwm=config.zmq_hwm, tee=config.zmq_tee),
-                             emit=self._emit, reject=self._reject)
+                             emit=self._emit, reject=self._reject,
+                             headers=self.state.series_headers)
         assert config.watch is not None
         return DirectorySource(
             DirectoryConfig(root=config.watch, out_root=config.out,
@@ -137,6 +139,13 @@ class Daemon:
         """Queue an item; block while full (backpressure), give up once stopping."""
         if isinstance(item, Frame):
             self.metrics.frames_received.inc()
+        if self.config.drop_when_full and isinstance(item, Frame):
+            try:
+                self._frames.put_nowait(item)
+            except queue.Full:
+                self._reject("dropped_queue_full", f"frame {item.index} of {item.series}"
+                             " dropped: inference queue full (drop_when_full)")
+            return True
         started = time.monotonic()
         while True:
             try:

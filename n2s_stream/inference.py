@@ -89,6 +89,7 @@ class InferenceSettings:
     require_reconstructable: bool = False
     val_every: int = 10  # every n-th frame goes to the held-out set, not the training buffer
     max_batch: int = 8  # frames denoised in one forward pass when they queue up
+    series_idle_close: float = 300.0  # seconds without frames before an output is closed
     normalize: str = "meanstd"
     scale_integers: bool = True
 
@@ -114,6 +115,7 @@ class InferenceWorker:
         self.written = 0
         self._seen = 0
         self._last_seen: dict[str, int] = {}
+        self._last_frame_at: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="inference")
 
     def start(self) -> None:
@@ -137,6 +139,9 @@ class InferenceWorker:
 
         while True:
             batch = self._next_batch()
+            if not batch:
+                self._close_idle_series()
+                continue
             try:
                 frames = [item for item in batch if isinstance(item, Frame)]
                 if frames:
@@ -166,7 +171,10 @@ class InferenceWorker:
         or the stop sentinel closes the batch, so order is kept."""
         from n2s_stream.frames import Frame
 
-        batch = [self.frames.get()]
+        try:
+            batch = [self.frames.get(timeout=1.0)]
+        except queue.Empty:
+            return []
         while isinstance(batch[-1], Frame) and len(batch) < self.settings.max_batch:
             try:
                 batch.append(self.frames.get_nowait())
@@ -174,6 +182,23 @@ class InferenceWorker:
                 break
         self.metrics.queue_depth.set(self.frames.qsize())
         return batch
+
+    def _close_idle_series(self) -> None:
+        """Close outputs that got no frame for ``series_idle_close`` seconds: their end
+        message may have gone to another worker (fan-out) or been lost with a restart.
+        They stay unfinished in the ledger, so late frames would resume them."""
+        limit = self.settings.series_idle_close
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        for series, last in list(self._last_frame_at.items()):
+            if now - last > limit:
+                del self._last_frame_at[series]
+                writer = self.outputs.close(series)
+                if writer is not None:
+                    log.info("series %s idle for %.0f s: output closed", series, now - last)
+                    self.state.record(series, output=writer.path, written=writer.n_written,
+                                      finished=False)
 
     def _reject(self, frame, reason: str, why: str) -> None:
         log.warning("rejected frame %d of %s: %s", frame.index, frame.series, why)
@@ -196,6 +221,7 @@ class InferenceWorker:
         """
         last = self._last_seen.get(frame.series, -1)
         self._last_seen[frame.series] = max(last, frame.index)
+        self._last_frame_at[frame.series] = time.monotonic()
         data = frame.data
         valid = valid_pixels(data, data.dtype)
         if data.dtype.kind == "f" and not valid.all():
@@ -274,6 +300,7 @@ class InferenceWorker:
 
     def _end_series(self, end) -> None:
         self._last_seen.pop(end.series, None)
+        self._last_frame_at.pop(end.series, None)
         if self.republisher is not None:
             self.republisher.end(end.series)
         writer = self.outputs.close(end.series)

@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import threading
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from n2s_stream.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.errors import CheckpointError, UsageError
@@ -49,6 +51,58 @@ def last_written_source_frame(output: Path) -> int | None:
         raise UsageError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 
 
+class SeriesHeaders(MutableMapping):
+    """Per-series header details (the pixel mask) kept as ``series_headers/<series>.npz``
+    so a daemon restarted mid-series still decodes that series' images correctly.
+
+    A mapping ``series -> mask or None``, as the stream decoders expect.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    def _path(self, series: str) -> Path:
+        return self.root / f"{series}.npz"  # series names are checked file names
+
+    def __getitem__(self, series: str) -> np.ndarray | None:
+        if series not in self._cache:
+            try:
+                with np.load(self._path(series), allow_pickle=False) as saved:
+                    self._cache[series] = saved["mask"] if saved["has_mask"] else None
+            except (OSError, KeyError, ValueError) as exc:
+                raise KeyError(series) from exc
+            log.info("series %s: header details restored from %s", series, self.root)
+        return self._cache[series]
+
+    def __setitem__(self, series: str, mask: np.ndarray | None) -> None:
+        self._cache[series] = mask
+        tmp = self._path(series).with_suffix(".tmp.npz")
+        np.savez(tmp, has_mask=mask is not None,
+                 mask=mask if mask is not None else np.zeros((0, 0), bool))
+        os.replace(tmp, self._path(series))
+
+    def __delitem__(self, series: str) -> None:
+        self._cache.pop(series, None)
+        self._path(series).unlink(missing_ok=True)
+
+    def __contains__(self, series: object) -> bool:
+        if series in self._cache:
+            return True
+        try:
+            self[series]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(sorted(p.stem for p in self.root.glob("*.npz")))
+
+    def __len__(self) -> int:
+        return len(list(self.root.glob("*.npz")))
+
+
 class StateDir:
     """Checkpoints and ledger under one directory, created if needed."""
 
@@ -62,6 +116,7 @@ class StateDir:
             probe.unlink()
         except OSError as exc:
             raise UsageError(f"{self.root}: state directory is not writable: {exc}") from exc
+        self.series_headers = SeriesHeaders(self.root / "series_headers")
         self._ledger_path = self.root / "ledger.json"
         self._lock = threading.Lock()
         self._series: dict[str, dict[str, Any]] = self._read_ledger()

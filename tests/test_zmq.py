@@ -153,7 +153,8 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
     """Two daemons PULL one feed (ZeroMQ round-robins the frames); each writes its shard;
     `merge` presents them as one stack in frame order."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    workers = [DaemonProcess(tmp_path / name, "--zmq", endpoint) for name in ("a", "b")]
+    workers = [DaemonProcess(tmp_path / name, "--zmq", endpoint, "--series-idle-close", "1")
+               for name in ("a", "b")]
     for worker in workers:
         worker.wait_ready()
     time.sleep(0.5)  # both connected, so the feed is shared
@@ -170,6 +171,8 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
     assert done == 40
     counts = [w.scrape()["n2s_frames_denoised_total"] for w in workers]
     assert all(c > 0 for c in counts)  # both workers got a share
+    for worker in workers:  # the end message reached one; the other closes when idle
+        worker.wait_for("closed output .*scan_0001_n2s.h5", timeout=30)
     for worker in workers:
         assert worker.terminate() == 0
     shards = [w.out / "scan_0001_n2s.h5" for w in workers]
@@ -186,3 +189,74 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
         frames, index = _frames_in(shard)
         expected[index] = frames
     assert np.array_equal(stack, expected) and np.isfinite(stack).all()
+
+
+def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
+    """The header (with its pixel mask) came before the restart; images after it still
+    decode with the mask, and the output continues without a duplicate."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.bind(endpoint)
+    mask = np.zeros((16, 20), np.uint32)
+    mask[8] = 1
+    frames = [np.full((16, 20), 5 + k, np.uint16) for k in range(6)]
+    try:
+        first = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol", "dectris-stream1",
+                              name="first")
+        first.wait_ready()
+        push.send_multipart(p.stream1_header(7, mask))
+        for k in range(3):
+            push.send_multipart(p.stream1_image(7, k, frames[k]))
+        deadline = time.monotonic() + 30
+        while first.scrape().get("n2s_frames_denoised_total", 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert first.terminate() == 0
+        second = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol",
+                               "dectris-stream1", name="second")
+        second.wait_ready()
+        for k in range(2, 6):  # frame 2 again: the detector resent it
+            push.send_multipart(p.stream1_image(7, k, frames[k]))
+        push.send_multipart(p.stream1_end(7))
+        second.wait_for("closed output .*series_000007_n2s.h5 \\(6 frames\\)", timeout=30)
+        assert "header details restored" in second.log()
+        assert second.terminate() == 0
+    finally:
+        push.close(linger=0)
+        context.term()
+    data, index = _frames_in(tmp_path / "out" / "series_000007_n2s.h5")
+    assert index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert (data[:, 8] == np.arange(5, 11)[:, None]).all()  # masked row keeps raw counts
+
+
+def test_drop_policy_counts_what_it_drops(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--queue-size", "1",
+                           "--drop-when-full", "--max-batch", "1")
+    daemon.wait_ready()
+    proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "60",
+                           "--shape", "256x256", "--log-level", "WARNING"], timeout=120)
+    assert proc.returncode == 0
+    daemon.wait_for("closed output .*scan_0001_n2s.h5", timeout=60)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0
+    dropped = metrics.get('n2s_frames_rejected_total{reason="dropped_queue_full"}', 0)
+    assert dropped > 0
+    assert metrics["n2s_frames_denoised_total"] + dropped == 60
+    assert "dropped: inference queue full" in daemon.log()
+
+
+def test_detector_restart_is_followed_by_reconnecting(tmp_path):
+    """The detector process exits and binds again: ZeroMQ reconnects the daemon's socket."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = DaemonProcess(tmp_path, "--zmq", endpoint)
+    daemon.wait_ready()
+    for run in range(2):
+        proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "5",
+                               "--shape", "16x16", "--log-level", "WARNING"], timeout=60)
+        assert proc.returncode == 0
+        daemon.wait_for("closed output .*scan_0001" + ("_r2" if run else "") +
+                        "_n2s.h5 \\(5 frames\\)", timeout=60)
+    assert daemon.terminate() == 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,9 +171,10 @@ def stream1_series(series_id: Any) -> str:
 
 @dataclass
 class Stream1Decoder:
-    """Decoder of SIMPLON stream v1; remembers each series' pixel mask."""
+    """Decoder of SIMPLON stream v1; remembers each series' pixel mask (in ``masks``,
+    which the daemon backs with its state dir so a restart keeps them)."""
 
-    masks: dict[str, np.ndarray | None] = field(default_factory=dict)
+    masks: MutableMapping[str, np.ndarray | None] = field(default_factory=dict)
 
     def decode(self, parts: list[bytes]) -> list[Event]:
         """Events in one multipart message."""
@@ -324,7 +325,7 @@ def _stream2_array(value: Any, what: str) -> np.ndarray:
 class Stream2Decoder:
     """Decoder of Dectris stream2 (CBOR); uses the first channel of each image."""
 
-    masks: dict[str, np.ndarray | None] = field(default_factory=dict)
+    masks: MutableMapping[str, np.ndarray | None] = field(default_factory=dict)
 
     def decode(self, parts: list[bytes]) -> list[Event]:
         """Events in one message (one CBOR item per ZeroMQ part)."""
@@ -401,12 +402,14 @@ def stream2_end(series_id: int) -> list[bytes]:
     return [cbor2.dumps(cbor2.CBORTag(55799, {"type": "end", "series_id": series_id}))]
 
 
-def make_decoder(protocol: str) -> NativeDecoder | Stream1Decoder | Stream2Decoder:
-    """The decoder for a ``--zmq-protocol`` name."""
+def make_decoder(
+    protocol: str, headers: MutableMapping[str, np.ndarray | None] | None = None
+) -> NativeDecoder | Stream1Decoder | Stream2Decoder:
+    """The decoder for a ``--zmq-protocol`` name; ``headers`` keeps series headers."""
     if protocol == "native":
         return NativeDecoder()
     if protocol == "dectris-stream1":
-        return Stream1Decoder()
+        return Stream1Decoder({} if headers is None else headers)
     if protocol == "dectris-stream2":
-        return Stream2Decoder()
+        return Stream2Decoder({} if headers is None else headers)
     raise ValueError(f"zmq protocol must be one of {PROTOCOLS}, got {protocol!r}")

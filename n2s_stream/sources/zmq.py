@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from n2s_stream.frames import Frame, SeriesEnd
@@ -42,9 +44,10 @@ class ZmqConfig:
 class ZmqSource:
     """Emits the frames of a ZeroMQ feed; one output file per series."""
 
-    def __init__(self, config: ZmqConfig, *, emit: Emit, reject: Reject) -> None:
+    def __init__(self, config: ZmqConfig, *, emit: Emit, reject: Reject,
+                 headers: MutableMapping[str, np.ndarray | None] | None = None) -> None:
         self.config = config
-        self._decoder = make_decoder(config.protocol)
+        self._decoder = make_decoder(config.protocol, headers)
         self._emit, self._reject = emit, reject
         self._stop = threading.Event()
         self._frames_in: dict[str, int] = {}
