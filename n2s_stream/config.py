@@ -147,6 +147,7 @@ class DaemonConfig:
     no_scale_integers: bool = False
     # online training
     train: bool = True
+    model_from: Path | None = None  # fan-out: adopt the checkpoints of the training worker
     patch: int = 64
     batch: int = 8
     lr: float = 1e-3

@@ -32,8 +32,14 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.service import Notifier
 from n2s_stream.sources.directory import DirectoryConfig, DirectorySource
 from n2s_stream.sources.zmq import ZmqConfig, ZmqSource
-from n2s_stream.state import StateDir
-from n2s_stream.trainer import ModelStore, OnlineTrainConfig, OnlineTrainer, copy_state
+from n2s_stream.state import StateDir, newest_checkpoint
+from n2s_stream.trainer import (
+    CheckpointFollower,
+    ModelStore,
+    OnlineTrainConfig,
+    OnlineTrainer,
+    copy_state,
+)
 from n2s_stream.training import resolve_device
 from n2s_stream.writer import OutputSet
 
@@ -62,6 +68,8 @@ class Daemon:
         self.device = resolve_device(config.device)
         self.state = StateDir(config.state_dir)
         checkpoint = self.state.latest_checkpoint()
+        if checkpoint is None and config.model_from is not None:
+            checkpoint = newest_checkpoint(config.model_from / "checkpoints")
         if checkpoint is not None:
             log.info("resuming from %s (version %d, step %d)", checkpoint.path,
                      checkpoint.version, checkpoint.step)
@@ -95,8 +103,12 @@ class Daemon:
                                        normalize=config.normalize,
                                        scale_integers=not config.no_scale_integers),
         )
+        self.follower: CheckpointFollower | None = None
+        if config.model_from is not None:
+            self.follower = CheckpointFollower(config.model_from / "checkpoints", self.store,
+                                               on_load=self._adopt_normalizer)
         self.trainer: OnlineTrainer | None = None
-        if config.train:
+        if config.train and config.model_from is None:
             self.trainer = OnlineTrainer(
                 model=train_model, masker=masker, buffer=buffer, val_buffer=val_buffer,
                 store=self.store, metrics=self.metrics, device=self.device,
@@ -115,7 +127,13 @@ class Daemon:
         self.worker.start()
         if self.trainer is not None:
             self.trainer.start()
+        if self.follower is not None:
+            self.follower.start()
         self.source.start()
+
+    def _adopt_normalizer(self, checkpoint: object) -> None:
+        if self.worker.normalizer is None:
+            self.worker.normalizer = checkpoint.normalizer  # type: ignore[attr-defined]
 
     def _make_source(self) -> DirectorySource | ZmqSource:
         config = self.config
@@ -231,13 +249,15 @@ class Daemon:
     def _shutdown(self) -> None:
         self.source.stop()  # no new frames; unread ones stay in their files for next time
         self.worker.stop()  # writes everything already queued
+        if self.follower is not None:
+            self.follower.stop()
         if self.trainer is not None:
             self.trainer.stop()  # final checkpoint
         if self.metrics_server is not None:
             self.metrics_server.close()
 
     def _shutdown_partial(self) -> None:
-        for name in ("source", "worker", "trainer"):
+        for name in ("source", "worker", "trainer", "follower"):
             part = getattr(self, name, None)
             if part is not None:
                 part.stop()

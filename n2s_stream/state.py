@@ -51,6 +51,16 @@ def last_written_source_frame(output: Path) -> int | None:
         raise UsageError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 
 
+def newest_checkpoint(checkpoints: Path) -> Checkpoint | None:
+    """The newest loadable ``ckpt_v*.pt`` in a folder, without writing anything there."""
+    for path in sorted(Path(checkpoints).glob("ckpt_v*.pt"), reverse=True):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    return None
+
+
 class SeriesHeaders(MutableMapping):
     """Per-series header details (the pixel mask) kept as ``series_headers/<series>.npz``
     so a daemon restarted mid-series still decodes that series' images correctly.
@@ -177,9 +187,4 @@ class StateDir:
 
     def latest_checkpoint(self) -> Checkpoint | None:
         """The newest checkpoint that loads; a corrupt one is skipped with a warning."""
-        for path in sorted(self.checkpoints.glob("ckpt_v*.pt"), reverse=True):
-            try:
-                return load_checkpoint(path)
-            except CheckpointError as exc:
-                log.warning("skipping checkpoint: %s", exc)
-        return None
+        return newest_checkpoint(self.checkpoints)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -176,3 +177,45 @@ class OnlineTrainer:
         self.store.publish(copy_state(self.model), version)
         log.debug("published model version %d (step %d, loss %.4g)", version, self.step,
                   train_loss)
+
+
+class CheckpointFollower:
+    """For inference-only workers of a fan-out: adopts the newest checkpoint that the
+    one training worker writes to its state dir (shared storage), as new model versions."""
+
+    def __init__(self, checkpoints: Path, store: ModelStore, *, interval: float = 2.0,
+                 on_load: Callable[[object], None] | None = None) -> None:
+        self.checkpoints, self.store, self.interval = Path(checkpoints), store, interval
+        self._on_load = on_load
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-follower")
+
+    def start(self) -> None:
+        """Start polling."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def poll(self) -> bool:
+        """Load the newest checkpoint if it is newer than what inference has."""
+        from n2s_stream.state import newest_checkpoint
+
+        checkpoint = newest_checkpoint(self.checkpoints)
+        if checkpoint is None or checkpoint.version <= self.store.version:
+            return False
+        self.store.publish(checkpoint.state_dict, checkpoint.version)
+        if self._on_load is not None:
+            self._on_load(checkpoint)
+        log.info("adopted model version %d from %s", checkpoint.version, checkpoint.path)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception:  # shared storage hiccups must not stop inference
+                log.exception("following checkpoints in %s failed", self.checkpoints)

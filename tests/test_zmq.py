@@ -260,3 +260,29 @@ def test_detector_restart_is_followed_by_reconnecting(tmp_path):
         daemon.wait_for("closed output .*scan_0001" + ("_r2" if run else "") +
                         "_n2s.h5 \\(5 frames\\)", timeout=60)
     assert daemon.terminate() == 0
+
+
+def test_inference_worker_adopts_the_training_workers_checkpoints(tmp_path):
+    """Fan-out with one model: worker a trains and checkpoints, worker b only infers with
+    a's newest checkpoint (shared state dir)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    trainer = DaemonProcess(tmp_path / "a", "--zmq", endpoint, "--checkpoint-every", "0.5",
+                            "--publish-every", "10", "--series-idle-close", "1")
+    trainer.wait_ready()
+    follower = DaemonProcess(tmp_path / "b", "--zmq", endpoint, "--model-from",
+                             str(tmp_path / "a" / "state"), "--series-idle-close", "1")
+    follower.wait_ready()
+    time.sleep(0.5)
+    proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "80",
+                           "--shape", "32x32", "--rate", "15", "--log-level", "WARNING"],
+                          timeout=120)
+    assert proc.returncode == 0
+    for worker in (trainer, follower):
+        worker.wait_for("closed output .*scan_0001_n2s.h5", timeout=30)
+    follower.wait_for("adopted model version")
+    assert follower.scrape()["n2s_train_steps_total"] == 0
+    for worker in (trainer, follower):
+        assert worker.terminate() == 0
+    with h5py.File(tmp_path / "b" / "out" / "scan_0001_n2s.h5") as handle:
+        versions = handle["/entry/provenance/model_version"][()]
+    assert versions[-1] > 0 and (np.diff(versions) >= 0).all()
