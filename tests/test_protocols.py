@@ -53,12 +53,13 @@ def test_stream1_shape_is_x_y():
     assert decoder.decode(parts)[0].data.shape == (48, 64)
 
 
-def test_stream2_round_trip():
+@pytest.mark.parametrize("compression", ["bslz4", "lz4", None])
+def test_stream2_round_trip(compression):
     mask = np.zeros(FRAME16.shape, np.uint32)
     mask[0, 0] = 4
     decoder = p.Stream2Decoder()
     assert decoder.decode(p.stream2_start(9, FRAME16.shape, mask)) == []
-    (image,) = decoder.decode(p.stream2_image(9, 5, FRAME16))
+    (image,) = decoder.decode(p.stream2_image(9, 5, FRAME16, compression))
     assert image.index == 5 and np.array_equal(image.data, FRAME16)
     assert image.pixel_mask is not None and image.pixel_mask.sum() == 1
     assert decoder.decode(p.stream2_end(9)) == [p.End("series_000009")]
@@ -121,3 +122,14 @@ def test_stream1_truncated_and_unknown_encoding_after_header():
     with pytest.raises(MessageError) as info:
         decoder.decode([parts[0], json.dumps(bad).encode(), parts[2]])
     assert info.value.reason == "unknown_encoding"
+
+
+def test_lz4_hdf5_framing_across_blocks():
+    from n2s_stream.sources.codecs import lz4_hdf5_decode, lz4_hdf5_encode
+
+    big = RNG.poisson(50, (256, 300)).astype(np.uint16)  # 150 kB: three 64 kB blocks
+    blob = lz4_hdf5_encode(big)
+    assert np.array_equal(lz4_hdf5_decode(blob, big.shape, big.dtype), big)
+    with pytest.raises(MessageError) as info:
+        lz4_hdf5_decode(blob[:-10], big.shape, big.dtype)
+    assert info.value.reason == "corrupt"

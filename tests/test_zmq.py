@@ -286,3 +286,25 @@ def test_inference_worker_adopts_the_training_workers_checkpoints(tmp_path):
     with h5py.File(tmp_path / "b" / "out" / "scan_0001_n2s.h5") as handle:
         versions = handle["/entry/provenance/model_version"][()]
     assert versions[-1] > 0 and (np.diff(versions) >= 0).all()
+
+
+def test_sub_socket_follows_a_publishing_detector(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.bind(endpoint)
+    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-socket", "sub",
+                           "--zmq-protocol", "dectris-stream2")
+    try:
+        daemon.wait_ready()
+        time.sleep(1.0)  # a SUB sees only what is published after it joined
+        frame = np.arange(20 * 20, dtype=np.uint16).reshape(20, 20)
+        pub.send_multipart(p.stream2_start(3, frame.shape))
+        for k in range(4):
+            pub.send_multipart(p.stream2_image(3, k, frame, "lz4"))
+        pub.send_multipart(p.stream2_end(3))
+        daemon.wait_for("closed output .*series_000003_n2s.h5 \\(4 frames\\)", timeout=30)
+        assert daemon.terminate() == 0
+    finally:
+        pub.close(linger=0)
+        context.term()

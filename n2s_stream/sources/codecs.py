@@ -53,6 +53,41 @@ def bslz4_decode(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.nda
         raise MessageError(f"bslz4 payload does not decompress: {exc}", reason="corrupt") from exc
 
 
+def lz4_hdf5_decode(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """LZ4 with HDF5-filter framing (Dectris stream2 ``lz4``): uint64 BE total bytes,
+    uint32 BE block bytes, then blocks each prefixed by its uint32 BE compressed size."""
+    dtype = np.dtype(dtype)
+    if len(blob) < _BSLZ4_HEADER.size:
+        raise MessageError("lz4 payload shorter than its header", reason="truncated")
+    total, block = _BSLZ4_HEADER.unpack_from(blob)
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if total != expected or block <= 0:
+        raise MessageError(f"lz4 payload holds {total} bytes (blocks of {block}), shape "
+                           f"{tuple(shape)} {dtype} needs {expected}", reason="size_mismatch")
+    out, offset = bytearray(), _BSLZ4_HEADER.size
+    try:
+        while len(out) < total:
+            (size,) = struct.unpack_from(">I", blob, offset)
+            chunk = blob[offset + 4 : offset + 4 + size]
+            wanted = min(block, total - len(out))
+            out += chunk if size == wanted else lz4.block.decompress(
+                chunk, uncompressed_size=wanted)
+            offset += 4 + size
+    except (struct.error, lz4.block.LZ4BlockError) as exc:
+        raise MessageError(f"lz4 payload does not decompress: {exc}", reason="corrupt") from exc
+    return raw_decode(bytes(out), shape, dtype)
+
+
+def lz4_hdf5_encode(array: np.ndarray, block: int = 1 << 16) -> bytes:
+    """Inverse of `lz4_hdf5_decode`."""
+    raw = np.ascontiguousarray(array).tobytes()
+    parts = [_BSLZ4_HEADER.pack(len(raw), block)]
+    for start in range(0, len(raw), block):
+        compressed = lz4.block.compress(raw[start : start + block], store_size=False)
+        parts += [struct.pack(">I", len(compressed)), compressed]
+    return b"".join(parts)
+
+
 def lz4_decode(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """Plain LZ4 block of the whole image (Dectris ``lz4<``)."""
     dtype = np.dtype(dtype)

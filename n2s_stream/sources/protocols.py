@@ -30,6 +30,8 @@ from n2s_stream.sources.codecs import (
     MessageError,
     bslz4_encode,
     decode_payload,
+    lz4_hdf5_decode,
+    lz4_hdf5_encode,
 )
 
 PROTOCOLS = ("native", "dectris-stream1", "dectris-stream2")
@@ -312,6 +314,8 @@ def _stream2_array(value: Any, what: str) -> np.ndarray:
     shape = _frame_shape(list(value.shape))
     content, dtype = value.array.content, value.array.dtype
     if isinstance(content, _Compressed):
+        if content.algorithm == "lz4":
+            return lz4_hdf5_decode(content.data, shape, dtype)
         if content.algorithm != "bslz4":
             raise MessageError(f"{what}: compression {content.algorithm!r} not supported",
                                reason="unknown_encoding")
@@ -368,13 +372,16 @@ class Stream2Decoder:
         raise MessageError(f"unknown stream2 message type {kind!r}", reason="unknown_htype")
 
 
-def _stream2_typed(array: np.ndarray, compress: bool) -> cbor2.CBORTag:
+def _stream2_typed(array: np.ndarray, compress: str | None) -> cbor2.CBORTag:
     array = np.ascontiguousarray(array)
     tag = _TAG_FOR_DTYPE[array.dtype.str]
     content: Any = array.tobytes()
-    if compress:
+    if compress == "bslz4":
         content = cbor2.CBORTag(COMPRESSION_TAG, ["bslz4", array.itemsize,
                                                   bslz4_encode(array)])
+    elif compress == "lz4":
+        content = cbor2.CBORTag(COMPRESSION_TAG, ["lz4", array.itemsize,
+                                                  lz4_hdf5_encode(array)])
     return cbor2.CBORTag(MULTI_DIM_TAG, [list(array.shape), cbor2.CBORTag(tag, content)])
 
 
@@ -386,14 +393,15 @@ def stream2_start(series_id: int, shape: tuple[int, int],
                                "image_size_x": shape[1], "image_size_y": shape[0]}
     if pixel_mask is not None:
         mask = np.asarray(pixel_mask, dtype="<u4")
-        message["pixel_mask"] = {"threshold_1": _stream2_typed(mask, compress=False)}
+        message["pixel_mask"] = {"threshold_1": _stream2_typed(mask, compress=None)}
     return [cbor2.dumps(cbor2.CBORTag(55799, message))]
 
 
-def stream2_image(series_id: int, index: int, frame: np.ndarray) -> list[bytes]:
-    """A stream2 ``image`` message with a bitshuffle-LZ4 payload."""
+def stream2_image(series_id: int, index: int, frame: np.ndarray,
+                  compression: str = "bslz4") -> list[bytes]:
+    """A stream2 ``image`` message, payload ``bslz4``, ``lz4`` or uncompressed (None)."""
     message = {"type": "image", "series_id": series_id, "image_id": index,
-               "data": {"threshold_1": _stream2_typed(frame, compress=True)}}
+               "data": {"threshold_1": _stream2_typed(frame, compress=compression)}}
     return [cbor2.dumps(cbor2.CBORTag(55799, message))]
 
 
