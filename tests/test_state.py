@@ -1,0 +1,66 @@
+"""State dir: checkpoint fallback, series headers, output naming; metrics on loopback."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from n2s_stream.checkpoint import save_checkpoint
+from n2s_stream.metrics import Metrics, MetricsServer, scrape
+from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.state import StateDir
+
+
+def _save(state: StateDir, version: int) -> None:
+    config = ModelConfig(width=4, depth=1)
+    save_checkpoint(state.checkpoint_path(version), model=build_model(config),
+                    model_config=config, masker_config=MaskerConfig(),
+                    normalizer=Normalizer(), version=version, step=version * 10)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    state = StateDir(tmp_path)
+    for version in (1, 2, 3, 4):
+        _save(state, version)
+    state.prune_checkpoints()
+    assert [p.name for p in sorted(state.checkpoints.glob("*.pt"))] == [
+        "ckpt_v00000002.pt", "ckpt_v00000003.pt", "ckpt_v00000004.pt"]
+    state.checkpoint_path(4).write_bytes(b"half a checkpoint")
+    assert state.latest_checkpoint().version == 3
+
+
+def test_series_headers_survive_a_new_state_object(tmp_path):
+    mask = np.zeros((4, 5), bool)
+    mask[1, 2] = True
+    StateDir(tmp_path).series_headers["series_000001"] = mask
+    StateDir(tmp_path).series_headers["series_000002"] = None
+    headers = StateDir(tmp_path).series_headers
+    assert np.array_equal(headers["series_000001"], mask)
+    assert headers["series_000002"] is None and "series_000003" not in headers
+    assert sorted(headers) == ["series_000001", "series_000002"]
+
+
+def test_finished_series_seen_again_gets_a_new_output(tmp_path):
+    state = StateDir(tmp_path / "state")
+    default = tmp_path / "out" / "s_n2s.h5"
+    assert state.output_for("s", default) == default
+    state.record("s", output=default, written=3, finished=False)
+    assert state.output_for("s", default) == default  # in progress: continue it
+    state.record("s", output=default, written=5, finished=True)
+    second = state.output_for("s", default)
+    assert second.name == "s_r2_n2s.h5"
+    assert StateDir(tmp_path / "state").output_for("s", default) == second  # persisted
+
+
+def test_metrics_endpoint_is_loopback_by_default():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.reject("nan", 2)
+    server = MetricsServer(registry, port=0)
+    try:
+        assert server._server.server_address[0] == "127.0.0.1"
+        assert scrape(server.port)['n2s_frames_rejected_total{reason="nan"}'] == 2
+    finally:
+        server.close()
