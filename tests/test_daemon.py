@@ -140,13 +140,13 @@ def test_bad_files_are_counted_and_good_ones_processed(tmp_path):
     assert daemon.terminate() == 0
 
 
-def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
-    """SIGKILL the daemon three times while a detector writes; every frame exactly once."""
-    rng = random.Random(1234)
-    n_frames = 150
+def _kill_trials(tmp_path, *, trials: int, n_frames: int, seed: int) -> None:
+    """SIGKILL the daemon ``trials`` times at random moments while a detector writes,
+    restart it, and check that every frame ends up written exactly once."""
+    rng = random.Random(seed)
     (tmp_path / "acq").mkdir()
     writer = start_writer(tmp_path / "acq", frames=n_frames, rate=15, seed=2)
-    for trial in range(3):
+    for trial in range(trials):
         daemon = DaemonProcess(tmp_path, name=f"run{trial}")
         daemon.wait_for("n2s-stream ready")
         time.sleep(rng.uniform(0.2, 2.0))
@@ -156,7 +156,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
             with h5py.File(output, "r", swmr=True) as handle:
                 n = handle["/entry/provenance/t_written"].shape[0]
                 assert handle["/entry/data/data"].shape[0] >= n
-    assert writer.wait(timeout=120) == 0
+    assert writer.wait(timeout=600) == 0
     daemon = DaemonProcess(tmp_path, name="final")
     daemon.wait_ready()
     daemon.wait_for("closed output .*scan_0001_n2s.h5|series scan_0001 already complete",
@@ -174,6 +174,16 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     again.wait_for(r"resuming from .*ckpt_v\d+\.pt")
     assert again.terminate() == 0
     assert _read_output(tmp_path / "out" / "scan_0001_n2s.h5")[0].shape[0] == n_frames
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
+    _kill_trials(tmp_path, trials=3, n_frames=150, seed=1234)
+
+
+@pytest.mark.slow
+def test_kill_9_twenty_trials(tmp_path):
+    """The same with 20 seeded kills over a longer acquisition (make test-slow)."""
+    _kill_trials(tmp_path, trials=20, n_frames=900, seed=20)
 
 
 def test_sd_notify_messages_arrive(tmp_path):
