@@ -160,6 +160,7 @@ class DaemonConfig:
     max_batch: int = 8  # frames denoised in one forward pass when they queue up
     drop_when_full: bool = False  # drop (counted, logged) instead of holding the source back
     series_idle_close: float = 300.0  # close an output after this long without frames
+    min_free_mb: float = 64.0  # hold writing (and so reading) below this free output space
     jinv: bool = False
     require_reconstructable: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default

@@ -16,6 +16,7 @@ from torch import nn
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
 from n2s_stream.training import autocast
+from n2s_stream.writer import free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class InferenceSettings:
     val_every: int = 10  # every n-th frame goes to the held-out set, not the training buffer
     max_batch: int = 8  # frames denoised in one forward pass when they queue up
     series_idle_close: float = 300.0  # seconds without frames before an output is closed
+    min_free_mb: float = 64.0  # below this much free space on the output disk, writing waits
     normalize: str = "meanstd"
     scale_integers: bool = True
 
@@ -116,6 +118,7 @@ class InferenceWorker:
         self._seen = 0
         self._last_seen: dict[str, int] = {}
         self._last_frame_at: dict[str, float] = {}
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference")
 
     def start(self) -> None:
@@ -131,6 +134,7 @@ class InferenceWorker:
         """Process everything queued so far, then stop."""
         if not self._thread.is_alive():
             return
+        self._stopping.set()  # only a wait for disk space looks at this
         self.frames.put(STOP)
         self._thread.join(timeout=timeout)
 
@@ -279,9 +283,30 @@ class InferenceWorker:
                 self._write(frame, writer, valid, normalized, out)
             start = stop
 
+    def _wait_for_space(self, writer, nbytes: int) -> None:
+        """Hold writing while the output disk is (nearly) full, and go on when space comes
+        back. HDF5 cannot survive a write failing for lack of space, so this never lets it
+        get there; meanwhile the queue fills and the source stops reading."""
+        needed = int(self.settings.min_free_mb * 2**20) + 4 * nbytes
+        free = free_bytes(writer.path.parent)
+        if free >= needed:
+            return
+        log.error("output disk of %s nearly full (%.1f MiB free, %.1f MiB needed): holding "
+                  "frames until space returns", writer.path, free / 2**20, needed / 2**20)
+        self.metrics.output_paused.set(1)
+        while free < needed:
+            if self._stopping.wait(1.0):
+                raise OSError(f"stopping while the output disk of {writer.path} is full; "
+                              "unwritten frames are read again at the next start")
+            free = free_bytes(writer.path.parent)
+        self.metrics.output_paused.set(0)
+        log.info("space returned on the output disk (%.1f MiB free): writing again",
+                 free / 2**20)
+
     def _write(self, frame, writer, valid: np.ndarray, normalized: np.ndarray,
                denoised: np.ndarray) -> None:
         data = frame.data
+        self._wait_for_space(writer, denoised.nbytes)
         if not valid.all():
             denoised[~valid] = data[~valid]
         if self.settings.require_reconstructable:

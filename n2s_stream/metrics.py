@@ -66,6 +66,9 @@ class Metrics:
         self.frames_per_second = Gauge(
             "n2s_frames_per_second", "Frames written per second (recent average)",
             registry=registry)
+        self.output_paused = Gauge(
+            "n2s_output_paused", "1 while writing is held back because the output disk is"
+            " (nearly) full", registry=registry)
         self.build = Info("n2s_build", "n2s-stream build", registry=registry)
         self.build.info({"version": __version__})
 

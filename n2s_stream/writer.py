@@ -35,6 +35,12 @@ PROVENANCE_FIELDS = {
 }
 
 
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``directory``."""
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
 def output_name(source: Path) -> str:
     """Name of the output file for a source file: ``scan_0001.h5`` → ``scan_0001_n2s.h5``."""
     return f"{source.stem}_n2s.h5"

@@ -1,0 +1,46 @@
+"""The output disk fills up: the daemon holds writing (and so reading), says why, and goes
+on without losing or repeating a frame once space returns. A real size-limited tmpfs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from daemon_helpers import DaemonProcess, start_writer
+from test_daemon import _read_output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs mounted where the daemon writes; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "out"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk):
+    daemon = DaemonProcess(tmp_path, "--min-free-mb", "1")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
+    daemon.wait_for("nearly full .* holding frames until space returns", timeout=60)
+    metrics = daemon.scrape()
+    assert metrics["n2s_output_paused"] == 1
+    assert metrics["n2s_frames_denoised_total"] < 200
+    assert writer.wait(timeout=60) == 0
+    subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], check=True)
+    daemon.wait_for("space returned on the output disk", timeout=30)
+    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(200 frames\\)", timeout=60)
+    assert daemon.scrape()["n2s_output_paused"] == 0
+    assert daemon.terminate() == 0
+    frames, provenance = _read_output(small_disk / "scan_0001_n2s.h5")
+    assert np.array_equal(provenance["source_frame"], np.arange(200))
+    assert np.isfinite(frames).all()
