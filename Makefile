@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow test-faults lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-faults: setup
+	$(PY) -m pytest -q -m "faults or slow" tests/faults tests/test_daemon.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check n2s_stream tests benchmarks

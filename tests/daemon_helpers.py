@@ -98,3 +98,13 @@ def start_writer(directory: Path, *, frames: int, rate: float, shape: str = "48x
                              "--layout", layout, "--seed", str(seed), "--log-level", "WARNING"])
     STARTED.append(proc)
     return proc
+
+
+def read_output(path: Path):
+    """``(frames, provenance dict)`` of an output file."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        return (handle["/entry/data/data"][()],
+                {k: handle[f"/entry/provenance/{k}"][()] for k in
+                 ("source_frame", "model_version", "t_received", "t_written")})

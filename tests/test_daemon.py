@@ -181,6 +181,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_kill_9_twenty_trials(tmp_path):
     """The same with 20 seeded kills over a longer acquisition (make test-slow)."""
     _kill_trials(tmp_path, trials=20, n_frames=900, seed=20)

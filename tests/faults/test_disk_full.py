@@ -8,8 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, start_writer
-from test_daemon import _read_output
+from daemon_helpers import DaemonProcess, read_output, start_writer
 
 
 @pytest.fixture
@@ -27,6 +26,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+pytestmark = pytest.mark.faults
+
+
 def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk):
     daemon = DaemonProcess(tmp_path, "--min-free-mb", "1")
     daemon.wait_ready()
@@ -41,6 +43,6 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk):
     daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(200 frames\\)", timeout=60)
     assert daemon.scrape()["n2s_output_paused"] == 0
     assert daemon.terminate() == 0
-    frames, provenance = _read_output(small_disk / "scan_0001_n2s.h5")
+    frames, provenance = read_output(small_disk / "scan_0001_n2s.h5")
     assert np.array_equal(provenance["source_frame"], np.arange(200))
     assert np.isfinite(frames).all()

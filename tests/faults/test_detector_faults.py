@@ -1,0 +1,76 @@
+"""Faults on the detector side and in the file system, against a real daemon process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from daemon_helpers import N2S, DaemonProcess, read_output, start_writer
+
+pytestmark = pytest.mark.faults
+
+
+def test_detector_writer_killed_mid_file(tmp_path):
+    """The writer dies with its SWMR file open: every frame it flushed is denoised once
+    and the series is closed after the quiet time."""
+    daemon = DaemonProcess(tmp_path)
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=500, rate=20)
+    daemon.wait_for("opened output")
+    time.sleep(1.5)
+    writer.kill()
+    writer.wait(timeout=30)
+    found = daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \((\d+) frames\)", timeout=60)
+    n = int(found.group(1))
+    assert daemon.terminate() == 0
+    import h5py
+
+    with h5py.File(daemon.watch / "scan_0001.h5", "r", swmr=True) as handle:
+        flushed = handle["/entry/data/data"].shape[0]
+    assert 5 < n == flushed < 500
+    assert np.array_equal(read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"],
+                          np.arange(n))
+
+
+def test_source_file_deleted_while_read(tmp_path):
+    """The file is deleted under the daemon: what was read stays written, the daemon goes
+    on with the next file."""
+    daemon = DaemonProcess(tmp_path)
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=400, rate=20)
+    daemon.wait_for("opened output")
+    time.sleep(1.0)
+    (daemon.watch / "scan_0001.h5").unlink()
+    writer.kill()
+    writer.wait(timeout=30)
+    daemon.wait_for(r"closed output .*scan_0001_n2s.h5", timeout=60)
+    second = start_writer(daemon.watch, frames=10, rate=0, name="scan_0002")
+    assert second.wait(timeout=60) == 0
+    daemon.wait_for(r"closed output .*scan_0002_n2s.h5 \(10 frames\)", timeout=60)
+    assert daemon.terminate() == 0
+    index = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
+    assert len(index) > 0 and np.array_equal(index, np.arange(len(index)))
+
+
+def test_read_only_state_dir_is_a_clear_startup_error(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        (tmp_path / "acq").mkdir()
+        proc = subprocess.run([*N2S, "--watch", str(tmp_path / "acq"), "--state-dir",
+                               str(state), "--metrics-port", "-1"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "state directory is not writable" in proc.stderr
+    assert "Traceback" not in proc.stderr
