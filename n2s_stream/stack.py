@@ -170,6 +170,8 @@ def _open_file(path: Path, *, swmr: bool) -> h5py.File:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not an HDF5 file", reason="not_hdf5")
     try:
+        with open(path, "rb") as handle:  # a permission problem is said as such
+            handle.read(8)
         if not h5py.is_hdf5(path):
             raise InputError(f"{path}: not an HDF5 file", reason="not_hdf5")
         # locking=False: a detector writer may hold the file; HDF5's lock would refuse us.

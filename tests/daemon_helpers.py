@@ -29,13 +29,14 @@ def reap() -> None:
 class DaemonProcess:
     """``n2s-stream --watch`` as a subprocess, its log in a file, its metrics scraped."""
 
-    def __init__(self, tmp: Path, *extra: str, env: dict | None = None, name: str = "daemon"):
+    def __init__(self, tmp: Path, *extra: str, env: dict | None = None, name: str = "daemon",
+                 prefix: list[str] | None = None):
         tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / f"{name}.log"
         self.watch, self.out, self.state = tmp / "acq", tmp / "out", tmp / "state"
         self.watch.mkdir(exist_ok=True)
         source = [] if "--zmq" in extra else ["--watch", str(self.watch)]
-        args = [*N2S, *source, "--out", str(self.out), "--state-dir",
+        args = [*(prefix or []), *N2S, *source, "--out", str(self.out), "--state-dir",
                 str(self.state), "--device", "cpu", "--metrics-port", "0",
                 "--settle-seconds", "2", "--threads", "1", *extra]
         self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in wait())

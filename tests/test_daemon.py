@@ -5,9 +5,11 @@ HTTP, and the daemon is stopped with real signals."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import shutil
 import socket
+import subprocess
 import time
 
 import h5py
@@ -94,8 +96,20 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     assert last > noisy_last + 5.0, (noisy_last, last)
 
 
+def _without_root_file_access() -> list[str] | None:
+    """A command prefix that runs a process as root but without the capabilities that
+    let root read any file, so that file permissions apply to it; None if unavailable."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    probe = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                            "true"], capture_output=True)
+    return None if probe.returncode else ["setpriv", "--bounding-set",
+                                          "-dac_override,-dac_read_search"]
+
+
 def test_bad_files_are_counted_and_good_ones_processed(tmp_path):
-    daemon = DaemonProcess(tmp_path)
+    prefix = _without_root_file_access()
+    daemon = DaemonProcess(tmp_path, prefix=prefix)
     watch = daemon.watch
     daemon.wait_ready()
     good = np.random.default_rng(0).poisson(10, (6, 32, 32)).astype(np.uint16)
@@ -118,6 +132,8 @@ def test_bad_files_are_counted_and_good_ones_processed(tmp_path):
                 f"mixed_data_00000{k}.h5", "/entry/data/data")
     write_stack(watch / "good_b.h5", good[:4])
     (watch / "notes.txt").write_text("ignored: not an HDF5 name")
+    if prefix is not None or os.geteuid() != 0:  # unreadable permissions
+        write_stack(watch / "no_permission.h5", good).chmod(0)
 
     daemon.wait_for("closed output .*good_b_n2s.h5 \\(4 frames\\)", timeout=60)
     daemon.wait_for("closed output .*good_a_n2s.h5 \\(6 frames\\)", timeout=60)
@@ -125,6 +141,8 @@ def test_bad_files_are_counted_and_good_ones_processed(tmp_path):
     deadline = time.monotonic() + 30
     expected = {"not_hdf5": 1, "unreadable": 1, "no_dataset": 1, "rank": 1, "nan": 2,
                 "shape": 1}
+    if (watch / "no_permission.h5").exists():
+        expected["unreadable"] += 1
     while time.monotonic() < deadline:
         metrics = daemon.scrape()
         rejected = {k.split('"')[1]: v for k, v in metrics.items()
@@ -137,6 +155,8 @@ def test_bad_files_are_counted_and_good_ones_processed(tmp_path):
     log = daemon.log()
     assert "not_hdf5.h5: not an HDF5 file" in log
     assert "rejected frame 1 of nan_frames: NaN or inf" in log
+    if (watch / "no_permission.h5").exists():
+        assert "no_permission.h5: permission denied" in log
     assert daemon.terminate() == 0
 
 
