@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/offline_quality.py
 	$(PY) benchmarks/daemon_memory.py
 	$(PY) benchmarks/zmq_throughput.py
+	$(PY) benchmarks/model_speed.py
 
 clean:
 	rm -rf $(VENV) runs demo-output .pytest_cache

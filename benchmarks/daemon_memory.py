@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 import torch
 
+from n2s_stream.inference import use_fast_layout
 from n2s_stream.metrics import scrape
 from n2s_stream.models import ModelConfig, build_model
 
@@ -44,9 +45,10 @@ def rss_mb(pid: int) -> float:
 
 
 def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0) -> float:
-    """Frames/s of the default model's forward pass alone, one frame at a time."""
+    """Frames/s of the default model's forward pass alone, one frame at a time, in the
+    layout the daemon uses (channels_last on CPU)."""
     torch.set_num_threads(threads)
-    model = build_model(ModelConfig()).eval()
+    model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
     x = torch.randn(1, 1, *shape)
     with torch.inference_mode():
         model(x)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.config import DenoiseConfig, TrainConfig, as_toml
 from n2s_stream.errors import CheckpointError, InputError, UsageError
-from n2s_stream.inference import denoise_counts, to_source_dtype
+from n2s_stream.inference import denoise_counts, to_source_dtype, use_fast_layout
 from n2s_stream.models import build_model, count_parameters
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
@@ -289,7 +289,7 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
         )
     device = resolve_device(config.device)
     amp = amp_enabled(config.amp, device)
-    model = checkpoint.build_model(device)
+    model = use_fast_layout(checkpoint.build_model(device), device)
     masker = Masker(checkpoint.masker_config)
     out_path = resolve_output(Path(config.h5), config.out)
     if out_path.resolve() == Path(config.h5).resolve():

@@ -53,3 +53,15 @@ def test_zmq_throughput_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["protocol"] for r in rows} == {"native", "dectris-stream1", "dectris-stream2"}
     assert all(r["source_fps"] > 0 for r in rows)
+
+
+def test_model_speed_runs(tmp_path):
+    out = tmp_path / "s.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "model_speed.py"), "--sizes", "32", "--seconds",
+         "0.2", "--out", str(out)], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["matmul_peak_gflops"] > 0
+    assert {r["variant"] for r in report["rows"]} == {"float32", "channels_last", "bf16"}
