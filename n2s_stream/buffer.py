@@ -7,7 +7,7 @@ from collections import deque
 
 import numpy as np
 
-from n2s_stream.training import augment
+from n2s_stream.training import random_crop
 
 
 class RollingBuffer:
@@ -71,12 +71,9 @@ class RollingBuffer:
         crops = np.empty((batch, 1, size, size), np.float32)
         valid_crops = np.ones((batch, 1, size, size), np.float32)
         for b, (frame, valid) in enumerate(picks):
-            top = rng.integers(frame.shape[0] - size + 1)
-            left = rng.integers(frame.shape[1] - size + 1)
-            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-            crops[b, 0] = augment(frame[top : top + size, left : left + size], turns, flip)
-            if valid is not None:
-                window = valid[top : top + size, left : left + size]
-                valid_crops[b, 0] = augment(window, turns, flip)
+            crop, valid_crop = random_crop(frame, valid, (size, size), rng)
+            crops[b, 0] = crop
+            if valid_crop is not None:
+                valid_crops[b, 0] = valid_crop
         all_valid = all(v is None for _, v in picks)
         return crops, None if all_valid else valid_crops

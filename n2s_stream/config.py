@@ -8,7 +8,6 @@ rejected with their name; types are checked when the object is built.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Mapping
@@ -296,7 +295,3 @@ def as_toml(config: object, table: str) -> str:
         lines.append(f"{field.name} = {text}")
     return "\n".join(lines) + "\n"
 
-
-def replace(config: T, **changes: Any) -> T:
-    """A copy of a frozen config with some options changed."""
-    return dataclasses.replace(config, **changes)  # type: ignore[type-var]

@@ -213,7 +213,7 @@ class Daemon:
         try:
             self._start()
         except BaseException:
-            self._shutdown_partial()
+            self._shutdown()
             raise
         following = self.config.watch or self.config.zmq
         self.notifier.notify("READY=1", f"STATUS=following {following}")
@@ -248,17 +248,10 @@ class Daemon:
                 last_status = now
 
     def _shutdown(self) -> None:
-        self.source.stop()  # no new frames; unread ones stay in their files for next time
-        self.worker.stop()  # writes everything already queued
-        if self.follower is not None:
-            self.follower.stop()
-        if self.trainer is not None:
-            self.trainer.stop()  # final checkpoint
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-
-    def _shutdown_partial(self) -> None:
-        for name in ("source", "worker", "trainer", "follower"):
+        """Stop the stages in data-flow order, also after a start that failed half-way: the
+        source reads no more (unread frames stay in their files), the worker writes what is
+        queued, the trainer saves a final checkpoint."""
+        for name in ("source", "worker", "follower", "trainer"):
             part = getattr(self, name, None)
             if part is not None:
                 part.stop()

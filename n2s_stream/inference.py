@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from n2s_stream.frames import Frame
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
 from n2s_stream.training import autocast
@@ -149,8 +150,6 @@ class InferenceWorker:
         self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
-        from n2s_stream.frames import Frame
-
         while True:
             batch = self._next_batch()
             if not batch:
@@ -183,8 +182,6 @@ class InferenceWorker:
         """The next queue item, plus the frames queued right behind it (up to
         ``max_batch``): when frames pile up, one forward pass serves several. A series end
         or the stop sentinel closes the batch, so order is kept."""
-        from n2s_stream.frames import Frame
-
         try:
             batch = [self.frames.get(timeout=1.0)]
         except queue.Empty:

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from n2s_stream.errors import UsageError
+from n2s_stream.writer import whole_frames
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,9 @@ def _shard_index(path: Path) -> tuple[np.ndarray, tuple[int, int], np.dtype, int
     try:
         with h5py.File(path, "r", swmr=True) as handle:
             data = handle["/entry/data/data"]
-            frames = handle["/entry/provenance/source_frame"][()]
-            whole = min(len(frames), data.shape[0])
-            return frames[:whole], tuple(data.shape[1:]), data.dtype, whole
+            whole = whole_frames(handle)
+            frames = handle["/entry/provenance/source_frame"][:whole]
+            return frames, tuple(data.shape[1:]), data.dtype, whole
     except (OSError, KeyError) as exc:
         raise UsageError(f"{path}: not an n2s-stream output shard: {exc}") from exc
 

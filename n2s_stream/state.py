@@ -21,6 +21,7 @@ import numpy as np
 
 from n2s_stream.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.errors import CheckpointError, UsageError
+from n2s_stream.writer import whole_frames
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,8 @@ def last_written_source_frame(output: Path) -> int | None:
         return None
     try:
         with h5py.File(output, "r", swmr=True, locking=False) as handle:
-            rows = [handle[f"/entry/provenance/{k}"] for k in
-                    ("source_frame", "model_version", "t_received", "t_written")]
-            whole = min(handle["/entry/data/data"].shape[0], *(r.shape[0] for r in rows))
-            return int(rows[0][whole - 1]) if whole else None
+            whole = whole_frames(handle)
+            return int(handle["/entry/provenance/source_frame"][whole - 1]) if whole else None
     except (OSError, KeyError) as exc:
         raise UsageError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 

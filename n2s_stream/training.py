@@ -70,19 +70,33 @@ def sample_patches(
     """
     n, height, width = frames.shape
     ph, pw = (height, width) if patch <= 0 else (min(patch, height), min(patch, width))
-    square = ph == pw
     crops = np.empty((batch, 1, ph, pw), dtype=np.float32)
     valid_crops = None if valid is None else np.empty((batch, 1, ph, pw), dtype=np.float32)
     for b in range(batch):
         k = rng.integers(n)
-        top, left = rng.integers(height - ph + 1), rng.integers(width - pw + 1)
-        turns = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
-        flip = bool(rng.integers(2))
-        crops[b, 0] = augment(frames[k, top : top + ph, left : left + pw], turns, flip)
-        if valid_crops is not None and valid is not None:
-            window = valid[k, top : top + ph, left : left + pw]
-            valid_crops[b, 0] = augment(window, turns, flip)
+        crop, valid_crop = random_crop(frames[k], None if valid is None else valid[k],
+                                       (ph, pw), rng)
+        crops[b, 0] = crop
+        if valid_crops is not None:
+            valid_crops[b, 0] = valid_crop
     return crops, valid_crops
+
+
+def random_crop(
+    image: np.ndarray, valid: np.ndarray | None, size: tuple[int, int],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A random ``size`` window of a 2-D ``image`` (and of ``valid`` alike), randomly
+    mirrored and turned (by 90° steps when square, else by 180°)."""
+    ph, pw = size
+    top = rng.integers(image.shape[0] - ph + 1)
+    left = rng.integers(image.shape[1] - pw + 1)
+    turns = int(rng.integers(4)) if ph == pw else 2 * int(rng.integers(2))
+    flip = bool(rng.integers(2))
+    crop = augment(image[top : top + ph, left : left + pw], turns, flip)
+    if valid is None:
+        return crop, None
+    return crop, augment(valid[top : top + ph, left : left + pw], turns, flip)
 
 
 def augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:

@@ -35,6 +35,13 @@ PROVENANCE_FIELDS = {
 }
 
 
+def whole_frames(file: h5py.File) -> int:
+    """Frames of an output file that are complete: a frame counts once its data and every
+    provenance row are in (they are written in that order, then flushed)."""
+    lengths = [file[f"/entry/provenance/{name}"].shape[0] for name in PROVENANCE_FIELDS]
+    return min(file["/entry/data/data"].shape[0], *lengths)
+
+
 def free_bytes(directory: Path) -> int:
     """Bytes an unprivileged writer may still use on the file system of ``directory``."""
     stats = os.statvfs(directory)
@@ -99,7 +106,7 @@ class FrameWriter:
             )
         self._provenance = {name: self._file[f"/entry/provenance/{name}"]
                             for name in PROVENANCE_FIELDS}
-        whole = min(self._frames.shape[0], *(ds.shape[0] for ds in self._provenance.values()))
+        whole = whole_frames(self._file)
         for ds in (self._frames, *self._provenance.values()):
             if ds.shape[0] != whole:
                 ds.resize(whole, axis=0)
@@ -198,8 +205,7 @@ def _open_existing(path: Path) -> h5py.File:
                     path, str(exc).splitlines()[0])
     tmp = path.with_name(path.name + ".recovering")
     with h5py.File(path, "r", swmr=True) as old, h5py.File(tmp, "w", libver="latest") as new:
-        provenance = [old[f"/entry/provenance/{name}"] for name in PROVENANCE_FIELDS]
-        whole = min(old["/entry/data/data"].shape[0], *(ds.shape[0] for ds in provenance))
+        whole = whole_frames(old)
         for name, obj in _walk(old):
             if isinstance(obj, h5py.Group):
                 new.require_group(name).attrs.update(obj.attrs)

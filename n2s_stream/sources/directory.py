@@ -167,11 +167,6 @@ class DirectorySource:
         """True while the follower thread runs."""
         return self._thread.is_alive()
 
-    @property
-    def active_series(self) -> int:
-        """Files currently followed."""
-        return len(self._followed)
-
     def _run(self) -> None:
         while not self._stop.is_set():
             changed, closed = self._events.take()
