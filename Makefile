@@ -26,7 +26,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-faults: setup
-	$(PY) -m pytest -q -m "faults or slow" tests/faults tests/test_daemon.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "faults or slow" tests/faults $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check n2s_stream tests benchmarks

@@ -7,6 +7,8 @@ step count and a version number that grows each time new weights are published.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from n2s_stream.errors import CheckpointError
 from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer
+
+log = logging.getLogger(__name__)
 
 FORMAT = "n2s-stream-checkpoint/1"
 
@@ -94,12 +98,25 @@ def save_checkpoint(
         "extra": extra or {},
     }
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a short write (disk full) as
+        _remove_partial(tmp)                # RuntimeError: callers see one error type
+        if isinstance(exc, OSError):
+            raise
+        raise OSError(errno.EIO, f"writing {path} failed: {exc}") from exc
     return path
+
+
+def _remove_partial(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:  # read-only file system: nothing was written there either
+        log.debug("could not remove %s: %s", tmp, exc)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -66,7 +66,7 @@ class Daemon:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        self.state = StateDir(config.state_dir)
+        self.state = StateDir(config.state_dir, on_write_error=self.metrics.state_write_errors.inc)
         checkpoint = self.state.latest_checkpoint()
         if checkpoint is None and config.model_from is not None:
             checkpoint = newest_checkpoint(config.model_from / "checkpoints")
@@ -190,11 +190,15 @@ class Daemon:
         normalizer = self.worker.normalizer
         if normalizer is None:
             return  # nothing seen yet: nothing learnt worth keeping
-        path = save_checkpoint(self.state.checkpoint_path(version), model=model,
-                               model_config=self._model_config, masker_config=self._masker.config,
-                               normalizer=normalizer, optimizer=optimizer, step=step,
-                               version=version)
-        self.state.prune_checkpoints()
+        path = self.state.checkpoint_path(version)
+        try:
+            save_checkpoint(path, model=model, model_config=self._model_config,
+                            masker_config=self._masker.config, normalizer=normalizer,
+                            optimizer=optimizer, step=step, version=version)
+            self.state.prune_checkpoints()
+        except OSError as exc:  # training goes on; the next interval tries again
+            self.state.write_failed(f"checkpoint {path}", exc)
+            return
         log.info("checkpoint %s (step %d)", path, step)
 
     # ---- lifecycle ----------------------------------------------------------------------

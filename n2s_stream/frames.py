@@ -28,8 +28,13 @@ class Frame:
 
 @dataclass(frozen=True)
 class SeriesEnd:
-    """The source will send no more frames of ``series``; ``n_frames`` were in it."""
+    """The source will send no more frames of ``series``; ``n_frames`` were in it.
+
+    ``n_frames`` is what the detector says it sent where the feed says so (a lost tail is
+    then counted as missing), else what this source saw.
+    """
 
     series: str
     n_frames: int
     output: Path
+    sender_count: bool = False

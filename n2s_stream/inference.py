@@ -16,6 +16,7 @@ from torch import nn
 from n2s_stream.frames import Frame
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
+from n2s_stream.state import last_written_source_frame
 from n2s_stream.training import autocast
 from n2s_stream.writer import free_bytes
 
@@ -331,6 +332,17 @@ class InferenceWorker:
         target.add(normalized, valid_map)
 
     def _end_series(self, end) -> None:
+        last = self._last_seen.get(end.series, -1)
+        writer = self.outputs.get(end.series)
+        if writer is not None:
+            last = max(last, writer.last_source_frame)
+        elif end.sender_count:  # nothing of it came this run: what did earlier runs write?
+            done = last_written_source_frame(self.state.output_for(end.series, end.output))
+            last = max(last, -1 if done is None else done)
+        if end.sender_count and end.n_frames - 1 > last:
+            log.warning("%s: %d frames missing before the end of the series (frame %d)",
+                        end.series, end.n_frames - 1 - last, end.n_frames)
+            self.metrics.frames_missing.inc(end.n_frames - 1 - last)
         self._last_seen.pop(end.series, None)
         self._last_frame_at.pop(end.series, None)
         if self.republisher is not None:

@@ -53,6 +53,9 @@ class Metrics:
         self.selfsup_val_loss = Gauge(
             "n2s_selfsup_val_loss", "Masked loss on held-out frames (no ground truth needed)",
             registry=registry)
+        self.state_write_errors = Counter(
+            "n2s_state_write_errors", "Checkpoint or ledger writes to the state dir that failed",
+            registry=registry)
         self.source_blocked = Counter(
             "n2s_source_blocked_seconds", "Time sources waited on a full queue (backpressure)",
             registry=registry)

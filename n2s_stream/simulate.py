@@ -197,7 +197,7 @@ def simulate_zmq(config: ZmqSimulateConfig) -> int:
                 if period:
                     time.sleep(max(0.0, started + sent * period - time.monotonic()))
             if config.protocol == "native":
-                sock.send_multipart(p.native_end(name))
+                sock.send_multipart(p.native_end(name, config.frames))
             elif config.protocol == "dectris-stream1":
                 sock.send_multipart(p.stream1_end(k))
             else:

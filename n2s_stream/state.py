@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +115,9 @@ class SeriesHeaders(MutableMapping):
 class StateDir:
     """Checkpoints and ledger under one directory, created if needed."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, on_write_error: Callable[[], None] = lambda: None) -> None:
         self.root = Path(root)
+        self._on_write_error = on_write_error
         self.checkpoints = self.root / "checkpoints"
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -168,12 +169,26 @@ class StateDir:
         return candidate
 
     def record(self, series: str, *, output: Path, written: int, finished: bool) -> None:
-        """Note progress of a series and persist the ledger."""
+        """Note progress of a series and persist the ledger.
+
+        A ledger that cannot be written (state dir gone read-only or full) is logged and
+        counted, not fatal: outputs stay the authority on what was written, and the next
+        write that succeeds carries every entry.
+        """
         with self._lock:
             self._series[series] = {"output": str(output), "written": written,
                                     "finished": finished}
             text = json.dumps({"series": self._series}, indent=1, sort_keys=True)
-            atomic_write_text(self._ledger_path, text)
+            try:
+                atomic_write_text(self._ledger_path, text)
+            except OSError as exc:
+                self.write_failed(f"ledger {self._ledger_path}", exc)
+
+    def write_failed(self, what: str, exc: OSError) -> None:
+        """Log and count a failed write to the state dir; the daemon carries on."""
+        log.error("cannot write %s: %s (denoising goes on; restart point not updated)",
+                  what, exc.strerror or exc)
+        self._on_write_error()
 
     def checkpoint_path(self, version: int) -> Path:
         """Where the checkpoint of ``version`` goes."""

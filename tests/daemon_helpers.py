@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,25 @@ def start_writer(directory: Path, *, frames: int, rate: float, shape: str = "48x
     proc = subprocess.Popen([*N2S, "simulate", "--dir", str(directory), "--frames", str(frames),
                              "--rate", str(rate), "--shape", shape, "--name", name,
                              "--layout", layout, "--seed", str(seed), "--log-level", "WARNING"])
+    STARTED.append(proc)
+    return proc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_detector_feed(endpoint: str, *, frames: int, rate: float, protocol: str = "native",
+                        series: int = 1, shape: str = "48x48",
+                        seed: int = 0) -> subprocess.Popen:
+    """A detector PUSHing frames from ``endpoint`` (bound), as a separate process."""
+    proc = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--protocol", protocol,
+                             "--frames", str(frames), "--series", str(series), "--shape",
+                             shape, "--rate", str(rate), "--seed", str(seed),
+                             "--log-level", "WARNING"])
     STARTED.append(proc)
     return proc
 

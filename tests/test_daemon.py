@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -16,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import write_stack
-from daemon_helpers import DaemonProcess, start_writer
+from daemon_helpers import DaemonProcess, read_output, start_writer
 
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import truth_path
@@ -41,13 +40,6 @@ def _follow_output(path: str, queue, seconds: float) -> None:
     queue.put(seen)
 
 
-def _read_output(path):
-    with h5py.File(path, "r") as handle:
-        return (handle["/entry/data/data"][()],
-                {k: handle[f"/entry/provenance/{k}"][()] for k in
-                 ("source_frame", "model_version", "t_received", "t_written")})
-
-
 def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     n_frames, dose = 80, 20.0
     daemon = DaemonProcess(tmp_path, "--publish-every", "20")
@@ -69,7 +61,7 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
 
     # the reader saw the file grow while the daemon wrote it, never a torn frame
     assert len(set(seen)) > 3 and -1 not in seen and seen == sorted(seen)
-    frames, provenance = _read_output(output)
+    frames, provenance = read_output(output)
     assert frames.shape == (n_frames, 48, 48) and frames.dtype == np.float32
     assert np.array_equal(provenance["source_frame"], np.arange(n_frames))
     assert (np.diff(provenance["model_version"]) >= 0).all()
@@ -160,53 +152,6 @@ def test_bad_files_are_counted_and_good_ones_processed(tmp_path):
     assert daemon.terminate() == 0
 
 
-def _kill_trials(tmp_path, *, trials: int, n_frames: int, seed: int) -> None:
-    """SIGKILL the daemon ``trials`` times at random moments while a detector writes,
-    restart it, and check that every frame ends up written exactly once."""
-    rng = random.Random(seed)
-    (tmp_path / "acq").mkdir()
-    writer = start_writer(tmp_path / "acq", frames=n_frames, rate=15, seed=2)
-    for trial in range(trials):
-        daemon = DaemonProcess(tmp_path, name=f"run{trial}")
-        daemon.wait_for("n2s-stream ready")
-        time.sleep(rng.uniform(0.2, 2.0))
-        daemon.kill()
-        output = tmp_path / "out" / "scan_0001_n2s.h5"
-        if output.exists():  # a killed writer leaves a file that still opens, whole frames
-            with h5py.File(output, "r", swmr=True) as handle:
-                n = handle["/entry/provenance/t_written"].shape[0]
-                assert handle["/entry/data/data"].shape[0] >= n
-    assert writer.wait(timeout=600) == 0
-    daemon = DaemonProcess(tmp_path, name="final")
-    daemon.wait_ready()
-    daemon.wait_for("closed output .*scan_0001_n2s.h5|series scan_0001 already complete",
-                    timeout=120)
-    assert daemon.terminate() == 0
-    frames, provenance = _read_output(tmp_path / "out" / "scan_0001_n2s.h5")
-    assert np.array_equal(provenance["source_frame"], np.arange(n_frames))
-    assert frames.shape[0] == n_frames and np.isfinite(frames).all()
-    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
-    assert "resumed output" in logs  # a killed run's output was continued, not restarted
-    # a restart of a finished series writes nothing twice
-    again = DaemonProcess(tmp_path, name="again")
-    again.wait_for("series scan_0001 already complete")
-    # the SIGTERM above checkpointed: training resumes from it
-    again.wait_for(r"resuming from .*ckpt_v\d+\.pt")
-    assert again.terminate() == 0
-    assert _read_output(tmp_path / "out" / "scan_0001_n2s.h5")[0].shape[0] == n_frames
-
-
-def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
-    _kill_trials(tmp_path, trials=3, n_frames=150, seed=1234)
-
-
-@pytest.mark.slow
-@pytest.mark.faults
-def test_kill_9_twenty_trials(tmp_path):
-    """The same with 20 seeded kills over a longer acquisition (make test-slow)."""
-    _kill_trials(tmp_path, trials=20, n_frames=900, seed=20)
-
-
 def test_sd_notify_messages_arrive(tmp_path):
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -255,7 +200,7 @@ def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
     assert writer.wait(timeout=60) == 0
     daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(30 frames\\)", timeout=60)
     assert daemon.terminate() == 0
-    frames, provenance = _read_output(daemon.out / "scan_0001_n2s.h5")
+    frames, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
     assert np.array_equal(provenance["source_frame"], np.arange(30))
     assert (frames[:, 16, :] == 65535).all()  # the gap row, untouched
     assert frames[:, :16].max() < 1000  # the rest is denoised counts

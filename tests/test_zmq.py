@@ -3,7 +3,6 @@ back, every frame written exactly once; garbage counted and survived."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 
@@ -11,15 +10,9 @@ import h5py
 import numpy as np
 import pytest
 import zmq
-from daemon_helpers import N2S, STARTED, DaemonProcess
+from daemon_helpers import N2S, STARTED, DaemonProcess, free_port
 
 from n2s_stream.sources import protocols as p
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _frames_in(path):

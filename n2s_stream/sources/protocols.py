@@ -51,9 +51,10 @@ class Image:
 
 @dataclass(frozen=True)
 class End:
-    """The end of ``series``."""
+    """The end of ``series``; ``total`` frames were sent in it, where the feed says so."""
 
     series: str
+    total: int | None = None
 
 
 Event = Image | End
@@ -121,7 +122,12 @@ class NativeDecoder:
         header = _json(parts[0], "header")
         htype = header.get("htype")
         if htype == "n2s-end-1":
-            return [End(check_series_name(header.get("series")))]
+            total = header.get("frames")
+            if total is not None and (not isinstance(total, int) or isinstance(total, bool)
+                                      or total < 0):
+                raise MessageError(f"end message frame count {total!r} is not a count",
+                                   reason="bad_header")
+            return [End(check_series_name(header.get("series")), total)]
         if htype != "n2s-frame-1":
             raise MessageError(f"unknown htype {htype!r}", reason="unknown_htype")
         series = check_series_name(header.get("series"))
@@ -153,9 +159,12 @@ def native_frame(series: str, index: int, frame: np.ndarray,
     return [json.dumps(header).encode(), payload]
 
 
-def native_end(series: str) -> list[bytes]:
-    """The end-of-series message."""
-    return [json.dumps({"htype": "n2s-end-1", "series": series}).encode()]
+def native_end(series: str, total: int | None = None) -> list[bytes]:
+    """The end-of-series message; ``total`` (frames sent) lets the daemon count lost tails."""
+    header: dict[str, Any] = {"htype": "n2s-end-1", "series": series}
+    if total is not None:
+        header["frames"] = total
+    return [json.dumps(header).encode()]
 
 
 # ---- Dectris stream v1 -----------------------------------------------------------------

@@ -119,8 +119,12 @@ class ZmqSource:
     def _forward(self, event: Image | End, received: float) -> bool:
         if isinstance(event, End):
             n = self._frames_in.pop(event.series, 0)
-            log.info("series %s ended after %d frames", event.series, n)
-            return self._emit(SeriesEnd(event.series, n, self._output(event.series)))
+            log.info("series %s ended after %d frames (%s sent)", event.series, n,
+                     "?" if event.total is None else event.total)
+            if event.total is None:
+                return self._emit(SeriesEnd(event.series, n, self._output(event.series)))
+            return self._emit(SeriesEnd(event.series, event.total, self._output(event.series),
+                                        sender_count=True))
         if event.series not in self._frames_in:
             log.info("series %s started", event.series)
         self._frames_in[event.series] = self._frames_in.get(event.series, 0) + 1

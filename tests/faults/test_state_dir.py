@@ -1,0 +1,61 @@
+"""The state dir turns read-only while the daemon runs (a remounted or full file system):
+denoising goes on, each failed write is logged and counted, and checkpoints resume once
+it is writable again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from daemon_helpers import DaemonProcess, read_output, start_writer
+from fault_report import FaultFigure
+
+pytestmark = pytest.mark.faults
+
+
+def _mount(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True)
+
+
+def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    state = tmp_path / "state"
+    state.mkdir()
+    mounted = _mount("-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state))
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        daemon = DaemonProcess(tmp_path, "--checkpoint-every", "1")
+        daemon.wait_ready()
+        writer = start_writer(daemon.watch, frames=300, rate=20)
+        daemon.wait_for(r"checkpoint \S+ \(step", timeout=60)
+        assert _mount("-o", "remount,ro", str(state)).returncode == 0
+        daemon.wait_for(r"cannot write checkpoint .*Read-only file system", timeout=30)
+        before = daemon.scrape()["n2s_frames_denoised_total"]
+        time.sleep(2)
+        metrics = daemon.scrape()
+        assert metrics["n2s_state_write_errors_total"] >= 1
+        assert metrics["n2s_frames_denoised_total"] > before  # denoising went on
+        saved = daemon.log().count(" (step ")  # checkpoints written so far
+        assert _mount("-o", "remount,rw", str(state)).returncode == 0
+        deadline = time.monotonic() + 30
+        while daemon.log().count(" (step ") <= saved:
+            assert time.monotonic() < deadline, "no checkpoint after the state dir recovered"
+            time.sleep(0.2)
+        assert writer.wait(timeout=120) == 0
+        daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(300 frames\)", timeout=60)
+        assert daemon.terminate() == 0
+        log = daemon.log()
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+    written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
+    fault_figures.append(FaultFigure("state dir read-only at run time", 1,
+                                     int(np.array_equal(written, np.arange(300))), sent=300,
+                                     written=len(set(written.tolist())),
+                                     lost_silently=300 - len(set(written.tolist()))))
+    assert np.array_equal(written, np.arange(300))
+    assert "Traceback" not in log
