@@ -119,6 +119,7 @@ class DaemonConfig:
     zmq_protocol: str = "native"  # native, dectris-stream1, dectris-stream2
     zmq_socket: str = "pull"  # pull (detector PUSHes) or sub (detector PUBlishes)
     zmq_hwm: int = 1000  # receive high-water mark, in messages
+    zmq_max_message_mb: int = 256  # larger messages are refused (too_large); 4x it: cut off
     zmq_out: str | None = None  # PUB bound here: denoised frames (native) for live viewers
     zmq_tee: str | None = None  # PUSH bound here: raw messages forwarded untouched
     out: Path = Path("denoised")
@@ -176,6 +177,8 @@ class DaemonConfig:
         if self.zmq_protocol not in ("native", "dectris-stream1", "dectris-stream2"):
             raise UsageError(f"zmq_protocol {self.zmq_protocol!r}: expected native, "
                              "dectris-stream1 or dectris-stream2")
+        if self.zmq_max_message_mb < 1:
+            raise UsageError(f"zmq_max_message_mb {self.zmq_max_message_mb}: must be >= 1")
         if self.zmq_socket not in ("pull", "sub"):
             raise UsageError(f"zmq_socket {self.zmq_socket!r}: expected pull or sub")
         if self.queue_size < 1 or self.buffer_frames < 2 or self.publish_every < 1:

@@ -141,7 +141,8 @@ class Daemon:
         if config.zmq is not None:
             return ZmqSource(ZmqConfig(endpoint=config.zmq, protocol=config.zmq_protocol,
                                        out_root=config.out, socket_type=config.zmq_socket,
-                                       hwm=config.zmq_hwm, tee=config.zmq_tee),
+                                       hwm=config.zmq_hwm, tee=config.zmq_tee,
+                                       max_message_mb=config.zmq_max_message_mb),
                              emit=self._emit, reject=self._reject,
                              headers=self.state.series_headers)
         assert config.watch is not None

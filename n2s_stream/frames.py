@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+MAX_FRAME_PIXELS = 8192 * 8192
+"""A larger declared frame (file or message) is refused before anything is allocated."""
+
 
 @dataclass(frozen=True)
 class Frame:

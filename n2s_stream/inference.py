@@ -156,8 +156,9 @@ class InferenceWorker:
             if not batch:
                 self._close_idle_series()
                 continue
+            frames = [item for item in batch if isinstance(item, Frame)]
+            written_before = self.written
             try:
-                frames = [item for item in batch if isinstance(item, Frame)]
                 if frames:
                     self._denoise_and_write(frames)
                 for item in batch:
@@ -167,10 +168,11 @@ class InferenceWorker:
                 log.error("writing failed: %s", exc)
                 self._on_fatal(exc)
                 break
-            except Exception as exc:
-                log.exception("inference failed")
-                self._on_fatal(exc)
-                break
+            except Exception:  # a bug met by odd input: refuse it, serve the rest
+                log.exception("inference failed on frames %s",
+                              ", ".join(f"{f.series}:{f.index}" for f in frames))
+                unwritten = len(frames) - (self.written - written_before)
+                self.metrics.reject("internal_error", max(unwritten, 0))
             if batch[-1] is STOP:
                 break
         for series, writer in self.outputs.close_all():
@@ -213,7 +215,8 @@ class InferenceWorker:
                                       finished=False)
 
     def _reject(self, frame, reason: str, why: str) -> None:
-        log.warning("rejected frame %d of %s: %s", frame.index, frame.series, why)
+        log.warning("rejected (%s): frame %d of %s: %s", reason, frame.index, frame.series,
+                    why)
         self.metrics.reject(reason)
 
     def _refresh_weights(self) -> None:

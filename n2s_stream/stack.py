@@ -20,6 +20,7 @@ import hdf5plugin  # noqa: F401  (registers the compression filters with h5py)
 import numpy as np
 
 from n2s_stream.errors import InputError
+from n2s_stream.frames import MAX_FRAME_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -234,4 +235,7 @@ def _segment(file: h5py.File, path: Path, name: str) -> _Segment:
         )
     if min(ds.shape[-2:]) < 1:
         raise InputError(f"{path}:{name}: empty frames, shape {ds.shape}", reason="empty")
+    if ds.shape[-2] * ds.shape[-1] > MAX_FRAME_PIXELS:
+        raise InputError(f"{path}:{name}: frames of {ds.shape[-2]}x{ds.shape[-1]} exceed "
+                         f"{MAX_FRAME_PIXELS} pixels", reason="too_large")
     return _Segment(name, ds)

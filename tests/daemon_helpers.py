@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,17 @@ def start_writer(directory: Path, *, frames: int, rate: float, shape: str = "48x
                              "--layout", layout, "--seed", str(seed), "--log-level", "WARNING"])
     STARTED.append(proc)
     return proc
+
+
+def without_root_file_access() -> list[str] | None:
+    """A command prefix that runs a process as root but without the capabilities that
+    let root read any file, so that file permissions apply to it; None if unavailable."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    probe = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                            "true"], capture_output=True)
+    return None if probe.returncode else ["setpriv", "--bounding-set",
+                                          "-dac_override,-dac_read_search"]
 
 
 def free_port() -> int:

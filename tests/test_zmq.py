@@ -48,46 +48,6 @@ def test_each_protocol_two_series_exactly_once(tmp_path, protocol, names):
             assert (frames[:, 16] == 65535).all()
 
 
-def test_garbage_on_the_socket_is_counted_and_the_next_series_served(tmp_path):
-    port = free_port()
-    context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 5000)
-    push.bind(f"tcp://127.0.0.1:{port}")
-    daemon = DaemonProcess(tmp_path, "--zmq", f"tcp://127.0.0.1:{port}")
-    try:
-        daemon.wait_ready()
-        frame = np.arange(24 * 24, dtype=np.uint16).reshape(24, 24)
-        header = p.native_frame("good", 0, frame, "raw")[0]
-        garbage = [
-            [b"{oops"],
-            [header],  # truncated multipart
-            [header.replace(b'"raw"', b'"zip"'), frame.tobytes()],
-            [header, frame.tobytes()[:100]],
-            p.native_frame("../escape", 0, frame),
-            [b'{"htype": "n2s-frame-1", "series": "s", "frame": 0, "dtype": "<u2",'
-             b' "shape": [100000, 100000]}', b"x"],
-        ]
-        for message in garbage:
-            push.send_multipart(message)
-        for index in range(5):
-            push.send_multipart(p.native_frame("good", index, frame + index, "bslz4"))
-        push.send_multipart(p.native_end("good"))
-        daemon.wait_for("closed output .*good_n2s.h5 \\(5 frames\\)", timeout=60)
-        rejected = {k.split('"')[1]: v for k, v in daemon.scrape().items()
-                    if k.startswith("n2s_frames_rejected_total")}
-        assert rejected == {"bad_json": 1, "truncated": 1, "unknown_encoding": 1,
-                            "size_mismatch": 1, "bad_series_name": 1, "too_large": 1}
-        assert "rejected (bad_series_name): " in daemon.log()
-        assert "'../escape' is not a plain file name" in daemon.log()
-        assert not list(tmp_path.rglob("escape*"))
-        assert daemon.terminate() == 0
-    finally:
-        push.close()
-        context.term()
-    assert _frames_in(daemon.out / "good_n2s.h5")[1].tolist() == [0, 1, 2, 3, 4]
-
-
 def test_series_number_reused_after_end_gets_a_new_file(tmp_path):
     """A detector restarted its numbering: earlier output is never appended to."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"

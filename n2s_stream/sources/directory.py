@@ -117,6 +117,14 @@ class _Events(FileSystemEventHandler):
         return changed, closed
 
 
+def _is_utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes came in as surrogate escapes
+        return False
+    return True
+
+
 class DirectorySource:
     """Emits the frames of every HDF5 series under ``config.root``, each exactly once."""
 
@@ -209,6 +217,10 @@ class DirectorySource:
         if not path.resolve().is_relative_to(self._root):
             self._done.add(path)
             self._reject("path_escape", f"{path}: resolves outside the watched directory")
+            return
+        if not _is_utf8(path):  # series names go into HDF5 strings, JSON and metrics
+            self._done.add(path)
+            self._reject("bad_name", f"{str(path)!a}: file name is not valid UTF-8")
             return
         relative = path.relative_to(self._root)
         stem = relative.stem.removesuffix("_master")

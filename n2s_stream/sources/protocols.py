@@ -25,6 +25,7 @@ import cbor2
 import lz4.block
 import numpy as np
 
+from n2s_stream.frames import MAX_FRAME_PIXELS
 from n2s_stream.sources.codecs import (
     ENCODINGS,
     MessageError,
@@ -35,7 +36,6 @@ from n2s_stream.sources.codecs import (
 )
 
 PROTOCOLS = ("native", "dectris-stream1", "dectris-stream2")
-MAX_PIXELS = 8192 * 8192  # a larger declared frame is refused before anything is allocated
 _SERIES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -73,8 +73,8 @@ def _frame_shape(shape: Any, *, xy: bool = False) -> tuple[int, int]:
             or not all(isinstance(v, int) and v > 0 for v in shape)):
         raise MessageError(f"shape {shape!r} is not two positive integers", reason="shape")
     height, width = (shape[1], shape[0]) if xy else (shape[0], shape[1])
-    if height * width > MAX_PIXELS:
-        raise MessageError(f"declared shape {shape} exceeds {MAX_PIXELS} pixels",
+    if height * width > MAX_FRAME_PIXELS:
+        raise MessageError(f"declared shape {shape} exceeds {MAX_FRAME_PIXELS} pixels",
                            reason="too_large")
     return height, width
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.sources import Emit, Reject
@@ -26,7 +27,9 @@ from n2s_stream.sources.protocols import End, Image, make_decoder
 log = logging.getLogger(__name__)
 
 SOCKET_TYPES = {"pull": zmq.PULL, "sub": zmq.SUB}
-MAX_MESSAGE_BYTES = 1 << 30  # ZeroMQ drops the peer's larger messages before we see them
+HARD_LIMIT_FACTOR = 4
+"""ZeroMQ itself cuts off a peer sending more than this times ``max_message_mb`` at once:
+such a message never reaches us, so it cannot be counted, only the disconnect logged."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ZmqConfig:
     socket_type: str = "pull"
     hwm: int = 1000
     tee: str | None = None
+    max_message_mb: int = 256
 
 
 class ZmqSource:
@@ -54,7 +58,8 @@ class ZmqSource:
         self._context = zmq.Context()
         self._socket = self._context.socket(SOCKET_TYPES[config.socket_type])
         self._socket.setsockopt(zmq.RCVHWM, config.hwm)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._max_bytes = config.max_message_mb << 20
+        self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * self._max_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
         if config.socket_type == "sub":
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
@@ -66,6 +71,7 @@ class ZmqSource:
             self._tee.setsockopt(zmq.SNDHWM, config.hwm)
             self._tee.setsockopt(zmq.LINGER, 2000)
             self._tee.bind(config.tee)
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._thread = threading.Thread(target=self._run, name="zmq-source")
 
     def start(self) -> None:
@@ -80,6 +86,8 @@ class ZmqSource:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        self._socket.disable_monitor()
+        self._monitor.close()
         self._socket.close()
         if self._tee is not None:
             self._tee.close()
@@ -93,13 +101,22 @@ class ZmqSource:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(100):
+            ready = dict(poller.poll(100))
+            if self._monitor in ready:
+                self._log_disconnect()
+            if self._socket not in ready:
                 continue
             parts = self._socket.recv_multipart()
             received = time.time()
             if self._tee is not None:
                 self._tee.send_multipart(parts)  # blocks at HWM: the writer sets the pace
+            size = sum(len(part) for part in parts)
+            if size > self._max_bytes:
+                self._reject("too_large", f"{self.config.endpoint}: message of {size} bytes "
+                             f"exceeds zmq_max_message_mb ({self.config.max_message_mb} MiB)")
+                continue
             try:
                 events = self._decoder.decode(parts)
             except MessageError as exc:
@@ -112,6 +129,13 @@ class ZmqSource:
             for event in events:
                 if not self._forward(event, received):
                     return
+
+    def _log_disconnect(self) -> None:
+        event = recv_monitor_message(self._monitor)
+        log.warning("%s: detector disconnected (it stopped, or sent a message over %d MiB, "
+                    "which ZeroMQ refuses); reconnecting", self.config.endpoint,
+                    HARD_LIMIT_FACTOR * self.config.max_message_mb)
+        log.debug("monitor event %s", event)
 
     def _output(self, series: str) -> Path:
         return self.config.out_root / f"{series}_n2s.h5"
