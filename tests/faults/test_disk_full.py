@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 from daemon_helpers import DaemonProcess, read_output, start_writer
+from fault_report import FaultFigure
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def small_disk(tmp_path):
 pytestmark = pytest.mark.faults
 
 
-def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk):
+def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, fault_figures):
     daemon = DaemonProcess(tmp_path, "--min-free-mb", "1")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
@@ -44,5 +45,10 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk):
     assert daemon.scrape()["n2s_output_paused"] == 0
     assert daemon.terminate() == 0
     frames, provenance = read_output(small_disk / "scan_0001_n2s.h5")
-    assert np.array_equal(provenance["source_frame"], np.arange(200))
+    written = provenance["source_frame"]
+    fault_figures.append(FaultFigure("output disk full, then space returns", 1,
+                                     int(np.array_equal(written, np.arange(200))), sent=200,
+                                     written=len(set(written.tolist())),
+                                     lost_silently=200 - len(set(written.tolist()))))
+    assert np.array_equal(written, np.arange(200))
     assert np.isfinite(frames).all()

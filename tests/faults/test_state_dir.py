@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, read_output, start_writer
+from daemon_helpers import N2S, DaemonProcess, read_output, start_writer
 from fault_report import FaultFigure
 
 pytestmark = pytest.mark.faults
@@ -59,3 +59,50 @@ def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
                                      lost_silently=300 - len(set(written.tolist()))))
     assert np.array_equal(written, np.arange(300))
     assert "Traceback" not in log
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, fault_figures):
+    """A checkpoint cut short (a crash mid-copy, a bad disk block) is skipped with a
+    warning; the daemon resumes from the one before it and serves."""
+    daemon = DaemonProcess(tmp_path, "--checkpoint-every", "0.5")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=60, rate=30)
+    assert writer.wait(timeout=60) == 0
+    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(60 frames\)", timeout=60)
+    deadline = time.monotonic() + 30
+    while len(list(daemon.state.glob("checkpoints/ckpt_v*.pt"))) < 2:
+        assert time.monotonic() < deadline, "fewer than 2 checkpoints written"
+        time.sleep(0.2)
+    assert daemon.terminate() == 0
+    older, newest = sorted(daemon.state.glob("checkpoints/ckpt_v*.pt"))[-2:]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    again = DaemonProcess(tmp_path, name="restart")
+    again.wait_for(f"skipping checkpoint: .*{newest.name}: not a loadable checkpoint")
+    again.wait_for(f"resuming from .*{older.name}")
+    again.wait_ready()
+    second = start_writer(again.watch, frames=10, rate=0, name="scan_0002")
+    assert second.wait(timeout=60) == 0
+    again.wait_for(r"closed output .*scan_0002_n2s.h5 \(10 frames\)", timeout=60)
+    assert again.terminate() == 0
+    fault_figures.append(FaultFigure("corrupt newest checkpoint", 1, 1, sent=10, written=10))
+
+
+def test_read_only_state_dir_is_a_clear_startup_error(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        (tmp_path / "acq").mkdir()
+        proc = subprocess.run([*N2S, "--watch", str(tmp_path / "acq"), "--state-dir",
+                               str(state), "--metrics-port", "-1"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "state directory is not writable" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,149 @@
+"""Soak: hours of a beamline compressed into minutes, and whether the daemon stays flat.
+
+A detector process PUSHes small frames over ZeroMQ at a high rate, series after series
+(each series is one output file opened, written and closed); the daemon (training on)
+follows. Every second its resident memory, open file descriptors and threads are read
+from /proc. Printed: a table over time, the RSS slope over the second half (MiB per hour of
+soak), the fd and thread ranges, and frames sent vs written (must be equal).
+Writes ``benchmarks/results/soak.json`` and ``.png``.
+
+    python benchmarks/soak.py                        # 5 minutes, 150 frames/s, 32x32
+    python benchmarks/soak.py --minutes 0.3          # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from n2s_stream.metrics import scrape
+
+RESULTS = Path(__file__).parent / "results"
+N2S = [sys.executable, "-m", "n2s_stream"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_sample(pid: int) -> tuple[float, int, int]:
+    """(RSS MiB, open file descriptors, threads) of a running process."""
+    rss, threads = float("nan"), 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+        elif line.startswith("Threads:"):
+            threads = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd")), threads
+
+
+def main() -> None:
+    """Soak, sample, report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--rate", type=float, default=150.0, help="detector frames/s")
+    parser.add_argument("--shape", default="32x32")
+    parser.add_argument("--series-frames", type=int, default=100, help="frames per series")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    args = parser.parse_args()
+    n_series = max(1, round(args.minutes * 60 * args.rate / args.series_frames))
+    sent = n_series * args.series_frames
+    port, endpoint = free_port(), f"tcp://127.0.0.1:{free_port()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = subprocess.Popen(
+            [*N2S, "--zmq", endpoint, "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
+             "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
+             "--checkpoint-every", "10", "--log-level", "WARNING"])
+        while not scrape(port):
+            time.sleep(0.2)
+        detector = subprocess.Popen(
+            [*N2S, "simulate", "--zmq-bind", endpoint, "--frames", str(args.series_frames),
+             "--series", str(n_series), "--shape", args.shape, "--rate", str(args.rate),
+             "--log-level", "WARNING"])
+        samples = []  # (seconds, frames written, rss MiB, fds, threads)
+        started = time.monotonic()
+        written = 0.0
+        deadline = started + args.minutes * 60 * 3 + 60
+        while written < sent and time.monotonic() < deadline:
+            written = scrape(port).get("n2s_frames_denoised_total", 0.0)
+            samples.append((time.monotonic() - started, written, *process_sample(daemon.pid)))
+            time.sleep(1.0)
+        elapsed = time.monotonic() - started
+        metrics = scrape(port)
+        detector.wait(timeout=60)
+        daemon.send_signal(signal.SIGTERM)
+        status = daemon.wait(timeout=120)
+        outputs = len(list(Path(f"{tmp}/out").glob("*_n2s.h5")))
+    times, counts, rss, fds, threads = (np.array(c) for c in zip(*samples, strict=True))
+    half = times >= times[-1] / 2
+    slope_per_hour = float(np.polyfit(times[half], rss[half], 1)[0]) * 3600 if half.sum() > 2 \
+        else 0.0
+    print(f"{'seconds':>8} {'written':>8} {'RSS MiB':>8} {'fds':>5} {'threads':>8}")
+    for k in np.linspace(0, len(times) - 1, min(11, len(times))).astype(int):
+        print(f"{times[k]:8.0f} {counts[k]:8.0f} {rss[k]:8.1f} {fds[k]:5d} {threads[k]:8d}")
+    rejected = sum(v for k, v in metrics.items() if k.startswith("n2s_frames_rejected_total"))
+    print(f"{sent} frames in {n_series} series ({args.shape}) in {elapsed:.0f} s "
+          f"({written / elapsed:.0f} frames/s); written {written:.0f}, rejected {rejected:.0f}, "
+          f"missing {metrics.get('n2s_frames_missing_total', 0):.0f}; {outputs} output files; "
+          f"daemon exit {status}")
+    print(f"second half: RSS {rss[half].min():.1f}-{rss[half].max():.1f} MiB, slope "
+          f"{slope_per_hour:+.1f} MiB/hour; fds {fds[half].min()}-{fds[half].max()}; "
+          f"threads {threads[half].min()}-{threads[half].max()}; "
+          f"train steps {metrics.get('n2s_train_steps_total', 0):.0f}")
+    report = {
+        "benchmark": "soak", "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "settings": vars(args) | {"out": str(args.out)}, "frames_sent": sent,
+        "frames_written": written, "series": n_series, "output_files": outputs,
+        "seconds": elapsed, "daemon_exit": status,
+        "rss_slope_mib_per_hour": slope_per_hour,
+        "second_half": {"rss_mib": [float(rss[half].min()), float(rss[half].max())],
+                        "fds": [int(fds[half].min()), int(fds[half].max())],
+                        "threads": [int(threads[half].min()), int(threads[half].max())]},
+        "samples": [{"t": float(t), "written": float(c), "rss_mib": float(r), "fds": int(f),
+                     "threads": int(h)} for t, c, r, f, h in samples],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    _plot(args, times, rss, fds, threads)
+    print(f"wrote {args.out}")
+
+
+def _plot(args, times, rss, fds, threads) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(3, 1, figsize=(6, 6), sharex=True)
+    for ax, values, label in zip(axes, (rss, fds, threads),
+                                 ("RSS (MiB)", "open fds", "threads"), strict=True):
+        ax.plot(times, values)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(values.max() * 1.2, 1))
+    axes[-1].set_xlabel("seconds")
+    axes[0].set_title(f"soak: {args.rate:g} frames/s of {args.shape}, "
+                      f"{args.series_frames} frames per series")
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+
+
+if __name__ == "__main__":
+    main()
