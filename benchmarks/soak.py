@@ -91,8 +91,7 @@ def main() -> None:
         outputs = len(list(Path(f"{tmp}/out").glob("*_n2s.h5")))
     times, counts, rss, fds, threads = (np.array(c) for c in zip(*samples, strict=True))
     half = times >= times[-1] / 2
-    slope_per_hour = float(np.polyfit(times[half], rss[half], 1)[0]) * 3600 if half.sum() > 2 \
-        else 0.0
+    slope_per_hour, slope_error = rss_slope(times[half], rss[half])
     print(f"{'seconds':>8} {'written':>8} {'RSS MiB':>8} {'fds':>5} {'threads':>8}")
     for k in np.linspace(0, len(times) - 1, min(11, len(times))).astype(int):
         print(f"{times[k]:8.0f} {counts[k]:8.0f} {rss[k]:8.1f} {fds[k]:5d} {threads[k]:8d}")
@@ -102,7 +101,8 @@ def main() -> None:
           f"missing {metrics.get('n2s_frames_missing_total', 0):.0f}; {outputs} output files; "
           f"daemon exit {status}")
     print(f"second half: RSS {rss[half].min():.1f}-{rss[half].max():.1f} MiB, slope "
-          f"{slope_per_hour:+.1f} MiB/hour; fds {fds[half].min()}-{fds[half].max()}; "
+          f"{slope_per_hour:+.1f} ± {slope_error:.1f} MiB/hour (95 %); "
+          f"fds {fds[half].min()}-{fds[half].max()}; "
           f"threads {threads[half].min()}-{threads[half].max()}; "
           f"train steps {metrics.get('n2s_train_steps_total', 0):.0f}")
     report = {
@@ -110,7 +110,7 @@ def main() -> None:
         "settings": vars(args) | {"out": str(args.out)}, "frames_sent": sent,
         "frames_written": written, "series": n_series, "output_files": outputs,
         "seconds": elapsed, "daemon_exit": status,
-        "rss_slope_mib_per_hour": slope_per_hour,
+        "rss_slope_mib_per_hour": slope_per_hour, "rss_slope_95ci": slope_error,
         "second_half": {"rss_mib": [float(rss[half].min()), float(rss[half].max())],
                         "fds": [int(fds[half].min()), int(fds[half].max())],
                         "threads": [int(threads[half].min()), int(threads[half].max())]},
@@ -121,6 +121,14 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     _plot(args, times, rss, fds, threads)
     print(f"wrote {args.out}")
+
+
+def rss_slope(times: np.ndarray, rss: np.ndarray) -> tuple[float, float]:
+    """Least-squares RSS slope in MiB/hour and its 95 % half-width (0, 0 if too few)."""
+    if len(times) < 4:
+        return 0.0, 0.0
+    coefficients, covariance = np.polyfit(times, rss, 1, cov=True)
+    return float(coefficients[0]) * 3600, 1.96 * float(np.sqrt(covariance[0, 0])) * 3600
 
 
 def _plot(args, times, rss, fds, threads) -> None:

@@ -11,7 +11,8 @@ from n2s_stream.training import random_crop
 
 
 class RollingBuffer:
-    """The newest frames (normalised float32 ``(H, W)``), bounded in count and bytes.
+    """The newest frames (normalised float32 ``(C, H, W)``: a frame and its temporal
+    context, C = 1 without), bounded in count and bytes.
 
     Thread-safe: the inference side adds, the trainer samples. When full, the oldest
     frame goes: the model should follow what the detector sees now.
@@ -26,7 +27,10 @@ class RollingBuffer:
         self.added = 0
 
     def add(self, frame: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """Keep ``frame`` (and its valid-pixel map, None if all valid); evict the oldest."""
+        """Keep ``frame`` (``(H, W)`` or ``(C, H, W)``) and its centre's valid-pixel map
+        (None if all valid); evict the oldest."""
+        if frame.ndim == 2:
+            frame = frame[np.newaxis]
         size = frame.nbytes + (0 if valid is None else valid.nbytes)
         with self._lock:
             self._frames.append((frame, valid))
@@ -48,7 +52,7 @@ class RollingBuffer:
             return self._bytes
 
     def snapshot(self) -> np.ndarray | None:
-        """The held frames stacked ``(N, H, W)`` if they share a shape (else the newest
+        """The held frames stacked ``(N, C, H, W)`` if they share a shape (else the newest
         shape's frames); None when empty. Used to score the model on held-out frames."""
         with self._lock:
             frames = [f for f, _ in self._frames]
@@ -60,19 +64,19 @@ class RollingBuffer:
     def sample(
         self, *, batch: int, patch: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(batch, 1, p, p)`` random crops (random flips/turns) of random frames.
+        """``(batch, C, p, p)`` random crops (random flips/turns) of random frames.
 
         ``p`` is ``patch`` or the smallest frame side if smaller. The valid-pixel crops are
         None when every sampled pixel is valid.
         """
         with self._lock:
             picks = [self._frames[i] for i in rng.integers(len(self._frames), size=batch)]
-        size = min(patch, *(min(f.shape) for f, _ in picks))
-        crops = np.empty((batch, 1, size, size), np.float32)
+        size = min(patch, *(min(f.shape[-2:]) for f, _ in picks))
+        crops = np.empty((batch, picks[0][0].shape[0], size, size), np.float32)
         valid_crops = np.ones((batch, 1, size, size), np.float32)
         for b, (frame, valid) in enumerate(picks):
             crop, valid_crop = random_crop(frame, valid, (size, size), rng)
-            crops[b, 0] = crop
+            crops[b] = crop
             if valid_crop is not None:
                 valid_crops[b, 0] = valid_crop
         all_valid = all(v is None for _, v in picks)

@@ -90,6 +90,8 @@ def save_checkpoint(
             "grid_size": masker_config.grid_size,
             "mode": masker_config.mode,
             "mask_as_input": masker_config.mask_as_input,
+            "context_frames": masker_config.context_frames,
+            "causal": masker_config.causal,
         },
         "normalizer": normalizer.to_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

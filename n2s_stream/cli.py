@@ -56,6 +56,10 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--grid-size", type=int, help="mask grid spacing (default 4)")
     p.add_argument("--mask-mode", choices=MASK_MODES, help="fill of hidden pixels")
     p.add_argument("--mask-as-input", action="store_true", help="mask as an extra input channel")
+    p.add_argument("--context-frames", type=int,
+                   help="frames of the series seen at once: centre + neighbours (default 1)")
+    p.add_argument("--causal-context", action="store_true",
+                   help="neighbours from earlier frames only")
     p.add_argument("--patch", type=int, help="patch size; 0 = full frames (default 64)")
     p.add_argument("--batch", type=int, help="patches per step (default 8)")
     p.add_argument("--epochs", type=int, help="epochs (default 10)")

@@ -45,6 +45,8 @@ class TrainConfig:
     grid_size: int = 4
     mask_mode: str = "interpolate"
     mask_as_input: bool = False
+    context_frames: int = 1  # frames of the series the network sees (centre + neighbours)
+    causal_context: bool = False  # neighbours from the past only
     patch: int = 64
     batch: int = 8
     epochs: int = 10
@@ -80,7 +82,7 @@ class TrainConfig:
         """The architecture these options describe (one input channel per image, +mask)."""
         return ModelConfig(
             name=self.model,
-            in_channels=1 + int(self.mask_as_input),
+            in_channels=self.masker_config().in_channels,
             width=self.width,
             depth=self.depth,
             layers=self.layers,
@@ -90,7 +92,8 @@ class TrainConfig:
 
     def masker_config(self) -> MaskerConfig:
         """The masking these options describe."""
-        return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input)
+        return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input,
+                            self.context_frames, self.causal_context)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ class DaemonConfig:
     grid_size: int = 4
     mask_mode: str = "interpolate"
     mask_as_input: bool = False
+    context_frames: int = 1  # frames of a series the network sees; centred: waits (K-1)/2
+    causal_context: bool = False  # neighbours from the past only: no wait for later frames
+    context_flush_seconds: float = 2.0  # a frame waits at most this long for later neighbours
     normalize: str = "meanstd"
     no_scale_integers: bool = False
     # online training
@@ -186,13 +192,14 @@ class DaemonConfig:
 
     def model_config(self) -> ModelConfig:
         """Architecture of a model started from scratch."""
-        return ModelConfig(name=self.model, in_channels=1 + int(self.mask_as_input),
+        return ModelConfig(name=self.model, in_channels=self.masker_config().in_channels,
                            width=self.width, depth=self.depth, layers=self.layers,
                            residual=self.residual)
 
     def masker_config(self) -> MaskerConfig:
         """Masking of a model started from scratch."""
-        return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input)
+        return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input,
+                            self.context_frames, self.causal_context)
 
 
 def daemon_env_options(environ: Mapping[str, str] | None = None) -> dict[str, str]:

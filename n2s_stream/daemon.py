@@ -99,6 +99,7 @@ class Daemon:
             republisher=Republisher(config.zmq_out) if config.zmq_out else None,
             settings=InferenceSettings(jinv=config.jinv, max_batch=config.max_batch,
                                        series_idle_close=config.series_idle_close,
+                                       context_flush_seconds=config.context_flush_seconds,
                                        min_free_mb=config.min_free_mb,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,

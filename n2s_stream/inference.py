@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from n2s_stream.frames import Frame
+from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
 from n2s_stream.state import last_written_source_frame
@@ -36,19 +37,70 @@ def use_fast_layout(model: nn.Module, device: torch.device) -> nn.Module:
 def denoise_normalized(
     model: nn.Module,
     masker: Masker,
-    frames: np.ndarray,
+    inputs: np.ndarray,
     *,
     jinv: bool,
     device: torch.device,
     amp: bool = False,
 ) -> np.ndarray:
-    """Denoise ``(n, H, W)`` normalised frames; returns ``(n, H, W)`` float32 on the host."""
-    x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
-    x = x.unsqueeze(1).to(device, non_blocking=True)  # (n, 1, H, W)
+    """Denoise normalised frames: ``(n, H, W)``, or ``(n, C, H, W)`` frames with their
+    temporal context; returns the ``(n, H, W)`` denoised centre frames, float32, on the host."""
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    x = x.to(device, non_blocking=True)
     with autocast(device, amp):
         infer = masker.infer_full_image if jinv else masker.infer_single_pass
         y = infer(x, model)
     return y.float().squeeze(1).cpu().numpy()  # host sync
+
+
+def denoise_series(
+    model: nn.Module,
+    masker: Masker,
+    normalizer: Normalizer,
+    chunks: Iterable[tuple[int, np.ndarray]],
+    *,
+    jinv: bool,
+    device: torch.device,
+    batch: int = 8,
+    amp: bool = False,
+    pixel_mask: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Denoise one series read in ``(first index, (n, H, W) frames)`` chunks, in order;
+    yields ``(indices, denoised frames)`` in detector units, float32, ``batch`` at a time.
+
+    Each frame sees the temporal context its masker asks for (``context.py``: neighbours
+    of the same series, mirrored at its ends). Sentinel, NaN and inf pixels, and those in
+    ``pixel_mask`` (True = bad), are in-filled for the network and keep their source value
+    in the output, so nothing is invented where the detector measured nothing.
+    """
+    window: ContextWindow[tuple[int, np.ndarray, np.ndarray]] = ContextWindow(
+        masker.config.context_frames, masker.config.causal)
+    ready: list[tuple[tuple[int, np.ndarray, np.ndarray], np.ndarray]] = []
+
+    def run(items) -> tuple[np.ndarray, np.ndarray]:
+        stacks = np.stack([stack for _, stack in items])
+        denoised = normalizer.inverse(
+            denoise_normalized(model, masker, stacks, jinv=jinv, device=device, amp=amp))
+        for k, ((_, raw, valid), _) in enumerate(items):
+            if not valid.all():
+                denoised[k][~valid] = raw[~valid]
+        return np.array([index for (index, _, _), _ in items]), denoised
+
+    for start, frames in chunks:
+        valid = valid_pixels(frames, frames.dtype)
+        if pixel_mask is not None:
+            valid &= ~pixel_mask
+        normalized = normalizer.forward(fill_invalid(frames, valid))
+        for k in range(len(frames)):
+            ready += window.push((start + k, frames[k], valid[k]), normalized[k])
+        while len(ready) >= batch:
+            yield run(ready[:batch])
+            ready = ready[batch:]
+    ready += window.flush()
+    for first in range(0, len(ready), batch):
+        yield run(ready[first : first + batch])
 
 
 def denoise_counts(
@@ -62,22 +114,12 @@ def denoise_counts(
     amp: bool = False,
     pixel_mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Denoise ``(n, H, W)`` frames in detector units; returns float32 in the same units.
-
-    Sentinel, NaN and inf pixels, and those in ``pixel_mask`` (``(H, W)``, True = bad), are
-    in-filled for the network and keep their source value in the output, so nothing is
-    invented where the detector measured nothing.
-    """
-    valid = valid_pixels(frames, frames.dtype)
-    if pixel_mask is not None:
-        valid &= ~pixel_mask
-    normalized = normalizer.forward(fill_invalid(frames, valid))
-    denoised = normalizer.inverse(
-        denoise_normalized(model, masker, normalized, jinv=jinv, device=device, amp=amp)
-    )
-    if not valid.all():
-        denoised[~valid] = frames[~valid]
-    return denoised
+    """Denoise the ``(n, H, W)`` frames of one series (in order) held in memory; returns
+    float32 in detector units. See :func:`denoise_series`."""
+    parts = [out for _, out in denoise_series(model, masker, normalizer, [(0, frames)],
+                                              jinv=jinv, device=device, batch=max(len(frames), 1),
+                                              amp=amp, pixel_mask=pixel_mask)]
+    return np.concatenate(parts) if parts else np.empty((0, *frames.shape[1:]), np.float32)
 
 
 def to_source_dtype(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -102,6 +144,7 @@ class InferenceSettings:
     val_every: int = 10  # every n-th frame goes to the held-out set, not the training buffer
     max_batch: int = 8  # frames denoised in one forward pass when they queue up
     series_idle_close: float = 300.0  # seconds without frames before an output is closed
+    context_flush_seconds: float = 2.0  # frames waiting this long for later neighbours go
     min_free_mb: float = 64.0  # below this much free space on the output disk, writing waits
     normalize: str = "meanstd"
     scale_integers: bool = True
@@ -130,6 +173,8 @@ class InferenceWorker:
         self._seen = 0
         self._last_seen: dict[str, int] = {}
         self._last_frame_at: dict[str, float] = {}
+        self._windows: dict[str, ContextWindow] = {}
+        self._refused = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference")
 
@@ -153,33 +198,48 @@ class InferenceWorker:
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
+            self._flush_waiting_windows()
             if not batch:
                 self._close_idle_series()
                 continue
             frames = [item for item in batch if isinstance(item, Frame)]
-            written_before = self.written
             try:
-                if frames:
-                    self._denoise_and_write(frames)
-                for item in batch:
-                    if not isinstance(item, Frame) and item is not STOP:
-                        self._end_series(item)
+                self._process(batch, frames)
             except OSError as exc:  # disk full, file system gone: cannot go on safely
                 log.error("writing failed: %s", exc)
                 self._on_fatal(exc)
                 break
-            except Exception:  # a bug met by odd input: refuse it, serve the rest
-                log.exception("inference failed on frames %s",
-                              ", ".join(f"{f.series}:{f.index}" for f in frames))
-                unwritten = len(frames) - (self.written - written_before)
-                self.metrics.reject("internal_error", max(unwritten, 0))
             if batch[-1] is STOP:
+                for series in list(self._windows):  # SIGTERM: every accepted frame written
+                    self._flush_series(series)
                 break
         for series, writer in self.outputs.close_all():
             self.state.record(series, output=writer.path, written=writer.n_written,
                               finished=False)
         if self.republisher is not None:
             self.republisher.close()
+
+    def _process(self, batch: list, frames: list[Frame]) -> None:
+        """Denoise and write a batch, then end the series it ends. A bug met by odd input
+        refuses the frames it touched (counted) and the daemon serves the rest."""
+        written, refused = self.written, self._refused
+        held = {f.series: len(self._windows.get(f.series, ())) for f in frames}
+        try:
+            if frames:
+                self._denoise_and_write(frames)
+            for item in batch:
+                if not isinstance(item, Frame) and item is not STOP:
+                    self._end_series(item)
+        except OSError:
+            raise
+        except Exception:
+            log.exception("inference failed on frames %s",
+                          ", ".join(f"{f.series}:{f.index}" for f in frames))
+            for series in held:
+                self._windows.pop(series, None)  # what they held is lost with this batch
+            unwritten = (len(frames) + sum(held.values()) - (self.written - written)
+                         - (self._refused - refused))
+            self.metrics.reject("internal_error", max(unwritten, 0))
 
     def _next_batch(self) -> list:
         """The next queue item, plus the frames queued right behind it (up to
@@ -197,6 +257,15 @@ class InferenceWorker:
         self.metrics.queue_depth.set(self.frames.qsize())
         return batch
 
+    def _flush_waiting_windows(self) -> None:
+        """Write frames that have waited ``context_flush_seconds`` for later neighbours
+        (the detector paused): their context is mirrored as at a series' end."""
+        now = time.monotonic()
+        for series, window in list(self._windows.items()):
+            last = self._last_frame_at.get(series, now)
+            if len(window) and now - last > self.settings.context_flush_seconds:
+                self._flush_series(series)
+
     def _close_idle_series(self) -> None:
         """Close outputs that got no frame for ``series_idle_close`` seconds: their end
         message may have gone to another worker (fan-out) or been lost with a restart.
@@ -208,6 +277,7 @@ class InferenceWorker:
         for series, last in list(self._last_frame_at.items()):
             if now - last > limit:
                 del self._last_frame_at[series]
+                self._flush_series(series)
                 writer = self.outputs.close(series)
                 if writer is not None:
                     log.info("series %s idle for %.0f s: output closed", series, now - last)
@@ -215,6 +285,7 @@ class InferenceWorker:
                                       finished=False)
 
     def _reject(self, frame, reason: str, why: str) -> None:
+        self._refused += 1
         log.warning("rejected (%s): frame %d of %s: %s", reason, frame.index, frame.series,
                     why)
         self.metrics.reject(reason)
@@ -275,23 +346,44 @@ class InferenceWorker:
         return frame, writer, valid, normalized[0]
 
     def _denoise_and_write(self, frames: list) -> None:
-        """Denoise frames (one forward pass per run of equal shapes), write each in order."""
-        accepted = [a for a in (self._accept(frame) for frame in frames) if a]
-        if not accepted:
+        """Accept frames, pass them through their series' context window, denoise and
+        write those whose context is complete (all of them without temporal context)."""
+        ready = []
+        for accepted in filter(None, (self._accept(frame) for frame in frames)):
+            frame, _, _, normalized = accepted
+            ready += self._window(frame.series).push(accepted, normalized)
+        self._denoise_ready(ready)
+
+    def _window(self, series: str) -> ContextWindow:
+        window = self._windows.get(series)
+        if window is None:
+            config = self.masker.config
+            window = self._windows[series] = ContextWindow(config.context_frames, config.causal)
+        return window
+
+    def _flush_series(self, series: str) -> None:
+        """Write what the series' context window still holds (its end, mirrored)."""
+        window = self._windows.pop(series, None)
+        if window is not None:
+            self._denoise_ready(window.flush())
+
+    def _denoise_ready(self, ready: list) -> None:
+        """One forward pass per run of equal shapes; each frame then written in order."""
+        if not ready:
             return
         self._refresh_weights()
         start = 0
-        while start < len(accepted):
-            shape = accepted[start][3].shape
+        while start < len(ready):
+            shape = ready[start][1].shape
             stop = start
-            while stop < len(accepted) and accepted[stop][3].shape == shape:
+            while stop < len(ready) and ready[stop][1].shape == shape:
                 stop += 1
-            group = accepted[start:stop]
-            stacked = np.stack([normalized for *_, normalized in group])  # (n, H, W)
+            group = ready[start:stop]
+            stacked = np.stack([stack for _, stack in group])  # (n, K, H, W)
             denoised = self.normalizer.inverse(denoise_normalized(
                 self.model, self.masker, stacked, jinv=self.settings.jinv, device=self.device))
-            for (frame, writer, valid, normalized), out in zip(group, denoised, strict=True):
-                self._write(frame, writer, valid, normalized, out)
+            for ((frame, writer, valid, _), stack), out in zip(group, denoised, strict=True):
+                self._write(frame, writer, valid, stack, out)
             start = stop
 
     def _wait_for_space(self, writer, nbytes: int) -> None:
@@ -314,8 +406,10 @@ class InferenceWorker:
         log.info("space returned on the output disk (%.1f MiB free): writing again",
                  free / 2**20)
 
-    def _write(self, frame, writer, valid: np.ndarray, normalized: np.ndarray,
+    def _write(self, frame, writer, valid: np.ndarray, network_input: np.ndarray,
                denoised: np.ndarray) -> None:
+        """Write one denoised frame; its network input (frame and context) goes on to
+        the training or the held-out buffer."""
         data = frame.data
         self._wait_for_space(writer, denoised.nbytes)
         if not valid.all():
@@ -332,9 +426,10 @@ class InferenceWorker:
         self._seen += 1
         valid_map = None if valid.all() else valid.astype(np.float32)
         target = self.val_buffer if self._seen % self.settings.val_every == 0 else self.buffer
-        target.add(normalized, valid_map)
+        target.add(network_input, valid_map)
 
     def _end_series(self, end) -> None:
+        self._flush_series(end.series)
         last = self._last_seen.get(end.series, -1)
         writer = self.outputs.get(end.series)
         if writer is not None:

@@ -17,8 +17,9 @@ from tqdm import tqdm
 from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.config import DenoiseConfig, TrainConfig, as_toml
 from n2s_stream.errors import CheckpointError, InputError, UsageError
-from n2s_stream.inference import denoise_counts, to_source_dtype, use_fast_layout
+from n2s_stream.inference import denoise_series, to_source_dtype, use_fast_layout
 from n2s_stream.models import build_model, count_parameters
+from n2s_stream.n2s.context import context_indices, context_offsets, context_stack
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
 from n2s_stream.stack import FrameStack, open_stack
@@ -62,9 +63,9 @@ class TrainResult:
 
 @dataclass
 class _Data:
-    train: np.ndarray  # (N, H, W) normalised float32
-    train_valid: np.ndarray | None  # (N, H, W) 1/0 float32, None if all valid
-    val: torch.Tensor | None  # (M, 1, h, w) normalised, centre crops
+    train: np.ndarray  # (N, K, H, W) normalised float32: each frame and its context
+    train_valid: np.ndarray | None  # (N, H, W) 1/0 float32 of the frames, None if all valid
+    val: torch.Tensor | None  # (M, K, h, w) normalised, centre crops
     val_valid: torch.Tensor | None
     normalizer: Normalizer
 
@@ -95,7 +96,7 @@ def train(
     start_version = _maybe_resume(config, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
-    n, height, width = data.train.shape
+    n, _, height, width = data.train.shape
     patch_pixels = (height * width) if config.patch <= 0 else min(config.patch, height) * min(
         config.patch, width
     )
@@ -201,8 +202,17 @@ def _maybe_resume(config: TrainConfig, model: nn.Module) -> int:
 def _load_training_data(
     config: TrainConfig, rng: np.random.Generator, device: torch.device
 ) -> _Data:
+    """Training (and held-out) frames, each with its temporal context: ``(N, K, H, W)``."""
+    masker_config = config.masker_config()
+    offsets = context_offsets(masker_config.context_frames, masker_config.causal)
     with open_stack(config.h5, config.dataset) as stack:  # type: ignore[arg-type]
-        frames = _read_samples(stack, config.max_samples)
+        n = len(stack)
+        if n == 0:
+            raise InputError(f"{stack.path}: the stack holds no frames", reason="empty")
+        centres = _spread_indices(n, config.max_samples)
+        needed = sorted({*centres, *(j for c in centres for j in context_indices(
+            c, n, offsets, masker_config.causal) if j is not None)})
+        frames = _read_frames(stack, needed)
         source_dtype = stack.dtype
         pixel_mask = stack.pixel_mask
     valid = valid_pixels(frames, source_dtype)
@@ -213,33 +223,55 @@ def _load_training_data(
         source_dtype=source_dtype, valid=valid,
     )
     normalized = normalizer.forward(fill_invalid(frames, valid))
-    valid_f = None if valid.all() else valid.astype(np.float32)
-    order = rng.permutation(len(normalized))
+    row = {index: k for k, index in enumerate(needed)}
+    by_index = _ByIndex(normalized, row, n)
+    stacks = np.stack([context_stack(by_index, c, offsets, masker_config.causal)
+                       for c in centres])
+    centre_valid = valid[[row[c] for c in centres]]
+    valid_f = None if centre_valid.all() else centre_valid.astype(np.float32)
+    order = rng.permutation(len(stacks))
     n_val = 0
-    if config.val_frac > 0 and len(normalized) >= 2:
-        n_val = min(max(round(config.val_frac * len(normalized)), 1), len(normalized) - 1)
+    if config.val_frac > 0 and len(stacks) >= 2:
+        n_val = min(max(round(config.val_frac * len(stacks)), 1), len(stacks) - 1)
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     val = val_valid = None
     if n_val:
-        val = _centre_crop(torch.from_numpy(normalized[val_idx]).unsqueeze(1)).to(device)
+        val = _centre_crop(torch.from_numpy(stacks[val_idx])).to(device)
         if valid_f is not None:
             val_valid = _centre_crop(torch.from_numpy(valid_f[val_idx]).unsqueeze(1)).to(device)
     return _Data(
-        train=normalized[train_idx],
+        train=stacks[train_idx],
         train_valid=None if valid_f is None else valid_f[train_idx],
         val=val, val_valid=val_valid, normalizer=normalizer,
     )
 
 
-def _read_samples(stack: FrameStack, max_samples: int) -> np.ndarray:
-    """Up to ``max_samples`` frames spread evenly over the stack, read chunk by chunk."""
-    n = len(stack)
-    if n == 0:
-        raise InputError(f"{stack.path}: the stack holds no frames", reason="empty")
+class _ByIndex:
+    """Frames read out of a series, looked up by their index in the series, so that
+    :func:`context_stack` finds each neighbour where it was in the file."""
+
+    def __init__(self, frames: np.ndarray, row: dict[int, int], n_frames: int) -> None:
+        self._frames, self._row, self._n = frames, row, n_frames
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._frames[self._row[index]]
+
+
+def _spread_indices(n: int, max_samples: int) -> list[int]:
+    """Up to ``max_samples`` frame indices spread evenly over a stack of ``n``."""
     if max_samples <= 0 or n <= max_samples:
+        return list(range(n))
+    return np.unique(np.linspace(0, n - 1, max_samples).round().astype(int)).tolist()
+
+
+def _read_frames(stack: FrameStack, indices: list[int]) -> np.ndarray:
+    """The frames at ``indices`` (sorted), read chunk by chunk when they are all of them."""
+    if len(indices) == len(stack):
         return np.concatenate([chunk for _, chunk in stack.iter_chunks(64)])
-    indices = np.unique(np.linspace(0, n - 1, max_samples).round().astype(int))
-    return stack.read_frames(indices)
+    return stack.read_frames(np.asarray(indices))
 
 
 def _centre_crop(x: torch.Tensor) -> torch.Tensor:
@@ -303,16 +335,15 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
         with FrameWriter(out_path, frame_shape=stack.frame_shape, dtype=out_dtype,
                          config_text=as_toml(config, "denoise"), source=str(config.h5)) as writer:
             bar = tqdm(total=len(stack), unit="frame", disable=not config.progress)
-            for start, frames in stack.iter_chunks(config.batch):
-                received = time.time()
-                denoised = denoise_counts(model, masker, checkpoint.normalizer, frames,
-                                          jinv=config.jinv, device=device, amp=amp,
-                                          pixel_mask=stack.pixel_mask)
+            for indices, denoised in denoise_series(
+                    model, masker, checkpoint.normalizer, stack.iter_chunks(config.batch),
+                    jinv=config.jinv, device=device, batch=config.batch, amp=amp,
+                    pixel_mask=stack.pixel_mask):
                 if config.require_reconstructable:
                     denoised = to_source_dtype(denoised, stack.dtype)
-                writer.append(denoised, source_frames=np.arange(start, start + len(frames)),
-                              model_version=checkpoint.version, t_received=received)
-                bar.update(len(frames))
+                writer.append(denoised, source_frames=indices,
+                              model_version=checkpoint.version, t_received=time.time())
+                bar.update(len(indices))
             bar.close()
             n_written = writer.n_written
     return DenoiseResult(out_path, n_written)

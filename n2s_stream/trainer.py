@@ -168,7 +168,7 @@ class OnlineTrainer:
         self.metrics.train_loss.set(train_loss)
         val_frames = self.val_buffer.snapshot()
         if val_frames is not None:
-            frames = torch.from_numpy(val_frames).unsqueeze(1).to(self.device)
+            frames = torch.from_numpy(val_frames).to(self.device)
             # two frames at a time: full-frame activations are the trainer's largest buffers
             self.metrics.selfsup_val_loss.set(masked_validation_loss(self.model, self.masker,
                                                                      frames, batch=2))

@@ -1,7 +1,7 @@
 """Pieces of Noise2Self training shared by offline `train` and the daemon's online trainer.
 
-``train_step`` is the one place a gradient step happens. Tensors are ``(B, 1, H, W)``
-float32 in normalised units.
+``train_step`` is the one place a gradient step happens. Tensors are ``(B, C, H, W)``
+float32 in normalised units: channel 0 the frame, the others its temporal context.
 """
 
 from __future__ import annotations
@@ -63,20 +63,21 @@ def sample_patches(
     patch: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Random ``(batch, 1, patch, patch)`` crops with random flips and 90° turns.
+    """Random ``(batch, C, patch, patch)`` crops with random flips and 90° turns.
 
-    ``frames`` is ``(N, H, W)`` in normalised units; ``patch=0`` (or a patch larger than
-    the frame) takes whole frames. ``valid`` is cropped alongside when given.
+    ``frames`` is ``(N, C, H, W)`` in normalised units (a frame and its context, C = 1
+    without); ``patch=0`` (or a patch larger than the frame) takes whole frames. ``valid``
+    (``(N, H, W)``, of the centre frames) is cropped alongside when given.
     """
-    n, height, width = frames.shape
+    n, channels, height, width = frames.shape
     ph, pw = (height, width) if patch <= 0 else (min(patch, height), min(patch, width))
-    crops = np.empty((batch, 1, ph, pw), dtype=np.float32)
+    crops = np.empty((batch, channels, ph, pw), dtype=np.float32)
     valid_crops = None if valid is None else np.empty((batch, 1, ph, pw), dtype=np.float32)
     for b in range(batch):
         k = rng.integers(n)
         crop, valid_crop = random_crop(frames[k], None if valid is None else valid[k],
                                        (ph, pw), rng)
-        crops[b, 0] = crop
+        crops[b] = crop
         if valid_crops is not None:
             valid_crops[b, 0] = valid_crop
     return crops, valid_crops
@@ -86,23 +87,25 @@ def random_crop(
     image: np.ndarray, valid: np.ndarray | None, size: tuple[int, int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """A random ``size`` window of a 2-D ``image`` (and of ``valid`` alike), randomly
-    mirrored and turned (by 90° steps when square, else by 180°)."""
+    """A random ``size`` window of ``image`` (``(H, W)`` or ``(C, H, W)``, every channel
+    alike, and of ``valid`` alike), randomly mirrored and turned (by 90° steps when square,
+    else by 180°)."""
     ph, pw = size
-    top = rng.integers(image.shape[0] - ph + 1)
-    left = rng.integers(image.shape[1] - pw + 1)
+    top = rng.integers(image.shape[-2] - ph + 1)
+    left = rng.integers(image.shape[-1] - pw + 1)
     turns = int(rng.integers(4)) if ph == pw else 2 * int(rng.integers(2))
     flip = bool(rng.integers(2))
-    crop = augment(image[top : top + ph, left : left + pw], turns, flip)
+    crop = augment(image[..., top : top + ph, left : left + pw], turns, flip)
     if valid is None:
         return crop, None
-    return crop, augment(valid[top : top + ph, left : left + pw], turns, flip)
+    return crop, augment(valid[..., top : top + ph, left : left + pw], turns, flip)
 
 
 def augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
-    """Rotate by ``turns`` quarter turns, then mirror left-right if ``flip``."""
-    image = np.rot90(image, turns)
-    return image[:, ::-1] if flip else image
+    """Rotate the last two axes by ``turns`` quarter turns, then mirror left-right if
+    ``flip``."""
+    image = np.rot90(image, turns, axes=(-2, -1))
+    return image[..., ::-1] if flip else image
 
 
 def train_step(
@@ -118,16 +121,17 @@ def train_step(
 ) -> torch.Tensor:
     """One masked self-supervised gradient step; returns the loss (a 0-d tensor, no sync).
 
-    ``batch``: ``(B, 1, H, W)`` noisy patches; ``phases``: ``(B,)`` mask phase per patch.
+    ``batch``: ``(B, C, H, W)`` noisy patches (channel 0 the frame, then its context);
+    ``phases``: ``(B,)`` mask phase per patch.
     """
     model.train()
-    # 1. hide one grid phase per patch: net_input (B, 1[+1], H, W), mask (B, 1, H, W)
+    # 1. hide one grid phase of each centre frame: net_input (B, C[+1], H, W), mask (B,1,H,W)
     net_input, mask = masker.mask(batch, phases)
-    # 2. predict the hidden pixels from their surroundings
+    # 2. predict the hidden pixels from their surroundings (and the neighbouring frames)
     with autocast(batch.device, amp):
         output = model(net_input)
-    # 3. loss on hidden (and valid) pixels only, in float32
-    loss = masked_mse(output.float(), batch, mask, valid)
+    # 3. loss on the centre frame's hidden (and valid) pixels only, in float32
+    loss = masked_mse(output.float(), batch[:, :1], mask, valid)
     # 4. update
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
@@ -152,8 +156,9 @@ def masked_validation_loss(
 ) -> float:
     """Masked loss on held-out frames: a quality estimate that needs no ground truth.
 
-    Each frame ``k`` of ``(N, 1, H, W)`` is scored with two fixed phases (``k`` and
-    ``k + n_phases/2``), so the number is comparable from one evaluation to the next.
+    Each frame ``k`` of ``(N, C, H, W)`` (channel 0 is scored, the rest is its context) is
+    scored with two fixed phases (``k`` and ``k + n_phases/2``), so the number is
+    comparable from one evaluation to the next.
     """
     model.eval()
     total, count = 0.0, 0
@@ -166,7 +171,7 @@ def masked_validation_loss(
             net_input, mask = masker.mask(chunk, phases)
             with autocast(chunk.device, amp):
                 output = model(net_input)
-            loss = masked_mse(output.float(), chunk, mask, chunk_valid)
+            loss = masked_mse(output.float(), chunk[:, :1], mask, chunk_valid)
             total += float(loss) * chunk.shape[0]  # host sync, once per chunk
             count += chunk.shape[0]
     return total / max(count, 1)

@@ -65,3 +65,17 @@ def test_model_speed_runs(tmp_path):
     report = json.loads(out.read_text())
     assert report["matmul_peak_gflops"] > 0
     assert {r["variant"] for r in report["rows"]} == {"float32", "channels_last", "bf16"}
+
+
+def test_soak_runs(tmp_path):
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "soak.py"), "--minutes", "0.1", "--rate", "100",
+         "--series-frames", "20", "--out", str(out)], capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["frames_written"] == report["frames_sent"] == 600
+    assert report["output_files"] == 30 and report["daemon_exit"] == 0
+    assert "MiB/hour" in proc.stdout and out.with_suffix(".png").exists()

@@ -7,6 +7,9 @@ expected masked loss equals the loss against the clean image plus a constant: tr
 noisy frames alone then learns to denoise.
 
 Tensors are ``(B, C, H, W)`` throughout; masks are ``(B or 1, 1, H, W)`` of 0/1 floats.
+Channel 0 is the frame being denoised; further channels, if any, are neighbouring frames of
+the same series (temporal context, ``context.py``): they are shown to the network as they
+are, since their noise is independent of the centre frame's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from n2s_stream.n2s.context import context_offsets
 
 MASK_MODES = ("interpolate", "zero")
 
@@ -30,12 +35,20 @@ class MaskerConfig:
     grid_size: int = 4
     mode: str = "interpolate"
     mask_as_input: bool = False
+    context_frames: int = 1  # frames the network sees: the centre one and K-1 neighbours
+    causal: bool = False  # neighbours from the past only (no wait for later frames)
 
     def __post_init__(self) -> None:
         if self.grid_size < 2:
             raise ValueError(f"grid_size must be >= 2, got {self.grid_size}")
         if self.mode not in MASK_MODES:
             raise ValueError(f"mask mode must be one of {MASK_MODES}, got {self.mode!r}")
+        context_offsets(self.context_frames, self.causal)  # raises on a bad K
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of a model fed by this masker: the frames, plus the mask."""
+        return self.context_frames + int(self.mask_as_input)
 
 
 def grid_mask(
@@ -96,16 +109,22 @@ class Masker:
     def mask(
         self, x: torch.Tensor, i: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(net_input, mask)`` for phase ``i`` (int, or one phase per sample)."""
+        """Return ``(net_input, mask)`` for phase ``i`` (int, or one phase per sample).
+
+        Only channel 0, the centre frame, is masked; context channels pass unchanged.
+        """
         mask = grid_mask(
             x.shape[-2], x.shape[-1], i, self.config.grid_size, device=x.device, dtype=x.dtype
         )
+        centre = x[:, :1]
         if self.config.mode == "interpolate":
-            net_input = x * (1 - mask) + interpolate_neighbours(x) * mask
+            hidden = centre * (1 - mask) + interpolate_neighbours(centre) * mask
         else:
-            net_input = x * (1 - mask)
+            hidden = centre * (1 - mask)
+        parts = [hidden, x[:, 1:]]
         if self.config.mask_as_input:
-            net_input = torch.cat([net_input, mask.expand(x.shape[0], 1, -1, -1)], dim=1)
+            parts.append(mask.expand(x.shape[0], 1, -1, -1))
+        net_input = hidden if len(parts) == 2 and x.shape[1] == 1 else torch.cat(parts, dim=1)
         return net_input, mask
 
     def infer_full_image(

@@ -1,0 +1,140 @@
+"""Temporal context: which frames a frame is seen with, J-invariance with neighbours,
+series boundaries, and the context recorded in checkpoints and used by `denoise`."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from n2s_stream.buffer import RollingBuffer
+from n2s_stream.config import DenoiseConfig, TrainConfig
+from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.inference import InferenceSettings, InferenceWorker
+from n2s_stream.metrics import Metrics
+from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.n2s.context import ContextWindow, context_indices, context_offsets
+from n2s_stream.n2s.masking import Masker, MaskerConfig
+from n2s_stream.offline import denoise, train
+from n2s_stream.quality import psnr
+from n2s_stream.state import StateDir
+from n2s_stream.trainer import ModelStore, copy_state
+from n2s_stream.writer import OutputSet
+
+
+def test_offsets_and_mirroring_at_series_ends():
+    assert context_offsets(1, False) == [] and context_offsets(3, False) == [-1, 1]
+    assert context_offsets(5, False) == [-1, 1, -2, 2]
+    assert context_offsets(3, True) == [-1, -2]
+    with pytest.raises(ValueError, match="odd"):
+        context_offsets(4, False)
+    offsets = context_offsets(5, False)
+    assert context_indices(0, 10, offsets, False) == [1, 1, 2, 2]  # frame -1 -> frame 1
+    assert context_indices(9, 10, offsets, False) == [8, 8, 7, 7]
+    assert context_indices(4, 10, offsets, False) == [3, 5, 2, 6]
+    assert context_indices(0, 1, offsets, False) == [None] * 4  # nothing else: zeros
+    assert context_indices(1, 10, [-1, -2], True) == [0, None]  # causal: never the future
+
+
+def test_window_releases_each_frame_once_in_order_never_with_itself():
+    frames = [np.full((2, 2), float(k + 1)) for k in range(7)]  # 0 = no frame (zero-fill)
+    for k_frames, causal in ((1, False), (3, False), (5, False), (3, True)):
+        window: ContextWindow[int] = ContextWindow(k_frames, causal)
+        released = []
+        for index, image in enumerate(frames):
+            got = window.push(index, image)
+            released += got
+            if causal or k_frames == 1:
+                assert [i for i, _ in got] == [index]  # no wait
+        released += window.flush()
+        assert [i for i, _ in released] == list(range(7))
+        for index, stack in released:
+            assert stack.shape == (k_frames, 2, 2) and stack[0, 0, 0] == index + 1
+            neighbours = [n - 1 for n in stack[1:, 0, 0].tolist()]
+            assert index not in neighbours
+            if causal:
+                assert all(n < index for n in neighbours if n >= 0)
+                assert neighbours.count(-1) == max(k_frames - 1 - index, 0)
+            else:
+                assert all(0 < abs(n - index) <= k_frames // 2 for n in neighbours)
+    # a centred window of 5 waits for two later frames
+    window = ContextWindow(5, False)
+    assert window.push(0, frames[0]) == [] and window.push(1, frames[1]) == []
+    assert [i for i, _ in window.push(2, frames[2])] == [0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_context_keeps_training_and_inference_j_invariant(causal):
+    """d output[J] / d centre[J] == 0, while the neighbours' same pixels do reach it."""
+    torch.manual_seed(0)
+    masker = Masker(MaskerConfig(grid_size=4, context_frames=3, causal=causal))
+    model = build_model(ModelConfig(in_channels=masker.config.in_channels, width=8, depth=2,
+                                    residual=True)).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    net_input, mask = masker.mask(x, 5)
+    assert net_input.shape == (2, 3, 16, 16)
+    (model(net_input) * mask).sum().backward()
+    assert (x.grad[:, :1] * mask).abs().max() == 0.0
+    assert (x.grad[:, 1:] * mask).abs().max() > 1e-6  # the same pixel in other frames: seen
+    out = masker.infer_full_image(x, model)
+    (grad,) = torch.autograd.grad(out[0, 0, 6, 9], x)
+    assert grad[0, 0, 6, 9] == 0.0 and grad[0, 1:, 6, 9].abs().sum() > 0
+
+
+def test_inference_worker_never_mixes_series(tmp_path):
+    """Two series interleaved: every training input holds frames of one series only."""
+    masker = Masker(MaskerConfig(context_frames=3))
+    model = build_model(ModelConfig(in_channels=3, width=4, depth=1))
+    frames: queue.Queue = queue.Queue()
+    buffer = RollingBuffer(max_frames=64, max_bytes=2**24)
+    values = {"a": 100, "b": 5000}  # constant frames: a series is known by its value
+    for index in range(4):
+        for series, value in values.items():
+            data = np.full((16, 16), value + index, np.uint16)
+            frames.put(Frame(series, index, data, time.time(), tmp_path / f"{series}_n2s.h5"))
+    frames.put(SeriesEnd("a", 4, tmp_path / "a_n2s.h5"))
+    frames.put(SeriesEnd("b", 4, tmp_path / "b_n2s.h5"))
+    metrics = Metrics(CollectorRegistry())
+    worker = InferenceWorker(
+        frames=frames, model=model, masker=masker, normalizer=None,
+        store=ModelStore(copy_state(model), 1), outputs=OutputSet(config_text=""),
+        buffer=buffer, val_buffer=buffer, metrics=metrics, state=StateDir(tmp_path / "st"),
+        device=torch.device("cpu"), settings=InferenceSettings(max_batch=3),
+        on_fatal=lambda exc: None)
+    worker.start()
+    worker.stop()
+    stacks = buffer.snapshot()
+    assert stacks.shape == (8, 3, 16, 16)
+    normalizer = worker.normalizer
+    raw = normalizer.inverse(stacks[:, :, 0, 0])  # back to counts
+    for row in raw:
+        series_values = {v for v in values.values() if abs(row[0] - v) < 10}
+        assert len(series_values) == 1 and all(abs(n - row[0]) <= 2 for n in row[1:])
+    for series in values:
+        with h5py.File(tmp_path / f"{series}_n2s.h5") as handle:
+            assert handle["/entry/provenance/source_frame"][()].tolist() == [0, 1, 2, 3]
+    assert metrics.registry.get_sample_value("n2s_frames_denoised_total") == 8
+
+
+def test_offline_context_is_recorded_and_used_by_denoise(tmp_path, noisy_series):
+    path, clean, dose = noisy_series
+    result = train(TrainConfig(h5=path, device="cpu", context_frames=3, epochs=2,
+                               steps_per_epoch=40, out_dir=tmp_path / "run", progress=False,
+                               max_samples=12))
+    raw = torch.load(result.last, weights_only=True)
+    assert raw["masker_config"]["context_frames"] == 3
+    assert raw["model_config"]["in_channels"] == 3
+    out = denoise(DenoiseConfig(h5=path, ckpt=result.last, out=tmp_path / "d.h5",
+                                device="cpu", batch=5, progress=False))
+    assert out.n_frames == 24
+    with h5py.File(out.out) as handle:
+        denoised = handle["/entry/data/data"][()]
+        assert handle["/entry/provenance/source_frame"][()].tolist() == list(range(24))
+    with h5py.File(path) as handle:
+        noisy = handle["/data"][()].astype(np.float32)
+    assert psnr(clean, denoised, dose) > psnr(clean, noisy, dose) + 3.0
