@@ -140,6 +140,11 @@ DAEMON_HELP = {
     "process_existing": "process files already present at start (default yes)",
     "ckpt": "start from an offline checkpoint (n2s-stream train)",
     "train": "keep training online (default yes); --no-train: inference only",
+    "cold_start": "from scratch, write a calibrated classical denoiser's result until the "
+                  "network's held-out loss beats it (default yes)",
+    "context_frames": "frames of a series the network sees at once (default 1); centred "
+                      "context delays each frame by (K-1)/2 frames",
+    "causal_context": "context from earlier frames only: no added latency",
     "publish_every": "training steps between model versions (default 50)",
     "checkpoint_every": "seconds between checkpoints (default 60)",
     "queue_size": "frames waiting for inference before the source is held back",

@@ -153,6 +153,8 @@ class DaemonConfig:
     no_scale_integers: bool = False
     # online training
     train: bool = True
+    cold_start: bool = True  # from scratch: a calibrated classical denoiser writes frames
+    #                          until the network's held-out loss beats it
     model_from: Path | None = None  # fan-out: adopt the checkpoints of the training worker
     patch: int = 64
     batch: int = 8

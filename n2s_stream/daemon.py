@@ -22,6 +22,7 @@ from torch import nn
 
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
+from n2s_stream.coldstart import ColdStart
 from n2s_stream.config import DaemonConfig, as_toml
 from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
@@ -90,6 +91,10 @@ class Daemon:
         buffer = RollingBuffer(max_frames=config.buffer_frames,
                                max_bytes=config.buffer_mb * 2**20)
         val_buffer = RollingBuffer(max_frames=8, max_bytes=64 * 2**20)
+        # Only a network that will train from scratch here starts cold; a fan-out worker
+        # (model_from) has no trainer to measure it and waits for the trainer's weights.
+        cold = (config.cold_start and checkpoint is None and config.model_from is None)
+        self.cold_start = ColdStart(active=cold, on_change=self._cold_start_changed)
         self.worker = InferenceWorker(
             frames=self._frames, model=build_model(model_config).to(self.device),
             masker=masker, normalizer=checkpoint.normalizer if checkpoint else None,
@@ -97,6 +102,7 @@ class Daemon:
             buffer=buffer, val_buffer=val_buffer, metrics=self.metrics, state=self.state,
             device=self.device, on_fatal=self._fatal,
             republisher=Republisher(config.zmq_out) if config.zmq_out else None,
+            cold_start=self.cold_start if cold else None,
             settings=InferenceSettings(jinv=config.jinv, max_batch=config.max_batch,
                                        series_idle_close=config.series_idle_close,
                                        context_flush_seconds=config.context_flush_seconds,
@@ -120,6 +126,7 @@ class Daemon:
                 checkpoint_every=config.checkpoint_every,
                 optimizer_state=checkpoint.optimizer_state if checkpoint else None,
                 step=checkpoint.step if checkpoint else 0, seed=config.seed,
+                cold_start=self.cold_start if cold else None,
             )
         self.source = self._make_source()
         self.metrics_server = None
@@ -178,6 +185,10 @@ class Daemon:
         self.metrics.source_blocked.inc(time.monotonic() - started)
         self.metrics.queue_depth.set(self._frames.qsize())
         return True
+
+    def _cold_start_changed(self, active: bool, classical_loss: float) -> None:
+        self.metrics.cold_start_active.set(int(active))
+        self.metrics.classical_selfsup_loss.set(classical_loss)
 
     def _reject(self, reason: str, message: str) -> None:
         log.warning("rejected (%s): %s", reason, message)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from n2s_stream.coldstart import CLASSICAL, NETWORK, ColdStart
 from n2s_stream.frames import Frame
 from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
@@ -161,13 +162,15 @@ class InferenceWorker:
                  normalizer: Normalizer | None, store, outputs, buffer, val_buffer,
                  metrics, state, device: torch.device, settings: InferenceSettings,
                  on_fatal: Callable[[BaseException], None],
-                 republisher: Republisher | None = None) -> None:
+                 republisher: Republisher | None = None,
+                 cold_start: ColdStart | None = None) -> None:
         self.model = use_fast_layout(model, device)
         self.frames, self.masker, self.normalizer = frames, masker, normalizer
         self.store, self.outputs, self.buffer, self.val_buffer = store, outputs, buffer, val_buffer
         self.metrics, self.state, self.device, self.settings = metrics, state, device, settings
         self._on_fatal = on_fatal
         self.republisher = republisher
+        self.cold_start = cold_start
         self.version = -1
         self.written = 0
         self._seen = 0
@@ -324,12 +327,18 @@ class InferenceWorker:
                 scale_integers=self.settings.scale_integers, source_dtype=data.dtype,
                 valid=valid[np.newaxis])
             log.info("normalisation fitted on the first frame: %s", self.normalizer.describe())
+        if self.cold_start is not None and self.cold_start.classical is None:
+            self.cold_start.denoiser_for(
+                self.normalizer.forward(fill_invalid(data[np.newaxis], valid[np.newaxis]))[0])
         out_dtype = data.dtype if self.settings.require_reconstructable else np.dtype("f4")
         writer = self.outputs.get(frame.series)
         if writer is None:
             output = self.state.output_for(frame.series, frame.output)
+            notes = None
+            if self.cold_start is not None and self.cold_start.classical is not None:
+                notes = {"cold_start": self.cold_start.classical.describe()}
             writer = self.outputs.writer_for(frame.series, output, frame_shape=data.shape,
-                                             dtype=out_dtype, source=frame.series)
+                                             dtype=out_dtype, source=frame.series, notes=notes)
         if writer.frame_shape != data.shape:
             self._reject(frame, "shape_change", f"shape {data.shape} in a series of "
                          f"{writer.frame_shape} frames")
@@ -380,10 +389,18 @@ class InferenceWorker:
                 stop += 1
             group = ready[start:stop]
             stacked = np.stack([stack for _, stack in group])  # (n, K, H, W)
-            denoised = self.normalizer.inverse(denoise_normalized(
-                self.model, self.masker, stacked, jinv=self.settings.jinv, device=self.device))
+            if self.cold_start is not None and self.cold_start.active:
+                classical = self.cold_start.classical
+                assert classical is not None  # calibrated on the first accepted frame
+                method = CLASSICAL
+                denoised = self.normalizer.inverse(np.stack([classical(s[0]) for s in stacked]))
+            else:
+                method = NETWORK
+                denoised = self.normalizer.inverse(denoise_normalized(
+                    self.model, self.masker, stacked, jinv=self.settings.jinv,
+                    device=self.device))
             for ((frame, writer, valid, _), stack), out in zip(group, denoised, strict=True):
-                self._write(frame, writer, valid, stack, out)
+                self._write(frame, writer, valid, stack, out, method)
             start = stop
 
     def _wait_for_space(self, writer, nbytes: int) -> None:
@@ -407,7 +424,7 @@ class InferenceWorker:
                  free / 2**20)
 
     def _write(self, frame, writer, valid: np.ndarray, network_input: np.ndarray,
-               denoised: np.ndarray) -> None:
+               denoised: np.ndarray, method: int = NETWORK) -> None:
         """Write one denoised frame; its network input (frame and context) goes on to
         the training or the held-out buffer."""
         data = frame.data
@@ -417,7 +434,8 @@ class InferenceWorker:
         if self.settings.require_reconstructable:
             denoised = to_source_dtype(denoised, data.dtype)
         writer.append(denoised[np.newaxis], source_frames=[frame.index],
-                      model_version=self.version, t_received=frame.received_at)
+                      model_version=self.version, t_received=frame.received_at,
+                      denoiser=method)
         self.written += 1
         self.metrics.frames_denoised.inc()
         if self.republisher is not None:

@@ -53,6 +53,12 @@ class Metrics:
         self.selfsup_val_loss = Gauge(
             "n2s_selfsup_val_loss", "Masked loss on held-out frames (no ground truth needed)",
             registry=registry)
+        self.cold_start_active = Gauge(
+            "n2s_cold_start_active", "1 while the calibrated classical denoiser writes frames "
+            "(the network has not yet beaten its held-out loss)", registry=registry)
+        self.classical_selfsup_loss = Gauge(
+            "n2s_classical_selfsup_loss", "Held-out masked loss of the cold-start classical "
+            "denoiser, on the frames and masks of n2s_selfsup_val_loss", registry=registry)
         self.state_write_errors = Counter(
             "n2s_state_write_errors", "Checkpoint or ledger writes to the state dir that failed",
             registry=registry)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from n2s_stream.buffer import RollingBuffer
+from n2s_stream.coldstart import ColdStart
 from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.training import masked_validation_loss, train_step
@@ -92,8 +93,10 @@ class OnlineTrainer:
         optimizer_state: dict | None = None,
         step: int = 0,
         seed: int = 0,
+        cold_start: ColdStart | None = None,
     ) -> None:
         self.model, self.masker, self.buffer, self.val_buffer = model, masker, buffer, val_buffer
+        self.cold_start = cold_start
         self.store, self.metrics, self.config, self.device = store, metrics, config, device
         self._busy, self._save, self._checkpoint_every = busy, save, checkpoint_every
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -167,14 +170,21 @@ class OnlineTrainer:
     def _publish(self, train_loss: float) -> None:
         self.metrics.train_loss.set(train_loss)
         val_frames = self.val_buffer.snapshot()
+        val_loss = None
         if val_frames is not None:
             frames = torch.from_numpy(val_frames).to(self.device)
-            # two frames at a time: full-frame activations are the trainer's largest buffers
-            self.metrics.selfsup_val_loss.set(masked_validation_loss(self.model, self.masker,
-                                                                     frames, batch=2))
+
+            def loss_of(model: nn.Module) -> float:
+                # two frames at a time: full-frame activations are the largest buffers here
+                return masked_validation_loss(model, self.masker, frames, batch=2)
+
+            val_loss = loss_of(self.model)
+            self.metrics.selfsup_val_loss.set(val_loss)
         self._good = copy_state(self.model)
         version = self.store.version + 1
         self.store.publish(copy_state(self.model), version)
+        if val_loss is not None and self.cold_start is not None and self.cold_start.active:
+            self.cold_start.compare(val_loss, loss_of)
         log.debug("published model version %d (step %d, loss %.4g)", version, self.step,
                   train_loss)
 

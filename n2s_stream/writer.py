@@ -6,7 +6,8 @@ Layout (DESIGN.md):
   /entry/provenance/model_version   version of the weights that produced it
   /entry/provenance/t_received      unix time the frame arrived
   /entry/provenance/t_written       unix time it was written
-  /entry/process/{program,version,config}
+  /entry/provenance/denoiser        0 = the network, 1 = the cold-start classical denoiser
+  /entry/process/{program,version,config,source[,cold_start]}
 
 The file is in SWMR mode from its first frame on and flushed after every append, so a
 reader opened with ``swmr=True`` sees every frame written so far, and a crash leaves only
@@ -32,6 +33,7 @@ PROVENANCE_FIELDS = {
     "model_version": np.int64,
     "t_received": np.float64,
     "t_written": np.float64,
+    "denoiser": np.uint8,
 }
 
 
@@ -69,6 +71,7 @@ class FrameWriter:
         dtype: np.dtype | str = np.float32,
         config_text: str = "",
         source: str = "",
+        notes: dict[str, str] | None = None,
         resume: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -88,7 +91,8 @@ class FrameWriter:
             return
         self._file = h5py.File(self.path, "w", libver="latest")
         try:
-            self._create_layout(tuple(frame_shape), np.dtype(dtype), config_text, source)
+            self._create_layout(tuple(frame_shape), np.dtype(dtype), config_text, source,
+                                notes or {})
             self._file.swmr_mode = True
         except BaseException:
             self._file.close()
@@ -116,7 +120,8 @@ class FrameWriter:
         return self._provenance["source_frame"][: self.n_written]
 
     def _create_layout(
-        self, frame_shape: tuple[int, int], dtype: np.dtype, config_text: str, source: str
+        self, frame_shape: tuple[int, int], dtype: np.dtype, config_text: str, source: str,
+        notes: dict[str, str],
     ) -> None:
         self._count = 0
         entry = self._file.create_group("entry")
@@ -135,12 +140,17 @@ class FrameWriter:
             )
             for name, kind in PROVENANCE_FIELDS.items()
         }
+        self._provenance["denoiser"].attrs["meaning"] = (
+            "0: the network (weights of model_version); 1: the calibrated classical denoiser "
+            "of /entry/process/cold_start, used until the network measured better")
         process = entry.create_group("process")
         process.attrs["NX_class"] = "NXprocess"
         process["program"] = "n2s-stream"
         process["version"] = __version__
         process["config"] = config_text
         process["source"] = source
+        for key, text in notes.items():
+            process[key] = text
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -161,6 +171,7 @@ class FrameWriter:
         source_frames: np.ndarray,
         model_version: int,
         t_received: np.ndarray | float,
+        denoiser: int = 0,
     ) -> None:
         """Append ``(n, H, W)`` frames with one provenance row each, then flush."""
         n = frames.shape[0]
@@ -172,6 +183,7 @@ class FrameWriter:
             "model_version": np.full(n, model_version, dtype=np.int64),
             "t_received": np.broadcast_to(np.asarray(t_received, dtype=np.float64), (n,)),
             "t_written": np.full(n, time.time(), dtype=np.float64),
+            "denoiser": np.full(n, denoiser, dtype=np.uint8),
         }
         for name, values in rows.items():
             ds = self._provenance[name]
@@ -237,12 +249,15 @@ class OutputSet:
         self._config_text = config_text
 
     def writer_for(self, series: str, path: Path, *, frame_shape: tuple[int, int],
-                   dtype: np.dtype, source: str) -> FrameWriter:
-        """The writer of ``series``: open, resumed from an earlier run, or new."""
+                   dtype: np.dtype, source: str,
+                   notes: dict[str, str] | None = None) -> FrameWriter:
+        """The writer of ``series``: open, resumed from an earlier run, or new (with
+        ``notes`` as ``/entry/process`` entries)."""
         writer = self._writers.get(series)
         if writer is None:
             writer = FrameWriter(path, frame_shape=frame_shape, dtype=dtype,
-                                 config_text=self._config_text, source=source, resume=True)
+                                 config_text=self._config_text, source=source, notes=notes,
+                                 resume=True)
             self._writers[series] = writer
         return writer
 

@@ -6,10 +6,10 @@ import threading
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from daemon_helpers import write_stack
 
 from n2s_stream.simulate import clean_frames, poisson_frames
 
@@ -40,13 +40,6 @@ def no_leaked_threads():
             return
         time.sleep(0.05)
     pytest.fail(f"test leaked threads: {leaked}")
-
-
-def write_stack(path: Path, frames: np.ndarray, dataset: str = "/data", **kwargs) -> Path:
-    """Write ``frames`` to ``path`` at ``dataset`` (plain HDF5, optional filter kwargs)."""
-    with h5py.File(path, "w") as handle:
-        handle.create_dataset(dataset, data=frames, **kwargs)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 from n2s_stream.metrics import scrape
 
 N2S = [sys.executable, "-m", "n2s_stream"]
@@ -135,9 +138,14 @@ def start_detector_feed(endpoint: str, *, frames: int, rate: float, protocol: st
 
 def read_output(path: Path):
     """``(frames, provenance dict)`` of an output file."""
-    import h5py
-
     with h5py.File(path, "r") as handle:
         return (handle["/entry/data/data"][()],
                 {k: handle[f"/entry/provenance/{k}"][()] for k in
                  ("source_frame", "model_version", "t_received", "t_written")})
+
+
+def write_stack(path: Path, frames: np.ndarray, dataset: str = "/data", **kwargs) -> Path:
+    """Write ``frames`` to ``path`` at ``dataset`` (plain HDF5, optional filter kwargs)."""
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset(dataset, data=frames, **kwargs)
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import write_stack
+from daemon_helpers import write_stack
 
 
 def run(*args: str, env: dict | None = None, cwd: Path | None = None):

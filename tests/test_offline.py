@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import write_stack
+from daemon_helpers import write_stack
 
 from n2s_stream.config import DenoiseConfig, TrainConfig
 from n2s_stream.errors import CheckpointError

@@ -11,7 +11,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
-from conftest import write_stack
+from daemon_helpers import write_stack
 
 from n2s_stream.errors import InputError
 from n2s_stream.stack import open_stack

@@ -1,0 +1,134 @@
+"""Cold start: a calibrated classical denoiser writes the frames until the network is better.
+
+A network trained from scratch is worse than its noisy input for its first seconds. Until
+its self-supervised loss on held-out frames beats that of a classical denoiser (total
+variation or wavelet, calibrated the J-invariant way on the first frame, as scikit-image's
+``calibrate_denoiser`` does), the daemon writes the classical result. Both losses are
+measured on the same frames with the same masks and need no ground truth, so the first
+frames of a new sample are never worse than classical denoising. The switch to the network
+happens once; each output frame's provenance says which of the two produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from skimage.restoration import calibrate_denoiser, denoise_tv_chambolle, denoise_wavelet
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+NETWORK, CLASSICAL = 0, 1
+"""Values of the ``denoiser`` provenance column of output files."""
+
+# Parameter grids in normalised units (frames have about unit spread after normalising).
+GRIDS: dict[str, tuple[Callable[..., np.ndarray], dict[str, list[float]]]] = {
+    "tv": (denoise_tv_chambolle, {"weight": list(np.geomspace(0.02, 4.0, 9))}),
+    "wavelet": (partial(denoise_wavelet, rescale_sigma=True),
+                {"sigma": list(np.geomspace(0.03, 3.0, 9))}),
+}
+CALIBRATION_CROP = 96
+
+
+@dataclass(frozen=True)
+class ClassicalDenoiser:
+    """One classical denoiser with its calibrated parameters; call it on a 2-D image."""
+
+    name: str
+    params: dict[str, float] = field(default_factory=dict)
+    calibration_loss: float = float("nan")
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        function = GRIDS[self.name][0]
+        return np.asarray(function(image.astype(np.float64), **self.params), np.float32)
+
+    def describe(self) -> str:
+        """One line for logs and provenance."""
+        params = ", ".join(f"{k}={v:.3g}" for k, v in self.params.items())
+        return f"{self.name} ({params})"
+
+
+def calibrate_classical(image: np.ndarray) -> ClassicalDenoiser:
+    """The TV or wavelet denoiser, with parameters, that has the lowest J-invariant
+    self-supervised loss on (a centre crop of) the normalised ``image``."""
+    height, width = image.shape
+    top, left = max((height - CALIBRATION_CROP) // 2, 0), max((width - CALIBRATION_CROP) // 2, 0)
+    crop = image[top : top + CALIBRATION_CROP, left : left + CALIBRATION_CROP].astype(np.float64)
+    best: ClassicalDenoiser | None = None
+    for name, (function, grid) in GRIDS.items():
+        _, (params, losses) = calibrate_denoiser(crop, function, grid, stride=4,
+                                                 extra_output=True)
+        k = int(np.argmin(losses))
+        if best is None or losses[k] < best.calibration_loss:
+            best = ClassicalDenoiser(name, {key: float(v) for key, v in params[k].items()},
+                                     float(losses[k]))
+    assert best is not None
+    return best
+
+
+class ClassicalModule(nn.Module):
+    """A classical denoiser behind the network's interface ``(B, C, H, W) -> (B, 1, H, W)``
+    (it sees channel 0, the masked centre frame), so that its held-out loss is measured by
+    exactly the code and masks that measure the network's."""
+
+    def __init__(self, denoiser: ClassicalDenoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Denoise each sample's first channel on the host."""
+        images = x[:, 0].detach().float().cpu().numpy()
+        out = np.stack([self.denoiser(image) for image in images])
+        return torch.from_numpy(out).unsqueeze(1).to(x.device)
+
+
+class ColdStart:
+    """Which denoiser writes frames now; shared by the inference thread (asks, calibrates
+    on the first frame) and the trainer (compares losses at each model publication)."""
+
+    def __init__(self, *, active: bool, on_change: Callable[[bool, float], None]) -> None:
+        self._active = active
+        self._on_change = on_change  # (active, classical loss) -> metrics
+        self._lock = threading.Lock()
+        self.classical: ClassicalDenoiser | None = None
+        on_change(active, float("nan"))
+
+    @property
+    def active(self) -> bool:
+        """True while the classical denoiser writes frames."""
+        return self._active
+
+    def denoiser_for(self, frame: np.ndarray) -> ClassicalDenoiser:
+        """The calibrated classical denoiser, calibrated on ``frame`` the first time."""
+        with self._lock:
+            if self.classical is None:
+                self.classical = calibrate_classical(frame)
+                log.info("cold start: %s writes frames until the network's held-out loss "
+                         "beats its %.4g", self.classical.describe(),
+                         self.classical.calibration_loss)
+            return self.classical
+
+    def compare(self, network_loss: float, loss_of: Callable[[nn.Module], float]) -> None:
+        """Switch to the network, for good, once its held-out loss is below the classical
+        denoiser's; ``loss_of`` scores a module on the same held-out frames and masks."""
+        with self._lock:
+            classical = self.classical
+        if not self._active or classical is None:
+            return
+        classical_loss = loss_of(ClassicalModule(classical))
+        if network_loss < classical_loss:
+            self._active = False
+            log.info("cold start over: network held-out loss %.4g < %.4g of %s; the network "
+                     "writes from now on", network_loss, classical_loss, classical.describe())
+        self._on_change(self._active, classical_loss)
+
+    def provenance(self) -> dict[str, Any]:
+        """What the classical denoiser was, for the output files' attributes."""
+        return {} if self.classical is None else {"classical": self.classical.describe()}
