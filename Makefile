@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-faults lint bench clean
+.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-context clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ test-slow: setup
 
 test-faults: setup
 	$(PY) -m pytest -q -m "faults or slow" tests/faults $(PYTEST_ARGS)
+
+test-browser: setup
+	$(PY) -m pytest -q -m browser tests/test_preview.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check n2s_stream tests benchmarks

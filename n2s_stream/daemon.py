@@ -17,7 +17,7 @@ import time
 from types import FrameType
 
 import torch
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from torch import nn
 
 from n2s_stream.buffer import RollingBuffer
@@ -27,9 +27,10 @@ from n2s_stream.config import DaemonConfig, as_toml
 from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.inference import InferenceSettings, InferenceWorker, Republisher
-from n2s_stream.metrics import Metrics, MetricsServer
+from n2s_stream.metrics import LatencyWindow, Metrics, MetricsServer
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.preview import Preview, preview_app
 from n2s_stream.service import Notifier
 from n2s_stream.sources.directory import DirectoryConfig, DirectorySource
 from n2s_stream.sources.zmq import ZmqConfig, ZmqSource
@@ -60,6 +61,7 @@ class Daemon:
         self.notifier = Notifier()
         self._signals = 0
         self._frames: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self.preview = Preview()
 
     # ---- wiring -------------------------------------------------------------------------
     def _start(self) -> None:
@@ -102,7 +104,7 @@ class Daemon:
             buffer=buffer, val_buffer=val_buffer, metrics=self.metrics, state=self.state,
             device=self.device, on_fatal=self._fatal,
             republisher=Republisher(config.zmq_out) if config.zmq_out else None,
-            cold_start=self.cold_start if cold else None,
+            cold_start=self.cold_start if cold else None, preview=self.preview,
             settings=InferenceSettings(jinv=config.jinv, max_batch=config.max_batch,
                                        series_idle_close=config.series_idle_close,
                                        context_flush_seconds=config.context_flush_seconds,
@@ -131,8 +133,9 @@ class Daemon:
         self.source = self._make_source()
         self.metrics_server = None
         if config.metrics_port >= 0:
+            app = preview_app(self.preview, make_wsgi_app(self.metrics.registry))
             self.metrics_server = MetricsServer(self.metrics.registry, port=config.metrics_port,
-                                                addr=config.metrics_addr)
+                                                addr=config.metrics_addr, app=app)
         self.worker.start()
         if self.trainer is not None:
             self.trainer.start()
@@ -247,12 +250,14 @@ class Daemon:
     def _loop(self) -> None:
         last_ping = last_status = time.monotonic()
         last_written, last_time = 0, time.monotonic()
+        latency = LatencyWindow(self.metrics.registry)
         while not self.stop_requested.wait(0.25):
             now = time.monotonic()
             if now - last_time >= 2.0:
                 fps = (self.worker.written - last_written) / (now - last_time)
                 self.metrics.frames_per_second.set(fps)
                 last_written, last_time = self.worker.written, now
+                self._sample_preview(fps, latency.mean_since_last())
             interval = self.notifier.watchdog_interval
             healthy = self.worker.alive and self.source.alive
             if interval is not None and healthy and now - last_ping >= interval:
@@ -263,6 +268,21 @@ class Daemon:
                     f"STATUS={self.worker.written} frames written, model version "
                     f"{self.store.version}, queue {self._frames.qsize()}")
                 last_status = now
+
+    def _sample_preview(self, fps: float, latency_s: float) -> None:
+        """A point for the preview page's plots, and its status lines."""
+        value = self.metrics.registry.get_sample_value
+        following = self.config.watch or self.config.zmq
+        self.preview.sample(
+            {"fps": fps, "latency_s": latency_s,
+             "selfsup_val_loss": value("n2s_selfsup_val_loss") or float("nan"),
+             "train_loss": value("n2s_train_loss") or float("nan")},
+            {"source": f"{following} ({'following' if self.source.alive else 'stopped'})",
+             "model version": self.store.version,
+             "denoiser": "classical (cold start)" if self.cold_start.active else "network",
+             "frames written": self.worker.written,
+             "queue": self._frames.qsize(),
+             "output": "paused: disk nearly full" if value("n2s_output_paused") else "writing"})
 
     def _shutdown(self) -> None:
         """Stop the stages in data-flow order, also after a start that failed half-way: the

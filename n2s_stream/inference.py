@@ -18,6 +18,7 @@ from n2s_stream.frames import Frame
 from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
+from n2s_stream.preview import Preview
 from n2s_stream.state import last_written_source_frame
 from n2s_stream.training import autocast
 from n2s_stream.writer import free_bytes
@@ -163,7 +164,8 @@ class InferenceWorker:
                  metrics, state, device: torch.device, settings: InferenceSettings,
                  on_fatal: Callable[[BaseException], None],
                  republisher: Republisher | None = None,
-                 cold_start: ColdStart | None = None) -> None:
+                 cold_start: ColdStart | None = None,
+                 preview: Preview | None = None) -> None:
         self.model = use_fast_layout(model, device)
         self.frames, self.masker, self.normalizer = frames, masker, normalizer
         self.store, self.outputs, self.buffer, self.val_buffer = store, outputs, buffer, val_buffer
@@ -171,6 +173,7 @@ class InferenceWorker:
         self._on_fatal = on_fatal
         self.republisher = republisher
         self.cold_start = cold_start
+        self.preview = preview
         self.version = -1
         self.written = 0
         self._seen = 0
@@ -440,6 +443,8 @@ class InferenceWorker:
         self.metrics.frames_denoised.inc()
         if self.republisher is not None:
             self.republisher.publish(frame.series, frame.index, denoised)
+        if self.preview is not None:
+            self.preview.show(frame.series, frame.index, data, denoised)
         self.metrics.frame_latency.observe(time.time() - frame.received_at)
         self._seen += 1
         valid_map = None if valid.all() else valid.astype(np.float32)

@@ -6,9 +6,11 @@ Names are a contract (DESIGN.md): dashboards and alerts depend on them.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import urllib.request
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     REGISTRY,
@@ -17,8 +19,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from n2s_stream import __version__
@@ -86,21 +89,55 @@ class Metrics:
         self.frames_rejected.labels(reason=reason).inc(count)
 
 
-class MetricsServer:
-    """The HTTP endpoint for Prometheus; loopback unless an address is configured."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes every few seconds are not events worth a log line."""
 
-    def __init__(self, registry: CollectorRegistry, *, port: int, addr: str = "127.0.0.1"):
-        self._server: WSGIServer
-        self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+
+class MetricsServer:
+    """The daemon's HTTP endpoint: Prometheus ``/metrics`` and, when given, the preview
+    ``app`` around it; loopback unless an address is configured."""
+
+    def __init__(self, registry: CollectorRegistry, *, port: int, addr: str = "127.0.0.1",
+                 app: Callable[..., Iterable[bytes]] | None = None) -> None:
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        self._server = make_server(addr, port, app or make_wsgi_app(registry),
+                                   server_class=Server, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
+                                        daemon=True)
+        self._thread.start()
         self.port = self._server.server_port
-        log.info("metrics on http://%s:%d/metrics", addr, self.port)
+        log.info("metrics on http://%s:%d/metrics%s", addr, self.port,
+                 "" if app is None else f", live preview on http://{addr}:{self.port}/")
 
     def close(self) -> None:
         """Stop serving and release the port."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class LatencyWindow:
+    """Mean frame latency between two readings of the latency histogram."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._sum = self._count = 0.0
+
+    def mean_since_last(self) -> float:
+        """Mean latency (s) of the frames written since the last call; NaN if none."""
+        value = self._registry.get_sample_value
+        total = value("n2s_frame_latency_seconds_sum") or 0.0
+        count = value("n2s_frame_latency_seconds_count") or 0.0
+        frames = count - self._count
+        mean = (total - self._sum) / frames if frames else float("nan")
+        self._sum, self._count = total, count
+        return mean
 
 
 def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> dict[str, float]:
