@@ -124,6 +124,8 @@ def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="simulate a detector and watch denoising quality improve")
     p.add_argument("--dir", type=Path, default=Path("demo-output"), help="working folder")
     p.add_argument("--seconds", type=float, default=60.0, help="acquisition length")
+    p.add_argument("--context-frames", type=int, default=1,
+                   help="K > 1: a second daemon with K-frame temporal context, side by side")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -299,7 +301,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from n2s_stream.demo import run_demo
 
-        run_demo(args.dir, seconds=args.seconds)
+        run_demo(args.dir, seconds=args.seconds, context_frames=args.context_frames)
     return 0
 
 

@@ -52,32 +52,38 @@ def _newest_quality(output: Path, source: Path, truth: np.ndarray) -> tuple[floa
     return psnr(clean, noisy, DEMO_DOSE), psnr(clean, denoised, DEMO_DOSE), n
 
 
-def run_demo(work_dir: Path, *, seconds: float = 60.0) -> None:
-    """Run simulator and daemon for about ``seconds`` and print quality as it improves."""
+def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1) -> None:
+    """Run simulator and daemon for about ``seconds`` and print quality as it improves.
+
+    With ``context_frames`` K > 1 a second daemon, seeing K frames at a time, follows the
+    same acquisition, and its PSNR is printed beside the single-frame one: the margin
+    temporal context gains online, measured in one run on the same frames.
+    """
     work_dir = Path(work_dir).resolve()
-    acq, out, state = work_dir / "acq", work_dir / "out", work_dir / "state"
-    for folder in (acq, out, state):
-        folder.mkdir(parents=True, exist_ok=True)
+    acq = work_dir / "acq"
+    acq.mkdir(parents=True, exist_ok=True)
     name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
     frames = int(seconds * DEMO_RATE)
-    port = _free_port()
     command = [sys.executable, "-m", "n2s_stream"]
-    log = open(work_dir / "daemon.log", "w")  # noqa: SIM115 (closed below)
-    daemon = subprocess.Popen(
-        [*command, "--watch", str(acq), "--out", str(out), "--state-dir", str(state),
-         "--metrics-port", str(port), "--device", "cpu", "--publish-every", "25",
-         "--settle-seconds", "3"], stdout=log, stderr=subprocess.STDOUT)
+    variants = [("n2s", "", [])]
+    if context_frames > 1:
+        variants.append((f"K={context_frames}", f"_k{context_frames}",
+                         ["--context-frames", str(context_frames)]))
+    daemons = [_start_daemon(command, work_dir, acq, suffix, extra)
+               for _, suffix, extra in variants]
     detector = subprocess.Popen(
         [*command, "simulate", "--dir", str(acq), "--frames", str(frames), "--rate",
          str(DEMO_RATE), "--shape", DEMO_SHAPE, "--dose", str(DEMO_DOSE), "--name", name,
          "--log-level", "WARNING"], stdout=subprocess.DEVNULL)
-    source, output = acq / f"{name}.h5", out / f"{name}_n2s.h5"
+    source = acq / f"{name}.h5"
     print(f"detector: {frames} frames {DEMO_SHAPE} at {DEMO_RATE:g}/s, Poisson dose "
           f"{DEMO_DOSE:g} counts -> {source}")
-    print(f"daemon:   n2s-stream --watch {acq} --out {out}  (log: {work_dir / 'daemon.log'},"
-          f" metrics: http://127.0.0.1:{port}/metrics)")
+    for (label, _, extra), daemon in zip(variants, daemons, strict=True):
+        print(f"daemon {label}: n2s-stream --watch {acq} --out {daemon.out} {' '.join(extra)}"
+              f" (log: {daemon.log_path}; live preview: http://127.0.0.1:{daemon.port}/)")
+    psnr_columns = " ".join(f"{'PSNR ' + label:>9}" for label, _, _ in variants)
     print(f"{'elapsed':>7} {'in':>5} {'out':>5} {'model':>5} {'PSNR noisy':>10} "
-          f"{'PSNR n2s':>9} {'self-sup val loss':>17}")
+          f"{psnr_columns} {'self-sup val loss':>17} {'denoiser':>9}")
     started = time.monotonic()
     truth = None
     try:
@@ -86,25 +92,55 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0) -> None:
             if truth is None and truth_path(source).exists():
                 with h5py.File(truth_path(source), "r") as handle:
                     truth = handle["clean"][()]
-            metrics = scrape(port)
-            noisy_db, denoised_db, written = (_newest_quality(output, source, truth)
-                                              if truth is not None else (np.nan, np.nan, 0))
+            metrics = scrape(daemons[0].port)
+            scores = [_newest_quality(d.out / f"{name}_n2s.h5", source, truth)
+                      if truth is not None else (np.nan, np.nan, 0) for d in daemons]
+            noisy_db, _, written = scores[0]
             received = metrics.get("n2s_frames_received_total", 0)
             version = metrics.get("n2s_model_version", 0)
             val_loss = metrics.get("n2s_selfsup_val_loss", float("nan"))
+            denoiser = "classical" if metrics.get("n2s_cold_start_active") else "network"
+            columns = " ".join(f"{db:7.2f}dB" for _, db, _ in scores)
             print(f"{time.monotonic() - started:6.0f}s {received:5.0f} {written:5d} "
-                  f"{version:5.0f} {noisy_db:8.2f}dB {denoised_db:7.2f}dB {val_loss:17.4f}",
+                  f"{version:5.0f} {noisy_db:8.2f}dB {columns} {val_loss:17.4f} {denoiser:>9}",
                   flush=True)
-            if detector.poll() is not None and written >= frames:
+            if detector.poll() is not None and all(n >= frames for _, _, n in scores):
                 break
-            if daemon.poll() is not None:
-                print("the daemon stopped unexpectedly; see its log")
+            if any(d.process.poll() is not None for d in daemons):
+                print("a daemon stopped unexpectedly; see its log")
                 break
     finally:
         detector.terminate()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=120)
+        for daemon in daemons:
+            daemon.stop()
         detector.wait(timeout=30)
-        log.close()
-    print(f"denoised series: {output} (raw: {source}); the daemon stopped with status "
-          f"{daemon.returncode}")
+    statuses = ", ".join(str(d.process.returncode) for d in daemons)
+    print(f"denoised series: {daemons[0].out / f'{name}_n2s.h5'} (raw: {source}); the daemon "
+          f"stopped with status {statuses}")
+
+
+class _DemoDaemon:
+    """One daemon process of the demo, with its output folder, log and metrics port."""
+
+    def __init__(self, process: subprocess.Popen, out: Path, log_path: Path, log, port: int):
+        self.process, self.out, self.log_path, self._log, self.port = (process, out, log_path,
+                                                                      log, port)
+
+    def stop(self) -> None:
+        """SIGTERM and wait for the drain."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        self._log.close()
+
+
+def _start_daemon(command: list[str], work_dir: Path, acq: Path, suffix: str,
+                  extra: list[str]) -> _DemoDaemon:
+    out, state = work_dir / f"out{suffix}", work_dir / f"state{suffix}"
+    port = _free_port()
+    log_path = work_dir / f"daemon{suffix}.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed by _DemoDaemon.stop)
+    process = subprocess.Popen(
+        [*command, "--watch", str(acq), "--out", str(out), "--state-dir", str(state),
+         "--metrics-port", str(port), "--device", "cpu", "--publish-every", "25",
+         "--settle-seconds", "3", *extra], stdout=log, stderr=subprocess.STDOUT)
+    return _DemoDaemon(process, out, log_path, log, port)

@@ -79,3 +79,19 @@ def test_soak_runs(tmp_path):
     assert report["frames_written"] == report["frames_sent"] == 600
     assert report["output_files"] == 30 and report["daemon_exit"] == 0
     assert "MiB/hour" in proc.stdout and out.with_suffix(".png").exists()
+
+
+def test_context_quality_runs(tmp_path):
+    out = tmp_path / "c.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "context_quality.py"), "--budget", "2",
+         "--sweep-budget", "1", "--frames", "6", "--size", "32", "--contexts", "1", "3",
+         "--doses", "20", "--drifts", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert {(r["context"], r["residual"]) for r in report["rows"]} == {
+        (1, False), (1, True), (3, False), (3, True)}
+    assert all(r["jinv"]["psnr"] > 0 and r["single_pass"]["fps"] > 0 for r in report["rows"])
+    assert len(report["by_drift"]) == 2 and out.with_suffix(".png").exists()
