@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-context clean
+.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-context bench-soak clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ bench: setup
 	$(PY) benchmarks/daemon_memory.py
 	$(PY) benchmarks/zmq_throughput.py
 	$(PY) benchmarks/model_speed.py
+
+bench-context: setup
+	$(PY) benchmarks/context_quality.py --budget 150 --sweep-budget 45
+
+bench-soak: setup
+	$(PY) benchmarks/soak.py --minutes 10
 
 clean:
 	rm -rf $(VENV) runs demo-output .pytest_cache

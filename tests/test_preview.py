@@ -88,8 +88,11 @@ def test_page_renders_and_updates_in_headless_chromium(tmp_path):
     writer = start_writer(daemon.watch, frames=400, rate=20)
     daemon.wait_for("opened output")
     time.sleep(2.5)
+    # no background networking: this machine's network is closed, and the page needs none
     proc = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'ud'}",
          "--virtual-time-budget=6000", "--dump-dom", f"http://127.0.0.1:{daemon.port}/"],
         capture_output=True, text=True, timeout=120)
     writer.kill()

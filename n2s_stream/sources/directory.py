@@ -95,11 +95,12 @@ class _Followed:
 
 @dataclass(eq=False)
 class _Events(FileSystemEventHandler):
-    """Collects paths that watchdog says were created, moved in, modified or closed."""
+    """Collects paths that watchdog says were created, moved, modified or closed."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: set[Path] = field(default_factory=set)
     closed: set[Path] = field(default_factory=set)
+    moved: list[tuple[Path, Path]] = field(default_factory=list)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
@@ -109,12 +110,14 @@ class _Events(FileSystemEventHandler):
             self.changed.add(path)
             if event.event_type == "closed":
                 self.closed.add(path)
+            elif event.event_type == "moved":
+                self.moved.append((Path(str(event.src_path)), path))
 
-    def take(self) -> tuple[set[Path], set[Path]]:
+    def take(self) -> tuple[set[Path], set[Path], list[tuple[Path, Path]]]:
         with self.lock:
-            changed, closed = self.changed, self.closed
-            self.changed, self.closed = set(), set()
-        return changed, closed
+            changed, closed, moved = self.changed, self.closed, self.moved
+            self.changed, self.closed, self.moved = set(), set(), []
+        return changed, closed, moved
 
 
 def _is_utf8(path: Path) -> bool:
@@ -177,7 +180,9 @@ class DirectorySource:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            changed, closed = self._events.take()
+            changed, closed, moved = self._events.take()
+            for old, new in moved:
+                self._renamed(old, new)
             for path in changed:
                 self._consider(path)
             for path in closed:
@@ -194,6 +199,18 @@ class DirectorySource:
                     self._finish(followed, reason="internal_error", message=str(exc))
             if not busy:
                 self._stop.wait(0.05)
+
+    def _renamed(self, old: Path, new: Path) -> None:
+        """A file renamed within the watched tree is the same series under a new name:
+        it is followed on (or stays finished), never read again from its first frame."""
+        followed = self._followed.pop(old, None)
+        if followed is not None:
+            followed.path = new
+            self._followed[new] = followed
+            log.info("%s renamed to %s: still series %s", old, new, followed.series)
+        elif old in self._done:
+            self._done.add(new)
+            log.info("%s renamed to %s: already finished", old, new)
 
     def _wanted(self, path: Path) -> bool:
         if path.suffix.lower() not in HDF5_SUFFIXES or path.name.endswith(".recovering"):

@@ -57,3 +57,24 @@ def test_source_file_deleted_while_read(tmp_path, fault_figures):
     fault_figures.append(FaultFigure("source file deleted while read", 1,
                                      int(np.array_equal(index, np.arange(len(index))))))
     assert len(index) > 0 and np.array_equal(index, np.arange(len(index)))
+
+
+def test_source_file_renamed_while_read(tmp_path, fault_figures):
+    """The acquisition file is renamed while its writer still writes: it stays one series,
+    every frame is written once, and nothing is read again under the new name."""
+    daemon = DaemonProcess(tmp_path)
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=150, rate=25)
+    daemon.wait_for("opened output")
+    time.sleep(1.0)
+    (daemon.watch / "scan_0001.h5").rename(daemon.watch / "scan_0001_renamed.h5")
+    daemon.wait_for("renamed to .*scan_0001_renamed.h5: still series scan_0001")
+    assert writer.wait(timeout=60) == 0
+    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(150 frames\)", timeout=60)
+    assert daemon.terminate() == 0
+    written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
+    assert sorted(p.name for p in daemon.out.iterdir()) == ["scan_0001_n2s.h5"]
+    fault_figures.append(FaultFigure("source file renamed while read", 1,
+                                     int(np.array_equal(written, np.arange(150))), sent=150,
+                                     written=len(set(written.tolist()))))
+    assert np.array_equal(written, np.arange(150))
