@@ -89,8 +89,10 @@ def classical(noisy: np.ndarray, clean: np.ndarray, dose: float) -> dict[str, di
     return results
 
 
-def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namespace) -> dict:
-    """Train our UNet on the noisy stack for ``budget`` seconds, then denoise it both ways."""
+def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namespace,
+        denoised_out: dict[str, np.ndarray] | None = None) -> dict:
+    """Train our UNet on the noisy stack for ``budget`` seconds, then denoise it both ways
+    (the denoised stacks go into ``denoised_out`` by mode, when given)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "stack.h5"
         with h5py.File(source, "w") as handle:
@@ -114,6 +116,8 @@ def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namesp
                            jinv=jinv, device=torch.device("cpu"))
             for k in range(0, len(noisy), 16)
         ])
+        if denoised_out is not None:
+            denoised_out[mode] = denoised
         out[mode] = {
             "psnr": psnr(clean * dose, denoised, data_range=dose),
             "ssim": mean_ssim(clean * dose, denoised, data_range=dose),
