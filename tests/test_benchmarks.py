@@ -95,3 +95,17 @@ def test_context_quality_runs(tmp_path):
         (1, False), (1, True), (3, False), (3, True)}
     assert all(r["jinv"]["psnr"] > 0 and r["single_pass"]["fps"] > 0 for r in report["rows"])
     assert len(report["by_drift"]) == 2 and out.with_suffix(".png").exists()
+
+
+def test_online_quality_runs(tmp_path):
+    out = tmp_path / "o.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "online_quality.py"), "--tiles", "6", "--tile", "48",
+         "--rate", "10", "--passes", "2", "--offline-budget", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert len(report["online_pass_psnr"]) == 2 and len(report["curve_psnr"]) == 12
+    assert report["online_pass_psnr"][0] > report["noisy_psnr"]  # cold start: never worse
+    assert "online, pass 2" in proc.stdout and out.with_suffix(".png").exists()
