@@ -165,7 +165,7 @@ class DaemonConfig:
     buffer_mb: int = 512
     # inference and output
     queue_size: int = 64  # frames waiting for inference; a full queue stalls the source
-    max_batch: int = 8  # frames denoised in one forward pass when they queue up
+    max_batch: int = 0  # frames per forward pass when they queue up; 0: 8 on CUDA, 1 on CPU
     drop_when_full: bool = False  # drop (counted, logged) instead of holding the source back
     series_idle_close: float = 300.0  # close an output after this long without frames
     min_free_mb: float = 64.0  # hold writing (and so reading) below this free output space
@@ -185,6 +185,8 @@ class DaemonConfig:
         if self.zmq_protocol not in ("native", "dectris-stream1", "dectris-stream2"):
             raise UsageError(f"zmq_protocol {self.zmq_protocol!r}: expected native, "
                              "dectris-stream1 or dectris-stream2")
+        if self.max_batch < 0:
+            raise UsageError(f"max_batch {self.max_batch}: must be >= 0 (0 = by device)")
         if self.zmq_max_message_mb < 1:
             raise UsageError(f"zmq_max_message_mb {self.zmq_max_message_mb}: must be >= 1")
         if self.zmq_socket not in ("pull", "sub"):

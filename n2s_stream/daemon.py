@@ -105,7 +105,7 @@ class Daemon:
             device=self.device, on_fatal=self._fatal,
             republisher=Republisher(config.zmq_out) if config.zmq_out else None,
             cold_start=self.cold_start if cold else None, preview=self.preview,
-            settings=InferenceSettings(jinv=config.jinv, max_batch=config.max_batch,
+            settings=InferenceSettings(jinv=config.jinv, max_batch=self._max_batch(),
                                        series_idle_close=config.series_idle_close,
                                        context_flush_seconds=config.context_flush_seconds,
                                        min_free_mb=config.min_free_mb,
@@ -188,6 +188,14 @@ class Daemon:
         self.metrics.source_blocked.inc(time.monotonic() - started)
         self.metrics.queue_depth.set(self._frames.qsize())
         return True
+
+    def _max_batch(self) -> int:
+        """Frames per forward pass when they queue: on CPU one at a time is faster than
+        batches (benchmarks/daemon_memory.py: 39.6 vs 33.3 frames/s at 256x256), on a GPU
+        batches keep it busy."""
+        if self.config.max_batch:
+            return self.config.max_batch
+        return 8 if self.device.type == "cuda" else 1
 
     def _cold_start_changed(self, active: bool, classical_loss: float) -> None:
         self.metrics.cold_start_active.set(int(active))
