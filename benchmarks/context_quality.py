@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from offline_quality import classical  # the same calibrated baselines
 from scipy.ndimage import map_coordinates
 from skimage import data as skdata
 from skimage.color import rgb2gray
@@ -38,9 +38,6 @@ from n2s_stream.inference import denoise_counts
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.offline import train
 from n2s_stream.quality import psnr
-
-sys.path.insert(0, str(Path(__file__).parent))
-from offline_quality import classical  # the same calibrated baselines
 
 RESULTS = Path(__file__).parent / "results"
 

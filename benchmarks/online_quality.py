@@ -18,9 +18,7 @@ import argparse
 import json
 import platform
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ import h5py
 import numpy as np
 import torch
 import zmq
+from common import N2S, RESULTS, free_port
+from offline_quality import n2s, photo_tiles  # the same data and offline reference
 
 from n2s_stream.config import TrainConfig
 from n2s_stream.inference import denoise_counts
@@ -37,19 +37,6 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.quality import psnr
 from n2s_stream.sources import protocols
 from n2s_stream.state import newest_checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from offline_quality import n2s, photo_tiles  # the same data and offline reference
-
-RESULTS = Path(__file__).parent / "results"
-N2S = [sys.executable, "-m", "n2s_stream"]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stream_through_daemon(noisy: np.ndarray, args: argparse.Namespace, tmp: Path) -> dict:

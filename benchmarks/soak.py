@@ -18,26 +18,15 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import N2S, RESULTS, free_port
 
 from n2s_stream.metrics import scrape
-
-RESULTS = Path(__file__).parent / "results"
-N2S = [sys.executable, "-m", "n2s_stream"]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_sample(pid: int) -> tuple[float, int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import socket
@@ -92,32 +93,44 @@ def source_only(protocol: str, series: list[list[bytes]], n: int) -> float:
     return (n - 1) / elapsed
 
 
-def end_to_end(protocol: str, series: list[list[bytes]], n: int) -> dict[str, float]:
-    """Frames/s written by a daemon process fed over ZeroMQ, training on."""
-    endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+def end_to_end(protocol: str, series: list[list[bytes]], n: int,
+               workers: int = 1) -> dict[str, float]:
+    """Frames/s written by ``workers`` daemon processes PULLing one feed (ZeroMQ deals the
+    frames round-robin): the first trains, the others adopt its checkpoints (fan-out as
+    the README describes); the machine's cores are split between them."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.bind(endpoint)
+    threads = max(1, (os.cpu_count() or 2) // workers)
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = subprocess.Popen([*N2S, "--zmq", endpoint, "--zmq-protocol", protocol,
-                                   "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
-                                   "--metrics-port", str(port), "--device", "cpu",
-                                   "--log-level", "WARNING"])
-        while not scrape(port):
-            time.sleep(0.2)
+        daemons, ports = [], []
+        for k in range(workers):
+            port = free_port()
+            follow = ["--model-from", f"{tmp}/w0/state"] if k else ["--checkpoint-every", "5"]
+            daemons.append(subprocess.Popen(
+                [*N2S, "--zmq", endpoint, "--zmq-protocol", protocol, "--out", f"{tmp}/w{k}/out",
+                 "--state-dir", f"{tmp}/w{k}/state", "--metrics-port", str(port), "--device",
+                 "cpu", "--threads", str(threads), "--log-level", "WARNING", *follow]))
+            ports.append(port)
+        for port in ports:
+            while not scrape(port):
+                time.sleep(0.2)
         started = time.perf_counter()
         for message in series:
             push.send_multipart(message)
         written = 0.0
         while written < n:
-            written = scrape(port).get("n2s_frames_denoised_total", 0.0)
+            written = sum(scrape(port).get("n2s_frames_denoised_total", 0.0) for port in ports)
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=120)
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+        for daemon in daemons:
+            daemon.wait(timeout=120)
     push.close(linger=0)
     context.term()
-    return {"fps": n / elapsed}
+    return {"fps": n / elapsed, "workers": workers, "threads_each": threads}
 
 
 def main() -> None:
@@ -126,6 +139,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--frames", type=int, default=400, help="frames for source-only")
     parser.add_argument("--e2e-frames", type=int, default=100, help="frames end to end")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="fan-out: daemon processes PULLing one feed (native, first size)")
     parser.add_argument("--out", type=Path, default=RESULTS / "zmq_throughput.json")
     args = parser.parse_args()
     rows = []
@@ -143,9 +158,16 @@ def main() -> None:
             e2e_text = f"{row['end_to_end_fps']:15.1f}" if e2e else f"{'-':>15}"
             print(f"{size:6d} {protocol:>16} {fps:11.0f} {row['source_mb_s']:12.0f} {e2e_text}",
                   flush=True)
+    size = args.sizes[0]
+    scaling = [end_to_end("native", messages("native", size, args.e2e_frames), args.e2e_frames,
+                          workers) for workers in args.workers]
+    print(f"fan-out, native {size}x{size}, {os.cpu_count()} cores shared: " + "; ".join(
+        f"{r['workers']} worker(s) x {r['threads_each']} threads {r['fps']:.1f} frames/s"
+        for r in scaling))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "zmq_throughput",
                                     "machine": platform.machine(), "rows": rows,
+                                    "fan_out": scaling,
                                     "settings": vars(args) | {"out": str(args.out)}},
                                    indent=2))
     print(f"wrote {args.out}")

@@ -50,9 +50,12 @@ def test_zmq_throughput_runs(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     assert {r["protocol"] for r in rows} == {"native", "dectris-stream1", "dectris-stream2"}
     assert all(r["source_fps"] > 0 for r in rows)
+    assert [r["workers"] for r in report["fan_out"]] == [1, 2]
+    assert all(r["fps"] > 0 for r in report["fan_out"])
 
 
 def test_model_speed_runs(tmp_path):
