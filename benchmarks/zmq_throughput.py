@@ -108,6 +108,8 @@ def end_to_end(protocol: str, series: list[list[bytes]], n: int,
         for k in range(workers):
             port = free_port()
             follow = ["--model-from", f"{tmp}/w0/state"] if k else ["--checkpoint-every", "5"]
+            if workers > 1:
+                follow.append("--shared-feed")
             daemons.append(subprocess.Popen(
                 [*N2S, "--zmq", endpoint, "--zmq-protocol", protocol, "--out", f"{tmp}/w{k}/out",
                  "--state-dir", f"{tmp}/w{k}/state", "--metrics-port", str(port), "--device",

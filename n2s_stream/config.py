@@ -125,6 +125,7 @@ class DaemonConfig:
     zmq_max_message_mb: int = 256  # larger messages are refused (too_large); 4x it: cut off
     zmq_out: str | None = None  # PUB bound here: denoised frames (native) for live viewers
     zmq_tee: str | None = None  # PUSH bound here: raw messages forwarded untouched
+    shared_feed: bool = False  # one of several workers PULLing one feed: gaps are not missing
     out: Path = Path("denoised")
     state_dir: Path = Path("n2s-state")
     device: str = "auto"

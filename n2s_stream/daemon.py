@@ -108,6 +108,7 @@ class Daemon:
             settings=InferenceSettings(jinv=config.jinv, max_batch=self._max_batch(),
                                        series_idle_close=config.series_idle_close,
                                        context_flush_seconds=config.context_flush_seconds,
+                                       count_gaps=not config.shared_feed,
                                        min_free_mb=config.min_free_mb,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,

@@ -147,6 +147,7 @@ class InferenceSettings:
     max_batch: int = 8  # frames denoised in one forward pass when they queue up
     series_idle_close: float = 300.0  # seconds without frames before an output is closed
     context_flush_seconds: float = 2.0  # frames waiting this long for later neighbours go
+    count_gaps: bool = True  # False when workers share a feed: gaps are the others' frames
     min_free_mb: float = 64.0  # below this much free space on the output disk, writing waits
     normalize: str = "meanstd"
     scale_integers: bool = True
@@ -350,7 +351,7 @@ class InferenceWorker:
         if frame.index <= last:
             log.debug("frame %d of %s already written; skipped", frame.index, frame.series)
             return None
-        if frame.index > last + 1:
+        if frame.index > last + 1 and self.settings.count_gaps:
             log.warning("%s: %d frames missing before frame %d", frame.series,
                         frame.index - last - 1, frame.index)
             self.metrics.frames_missing.inc(frame.index - last - 1)
@@ -460,7 +461,7 @@ class InferenceWorker:
         elif end.sender_count:  # nothing of it came this run: what did earlier runs write?
             done = last_written_source_frame(self.state.output_for(end.series, end.output))
             last = max(last, -1 if done is None else done)
-        if end.sender_count and end.n_frames - 1 > last:
+        if end.sender_count and end.n_frames - 1 > last and self.settings.count_gaps:
             log.warning("%s: %d frames missing before the end of the series (frame %d)",
                         end.series, end.n_frames - 1 - last, end.n_frames)
             self.metrics.frames_missing.inc(end.n_frames - 1 - last)

@@ -106,8 +106,8 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
     """Two daemons PULL one feed (ZeroMQ round-robins the frames); each writes its shard;
     `merge` presents them as one stack in frame order."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    workers = [DaemonProcess(tmp_path / name, "--zmq", endpoint, "--series-idle-close", "1")
-               for name in ("a", "b")]
+    workers = [DaemonProcess(tmp_path / name, "--zmq", endpoint, "--series-idle-close", "1",
+                             "--shared-feed") for name in ("a", "b")]
     for worker in workers:
         worker.wait_ready()
     time.sleep(0.5)  # both connected, so the feed is shared
@@ -124,6 +124,8 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
     assert done == 40
     counts = [w.scrape()["n2s_frames_denoised_total"] for w in workers]
     assert all(c > 0 for c in counts)  # both workers got a share
+    # the other worker's frames are not gaps (--shared-feed)
+    assert all(w.scrape()["n2s_frames_missing_total"] == 0 for w in workers)
     for worker in workers:  # the end message reached one; the other closes when idle
         worker.wait_for("closed output .*scan_0001_n2s.h5", timeout=30)
     for worker in workers:
