@@ -45,11 +45,14 @@ def rss_mb(pid: int) -> float:
 
 
 def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
-                     batch: int = 1) -> float:
+                     batch: int = 1, compile: bool = False) -> float:
     """Frames/s of the default model's forward pass alone, ``batch`` frames per pass, in
-    the layout the daemon uses (channels_last on CPU)."""
+    the layout the daemon uses (channels_last on CPU; compiled as the daemon's with
+    ``compile``)."""
     torch.set_num_threads(threads)
     model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
+    if compile:
+        model = torch.compile(model)
     x = torch.randn(batch, 1, *shape)
     with torch.inference_mode():
         model(x)
@@ -72,6 +75,8 @@ def main() -> None:
     parser.add_argument("--prewritten", action="store_true",
                         help="write the whole file before the daemon starts, so no detector "
                              "process competes for the cores while the daemon is timed")
+    parser.add_argument("--compile", action="store_true",
+                        help="the daemon and the bare model run through torch.compile")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="the network writes from the first frame (no classical TV)")
     parser.add_argument("--idle-seconds", type=float, default=20.0,
@@ -94,6 +99,7 @@ def main() -> None:
              "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
              "--buffer-frames", str(args.buffer_frames), "--settle-seconds", "2",
              *(["--no-cold-start"] if args.no_cold_start else []),
+             *(["--compile"] if args.compile else []),
              "--log-level", "WARNING"])
         while not scrape(port):
             time.sleep(0.2)
@@ -123,8 +129,8 @@ def main() -> None:
     fps = args.frames / elapsed
     # first frame written to last: start-up and the first file discovery left out
     steady_fps = (len(written_at) - 1) / max(float(written_at[-1] - written_at[0]), 1e-9)
-    bare = bare_forward_fps(shape, args.threads)
-    bare_batched = bare_forward_fps(shape, args.threads, batch=8)  # as the daemon batches
+    bare = bare_forward_fps(shape, args.threads, compile=args.compile)
+    bare_batched = bare_forward_fps(shape, args.threads, batch=8, compile=args.compile)
     times, counts, rss = (np.array(column) for column in zip(*samples, strict=True))
     stream_rss, idle_rss = rss[:streaming], rss[streaming:]
     # Startup (model, first allocations) and the hand-over to training are left out.

@@ -44,9 +44,11 @@ def forward_flops(model: torch.nn.Module, size: int) -> int:
 def frames_per_second(model: torch.nn.Module, size: int, variant: str, seconds: float) -> float:
     """Forward passes per second, one frame at a time, in ``variant``."""
     x = torch.randn(1, 1, size, size)
-    if variant == "channels_last":
+    if variant in ("channels_last", "compiled"):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if variant == "compiled":  # torch.compile (inductor); compiling is not timed
+        model = torch.compile(model)
     context = (torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16"
                else nullcontext())
     with torch.inference_mode(), context:
@@ -62,7 +64,8 @@ def main() -> None:
     """Measure and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    parser.add_argument("--variants", nargs="+", default=["float32", "channels_last", "bf16"])
+    parser.add_argument("--variants", nargs="+",
+                        default=["float32", "channels_last", "bf16", "compiled"])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "model_speed.json")
     args = parser.parse_args()

@@ -171,6 +171,8 @@ class DaemonConfig:
     series_idle_close: float = 300.0  # close an output after this long without frames
     min_free_mb: float = 64.0  # hold writing (and so reading) below this free output space
     jinv: bool = False
+    compile: bool = False  # torch.compile the inference model (faster; compiles at start
+    #                        and at each new frame shape, ~20 s each on 2 CPU cores)
     require_reconstructable: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     seed: int = 0

@@ -109,6 +109,7 @@ class Daemon:
                                        series_idle_close=config.series_idle_close,
                                        context_flush_seconds=config.context_flush_seconds,
                                        count_gaps=not config.shared_feed,
+                                       compile=config.compile,
                                        min_free_mb=config.min_free_mb,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,

@@ -148,6 +148,7 @@ class InferenceSettings:
     series_idle_close: float = 300.0  # seconds without frames before an output is closed
     context_flush_seconds: float = 2.0  # frames waiting this long for later neighbours go
     count_gaps: bool = True  # False when workers share a feed: gaps are the others' frames
+    compile: bool = False  # run the model through torch.compile
     min_free_mb: float = 64.0  # below this much free space on the output disk, writing waits
     normalize: str = "meanstd"
     scale_integers: bool = True
@@ -168,6 +169,9 @@ class InferenceWorker:
                  cold_start: ColdStart | None = None,
                  preview: Preview | None = None) -> None:
         self.model = use_fast_layout(model, device)
+        # Weights are swapped into self.model with load_state_dict; a compiled wrapper of
+        # the same module sees them (parameters are inputs of the compiled graph).
+        self.forward_model = torch.compile(self.model) if settings.compile else self.model
         self.frames, self.masker, self.normalizer = frames, masker, normalizer
         self.store, self.outputs, self.buffer, self.val_buffer = store, outputs, buffer, val_buffer
         self.metrics, self.state, self.device, self.settings = metrics, state, device, settings
@@ -401,7 +405,7 @@ class InferenceWorker:
             else:
                 method = NETWORK
                 denoised = self.normalizer.inverse(denoise_normalized(
-                    self.model, self.masker, stacked, jinv=self.settings.jinv,
+                    self.forward_model, self.masker, stacked, jinv=self.settings.jinv,
                     device=self.device))
             for ((frame, writer, valid, _), stack), out in zip(group, denoised, strict=True):
                 self._write(frame, writer, valid, stack, out, method)

@@ -138,3 +138,17 @@ def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
     assert np.array_equal(provenance["source_frame"], np.arange(30))
     assert (frames[:, 16, :] == 65535).all()  # the gap row, untouched
     assert frames[:, :16].max() < 1000  # the rest is denoised counts
+
+
+def test_compiled_inference_writes_the_same_series(tmp_path):
+    """--compile (torch.compile): the daemon compiles on the first frame and writes every
+    frame once; the weights it swaps in as training goes on reach the compiled model."""
+    daemon = DaemonProcess(tmp_path, "--compile", "--no-cold-start", "--publish-every", "10")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=40, rate=4, shape="32x32")
+    assert writer.wait(timeout=120) == 0
+    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(40 frames\)", timeout=240)
+    assert daemon.terminate() == 0
+    frames, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
+    assert np.array_equal(provenance["source_frame"], np.arange(40))
+    assert np.isfinite(frames).all() and provenance["model_version"][-1] > 0
