@@ -147,6 +147,8 @@ DAEMON_HELP = {
     "context_frames": "frames of a series the network sees at once (default 1); centred "
                       "context delays each frame by (K-1)/2 frames",
     "causal_context": "context from earlier frames only: no added latency",
+    "compile": "torch.compile the inference model (opt-in; ~20 s compile per frame shape)",
+    "shared_feed": "one of several workers PULLing one feed: others' frames are not missing",
     "publish_every": "training steps between model versions (default 50)",
     "checkpoint_every": "seconds between checkpoints (default 60)",
     "queue_size": "frames waiting for inference before the source is held back",
