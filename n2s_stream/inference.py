@@ -475,6 +475,8 @@ class InferenceWorker:
             self.republisher.end(end.series)
         writer = self.outputs.close(end.series)
         if writer is None:
+            log.info("series %s ended with nothing new to write (an earlier run wrote it)",
+                     end.series)
             self.state.record(end.series, output=end.output, written=0, finished=True)
         else:
             self.state.record(end.series, output=writer.path, written=writer.n_written,

@@ -67,7 +67,8 @@ def test_model_speed_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["matmul_peak_gflops"] > 0
-    assert {r["variant"] for r in report["rows"]} == {"float32", "channels_last", "bf16"}
+    assert {r["variant"] for r in report["rows"]} == {"float32", "channels_last", "bf16",
+                                                      "compiled"}
 
 
 def test_soak_runs(tmp_path):
