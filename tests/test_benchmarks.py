@@ -62,13 +62,13 @@ def test_model_speed_runs(tmp_path):
     out = tmp_path / "s.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "model_speed.py"), "--sizes", "32", "--seconds",
-         "0.2", "--out", str(out)], capture_output=True, text=True, timeout=300,
+         "0.2", "--variants", "float32", "channels_last", "bf16", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,  # compiling is tested in test_daemon
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["matmul_peak_gflops"] > 0
-    assert {r["variant"] for r in report["rows"]} == {"float32", "channels_last", "bf16",
-                                                      "compiled"}
+    assert {r["variant"] for r in report["rows"]} == {"float32", "channels_last", "bf16"}
 
 
 def test_soak_runs(tmp_path):
