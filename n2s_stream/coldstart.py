@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +127,3 @@ class ColdStart:
             log.info("cold start over: network held-out loss %.4g < %.4g of %s; the network "
                      "writes from now on", network_loss, classical_loss, classical.describe())
         self._on_change(self._active, classical_loss)
-
-    def provenance(self) -> dict[str, Any]:
-        """What the classical denoiser was, for the output files' attributes."""
-        return {} if self.classical is None else {"classical": self.classical.describe()}

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -115,6 +117,30 @@ def without_root_file_access() -> list[str] | None:
                             "true"], capture_output=True)
     return None if probe.returncode else ["setpriv", "--bounding-set",
                                           "-dac_override,-dac_read_search"]
+
+
+@contextmanager
+def mounted_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on ``mount_point`` (created) with ``options`` (e.g. ``size=3m``) for
+    the duration; the test is skipped where mounting is not allowed (not root, container)."""
+    import pytest
+
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def remount(mount_point: Path, options: str) -> None:
+    """Change a mounted tmpfs's options (``ro``, ``rw``, ``size=...``) while in use."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
 
 
 def free_port() -> int:

@@ -3,28 +3,17 @@ on without losing or repeating a frame once space returns. A real size-limited t
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, read_output, start_writer
+from daemon_helpers import DaemonProcess, mounted_tmpfs, read_output, remount, start_writer
 from fault_report import FaultFigure
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs mounted where the daemon writes; skipped where mounting is not allowed."""
-    mount_point = tmp_path / "out"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "out", "size=3m") as mount_point:
+        yield mount_point
 
 
 pytestmark = pytest.mark.faults
@@ -39,7 +28,7 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, 
     assert metrics["n2s_output_paused"] == 1
     assert metrics["n2s_frames_denoised_total"] < 200
     assert writer.wait(timeout=60) == 0
-    subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], check=True)
+    remount(small_disk, "size=32m")
     daemon.wait_for("space returned on the output disk", timeout=30)
     daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(200 frames\\)", timeout=60)
     assert daemon.scrape()["n2s_output_paused"] == 0

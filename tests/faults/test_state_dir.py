@@ -4,36 +4,31 @@ it is writable again."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
 import numpy as np
 import pytest
-from daemon_helpers import N2S, DaemonProcess, read_output, start_writer
+from daemon_helpers import (
+    N2S,
+    DaemonProcess,
+    mounted_tmpfs,
+    read_output,
+    remount,
+    start_writer,
+)
 from fault_report import FaultFigure
 
 pytestmark = pytest.mark.faults
 
 
-def _mount(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True)
-
-
 def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    state = tmp_path / "state"
-    state.mkdir()
-    mounted = _mount("-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "state", "size=16m") as state:
         daemon = DaemonProcess(tmp_path, "--checkpoint-every", "1")
         daemon.wait_ready()
         writer = start_writer(daemon.watch, frames=300, rate=20)
         daemon.wait_for(r"checkpoint \S+ \(step", timeout=60)
-        assert _mount("-o", "remount,ro", str(state)).returncode == 0
+        remount(state, "ro")
         daemon.wait_for(r"cannot write checkpoint .*Read-only file system", timeout=30)
         before = daemon.scrape()["n2s_frames_denoised_total"]
         time.sleep(2)
@@ -41,7 +36,7 @@ def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
         assert metrics["n2s_state_write_errors_total"] >= 1
         assert metrics["n2s_frames_denoised_total"] > before  # denoising went on
         saved = daemon.log().count(" (step ")  # checkpoints written so far
-        assert _mount("-o", "remount,rw", str(state)).returncode == 0
+        remount(state, "rw")
         deadline = time.monotonic() + 30
         while daemon.log().count(" (step ") <= saved:
             assert time.monotonic() < deadline, "no checkpoint after the state dir recovered"
@@ -50,8 +45,6 @@ def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
         daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(300 frames\)", timeout=60)
         assert daemon.terminate() == 0
         log = daemon.log()
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
     written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
     fault_figures.append(FaultFigure("state dir read-only at run time", 1,
                                      int(np.array_equal(written, np.arange(300))), sent=300,
@@ -88,21 +81,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, fault_fi
 
 
 def test_read_only_state_dir_is_a_clear_startup_error(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    state = tmp_path / "state"
-    state.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "state", "ro,size=1m") as state:
         (tmp_path / "acq").mkdir()
         proc = subprocess.run([*N2S, "--watch", str(tmp_path / "acq"), "--state-dir",
                                str(state), "--metrics-port", "-1"],
                               capture_output=True, text=True, timeout=60)
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
     assert proc.returncode == 2, proc.stderr
     assert "state directory is not writable" in proc.stderr
     assert "Traceback" not in proc.stderr
