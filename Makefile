@@ -1,11 +1,13 @@
 # Everything a fresh machine needs. torch is pinned to the CPU wheel that lies on disk
 # and installed before the package, so pip never pulls a multi-GB CUDA build.
 VENV ?= .venv
+PEER_VENV ?= .venv-peers
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-context bench-soak clean
+.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-context bench-soak \
+	bench-peers clean
 
 setup: $(VENV)/.installed
 
@@ -43,8 +45,19 @@ bench: setup
 bench-context: setup
 	$(PY) benchmarks/context_quality.py --budget 150 --sweep-budget 45
 
+# The peer (CAREamics Noise2Void) pins an older torch than ours, which PyPI only has as a
+# CUDA build (~5 GB with its libraries): it gets its own venv, never the runtime's.
+$(PEER_VENV)/.installed:
+	python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/pip install --quiet "careamics==0.3.5"
+	touch $@
+
+bench-peers: setup $(PEER_VENV)/.installed
+	$(PY) benchmarks/peer_quality.py --peer-python $(PEER_VENV)/bin/python
+
 bench-soak: setup
 	$(PY) benchmarks/soak.py --minutes 10
 
 clean:
-	rm -rf $(VENV) runs demo-output .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) runs demo-output .pytest_cache

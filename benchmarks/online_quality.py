@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import zmq
 from common import N2S, RESULTS, free_port
-from offline_quality import n2s, photo_tiles  # the same data and offline reference
+from offline_quality import n2s, noisy_counts, photo_tiles  # same data, offline reference
 
 from n2s_stream.config import TrainConfig
 from n2s_stream.inference import denoise_counts
@@ -98,7 +98,7 @@ def main() -> None:
                                       lr=defaults.lr, residual=False,
                                       budget=args.offline_budget)
     clean = photo_tiles(args.tile, args.tiles)
-    noisy = np.random.default_rng(int(args.dose)).poisson(clean * args.dose).astype(np.float32)
+    noisy = noisy_counts(clean, args.dose)
     truth = clean * args.dose
     with tempfile.TemporaryDirectory() as tmp:
         online = stream_through_daemon(noisy, args, Path(tmp))
