@@ -1,10 +1,17 @@
-"""What the benchmark scripts share: where results go, how to start n2s-stream, a port."""
+"""What the benchmark scripts share: where results go, how to start n2s-stream, a port,
+the bare model's speed and a process's memory."""
 
 from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
+
+import torch
+
+from n2s_stream.inference import use_fast_layout
+from n2s_stream.models import ModelConfig, build_model
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
@@ -15,3 +22,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
+                     batch: int = 1, compile: bool = False, min_passes: int = 1) -> float:
+    """Frames/s of the default model's forward pass alone, ``batch`` frames per pass, in
+    the layout the daemon uses (channels_last on CPU; compiled as the daemon's with
+    ``compile``), timed over ``seconds`` and at least ``min_passes`` passes."""
+    torch.set_num_threads(threads)
+    model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
+    if compile:
+        model = torch.compile(model)
+    x = torch.randn(batch, 1, *shape)
+    with torch.inference_mode():
+        warm_until = time.perf_counter() + min(1.0, seconds / 5)
+        while time.perf_counter() < warm_until:  # first passes set up oneDNN's kernels
+            model(x)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or count < min_passes * batch:
+            model(x)
+            count += batch
+    return count / (time.perf_counter() - started)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory a process has had so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

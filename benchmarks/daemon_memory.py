@@ -17,50 +17,16 @@ import argparse
 import json
 import platform
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
+from common import N2S, RESULTS, bare_forward_fps, free_port, rss_mb
 
-from n2s_stream.inference import use_fast_layout
 from n2s_stream.metrics import scrape
-from n2s_stream.models import ModelConfig, build_model
-
-RESULTS = Path(__file__).parent / "results"
-N2S = [sys.executable, "-m", "n2s_stream"]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
-                     batch: int = 1, compile: bool = False) -> float:
-    """Frames/s of the default model's forward pass alone, ``batch`` frames per pass, in
-    the layout the daemon uses (channels_last on CPU; compiled as the daemon's with
-    ``compile``)."""
-    torch.set_num_threads(threads)
-    model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
-    if compile:
-        model = torch.compile(model)
-    x = torch.randn(batch, 1, *shape)
-    with torch.inference_mode():
-        model(x)
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            model(x)
-            count += batch
-    return count / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -84,10 +50,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "daemon_memory.json")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split("x"))
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
         acq = Path(tmp) / "acq"
         acq.mkdir()
         simulate = [*N2S, "simulate", "--dir", str(acq), "--frames", str(args.frames),

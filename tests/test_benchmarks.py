@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -113,3 +115,39 @@ def test_online_quality_runs(tmp_path):
     assert len(report["online_pass_psnr"]) == 2 and len(report["curve_psnr"]) == 12
     assert report["online_pass_psnr"][0] > report["noisy_psnr"]  # cold start: never worse
     assert "online, pass 2" in proc.stdout and out.with_suffix(".png").exists()
+
+
+def test_daemon_throughput_runs(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "daemon_throughput.py"), "--sizes", "32",
+         "--threads", "1", "--buffer-frames", "4", "--bare-seconds", "0.2",
+         "--flat-seconds", "0.001", "--paced-seconds", "0.01", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["size"] == 32 and row["flat_frames"] == 12 and row["paced_frames"] == 10
+    assert row["daemon_fps"] > 0 and row["bare_fps_before"] > 0 and row["ratio"] > 0
+    assert 0 < row["latency_p50_s"] <= row["latency_p99_s"] and row["peak_rss_mib"] > 0
+    assert row["exit_code"] == 0
+    assert "peak RSS MiB" in proc.stdout and out.with_suffix(".png").exists()
+
+
+PEER_PYTHON = BENCHMARKS.parent / ".venv-peers" / "bin" / "python"
+
+
+@pytest.mark.skipif(not PEER_PYTHON.exists(),
+                    reason="the peer's own venv is made by `make bench-peers` only")
+def test_peer_quality_runs(tmp_path):
+    out = tmp_path / "p.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "peer_quality.py"), "--doses", "20", "--budget",
+         "2", "--tiles", "8", "--peer-python", str(PEER_PYTHON), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["careamics_n2v"]["steps"] > 0 and row["n2s_stream"]["steps"] > 0
+    assert row["careamics_n2v"]["psnr"] > row["noisy"]["psnr"]
+    assert "CAREamics N2V" in proc.stdout
