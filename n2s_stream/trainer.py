@@ -25,7 +25,8 @@ from n2s_stream.buffer import RollingBuffer
 from n2s_stream.coldstart import ColdStart
 from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.training import masked_validation_loss, train_step
+from n2s_stream.training import center_crop, masked_validation_loss, train_step
+from n2s_stream.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class OnlineTrainConfig:
     publish_every: int = 50
     min_frames: int = 2
     divergence_factor: float = 20.0
+    # Held-out frames are scored on their central crop of this side (0: whole frames):
+    # whole 2048x2048 frames cost seconds per publication, time taken from inference.
+    val_crop: int = 256
 
 
 def copy_state(model: nn.Module) -> StateDict:
@@ -73,7 +77,7 @@ def copy_state(model: nn.Module) -> StateDict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-class OnlineTrainer:
+class OnlineTrainer(BackgroundWorker):
     """Background worker running masked training steps on the rolling buffer."""
 
     def __init__(
@@ -95,6 +99,7 @@ class OnlineTrainer:
         seed: int = 0,
         cold_start: ColdStart | None = None,
     ) -> None:
+        super().__init__("online-trainer", join_timeout=60.0)
         self.model, self.masker, self.buffer, self.val_buffer = model, masker, buffer, val_buffer
         self.cold_start = cold_start
         self.store, self.metrics, self.config, self.device = store, metrics, config, device
@@ -109,26 +114,14 @@ class OnlineTrainer:
         self._rng = np.random.default_rng(seed)
         self._good = copy_state(model)
         self._loss_ema: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="online-trainer")
-
-    def start(self) -> None:
-        """Start training in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Finish the current step, save a checkpoint and stop."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
 
     def _run(self) -> None:
         last_save = time.monotonic()
         loss_sum, n_losses = 0.0, 0
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():  # stop(): the step finishes, a checkpoint follows
                 if len(self.buffer) < self.config.min_frames or self._busy():
-                    self._stop.wait(0.01)  # inference first
+                    self._stopping.wait(0.01)  # inference first
                     continue
                 loss = self._step()
                 if loss is not None:
@@ -172,11 +165,11 @@ class OnlineTrainer:
         val_frames = self.val_buffer.snapshot()
         val_loss = None
         if val_frames is not None:
-            frames = torch.from_numpy(val_frames).to(self.device)
+            crops = np.ascontiguousarray(center_crop(val_frames, self.config.val_crop))
+            frames = torch.from_numpy(crops).to(self.device)
 
             def loss_of(model: nn.Module) -> float:
-                # two frames at a time: full-frame activations are the largest buffers here
-                return masked_validation_loss(model, self.masker, frames, batch=2)
+                return masked_validation_loss(model, self.masker, frames)
 
             val_loss = loss_of(self.model)
             self.metrics.selfsup_val_loss.set(val_loss)
@@ -189,26 +182,15 @@ class OnlineTrainer:
                   train_loss)
 
 
-class CheckpointFollower:
+class CheckpointFollower(BackgroundWorker):
     """For inference-only workers of a fan-out: adopts the newest checkpoint that the
     one training worker writes to its state dir (shared storage), as new model versions."""
 
     def __init__(self, checkpoints: Path, store: ModelStore, *, interval: float = 2.0,
                  on_load: Callable[[object], None] | None = None) -> None:
+        super().__init__("checkpoint-follower")
         self.checkpoints, self.store, self.interval = Path(checkpoints), store, interval
         self._on_load = on_load
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="checkpoint-follower")
-
-    def start(self) -> None:
-        """Start polling."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop polling."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
 
     def poll(self) -> bool:
         """Load the newest checkpoint if it is newer than what inference has."""
@@ -224,7 +206,7 @@ class CheckpointFollower:
         return True
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stopping.wait(self.interval):
             try:
                 self.poll()
             except Exception:  # shared storage hiccups must not stop inference

@@ -101,6 +101,16 @@ def random_crop(
     return crop, augment(valid[..., top : top + ph, left : left + pw], turns, flip)
 
 
+def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` window of every frame of ``(..., H, W)`` (a side
+    shorter than ``size`` is kept whole; ``size`` 0 keeps the frames whole)."""
+    if size <= 0:
+        return frames
+    height, width = frames.shape[-2:]
+    top, left = max(height - size, 0) // 2, max(width - size, 0) // 2
+    return frames[..., top : top + size, left : left + size]
+
+
 def augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
     """Rotate the last two axes by ``turns`` quarter turns, then mirror left-right if
     ``flip``."""

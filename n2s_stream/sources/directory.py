@@ -27,6 +27,7 @@ from n2s_stream.errors import InputError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.sources import Emit, Reject, StartPosition
 from n2s_stream.stack import FrameStack, open_stack
+from n2s_stream.worker import BackgroundWorker
 from n2s_stream.writer import output_name
 
 log = logging.getLogger(__name__)
@@ -128,20 +129,19 @@ def _is_utf8(path: Path) -> bool:
     return True
 
 
-class DirectorySource:
+class DirectorySource(BackgroundWorker):
     """Emits the frames of every HDF5 series under ``config.root``, each exactly once."""
 
     def __init__(self, config: DirectoryConfig, *, emit: Emit, reject: Reject,
                  start_position: StartPosition) -> None:
+        super().__init__("directory-source")
         self.config = config
         self._root = config.root.resolve()
         self._ignore = tuple(p.resolve() for p in (config.out_root, *config.ignore))
         self._emit, self._reject, self._start_position = emit, reject, start_position
-        self._stop = threading.Event()
         self._events = _Events()
         self._followed: dict[Path, _Followed] = {}
         self._done: set[Path] = set()
-        self._thread = threading.Thread(target=self._run, name="directory-source")
         self._observer: BaseObserver | None = None
         self.polling = config.poll > 0 or filesystem_type(self._root) in NETWORK_FILESYSTEMS
 
@@ -159,27 +159,20 @@ class DirectorySource:
             for path in sorted(self._root.rglob("*")):
                 if path.is_file():
                     self._consider(path)
-        self._thread.start()
+        super().start()
 
     def stop(self) -> None:
         """Stop reading; frames already emitted stay emitted, the rest are read on restart."""
-        self._stop.set()
         if self._observer is not None and self._observer.is_alive():
             self._observer.stop()
             self._observer.join(timeout=10)
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        super().stop()
         for followed in self._followed.values():
             if followed.stack is not None:
                 followed.stack.close()
 
-    @property
-    def alive(self) -> bool:
-        """True while the follower thread runs."""
-        return self._thread.is_alive()
-
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             changed, closed, moved = self._events.take()
             for old, new in moved:
                 self._renamed(old, new)
@@ -190,7 +183,7 @@ class DirectorySource:
                     self._followed[path].closed_by_writer = True
             busy = False
             for followed in list(self._followed.values()):
-                if self._stop.is_set():
+                if self._stopping.is_set():
                     return
                 try:
                     busy |= self._follow(followed)
@@ -198,7 +191,7 @@ class DirectorySource:
                     log.exception("%s: unexpected error while following", followed.path)
                     self._finish(followed, reason="internal_error", message=str(exc))
             if not busy:
-                self._stop.wait(0.05)
+                self._stopping.wait(0.05)
 
     def _renamed(self, old: Path, new: Path) -> None:
         """A file renamed within the watched tree is the same series under a new name:

@@ -9,7 +9,6 @@ then holds frames on its side), undecodable messages are counted under their rea
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.sources import Emit, Reject
 from n2s_stream.sources.codecs import MessageError
 from n2s_stream.sources.protocols import End, Image, make_decoder
+from n2s_stream.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,15 @@ class ZmqConfig:
     max_message_mb: int = 256
 
 
-class ZmqSource:
+class ZmqSource(BackgroundWorker):
     """Emits the frames of a ZeroMQ feed; one output file per series."""
 
     def __init__(self, config: ZmqConfig, *, emit: Emit, reject: Reject,
                  headers: MutableMapping[str, np.ndarray | None] | None = None) -> None:
+        super().__init__("zmq-source")
         self.config = config
         self._decoder = make_decoder(config.protocol, headers)
         self._emit, self._reject = emit, reject
-        self._stop = threading.Event()
         self._frames_in: dict[str, int] = {}
         self._context = zmq.Context()
         self._socket = self._context.socket(SOCKET_TYPES[config.socket_type])
@@ -72,20 +72,17 @@ class ZmqSource:
             self._tee.setsockopt(zmq.LINGER, 2000)
             self._tee.bind(config.tee)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._thread = threading.Thread(target=self._run, name="zmq-source")
 
     def start(self) -> None:
         """Connect and start reading."""
         self._socket.connect(self.config.endpoint)
         log.info("following %s (%s, %s)", self.config.endpoint, self.config.protocol,
                  self.config.socket_type.upper())
-        self._thread.start()
+        super().start()
 
     def stop(self) -> None:
         """Stop reading; what the socket still holds is the detector's to resend."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        super().stop()
         self._socket.disable_monitor()
         self._monitor.close()
         self._socket.close()
@@ -93,16 +90,11 @@ class ZmqSource:
             self._tee.close()
         self._context.term()
 
-    @property
-    def alive(self) -> bool:
-        """True while the reader thread runs."""
-        return self._thread.is_alive()
-
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             ready = dict(poller.poll(100))
             if self._monitor in ready:
                 self._log_disconnect()
