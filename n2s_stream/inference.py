@@ -21,6 +21,7 @@ from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, v
 from n2s_stream.preview import Preview
 from n2s_stream.state import last_written_source_frame
 from n2s_stream.training import autocast
+from n2s_stream.worker import BackgroundWorker
 from n2s_stream.writer import free_bytes
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class InferenceSettings:
     scale_integers: bool = True
 
 
-class InferenceWorker:
+class InferenceWorker(BackgroundWorker):
     """Takes frames off the queue, denoises them with the newest weights, writes them.
 
     The only thread that touches output files. Bad frames are rejected with a reason and
@@ -168,6 +169,7 @@ class InferenceWorker:
                  republisher: Republisher | None = None,
                  cold_start: ColdStart | None = None,
                  preview: Preview | None = None) -> None:
+        super().__init__("inference", join_timeout=120.0)
         self.model = use_fast_layout(model, device)
         # Weights are swapped into self.model with load_state_dict; a compiled wrapper of
         # the same module sees them (parameters are inputs of the compiled graph).
@@ -186,25 +188,20 @@ class InferenceWorker:
         self._last_frame_at: dict[str, float] = {}
         self._windows: dict[str, ContextWindow] = {}
         self._refused = 0
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inference")
-
-    def start(self) -> None:
-        """Start consuming the queue."""
-        self._thread.start()
+        self._working = threading.Event()
 
     @property
-    def alive(self) -> bool:
-        """True while the worker thread runs (systemd's watchdog is fed only then)."""
-        return self._thread.is_alive()
+    def busy(self) -> bool:
+        """True while a batch is being denoised and written: training waits meanwhile, or
+        both would share the cores and every frame would take twice as long."""
+        return self._working.is_set()
 
-    def stop(self, timeout: float = 120.0) -> None:
-        """Process everything queued so far, then stop."""
-        if not self._thread.is_alive():
-            return
-        self._stopping.set()  # only a wait for disk space looks at this
-        self.frames.put(STOP)
-        self._thread.join(timeout=timeout)
+    def stop(self) -> None:
+        """Process everything queued so far, then stop (the stop sentinel queues behind
+        the frames; only a wait for disk space looks at ``_stopping``)."""
+        if self.alive:
+            self.frames.put(STOP)
+            super().stop()
 
     def _run(self) -> None:
         while True:
@@ -214,12 +211,15 @@ class InferenceWorker:
                 self._close_idle_series()
                 continue
             frames = [item for item in batch if isinstance(item, Frame)]
+            self._working.set()
             try:
                 self._process(batch, frames)
             except OSError as exc:  # disk full, file system gone: cannot go on safely
                 log.error("writing failed: %s", exc)
                 self._on_fatal(exc)
                 break
+            finally:
+                self._working.clear()
             if batch[-1] is STOP:
                 for series in list(self._windows):  # SIGTERM: every accepted frame written
                     self._flush_series(series)
@@ -404,9 +404,11 @@ class InferenceWorker:
                 denoised = self.normalizer.inverse(np.stack([classical(s[0]) for s in stacked]))
             else:
                 method = NETWORK
-                denoised = self.normalizer.inverse(denoise_normalized(
-                    self.forward_model, self.masker, stacked, jinv=self.settings.jinv,
-                    device=self.device))
+                with self.metrics.forward_seconds.time():
+                    network_output = denoise_normalized(
+                        self.forward_model, self.masker, stacked, jinv=self.settings.jinv,
+                        device=self.device)
+                denoised = self.normalizer.inverse(network_output)
             for ((frame, writer, valid, _), stack), out in zip(group, denoised, strict=True):
                 self._write(frame, writer, valid, stack, out, method)
             start = stop

@@ -29,6 +29,7 @@ from n2s_stream import __version__
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
@@ -71,6 +72,10 @@ class Metrics:
         self.frame_latency = Histogram(
             "n2s_frame_latency_seconds", "Time from a frame's arrival to its being written",
             buckets=LATENCY_BUCKETS, registry=registry)
+        self.forward_seconds = Histogram(
+            "n2s_forward_seconds", "Time of one forward pass of the network (one batch of "
+            "frames, host to host): the model's share of each frame's time",
+            buckets=FORWARD_BUCKETS, registry=registry)
         self.queue_depth = Gauge(
             "n2s_queue_depth", "Frames waiting for inference", registry=registry)
         self.model_version = Gauge(

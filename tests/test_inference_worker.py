@@ -52,3 +52,45 @@ def test_queued_frames_are_batched_in_order_once(tmp_path):
     assert value("n2s_frames_denoised_total") == 5
     assert value("n2s_frames_missing_total") == 1  # 3; 5 was rejected, not missing
     assert value("n2s_frames_rejected_total", {"reason": "nan"}) == 1
+
+
+class _RecordsBusy(torch.nn.Module):
+    """A one-layer network that notes, on each forward pass, whether the worker said busy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.worker: InferenceWorker | None = None
+        self.seen_busy: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.worker is not None
+        self.seen_busy.append(self.worker.busy)
+        return self.conv(x)
+
+
+def test_worker_is_busy_while_denoising_so_training_waits(tmp_path):
+    model = _RecordsBusy()
+    frames: queue.Queue = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+    out = tmp_path / "s_n2s.h5"
+    worker = InferenceWorker(
+        frames=frames, model=model, masker=Masker(), normalizer=None,
+        store=ModelStore(copy_state(model), 0), outputs=OutputSet(config_text=""),
+        buffer=RollingBuffer(max_frames=8, max_bytes=2**20),
+        val_buffer=RollingBuffer(max_frames=8, max_bytes=2**20), metrics=metrics,
+        state=StateDir(tmp_path / "state"), device=torch.device("cpu"),
+        settings=InferenceSettings(max_batch=1), on_fatal=lambda exc: None)
+    model.worker = worker
+    assert not worker.busy
+    worker.start()
+    for index in range(3):
+        frames.put(Frame("s", index, np.full((16, 16), 7 + index, np.uint16), time.time(), out))
+    deadline = time.monotonic() + 20
+    while metrics.registry.get_sample_value("n2s_frames_denoised_total") < 3 or worker.busy:
+        assert time.monotonic() < deadline, "the worker never went idle"
+        time.sleep(0.01)
+    worker.stop()
+    assert model.seen_busy == [True, True, True]
+    assert metrics.registry.get_sample_value("n2s_forward_seconds_count") == 3
+    assert metrics.registry.get_sample_value("n2s_forward_seconds_sum") > 0
