@@ -1,6 +1,8 @@
 """The model's own speed on this machine: forward frames/s and achieved GFLOP/s per frame
 size, against the machine's measured float32 matmul peak, for a few execution variants
-(float32, channels_last, bfloat16 autocast). The ceiling the daemon is compared with.
+(float32, channels_last, bfloat16 autocast, torch.compile, and ONNX Runtime where the
+optional extra is installed: ``pip install -e '.[onnx]'``). The ceiling the daemon is
+compared with.
 
     python benchmarks/model_speed.py                 # 256, 512, 1024, 2048
     python benchmarks/model_speed.py --sizes 64 --seconds 0.5   # smoke
@@ -9,8 +11,10 @@ size, against the machine's measured float32 matmul peak, for a few execution va
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,8 +45,39 @@ def forward_flops(model: torch.nn.Module, size: int) -> int:
     return int(counter.get_total_flops())
 
 
+def onnxruntime_fps(model: torch.nn.Module, size: int, seconds: float) -> float:
+    """Forward passes per second of the model exported to ONNX and run by ONNX Runtime's
+    CPU provider with torch's thread count (its output checked against torch's); exporting
+    is not timed."""
+    import onnxruntime
+
+    x = torch.randn(1, 1, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/model.onnx"
+        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"],
+                          dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(path, options,
+                                               providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    difference = float(abs(session.run(None, feed)[0] - expected).max())
+    if difference > 1e-3:  # a fast wrong answer is no answer
+        raise RuntimeError(f"ONNX Runtime output differs from torch's by {difference:g}")
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or count < 2:
+        session.run(None, feed)
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
 def frames_per_second(model: torch.nn.Module, size: int, variant: str, seconds: float) -> float:
     """Forward passes per second, one frame at a time, in ``variant``."""
+    if variant == "onnxruntime":
+        return onnxruntime_fps(model, size, seconds)
     x = torch.randn(1, 1, size, size)
     if variant in ("channels_last", "compiled"):
         model = model.to(memory_format=torch.channels_last)
@@ -65,10 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--variants", nargs="+",
-                        default=["float32", "channels_last", "bf16", "compiled"])
+                        default=["float32", "channels_last", "bf16", "compiled", "onnxruntime"])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "model_speed.json")
     args = parser.parse_args()
+    if "onnxruntime" in args.variants and importlib.util.find_spec("onnxruntime") is None:
+        print("onnxruntime not installed (pip install -e '.[onnx]'): variant left out")
+        args.variants.remove("onnxruntime")
     config = ModelConfig()
     model = build_model(config).eval()
     peak = matmul_peak_gflops()

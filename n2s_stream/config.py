@@ -20,6 +20,8 @@ from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import NORMALIZE_MODES
 
+ENGINES = ("torch", "onnxruntime")  # what runs the daemon's forward passes
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -173,6 +175,7 @@ class DaemonConfig:
     jinv: bool = False
     compile: bool = False  # torch.compile the inference model (faster; compiles at start
     #                        and at each new frame shape, ~20 s each on 2 CPU cores)
+    engine: str = "torch"  # "onnxruntime": forward passes by ONNX Runtime (CPU, extra [onnx])
     require_reconstructable: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     seed: int = 0
@@ -188,6 +191,10 @@ class DaemonConfig:
         if self.zmq_protocol not in ("native", "dectris-stream1", "dectris-stream2"):
             raise UsageError(f"zmq_protocol {self.zmq_protocol!r}: expected native, "
                              "dectris-stream1 or dectris-stream2")
+        if self.engine not in ENGINES:
+            raise UsageError(f"engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.engine == "onnxruntime" and self.compile:
+            raise UsageError("compile applies to the torch engine, not to onnxruntime")
         if self.max_batch < 0:
             raise UsageError(f"max_batch {self.max_batch}: must be >= 0 (0 = by device)")
         if self.zmq_max_message_mb < 1:

@@ -30,6 +30,7 @@ from n2s_stream.inference import InferenceSettings, InferenceWorker, Republisher
 from n2s_stream.metrics import LatencyWindow, Metrics, MetricsServer
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.onnx_engine import require_onnxruntime
 from n2s_stream.preview import Preview, preview_app
 from n2s_stream.service import Notifier
 from n2s_stream.sources.directory import DirectoryConfig, DirectorySource
@@ -69,6 +70,10 @@ class Daemon:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        if config.engine == "onnxruntime":
+            if self.device.type != "cpu":
+                raise UsageError(f"engine onnxruntime runs on the CPU, not on {self.device}")
+            require_onnxruntime()
         self.state = StateDir(config.state_dir, on_write_error=self.metrics.state_write_errors.inc)
         checkpoint = self.state.latest_checkpoint()
         if checkpoint is None and config.model_from is not None:
@@ -109,7 +114,7 @@ class Daemon:
                                        series_idle_close=config.series_idle_close,
                                        context_flush_seconds=config.context_flush_seconds,
                                        count_gaps=not config.shared_feed,
-                                       compile=config.compile,
+                                       compile=config.compile, engine=config.engine,
                                        min_free_mb=config.min_free_mb,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,

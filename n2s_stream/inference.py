@@ -18,6 +18,7 @@ from n2s_stream.frames import Frame
 from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
+from n2s_stream.onnx_engine import OnnxRuntimeModel
 from n2s_stream.preview import Preview
 from n2s_stream.state import last_written_source_frame
 from n2s_stream.training import autocast
@@ -150,6 +151,7 @@ class InferenceSettings:
     context_flush_seconds: float = 2.0  # frames waiting this long for later neighbours go
     count_gaps: bool = True  # False when workers share a feed: gaps are the others' frames
     compile: bool = False  # run the model through torch.compile
+    engine: str = "torch"  # or "onnxruntime" (CPU)
     min_free_mb: float = 64.0  # below this much free space on the output disk, writing waits
     normalize: str = "meanstd"
     scale_integers: bool = True
@@ -172,8 +174,13 @@ class InferenceWorker(BackgroundWorker):
         super().__init__("inference", join_timeout=120.0)
         self.model = use_fast_layout(model, device)
         # Weights are swapped into self.model with load_state_dict; a compiled wrapper of
-        # the same module sees them (parameters are inputs of the compiled graph).
-        self.forward_model = torch.compile(self.model) if settings.compile else self.model
+        # the same module sees them (parameters are inputs of the compiled graph), the
+        # ONNX Runtime one exports them again when told (refresh).
+        self.forward_model: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if settings.engine == "onnxruntime":
+            self.forward_model = OnnxRuntimeModel(self.model, torch.get_num_threads())
+        elif settings.compile:
+            self.forward_model = torch.compile(self.model)
         self.frames, self.masker, self.normalizer = frames, masker, normalizer
         self.store, self.outputs, self.buffer, self.val_buffer = store, outputs, buffer, val_buffer
         self.metrics, self.state, self.device, self.settings = metrics, state, device, settings
@@ -306,6 +313,8 @@ class InferenceWorker(BackgroundWorker):
         if version != self.version:
             self.model.load_state_dict(weights)
             self.model.eval()
+            if isinstance(self.forward_model, OnnxRuntimeModel):
+                self.forward_model.refresh()
             self.version = version
             self.metrics.model_version.set(version)
             log.info("inference now uses model version %d", version)
