@@ -39,6 +39,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/offline_quality.py
 	$(PY) benchmarks/daemon_memory.py
+	$(PY) benchmarks/daemon_throughput.py
 	$(PY) benchmarks/zmq_throughput.py
 	$(PY) benchmarks/model_speed.py
 

@@ -12,6 +12,11 @@ For each size, in one run:
 4. the daemon's peak resident memory (VmHWM) is read, the daemon is stopped with SIGTERM,
    and the bare forward pass is timed again: the ratio divides by the mean of the two.
 
+This machine's speed drifts between processes and minutes (the same bare forward has
+measured 36 to 67 frames/s at 256x256), so a second ratio is measured inside the daemon at
+the same moments: its written frames/s over the speed of its own forward passes during the
+flat-out run (``n2s_forward_seconds``), i.e. the share of the time spent in the model.
+
 Prints a table; writes ``benchmarks/results/daemon_throughput.json`` and ``.png``.
 
     python benchmarks/daemon_throughput.py                             # 256, 512, 1024, 2048
@@ -84,6 +89,7 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
         flat_metrics = wait_for_written(port, flat_frames, daemon, timeout=600)
         _, flat_written = provenance(out, "flat")
         flat_fps = (len(flat_written) - 1) / max(float(flat_written[-1] - flat_written[0]), 1e-9)
+        own_forward_fps = flat_frames / flat_metrics["n2s_forward_seconds_sum"]
         rate = flat_fps / 2
         paced_frames = max(10, int(rate * args.paced_seconds))
         detector = subprocess.Popen([*simulate, "--name", "paced", "--frames", str(paced_frames),
@@ -109,6 +115,7 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
     return {
         "size": size, "bare_fps_before": bare_before, "bare_fps_after": bare_after,
         "daemon_fps": flat_fps, "ratio": flat_fps / bare, "flat_frames": flat_frames,
+        "own_forward_fps": own_forward_fps, "ratio_to_own_forward": flat_fps / own_forward_fps,
         "train_steps_flat": steps_flat,
         "paced_rate": rate, "paced_frames": paced_frames,
         "train_steps_paced": paced_metrics.get("n2s_train_steps_total", 0.0) - steps_flat,
@@ -122,11 +129,13 @@ def print_row(r: dict, header: bool) -> None:
     """One table line per frame size."""
     if header:
         print(f"{'frame':>9} | {'bare fwd/s before, after':>24} | {'daemon/s':>8} | {'ratio':>5} | "
+              f"{'own fwd/s':>9} | {'ratio':>5} | "
               f"{'paced at/s':>10} | {'p50 ms':>8} | {'p99 ms':>8} | {'train steps':>11} | "
               f"{'peak RSS MiB':>12}")
     print(f"{r['size']:>4}x{r['size']:<4} | "
           f"{r['bare_fps_before']:11.2f}, {r['bare_fps_after']:10.2f} | {r['daemon_fps']:8.2f} | "
-          f"{r['ratio']:5.2f} | {r['paced_rate']:10.2f} | {r['latency_p50_s'] * 1000:8.0f} | "
+          f"{r['ratio']:5.2f} | {r['own_forward_fps']:9.2f} | {r['ratio_to_own_forward']:5.2f} | "
+          f"{r['paced_rate']:10.2f} | {r['latency_p50_s'] * 1000:8.0f} | "
           f"{r['latency_p99_s'] * 1000:8.0f} | "
           f"{r['train_steps_flat']:4.0f} /{r['train_steps_paced']:5.0f} | "
           f"{r['peak_rss_mib']:12.0f}", flush=True)
