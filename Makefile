@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-context bench-soak \
-	bench-peers clean
+.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-quick bench-context \
+	bench-soak bench-peers clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,19 @@ bench: setup
 	$(PY) benchmarks/daemon_throughput.py
 	$(PY) benchmarks/zmq_throughput.py
 	$(PY) benchmarks/model_speed.py
+
+# Every benchmark on small settings (about 5 minutes), results under benchmarks/results/quick/:
+# a check that the numbers are in the README's range, not the README's numbers.
+QUICK := benchmarks/results/quick
+bench-quick: setup
+	mkdir -p $(QUICK)
+	$(PY) benchmarks/offline_quality.py --doses 20 --budget 20 --tiles 16 --out $(QUICK)/offline_quality.json
+	$(PY) benchmarks/daemon_memory.py --frames 120 --idle-seconds 5 --out $(QUICK)/daemon_memory.json
+	$(PY) benchmarks/daemon_throughput.py --sizes 256 512 --flat-seconds 5 --paced-seconds 5 \
+		--out $(QUICK)/daemon_throughput.json
+	$(PY) benchmarks/zmq_throughput.py --sizes 256 --frames 200 --e2e-frames 40 --workers 1 \
+		--out $(QUICK)/zmq_throughput.json
+	$(PY) benchmarks/model_speed.py --sizes 256 512 --seconds 1 --out $(QUICK)/model_speed.json
 
 bench-context: setup
 	$(PY) benchmarks/context_quality.py --budget 150 --sweep-budget 45

@@ -12,6 +12,7 @@ import torch
 
 from n2s_stream.inference import use_fast_layout
 from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.onnx_engine import OnnxRuntimeModel
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
@@ -33,14 +34,18 @@ def rss_mb(pid: int) -> float:
 
 
 def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
-                     batch: int = 1, compile: bool = False, min_passes: int = 1) -> float:
+                     batch: int = 1, compile: bool = False, min_passes: int = 1,
+                     engine: str = "torch") -> float:
     """Frames/s of the default model's forward pass alone, ``batch`` frames per pass, in
     the layout the daemon uses (channels_last on CPU; compiled as the daemon's with
-    ``compile``), timed over ``seconds`` and at least ``min_passes`` passes."""
+    ``compile``; through ONNX Runtime as the daemon's with ``engine="onnxruntime"``), timed
+    over ``seconds`` and at least ``min_passes`` passes."""
     torch.set_num_threads(threads)
     model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
     if compile:
         model = torch.compile(model)
+    if engine == "onnxruntime":
+        model = OnnxRuntimeModel(model, threads)
     x = torch.randn(batch, 1, *shape)
     with torch.inference_mode():
         warm_until = time.perf_counter() + min(1.0, seconds / 5)

@@ -20,6 +20,8 @@ flat-out run (``n2s_forward_seconds``), i.e. the share of the time spent in the 
 Prints a table; writes ``benchmarks/results/daemon_throughput.json`` and ``.png``.
 
     python benchmarks/daemon_throughput.py                             # 256, 512, 1024, 2048
+    python benchmarks/daemon_throughput.py --engine onnxruntime --out \
+        benchmarks/results/daemon_throughput_onnxruntime.json
     python benchmarks/daemon_throughput.py --sizes 64 --flat-seconds 2 --paced-seconds 2  # smoke
 """
 
@@ -67,7 +69,7 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
     """Bare forward, daemon flat out, daemon at half rate, peak memory: one frame size."""
     shape = (size, size)
     bare_before = bare_forward_fps(shape, args.threads, seconds=args.bare_seconds,
-                                   compile=args.compile, min_passes=3)
+                                   compile=args.compile, min_passes=3, engine=args.engine)
     flat_frames = max(12, int(bare_before * args.flat_seconds))
     acq, out = tmp / f"acq{size}", tmp / f"out{size}"
     acq.mkdir()
@@ -83,7 +85,8 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
          "--buffer-frames", str(args.buffer_frames),
          # At half rate big frames come seconds apart: a series must not end in between.
          "--settle-seconds", "60",
-         "--no-cold-start", *(["--compile"] if args.compile else []), "--log-level", "INFO"],
+         "--no-cold-start", *(["--compile"] if args.compile else []), "--engine", args.engine,
+         "--log-level", "INFO"],
         stderr=daemon_log)
     try:
         flat_metrics = wait_for_written(port, flat_frames, daemon, timeout=600)
@@ -109,7 +112,7 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
     received, written = provenance(out, "paced")
     latency = written - received
     bare_after = bare_forward_fps(shape, args.threads, seconds=args.bare_seconds,
-                                  compile=args.compile, min_passes=3)
+                                  compile=args.compile, min_passes=3, engine=args.engine)
     bare = (bare_before + bare_after) / 2
     steps_flat = flat_metrics.get("n2s_train_steps_total", 0.0)
     return {
@@ -176,6 +179,8 @@ def main() -> None:
                              "bare speed)")
     parser.add_argument("--paced-seconds", type=float, default=20.0)
     parser.add_argument("--compile", action="store_true", help="daemon and bare model compiled")
+    parser.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+                        help="what runs the forward passes, in the daemon and the bare loop")
     parser.add_argument("--out", type=Path, default=RESULTS / "daemon_throughput.json")
     args = parser.parse_args()
     rows = []

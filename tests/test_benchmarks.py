@@ -117,10 +117,14 @@ def test_online_quality_runs(tmp_path):
     assert "online, pass 2" in proc.stdout and out.with_suffix(".png").exists()
 
 
-def test_daemon_throughput_runs(tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_daemon_throughput_runs(tmp_path, engine):
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
     out = tmp_path / "t.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "daemon_throughput.py"), "--sizes", "32",
+        [sys.executable, str(BENCHMARKS / "daemon_throughput.py"), "--engine", engine,
+         "--sizes", "32",
          "--threads", "1", "--buffer-frames", "4", "--bare-seconds", "0.2",
          "--flat-seconds", "0.001", "--paced-seconds", "0.01", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
