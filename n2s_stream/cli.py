@@ -150,6 +150,8 @@ DAEMON_HELP = {
     "compile": "torch.compile the inference model (opt-in; ~20 s compile per frame shape)",
     "engine": "torch (default) or onnxruntime: CPU forward passes by ONNX Runtime, 1.3-1.5x "
               "faster here (pip install 'n2s-stream[onnx]')",
+    "onnx_reload_seconds": "onnxruntime: take new weights (a new export, 0.1-0.5 s) at most "
+                           "this often (default 10)",
     "shared_feed": "one of several workers PULLing one feed: others' frames are not missing",
     "publish_every": "training steps between model versions (default 50)",
     "checkpoint_every": "seconds between checkpoints (default 60)",

@@ -176,6 +176,7 @@ class DaemonConfig:
     compile: bool = False  # torch.compile the inference model (faster; compiles at start
     #                        and at each new frame shape, ~20 s each on 2 CPU cores)
     engine: str = "torch"  # "onnxruntime": forward passes by ONNX Runtime (CPU, extra [onnx])
+    onnx_reload_seconds: float = 10.0  # onnxruntime: new weights (a new export) at most this often
     require_reconstructable: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     seed: int = 0

@@ -115,6 +115,7 @@ class Daemon:
                                        context_flush_seconds=config.context_flush_seconds,
                                        count_gaps=not config.shared_feed,
                                        compile=config.compile, engine=config.engine,
+                                       onnx_reload_seconds=config.onnx_reload_seconds,
                                        min_free_mb=config.min_free_mb,
                                        require_reconstructable=config.require_reconstructable,
                                        normalize=config.normalize,

@@ -152,6 +152,7 @@ class InferenceSettings:
     count_gaps: bool = True  # False when workers share a feed: gaps are the others' frames
     compile: bool = False  # run the model through torch.compile
     engine: str = "torch"  # or "onnxruntime" (CPU)
+    onnx_reload_seconds: float = 10.0  # onnxruntime: newer weights taken at most this often
     min_free_mb: float = 64.0  # below this much free space on the output disk, writing waits
     normalize: str = "meanstd"
     scale_integers: bool = True
@@ -196,6 +197,7 @@ class InferenceWorker(BackgroundWorker):
         self._windows: dict[str, ContextWindow] = {}
         self._refused = 0
         self._working = threading.Event()
+        self._loaded_at = 0.0
 
     @property
     def busy(self) -> bool:
@@ -309,15 +311,25 @@ class InferenceWorker(BackgroundWorker):
         self.metrics.reject(reason)
 
     def _refresh_weights(self) -> None:
+        """Take the newest published weights. With ONNX Runtime each change means a new
+        export (0.1 - 0.5 s in this thread), so there at most every
+        ``settings.onnx_reload_seconds``; the version written beside each frame is always
+        the one that made it."""
         version, weights = self.store.latest()
-        if version != self.version:
-            self.model.load_state_dict(weights)
-            self.model.eval()
-            if isinstance(self.forward_model, OnnxRuntimeModel):
-                self.forward_model.refresh()
-            self.version = version
-            self.metrics.model_version.set(version)
-            log.info("inference now uses model version %d", version)
+        if version == self.version:
+            return
+        exporting = isinstance(self.forward_model, OnnxRuntimeModel)
+        if exporting and self.version >= 0 and (
+                time.monotonic() - self._loaded_at < self.settings.onnx_reload_seconds):
+            return
+        self.model.load_state_dict(weights)
+        self.model.eval()
+        if isinstance(self.forward_model, OnnxRuntimeModel):
+            self.forward_model.refresh()
+        self._loaded_at = time.monotonic()
+        self.version = version
+        self.metrics.model_version.set(version)
+        log.info("inference now uses model version %d", version)
 
     def _accept(self, frame):
         """Checks, output file and normalised input of one frame; None if refused.

@@ -140,10 +140,16 @@ def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
     assert frames[:, :16].max() < 1000  # the rest is denoised counts
 
 
-def test_compiled_inference_writes_the_same_series(tmp_path):
-    """--compile (torch.compile): the daemon compiles on the first frame and writes every
-    frame once; the weights it swaps in as training goes on reach the compiled model."""
-    daemon = DaemonProcess(tmp_path, "--compile", "--no-cold-start", "--publish-every", "10")
+@pytest.mark.parametrize("engine", [["--compile"],
+                                    ["--engine", "onnxruntime", "--onnx-reload-seconds", "1"]],
+                         ids=["torch.compile", "onnxruntime"])
+def test_faster_engines_write_the_same_series(tmp_path, engine):
+    """--compile (torch.compile) and --engine onnxruntime: the daemon compiles or exports
+    on the first frame and writes every frame once; the weights it swaps in as training
+    goes on reach the compiled model or the exported graph."""
+    if "onnxruntime" in engine:
+        pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
+    daemon = DaemonProcess(tmp_path, *engine, "--no-cold-start", "--publish-every", "10")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=40, rate=4, shape="32x32")
     assert writer.wait(timeout=120) == 0

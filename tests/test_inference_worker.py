@@ -7,6 +7,7 @@ import time
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -94,3 +95,34 @@ def test_worker_is_busy_while_denoising_so_training_waits(tmp_path):
     assert model.seen_busy == [True, True, True]
     assert metrics.registry.get_sample_value("n2s_forward_seconds_count") == 3
     assert metrics.registry.get_sample_value("n2s_forward_seconds_sum") > 0
+
+
+@pytest.mark.parametrize(("reload_seconds", "versions"), [(3600.0, [0, 0]), (0.0, [0, 1])])
+def test_onnxruntime_takes_new_weights_at_most_every_reload_seconds(
+        tmp_path, reload_seconds, versions):
+    pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
+    model = build_model(ModelConfig(width=4, depth=1))
+    store = ModelStore(copy_state(model), 0)
+    frames: queue.Queue = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+    out = tmp_path / "s_n2s.h5"
+    worker = InferenceWorker(
+        frames=frames, model=build_model(ModelConfig(width=4, depth=1)), masker=Masker(),
+        normalizer=None, store=store, outputs=OutputSet(config_text=""),
+        buffer=RollingBuffer(max_frames=8, max_bytes=2**20),
+        val_buffer=RollingBuffer(max_frames=8, max_bytes=2**20), metrics=metrics,
+        state=StateDir(tmp_path / "state"), device=torch.device("cpu"),
+        settings=InferenceSettings(max_batch=1, engine="onnxruntime",
+                                   onnx_reload_seconds=reload_seconds),
+        on_fatal=lambda exc: None)
+    worker.start()
+    frames.put(Frame("s", 0, np.full((16, 16), 7, np.uint16), time.time(), out))
+    deadline = time.monotonic() + 30
+    while metrics.registry.get_sample_value("n2s_frames_denoised_total") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    store.publish({k: v * 2 for k, v in copy_state(model).items()}, 1)
+    frames.put(Frame("s", 1, np.full((16, 16), 9, np.uint16), time.time(), out))
+    worker.stop()
+    with h5py.File(out, "r") as handle:
+        assert handle["/entry/provenance/model_version"][()].tolist() == versions
