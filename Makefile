@@ -38,7 +38,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/offline_quality.py
-	$(PY) benchmarks/daemon_memory.py
+	$(PY) benchmarks/daemon_memory.py --no-cold-start
 	$(PY) benchmarks/daemon_throughput.py
 	$(PY) benchmarks/zmq_throughput.py
 	$(PY) benchmarks/model_speed.py
@@ -49,7 +49,8 @@ QUICK := benchmarks/results/quick
 bench-quick: setup
 	mkdir -p $(QUICK)
 	$(PY) benchmarks/offline_quality.py --doses 20 --budget 20 --tiles 16 --out $(QUICK)/offline_quality.json
-	$(PY) benchmarks/daemon_memory.py --frames 120 --idle-seconds 5 --out $(QUICK)/daemon_memory.json
+	$(PY) benchmarks/daemon_memory.py --frames 120 --idle-seconds 5 --no-cold-start \
+		--out $(QUICK)/daemon_memory.json
 	$(PY) benchmarks/daemon_throughput.py --sizes 256 512 --flat-seconds 5 --paced-seconds 5 \
 		--out $(QUICK)/daemon_throughput.json
 	$(PY) benchmarks/zmq_throughput.py --sizes 256 --frames 200 --e2e-frames 40 --workers 1 \
