@@ -23,7 +23,7 @@ from n2s_stream.preview import Preview
 from n2s_stream.state import last_written_source_frame
 from n2s_stream.training import autocast
 from n2s_stream.worker import BackgroundWorker
-from n2s_stream.writer import free_bytes
+from n2s_stream.writer import close_left_open, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,9 @@ class InferenceWorker(BackgroundWorker):
             self.republisher.end(end.series)
         writer = self.outputs.close(end.series)
         if writer is None:
+            output = self.state.output_for(end.series, end.output)
+            if output.exists():
+                close_left_open(output)
             log.info("series %s ended with nothing new to write (an earlier run wrote it)",
                      end.series)
             self.state.record(end.series, output=end.output, written=0, finished=True)

@@ -207,6 +207,13 @@ class FrameWriter:
         self.close()
 
 
+def close_left_open(path: Path) -> None:
+    """Make an output that a killed run left flagged "open for write" readable by any HDF5
+    reader again (its whole frames kept); a cleanly closed file is left as it is. For
+    series whose every frame a killed run had already written: no writer reopens them."""
+    _open_existing(path).close()
+
+
 def _open_existing(path: Path) -> h5py.File:
     """Open an output for appending; a crash leaves it flagged "open for write", which
     HDF5 refuses, so the whole frames are then copied to a fresh file that replaces it."""

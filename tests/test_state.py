@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import h5py
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from n2s_stream.checkpoint import save_checkpoint
@@ -11,6 +16,7 @@ from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.state import StateDir
+from n2s_stream.writer import close_left_open
 
 
 def _save(state: StateDir, version: int) -> None:
@@ -64,3 +70,27 @@ def test_metrics_endpoint_is_loopback_by_default():
         assert scrape(server.port)['n2s_frames_rejected_total{reason="nan"}'] == 2
     finally:
         server.close()
+
+
+def test_output_left_open_by_a_killed_writer_is_made_readable(tmp_path):
+    """A run killed after writing every frame of a series leaves its output flagged "open
+    for write"; the next run, with nothing new to write, clears that and keeps the frames."""
+    output = tmp_path / "s_n2s.h5"
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, numpy as np
+from n2s_stream.writer import FrameWriter
+writer = FrameWriter({str(output)!r}, frame_shape=(8, 8))
+for k in range(3):
+    writer.append(np.full((1, 8, 8), k, np.float32), source_frames=[k], model_version=0,
+                  t_received=0.0)
+os.kill(os.getpid(), 9)
+"""], timeout=60)
+    assert killed.returncode == -9
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(output, "r")
+    close_left_open(output)
+    with h5py.File(output, "r") as handle:
+        assert handle["/entry/provenance/source_frame"][()].tolist() == [0, 1, 2]
+    close_left_open(output)  # a clean file stays as it is
+    with h5py.File(output, "r") as handle:
+        assert handle["/entry/provenance/source_frame"][()].tolist() == [0, 1, 2]
