@@ -154,7 +154,18 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
     writer = start_writer(daemon.watch, frames=40, rate=4, shape="32x32")
     assert writer.wait(timeout=120) == 0
     daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(40 frames\)", timeout=240)
+    # Training yields while frames queue (they do during the compile): new weights come
+    # once the detector pauses; the next series must be denoised with them.
+    deadline = time.monotonic() + 120
+    while daemon.scrape().get("n2s_train_steps_total", 0) < 20:
+        assert time.monotonic() < deadline, "no training after the series"
+        time.sleep(0.5)
+    second = start_writer(daemon.watch, frames=5, rate=4, shape="32x32", name="scan_0002")
+    assert second.wait(timeout=120) == 0
+    daemon.wait_for(r"closed output .*scan_0002_n2s.h5 \(5 frames\)", timeout=240)
     assert daemon.terminate() == 0
     frames, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
     assert np.array_equal(provenance["source_frame"], np.arange(40))
-    assert np.isfinite(frames).all() and provenance["model_version"][-1] > 0
+    assert np.isfinite(frames).all()
+    _, provenance = read_output(daemon.out / "scan_0002_n2s.h5")
+    assert provenance["model_version"][-1] > 0
