@@ -25,12 +25,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """The numeric fields of ``/proc/<pid>/status`` (memory in kiB, thread count, ...)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        first = value.split()[:1]
+        if first and first[0].isdigit():
+            fields[name] = int(first[0])
+    return fields
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status(pid).get("VmRSS", float("nan")) / 1024
 
 
 def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
@@ -60,7 +68,4 @@ def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
 
 def peak_rss_mb(pid: int) -> float:
     """The most resident memory a process has had so far (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status(pid).get("VmHWM", float("nan")) / 1024

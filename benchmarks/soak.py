@@ -24,20 +24,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import N2S, RESULTS, free_port
+from common import N2S, RESULTS, free_port, proc_status
 
 from n2s_stream.metrics import scrape
 
 
 def process_sample(pid: int) -> tuple[float, int, int]:
     """(RSS MiB, open file descriptors, threads) of a running process."""
-    rss, threads = float("nan"), 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) / 1024
-        elif line.startswith("Threads:"):
-            threads = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd")), threads
+    status = proc_status(pid)
+    return (status.get("VmRSS", float("nan")) / 1024, len(os.listdir(f"/proc/{pid}/fd")),
+            status.get("Threads", 0))
 
 
 def main() -> None:
