@@ -9,20 +9,68 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, free_port, read_output, start_detector_feed, start_writer
+import zmq
+from daemon_helpers import DaemonProcess, free_port, read_output, start_writer
 from fault_report import FaultFigure
+
+from n2s_stream.simulate import clean_frames, poisson_frames
+from n2s_stream.sources import protocols
 
 pytestmark = pytest.mark.faults
 
 OUTPUT = "scan_0001_n2s.h5"
 GAP = re.compile(r"scan_0001: (\d+) frames missing before (?:the end of the series \()?"
                  r"frame (\d+)")
+
+
+class HeldBackFeed:
+    """A detector PUSHing ``frames`` native frames of series scan_0001 at ``rate`` from a
+    thread, holding its last ``held`` frames and the end message back until ``release()``.
+
+    The kill trials need the final daemon to receive the series' tail: a feed that
+    finished while killed runs held the socket would hand its end message to a dead
+    process, and then no daemon could ever tell what the series had sent."""
+
+    def __init__(self, endpoint: str, *, frames: int, rate: float, held: int, seed: int):
+        self.endpoint, self.frames, self.rate, self.held = endpoint, frames, rate, held
+        self._rng = np.random.default_rng(seed)
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._send, name="detector", daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        context = zmq.Context()
+        sock = context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 60_000)  # deliver what is queued before closing
+        sock.bind(self.endpoint)
+        scene = clean_frames(self.frames, (48, 48), seed=3)
+        started = time.monotonic()
+        for index in range(self.frames):
+            if index == self.frames - self.held:
+                self._released.wait()
+                started = time.monotonic() - index / self.rate
+            frame = poisson_frames(scene[index], 20.0, self._rng)
+            sock.send_multipart(protocols.native_frame("scan_0001", index, frame, "bslz4"))
+            time.sleep(max(0.0, started + (index + 1) / self.rate - time.monotonic()))
+        sock.send_multipart(protocols.native_end("scan_0001", self.frames))
+        sock.close()
+        context.term()
+
+    def release(self) -> None:
+        """Send the held-back tail and the end message."""
+        self._released.set()
+
+    def wait(self, timeout: float) -> None:
+        """Wait until every frame and the end message are delivered."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the detector feed did not finish"
 
 
 def _assert_whole_frames(output: Path) -> None:
@@ -97,12 +145,13 @@ def zmq_trials(tmp_path: Path, figures, *, trials: int, n_frames: int, seed: int
     is reported as a gap, everything else is written exactly once."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     feed = ("--zmq", endpoint)
-    detector = start_detector_feed(endpoint, frames=n_frames, rate=15, seed=2)
+    detector = HeldBackFeed(endpoint, frames=n_frames, rate=15, held=30, seed=2)
     _kill_runs(tmp_path, trials, seed, *feed)
     daemon = DaemonProcess(tmp_path, *feed, name="final")
     daemon.wait_ready()
+    detector.release()
     daemon.wait_for(f"closed output .*{OUTPUT}", timeout=max(120, n_frames / 10))
-    assert detector.wait(timeout=60) == 0
+    detector.wait(timeout=60)
     assert daemon.terminate() == 0
     frames, provenance = read_output(tmp_path / "out" / OUTPUT)
     written = provenance["source_frame"]
