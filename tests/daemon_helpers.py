@@ -150,18 +150,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_detector_feed(endpoint: str, *, frames: int, rate: float, protocol: str = "native",
-                        series: int = 1, shape: str = "48x48",
-                        seed: int = 0) -> subprocess.Popen:
-    """A detector PUSHing frames from ``endpoint`` (bound), as a separate process."""
-    proc = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--protocol", protocol,
-                             "--frames", str(frames), "--series", str(series), "--shape",
-                             shape, "--rate", str(rate), "--seed", str(seed),
-                             "--log-level", "WARNING"])
-    STARTED.append(proc)
-    return proc
-
-
 def read_output(path: Path):
     """``(frames, provenance dict)`` of an output file."""
     with h5py.File(path, "r") as handle:
