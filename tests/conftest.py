@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -10,11 +11,28 @@ import numpy as np
 import pytest
 import torch
 from daemon_helpers import write_stack
+from fault_report import FaultFigure, figures_in, write_table
 
 from n2s_stream.simulate import clean_frames, poisson_frames
 
-# Tests run on 2 cores next to other work; keep torch from oversubscribing.
-torch.set_num_threads(2)
+# Tests run on 2 cores next to other work (`make test` runs two pytest-xdist workers);
+# keep torch from oversubscribing them.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+FAULT_FIGURES: list[FaultFigure] = []
+"""The fault tests' figures as their reports arrive (from xdist workers too)."""
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Keep the figures a fault test recorded."""
+    FAULT_FIGURES.extend(figures_in(report))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the fault tests' figures as one table at the end of the run."""
+    if FAULT_FIGURES:
+        terminalreporter.section("fault figures")
+        write_table(terminalreporter.write_line, FAULT_FIGURES)
 
 
 @pytest.fixture(autouse=True)
