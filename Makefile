@@ -37,6 +37,7 @@ lint: setup
 	$(VENV)/bin/ruff check n2s_stream tests benchmarks
 
 bench: setup
+	$(PY) benchmarks/machine_noise.py
 	$(PY) benchmarks/offline_quality.py
 	$(PY) benchmarks/daemon_memory.py --no-cold-start
 	$(PY) benchmarks/daemon_throughput.py
@@ -48,6 +49,7 @@ bench: setup
 QUICK := benchmarks/results/quick
 bench-quick: setup
 	mkdir -p $(QUICK)
+	$(PY) benchmarks/machine_noise.py --seconds 20 --out $(QUICK)/machine_noise.json
 	$(PY) benchmarks/offline_quality.py --doses 20 --budget 20 --tiles 16 --out $(QUICK)/offline_quality.json
 	$(PY) benchmarks/daemon_memory.py --frames 120 --idle-seconds 5 --no-cold-start \
 		--out $(QUICK)/daemon_memory.json

@@ -29,6 +29,21 @@ def test_offline_quality_runs(tmp_path):
     assert "N2S J-inv" in proc.stdout
 
 
+def test_machine_noise_runs(tmp_path):
+    out = tmp_path / "n.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "machine_noise.py"), "--size", "32", "--seconds",
+         "2", "--slice-seconds", "0.25", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["threads"] for r in report["rows"]] == [1, 2]
+    assert all(r["slices"] >= 2 and 0 < r["min"] <= r["p50"] <= r["max"]
+               for r in report["rows"])
+    assert "max / min" in proc.stdout and out.with_suffix(".png").exists()
+
+
 def test_daemon_memory_runs(tmp_path):
     out = tmp_path / "m.json"
     proc = subprocess.run(
