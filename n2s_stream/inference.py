@@ -238,6 +238,8 @@ class InferenceWorker(BackgroundWorker):
                               finished=False)
         if self.republisher is not None:
             self.republisher.close()
+        if isinstance(self.forward_model, OnnxRuntimeModel):
+            self.forward_model.close()
 
     def _process(self, batch: list, frames: list[Frame]) -> None:
         """Denoise and write a batch, then end the series it ends. A bug met by odd input
@@ -311,22 +313,34 @@ class InferenceWorker(BackgroundWorker):
         self.metrics.reject(reason)
 
     def _refresh_weights(self) -> None:
-        """Take the newest published weights. With ONNX Runtime each change means a new
-        export (0.1 - 0.5 s in this thread), so there at most every
-        ``settings.onnx_reload_seconds``; the version written beside each frame is always
-        the one that made it."""
+        """Take the newest published weights; the version written beside each frame is
+        always the one that made it."""
         version, weights = self.store.latest()
-        if version == self.version:
-            return
-        exporting = isinstance(self.forward_model, OnnxRuntimeModel)
-        if exporting and self.version >= 0 and (
-                time.monotonic() - self._loaded_at < self.settings.onnx_reload_seconds):
-            return
-        self.model.load_state_dict(weights)
-        self.model.eval()
-        if isinstance(self.forward_model, OnnxRuntimeModel):
-            self.forward_model.refresh()
-        self._loaded_at = time.monotonic()
+        if isinstance(self.forward_model, OnnxRuntimeModel) and self.version >= 0:
+            self._refresh_onnx_sessions(version, weights)
+        elif version != self.version:
+            self.model.load_state_dict(weights)
+            self.model.eval()
+            if isinstance(self.forward_model, OnnxRuntimeModel):
+                self.forward_model.refresh()
+            self._loaded_at = time.monotonic()
+            self._now_using(version)
+
+    def _refresh_onnx_sessions(self, version: int, weights: dict) -> None:
+        """With ONNX Runtime new weights mean a new export (0.1 - 0.5 s of CPU): it runs
+        in a background thread while frames go on through the current sessions, at most
+        every ``settings.onnx_reload_seconds``, and is swapped in between batches."""
+        engine = self.forward_model
+        assert isinstance(engine, OnnxRuntimeModel)
+        exported = engine.finished_export()
+        if exported is not None:
+            self._now_using(exported)
+        if (version != self.version and not engine.exporting and
+                time.monotonic() - self._loaded_at >= self.settings.onnx_reload_seconds):
+            engine.start_export(weights, version)
+            self._loaded_at = time.monotonic()
+
+    def _now_using(self, version: int) -> None:
         self.version = version
         self.metrics.model_version.set(version)
         log.info("inference now uses model version %d", version)

@@ -5,14 +5,18 @@ On this project's CPU machine ONNX Runtime ran the default UNet 1.6x (512x512) t
 is exported with the weights baked in (ONNX Runtime pre-packs them; fed as inputs instead
 it ran at half speed), so it is exported again whenever training publishes new weights.
 Exporting traces the model on a small frame with height and width left free, so it costs
-about a tenth of a second whatever the detector's frame size.
+about a tenth of a second whatever the detector's frame size; the daemon exports in a
+background thread (``start_export``) and swaps the new sessions in between frames
+(``finished_export``), so frames never wait for an export.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -43,28 +47,72 @@ class OnnxRuntimeModel:
         require_onnxruntime()
         self.model, self.threads = model, threads
         self._sessions: dict[tuple[int, int, int], object] = {}
+        self._export_model = copy.deepcopy(model)  # touched by the export thread only
+        self._exporter: ThreadPoolExecutor | None = None
+        self._export: Future | None = None
+        self._export_version = -1
 
     def refresh(self) -> None:
         """The weights of ``model`` changed: the next call exports them again."""
         self._sessions.clear()
+
+    @property
+    def exporting(self) -> bool:
+        """True from ``start_export`` until ``finished_export`` has swapped its sessions in."""
+        return self._export is not None
+
+    def start_export(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Export ``weights`` for every frame kind seen so far, in a background thread;
+        calls keep running the current sessions until ``finished_export`` swaps them."""
+        if self._export is not None:
+            raise RuntimeError("an export is already running")
+        if self._exporter is None:
+            self._exporter = ThreadPoolExecutor(1, thread_name_prefix="onnx-export")
+        self._export = self._exporter.submit(self._export_weights, weights, list(self._sessions))
+        self._export_version = version
+
+    def finished_export(self) -> int | None:
+        """If the background export is done, run its sessions from now on and return the
+        version it exported (an export's error is raised here); else None.
+        ``model`` gets the weights too, so frame kinds first seen later match them."""
+        if self._export is None or not self._export.done():
+            return None
+        done, self._export = self._export, None
+        weights, sessions = done.result()
+        self.model.load_state_dict(weights)
+        self._sessions = sessions
+        return self._export_version
+
+    def close(self) -> None:
+        """Wait for an export under way and end the export thread."""
+        if self._exporter is not None:
+            self._exporter.shutdown(wait=True)
+            self._exporter = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         key = (x.shape[1], height % TRACE_BASE, width % TRACE_BASE)
         session = self._sessions.get(key)
         if session is None:
-            session = self._sessions[key] = self._export(*key)
+            session = self._sessions[key] = self._session(self.model, *key)
         output = session.run(None, {"x": x.detach().contiguous().numpy()})[0]
         return torch.from_numpy(output)
 
-    def _export(self, channels: int, rem_h: int, rem_w: int):
+    def _export_weights(self, weights: dict[str, torch.Tensor], keys: list):
+        """Sessions of ``weights`` for the frame kinds ``keys`` (in the export thread)."""
+        self._export_model.load_state_dict(weights)
+        return weights, {key: self._session(self._export_model, *key) for key in keys}
+
+    def _session(self, model: nn.Module, channels: int, rem_h: int, rem_w: int):
+        """An ONNX Runtime session of ``model`` for frames of ``channels`` channels whose
+        height and width leave these remainders modulo TRACE_BASE."""
         import onnxruntime
 
         example = torch.zeros(1, channels, TRACE_BASE + rem_h, TRACE_BASE + rem_w)
         graph = io.BytesIO()
         with warnings.catch_warnings():  # the tracer's notes on the padding branch
             warnings.simplefilter("ignore")
-            torch.onnx.export(self.model.eval(), (example,), graph, input_names=["x"],
+            torch.onnx.export(model.eval(), (example,), graph, input_names=["x"],
                               output_names=["y"], dynamo=False,
                               dynamic_axes={"x": {0: "n", 2: "h", 3: "w"},
                                             "y": {0: "n", 2: "h", 3: "w"}})

@@ -3,6 +3,8 @@ daemon on it: tests/test_daemon.py::test_faster_engines_write_the_same_series)."
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -29,3 +31,32 @@ def test_matches_the_torch_model_and_follows_new_weights(shape, channels):
         np.testing.assert_allclose(engine(x).numpy(), expected.numpy(), atol=1e-5)  # stale
         engine.refresh()
         np.testing.assert_allclose(engine(x).numpy(), changed.numpy(), atol=1e-5)
+
+
+def test_background_export_is_swapped_in_only_when_finished():
+    model = build_model(ModelConfig(width=8, depth=2)).eval()
+    engine = OnnxRuntimeModel(model, threads=1)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode():
+        old = model(x)
+        engine(x)  # a session for this frame kind exists before the export
+        doubled = {k: v * 2 for k, v in model.state_dict().items()}
+        new_model = build_model(ModelConfig(width=8, depth=2)).eval()
+        new_model.load_state_dict(doubled)
+        new = new_model(x)
+        engine.start_export(doubled, version=7)
+        assert engine.exporting
+        with pytest.raises(RuntimeError, match="already running"):
+            engine.start_export(doubled, version=8)
+        np.testing.assert_allclose(engine(x).numpy(), old.numpy(), atol=1e-5)
+        deadline = time.monotonic() + 30
+        while (version := engine.finished_export()) is None:
+            assert time.monotonic() < deadline, "the export never finished"
+            np.testing.assert_allclose(engine(x).numpy(), old.numpy(), atol=1e-5)
+            time.sleep(0.01)
+        assert version == 7 and not engine.exporting
+        np.testing.assert_allclose(engine(x).numpy(), new.numpy(), atol=1e-5)
+        # a frame kind first seen after the swap is exported from the new weights too
+        odd = torch.randn(1, 1, 30, 37)
+        np.testing.assert_allclose(engine(odd).numpy(), new_model(odd).numpy(), atol=1e-5)
+    engine.close()
