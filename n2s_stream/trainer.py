@@ -160,6 +160,12 @@ class OnlineTrainer(BackgroundWorker):
         self._loss_ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         return loss
 
+    def _wait_while_busy(self) -> None:
+        """Inference first: scoring held-out frames (tens of forward passes at each
+        publication) pauses while a frame is being denoised, as training steps do."""
+        while self._busy() and not self._stopping.is_set():
+            self._stopping.wait(0.005)
+
     def _publish(self, train_loss: float) -> None:
         self.metrics.train_loss.set(train_loss)
         val_frames = self.val_buffer.snapshot()
@@ -169,7 +175,8 @@ class OnlineTrainer(BackgroundWorker):
             frames = torch.from_numpy(crops).to(self.device)
 
             def loss_of(model: nn.Module) -> float:
-                return masked_validation_loss(model, self.masker, frames)
+                return masked_validation_loss(model, self.masker, frames, batch=1,
+                                              before_chunk=self._wait_while_busy)
 
             val_loss = loss_of(self.model)
             self.metrics.selfsup_val_loss.set(val_loss)

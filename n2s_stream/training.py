@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -163,17 +164,22 @@ def masked_validation_loss(
     valid: torch.Tensor | None = None,
     batch: int = 8,
     amp: bool = False,
+    before_chunk: Callable[[], None] | None = None,
 ) -> float:
     """Masked loss on held-out frames: a quality estimate that needs no ground truth.
 
     Each frame ``k`` of ``(N, C, H, W)`` (channel 0 is scored, the rest is its context) is
     scored with two fixed phases (``k`` and ``k + n_phases/2``), so the number is
-    comparable from one evaluation to the next.
+    comparable from one evaluation to the next; ``batch`` frames per forward pass (it does
+    not change the number). ``before_chunk`` is called before each pass: the daemon's
+    trainer waits there while inference is busy.
     """
     model.eval()
     total, count = 0.0, 0
     half = masker.n_phases // 2
     for start in range(0, frames.shape[0], batch):
+        if before_chunk is not None:
+            before_chunk()
         chunk = frames[start : start + batch]
         chunk_valid = None if valid is None else valid[start : start + batch]
         index = torch.arange(start, start + chunk.shape[0], device=chunk.device)
