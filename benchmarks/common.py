@@ -18,6 +18,26 @@ RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (saying so) where
+    matplotlib is not installed: the JSON report is the result, the plot a convenience."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay ``fig`` out and write it as a PNG beside the JSON report."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:

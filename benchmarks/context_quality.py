@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from common import pyplot, save_figure
 from offline_quality import classical  # the same calibrated baselines
 from scipy.ndimage import map_coordinates
 from skimage import data as skdata
@@ -167,13 +168,8 @@ def main() -> None:
 
 
 def _plot(args, by_dose: list[dict], by_drift: list[dict], contexts: list[int]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, table, label, log in ((axes[0], by_dose, "dose (peak counts)", True),
@@ -187,8 +183,7 @@ def _plot(args, by_dose: list[dict], by_drift: list[dict], contexts: list[int]) 
             ax.set_xscale("log")
         ax.legend()
     fig.suptitle(f"temporal context, {args.sweep_budget:g} s CPU training per point")
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    save_figure(fig, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from common import N2S, RESULTS, bare_forward_fps, free_port, rss_mb
+from common import N2S, RESULTS, bare_forward_fps, free_port, pyplot, rss_mb, save_figure
 
 from n2s_stream.metrics import scrape
 
@@ -134,12 +134,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(times[:streaming], rss[:streaming], label="streaming")
         ax.plot(times[streaming - 1 :], rss[streaming - 1 :], label="idle: training")
@@ -148,10 +144,7 @@ def main() -> None:
         ax.set_ylabel("daemon RSS (MiB)")
         ax.set_title(f"{args.frames} frames {args.shape}, buffer {args.buffer_frames} frames")
         ax.set_ylim(0, rss.max() * 1.15)
-        fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"), dpi=100)
-    except ImportError:
-        print("matplotlib not installed: no plot")
+        save_figure(fig, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from common import N2S, RESULTS, bare_forward_fps, free_port, peak_rss_mb
+from common import N2S, RESULTS, bare_forward_fps, free_port, peak_rss_mb, pyplot, save_figure
 
 from n2s_stream.metrics import scrape
 
@@ -146,13 +146,8 @@ def print_row(r: dict, header: bool) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Bare forward and daemon frames/s against frame size, log-log."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     sizes = [r["size"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -163,8 +158,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("frame size")
     ax.set_ylabel("frames/s")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, pyplot, save_figure
 
 from n2s_stream.inference import use_fast_layout
 from n2s_stream.models import ModelConfig, build_model
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -69,11 +68,9 @@ def summary(slices: list[dict], threads: int) -> dict:
 
 def plot(slices: list[dict], path: Path) -> None:
     """Frames/s of each slice against time, one line per thread count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(8, 3.5))
     t0 = slices[0]["t"]
     for threads in (1, 2):
@@ -83,8 +80,7 @@ def plot(slices: list[dict], path: Path) -> None:
     ax.set_xlabel("seconds")
     ax.set_ylabel("forward frames/s")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def main() -> None:

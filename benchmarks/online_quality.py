@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import torch
 import zmq
-from common import N2S, RESULTS, free_port
+from common import N2S, RESULTS, free_port, pyplot, save_figure
 from offline_quality import n2s, noisy_counts, photo_tiles  # same data, offline reference
 
 from n2s_stream.config import TrainConfig
@@ -144,13 +144,8 @@ def main() -> None:
 
 
 def _plot(args, curve: list[float], per_pass: int) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
     seen = np.arange(1, len(curve) + 1)
@@ -165,8 +160,7 @@ def _plot(args, curve: list[float], per_pass: int) -> None:
     ax.set_xlabel("frames seen by the daemon")
     ax.set_ylabel("PSNR online - offline (dB)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    save_figure(fig, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import N2S, RESULTS, free_port, proc_status
+from common import N2S, RESULTS, free_port, proc_status, pyplot, save_figure
 
 from n2s_stream.metrics import scrape
 
@@ -117,13 +117,8 @@ def rss_slope(times: np.ndarray, rss: np.ndarray) -> tuple[float, float]:
 
 
 def _plot(args, times, rss, fds, threads) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(3, 1, figsize=(6, 6), sharex=True)
     for ax, values, label in zip(axes, (rss, fds, threads),
@@ -134,8 +129,7 @@ def _plot(args, times, rss, fds, threads) -> None:
     axes[-1].set_xlabel("seconds")
     axes[0].set_title(f"soak: {args.rate:g} frames/s of {args.shape}, "
                       f"{args.series_frames} frames per series")
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    save_figure(fig, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

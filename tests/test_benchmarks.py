@@ -10,64 +10,53 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+PEER_PYTHON = BENCHMARKS.parent / ".venv-peers" / "bin" / "python"
+
+
+def run_benchmark(script: str, *args: str, out: Path, timeout: float = 300) -> tuple[str, dict]:
+    """Run ``benchmarks/<script>`` with ``args``, its report going to ``out``; returns what
+    it printed and the report, after checking that it exited 0."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(out.read_text())
 
 
 def test_offline_quality_runs(tmp_path):
-    out = tmp_path / "q.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "offline_quality.py"), "--doses", "20", "--budget",
-         "3", "--tiles", "4", "--tile", "64", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    stdout, report = run_benchmark(
+        "offline_quality.py", "--doses", "20", "--budget", "3", "--tiles", "4", "--tile", "64",
+        out=tmp_path / "q.json", timeout=600)
     row = report["rows"][0]
     assert row["dose"] == 20
     assert row["n2s"]["steps"] > 0
     for name in ("wavelet", "tv", "nl_means"):
         assert row["classical"][name]["psnr"] > row["noisy"]["psnr"]
-    assert "N2S J-inv" in proc.stdout
+    assert "N2S J-inv" in stdout
 
 
 def test_machine_noise_runs(tmp_path):
     out = tmp_path / "n.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "machine_noise.py"), "--size", "32", "--seconds",
-         "2", "--slice-seconds", "0.25", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    stdout, report = run_benchmark("machine_noise.py", "--size", "32", "--seconds", "2",
+                                   "--slice-seconds", "0.25", out=out)
     assert [r["threads"] for r in report["rows"]] == [1, 2]
     assert all(r["slices"] >= 2 and 0 < r["min"] <= r["p50"] <= r["max"]
                for r in report["rows"])
-    assert "max / min" in proc.stdout and out.with_suffix(".png").exists()
+    assert "max / min" in stdout and out.with_suffix(".png").exists()
 
 
 def test_daemon_memory_runs(tmp_path):
     out = tmp_path / "m.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "daemon_memory.py"), "--frames", "24",
-         "--buffer-frames", "4", "--shape", "32x32", "--threads", "1", "--idle-seconds", "1",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    stdout, report = run_benchmark(
+        "daemon_memory.py", "--frames", "24", "--buffer-frames", "4", "--shape", "32x32",
+        "--threads", "1", "--idle-seconds", "1", out=out)
     assert report["peak_rss_mib"] > 0 and report["end_to_end_fps"] > 0
     assert report["samples"][-1]["written"] == 24
-    assert "peak RSS" in proc.stdout and out.with_suffix(".png").exists()
+    assert "peak RSS" in stdout and out.with_suffix(".png").exists()
 
 
 def test_zmq_throughput_runs(tmp_path):
-    out = tmp_path / "z.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "zmq_throughput.py"), "--sizes", "32", "--frames",
-         "20", "--e2e-frames", "5", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    _, report = run_benchmark("zmq_throughput.py", "--sizes", "32", "--frames", "20",
+                              "--e2e-frames", "5", out=tmp_path / "z.json")
     rows = report["rows"]
     assert {r["protocol"] for r in rows} == {"native", "dectris-stream1", "dectris-stream2"}
     assert all(r["source_fps"] > 0 for r in rows)
@@ -76,42 +65,29 @@ def test_zmq_throughput_runs(tmp_path):
 
 
 def test_model_speed_runs(tmp_path):
-    out = tmp_path / "s.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "model_speed.py"), "--sizes", "32", "--seconds",
-         "0.2", "--variants", "float32", "channels_last", "bf16", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,  # compiling is tested in test_daemon
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    # compiling is tested in test_daemon
+    _, report = run_benchmark("model_speed.py", "--sizes", "32", "--seconds", "0.2",
+                              "--variants", "float32", "channels_last", "bf16",
+                              out=tmp_path / "s.json")
     assert report["matmul_peak_gflops"] > 0
     assert {r["variant"] for r in report["rows"]} == {"float32", "channels_last", "bf16"}
 
 
 def test_soak_runs(tmp_path):
     out = tmp_path / "soak.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "soak.py"), "--minutes", "0.1", "--rate", "100",
-         "--series-frames", "20", "--out", str(out)], capture_output=True, text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    stdout, report = run_benchmark("soak.py", "--minutes", "0.1", "--rate", "100",
+                                   "--series-frames", "20", out=out)
     assert report["frames_written"] == report["frames_sent"] == 600
     assert report["output_files"] == 30 and report["daemon_exit"] == 0
-    assert "MiB/hour" in proc.stdout and out.with_suffix(".png").exists()
+    assert "MiB/hour" in stdout and out.with_suffix(".png").exists()
 
 
 def test_context_quality_runs(tmp_path):
     out = tmp_path / "c.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "context_quality.py"), "--budget", "2",
-         "--sweep-budget", "1", "--frames", "6", "--size", "32", "--contexts", "1", "3",
-         "--doses", "20", "--drifts", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    _, report = run_benchmark(
+        "context_quality.py", "--budget", "2", "--sweep-budget", "1", "--frames", "6",
+        "--size", "32", "--contexts", "1", "3", "--doses", "20", "--drifts", "1", out=out,
+        timeout=600)
     assert {(r["context"], r["residual"]) for r in report["rows"]} == {
         (1, False), (1, True), (3, False), (3, True)}
     assert all(r["jinv"]["psnr"] > 0 and r["single_pass"]["fps"] > 0 for r in report["rows"])
@@ -120,16 +96,12 @@ def test_context_quality_runs(tmp_path):
 
 def test_online_quality_runs(tmp_path):
     out = tmp_path / "o.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "online_quality.py"), "--tiles", "6", "--tile", "48",
-         "--rate", "10", "--passes", "2", "--offline-budget", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    stdout, report = run_benchmark(
+        "online_quality.py", "--tiles", "6", "--tile", "48", "--rate", "10", "--passes", "2",
+        "--offline-budget", "2", out=out)
     assert len(report["online_pass_psnr"]) == 2 and len(report["curve_psnr"]) == 12
     assert report["online_pass_psnr"][0] > report["noisy_psnr"]  # cold start: never worse
-    assert "online, pass 2" in proc.stdout and out.with_suffix(".png").exists()
+    assert "online, pass 2" in stdout and out.with_suffix(".png").exists()
 
 
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
@@ -137,40 +109,29 @@ def test_daemon_throughput_runs(tmp_path, engine):
     if engine == "onnxruntime":
         pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
     out = tmp_path / "t.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "daemon_throughput.py"), "--engine", engine,
-         "--sizes", "32",
-         "--threads", "1", "--buffer-frames", "4", "--bare-seconds", "0.2",
-         "--flat-seconds", "0.001", "--paced-seconds", "0.01", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (row,) = json.loads(out.read_text())["rows"]
+    stdout, report = run_benchmark(
+        "daemon_throughput.py", "--engine", engine, "--sizes", "32", "--threads", "1",
+        "--buffer-frames", "4", "--bare-seconds", "0.2", "--flat-seconds", "0.001",
+        "--paced-seconds", "0.01", out=out)
+    (row,) = report["rows"]
     assert row["size"] == 32 and row["flat_frames"] == 12 and row["paced_frames"] == 10
     assert row["daemon_fps"] > 0 and row["bare_fps_before"] > 0 and row["ratio"] > 0
     assert 0 < row["latency_p50_s"] <= row["latency_p99_s"] and row["peak_rss_mib"] > 0
     assert row["exit_code"] == 0
-    assert "peak RSS MiB" in proc.stdout and out.with_suffix(".png").exists()
-
-
-PEER_PYTHON = BENCHMARKS.parent / ".venv-peers" / "bin" / "python"
+    assert "peak RSS MiB" in stdout and out.with_suffix(".png").exists()
 
 
 @pytest.mark.skipif(not PEER_PYTHON.exists(),
                     reason="the peer's own venv is made by `make bench-peers` only")
 def test_peer_quality_runs(tmp_path):
-    out = tmp_path / "p.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "peer_quality.py"), "--doses", "20", "--budget",
-         "2", "--tiles", "8", "--peer-python", str(PEER_PYTHON), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (row,) = json.loads(out.read_text())["rows"]
+    stdout, report = run_benchmark(
+        "peer_quality.py", "--doses", "20", "--budget", "2", "--tiles", "8", "--peer-python",
+        str(PEER_PYTHON), out=tmp_path / "p.json", timeout=600)
+    (row,) = report["rows"]
     assert row["careamics_n2v"]["steps"] > 0 and row["n2s_stream"]["steps"] > 0
     # two seconds are too few for either denoiser to beat the noisy input reliably (N2V
     # scored 13.1 dB against the input's 16.1 once): the 90 s benchmark judges quality,
     # this checks that both were scored, on the same tiles, by the same code
     scores = [row["noisy"], row["n2s_stream"]["single_pass"], row["careamics_n2v"]]
     assert all(0 < score["psnr"] < 60 for score in scores), scores
-    assert "CAREamics N2V" in proc.stdout
+    assert "CAREamics N2V" in stdout
