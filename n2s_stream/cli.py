@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 
 from n2s_stream import __version__
 from n2s_stream.config import (
+    ENGINES,
     DaemonConfig,
     DenoiseConfig,
     TrainConfig,
@@ -96,6 +97,9 @@ def _denoise_parser(sub: Any) -> None:
                    help="J-invariant inference (grid_size**2 passes; never sees the pixel)")
     p.add_argument("--require-reconstructable", action="store_true",
                    help="write in the input's dtype and counts; needs an exact normalisation")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="torch (default) or onnxruntime: CPU forward passes by ONNX Runtime "
+                        "(pip install 'n2s-stream[onnx]')")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
 

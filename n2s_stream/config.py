@@ -112,6 +112,7 @@ class DenoiseConfig:
     jinv: bool = False
     require_reconstructable: bool = False
     progress: bool = True
+    engine: str = "torch"  # "onnxruntime": forward passes by ONNX Runtime (CPU, extra [onnx])
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from n2s_stream.inference import InferenceSettings, InferenceWorker, Republisher
 from n2s_stream.metrics import LatencyWindow, Metrics, MetricsServer
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.onnx_engine import require_onnxruntime
+from n2s_stream.onnx_engine import check_engine
 from n2s_stream.preview import Preview, preview_app
 from n2s_stream.service import Notifier
 from n2s_stream.sources.directory import DirectoryConfig, DirectorySource
@@ -70,10 +70,7 @@ class Daemon:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        if config.engine == "onnxruntime":
-            if self.device.type != "cpu":
-                raise UsageError(f"engine onnxruntime runs on the CPU, not on {self.device}")
-            require_onnxruntime()
+        check_engine(config.engine, self.device)
         self.state = StateDir(config.state_dir, on_write_error=self.metrics.state_write_errors.inc)
         checkpoint = self.state.latest_checkpoint()
         if checkpoint is None and config.model_from is not None:

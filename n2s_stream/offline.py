@@ -22,6 +22,7 @@ from n2s_stream.models import build_model, count_parameters
 from n2s_stream.n2s.context import context_indices, context_offsets, context_stack
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
+from n2s_stream.onnx_engine import OnnxRuntimeModel, check_engine
 from n2s_stream.stack import FrameStack, open_stack
 from n2s_stream.training import (
     amp_enabled,
@@ -320,8 +321,11 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
             " train with --normalize none --no-scale-integers"
         )
     device = resolve_device(config.device)
+    check_engine(config.engine, device)
     amp = amp_enabled(config.amp, device)
     model = use_fast_layout(checkpoint.build_model(device), device)
+    if config.engine == "onnxruntime":
+        model = OnnxRuntimeModel(model, torch.get_num_threads())
     masker = Masker(checkpoint.masker_config)
     out_path = resolve_output(Path(config.h5), config.out)
     if out_path.resolve() == Path(config.h5).resolve():

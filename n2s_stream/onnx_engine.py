@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from n2s_stream.config import ENGINES
 from n2s_stream.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 # Frames are traced at 64 + (size mod 64): the UNet pads to a multiple of 2**depth, a
 # branch the trace fixes, and the same remainder keeps the same branch.
 TRACE_BASE = 64
+
+
+def check_engine(engine: str, device: torch.device) -> None:
+    """Refuse, before any work, an engine this run cannot use: an unknown name, or ONNX
+    Runtime off the CPU or without its optional extra."""
+    if engine not in ENGINES:
+        raise UsageError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "onnxruntime":
+        if device.type != "cpu":
+            raise UsageError(f"engine onnxruntime runs on the CPU, not on {device}")
+        require_onnxruntime()
 
 
 def require_onnxruntime() -> None:

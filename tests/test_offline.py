@@ -8,11 +8,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from daemon_helpers import write_stack
 
 from n2s_stream.config import DenoiseConfig, TrainConfig
-from n2s_stream.errors import CheckpointError
+from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.offline import denoise, resolve_output, train
+from n2s_stream.onnx_engine import check_engine
 from n2s_stream.quality import psnr
 
 TINY = dict(device="cpu", width=12, depth=2, patch=32, batch=8, progress=False)
@@ -145,3 +147,24 @@ def test_output_is_readable_with_swmr_while_open(tmp_path):
         seen = queue.get(timeout=60)
         reader.join(timeout=30)
     assert seen == 3  # another process saw all frames while the writer still held the file
+
+
+def test_denoise_on_onnxruntime_writes_what_torch_writes(noisy_series, trained, tmp_path):
+    pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
+    path, _, _ = noisy_series
+    outputs = {}
+    for engine in ("torch", "onnxruntime"):
+        result = denoise(DenoiseConfig(h5=path, ckpt=trained.best, out=tmp_path / f"{engine}.h5",
+                                       device="cpu", batch=5, engine=engine, progress=False))
+        with h5py.File(result.out) as handle:
+            outputs[engine] = handle["/entry/data/data"][()]
+            assert b'engine = "' + engine.encode() in handle["/entry/process/config"][()]
+    assert outputs["torch"].shape == outputs["onnxruntime"].shape == (24, 64, 64)
+    np.testing.assert_allclose(outputs["onnxruntime"], outputs["torch"], rtol=1e-4, atol=1e-3)
+
+
+def test_engine_is_refused_where_it_cannot_run():
+    with pytest.raises(UsageError, match="engine 'tensorrt': expected one of torch, onnxruntime"):
+        check_engine("tensorrt", torch.device("cpu"))
+    with pytest.raises(UsageError, match="runs on the CPU, not on cuda"):
+        check_engine("onnxruntime", torch.device("cuda"))
