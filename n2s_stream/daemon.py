@@ -26,7 +26,7 @@ from n2s_stream.coldstart import ColdStart
 from n2s_stream.config import DaemonConfig, as_toml
 from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.inference import InferenceSettings, InferenceWorker, Republisher
+from n2s_stream.inference import DroppedFrames, InferenceSettings, InferenceWorker, Republisher
 from n2s_stream.metrics import LatencyWindow, Metrics, MetricsServer
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
@@ -62,6 +62,7 @@ class Daemon:
         self.notifier = Notifier()
         self._signals = 0
         self._frames: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self._dropped = DroppedFrames()  # drop_when_full: dropped frames are not also missing
         self.preview = Preview()
 
     # ---- wiring -------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class Daemon:
             device=self.device, on_fatal=self._fatal,
             republisher=Republisher(config.zmq_out) if config.zmq_out else None,
             cold_start=self.cold_start if cold else None, preview=self.preview,
+            dropped=self._dropped,
             settings=InferenceSettings(jinv=config.jinv, max_batch=self._max_batch(),
                                        series_idle_close=config.series_idle_close,
                                        context_flush_seconds=config.context_flush_seconds,
@@ -180,6 +182,7 @@ class Daemon:
             try:
                 self._frames.put_nowait(item)
             except queue.Full:
+                self._dropped.add(item.series, item.index)
                 self._reject("dropped_queue_full", f"frame {item.index} of {item.series}"
                              " dropped: inference queue full (drop_when_full)")
             return True

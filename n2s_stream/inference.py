@@ -158,6 +158,32 @@ class InferenceSettings:
     scale_integers: bool = True
 
 
+class DroppedFrames:
+    """Frames dropped before inference (``drop_when_full``), per series: they were counted
+    as rejected when dropped, so the gaps they leave are not counted again as missing.
+    Shared by the source thread (``add``) and the inference thread (``take``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_series: dict[str, set[int]] = {}
+
+    def add(self, series: str, index: int) -> None:
+        """Note that frame ``index`` of ``series`` was dropped."""
+        with self._lock:
+            self._by_series.setdefault(series, set()).add(index)
+
+    def take(self, series: str, first: int, last: int) -> int:
+        """How many of frames ``first`` to ``last`` (inclusive) of ``series`` were dropped;
+        they are forgotten, as is the series once it has none left."""
+        with self._lock:
+            dropped = self._by_series.get(series, set())
+            taken = {i for i in dropped if first <= i <= last}
+            dropped -= taken
+            if not dropped:
+                self._by_series.pop(series, None)
+            return len(taken)
+
+
 class InferenceWorker(BackgroundWorker):
     """Takes frames off the queue, denoises them with the newest weights, writes them.
 
@@ -171,7 +197,8 @@ class InferenceWorker(BackgroundWorker):
                  on_fatal: Callable[[BaseException], None],
                  republisher: Republisher | None = None,
                  cold_start: ColdStart | None = None,
-                 preview: Preview | None = None) -> None:
+                 preview: Preview | None = None,
+                 dropped: DroppedFrames | None = None) -> None:
         super().__init__("inference", join_timeout=120.0)
         self.model = use_fast_layout(model, device)
         # Weights are swapped into self.model with load_state_dict; a compiled wrapper of
@@ -189,6 +216,7 @@ class InferenceWorker(BackgroundWorker):
         self.republisher = republisher
         self.cold_start = cold_start
         self.preview = preview
+        self.dropped = dropped or DroppedFrames()
         self.version = -1
         self.written = 0
         self._seen = 0
@@ -391,9 +419,8 @@ class InferenceWorker(BackgroundWorker):
             log.debug("frame %d of %s already written; skipped", frame.index, frame.series)
             return None
         if frame.index > last + 1 and self.settings.count_gaps:
-            log.warning("%s: %d frames missing before frame %d", frame.series,
-                        frame.index - last - 1, frame.index)
-            self.metrics.frames_missing.inc(frame.index - last - 1)
+            self._count_missing(frame.series, last + 1, frame.index - 1,
+                                f"before frame {frame.index}")
         normalized = self.normalizer.forward(fill_invalid(data[np.newaxis], valid[np.newaxis]))
         return frame, writer, valid, normalized[0]
 
@@ -493,6 +520,14 @@ class InferenceWorker(BackgroundWorker):
         target = self.val_buffer if self._seen % self.settings.val_every == 0 else self.buffer
         target.add(network_input, valid_map)
 
+    def _count_missing(self, series: str, first: int, last: int, where: str) -> None:
+        """Count frames ``first`` to ``last`` that never came as missing, less those the
+        daemon dropped itself (already counted as rejected)."""
+        missing = last - first + 1 - self.dropped.take(series, first, last)
+        if missing > 0:
+            log.warning("%s: %d frames missing %s", series, missing, where)
+            self.metrics.frames_missing.inc(missing)
+
     def _end_series(self, end) -> None:
         self._flush_series(end.series)
         last = self._last_seen.get(end.series, -1)
@@ -503,9 +538,8 @@ class InferenceWorker(BackgroundWorker):
             done = last_written_source_frame(self.state.output_for(end.series, end.output))
             last = max(last, -1 if done is None else done)
         if end.sender_count and end.n_frames - 1 > last and self.settings.count_gaps:
-            log.warning("%s: %d frames missing before the end of the series (frame %d)",
-                        end.series, end.n_frames - 1 - last, end.n_frames)
-            self.metrics.frames_missing.inc(end.n_frames - 1 - last)
+            self._count_missing(end.series, last + 1, end.n_frames - 1,
+                                f"before the end of the series (frame {end.n_frames})")
         self._last_seen.pop(end.series, None)
         self._last_frame_at.pop(end.series, None)
         if self.republisher is not None:

@@ -200,6 +200,7 @@ def test_drop_policy_counts_what_it_drops(tmp_path):
     dropped = metrics.get('n2s_frames_rejected_total{reason="dropped_queue_full"}', 0)
     assert dropped > 0
     assert metrics["n2s_frames_denoised_total"] + dropped == 60
+    assert metrics.get("n2s_frames_missing_total", 0) == 0  # counted once, as dropped
     assert "dropped: inference queue full" in daemon.log()
 
 
