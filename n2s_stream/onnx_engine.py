@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -63,6 +64,7 @@ class OnnxRuntimeModel:
         self._exporter: ThreadPoolExecutor | None = None
         self._export: Future | None = None
         self._export_version = -1
+        self._export_lock = threading.Lock()
 
     def refresh(self) -> None:
         """The weights of ``model`` changed: the next call exports them again."""
@@ -122,8 +124,12 @@ class OnnxRuntimeModel:
 
         example = torch.zeros(1, channels, TRACE_BASE + rem_h, TRACE_BASE + rem_w)
         graph = io.BytesIO()
-        with warnings.catch_warnings():  # the tracer's notes on the padding branch
-            warnings.simplefilter("ignore")
+        # Only the tracer's notes on the padding branch and the deprecation notices of the
+        # TorchScript-based exporter used here (dynamo=False) are silenced; the warnings
+        # filter is the process's, so exports never overlap (export thread, new frame kind).
+        with self._export_lock, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
             torch.onnx.export(model.eval(), (example,), graph, input_names=["x"],
                               output_names=["y"], dynamo=False,
                               dynamic_axes={"x": {0: "n", 2: "h", 3: "w"},
