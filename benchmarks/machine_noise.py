@@ -1,6 +1,6 @@
 """How steady this machine's speed is: the same forward pass timed in short slices, one
 torch thread and two taking turns, in one process. On this project's 2-vCPU machine the
-two-thread speed jumps between two levels (35 and 55 - 60 frames/s at 256x256) on a
+two-thread speed jumps between two levels (about 42 and 66 frames/s at 256x256) on a
 scale of seconds, with no change in the code, so two timings taken apart can differ
 1.6x; the single-thread speed varies less. Compare numbers measured together (the
 daemon's own forward against its frames/s), not runs taken minutes apart.

@@ -346,11 +346,9 @@ class InferenceWorker(BackgroundWorker):
         version, weights = self.store.latest()
         if isinstance(self.forward_model, OnnxRuntimeModel) and self.version >= 0:
             self._refresh_onnx_sessions(version, weights)
-        elif version != self.version:
+        elif version != self.version:  # (ONNX: the first weights, before any session)
             self.model.load_state_dict(weights)
             self.model.eval()
-            if isinstance(self.forward_model, OnnxRuntimeModel):
-                self.forward_model.refresh()
             self._loaded_at = time.monotonic()
             self._now_using(version)
 

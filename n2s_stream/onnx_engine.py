@@ -67,16 +67,12 @@ class OnnxRuntimeModel:
         require_onnxruntime()
         self.model, self.threads = model, threads
         self.fixed_shape_max_pixels = fixed_shape_max_pixels
-        self._sessions: dict[tuple[int, int, int], object] = {}
+        self._sessions: dict[tuple, object] = {}  # by _graph_shape
         self._export_model = copy.deepcopy(model)  # touched by the export thread only
         self._exporter: ThreadPoolExecutor | None = None
         self._export: Future | None = None
         self._export_version = -1
         self._export_lock = threading.Lock()
-
-    def refresh(self) -> None:
-        """The weights of ``model`` changed: the next call exports them again."""
-        self._sessions.clear()
 
     @property
     def exporting(self) -> bool:

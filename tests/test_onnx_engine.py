@@ -31,8 +31,13 @@ def test_matches_the_torch_model_and_follows_new_weights(shape, channels, graphs
         changed = model(x)
         assert not torch.allclose(changed, expected, atol=1e-3)
         np.testing.assert_allclose(engine(x).numpy(), expected.numpy(), atol=1e-5)  # stale
-        engine.refresh()
+        engine.start_export(model.state_dict(), version=1)
+        deadline = time.monotonic() + 30
+        while engine.finished_export() is None:
+            assert time.monotonic() < deadline, "the export never finished"
+            time.sleep(0.01)
         np.testing.assert_allclose(engine(x).numpy(), changed.numpy(), atol=1e-5)
+    engine.close()
 
 
 def test_background_export_is_swapped_in_only_when_finished():
