@@ -43,6 +43,7 @@ def test_stream1_round_trip_with_pixel_mask():
     assert image.pixel_mask is not None and image.pixel_mask[24].all()
     assert image.pixel_mask.sum() == 64
     assert decoder.decode(p.stream1_end(3)) == [p.End("series_000003")]
+    assert decoder.masks == {}  # forgotten at the end: a service sees thousands of series
 
 
 def test_stream1_shape_is_x_y():
@@ -63,6 +64,7 @@ def test_stream2_round_trip(compression):
     assert image.index == 5 and np.array_equal(image.data, FRAME16)
     assert image.pixel_mask is not None and image.pixel_mask.sum() == 1
     assert decoder.decode(p.stream2_end(9)) == [p.End("series_000009")]
+    assert decoder.masks == {}
 
 
 def _native_header(**changes):

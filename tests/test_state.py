@@ -46,6 +46,8 @@ def test_series_headers_survive_a_new_state_object(tmp_path):
     assert np.array_equal(headers["series_000001"], mask)
     assert headers["series_000002"] is None and "series_000003" not in headers
     assert sorted(headers) == ["series_000001", "series_000002"]
+    del headers["series_000001"]  # the series ended: its file goes too
+    assert sorted(StateDir(tmp_path).series_headers) == ["series_000002"]
 
 
 def test_finished_series_seen_again_gets_a_new_output(tmp_path):

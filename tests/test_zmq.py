@@ -178,6 +178,8 @@ def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
         second.wait_for("closed output .*series_000007_n2s.h5 \\(6 frames\\)", timeout=30)
         assert "header details restored" in second.log()
         assert second.terminate() == 0
+        # the series ended: its header left the state dir (masks can be tens of MB each)
+        assert list((tmp_path / "state" / "series_headers").iterdir()) == []
     finally:
         push.close(linger=0)
         context.term()

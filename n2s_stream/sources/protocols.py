@@ -183,7 +183,8 @@ def stream1_series(series_id: Any) -> str:
 @dataclass
 class Stream1Decoder:
     """Decoder of SIMPLON stream v1; remembers each series' pixel mask (in ``masks``,
-    which the daemon backs with its state dir so a restart keeps them)."""
+    which the daemon backs with its state dir so a restart keeps them) until the series
+    ends: a detector's mask can be tens of MB, and a service sees thousands of series."""
 
     masks: MutableMapping[str, np.ndarray | None] = field(default_factory=dict)
 
@@ -199,7 +200,7 @@ class Stream1Decoder:
         if htype.startswith("dimage-"):
             return [self._image(header, parts)]
         if htype.startswith("dseries_end-"):
-            return [End(stream1_series(header.get("series")))]
+            return [self._end(stream1_series(header.get("series")))]
         raise MessageError(f"unknown htype {htype!r}", reason="unknown_htype")
 
     def _header(self, header: dict[str, Any], parts: list[bytes]) -> None:
@@ -212,6 +213,10 @@ class Stream1Decoder:
                 shape = _frame_shape(info.get("shape"), xy=True)
                 mask = decode_payload(parts[k + 1], "raw", shape, _dtype(info.get("type"))) != 0
         self.masks[series] = mask if mask is not None and mask.any() else None
+
+    def _end(self, series: str) -> End:
+        self.masks.pop(series, None)  # a finished series' header is not needed again
+        return End(series)
 
     def _image(self, header: dict[str, Any], parts: list[bytes]) -> Image:
         series = stream1_series(header.get("series"))
@@ -377,6 +382,7 @@ class Stream2Decoder:
             data = _stream2_array(next(iter(channels.values())), f"{series} image {index}")
             return Image(series, index, data, self.masks[series])
         if kind == "end":
+            self.masks.pop(series, None)  # a finished series' header is not needed again
             return End(series)
         raise MessageError(f"unknown stream2 message type {kind!r}", reason="unknown_htype")
 
