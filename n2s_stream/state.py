@@ -1,9 +1,11 @@
 """The daemon's state directory: versioned checkpoints and the ledger of series.
 
-Layout: ``checkpoints/ckpt_v00000012.pt`` (the newest few are kept) and ``ledger.json``
-(for each series: its output file, frames written, finished or not). Both are written
-atomically (temp file, fsync, rename). The output files themselves are the authority on
-which source frames were written: the ledger only remembers which series are complete.
+Layout: ``checkpoints/ckpt_v00000012.pt`` (the newest few are kept, each written
+atomically: temp file, fsync, rename) and ``ledger.jsonl``, a journal with one JSON line
+per change of a series (its output file, frames written, finished or not), appended and
+fsynced, and compacted to one line per series when the daemon starts. The output files
+themselves are the authority on which source frames were written: the ledger only
+remembers which series are complete and where unfinished ones are being written.
 """
 
 from __future__ import annotations
@@ -112,6 +114,115 @@ class SeriesHeaders(MutableMapping):
         return len(list(self.root.glob("*.npz")))
 
 
+class SeriesLedger:
+    """Which series are being written (and to which file) and which are finished, kept
+    on disk as an append-only journal so that noting a change costs one short fsynced
+    line however many series the service has seen.
+
+    In memory: the unfinished series' entries and the finished series' names only.
+    A line torn by a crash is skipped; a failed append (state dir read-only or full) is
+    reported through ``on_write_error`` and the next write that succeeds rewrites the
+    whole ledger, so it carries every entry again.
+    """
+
+    def __init__(self, path: Path, on_write_error: Callable[[str, OSError], None]) -> None:
+        self.path = Path(path)
+        self._on_write_error = on_write_error
+        self._lock = threading.Lock()
+        self._open: dict[str, dict[str, Any]] = {}
+        self._finished: set[str] = set()
+        legacy = self.path.with_name("ledger.json")  # before the journal: one JSON object
+        for entry in [*self._read_legacy(legacy), *self._read_journal()]:
+            self._apply(entry)
+        self._rewrite_needed = False
+        with self._lock:
+            self._rewrite()  # compact: one line per series
+        if legacy.exists() and not self._rewrite_needed:
+            legacy.unlink()
+
+    def entry(self, series: str) -> dict[str, Any] | None:
+        """``{"output", "written", "finished"}`` for a series, None if never recorded (a
+        finished series' entry has no output: it is not needed again)."""
+        with self._lock:
+            if series in self._finished:
+                return {"finished": True}
+            entry = self._open.get(series)
+            return None if entry is None else dict(entry)
+
+    def record(self, series: str, *, output: Path, written: int, finished: bool) -> None:
+        """Note where a series stands and append it to the journal."""
+        entry = {"series": series, "output": str(output), "written": written,
+                 "finished": finished}
+        with self._lock:
+            self._apply(entry)
+            try:
+                if self._rewrite_needed:
+                    self._rewrite()
+                else:
+                    with open(self.path, "a") as journal:
+                        journal.write(json.dumps(entry) + "\n")
+                        journal.flush()
+                        os.fsync(journal.fileno())
+            except OSError as exc:
+                self._rewrite_needed = True
+                self._on_write_error(f"ledger {self.path}", exc)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open) + len(self._finished)
+
+    def _apply(self, entry: dict[str, Any]) -> None:
+        series = str(entry["series"])
+        if entry.get("finished"):
+            self._open.pop(series, None)
+            self._finished.add(series)
+        else:
+            self._finished.discard(series)
+            self._open[series] = {"output": str(entry["output"]),
+                                  "written": int(entry.get("written", 0)), "finished": False}
+
+    def _rewrite(self) -> None:
+        lines = [json.dumps({"series": name, "finished": True}) for name in sorted(self._finished)]
+        lines += [json.dumps({"series": name, **entry}) for name, entry in self._open.items()]
+        try:
+            atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+            self._rewrite_needed = False
+        except OSError as exc:
+            self._rewrite_needed = True
+            self._on_write_error(f"ledger {self.path}", exc)
+
+    def _read_journal(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        entries, unreadable = [], 0
+        with open(self.path, errors="replace") as journal:
+            for line in journal:
+                try:
+                    entry = json.loads(line)
+                    if isinstance(entry, dict) and "series" in entry and (
+                            entry.get("finished") or "output" in entry):
+                        entries.append(entry)
+                        continue
+                except ValueError:
+                    pass
+                unreadable += 1
+        if unreadable:
+            log.warning("%s: %d unreadable line(s) skipped (a write cut short by a crash); "
+                        "the outputs tell where those series stand", self.path, unreadable)
+        return entries
+
+    @staticmethod
+    def _read_legacy(path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        try:
+            series = dict(json.loads(path.read_text())["series"])
+            return [{"series": name, **entry} for name, entry in series.items()]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s unreadable (%s); rebuilding it from the outputs", path, exc)
+            return []
+
+
 class StateDir:
     """Checkpoints and ledger under one directory, created if needed."""
 
@@ -127,24 +238,11 @@ class StateDir:
         except OSError as exc:
             raise UsageError(f"{self.root}: state directory is not writable: {exc}") from exc
         self.series_headers = SeriesHeaders(self.root / "series_headers")
-        self._ledger_path = self.root / "ledger.json"
-        self._lock = threading.Lock()
-        self._series: dict[str, dict[str, Any]] = self._read_ledger()
-
-    def _read_ledger(self) -> dict[str, dict[str, Any]]:
-        if not self._ledger_path.exists():
-            return {}
-        try:
-            return dict(json.loads(self._ledger_path.read_text())["series"])
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("%s unreadable (%s); rebuilding it from the outputs",
-                        self._ledger_path, exc)
-            return {}
+        self.ledger = SeriesLedger(self.root / "ledger.jsonl", self.write_failed)
 
     def start_position(self, series: str, output: Path) -> int | None:
         """Next source frame to read for ``series``; None when it is already complete."""
-        with self._lock:
-            entry = self._series.get(series, {})
+        entry = self.ledger.entry(series) or {}
         if entry.get("finished"):
             return None
         last = last_written_source_frame(output)
@@ -154,8 +252,7 @@ class StateDir:
         """The output file of ``series``: the one in progress, else ``default``; a series
         name seen again after it finished (a detector restarted its numbering) gets a new
         file ``<name>_r2_n2s.h5``, ``_r3``... so earlier output is never appended to."""
-        with self._lock:
-            entry = self._series.get(series)
+        entry = self.ledger.entry(series)
         if entry is None:
             return default
         if not entry.get("finished"):
@@ -169,20 +266,13 @@ class StateDir:
         return candidate
 
     def record(self, series: str, *, output: Path, written: int, finished: bool) -> None:
-        """Note progress of a series and persist the ledger.
+        """Note progress of a series in the ledger.
 
         A ledger that cannot be written (state dir gone read-only or full) is logged and
         counted, not fatal: outputs stay the authority on what was written, and the next
         write that succeeds carries every entry.
         """
-        with self._lock:
-            self._series[series] = {"output": str(output), "written": written,
-                                    "finished": finished}
-            text = json.dumps({"series": self._series}, indent=1, sort_keys=True)
-            try:
-                atomic_write_text(self._ledger_path, text)
-            except OSError as exc:
-                self.write_failed(f"ledger {self._ledger_path}", exc)
+        self.ledger.record(series, output=output, written=written, finished=finished)
 
     def write_failed(self, what: str, exc: OSError) -> None:
         """Log and count a failed write to the state dir; the daemon carries on."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -96,3 +97,51 @@ os.kill(os.getpid(), 9)
     close_left_open(output)  # a clean file stays as it is
     with h5py.File(output, "r") as handle:
         assert handle["/entry/provenance/source_frame"][()].tolist() == [0, 1, 2]
+
+
+def test_ledger_appends_a_line_per_change_and_compacts_at_start(tmp_path):
+    state = StateDir(tmp_path / "state")
+    journal = tmp_path / "state" / "ledger.jsonl"
+    for k in range(50):
+        output = tmp_path / "out" / f"s{k}_n2s.h5"
+        state.record(f"s{k}", output=output, written=0, finished=False)
+        state.record(f"s{k}", output=output, written=10, finished=k < 49)
+    # one appended line per change, not the whole ledger again (it was O(series) per write)
+    assert len(journal.read_text().splitlines()) == 100
+    reopened = StateDir(tmp_path / "state")
+    assert len(journal.read_text().splitlines()) == 50  # compacted: one line per series
+    assert len(reopened.ledger) == 50
+    assert reopened.start_position("s0", tmp_path / "out" / "s0_n2s.h5") is None  # finished
+    assert reopened.output_for("s49", tmp_path / "x_n2s.h5") == tmp_path / "out" / "s49_n2s.h5"
+
+
+def test_ledger_skips_a_torn_last_line_and_reads_the_old_format(tmp_path):
+    root = tmp_path / "state"
+    root.mkdir()
+    (root / "ledger.json").write_text(json.dumps({"series": {
+        "old": {"output": str(tmp_path / "old_n2s.h5"), "written": 4, "finished": True},
+        "open": {"output": str(tmp_path / "open_n2s.h5"), "written": 2, "finished": False}}}))
+    (root / "ledger.jsonl").write_text(
+        json.dumps({"series": "new", "output": str(tmp_path / "new_n2s.h5"), "written": 1,
+                    "finished": False}) + "\n" + '{"series": "torn", "outp')
+    state = StateDir(root)
+    assert not (root / "ledger.json").exists()  # migrated into the journal
+    assert state.ledger.entry("old") == {"finished": True}
+    assert state.ledger.entry("open")["output"] == str(tmp_path / "open_n2s.h5")
+    assert state.ledger.entry("new")["written"] == 1
+    assert state.ledger.entry("torn") is None
+
+
+def test_ledger_write_that_failed_is_carried_by_the_next_one(tmp_path):
+    errors = []
+    state = StateDir(tmp_path / "state", on_write_error=lambda: errors.append(1))
+    journal = tmp_path / "state" / "ledger.jsonl"
+    journal.unlink()
+    journal.mkdir()  # appending to a directory fails, as a read-only state dir would
+    state.record("a", output=tmp_path / "a_n2s.h5", written=3, finished=True)
+    assert errors == [1]
+    journal.rmdir()
+    state.record("b", output=tmp_path / "b_n2s.h5", written=1, finished=False)
+    assert errors == [1]
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert {line["series"] for line in lines} == {"a", "b"}  # "a" was not lost
