@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from n2s_stream.inference import use_fast_layout
-from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.models import ModelConfig, build_model, use_fast_layout
 from n2s_stream.onnx_engine import OnnxRuntimeModel
 
 RESULTS = Path(__file__).parent / "results"

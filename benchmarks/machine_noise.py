@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from common import RESULTS, pyplot, save_figure
 
-from n2s_stream.inference import use_fast_layout
-from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.models import ModelConfig, build_model, use_fast_layout
 
 
 def cpu_seconds() -> tuple[float, float]:

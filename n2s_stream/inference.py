@@ -15,6 +15,7 @@ from torch import nn
 
 from n2s_stream.coldstart import CLASSICAL, NETWORK, ColdStart
 from n2s_stream.frames import Frame
+from n2s_stream.models import use_fast_layout
 from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
@@ -26,15 +27,6 @@ from n2s_stream.worker import BackgroundWorker
 from n2s_stream.writer import close_left_open, free_bytes
 
 log = logging.getLogger(__name__)
-
-
-def use_fast_layout(model: nn.Module, device: torch.device) -> nn.Module:
-    """On CPU, put the model in channels_last memory layout: measured 1.4-1.5x faster
-    forward passes at every frame size (benchmarks/model_speed.py); the activations follow
-    the weights' layout. Weights loaded later with ``load_state_dict`` keep the layout."""
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 @torch.inference_mode()

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.config import DenoiseConfig, TrainConfig, as_toml
 from n2s_stream.errors import CheckpointError, InputError, UsageError
-from n2s_stream.inference import denoise_series, to_source_dtype, use_fast_layout
-from n2s_stream.models import build_model, count_parameters
+from n2s_stream.inference import denoise_series, to_source_dtype
+from n2s_stream.models import build_model, count_parameters, use_fast_layout
 from n2s_stream.n2s.context import context_indices, context_offsets, context_stack
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
@@ -27,6 +27,7 @@ from n2s_stream.stack import FrameStack, open_stack
 from n2s_stream.training import (
     amp_enabled,
     cosine_lr,
+    make_optimizer,
     masked_validation_loss,
     resolve_device,
     sample_patches,
@@ -91,9 +92,9 @@ def train(
 
     data = _load_training_data(config, rng, device)
     model_config = config.model_config()
-    model = build_model(model_config).to(device)
+    model = use_fast_layout(build_model(model_config).to(device), device)
     masker = Masker(config.masker_config())
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config.lr)
     start_version = _maybe_resume(config, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 

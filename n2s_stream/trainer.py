@@ -24,8 +24,14 @@ from torch import nn
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.coldstart import ColdStart
 from n2s_stream.metrics import Metrics
+from n2s_stream.models import use_fast_layout
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.training import center_crop, masked_validation_loss, train_step
+from n2s_stream.training import (
+    center_crop,
+    make_optimizer,
+    masked_validation_loss,
+    train_step,
+)
 from n2s_stream.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
@@ -100,11 +106,12 @@ class OnlineTrainer(BackgroundWorker):
         cold_start: ColdStart | None = None,
     ) -> None:
         super().__init__("online-trainer", join_timeout=60.0)
-        self.model, self.masker, self.buffer, self.val_buffer = model, masker, buffer, val_buffer
+        self.model = use_fast_layout(model, device)
+        self.masker, self.buffer, self.val_buffer = masker, buffer, val_buffer
         self.cold_start = cold_start
         self.store, self.metrics, self.config, self.device = store, metrics, config, device
         self._busy, self._save, self._checkpoint_every = busy, save, checkpoint_every
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.optimizer = make_optimizer(model, config.lr)
         if optimizer_state:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
@@ -154,7 +161,7 @@ class OnlineTrainer(BackgroundWorker):
             log.warning("training step %d: loss %g (recent %s); rolling back to version %d",
                         self.step, loss, f"{ema:.4g}" if ema else "n/a", self.store.version)
             self.model.load_state_dict(self._good)
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+            self.optimizer = make_optimizer(self.model, self.config.lr)
             self.metrics.train_rollbacks.inc()
             return None
         self._loss_ema = loss if ema is None else 0.98 * ema + 0.02 * loss

@@ -11,10 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.metrics import Metrics
-from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.models import ModelConfig, build_model, use_fast_layout
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.trainer import ModelStore, OnlineTrainConfig, OnlineTrainer, copy_state
-from n2s_stream.training import center_crop, masked_validation_loss
+from n2s_stream.training import center_crop, make_optimizer, masked_validation_loss, train_step
 
 
 def _trainer(buffer, *, busy=lambda: False, publish_every=5):
@@ -97,3 +97,27 @@ def test_held_out_frames_are_scored_on_their_central_crop():
         trainer.model, trainer.masker,
         torch.from_numpy(np.ascontiguousarray(center_crop(trainer.val_buffer.snapshot(), 32))))
     assert val == pytest.approx(expected)
+
+
+def test_training_layout_and_fused_adam_give_the_plain_steps():
+    """channels_last weights and the fused Adam (both faster on CPU) take the same steps
+    as a contiguous model with plain Adam, and each resumes the other's optimizer state."""
+    torch.manual_seed(0)
+    config = ModelConfig(width=4, depth=1)
+    plain, fast = build_model(config), build_model(config)
+    fast.load_state_dict(plain.state_dict())
+    use_fast_layout(fast, torch.device("cpu"))
+    assert fast.head.weight.is_contiguous(memory_format=torch.channels_last)
+    optimizers = (torch.optim.Adam(plain.parameters(), lr=1e-2), make_optimizer(fast, 1e-2))
+    masker = Masker()
+    batch = torch.rand(4, 1, 16, 16)
+    phases = torch.arange(4)
+    for _ in range(3):
+        losses = [float(train_step(model, optimizer, masker, batch, phases=phases))
+                  for model, optimizer in zip((plain, fast), optimizers, strict=True)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for name, weight in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name], weight, rtol=1e-4, atol=1e-5)
+    resumed = make_optimizer(plain, 1e-2)
+    resumed.load_state_dict(optimizers[0].state_dict())  # plain Adam's state into fused
+    train_step(plain, resumed, masker, batch, phases=phases)
