@@ -12,6 +12,10 @@ For each size, in one run:
 4. the daemon's peak resident memory (VmHWM) is read, the daemon is stopped with SIGTERM,
    and the bare forward pass is timed again: the ratio divides by the mean of the two.
 
+With several ``--threads`` (e.g. ``--threads 1 2``) each size is measured with each torch
+thread count in turn, to choose between intra-op threads for the model and cores left to
+the pipeline's other threads (reader, writer, trainer).
+
 This machine's speed drifts between processes and minutes (the same bare forward has
 measured 36 to 67 frames/s at 256x256), so a second ratio is measured inside the daemon at
 the same moments: its written frames/s over the speed of its own forward passes during the
@@ -22,6 +26,8 @@ Prints a table; writes ``benchmarks/results/daemon_throughput.json`` and ``.png`
     python benchmarks/daemon_throughput.py                             # 256, 512, 1024, 2048
     python benchmarks/daemon_throughput.py --engine onnxruntime --out \
         benchmarks/results/daemon_throughput_onnxruntime.json
+    python benchmarks/daemon_throughput.py --sizes 256 1024 --threads 1 2 --out \
+        benchmarks/results/daemon_throughput_threads.json
     python benchmarks/daemon_throughput.py --sizes 64 --flat-seconds 2 --paced-seconds 2  # smoke
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import subprocess
@@ -65,10 +72,13 @@ def provenance(out_dir: Path, series: str) -> tuple[np.ndarray, np.ndarray]:
                 output["/entry/provenance/t_written"][()])
 
 
-def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
-    """Bare forward, daemon flat out, daemon at half rate, peak memory: one frame size."""
+def measure_size(size: int, threads: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """Bare forward, daemon flat out, daemon at half rate, peak memory: one frame size
+    with ``threads`` torch threads."""
     shape = (size, size)
-    bare_before = bare_forward_fps(shape, args.threads, seconds=args.bare_seconds,
+    tmp = tmp / f"{size}-{threads}threads"
+    tmp.mkdir()
+    bare_before = bare_forward_fps(shape, threads, seconds=args.bare_seconds,
                                    compile=args.compile, min_passes=3, engine=args.engine)
     flat_frames = max(12, int(bare_before * args.flat_seconds))
     acq, out = tmp / f"acq{size}", tmp / f"out{size}"
@@ -81,7 +91,7 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
     daemon_log = (tmp / f"daemon{size}.log").open("w")
     daemon = subprocess.Popen(
         [*N2S, "--watch", str(acq), "--out", str(out), "--state-dir", str(tmp / f"state{size}"),
-         "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
+         "--metrics-port", str(port), "--device", "cpu", "--threads", str(threads),
          "--buffer-frames", str(args.buffer_frames),
          # At half rate big frames come seconds apart: a series must not end in between.
          "--settle-seconds", "60",
@@ -111,12 +121,13 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
         daemon_log.close()
     received, written = provenance(out, "paced")
     latency = written - received
-    bare_after = bare_forward_fps(shape, args.threads, seconds=args.bare_seconds,
+    bare_after = bare_forward_fps(shape, threads, seconds=args.bare_seconds,
                                   compile=args.compile, min_passes=3, engine=args.engine)
     bare = (bare_before + bare_after) / 2
     steps_flat = flat_metrics.get("n2s_train_steps_total", 0.0)
     return {
-        "size": size, "bare_fps_before": bare_before, "bare_fps_after": bare_after,
+        "size": size, "threads": threads,
+        "bare_fps_before": bare_before, "bare_fps_after": bare_after,
         "daemon_fps": flat_fps, "ratio": flat_fps / bare, "flat_frames": flat_frames,
         "own_forward_fps": own_forward_fps, "ratio_to_own_forward": flat_fps / own_forward_fps,
         "train_steps_flat": steps_flat,
@@ -131,11 +142,12 @@ def measure_size(size: int, args: argparse.Namespace, tmp: Path) -> dict:
 def print_row(r: dict, header: bool) -> None:
     """One table line per frame size."""
     if header:
-        print(f"{'frame':>9} | {'bare fwd/s before, after':>24} | {'daemon/s':>8} | {'ratio':>5} | "
+        print(f"{'frame':>9} | {'threads':>7} | {'bare fwd/s before, after':>24} | "
+              f"{'daemon/s':>8} | {'ratio':>5} | "
               f"{'own fwd/s':>9} | {'ratio':>5} | "
               f"{'paced at/s':>10} | {'p50 ms':>8} | {'p99 ms':>8} | {'train steps':>11} | "
               f"{'peak RSS MiB':>12}")
-    print(f"{r['size']:>4}x{r['size']:<4} | "
+    print(f"{r['size']:>4}x{r['size']:<4} | {r['threads']:7d} | "
           f"{r['bare_fps_before']:11.2f}, {r['bare_fps_after']:10.2f} | {r['daemon_fps']:8.2f} | "
           f"{r['ratio']:5.2f} | {r['own_forward_fps']:9.2f} | {r['ratio_to_own_forward']:5.2f} | "
           f"{r['paced_rate']:10.2f} | {r['latency_p50_s'] * 1000:8.0f} | "
@@ -149,11 +161,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    sizes = [r["size"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.loglog(sizes, [(r["bare_fps_before"] + r["bare_fps_after"]) / 2 for r in rows], "o-",
-              label="bare forward")
-    ax.loglog(sizes, [r["daemon_fps"] for r in rows], "s-", label="daemon, file to SWMR output")
+    thread_counts = sorted({r["threads"] for r in rows})
+    for threads in thread_counts:
+        mine = [r for r in rows if r["threads"] == threads]
+        sizes = [r["size"] for r in mine]
+        suffix = f", {threads} threads" if len(thread_counts) > 1 else ""
+        ax.loglog(sizes, [(r["bare_fps_before"] + r["bare_fps_after"]) / 2 for r in mine],
+                  "o-", label="bare forward" + suffix)
+        ax.loglog(sizes, [r["daemon_fps"] for r in mine], "s-",
+                  label="daemon, file to SWMR output" + suffix)
+    sizes = sorted({r["size"] for r in rows})
     ax.set_xticks(sizes, [f"{s}²" for s in sizes])
     ax.set_xlabel("frame size")
     ax.set_ylabel("frames/s")
@@ -165,7 +183,8 @@ def main() -> None:
     """Measure every size, print the table, write JSON and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="torch thread counts, each measured at every size")
     parser.add_argument("--buffer-frames", type=int, default=32)
     parser.add_argument("--bare-seconds", type=float, default=5.0)
     parser.add_argument("--flat-seconds", type=float, default=20.0,
@@ -180,10 +199,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            rows.append(measure_size(size, args, Path(tmp)))
-            print_row(rows[-1], header=len(rows) == 1)
+            for threads in args.threads:
+                rows.append(measure_size(size, threads, args, Path(tmp)))
+                print_row(rows[-1], header=len(rows) == 1)
     report = {"benchmark": "daemon_throughput",
-              "machine": f"{platform.machine()}, {args.threads} torch threads",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
               "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

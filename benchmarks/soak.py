@@ -9,6 +9,11 @@ Writes ``benchmarks/results/soak.json`` and ``.png``.
 
     python benchmarks/soak.py                        # 5 minutes, 150 frames/s, 32x32
     python benchmarks/soak.py --minutes 0.3          # smoke
+    python benchmarks/soak.py --trace                # also trace memory (traced_daemon.py)
+
+With ``--trace`` the daemon runs under ``traced_daemon.py``, which samples what Python,
+glibc's malloc and the garbage collector hold; the report then gives each one's slope over
+the second half beside the RSS slope, to tell a leak from allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,16 +50,24 @@ def main() -> None:
     parser.add_argument("--shape", default="32x32")
     parser.add_argument("--series-frames", type=int, default=100, help="frames per series")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trace", action="store_true",
+                        help="run the daemon under traced_daemon.py (slower Python)")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    trace_path = args.out.with_suffix(".trace.jsonl")
+    trace_path.unlink(missing_ok=True)
+    launcher = ([sys.executable, str(Path(__file__).with_name("traced_daemon.py"))]
+                if args.trace else N2S)
     n_series = max(1, round(args.minutes * 60 * args.rate / args.series_frames))
     sent = n_series * args.series_frames
     port, endpoint = free_port(), f"tcp://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as tmp:
         daemon = subprocess.Popen(
-            [*N2S, "--zmq", endpoint, "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
+            [*launcher, "--zmq", endpoint, "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
              "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
-             "--checkpoint-every", "10", "--log-level", "WARNING"])
+             "--checkpoint-every", "10", "--log-level", "WARNING"],
+            env=os.environ | {"N2S_TRACE_OUT": str(trace_path)})
         while not scrape(port):
             time.sleep(0.2)
         detector = subprocess.Popen(
@@ -102,10 +116,40 @@ def main() -> None:
         "samples": [{"t": float(t), "written": float(c), "rss_mib": float(r), "fds": int(f),
                      "threads": int(h)} for t, c, r, f, h in samples],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.trace:
+        report["trace"] = trace_report(trace_path)
     args.out.write_text(json.dumps(report, indent=2))
     _plot(args, times, rss, fds, threads)
     print(f"wrote {args.out}")
+
+
+def trace_report(path: Path) -> dict:
+    """Print and return each traced memory figure's range and slope over the second half,
+    and the source lines that grew most by the end (see traced_daemon.py)."""
+    samples = ([json.loads(line) for line in path.read_text().splitlines()]
+               if path.exists() else [])
+    if not samples:
+        print("memory trace: no sample (a run shorter than N2S_TRACE_EVERY)")
+        return {"samples": 0}
+    times = np.array([s["t"] for s in samples])
+    half = times >= times[-1] / 2
+    figures = {}
+    for name in ("python_mib", "malloc_in_use_mib", "malloc_free_mib", "mmap_mib"):
+        values = np.array([s.get(name, float("nan")) for s in samples])
+        slope, error = rss_slope(times[half], values[half])
+        figures[name] = {"first": float(values[0]), "last": float(values[-1]),
+                         "slope_mib_per_hour": slope, "slope_95ci": error}
+        print(f"{name:>18}: {values[0]:8.1f} -> {values[-1]:8.1f} MiB, second-half slope "
+              f"{slope:+.2f} ± {error:.2f} MiB/hour")
+    first, last = samples[0]["objects"], samples[-1]["objects"]
+    objects = {name: [first.get(name, 0), count] for name, count in last.items()}
+    print("live objects, first -> last sample: "
+          + ", ".join(f"{name} {a} -> {b}" for name, (a, b) in objects.items()))
+    print("grew most since the first sample:")
+    for stat in samples[-1]["growth"]:
+        print(f"  {stat['kib']:+9.1f} KiB {stat['count']:+7d} blocks  {stat['where']}")
+    return {"samples": len(samples), "figures": figures, "objects": objects,
+            "growth": samples[-1]["growth"]}
 
 
 def rss_slope(times: np.ndarray, rss: np.ndarray) -> tuple[float, float]:

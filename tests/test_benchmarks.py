@@ -82,6 +82,30 @@ def test_soak_runs(tmp_path):
     assert "MiB/hour" in stdout and out.with_suffix(".png").exists()
 
 
+def test_soak_traces_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("N2S_TRACE_EVERY", "1")
+    stdout, report = run_benchmark("soak.py", "--minutes", "0.1", "--rate", "100",
+                                   "--series-frames", "20", "--trace", out=tmp_path / "s.json")
+    assert report["frames_written"] == 600
+    trace = report["trace"]
+    assert trace["samples"] >= 2
+    assert trace["figures"]["python_mib"]["last"] > 0
+    assert trace["figures"]["malloc_in_use_mib"]["last"] > trace["figures"]["python_mib"]["last"]
+    assert "dict" in trace["objects"] and "malloc_free_mib" in stdout
+
+
+def test_profile_model_runs(tmp_path):
+    stdout, report = run_benchmark(
+        "profile_model.py", "--sizes", "32", "--batch", "2", "--patch", "32", "--passes", "2",
+        "--rounds", "1", "--round-seconds", "0.1", out=tmp_path / "p.json")
+    (inference,) = report["inference"].values()
+    assert any("conv" in op["name"] for op in inference["operators"])
+    assert abs(sum(op["share"] for op in inference["operators"]) - 1) < 0.5
+    assert set(report["training"]) == {"contiguous", "channels_last", "channels_last+fused_adam"}
+    assert all(len(r) == 1 and r[0] > 0 for r in report["training_ratios"].values())
+    assert "channels_last / contiguous" in stdout
+
+
 def test_context_quality_runs(tmp_path):
     out = tmp_path / "c.json"
     _, report = run_benchmark(
@@ -110,11 +134,14 @@ def test_daemon_throughput_runs(tmp_path, engine):
         pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
     out = tmp_path / "t.json"
     stdout, report = run_benchmark(
-        "daemon_throughput.py", "--engine", engine, "--sizes", "32", "--threads", "1",
+        "daemon_throughput.py", "--engine", engine, "--sizes", "32",
+        "--threads", *(["1", "2"] if engine == "torch" else ["1"]),
         "--buffer-frames", "4", "--bare-seconds", "0.2", "--flat-seconds", "0.001",
         "--paced-seconds", "0.01", out=out)
-    (row,) = report["rows"]
-    assert row["size"] == 32 and row["flat_frames"] == 12 and row["paced_frames"] == 10
+    row, *others = report["rows"]
+    assert [r["threads"] for r in others] == ([2] if engine == "torch" else [])
+    assert row["size"] == 32 and row["threads"] == 1
+    assert row["flat_frames"] == 12 and row["paced_frames"] == 10
     assert row["daemon_fps"] > 0 and row["bare_fps_before"] > 0 and row["ratio"] > 0
     assert 0 < row["latency_p50_s"] <= row["latency_p99_s"] and row["peak_rss_mib"] > 0
     assert row["exit_code"] == 0
