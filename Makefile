@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-quick bench-context \
+.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-full bench-context \
 	bench-soak bench-peers clean
 
 setup: $(VENV)/.installed
@@ -36,28 +36,34 @@ test-browser: setup
 lint: setup
 	$(VENV)/bin/ruff check n2s_stream tests benchmarks
 
-bench: setup
-	$(PY) benchmarks/machine_noise.py
-	$(PY) benchmarks/offline_quality.py
-	$(PY) benchmarks/daemon_memory.py --no-cold-start
-	$(PY) benchmarks/daemon_throughput.py
-	$(PY) benchmarks/zmq_throughput.py
-	$(PY) benchmarks/model_speed.py
-
-# Every benchmark on small settings (about 5 minutes), results under benchmarks/results/quick/:
-# a check that the numbers are in the README's range, not the README's numbers.
+# Every benchmark on small settings, in about 7 minutes on 2 cores, into
+# benchmarks/results/quick/: the README's "make bench" table comes from this.
 QUICK := benchmarks/results/quick
-bench-quick: setup
+bench: setup
 	mkdir -p $(QUICK)
 	$(PY) benchmarks/machine_noise.py --seconds 20 --out $(QUICK)/machine_noise.json
 	$(PY) benchmarks/offline_quality.py --doses 20 --budget 20 --tiles 16 --out $(QUICK)/offline_quality.json
+	$(PY) benchmarks/online_quality.py --tiles 16 --rate 0.5 --offline-budget 20 --out $(QUICK)/online_quality.json
 	$(PY) benchmarks/daemon_memory.py --frames 120 --idle-seconds 5 --no-cold-start \
 		--out $(QUICK)/daemon_memory.json
 	$(PY) benchmarks/daemon_throughput.py --sizes 256 512 --flat-seconds 5 --paced-seconds 5 \
 		--out $(QUICK)/daemon_throughput.json
-	$(PY) benchmarks/zmq_throughput.py --sizes 256 --frames 200 --e2e-frames 40 --workers 1 \
+	$(PY) benchmarks/zmq_throughput.py --sizes 256 --frames 200 --e2e-frames 40 --workers 1 2 \
 		--out $(QUICK)/zmq_throughput.json
 	$(PY) benchmarks/model_speed.py --sizes 256 512 --seconds 1 --out $(QUICK)/model_speed.json
+	$(PY) benchmarks/profile_model.py --sizes 256 --passes 10 --rounds 4 --round-seconds 1 \
+		--out $(QUICK)/profile_model.json
+
+# The README's main tables, as committed under benchmarks/results/ (about 40 minutes).
+bench-full: setup
+	$(PY) benchmarks/machine_noise.py
+	$(PY) benchmarks/offline_quality.py
+	$(PY) benchmarks/online_quality.py
+	$(PY) benchmarks/daemon_memory.py --no-cold-start
+	$(PY) benchmarks/daemon_throughput.py
+	$(PY) benchmarks/zmq_throughput.py
+	$(PY) benchmarks/model_speed.py
+	$(PY) benchmarks/profile_model.py
 
 bench-context: setup
 	$(PY) benchmarks/context_quality.py --budget 150 --sweep-budget 45
