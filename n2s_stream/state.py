@@ -133,7 +133,10 @@ class SeriesLedger:
         self._finished: set[str] = set()
         legacy = self.path.with_name("ledger.json")  # before the journal: one JSON object
         for entry in [*self._read_legacy(legacy), *self._read_journal()]:
-            self._apply(entry)
+            try:
+                self._apply(entry)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("%s: entry %r skipped (%s)", self.path, entry, exc)
         self._rewrite_needed = False
         with self._lock:
             self._rewrite()  # compact: one line per series

@@ -123,13 +123,15 @@ def test_ledger_skips_a_torn_last_line_and_reads_the_old_format(tmp_path):
         "open": {"output": str(tmp_path / "open_n2s.h5"), "written": 2, "finished": False}}}))
     (root / "ledger.jsonl").write_text(
         json.dumps({"series": "new", "output": str(tmp_path / "new_n2s.h5"), "written": 1,
-                    "finished": False}) + "\n" + '{"series": "torn", "outp')
+                    "finished": False}) + "\n"
+        + json.dumps({"series": "odd", "output": "x", "written": "many"}) + "\n"
+        + '{"series": "torn", "outp')
     state = StateDir(root)
     assert not (root / "ledger.json").exists()  # migrated into the journal
     assert state.ledger.entry("old") == {"finished": True}
     assert state.ledger.entry("open")["output"] == str(tmp_path / "open_n2s.h5")
     assert state.ledger.entry("new")["written"] == 1
-    assert state.ledger.entry("torn") is None
+    assert state.ledger.entry("torn") is None and state.ledger.entry("odd") is None
 
 
 def test_ledger_write_that_failed_is_carried_by_the_next_one(tmp_path):
