@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,7 +69,7 @@ def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
     ``compile``; through ONNX Runtime as the daemon's with ``engine="onnxruntime"``), timed
     over ``seconds`` and at least ``min_passes`` passes."""
     torch.set_num_threads(threads)
-    model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
+    model = daemon_model()
     if compile:
         model = torch.compile(model)
     if engine == "onnxruntime":
@@ -78,10 +79,20 @@ def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
         warm_until = time.perf_counter() + min(1.0, seconds / 5)
         while time.perf_counter() < warm_until:  # first passes set up oneDNN's kernels
             model(x)
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds or count < min_passes * batch:
-            model(x)
-            count += batch
+        return batch * calls_per_second(lambda: model(x), seconds, min_calls=min_passes)
+
+
+def daemon_model() -> torch.nn.Module:
+    """The default UNet, in eval mode and in the layout the daemon runs it in on CPU."""
+    return use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
+
+
+def calls_per_second(work: Callable[[], object], seconds: float, min_calls: int = 2) -> float:
+    """Calls of ``work`` per second, timed over ``seconds`` and at least ``min_calls``."""
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or count < min_calls:
+        work()
+        count += 1
     return count / (time.perf_counter() - started)
 
 

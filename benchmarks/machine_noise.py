@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, pyplot, save_figure
-
-from n2s_stream.models import ModelConfig, build_model, use_fast_layout
+from common import RESULTS, daemon_model, pyplot, save_figure
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -34,7 +32,7 @@ def cpu_seconds() -> tuple[float, float]:
 def timed_slices(size: int, seconds: float, slice_seconds: float) -> list[dict]:
     """Forward frames/s in consecutive slices, alternating 1 and 2 torch threads, with
     the machine's system-time share in each slice (waiting threads spin into the kernel)."""
-    model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
+    model = daemon_model()
     x = torch.randn(1, 1, size, size)
     slices = []
     with torch.inference_mode():

@@ -20,11 +20,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from common import RESULTS, calls_per_second
 from torch.utils.flop_counter import FlopCounterMode
 
 from n2s_stream.models import ModelConfig, build_model, count_parameters
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def matmul_peak_gflops(n: int = 2048, seconds: float = 2.0) -> float:
@@ -67,11 +66,7 @@ def onnxruntime_fps(model: torch.nn.Module, size: int, seconds: float) -> float:
     difference = float(abs(session.run(None, feed)[0] - expected).max())
     if difference > 1e-3:  # a fast wrong answer is no answer
         raise RuntimeError(f"ONNX Runtime output differs from torch's by {difference:g}")
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds or count < 2:
-        session.run(None, feed)
-        count += 1
-    return count / (time.perf_counter() - started)
+    return calls_per_second(lambda: session.run(None, feed), seconds)
 
 
 def frames_per_second(model: torch.nn.Module, size: int, variant: str, seconds: float) -> float:
@@ -88,11 +83,7 @@ def frames_per_second(model: torch.nn.Module, size: int, variant: str, seconds: 
                else nullcontext())
     with torch.inference_mode(), context:
         model(x)
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds or count < 2:
-            model(x)
-            count += 1
-    return count / (time.perf_counter() - started)
+        return calls_per_second(lambda: model(x), seconds)
 
 
 def main() -> None:

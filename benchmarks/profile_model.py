@@ -25,11 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import RESULTS
+from common import RESULTS, calls_per_second, daemon_model
 from torch.profiler import ProfilerActivity, profile
 
 from n2s_stream.config import TrainConfig
-from n2s_stream.models import ModelConfig, build_model, use_fast_layout
+from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.training import train_step
 
@@ -53,7 +53,7 @@ def top_operators(work: Callable[[], object], passes: int, top: int) -> dict:
 
 def inference_work(size: int) -> Callable[[], object]:
     """The daemon's forward pass on one ``size`` x ``size`` frame."""
-    model = use_fast_layout(build_model(ModelConfig()).eval(), torch.device("cpu"))
+    model = daemon_model()
     x = torch.randn(1, 1, size, size)
 
     def work() -> torch.Tensor:
@@ -79,15 +79,6 @@ def training_work(batch: int, patch: int, variant: str) -> Callable[[], object]:
     patches = torch.rand(batch, 1, patch, patch)
     phases = torch.randint(0, masker.n_phases, (batch,))
     return lambda: train_step(model, optimizer, masker, patches, phases=phases)
-
-
-def steps_per_second(work: Callable[[], object], seconds: float) -> float:
-    """Calls of ``work`` per second over about ``seconds``."""
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds or count < 2:
-        work()
-        count += 1
-    return count / (time.perf_counter() - started)
 
 
 def print_operators(title: str, result: dict) -> None:
@@ -129,7 +120,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {layout: [] for layout in layouts}
     for _ in range(args.rounds):
         for layout, work in layouts.items():
-            rates[layout].append(steps_per_second(work, args.round_seconds))
+            rates[layout].append(calls_per_second(work, args.round_seconds))
     ratios = {f"{variant} / contiguous": [v / c for c, v in
                                           zip(rates["contiguous"], values, strict=True)]
               for variant, values in rates.items() if variant != "contiguous"}
