@@ -111,7 +111,7 @@ class OnlineTrainer(BackgroundWorker):
         self.cold_start = cold_start
         self.store, self.metrics, self.config, self.device = store, metrics, config, device
         self._busy, self._save, self._checkpoint_every = busy, save, checkpoint_every
-        self.optimizer = make_optimizer(model, config.lr)
+        self.optimizer = make_optimizer(self.model, config.lr)
         if optimizer_state:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
@@ -119,7 +119,7 @@ class OnlineTrainer(BackgroundWorker):
                 log.warning("optimizer state not restored (%s); starting it afresh", exc)
         self.step = step
         self._rng = np.random.default_rng(seed)
-        self._good = copy_state(model)
+        self._good = copy_state(self.model)
         self._loss_ema: float | None = None
 
     def _run(self) -> None:
