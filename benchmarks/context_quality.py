@@ -35,9 +35,10 @@ from skimage.color import rgb2gray
 
 from n2s_stream.checkpoint import load_checkpoint
 from n2s_stream.config import TrainConfig
-from n2s_stream.inference import denoise_counts
+from n2s_stream.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.offline import train
+from n2s_stream.options import make
 from n2s_stream.quality import psnr
 
 RESULTS = Path(__file__).parent / "results"
@@ -65,7 +66,8 @@ def train_and_denoise(noisy: np.ndarray, clean: np.ndarray, dose: float, *, cont
         source = Path(tmp) / "series.h5"
         with h5py.File(source, "w") as handle:
             handle["/data"] = noisy.astype(np.uint16)
-        config = TrainConfig(h5=source, device="cpu", context_frames=context, residual=residual,
+        config = make(TrainConfig, h5=source, device="cpu", context_frames=context,
+                             residual=residual,
                              patch=args.patch, batch=args.batch, epochs=100_000,
                              steps_per_epoch=50, max_seconds=budget, lr=args.lr,
                              out_dir=Path(tmp) / "runs", progress=False, seed=args.seed)

@@ -39,9 +39,10 @@ from skimage.restoration import (
 
 from n2s_stream.checkpoint import load_checkpoint
 from n2s_stream.config import TrainConfig
-from n2s_stream.inference import denoise_counts
+from n2s_stream.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.offline import train
+from n2s_stream.options import make
 from n2s_stream.quality import mean_ssim, psnr
 
 RESULTS = Path(__file__).parent / "results"
@@ -111,7 +112,8 @@ def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namesp
         with h5py.File(source, "w") as handle:  # counts as a detector writes them
             integral = np.array_equal(noisy, np.round(noisy)) and noisy.min() >= 0
             handle["/data"] = noisy.astype(np.uint16 if integral else np.float32)
-        config = TrainConfig(
+        config = make(
+            TrainConfig,
             h5=source, device="cpu", width=args.width, depth=args.depth, patch=args.patch,
             batch=args.batch, epochs=1000, steps_per_epoch=50, max_seconds=args.budget,
             lr=args.lr, out_dir=Path(tmp) / "runs", progress=False, residual=args.residual,
@@ -150,8 +152,8 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=48)
     parser.add_argument("--tile", type=int, default=128)
     defaults = TrainConfig()
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--depth", type=int, default=defaults.depth)
+    parser.add_argument("--width", type=int, default=defaults.network.width)
+    parser.add_argument("--depth", type=int, default=defaults.network.depth)
     parser.add_argument("--patch", type=int, default=defaults.patch)
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--lr", type=float, default=defaults.lr)

@@ -31,7 +31,7 @@ from common import N2S, RESULTS, free_port, pyplot, save_figure
 from offline_quality import n2s, noisy_counts, photo_tiles  # same data, offline reference
 
 from n2s_stream.config import TrainConfig
-from n2s_stream.inference import denoise_counts
+from n2s_stream.denoising import denoise_counts
 from n2s_stream.metrics import scrape
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.quality import psnr
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "online_quality.json")
     args = parser.parse_args()
     defaults = TrainConfig()
-    offline_args = argparse.Namespace(width=defaults.width, depth=defaults.depth,
+    offline_args = argparse.Namespace(width=defaults.network.width, depth=defaults.network.depth,
                                       patch=defaults.patch, batch=defaults.batch,
                                       lr=defaults.lr, residual=False,
                                       budget=args.offline_budget)

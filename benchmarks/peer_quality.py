@@ -66,8 +66,8 @@ def main() -> None:
     if not args.peer_python.exists():
         parser.error(f"{args.peer_python} not found: `make bench-peers` makes the peer's venv")
     defaults = TrainConfig()
-    ours_args = argparse.Namespace(budget=args.budget, width=defaults.width,
-                                   depth=defaults.depth, patch=defaults.patch,
+    ours_args = argparse.Namespace(budget=args.budget, width=defaults.network.width,
+                                   depth=defaults.network.depth, patch=defaults.patch,
                                    batch=defaults.batch, lr=defaults.lr, residual=False)
     threads = torch.get_num_threads()
     clean = photo_tiles(args.tile, args.tiles)

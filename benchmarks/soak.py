@@ -67,8 +67,10 @@ def main() -> None:
             [*launcher, "--zmq", endpoint, "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
              "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
              "--checkpoint-every", "10", "--log-level", "WARNING"],
-            env=os.environ | {"N2S_TRACE_OUT": str(trace_path)})
+            env=os.environ | {"TRACED_DAEMON_OUT": str(trace_path)})
         while not scrape(port):
+            if daemon.poll() is not None:
+                raise SystemExit(f"the daemon exited with status {daemon.returncode}")
             time.sleep(0.2)
         detector = subprocess.Popen(
             [*N2S, "simulate", "--zmq-bind", endpoint, "--frames", str(args.series_frames),
@@ -129,7 +131,7 @@ def trace_report(path: Path) -> dict:
     samples = ([json.loads(line) for line in path.read_text().splitlines()]
                if path.exists() else [])
     if not samples:
-        print("memory trace: no sample (a run shorter than N2S_TRACE_EVERY)")
+        print("memory trace: no sample (a run shorter than TRACED_DAEMON_EVERY)")
         return {"samples": 0}
     times = np.array([s["t"] for s in samples])
     half = times >= times[-1] / 2

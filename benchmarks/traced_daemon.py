@@ -1,8 +1,8 @@
 """Run ``n2s-stream`` with its memory traced, to tell a leak from allocator fragmentation.
 
 Used by ``soak.py --trace``: ``python benchmarks/traced_daemon.py <n2s-stream args>``. A
-thread appends one JSON line every ``N2S_TRACE_EVERY`` seconds (default 30) to the file
-named by ``N2S_TRACE_OUT``:
+thread appends one JSON line every ``TRACED_DAEMON_EVERY`` seconds (default 30) to the file
+named by ``TRACED_DAEMON_OUT``:
 
 - ``python_mib``: memory Python objects hold (tracemalloc), and ``growth``: the source
   lines whose allocations grew most since the first sample;
@@ -83,6 +83,6 @@ def sample_forever(path: str, every: float) -> None:
 if __name__ == "__main__":
     tracemalloc.start(1)
     threading.Thread(target=sample_forever, daemon=True, name="memory-trace",
-                     args=(os.environ["N2S_TRACE_OUT"],
-                           float(os.environ.get("N2S_TRACE_EVERY", "30")))).start()
+                     args=(os.environ["TRACED_DAEMON_OUT"],
+                           float(os.environ.get("TRACED_DAEMON_EVERY", "30")))).start()
     sys.exit(main(sys.argv[1:]))

@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from n2s_stream.config import ZmqOptions
 from n2s_stream.frames import Frame
 from n2s_stream.metrics import scrape
 from n2s_stream.simulate import poisson_frames
 from n2s_stream.sources import protocols as p
-from n2s_stream.sources.zmq import ZmqConfig, ZmqSource
+from n2s_stream.sources.zmq import ZmqSource
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
@@ -80,7 +81,7 @@ def source_only(protocol: str, series: list[list[bytes]], n: int) -> float:
                 got.set()
         return True
 
-    source = ZmqSource(ZmqConfig(endpoint=endpoint, protocol=protocol, out_root=Path(".")),
+    source = ZmqSource(ZmqOptions(endpoint=endpoint, protocol=protocol), out_root=Path("."),
                        emit=emit, reject=lambda reason, message: print(reason, message))
     source.start()
     for message in series:

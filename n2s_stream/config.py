@@ -1,323 +1,336 @@
-"""Typed options of every command, and how they are layered.
+"""Typed options of every command, declared once (see ``options.py`` for the layering).
 
-Each command has one frozen dataclass. Values come, lowest precedence first, from the
-defaults here, a TOML file (``--config``, one table per command, e.g. ``[train]``),
-``N2S_<COMMAND>_<OPTION>`` environment variables, and the command line. Unknown keys are
-rejected with their name; types are checked when the object is built.
+The daemon's options are grouped by the stage that uses them (`DaemonConfig` holds one
+section per stage, and each stage's constructor takes its own section); offline commands
+have one class each. Names, defaults, choices, bounds and help live on the fields: the
+command line, the TOML tables, the ``N2S_*`` environment variables and ``check-config``
+are generated from them.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Literal
 
 from n2s_stream.errors import UsageError
 from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
-from n2s_stream.n2s.normalize import NORMALIZE_MODES
+from n2s_stream.options import as_toml, option, section
+
+__all__ = ["DaemonConfig", "DemoConfig", "DenoiseConfig", "MergeConfig", "SimulateConfig",
+           "TrainConfig", "as_toml"]
 
 ENGINES = ("torch", "onnxruntime")  # what runs the daemon's forward passes
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-T = TypeVar("T")
+Engine = Literal["torch", "onnxruntime"]
+Normalize = Literal["none", "meanstd", "percentile"]
+ZmqProtocol = Literal["native", "dectris-stream1", "dectris-stream2"]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Options of ``n2s-stream train`` (the seed's ``train_noise2self.py`` flags and more)."""
+class NetworkOptions:
+    """The network and its masking (for a model from scratch; a checkpoint has its own)."""
 
-    h5: Path | None = None
-    dataset: str | None = None
-    max_samples: int = 1000
-    device: str = "auto"
-    model: str = "unet"
-    width: int = 16
-    depth: int = 2
-    layers: int = 10
-    residual: bool = False
-    batch_norm: bool = False
-    grid_size: int = 4
-    mask_mode: str = "interpolate"
-    mask_as_input: bool = False
-    context_frames: int = 1  # frames of the series the network sees (centre + neighbours)
-    causal_context: bool = False  # neighbours from the past only
-    patch: int = 64
-    batch: int = 8
-    epochs: int = 10
-    steps_per_epoch: int = 0  # 0: one pass over the training pixels per epoch
-    max_seconds: float = 0.0  # 0: no time budget
-    lr: float = 3e-3
-    amp: bool = False
-    val_frac: float = 0.0
-    save_best: bool = False
-    early_stop_patience: int = 0  # 0: never stop early
-    early_stop_min_delta: float = 0.0
-    normalize: str = "meanstd"
-    no_scale_integers: bool = False
-    seed: int = 0
-    out_dir: Path = Path("runs/noise2self")
-    ckpt: Path | None = None  # start from these weights instead of from scratch
-    progress: bool = True
+    model: Literal["unet", "dncnn"] = option("unet", help="architecture: unet or dncnn")
+    width: int = option(16, help="channels of the first layer", min=1)
+    depth: int = option(2, help="UNet down-samplings", min=0)
+    layers: int = option(10, help="DnCNN conv layers", min=2)
+    residual: bool = option(False, help="add the input to the output (then use --jinv)")
+    batch_norm: bool = option(False, help="batch normalisation layers")
+    grid_size: int = option(4, help="mask grid spacing: one hidden pixel per NxN cell",
+                            min=2)
+    mask_mode: Literal["interpolate", "zero"] = option(
+        "interpolate", help="what replaces a hidden pixel")
+    mask_as_input: bool = option(False, help="the mask as an extra input channel")
+    context_frames: int = option(
+        1, min=1, help="frames of the series seen at once: centre + neighbours; centred "
+                       "context delays each frame by (K-1)/2 frames")
+    causal_context: bool = option(False, help="neighbours from earlier frames only (no "
+                                              "added latency)")
+    normalize: Normalize = option("meanstd", help="normalisation, fitted on the first "
+                                                  "frames, then fixed")
+    no_scale_integers: bool = option(False, help="do not divide integer input by its "
+                                                 "dtype maximum")
 
     def __post_init__(self) -> None:
         try:
             self.model_config()
-            self.masker_config()
         except ValueError as exc:
-            raise UsageError(f"train: {exc}") from exc
-        if self.normalize not in NORMALIZE_MODES:
-            raise UsageError(f"train: normalize must be one of {NORMALIZE_MODES}")
-        if self.batch < 1 or self.epochs < 1 or self.patch < 0 or self.max_samples < 0:
-            raise UsageError("train: batch and epochs must be >= 1, patch and max_samples >= 0")
-        if not 0.0 <= self.val_frac < 1.0:
-            raise UsageError(f"train: val_frac must be in [0, 1), got {self.val_frac}")
-
-    def model_config(self) -> ModelConfig:
-        """The architecture these options describe (one input channel per image, +mask)."""
-        return ModelConfig(
-            name=self.model,
-            in_channels=self.masker_config().in_channels,
-            width=self.width,
-            depth=self.depth,
-            layers=self.layers,
-            residual=self.residual,
-            batch_norm=self.batch_norm,
-        )
+            raise UsageError(str(exc)) from exc
 
     def masker_config(self) -> MaskerConfig:
         """The masking these options describe."""
         return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input,
                             self.context_frames, self.causal_context)
 
+    def model_config(self) -> ModelConfig:
+        """The architecture these options describe (one input channel per frame, +mask)."""
+        return ModelConfig(name=self.model, in_channels=self.masker_config().in_channels,
+                           width=self.width, depth=self.depth, layers=self.layers,
+                           residual=self.residual, batch_norm=self.batch_norm)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``n2s-stream train``: the seed's ``train_noise2self.py`` flags and more."""
+
+    h5: Path | None = option(None, help="noisy input stack (required)",
+                             example="/data/scan_0001.h5")
+    dataset: str | None = option(None, example="/entry/data/data",
+                                 help="frame dataset; default: /entry/data/data, /data, /X, "
+                                      "Eiger data_NNNNNN links")
+    max_samples: int = option(1000, help="frames used at most (spread over the stack)", min=0)
+    device: str = option("auto", help="cpu, cuda, cuda:N or auto")
+    network: NetworkOptions = section(NetworkOptions)
+    patch: int = option(64, help="patch size; 0 = full frames", min=0)
+    batch: int = option(8, help="patches per step", min=1)
+    epochs: int = option(10, help="passes over the training frames", min=1)
+    steps_per_epoch: int = option(0, help="steps per epoch; 0 = one pass over the pixels",
+                                  min=0)
+    max_seconds: float = option(0.0, help="stop after this much training time; 0 = no limit",
+                                min=0)
+    lr: float = option(3e-3, help="peak learning rate, cosine decay", min=0)
+    amp: bool = option(False, help="mixed precision (CUDA only)")
+    val_frac: float = option(0.0, help="fraction of frames held out for validation", min=0,
+                             max=0.99)
+    save_best: bool = option(False, help="also keep ckpt_best.pt")
+    early_stop_patience: int = option(0, help="epochs without gain before stopping; 0 = never",
+                                      min=0)
+    early_stop_min_delta: float = option(0.0, help="smallest loss gain that counts", min=0)
+    seed: int = option(0, help="random seed (same seed, same run)")
+    out_dir: Path = option(Path("runs/noise2self"), help="ckpt_last.pt and ckpt_best.pt go here")
+    ckpt: Path | None = option(None, help="start from these weights",
+                               example="runs/noise2self/ckpt_last.pt")
+    progress: bool = option(True, help="show progress bars")
+
 
 @dataclass(frozen=True)
 class DenoiseConfig:
-    """Options of ``n2s-stream denoise`` (the seed's ``denoise_h5_stack.py`` flags and more)."""
+    """``n2s-stream denoise``: the seed's ``denoise_h5_stack.py`` flags and more."""
 
-    h5: Path | None = None
-    ckpt: Path | None = None
-    out: Path | None = None
-    dataset: str | None = None
-    device: str = "auto"
-    batch: int = 8
-    amp: bool = False
-    jinv: bool = False
-    require_reconstructable: bool = False
-    progress: bool = True
-    engine: str = "torch"  # "onnxruntime": forward passes by ONNX Runtime (CPU, extra [onnx])
+    h5: Path | None = option(None, help="input HDF5 file (required)",
+                             example="/data/scan_0001.h5")
+    ckpt: Path | None = option(None, help="checkpoint from n2s-stream train (required)",
+                               example="runs/noise2self/ckpt_best.pt")
+    out: Path | None = option(None, example="/data/denoised/",
+                              help="output file, or folder (gets scan_0001_n2s.h5); default: "
+                                   "beside the input")
+    dataset: str | None = option(None, help="frame dataset (default: discovered as for "
+                                            "train)", example="/entry/data/data")
+    device: str = option("auto", help="cpu, cuda, cuda:N or auto")
+    batch: int = option(8, help="frames per forward pass", min=1)
+    amp: bool = option(False, help="mixed precision (CUDA only)")
+    jinv: bool = option(False, help="J-invariant inference (grid_size**2 passes; never "
+                                    "sees the pixel)")
+    require_reconstructable: bool = option(
+        False, help="write in the input's dtype and counts; needs an exact normalisation")
+    context_frames: int | None = option(
+        None, min=1, help="check that the checkpoint sees this many frames (it records K; "
+                          "default: the checkpoint's)")
+    progress: bool = option(True, help="show a progress bar")
+    engine: Engine = option("torch", help="torch, or onnxruntime: CPU forward passes by "
+                                          "ONNX Runtime (pip install 'n2s-stream[onnx]')")
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """``n2s-stream simulate``: a test detector writing a growing file or sending ZeroMQ."""
+
+    dir: Path | None = option(None, help="folder to write into", example="acq")
+    zmq_bind: str | None = option(None, help="send over ZeroMQ instead: PUSH bound here",
+                                  example="tcp://127.0.0.1:9999")
+    protocol: ZmqProtocol = option("native", help="ZeroMQ protocol")
+    series: int = option(1, help="series sent back to back (ZeroMQ)", min=1)
+    first_series: int = option(1, help="number of the first series (ZeroMQ)", min=0)
+    encoding: Literal["raw", "bslz4", "lz4"] = option(
+        "bslz4", help="payload encoding of the native protocol")
+    frames: int = option(100, help="frames per series", min=1)
+    shape: str = option("128x128", help="frame shape HxW")
+    dose: float = option(20.0, help="mean counts at the brightest pixel", min=0)
+    rate: float = option(0.0, help="frames/s; 0 = as fast as possible", min=0)
+    drift: float = option(0.5, help="scene drift, pixels per frame (file layouts)", min=0)
+    layout: Literal["areadetector", "eiger", "plain"] = option(
+        "areadetector", help="file layout: areadetector, eiger (master + bitshuffle data "
+                             "file + pixel mask) or plain (/data)")
+    name: str = option("scan_0001", help="series (file) name")
+    seed: int = option(0, help="random seed (same seed, same run)")
+
+    def frame_shape(self) -> tuple[int, int]:
+        """``shape`` as ``(height, width)``."""
+        try:
+            height, width = (int(part) for part in self.shape.lower().split("x"))
+        except ValueError as exc:
+            raise UsageError(f"--shape {self.shape!r}: expected HxW, e.g. 256x256") from exc
+        if height < 8 or width < 8:
+            raise UsageError(f"--shape {self.shape!r}: frames must be at least 8x8")
+        return height, width
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``n2s-stream demo``: simulator and daemon end to end."""
+
+    dir: Path = option(Path("demo-output"), help="working folder for frames and outputs")
+    seconds: float = option(60.0, help="acquisition length", min=1)
+    context_frames: int = option(1, min=1, help="K > 1: a second daemon with K-frame "
+                                                "temporal context, side by side")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """``n2s-stream merge``: one virtual dataset over the shards of a fanned-out series."""
+
+    shards: tuple[Path, ...] = option((), help="output files of the workers", positional=True)
+    out: Path | None = option(None, help="merged file to write (required)",
+                              example="merged/scan_0001.h5")
+
+
+# ---- the daemon, one section per stage ------------------------------------------------------
+@dataclass(frozen=True)
+class DirectoryOptions:
+    """The directory source (sources/directory.py)."""
+
+    root: Path | None = option(None, name="watch", example="/data/acq",
+                               help="acquisition directory to follow (or give zmq)")
+    pattern: str = option("*", help="file name glob among .h5/.hdf5/.hdf/.nxs files")
+    poll: float = option(0.0, min=0, help="poll every N s instead of inotify (chosen anyway "
+                                          "on NFS, GPFS, Lustre); 0 = inotify")
+    settle_seconds: float = option(5.0, min=0, help="a file that has not grown this long "
+                                                    "is finished")
+    process_existing: bool = option(True, help="also process files already there at start")
+    dataset: str | None = option(None, help="frame dataset (default: discovered as for "
+                                            "train)", example="/entry/data/data")
+
+
+@dataclass(frozen=True)
+class ZmqOptions:
+    """The ZeroMQ source (sources/zmq.py) and the republishing sink."""
+
+    endpoint: str | None = option(None, name="zmq", example="tcp://eiger:9999",
+                                  help="ZeroMQ feed to follow (or give watch)")
+    protocol: ZmqProtocol = option("native", help="native, dectris-stream1 (SIMPLON v1) or "
+                                                  "dectris-stream2 (CBOR)")
+    socket: Literal["pull", "sub"] = option("pull", help="pull (the detector PUSHes) or sub "
+                                                         "(it PUBlishes)")
+    hwm: int = option(1000, min=1, help="receive high-water mark, in messages")
+    max_message_mb: int = option(256, min=1, help="larger messages are refused (too_large); "
+                                                  "4x it: cut off by ZeroMQ")
+    out: str | None = option(None, example="tcp://127.0.0.1:9800",
+                             help="PUB bound here: denoised frames (native, float32) for live "
+                                  "viewers")
+    tee: str | None = option(None, example="tcp://127.0.0.1:9801",
+                             help="PUSH bound here: every raw message, untouched, for the "
+                                  "facility's writer")
+    shared_feed: bool = option(False, name="shared_feed",
+                               help="one of several workers PULLing one feed: the frames "
+                                    "dealt to the others are not missing")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Online training (trainer.py) and where its model starts."""
+
+    train: bool = option(True, help="keep training online; --no-train: inference only")
+    ckpt: Path | None = option(None, example="runs/noise2self/ckpt_best.pt",
+                               help="start from an offline checkpoint (n2s-stream train) when "
+                                    "the state dir has none")
+    model_from: Path | None = option(None, example="/shared/n2s-state-trainer",
+                                     help="fan-out worker: no training, adopt the training "
+                                          "worker's checkpoints (its state dir) as they appear")
+    cold_start: bool = option(True, help="from scratch, a calibrated classical denoiser "
+                                         "writes until the network's held-out loss beats it")
+    patch: int = option(64, min=4, help="training patch side")
+    batch: int = option(8, min=1, help="patches per training step")
+    lr: float = option(1e-3, min=0, help="learning rate of online training")
+    publish_every: int = option(50, min=1, help="training steps between model versions")
+    checkpoint_every: float = option(60.0, min=0, help="seconds between checkpoints (also "
+                                                       "one at every stop)")
+    buffer_frames: int = option(256, min=2, help="newest frames kept for training")
+    buffer_mb: int = option(512, min=1, help="... and at most this many MiB of them")
+    seed: int = option(0, help="random seed (same seed, same run)")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """The inference loop (inference.py), its engine and its series bookkeeping."""
+
+    device: str = option("auto", help="cpu, cuda, cuda:N or auto")
+    threads: int = option(0, min=0, help="torch intra-op threads; 0 = torch's choice")
+    queue_size: int = option(64, min=1, help="frames waiting for inference; a full queue "
+                                             "holds the source back")
+    drop_when_full: bool = option(False, help="drop frames (logged, counted) instead of "
+                                              "holding the source back")
+    max_batch: int = option(0, min=0, help="frames per forward pass when they queue; 0 = 8 "
+                                           "on CUDA, 1 on CPU")
+    jinv: bool = option(False, help="J-invariant inference (grid_size**2 passes)")
+    engine: Engine = option("torch", help="torch, or onnxruntime: CPU forward passes by ONNX "
+                                          "Runtime (pip install 'n2s-stream[onnx]')")
+    compile: bool = option(False, help="torch.compile the inference model (~20 s per frame "
+                                       "shape on 2 CPU cores)")
+    onnx_reload_seconds: float = option(10.0, min=0, help="onnxruntime: take new weights (a "
+                                                          "new export) at most this often")
+    context_flush_seconds: float = option(2.0, min=0, help="a frame waits at most this long "
+                                                           "for later neighbours")
+    series_idle_close: float = option(300.0, min=0, help="close an output after this long "
+                                                         "without frames; 0 = never")
+
+    def __post_init__(self) -> None:
+        if self.engine == "onnxruntime" and self.compile:
+            raise UsageError("compile applies to the torch engine, not to onnxruntime")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What happens to denoised frames (sinks/)."""
+
+    out: Path = option(Path("denoised"), help="output directory; names mirror the input's")
+    require_reconstructable: bool = option(False, help="write in the source's dtype "
+                                                       "(needs an exact normalisation)")
+    min_free_mb: float = option(64.0, min=0, help="hold writing (and so reading) below this "
+                                                  "much free output space")
+    sinks: tuple[str, ...] = option((), help="more sinks, as module:factory (called with the "
+                                             "SinkContext)")
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """The process around the stages: state, metrics and the preview page."""
+
+    state_dir: Path = option(Path("n2s-state"), help="checkpoints and ledger; local disk")
+    metrics_port: int = option(9750, min=-1, max=65535, help="Prometheus and preview port; "
+                                                             "0 = any free port, -1 = none")
+    metrics_addr: str = option("127.0.0.1", help="metrics bind address (loopback unless you "
+                                                 "mean it)")
+
+
+SOURCE_OPTIONS = {"directory": "watch", "zmq": "zmq"}
+"""Each source, by the option that selects it."""
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """Options of the streaming daemon (``n2s-stream --watch DIR``), TOML table ``[daemon]``,
+    """The streaming daemon (``n2s-stream --watch DIR``): TOML table ``[daemon]``,
     environment ``N2S_<OPTION>`` (e.g. ``N2S_WATCH=/acq``)."""
 
-    watch: Path | None = None
-    zmq: str | None = None  # e.g. tcp://detector:9999 (instead of watch)
-    zmq_protocol: str = "native"  # native, dectris-stream1, dectris-stream2
-    zmq_socket: str = "pull"  # pull (detector PUSHes) or sub (detector PUBlishes)
-    zmq_hwm: int = 1000  # receive high-water mark, in messages
-    zmq_max_message_mb: int = 256  # larger messages are refused (too_large); 4x it: cut off
-    zmq_out: str | None = None  # PUB bound here: denoised frames (native) for live viewers
-    zmq_tee: str | None = None  # PUSH bound here: raw messages forwarded untouched
-    shared_feed: bool = False  # one of several workers PULLing one feed: gaps are not missing
-    out: Path = Path("denoised")
-    state_dir: Path = Path("n2s-state")
-    device: str = "auto"
-    metrics_port: int = 9750  # -1: no metrics endpoint; 0: any free port
-    metrics_addr: str = "127.0.0.1"
-    # directory source
-    pattern: str = "*"
-    poll: float = 0.0  # seconds; 0 = inotify (polling is chosen anyway on NFS/GPFS/Lustre)
-    settle_seconds: float = 5.0  # a file that has not grown this long is finished
-    process_existing: bool = True
-    dataset: str | None = None
-    # model (ignored when resuming from the state dir or starting from --ckpt)
-    ckpt: Path | None = None
-    model: str = "unet"
-    width: int = 16
-    depth: int = 2
-    layers: int = 10
-    residual: bool = False
-    grid_size: int = 4
-    mask_mode: str = "interpolate"
-    mask_as_input: bool = False
-    context_frames: int = 1  # frames of a series the network sees; centred: waits (K-1)/2
-    causal_context: bool = False  # neighbours from the past only: no wait for later frames
-    context_flush_seconds: float = 2.0  # a frame waits at most this long for later neighbours
-    normalize: str = "meanstd"
-    no_scale_integers: bool = False
-    # online training
-    train: bool = True
-    cold_start: bool = True  # from scratch: a calibrated classical denoiser writes frames
-    #                          until the network's held-out loss beats it
-    model_from: Path | None = None  # fan-out: adopt the checkpoints of the training worker
-    patch: int = 64
-    batch: int = 8
-    lr: float = 1e-3
-    publish_every: int = 50  # training steps between model versions
-    checkpoint_every: float = 60.0  # seconds between checkpoints in the state dir
-    buffer_frames: int = 256
-    buffer_mb: int = 512
-    # inference and output
-    queue_size: int = 64  # frames waiting for inference; a full queue stalls the source
-    max_batch: int = 0  # frames per forward pass when they queue up; 0: 8 on CUDA, 1 on CPU
-    drop_when_full: bool = False  # drop (counted, logged) instead of holding the source back
-    series_idle_close: float = 300.0  # close an output after this long without frames
-    min_free_mb: float = 64.0  # hold writing (and so reading) below this free output space
-    jinv: bool = False
-    compile: bool = False  # torch.compile the inference model (faster; compiles at start
-    #                        and at each new frame shape, ~20 s each on 2 CPU cores)
-    engine: str = "torch"  # "onnxruntime": forward passes by ONNX Runtime (CPU, extra [onnx])
-    onnx_reload_seconds: float = 10.0  # onnxruntime: new weights (a new export) at most this often
-    require_reconstructable: bool = False
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    seed: int = 0
+    directory: DirectoryOptions = section(DirectoryOptions)
+    zmq: ZmqOptions = section(ZmqOptions, prefix="zmq_")
+    network: NetworkOptions = section(NetworkOptions)
+    training: TrainingOptions = section(TrainingOptions)
+    inference: InferenceOptions = section(InferenceOptions)
+    output: OutputOptions = section(OutputOptions)
+    service: ServiceOptions = section(ServiceOptions)
 
-    def __post_init__(self) -> None:
-        try:
-            self.model_config()
-            self.masker_config()
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-        if self.normalize not in NORMALIZE_MODES:
-            raise UsageError(f"normalize must be one of {NORMALIZE_MODES}")
-        if self.zmq_protocol not in ("native", "dectris-stream1", "dectris-stream2"):
-            raise UsageError(f"zmq_protocol {self.zmq_protocol!r}: expected native, "
-                             "dectris-stream1 or dectris-stream2")
-        if self.engine not in ENGINES:
-            raise UsageError(f"engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
-        if self.engine == "onnxruntime" and self.compile:
-            raise UsageError("compile applies to the torch engine, not to onnxruntime")
-        if self.max_batch < 0:
-            raise UsageError(f"max_batch {self.max_batch}: must be >= 0 (0 = by device)")
-        if self.zmq_max_message_mb < 1:
-            raise UsageError(f"zmq_max_message_mb {self.zmq_max_message_mb}: must be >= 1")
-        if self.zmq_socket not in ("pull", "sub"):
-            raise UsageError(f"zmq_socket {self.zmq_socket!r}: expected pull or sub")
-        if self.queue_size < 1 or self.buffer_frames < 2 or self.publish_every < 1:
-            raise UsageError("queue_size >= 1, buffer_frames >= 2, publish_every >= 1 needed")
+    @property
+    def source(self) -> str | None:
+        """The source to follow (a key of ``SOURCE_OPTIONS``), None when none is given."""
+        chosen = self.sources_given()
+        return chosen[0] if len(chosen) == 1 else None
 
-    def model_config(self) -> ModelConfig:
-        """Architecture of a model started from scratch."""
-        return ModelConfig(name=self.model, in_channels=self.masker_config().in_channels,
-                           width=self.width, depth=self.depth, layers=self.layers,
-                           residual=self.residual)
+    def sources_given(self) -> list[str]:
+        """Every source whose selecting option is set."""
+        given = {"directory": self.directory.root, "zmq": self.zmq.endpoint}
+        return [name for name, value in given.items() if value is not None]
 
-    def masker_config(self) -> MaskerConfig:
-        """Masking of a model started from scratch."""
-        return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input,
-                            self.context_frames, self.causal_context)
-
-
-def daemon_env_options(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Daemon options given as ``N2S_<OPTION>``; other N2S_ variables are not ours."""
-    environ = os.environ if environ is None else environ
-    names = {f.name for f in fields(DaemonConfig)}
-    return {key[4:].lower(): value for key, value in environ.items()
-            if key.startswith("N2S_") and key[4:].lower() in names}
-
-
-def build(cls: type[T], layers: list[tuple[str, Mapping[str, Any]]]) -> T:
-    """Build ``cls`` from mappings applied in order (later wins); each is named for errors.
-
-    Raises `UsageError` naming the source and key of an unknown option or a bad value.
-    """
-    hints = get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for source, mapping in layers:
-        for key, raw in mapping.items():
-            name = key.replace("-", "_")
-            if name not in hints:
-                raise UsageError(f"{source}: unknown option {key!r}")
-            values[name] = _coerce(raw, hints[name], f"{source}: option {key!r}")
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    text = str(hint)
-    optional = "None" in text
-    if value is None:
-        if optional:
-            return None
-        raise UsageError(f"{where}: a value is required")
-    try:
-        if "Path" in text:
-            return Path(value)
-        if "bool" in text:
-            return _to_bool(value)
-        if "int" in text and "float" not in text:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if "float" in text:
-            return float(value)
-        if "str" in text:
-            if not isinstance(value, str):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: invalid value {value!r} (expected {text})") from exc
-    return value
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    lowered = str(value).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-def read_toml_table(path: Path, table: str) -> dict[str, Any]:
-    """The ``[table]`` of a TOML file (empty if absent); errors name the file."""
-    try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise UsageError(f"{path}: config file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: invalid TOML: {exc}") from exc
-    section = document.get(table, {})
-    if not isinstance(section, dict):
-        raise UsageError(f"{path}: [{table}] must be a table")
-    return section
-
-
-def env_options(command: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Options given as ``N2S_<COMMAND>_<OPTION>`` environment variables."""
-    environ = os.environ if environ is None else environ
-    prefix = f"N2S_{command.upper()}_"
-    return {
-        key[len(prefix) :].lower(): value for key, value in environ.items()
-        if key.startswith(prefix)
-    }
-
-
-def as_toml(config: object, table: str) -> str:
-    """The effective options as a TOML table, for output files and logs."""
-    lines = [f"[{table}]"]
-    for field in fields(config):  # type: ignore[arg-type]
-        value = getattr(config, field.name)
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        else:
-            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        lines.append(f"{field.name} = {text}")
-    return "\n".join(lines) + "\n"
-
+    def following(self) -> str:
+        """What the daemon follows, for logs and status lines."""
+        return str(self.directory.root or self.zmq.endpoint)

@@ -29,3 +29,8 @@ class InputError(N2SError):
 
 class CheckpointError(N2SError):
     """A checkpoint that cannot be loaded or does not fit the requested model."""
+
+
+class OutputError(N2SError):
+    """An existing output file that cannot be read to resume its series; the daemon
+    refuses that series' frames (``output_unreadable``) and serves the others."""

@@ -34,10 +34,13 @@ class SeriesEnd:
     """The source will send no more frames of ``series``; ``n_frames`` were in it.
 
     ``n_frames`` is what the detector says it sent where the feed says so (a lost tail is
-    then counted as missing), else what this source saw.
+    then counted as missing), else what this source saw. ``complete`` is False when the
+    daemon itself ends a series that went idle (its end may have gone to another worker,
+    or frames may still come after a restart): its output stays unfinished in the ledger.
     """
 
     series: str
     n_frames: int
     output: Path
     sender_count: bool = False
+    complete: bool = True

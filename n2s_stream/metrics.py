@@ -86,6 +86,10 @@ class Metrics:
         self.output_paused = Gauge(
             "n2s_output_paused", "1 while writing is held back because the output disk is"
             " (nearly) full", registry=registry)
+        self.sink_errors = Counter(
+            "n2s_sink_errors", "Failures of sinks that do not stop intake (viewers, "
+            "republishing, the training tap), by sink; the frame was still written",
+            ["sink"], registry=registry)
         self.build = Info("n2s_build", "n2s-stream build", registry=registry)
         self.build.info({"version": __version__})
 

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.config import DenoiseConfig, TrainConfig, as_toml
+from n2s_stream.denoising import denoise_series, to_source_dtype
 from n2s_stream.errors import CheckpointError, InputError, UsageError
-from n2s_stream.inference import denoise_series, to_source_dtype
 from n2s_stream.models import build_model, count_parameters, use_fast_layout
 from n2s_stream.n2s.context import context_indices, context_offsets, context_stack
 from n2s_stream.n2s.masking import Masker
@@ -91,9 +91,9 @@ def train(
     torch.manual_seed(config.seed)
 
     data = _load_training_data(config, rng, device)
-    model_config = config.model_config()
+    model_config = config.network.model_config()
     model = use_fast_layout(build_model(model_config).to(device), device)
-    masker = Masker(config.masker_config())
+    masker = Masker(config.network.masker_config())
     optimizer = make_optimizer(model, config.lr)
     start_version = _maybe_resume(config, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -108,7 +108,7 @@ def train(
     total_steps = steps_per_epoch * config.epochs
     log.info(
         "training %s (%d parameters) on %d frames %dx%d from %s: %d epochs x %d steps, device %s",
-        config.model, count_parameters(model), n, height, width, config.h5,
+        config.network.model, count_parameters(model), n, height, width, config.h5,
         config.epochs, steps_per_epoch, device,
     )
 
@@ -195,7 +195,7 @@ def _maybe_resume(config: TrainConfig, model: nn.Module) -> int:
     if config.ckpt is None:
         return 0
     checkpoint = load_checkpoint(config.ckpt)
-    checkpoint.check_compatible(config.model_config())
+    checkpoint.check_compatible(config.network.model_config())
     model.load_state_dict(checkpoint.state_dict)
     log.info("starting from %s (version %d)", config.ckpt, checkpoint.version)
     return checkpoint.version
@@ -205,7 +205,7 @@ def _load_training_data(
     config: TrainConfig, rng: np.random.Generator, device: torch.device
 ) -> _Data:
     """Training (and held-out) frames, each with its temporal context: ``(N, K, H, W)``."""
-    masker_config = config.masker_config()
+    masker_config = config.network.masker_config()
     offsets = context_offsets(masker_config.context_frames, masker_config.causal)
     with open_stack(config.h5, config.dataset) as stack:  # type: ignore[arg-type]
         n = len(stack)
@@ -221,7 +221,8 @@ def _load_training_data(
     if pixel_mask is not None:
         valid &= ~pixel_mask
     normalizer = fit_normalizer(
-        frames, mode=config.normalize, scale_integers=not config.no_scale_integers,
+        frames, mode=config.network.normalize,
+        scale_integers=not config.network.no_scale_integers,
         source_dtype=source_dtype, valid=valid,
     )
     normalized = normalizer.forward(fill_invalid(frames, valid))
@@ -312,9 +313,11 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
     """
     if config.h5 is None or config.ckpt is None:
         raise UsageError("denoise: --h5 and --ckpt are required")
-    if config.batch < 1:
-        raise UsageError(f"denoise: --batch must be >= 1, got {config.batch}")
     checkpoint = load_checkpoint(config.ckpt)
+    recorded = checkpoint.masker_config.context_frames
+    if config.context_frames is not None and config.context_frames != recorded:
+        raise UsageError(f"denoise: --context-frames {config.context_frames} does not match "
+                         f"{config.ckpt}, trained with {recorded} (the checkpoint decides)")
     if config.require_reconstructable and not checkpoint.normalizer.is_exact:
         raise CheckpointError(
             f"{config.ckpt}: --require-reconstructable needs a normalisation that inverts"

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import hdf5plugin
 import numpy as np
 
-log = logging.getLogger(__name__)
+from n2s_stream.config import SimulateConfig
+from n2s_stream.errors import UsageError
 
-LAYOUTS = ("areadetector", "eiger", "plain")
+log = logging.getLogger(__name__)
 
 
 def scene_canvas(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -63,21 +63,6 @@ def poisson_frames(clean: np.ndarray, dose: float, rng: np.random.Generator) -> 
     return np.minimum(counts, np.iinfo(np.uint16).max - 1).astype(np.uint16)
 
 
-@dataclass(frozen=True)
-class SimulateConfig:
-    """Options of ``n2s-stream simulate``."""
-
-    dir: Path
-    frames: int = 100
-    shape: tuple[int, int] = (128, 128)
-    dose: float = 20.0
-    rate: float = 0.0  # frames per second; 0: as fast as possible
-    layout: str = "areadetector"
-    name: str = "scan_0001"
-    seed: int = 0
-    drift: float = 0.5
-
-
 def truth_path(data_path: Path) -> Path:
     """The side file that keeps the clean frames for ``data_path``: in a hidden folder
     beside it, so that a daemon watching the directory never takes it for data."""
@@ -86,10 +71,11 @@ def truth_path(data_path: Path) -> Path:
 
 def simulate(config: SimulateConfig) -> Path:
     """Write a noisy series to ``config.dir``; returns the file a reader should open."""
-    if config.layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {config.layout!r}")
+    if config.dir is None:
+        raise UsageError("simulate: give --dir DIR or --zmq-bind ENDPOINT")
+    shape = config.frame_shape()
     rng = np.random.default_rng(config.seed + 1)
-    clean = clean_frames(config.frames, config.shape, seed=config.seed, drift=config.drift)
+    clean = clean_frames(config.frames, shape, seed=config.seed, drift=config.drift)
     out_dir = Path(config.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     main = out_dir / (config.name + ("_master.h5" if config.layout == "eiger" else ".h5"))
@@ -101,17 +87,17 @@ def simulate(config: SimulateConfig) -> Path:
     dataset_path = {"areadetector": "/entry/data/data", "eiger": "/entry/data/data",
                     "plain": "/data"}[config.layout]
     if config.layout == "eiger":
-        _write_eiger_master(main, data_file.name, config.shape)
+        _write_eiger_master(main, data_file.name, shape)
     compression = hdf5plugin.Bitshuffle(nelems=0, cname="lz4") if config.layout == "eiger" else {}
     with h5py.File(data_file, "w", libver="latest") as handle:
         ds = handle.create_dataset(
-            dataset_path, shape=(0, *config.shape), maxshape=(None, *config.shape),
-            chunks=(1, *config.shape), dtype=np.uint16, **compression,
+            dataset_path, shape=(0, *shape), maxshape=(None, *shape),
+            chunks=(1, *shape), dtype=np.uint16, **compression,
         )
         handle.swmr_mode = True
         period = 1.0 / config.rate if config.rate > 0 else 0.0
         started = time.monotonic()
-        gap = eiger_gap_rows(config.shape) if config.layout == "eiger" else []
+        gap = eiger_gap_rows(shape) if config.layout == "eiger" else []
         for k in range(config.frames):
             ds.resize(k + 1, axis=0)
             frame = poisson_frames(clean[k], config.dose, rng)
@@ -120,7 +106,7 @@ def simulate(config: SimulateConfig) -> Path:
             ds.flush()
             if period:
                 time.sleep(max(0.0, started + (k + 1) * period - time.monotonic()))
-    log.info("simulated %d frames %dx%d (dose %g) into %s", config.frames, *config.shape,
+    log.info("simulated %d frames %dx%d (dose %g) into %s", config.frames, *shape,
              config.dose, main)
     return main
 
@@ -141,51 +127,38 @@ def _write_eiger_master(master: Path, data_name: str, shape: tuple[int, int]) ->
         detector["pixel_mask"] = mask
 
 
-@dataclass(frozen=True)
-class ZmqSimulateConfig:
-    """Options of ``n2s-stream simulate --zmq-bind``."""
-
-    endpoint: str
-    protocol: str = "native"
-    frames: int = 100
-    series: int = 1
-    shape: tuple[int, int] = (128, 128)
-    dose: float = 20.0
-    rate: float = 0.0
-    encoding: str = "bslz4"  # native only; Dectris formats always send bitshuffle-LZ4
-    seed: int = 0
-    first_series: int = 1
-
-
-def simulate_zmq(config: ZmqSimulateConfig) -> int:
+def simulate_zmq(config: SimulateConfig) -> int:
     """Bind a PUSH socket and send ``series`` series of ``frames`` frames, each followed
     by its end message, as a detector would; returns the number of frames sent."""
     import zmq
 
     from n2s_stream.sources import protocols as p
 
+    if config.zmq_bind is None:
+        raise UsageError("simulate: give --dir DIR or --zmq-bind ENDPOINT")
+    endpoint, shape = config.zmq_bind, config.frame_shape()
     rng = np.random.default_rng(config.seed + 1)
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 60_000)  # deliver what is queued before exiting
-    sock.bind(config.endpoint)
+    sock.bind(endpoint)
     period = 1.0 / config.rate if config.rate > 0 else 0.0
     sent = 0
     started = time.monotonic()
     try:
         for k in range(config.first_series, config.first_series + config.series):
-            clean = clean_frames(config.frames, config.shape, seed=config.seed + k)
-            mask = np.zeros(config.shape, np.uint32)
-            mask[eiger_gap_rows(config.shape)] = 1
+            clean = clean_frames(config.frames, shape, seed=config.seed + k)
+            mask = np.zeros(shape, np.uint32)
+            mask[eiger_gap_rows(shape)] = 1
             name = f"scan_{k:04d}"
             if config.protocol == "dectris-stream1":
                 sock.send_multipart(p.stream1_header(k, mask))
             elif config.protocol == "dectris-stream2":
-                sock.send_multipart(p.stream2_start(k, config.shape, mask))
+                sock.send_multipart(p.stream2_start(k, shape, mask))
             for index in range(config.frames):
                 frame = poisson_frames(clean[index], config.dose, rng)
                 if config.protocol != "native":  # an Eiger: module gap marked in the data
-                    frame[eiger_gap_rows(config.shape)] = np.iinfo(np.uint16).max
+                    frame[eiger_gap_rows(shape)] = np.iinfo(np.uint16).max
                 if config.protocol == "native":
                     message = p.native_frame(name, index, frame, config.encoding)
                 elif config.protocol == "dectris-stream1":
@@ -206,5 +179,5 @@ def simulate_zmq(config: ZmqSimulateConfig) -> int:
         sock.close()
         context.term()
     log.info("sent %d frames in %d series over %s (%s)", sent, config.series,
-             config.endpoint, config.protocol)
+             endpoint, config.protocol)
     return sent

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from n2s_stream.checkpoint import Checkpoint, load_checkpoint
-from n2s_stream.errors import CheckpointError, UsageError
+from n2s_stream.errors import CheckpointError, OutputError, UsageError
 from n2s_stream.writer import whole_frames
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def last_written_source_frame(output: Path) -> int | None:
             whole = whole_frames(handle)
             return int(handle["/entry/provenance/source_frame"][whole - 1]) if whole else None
     except (OSError, KeyError) as exc:
-        raise UsageError(f"{output}: existing output cannot be read to resume: {exc}") from exc
+        raise OutputError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 
 
 def newest_checkpoint(checkpoints: Path) -> Checkpoint | None:

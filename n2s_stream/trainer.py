@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +21,11 @@ from torch import nn
 
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.coldstart import ColdStart
+from n2s_stream.config import TrainingOptions
 from n2s_stream.metrics import Metrics
 from n2s_stream.models import use_fast_layout
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.snapshot import ModelStore, copy_state
 from n2s_stream.training import (
     center_crop,
     make_optimizer,
@@ -36,51 +36,11 @@ from n2s_stream.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
-StateDict = dict[str, torch.Tensor]
-
-
-class ModelStore:
-    """The newest published weights and their version; safe across threads."""
-
-    def __init__(self, state_dict: StateDict, version: int) -> None:
-        self._lock = threading.Lock()
-        self._state, self._version = state_dict, version
-
-    def publish(self, state_dict: StateDict, version: int) -> None:
-        """Make ``state_dict`` (a private copy) the current weights."""
-        with self._lock:
-            self._state, self._version = state_dict, version
-
-    def latest(self) -> tuple[int, StateDict]:
-        """``(version, weights)``; callers must not modify the weights."""
-        with self._lock:
-            return self._version, self._state
-
-    @property
-    def version(self) -> int:
-        """Version of the newest weights."""
-        with self._lock:
-            return self._version
-
-
-@dataclass(frozen=True)
-class OnlineTrainConfig:
-    """How the online trainer learns."""
-
-    patch: int = 64
-    batch: int = 8
-    lr: float = 1e-3
-    publish_every: int = 50
-    min_frames: int = 2
-    divergence_factor: float = 20.0
-    # Held-out frames are scored on their central crop of this side (0: whole frames):
-    # whole 2048x2048 frames cost seconds per publication, time taken from inference.
-    val_crop: int = 256
-
-
-def copy_state(model: nn.Module) -> StateDict:
-    """A detached CPU copy of a model's weights."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+MIN_FRAMES = 2  # frames in the buffer before training starts
+DIVERGENCE_FACTOR = 20.0  # a step whose loss is this far above its recent level is undone
+VAL_CROP = 256
+"""Held-out frames are scored on their central crop of this side (0: whole frames): whole
+2048x2048 frames cost seconds per publication, time taken from inference."""
 
 
 class OnlineTrainer(BackgroundWorker):
@@ -95,30 +55,29 @@ class OnlineTrainer(BackgroundWorker):
         val_buffer: RollingBuffer,
         store: ModelStore,
         metrics: Metrics,
-        config: OnlineTrainConfig,
+        options: TrainingOptions,
         device: torch.device,
         busy: Callable[[], bool],
         save: Callable[[nn.Module, torch.optim.Optimizer, int, int], None],
-        checkpoint_every: float = 60.0,
         optimizer_state: dict | None = None,
         step: int = 0,
-        seed: int = 0,
         cold_start: ColdStart | None = None,
     ) -> None:
         super().__init__("online-trainer", join_timeout=60.0)
         self.model = use_fast_layout(model, device)
         self.masker, self.buffer, self.val_buffer = masker, buffer, val_buffer
         self.cold_start = cold_start
-        self.store, self.metrics, self.config, self.device = store, metrics, config, device
-        self._busy, self._save, self._checkpoint_every = busy, save, checkpoint_every
-        self.optimizer = make_optimizer(self.model, config.lr)
+        self.store, self.metrics, self.options, self.device = store, metrics, options, device
+        self._busy, self._save = busy, save
+        self.val_crop = VAL_CROP
+        self.optimizer = make_optimizer(self.model, options.lr)
         if optimizer_state:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
             except (ValueError, KeyError) as exc:
                 log.warning("optimizer state not restored (%s); starting it afresh", exc)
         self.step = step
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(options.seed)
         self._good = copy_state(self.model)
         self._loss_ema: float | None = None
 
@@ -127,16 +86,16 @@ class OnlineTrainer(BackgroundWorker):
         loss_sum, n_losses = 0.0, 0
         try:
             while not self._stopping.is_set():  # stop(): the step finishes, a checkpoint follows
-                if len(self.buffer) < self.config.min_frames or self._busy():
+                if len(self.buffer) < MIN_FRAMES or self._busy():
                     self._stopping.wait(0.01)  # inference first
                     continue
                 loss = self._step()
                 if loss is not None:
                     loss_sum, n_losses = loss_sum + loss, n_losses + 1
-                if self.step % self.config.publish_every == 0 and n_losses:
+                if self.step % self.options.publish_every == 0 and n_losses:
                     self._publish(loss_sum / n_losses)
                     loss_sum, n_losses = 0.0, 0
-                if time.monotonic() - last_save > self._checkpoint_every:
+                if time.monotonic() - last_save > self.options.checkpoint_every:
                     self._save(self.model, self.optimizer, self.step, self.store.version)
                     last_save = time.monotonic()
         except Exception:
@@ -146,7 +105,7 @@ class OnlineTrainer(BackgroundWorker):
         self._save(self.model, self.optimizer, self.step, self.store.version)
 
     def _step(self) -> float | None:
-        patches, valid = self.buffer.sample(batch=self.config.batch, patch=self.config.patch,
+        patches, valid = self.buffer.sample(batch=self.options.batch, patch=self.options.patch,
                                             rng=self._rng)
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
@@ -156,12 +115,12 @@ class OnlineTrainer(BackgroundWorker):
         self.step += 1
         self.metrics.train_steps.inc()
         ema = self._loss_ema
-        diverging = ema is not None and loss > self.config.divergence_factor * ema
+        diverging = ema is not None and loss > DIVERGENCE_FACTOR * ema
         if not math.isfinite(loss) or diverging:
             log.warning("training step %d: loss %g (recent %s); rolling back to version %d",
                         self.step, loss, f"{ema:.4g}" if ema else "n/a", self.store.version)
             self.model.load_state_dict(self._good)
-            self.optimizer = make_optimizer(self.model, self.config.lr)
+            self.optimizer = make_optimizer(self.model, self.options.lr)
             self.metrics.train_rollbacks.inc()
             return None
         self._loss_ema = loss if ema is None else 0.98 * ema + 0.02 * loss
@@ -178,7 +137,7 @@ class OnlineTrainer(BackgroundWorker):
         val_frames = self.val_buffer.snapshot()
         val_loss = None
         if val_frames is not None:
-            crops = np.ascontiguousarray(center_crop(val_frames, self.config.val_crop))
+            crops = np.ascontiguousarray(center_crop(val_frames, self.val_crop))
             frames = torch.from_numpy(crops).to(self.device)
 
             def loss_of(model: nn.Module) -> float:
@@ -200,11 +159,9 @@ class CheckpointFollower(BackgroundWorker):
     """For inference-only workers of a fan-out: adopts the newest checkpoint that the
     one training worker writes to its state dir (shared storage), as new model versions."""
 
-    def __init__(self, checkpoints: Path, store: ModelStore, *, interval: float = 2.0,
-                 on_load: Callable[[object], None] | None = None) -> None:
+    def __init__(self, checkpoints: Path, store: ModelStore, *, interval: float = 2.0) -> None:
         super().__init__("checkpoint-follower")
         self.checkpoints, self.store, self.interval = Path(checkpoints), store, interval
-        self._on_load = on_load
 
     def poll(self) -> bool:
         """Load the newest checkpoint if it is newer than what inference has."""
@@ -213,9 +170,7 @@ class CheckpointFollower(BackgroundWorker):
         checkpoint = newest_checkpoint(self.checkpoints)
         if checkpoint is None or checkpoint.version <= self.store.version:
             return False
-        self.store.publish(checkpoint.state_dict, checkpoint.version)
-        if self._on_load is not None:
-            self._on_load(checkpoint)
+        self.store.publish(checkpoint.state_dict, checkpoint.version, checkpoint.normalizer)
         log.info("adopted model version %d from %s", checkpoint.version, checkpoint.path)
         return True
 

@@ -83,7 +83,7 @@ def test_soak_runs(tmp_path):
 
 
 def test_soak_traces_memory(tmp_path, monkeypatch):
-    monkeypatch.setenv("N2S_TRACE_EVERY", "1")
+    monkeypatch.setenv("TRACED_DAEMON_EVERY", "1")
     stdout, report = run_benchmark("soak.py", "--minutes", "0.1", "--rate", "100",
                                    "--series-frames", "20", "--trace", out=tmp_path / "s.json")
     assert report["frames_written"] == 600

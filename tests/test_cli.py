@@ -128,3 +128,19 @@ def test_simulate_layouts(tmp_path):
         assert stack.shape == (3, 16, 24)
     with h5py.File(tmp_path / "plain" / ".truth" / "scan_0001_truth.h5") as handle:
         assert handle["clean"].shape == (3, 16, 24)
+
+
+def test_denoise_context_frames_must_match_the_checkpoint(cli_checkpoint, noisy_series,
+                                                          tmp_path):
+    """``--context-frames`` is accepted when it matches what the checkpoint records, and a
+    mismatch is one line naming both (exit 2), never the daemon's usage text."""
+    path, _, _ = noisy_series
+    out_dir, _ = cli_checkpoint
+    ckpt = str(out_dir / "ckpt_last.pt")
+    proc = run("denoise", "--h5", str(path), "--ckpt", ckpt, "--out", str(tmp_path / "k1.h5"),
+               "--dataset", "/data", "--context-frames", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    proc = run("denoise", "--h5", str(path), "--ckpt", ckpt, "--out", str(tmp_path / "k3.h5"),
+               "--dataset", "/data", "--context-frames", "3", "--no-progress")
+    _one_line_error(proc, 2, "--context-frames 3", "trained with 1")
+    assert "usage:" not in proc.stderr and not (tmp_path / "k3.h5").exists()

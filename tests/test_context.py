@@ -10,21 +10,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from pipeline_helpers import make_loop
 from prometheus_client import CollectorRegistry
 
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.config import DenoiseConfig, TrainConfig
 from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.inference import InferenceSettings, InferenceWorker
 from n2s_stream.metrics import Metrics
 from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.context import ContextWindow, context_indices, context_offsets
 from n2s_stream.n2s.masking import Masker, MaskerConfig
 from n2s_stream.offline import denoise, train
+from n2s_stream.options import make
 from n2s_stream.quality import psnr
-from n2s_stream.state import StateDir
-from n2s_stream.trainer import ModelStore, copy_state
-from n2s_stream.writer import OutputSet
+from n2s_stream.snapshot import ModelStore, copy_state
 
 
 def test_offsets_and_mirroring_at_series_ends():
@@ -100,17 +99,14 @@ def test_inference_worker_never_mixes_series(tmp_path):
     frames.put(SeriesEnd("a", 4, tmp_path / "a_n2s.h5"))
     frames.put(SeriesEnd("b", 4, tmp_path / "b_n2s.h5"))
     metrics = Metrics(CollectorRegistry())
-    worker = InferenceWorker(
-        frames=frames, model=model, masker=masker, normalizer=None,
-        store=ModelStore(copy_state(model), 1), outputs=OutputSet(config_text=""),
-        buffer=buffer, val_buffer=buffer, metrics=metrics, state=StateDir(tmp_path / "st"),
-        device=torch.device("cpu"), settings=InferenceSettings(max_batch=3),
-        on_fatal=lambda exc: None)
+    store = ModelStore(copy_state(model), 1)
+    worker = make_loop(tmp_path / "st", frames, model=model, store=store, metrics=metrics,
+                       masker=masker, max_batch=3, buffer=buffer, val_buffer=buffer)
     worker.start()
     worker.stop()
     stacks = buffer.snapshot()
     assert stacks.shape == (8, 3, 16, 16)
-    normalizer = worker.normalizer
+    normalizer = store.snapshot().normalizer
     raw = normalizer.inverse(stacks[:, :, 0, 0])  # back to counts
     for row in raw:
         series_values = {v for v in values.values() if abs(row[0] - v) < 10}
@@ -123,7 +119,7 @@ def test_inference_worker_never_mixes_series(tmp_path):
 
 def test_offline_context_is_recorded_and_used_by_denoise(tmp_path, noisy_series):
     path, clean, dose = noisy_series
-    result = train(TrainConfig(h5=path, device="cpu", context_frames=3, epochs=2,
+    result = train(make(TrainConfig, h5=path, device="cpu", context_frames=3, epochs=2,
                                steps_per_epoch=40, out_dir=tmp_path / "run", progress=False,
                                max_samples=12))
     raw = torch.load(result.last, weights_only=True)

@@ -112,7 +112,9 @@ def test_usage_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "n2s_stream", "--watch", str(tmp_path / "no"),
                            "--state-dir", str(tmp_path / "s"), "--metrics-port", "-1"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "watch directory does not exist" in proc.stderr
+    # a config error (DESIGN: exit 2), in one line
+    assert proc.returncode == 2 and "watch directory does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "n2s_stream", "--metrics-port", "-1"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--watch" in proc.stderr

@@ -9,17 +9,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from pipeline_helpers import make_loop
 from prometheus_client import CollectorRegistry
 
-from n2s_stream.buffer import RollingBuffer
+from n2s_stream.config import InferenceOptions
 from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.inference import InferenceSettings, InferenceWorker
+from n2s_stream.inference import InferenceLoop
 from n2s_stream.metrics import Metrics
 from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.masking import Masker
-from n2s_stream.state import StateDir
-from n2s_stream.trainer import ModelStore, copy_state
-from n2s_stream.writer import OutputSet
+from n2s_stream.snapshot import ModelStore, copy_state
 
 
 def test_queued_frames_are_batched_in_order_once(tmp_path):
@@ -37,13 +35,9 @@ def test_queued_frames_are_batched_in_order_once(tmp_path):
     for item in [frame(0), frame(1), frame(1), frame(2), frame(4), nan_frame, frame(6),
                  SeriesEnd("s", 7, out)]:
         frames.put(item)
-    worker = InferenceWorker(
-        frames=frames, model=build_model(ModelConfig(width=4, depth=1)), masker=Masker(),
-        normalizer=None, store=ModelStore(copy_state(model), 3),
-        outputs=OutputSet(config_text=""), buffer=RollingBuffer(max_frames=8, max_bytes=2**20),
-        val_buffer=RollingBuffer(max_frames=8, max_bytes=2**20), metrics=metrics,
-        state=StateDir(tmp_path / "state"), device=torch.device("cpu"),
-        settings=InferenceSettings(max_batch=4), on_fatal=lambda exc: None)
+    worker = make_loop(tmp_path / "state", frames,
+                       model=build_model(ModelConfig(width=4, depth=1)),
+                       store=ModelStore(copy_state(model), 3), metrics=metrics, max_batch=4)
     worker.start()
     worker.stop()
     with h5py.File(out, "r") as handle:
@@ -61,7 +55,7 @@ class _RecordsBusy(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
-        self.worker: InferenceWorker | None = None
+        self.worker: InferenceLoop | None = None
         self.seen_busy: list[bool] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,13 +69,8 @@ def test_worker_is_busy_while_denoising_so_training_waits(tmp_path):
     frames: queue.Queue = queue.Queue()
     metrics = Metrics(CollectorRegistry())
     out = tmp_path / "s_n2s.h5"
-    worker = InferenceWorker(
-        frames=frames, model=model, masker=Masker(), normalizer=None,
-        store=ModelStore(copy_state(model), 0), outputs=OutputSet(config_text=""),
-        buffer=RollingBuffer(max_frames=8, max_bytes=2**20),
-        val_buffer=RollingBuffer(max_frames=8, max_bytes=2**20), metrics=metrics,
-        state=StateDir(tmp_path / "state"), device=torch.device("cpu"),
-        settings=InferenceSettings(max_batch=1), on_fatal=lambda exc: None)
+    worker = make_loop(tmp_path / "state", frames, model=model,
+                       store=ModelStore(copy_state(model), 0), metrics=metrics)
     model.worker = worker
     assert not worker.busy
     worker.start()
@@ -109,15 +98,11 @@ def test_onnxruntime_swaps_new_weights_in_without_mislabelling_a_frame(
     frames: queue.Queue = queue.Queue()
     metrics = Metrics(CollectorRegistry())
     out = tmp_path / "s_n2s.h5"
-    worker = InferenceWorker(
-        frames=frames, model=build_model(ModelConfig(width=4, depth=1)), masker=Masker(),
-        normalizer=None, store=store, outputs=OutputSet(config_text=""),
-        buffer=RollingBuffer(max_frames=8, max_bytes=2**20),
-        val_buffer=RollingBuffer(max_frames=8, max_bytes=2**20), metrics=metrics,
-        state=StateDir(tmp_path / "state"), device=torch.device("cpu"),
-        settings=InferenceSettings(max_batch=1, engine="onnxruntime",
-                                   onnx_reload_seconds=reload_seconds),
-        on_fatal=lambda exc: None)
+    worker = make_loop(tmp_path / "state", frames,
+                       model=build_model(ModelConfig(width=4, depth=1)), store=store,
+                       metrics=metrics,
+                       options=InferenceOptions(engine="onnxruntime",
+                                                onnx_reload_seconds=reload_seconds))
     data = np.random.default_rng(0).poisson(10, (16, 16)).astype(np.uint16)
     denoised = lambda: metrics.registry.get_sample_value("n2s_frames_denoised_total")  # noqa: E731
     worker.start()

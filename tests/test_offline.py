@@ -15,6 +15,7 @@ from n2s_stream.config import DenoiseConfig, TrainConfig
 from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.offline import denoise, resolve_output, train
 from n2s_stream.onnx_engine import check_engine
+from n2s_stream.options import make
 from n2s_stream.quality import psnr
 
 TINY = dict(device="cpu", width=12, depth=2, patch=32, batch=8, progress=False)
@@ -25,7 +26,7 @@ def trained(noisy_series, tmp_path_factory):
     """A tiny UNet trained for a few seconds on the shared noisy series."""
     path, _, _ = noisy_series
     out_dir = tmp_path_factory.mktemp("runs")
-    result = train(TrainConfig(h5=path, epochs=6, steps_per_epoch=40, val_frac=0.15,
+    result = train(make(TrainConfig, h5=path, epochs=6, steps_per_epoch=40, val_frac=0.15,
                                save_best=True, out_dir=out_dir, **TINY))
     return result
 
@@ -70,7 +71,7 @@ def test_require_reconstructable_round_trips_counts(tmp_path):
     frames = rng.poisson(20, size=(8, 32, 32)).astype(np.uint16)
     frames[:, 3, 4] = np.iinfo(np.uint16).max  # a dead pixel: kept as is
     src = write_stack(tmp_path / "flat.h5", frames, "/entry/data/data")
-    result = train(TrainConfig(h5=src, epochs=4, steps_per_epoch=30, normalize="none",
+    result = train(make(TrainConfig, h5=src, epochs=4, steps_per_epoch=30, normalize="none",
                                no_scale_integers=True, out_dir=tmp_path / "r", **TINY))
     out = denoise(DenoiseConfig(h5=src, ckpt=result.last, out=tmp_path / "den",
                                 device="cpu", require_reconstructable=True, progress=False))
@@ -93,18 +94,18 @@ def test_require_reconstructable_refuses_inexact_checkpoint(trained, noisy_serie
 
 def test_early_stopping_and_max_seconds(noisy_series, tmp_path):
     path, _, _ = noisy_series
-    stopped = train(TrainConfig(h5=path, epochs=50, steps_per_epoch=5, val_frac=0.2,
+    stopped = train(make(TrainConfig, h5=path, epochs=50, steps_per_epoch=5, val_frac=0.2,
                                 early_stop_patience=1, early_stop_min_delta=10.0,
                                 out_dir=tmp_path / "a", **TINY))
     assert stopped.stopped_early and len(stopped.epochs) == 2
-    timed = train(TrainConfig(h5=path, epochs=1000, steps_per_epoch=5, max_seconds=2.0,
+    timed = train(make(TrainConfig, h5=path, epochs=1000, steps_per_epoch=5, max_seconds=2.0,
                               out_dir=tmp_path / "b", **TINY))
     assert len(timed.epochs) < 1000 and timed.epochs[-1].elapsed < 10
 
 
 def test_full_frame_and_dncnn_and_mask_channel(noisy_series, tmp_path):
     path, _, _ = noisy_series
-    config = TrainConfig(h5=path, epochs=1, steps_per_epoch=3, patch=0, batch=2,
+    config = make(TrainConfig, h5=path, epochs=1, steps_per_epoch=3, patch=0, batch=2,
                          model="dncnn", layers=4, mask_as_input=True,
                          out_dir=tmp_path / "r", device="cpu", width=8, progress=False)
     result = train(config)
@@ -116,7 +117,7 @@ def test_full_frame_and_dncnn_and_mask_channel(noisy_series, tmp_path):
 def test_resume_from_other_architecture_is_refused(trained, noisy_series, tmp_path):
     path, _, _ = noisy_series
     with pytest.raises(CheckpointError, match="checkpoint is for model"):
-        train(TrainConfig(h5=path, ckpt=trained.last, epochs=1, steps_per_epoch=1,
+        train(make(TrainConfig, h5=path, ckpt=trained.last, epochs=1, steps_per_epoch=1,
                           out_dir=tmp_path, **{**TINY, "width": 16}))
 
 

@@ -10,10 +10,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from n2s_stream.buffer import RollingBuffer
+from n2s_stream.config import TrainingOptions
 from n2s_stream.metrics import Metrics
 from n2s_stream.models import ModelConfig, build_model, use_fast_layout
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.trainer import ModelStore, OnlineTrainConfig, OnlineTrainer, copy_state
+from n2s_stream.snapshot import ModelStore, copy_state
+from n2s_stream.trainer import OnlineTrainer
 from n2s_stream.training import center_crop, make_optimizer, masked_validation_loss, train_step
 
 
@@ -25,7 +27,7 @@ def _trainer(buffer, *, busy=lambda: False, publish_every=5):
     trainer = OnlineTrainer(
         model=model, masker=Masker(), buffer=buffer, val_buffer=RollingBuffer(
             max_frames=2, max_bytes=2**20), store=store, metrics=metrics,
-        config=OnlineTrainConfig(patch=16, batch=2, publish_every=publish_every),
+        options=TrainingOptions(patch=16, batch=2, publish_every=publish_every),
         device=torch.device("cpu"), busy=busy,
         save=lambda m, o, step, version: saved.append((step, version)))
     return trainer, store, metrics, saved
@@ -66,7 +68,7 @@ def test_non_finite_loss_rolls_back_to_the_last_good_weights():
     buffer.add(np.full((24, 24), 1e30, np.float32))  # squares overflow float32: loss inf
     buffer.add(np.full((24, 24), 1e30, np.float32))
     trainer, store, metrics, _ = _trainer(buffer)
-    good = {k: v.clone() for k, v in store.latest()[1].items()}
+    good = {k: v.clone() for k, v in store.snapshot().weights.items()}
     trainer.start()
     assert _wait(lambda: (metrics.registry.get_sample_value("n2s_train_rollbacks_total") or 0)
                  >= 3)
@@ -88,7 +90,7 @@ def test_held_out_frames_are_scored_on_their_central_crop():
         buffer.add(np.random.default_rng(0).normal(size=(1, 96, 96)).astype(np.float32))
     trainer, store, metrics, _ = _trainer(buffer, publish_every=2)
     trainer.val_buffer.add(np.random.default_rng(1).normal(size=(1, 96, 96)).astype(np.float32))
-    trainer.config = OnlineTrainConfig(patch=16, batch=2, publish_every=2, val_crop=32)
+    trainer.val_crop = 32
     trainer._step()
     trainer._publish(1.0)
     assert store.version == 1

@@ -1,13 +1,26 @@
-"""Where frames come from. Each source turns new detector data into `Frame`s, hands them
-to ``emit`` (which blocks when the daemon is busy: backpressure) and reports what it
-cannot use to ``reject`` with a reason."""
+"""Where frames come from. Each source implements `Source`: it turns new detector data
+into `Frame` and `SeriesEnd` items, hands them to ``context.emit`` (which blocks when the
+daemon is busy: backpressure) and reports what it cannot use to ``context.reject`` with a
+reason. It knows nothing of denoising.
+
+The daemon picks the source by config (`make_source`): each is registered in ``SOURCES``
+under the name of the option that selects it (``DaemonConfig.source``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from n2s_stream.frames import Frame, SeriesEnd
+
+if TYPE_CHECKING:
+    from n2s_stream.config import DaemonConfig
 
 Emit = Callable[[Frame | SeriesEnd], bool]
 """Hand an item downstream; blocks while the queue is full; False once stopping."""
@@ -17,3 +30,44 @@ Reject = Callable[[str, str], None]
 
 StartPosition = Callable[[str, Path], "int | None"]
 """Next frame to read of ``(series, output)`` (resume there), or None if it is complete."""
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What the daemon gives a source: where items go, where refusals go, where a series
+    resumes, the state dir's per-series header store, and paths never to read."""
+
+    emit: Emit
+    reject: Reject
+    start_position: StartPosition
+    headers: MutableMapping[str, np.ndarray | None]
+    ignore: tuple[Path, ...] = ()
+
+
+class Source(Protocol):
+    """A stage that produces frames in a thread of its own."""
+
+    def start(self) -> None:
+        """Connect or start watching, then produce in the background; a source that
+        cannot start (a missing directory) raises `UsageError` here."""
+
+    def stop(self) -> None:
+        """Stop producing; what was not emitted is the detector's (or the file's) to keep."""
+
+    @property
+    def alive(self) -> bool:
+        """True while the source produces (the systemd watchdog is fed only then)."""
+
+
+SOURCES = {
+    "directory": "n2s_stream.sources.directory:DirectorySource",
+    "zmq": "n2s_stream.sources.zmq:ZmqSource",
+}
+"""Each source's class (``from_config(config, context)``), by ``DaemonConfig.source``."""
+
+
+def make_source(config: DaemonConfig, context: SourceContext) -> Source:
+    """The source that ``config`` selects."""
+    module_name, _, class_name = SOURCES[config.source or ""].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.from_config(config, context)

@@ -23,9 +23,10 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from n2s_stream.errors import InputError
+from n2s_stream.config import DaemonConfig, DirectoryOptions
+from n2s_stream.errors import InputError, UsageError
 from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.sources import Emit, Reject, StartPosition
+from n2s_stream.sources import SourceContext
 from n2s_stream.stack import FrameStack, open_stack
 from n2s_stream.worker import BackgroundWorker
 from n2s_stream.writer import output_name
@@ -51,19 +52,8 @@ def series_successor(earlier: Path, later: Path) -> bool:
 _RETRY_REASONS = ("unreadable", "no_dataset", "not_hdf5", "missing", "read_error")
 
 
-@dataclass(frozen=True)
-class DirectoryConfig:
-    """What to watch and how."""
-
-    root: Path
-    out_root: Path
-    ignore: tuple[Path, ...] = ()
-    pattern: str = "*"
-    poll: float = 0.0  # seconds between scans; 0 = inotify unless a network file system
-    settle_seconds: float = 5.0
-    process_existing: bool = True
-    dataset: str | None = None
-    read_batch: int = 16
+READ_BATCH = 16
+"""Frames read from a file at once."""
 
 
 def filesystem_type(path: Path, mounts: str | None = None) -> str:
@@ -130,25 +120,34 @@ def _is_utf8(path: Path) -> bool:
 
 
 class DirectorySource(BackgroundWorker):
-    """Emits the frames of every HDF5 series under ``config.root``, each exactly once."""
+    """Emits the frames of every HDF5 series under ``options.root``, each exactly once."""
 
-    def __init__(self, config: DirectoryConfig, *, emit: Emit, reject: Reject,
-                 start_position: StartPosition) -> None:
+    def __init__(self, options: DirectoryOptions, *, out_root: Path,
+                 context: SourceContext) -> None:
         super().__init__("directory-source")
-        self.config = config
-        self._root = config.root.resolve()
-        self._ignore = tuple(p.resolve() for p in (config.out_root, *config.ignore))
-        self._emit, self._reject, self._start_position = emit, reject, start_position
+        if options.root is None:
+            raise UsageError("the directory source needs --watch DIR")
+        self.config = options
+        self.out_root = out_root
+        self._root = options.root.resolve()
+        self._ignore = tuple(p.resolve() for p in (out_root, *context.ignore))
+        self._emit, self._reject = context.emit, context.reject
+        self._start_position = context.start_position
         self._events = _Events()
         self._followed: dict[Path, _Followed] = {}
         self._done: set[Path] = set()
         self._observer: BaseObserver | None = None
-        self.polling = config.poll > 0 or filesystem_type(self._root) in NETWORK_FILESYSTEMS
+        self.polling = options.poll > 0 or filesystem_type(self._root) in NETWORK_FILESYSTEMS
+
+    @classmethod
+    def from_config(cls, config: DaemonConfig, context: SourceContext) -> DirectorySource:
+        """The source ``--watch`` selects."""
+        return cls(config.directory, out_root=config.output.out, context=context)
 
     def start(self) -> None:
         """Start watching; existing files are picked up first when configured."""
         if not self._root.is_dir():
-            raise InputError(f"{self._root}: watch directory does not exist", reason="missing")
+            raise UsageError(f"{self._root}: watch directory does not exist")
         interval = self.config.poll or 1.0
         self._observer = PollingObserver(timeout=interval) if self.polling else Observer()
         self._observer.schedule(self._events, str(self._root), recursive=True)
@@ -235,7 +234,7 @@ class DirectorySource(BackgroundWorker):
         relative = path.relative_to(self._root)
         stem = relative.stem.removesuffix("_master")
         series = str(relative.parent / stem)
-        output = self.config.out_root / relative.parent / output_name(Path(stem + ".h5"))
+        output = self.out_root / relative.parent / output_name(Path(stem + ".h5"))
         now = time.monotonic()
         for earlier in self._followed.values():
             if series_successor(earlier.path, path):
@@ -286,7 +285,7 @@ class DirectorySource(BackgroundWorker):
                                                     swmr=stack.swmr)
             available = stack.refresh()
             if available > followed.position:
-                stop = min(available, followed.position + self.config.read_batch)
+                stop = min(available, followed.position + READ_BATCH)
                 frames = stack.read(followed.position, stop)
                 for data in frames:
                     frame = Frame(followed.series, followed.position, data, time.time(),

@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import MutableMapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from n2s_stream.config import DaemonConfig, ZmqOptions
+from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.sources import Emit, Reject
+from n2s_stream.sources import Emit, Reject, SourceContext
 from n2s_stream.sources.codecs import MessageError
 from n2s_stream.sources.protocols import End, Image, make_decoder
 from n2s_stream.worker import BackgroundWorker
@@ -32,36 +33,27 @@ HARD_LIMIT_FACTOR = 4
 such a message never reaches us, so it cannot be counted, only the disconnect logged."""
 
 
-@dataclass(frozen=True)
-class ZmqConfig:
-    """Which feed to follow and how."""
-
-    endpoint: str
-    protocol: str
-    out_root: Path
-    socket_type: str = "pull"
-    hwm: int = 1000
-    tee: str | None = None
-    max_message_mb: int = 256
-
-
 class ZmqSource(BackgroundWorker):
     """Emits the frames of a ZeroMQ feed; one output file per series."""
 
-    def __init__(self, config: ZmqConfig, *, emit: Emit, reject: Reject,
+    def __init__(self, options: ZmqOptions, *, out_root: Path, emit: Emit, reject: Reject,
                  headers: MutableMapping[str, np.ndarray | None] | None = None) -> None:
         super().__init__("zmq-source")
-        self.config = config
+        if options.endpoint is None:
+            raise UsageError("the ZeroMQ source needs --zmq ENDPOINT")
+        self.config = config = options
+        self.endpoint: str = options.endpoint
+        self.out_root = out_root
         self._decoder = make_decoder(config.protocol, headers)
         self._emit, self._reject = emit, reject
         self._frames_in: dict[str, int] = {}
         self._context = zmq.Context()
-        self._socket = self._context.socket(SOCKET_TYPES[config.socket_type])
+        self._socket = self._context.socket(SOCKET_TYPES[config.socket])
         self._socket.setsockopt(zmq.RCVHWM, config.hwm)
         self._max_bytes = config.max_message_mb << 20
         self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * self._max_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
-        if config.socket_type == "sub":
+        if config.socket == "sub":
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._tee: zmq.Socket | None = None
         if config.tee:
@@ -73,11 +65,17 @@ class ZmqSource(BackgroundWorker):
             self._tee.bind(config.tee)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
+    @classmethod
+    def from_config(cls, config: DaemonConfig, context: SourceContext) -> ZmqSource:
+        """The source ``--zmq`` selects."""
+        return cls(config.zmq, out_root=config.output.out, emit=context.emit,
+                   reject=context.reject, headers=context.headers)
+
     def start(self) -> None:
         """Connect and start reading."""
-        self._socket.connect(self.config.endpoint)
-        log.info("following %s (%s, %s)", self.config.endpoint, self.config.protocol,
-                 self.config.socket_type.upper())
+        self._socket.connect(self.endpoint)
+        log.info("following %s (%s, %s)", self.endpoint, self.config.protocol,
+                 self.config.socket.upper())
         super().start()
 
     def stop(self) -> None:
@@ -106,17 +104,17 @@ class ZmqSource(BackgroundWorker):
                 self._tee.send_multipart(parts)  # blocks at HWM: the writer sets the pace
             size = sum(len(part) for part in parts)
             if size > self._max_bytes:
-                self._reject("too_large", f"{self.config.endpoint}: message of {size} bytes "
+                self._reject("too_large", f"{self.endpoint}: message of {size} bytes "
                              f"exceeds zmq_max_message_mb ({self.config.max_message_mb} MiB)")
                 continue
             try:
                 events = self._decoder.decode(parts)
             except MessageError as exc:
-                self._reject(exc.reason, f"{self.config.endpoint}: {exc}")
+                self._reject(exc.reason, f"{self.endpoint}: {exc}")
                 continue
             except Exception as exc:  # a decoder bug must not stop the feed
                 log.exception("decoder failed on a message")
-                self._reject("internal_error", f"{self.config.endpoint}: {exc}")
+                self._reject("internal_error", f"{self.endpoint}: {exc}")
                 continue
             for event in events:
                 if not self._forward(event, received):
@@ -125,12 +123,12 @@ class ZmqSource(BackgroundWorker):
     def _log_disconnect(self) -> None:
         event = recv_monitor_message(self._monitor)
         log.warning("%s: detector disconnected (it stopped, or sent a message over %d MiB, "
-                    "which ZeroMQ refuses); reconnecting", self.config.endpoint,
+                    "which ZeroMQ refuses); reconnecting", self.endpoint,
                     HARD_LIMIT_FACTOR * self.config.max_message_mb)
         log.debug("monitor event %s", event)
 
     def _output(self, series: str) -> Path:
-        return self.config.out_root / f"{series}_n2s.h5"
+        return self.out_root / f"{series}_n2s.h5"
 
     def _forward(self, event: Image | End, received: float) -> bool:
         if isinstance(event, End):

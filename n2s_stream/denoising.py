@@ -1,0 +1,143 @@
+"""One denoise path, shared by offline ``denoise`` and the daemon.
+
+Frames go through the same four steps wherever they come from:
+1. ``prepare``: find the pixels that carry a measurement (sentinels, NaN/inf and the
+   pixel mask do not), in-fill the others and normalise;
+2. a `ContextWindow` per series releases each frame with its neighbours ``(K, H, W)``
+   (a channel with no frame to use is zero, the normalised mean);
+3. ``denoise_normalized`` runs the network (or any module with its interface), and the
+   same normaliser maps the result back to detector units;
+4. ``restore_invalid``: unmeasured pixels keep their source value in the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from n2s_stream.n2s.context import ContextWindow
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
+from n2s_stream.training import autocast
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+"""A network's forward pass: ``(N, C, H, W)`` normalised input -> ``(N, 1, H, W)``."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame ready for the network: ``normalized`` float32 ``(H, W)`` with unmeasured
+    pixels in-filled, ``valid`` True where the detector measured."""
+
+    normalized: np.ndarray
+    valid: np.ndarray
+
+
+class Unusable(ValueError):
+    """A frame the network cannot take; ``reason`` is its rejection label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_usable(data: np.ndarray, pixel_mask: np.ndarray | None = None) -> np.ndarray:
+    """Valid-pixel map of one ``(H, W)`` frame; raises `Unusable` for a float frame with
+    NaN/inf (a broken detector frame, not a sentinel) or one with no measured pixel."""
+    valid = valid_pixels(data, data.dtype)
+    if data.dtype.kind == "f" and not valid.all():
+        raise Unusable("nan", "NaN or inf pixels in a float frame")
+    if pixel_mask is not None:
+        valid &= ~pixel_mask
+    if not valid.any():
+        raise Unusable("no_valid_pixels", "every pixel is a sentinel or masked")
+    return valid
+
+
+def prepare(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer) -> Prepared:
+    """In-fill the unmeasured pixels of one ``(H, W)`` frame and normalise it."""
+    filled = fill_invalid(data[np.newaxis], valid[np.newaxis])
+    return Prepared(normalizer.forward(filled)[0], valid)
+
+
+@torch.inference_mode()
+def denoise_normalized(forward: Forward, masker: Masker, inputs: np.ndarray, *, jinv: bool,
+                       device: torch.device, amp: bool = False) -> np.ndarray:
+    """Denoise normalised frames: ``(n, H, W)``, or ``(n, C, H, W)`` frames with their
+    temporal context; returns the ``(n, H, W)`` denoised centre frames, float32, on the host."""
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    x = x.to(device, non_blocking=True)
+    with autocast(device, amp):
+        infer = masker.infer_full_image if jinv else masker.infer_single_pass
+        y = infer(x, forward)
+    return y.float().squeeze(1).cpu().numpy()  # host sync
+
+
+def restore_invalid(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Unmeasured pixels keep their source value (in place; returned)."""
+    if not valid.all():
+        denoised[~valid] = raw[~valid]
+    return denoised
+
+
+def to_source_dtype(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round and clip float frames into ``dtype`` (integers) or cast (floats)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(frames), info.min, info.max).astype(dtype)
+    return frames.astype(dtype)
+
+
+def denoise_series(forward: Forward, masker: Masker, normalizer: Normalizer,
+                   chunks: Iterable[tuple[int, np.ndarray]], *, jinv: bool,
+                   device: torch.device, batch: int = 8, amp: bool = False,
+                   pixel_mask: np.ndarray | None = None,
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Denoise one series read in ``(first index, (n, H, W) frames)`` chunks, in order;
+    yields ``(indices, denoised frames)`` in detector units, float32, ``batch`` at a time.
+    Offline, frames with NaN/inf are denoised from their in-filled pixels (the daemon
+    refuses them: see ``check_usable``)."""
+    window: ContextWindow[tuple[int, np.ndarray, np.ndarray]] = ContextWindow(
+        masker.config.context_frames, masker.config.causal)
+    ready: list[tuple[tuple[int, np.ndarray, np.ndarray], np.ndarray]] = []
+
+    def run(items) -> tuple[np.ndarray, np.ndarray]:
+        stacks = np.stack([stack for _, stack in items])
+        denoised = normalizer.inverse(denoise_normalized(forward, masker, stacks, jinv=jinv,
+                                                         device=device, amp=amp))
+        for k, ((_, raw, valid), _) in enumerate(items):
+            restore_invalid(denoised[k], raw, valid)
+        return np.array([index for (index, _, _), _ in items]), denoised
+
+    for start, frames in chunks:
+        valid = valid_pixels(frames, frames.dtype)
+        if pixel_mask is not None:
+            valid &= ~pixel_mask
+        normalized = normalizer.forward(fill_invalid(frames, valid))
+        for k in range(len(frames)):
+            ready += window.push((start + k, frames[k], valid[k]), normalized[k])
+        while len(ready) >= batch:
+            yield run(ready[:batch])
+            ready = ready[batch:]
+    ready += window.flush()
+    for first in range(0, len(ready), batch):
+        yield run(ready[first : first + batch])
+
+
+def denoise_counts(model: nn.Module, masker: Masker, normalizer: Normalizer,
+                   frames: np.ndarray, *, jinv: bool, device: torch.device,
+                   amp: bool = False, pixel_mask: np.ndarray | None = None) -> np.ndarray:
+    """Denoise the ``(n, H, W)`` frames of one series (in order) held in memory; returns
+    float32 in detector units. See :func:`denoise_series`."""
+    parts = [out for _, out in denoise_series(model, masker, normalizer, [(0, frames)],
+                                              jinv=jinv, device=device,
+                                              batch=max(len(frames), 1), amp=amp,
+                                              pixel_mask=pixel_mask)]
+    return np.concatenate(parts) if parts else np.empty((0, *frames.shape[1:]), np.float32)

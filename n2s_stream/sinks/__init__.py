@@ -1,0 +1,182 @@
+"""Where denoised frames go. Each sink implements `Sink`; the inference loop calls every
+sink in order for each denoised frame and knows none of them by name.
+
+A sink's failure policy is part of it: ``required`` sinks (the HDF5 output) stop intake
+when they fail, since a frame they cannot take would be lost; the others (viewers,
+republishing, the training tap) log and count the failure in
+``n2s_sink_errors_total{sink}`` and the daemon goes on.
+
+Built-in sinks are chosen by config (`make_sinks`); more come from ``sinks = ["module:
+factory"]``, each factory called with the `SinkContext` and returning a `Sink`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from n2s_stream.errors import UsageError
+from n2s_stream.frames import Frame, SeriesEnd
+
+if TYPE_CHECKING:
+    from n2s_stream.buffer import RollingBuffer
+    from n2s_stream.config import DaemonConfig
+    from n2s_stream.metrics import Metrics
+    from n2s_stream.preview import Preview
+    from n2s_stream.state import StateDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeriesStart:
+    """The first frame of ``series`` this run is about to be written: ``output`` is the
+    file the source named for it, ``frame_shape`` and ``dtype`` are the raw frames', and
+    ``notes`` what the output should record about how it is made (cold start)."""
+
+    series: str
+    output: Path
+    frame_shape: tuple[int, int]
+    dtype: np.dtype
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """How a denoised frame was made: the model ``version`` and ``denoiser`` (0 network,
+    1 classical), its ``valid`` pixels, and the normalised ``network_input`` ``(K, H, W)``
+    (the frame and its context) that online training learns from."""
+
+    version: int
+    denoiser: int
+    valid: np.ndarray
+    network_input: np.ndarray
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """What happens to denoised frames. Called from the inference thread only."""
+
+    name: str
+    required: bool  # True: a failure stops intake (the daemon exits 1); False: counted
+
+    def open_series(self, start: SeriesStart) -> None:
+        """A series' first frame of this run is coming."""
+
+    def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
+        """Take one denoised frame (float32, detector units; do not modify it)."""
+
+    def end_series(self, end: SeriesEnd) -> None:
+        """No more frames of ``end.series`` (``end.complete``: the source said so; else
+        the series went idle and may resume later)."""
+
+    def close(self) -> None:
+        """The daemon stops: release everything."""
+
+
+@dataclass
+class SinkContext:
+    """What the daemon hands to sink factories: the whole config (each sink reads its
+    own options), metrics, the state dir, the stop flag (a sink waiting for something,
+    such as disk space, gives up once it is set), and the shared tables that the
+    preview page and the trainer read."""
+
+    config: DaemonConfig
+    metrics: Metrics
+    state: StateDir
+    stopping: threading.Event
+    preview: Preview
+    buffer: RollingBuffer
+    val_buffer: RollingBuffer
+
+
+SinkFactory = Callable[[SinkContext], Sink]
+
+
+class SinkChain:
+    """The sinks in order, each called with its failure policy."""
+
+    def __init__(self, sinks: Sequence[Sink], metrics: Metrics) -> None:
+        self.sinks = list(sinks)
+        self._metrics = metrics
+
+    def open_series(self, start: SeriesStart) -> None:
+        """Tell every sink a series starts."""
+        for sink in self.sinks:
+            self._call(sink, "open_series", start)
+
+    def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
+        """Hand one denoised frame to every sink."""
+        for sink in self.sinks:
+            self._call(sink, "write", frame, denoised, meta)
+
+    def end_series(self, end: SeriesEnd) -> None:
+        """Tell every sink a series ended."""
+        for sink in self.sinks:
+            self._call(sink, "end_series", end)
+
+    def close(self) -> None:
+        """Close every sink; a failure of one does not keep the others open."""
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing sink %s failed", sink.name)
+                self._metrics.sink_errors.labels(sink=sink.name).inc()
+
+    def _call(self, sink: Sink, method: str, *args: object) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception as exc:
+            if sink.required:
+                raise
+            log.warning("sink %s: %s failed: %s", sink.name, method, exc)
+            self._metrics.sink_errors.labels(sink=sink.name).inc()
+
+
+def load_factory(spec: str) -> SinkFactory:
+    """The factory named ``module:attribute`` (a class or a function of `SinkContext`)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"sinks: {spec!r} is not 'module:factory'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"sinks: cannot load {spec!r}: {exc}") from exc
+    if not callable(factory):
+        raise UsageError(f"sinks: {spec!r} is not callable")
+    return factory
+
+
+def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
+    """The sinks this config asks for, in the order they are called: the HDF5 output
+    first (required), the training tap (when training), republishing, the preview table,
+    then the configured extra sinks."""
+    from n2s_stream.sinks.hdf5 import Hdf5Sink
+    from n2s_stream.sinks.preview import PreviewSink
+    from n2s_stream.sinks.republish import ZmqRepublishSink
+    from n2s_stream.sinks.training_tap import TrainingTap
+
+    config = context.config
+    sinks: list[Sink] = [Hdf5Sink.from_context(context)]
+    if train:
+        sinks.append(TrainingTap.from_context(context))
+    if config.zmq.out:
+        sinks.append(ZmqRepublishSink.from_context(context))
+    if config.service.metrics_port >= 0:
+        sinks.append(PreviewSink.from_context(context))
+    for spec in config.output.sinks:
+        sink = load_factory(spec)(context)
+        if not isinstance(sink, Sink):
+            raise UsageError(f"sinks: {spec!r} made {sink!r}, which is not a Sink "
+                             "(open_series, write, end_series, close, name, required)")
+        log.info("sink %s from %s", sink.name, spec)
+        sinks.append(sink)
+    return sinks

@@ -1,0 +1,50 @@
+"""An inference loop wired as the daemon wires it (HDF5 output and training tap), on a
+queue the test fills: for tests of the loop without sources or threads around it."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from n2s_stream.buffer import RollingBuffer
+from n2s_stream.calibration import Calibration
+from n2s_stream.config import InferenceOptions, NetworkOptions, OutputOptions
+from n2s_stream.engine import Engine
+from n2s_stream.inference import InferenceLoop
+from n2s_stream.metrics import Metrics
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.series import SeriesTracker
+from n2s_stream.sinks import Sink, SinkChain
+from n2s_stream.sinks.hdf5 import Hdf5Sink
+from n2s_stream.sinks.training_tap import TrainingTap
+from n2s_stream.snapshot import ModelStore
+
+
+def make_loop(state_dir: Path, frames: queue.Queue, *, model: nn.Module, store: ModelStore,
+              metrics: Metrics, masker: Masker | None = None,
+              options: InferenceOptions | None = None, max_batch: int = 1,
+              buffer: RollingBuffer | None = None, val_buffer: RollingBuffer | None = None,
+              extra_sinks: tuple[Sink, ...] = ()) -> InferenceLoop:
+    """An `InferenceLoop` over ``frames`` writing outputs as the daemon does."""
+    from n2s_stream.state import StateDir
+
+    masker = masker or Masker()
+    options = options or InferenceOptions()
+    if buffer is None:
+        buffer = RollingBuffer(max_frames=8, max_bytes=2**20)
+    if val_buffer is None:
+        val_buffer = RollingBuffer(max_frames=8, max_bytes=2**20)
+    output = Hdf5Sink(OutputOptions(), state=StateDir(state_dir), metrics=metrics,
+                      stopping=threading.Event(), config_text="")
+    sinks = [output, TrainingTap(buffer, val_buffer), *extra_sinks]
+    return InferenceLoop(
+        frames=frames, store=store, metrics=metrics, options=options, max_batch=max_batch,
+        engine=Engine(model, masker, device=torch.device("cpu"), options=options,
+                      metrics=metrics),
+        series=SeriesTracker(masker.config, metrics, last_written=output.last_written),
+        sinks=SinkChain(sinks, metrics), calibration=Calibration(store, NetworkOptions(), None),
+        cold_start=None, on_fatal=lambda exc: None)
