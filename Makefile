@@ -48,6 +48,8 @@ bench: setup
 		--out $(QUICK)/daemon_memory.json
 	$(PY) benchmarks/daemon_throughput.py --sizes 256 512 --flat-seconds 5 --paced-seconds 5 \
 		--out $(QUICK)/daemon_throughput.json
+	$(PY) benchmarks/daemon_vs_offline.py --frames 200 --variants daemon \
+		--out $(QUICK)/daemon_vs_offline.json
 	$(PY) benchmarks/zmq_throughput.py --sizes 256 --frames 200 --e2e-frames 40 --workers 1 2 \
 		--out $(QUICK)/zmq_throughput.json
 	$(PY) benchmarks/model_speed.py --sizes 256 512 --seconds 1 --out $(QUICK)/model_speed.json
@@ -61,6 +63,7 @@ bench-full: setup
 	$(PY) benchmarks/online_quality.py
 	$(PY) benchmarks/daemon_memory.py --no-cold-start
 	$(PY) benchmarks/daemon_throughput.py
+	$(PY) benchmarks/daemon_vs_offline.py
 	$(PY) benchmarks/zmq_throughput.py
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/profile_model.py

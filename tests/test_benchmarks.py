@@ -162,3 +162,14 @@ def test_peer_quality_runs(tmp_path):
     scores = [row["noisy"], row["n2s_stream"]["single_pass"], row["careamics_n2v"]]
     assert all(0 < score["psnr"] < 60 for score in scores), scores
     assert "CAREamics N2V" in stdout
+
+
+def test_daemon_vs_offline_runs(tmp_path):
+    stdout, report = run_benchmark(
+        "daemon_vs_offline.py", "--frames", "30", "--shape", "48x48", "--variants", "daemon",
+        "daemon no-train", out=tmp_path / "d.json", timeout=600)
+    assert report["offline"]["fps"] > 0 and len(report["offline"]["runs_fps"]) == 2
+    assert set(report["daemons"]) == {"daemon", "daemon no-train"}
+    assert report["daemons"]["daemon no-train"]["train_steps"] == 0
+    assert all(0 < row["forward_share"] <= 1.5 for row in report["daemons"].values())
+    assert "/ offline" in stdout
