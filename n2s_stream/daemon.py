@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from types import FrameType
 
@@ -23,25 +21,25 @@ from torch import nn
 
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.calibration import Calibration
-from n2s_stream.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from n2s_stream.coldstart import ColdStart
 from n2s_stream.config import DaemonConfig
 from n2s_stream.engine import Engine
 from n2s_stream.errors import UsageError
-from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.heartbeat import Heartbeat
 from n2s_stream.inference import InferenceLoop
-from n2s_stream.metrics import LatencyWindow, Metrics, MetricsServer
+from n2s_stream.intake import Intake
+from n2s_stream.metrics import Metrics, MetricsServer
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.onnx_engine import check_engine
 from n2s_stream.preview import Preview, preview_app
-from n2s_stream.series import DroppedFrames, SeriesTracker
+from n2s_stream.series import SeriesTracker
 from n2s_stream.service import Notifier
 from n2s_stream.sinks import SinkChain, SinkContext, make_sinks
 from n2s_stream.sinks.hdf5 import Hdf5Sink
 from n2s_stream.snapshot import ModelStore, copy_state
 from n2s_stream.sources import Source, SourceContext, make_source
-from n2s_stream.state import StateDir, newest_checkpoint
+from n2s_stream.state import StateDir
 from n2s_stream.trainer import CheckpointFollower, OnlineTrainer
 from n2s_stream.training import resolve_device
 
@@ -78,8 +76,9 @@ class Daemon:
         self.preview = Preview()
         self.stages: Stages | None = None
         self._signals = 0
-        self._frames: queue.Queue = queue.Queue(maxsize=config.inference.queue_size)
-        self._dropped = DroppedFrames()  # drop_when_full: dropped frames are not also missing
+        self.intake = Intake(size=config.inference.queue_size,
+                             drop_when_full=config.inference.drop_when_full,
+                             metrics=self.metrics, stopping=self.stop_requested)
         self._state: StateDir | None = None
         self._masker = Masker()
         self._model_config = config.network.model_config()
@@ -93,7 +92,8 @@ class Daemon:
         check_engine(config.inference.engine, device)
         state = self._state = StateDir(config.service.state_dir,
                                        on_write_error=self.metrics.state_write_errors.inc)
-        checkpoint = self._starting_checkpoint(state)
+        checkpoint = state.starting_checkpoint(model_from=config.training.model_from,
+                                               ckpt=config.training.ckpt)
         if checkpoint is not None:
             self._model_config = checkpoint.model_config
             self._masker = Masker(checkpoint.masker_config)
@@ -121,7 +121,7 @@ class Daemon:
             trainer = OnlineTrainer(
                 model=train_model, masker=self._masker, buffer=buffer, val_buffer=val_buffer,
                 store=store, metrics=self.metrics, device=device, options=config.training,
-                busy=lambda: inference.busy or not self._frames.empty(),
+                busy=lambda: inference.busy or not self.intake.queue.empty(),
                 save=self._save_checkpoint,
                 optimizer_state=checkpoint.optimizer_state if checkpoint else None,
                 step=checkpoint.step if checkpoint else 0,
@@ -130,7 +130,8 @@ class Daemon:
         if config.training.model_from is not None:
             follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
         source = make_source(config, SourceContext(
-            emit=self._emit, reject=self._reject, start_position=state.start_position,
+            emit=self.intake.emit, reject=self.intake.reject,
+            start_position=state.start_position,
             headers=state.series_headers, ignore=(config.service.state_dir,)))
         stages = Stages(source, inference, follower, trainer, store, cold_start,
                         self._metrics_server())
@@ -140,22 +141,6 @@ class Daemon:
                 worker.start()
         return stages
 
-    def _starting_checkpoint(self, state: StateDir) -> Checkpoint | None:
-        """The state dir's newest checkpoint, else the training worker's (fan-out), else
-        the offline ``--ckpt``; None: start from scratch."""
-        config = self.config.training
-        checkpoint = state.latest_checkpoint()
-        if checkpoint is None and config.model_from is not None:
-            checkpoint = newest_checkpoint(config.model_from / "checkpoints")
-        if checkpoint is not None:
-            log.info("resuming from %s (version %d, step %d)", checkpoint.path,
-                     checkpoint.version, checkpoint.step)
-        elif config.ckpt is not None:
-            checkpoint = load_checkpoint(config.ckpt)
-            log.info("starting from offline model %s (version %d)", config.ckpt,
-                     checkpoint.version)
-        return checkpoint
-
     def _inference_loop(self, device: torch.device, store: ModelStore,
                         cold_start: ColdStart | None, sinks: list) -> InferenceLoop:
         config = self.config
@@ -164,9 +149,10 @@ class Daemon:
                         device=device, options=config.inference, metrics=self.metrics)
         series = SeriesTracker(self._masker.config, self.metrics,
                                last_written=output.last_written,
-                               count_gaps=not config.zmq.shared_feed, dropped=self._dropped)
+                               count_gaps=not config.zmq.shared_feed,
+                               dropped=self.intake.dropped)
         return InferenceLoop(
-            frames=self._frames, engine=engine, series=series,
+            frames=self.intake.queue, engine=engine, series=series,
             sinks=SinkChain(sinks, self.metrics), store=store,
             calibration=Calibration(store, config.network, cold_start),
             cold_start=cold_start, options=config.inference,
@@ -189,37 +175,9 @@ class Daemon:
         return 8 if device.type == "cuda" else 1
 
     # ---- callbacks from the stages ------------------------------------------------------
-    def _emit(self, item: Frame | SeriesEnd) -> bool:
-        """Queue an item; block while full (backpressure), give up once stopping."""
-        if isinstance(item, Frame):
-            self.metrics.frames_received.inc()
-        if self.config.inference.drop_when_full and isinstance(item, Frame):
-            try:
-                self._frames.put_nowait(item)
-            except queue.Full:
-                self._dropped.add(item.series, item.index)
-                self._reject("dropped_queue_full", f"frame {item.index} of {item.series}"
-                             " dropped: inference queue full (drop_when_full)")
-            return True
-        started = time.monotonic()
-        while True:
-            try:
-                self._frames.put(item, timeout=0.1)
-                break
-            except queue.Full:
-                if self.stop_requested.is_set():
-                    return False
-        self.metrics.source_blocked.inc(time.monotonic() - started)
-        self.metrics.queue_depth.set(self._frames.qsize())
-        return True
-
     def _cold_start_changed(self, active: bool, classical_loss: float) -> None:
         self.metrics.cold_start_active.set(int(active))
         self.metrics.classical_selfsup_loss.set(classical_loss)
-
-    def _reject(self, reason: str, message: str) -> None:
-        log.warning("rejected (%s): %s", reason, message)
-        self.metrics.reject(reason)
 
     def _fatal(self, exc: BaseException) -> None:
         self.failure = exc
@@ -229,18 +187,11 @@ class Daemon:
                          version: int) -> None:
         assert self.stages is not None and self._state is not None
         normalizer = self.stages.store.snapshot().normalizer
-        if normalizer is None:
-            return  # nothing seen yet: nothing learnt worth keeping
-        path = self._state.checkpoint_path(version)
-        try:
-            save_checkpoint(path, model=model, model_config=self._model_config,
-                            masker_config=self._masker.config, normalizer=normalizer,
-                            optimizer=optimizer, step=step, version=version)
-            self._state.prune_checkpoints()
-        except OSError as exc:  # training goes on; the next interval tries again
-            self._state.write_failed(f"checkpoint {path}", exc)
-            return
-        log.info("checkpoint %s (step %d)", path, step)
+        if normalizer is not None:  # else nothing seen yet: nothing learnt worth keeping
+            self._state.save_checkpoint(
+                model=model, optimizer=optimizer, step=step, version=version,
+                model_config=self._model_config, masker_config=self._masker.config,
+                normalizer=normalizer)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -274,41 +225,23 @@ class Daemon:
         return 0
 
     def _loop(self, stages: Stages) -> None:
-        last_ping = last_status = time.monotonic()
-        last_written, last_time = 0, time.monotonic()
-        latency = LatencyWindow(self.metrics.registry)
+        heartbeat = Heartbeat(
+            metrics=self.metrics, notifier=self.notifier, preview=self.preview,
+            written=lambda: stages.inference.written,
+            healthy=lambda: stages.inference.alive and stages.source.alive,
+            status=lambda: self._status(stages))
         while not self.stop_requested.wait(0.25):
-            now = time.monotonic()
-            written = stages.inference.written
-            if now - last_time >= 2.0:
-                fps = (written - last_written) / (now - last_time)
-                self.metrics.frames_per_second.set(fps)
-                last_written, last_time = written, now
-                self._sample_preview(stages, fps, latency.mean_since_last())
-            interval = self.notifier.watchdog_interval
-            healthy = stages.inference.alive and stages.source.alive
-            if interval is not None and healthy and now - last_ping >= interval:
-                self.notifier.notify("WATCHDOG=1")
-                last_ping = now
-            if now - last_status >= 5.0:
-                self.notifier.notify(f"STATUS={written} frames written, model version "
-                                     f"{stages.store.version}, queue {self._frames.qsize()}")
-                last_status = now
+            heartbeat.beat()
 
-    def _sample_preview(self, stages: Stages, fps: float, latency_s: float) -> None:
-        """A point for the preview page's plots, and its status lines."""
-        value = self.metrics.registry.get_sample_value
+    def _status(self, stages: Stages) -> dict[str, object]:
+        """The status lines of the preview page and systemd."""
         following = self.config.following()
-        self.preview.sample(
-            {"fps": fps, "latency_s": latency_s,
-             "selfsup_val_loss": value("n2s_selfsup_val_loss") or float("nan"),
-             "train_loss": value("n2s_train_loss") or float("nan")},
-            {"source": f"{following} ({'following' if stages.source.alive else 'stopped'})",
-             "model version": stages.store.version,
-             "denoiser": "classical (cold start)" if stages.cold_start.active else "network",
-             "frames written": stages.inference.written,
-             "queue": self._frames.qsize(),
-             "output": "paused: disk nearly full" if value("n2s_output_paused") else "writing"})
+        return {"source": f"{following} ({'following' if stages.source.alive else 'stopped'})",
+                "model version": stages.store.version,
+                "denoiser": ("classical (cold start)" if stages.cold_start.active
+                             else "network"),
+                "frames written": stages.inference.written,
+                "queue": self.intake.queue.qsize()}
 
     def _shutdown(self) -> None:
         """Stop the stages in data-flow order, also after a start that failed half-way: the

@@ -92,18 +92,7 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1) 
             if truth is None and truth_path(source).exists():
                 with h5py.File(truth_path(source), "r") as handle:
                     truth = handle["clean"][()]
-            metrics = scrape(daemons[0].port)
-            scores = [_newest_quality(d.out / f"{name}_n2s.h5", source, truth)
-                      if truth is not None else (np.nan, np.nan, 0) for d in daemons]
-            noisy_db, _, written = scores[0]
-            received = metrics.get("n2s_frames_received_total", 0)
-            version = metrics.get("n2s_model_version", 0)
-            val_loss = metrics.get("n2s_selfsup_val_loss", float("nan"))
-            denoiser = "classical" if metrics.get("n2s_cold_start_active") else "network"
-            columns = " ".join(f"{db:7.2f}dB" for _, db, _ in scores)
-            print(f"{time.monotonic() - started:6.0f}s {received:5.0f} {written:5d} "
-                  f"{version:5.0f} {noisy_db:8.2f}dB {columns} {val_loss:17.4f} {denoiser:>9}",
-                  flush=True)
+            scores = _print_row(daemons, name, source, truth, time.monotonic() - started)
             if detector.poll() is not None and all(n >= frames for _, _, n in scores):
                 break
             if any(d.process.poll() is not None for d in daemons):
@@ -117,6 +106,24 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1) 
     statuses = ", ".join(str(d.process.returncode) for d in daemons)
     print(f"denoised series: {daemons[0].out / f'{name}_n2s.h5'} (raw: {source}); the daemon "
           f"stopped with status {statuses}")
+
+
+def _print_row(daemons: list[_DemoDaemon], name: str, source: Path, truth: np.ndarray | None,
+               elapsed: float) -> list[tuple[float, float, int]]:
+    """One line of the demo's table (PSNR of each daemon's newest frames against the
+    truth, the first daemon's metrics); returns each daemon's (noisy dB, dB, written)."""
+    metrics = scrape(daemons[0].port)
+    scores = [_newest_quality(d.out / f"{name}_n2s.h5", source, truth)
+              if truth is not None else (np.nan, np.nan, 0) for d in daemons]
+    noisy_db, _, written = scores[0]
+    received = metrics.get("n2s_frames_received_total", 0)
+    version = metrics.get("n2s_model_version", 0)
+    val_loss = metrics.get("n2s_selfsup_val_loss", float("nan"))
+    denoiser = "classical" if metrics.get("n2s_cold_start_active") else "network"
+    columns = " ".join(f"{db:7.2f}dB" for _, db, _ in scores)
+    print(f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} {noisy_db:8.2f}dB "
+          f"{columns} {val_loss:17.4f} {denoiser:>9}", flush=True)
+    return scores
 
 
 class _DemoDaemon:

@@ -85,109 +85,125 @@ def train(
     """
     if config.h5 is None:
         raise UsageError("train: --h5 is required")
-    device = resolve_device(config.device)
-    amp = amp_enabled(config.amp, device)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
-
-    data = _load_training_data(config, rng, device)
-    model_config = config.network.model_config()
-    model = use_fast_layout(build_model(model_config).to(device), device)
-    masker = Masker(config.network.masker_config())
-    optimizer = make_optimizer(model, config.lr)
-    start_version = _maybe_resume(config, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-
-    n, _, height, width = data.train.shape
-    patch_pixels = (height * width) if config.patch <= 0 else min(config.patch, height) * min(
-        config.patch, width
-    )
-    steps_per_epoch = config.steps_per_epoch or max(
-        1, math.ceil(n * height * width / (config.batch * patch_pixels))
-    )
-    total_steps = steps_per_epoch * config.epochs
-    log.info(
-        "training %s (%d parameters) on %d frames %dx%d from %s: %d epochs x %d steps, device %s",
-        config.network.model, count_parameters(model), n, height, width, config.h5,
-        config.epochs, steps_per_epoch, device,
-    )
-
+    run = _OfflineRun(config)
     out_dir = Path(config.out_dir)
     result = TrainResult(last=out_dir / "ckpt_last.pt", best=None)
     best_loss, epochs_without_gain = math.inf, 0
-    started = time.monotonic()
-    step = 0
-
-    def save(path: Path, epoch: int, report: EpochReport) -> None:
-        save_checkpoint(
-            path, model=model, model_config=model_config, masker_config=masker.config,
-            normalizer=data.normalizer, optimizer=optimizer, step=step,
-            version=start_version + step,
-            extra={"epoch": epoch, "train_loss": report.train_loss,
-                   "val_loss": report.val_loss, "config": as_toml(config, "train")},
-        )
-
     for epoch in range(1, config.epochs + 1):
-        loss_sum = torch.zeros((), device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
-                   unit="step", leave=False, disable=not config.progress)
-        steps_this_epoch = 0
-        for _ in bar:
-            elapsed = time.monotonic() - started
-            progress = step / total_steps
-            if config.max_seconds > 0:
-                progress = max(progress, elapsed / config.max_seconds)
-                if elapsed >= config.max_seconds:
-                    break
-            lr = cosine_lr(config.lr, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            patches, valid = sample_patches(
-                data.train, data.train_valid, batch=config.batch, patch=config.patch, rng=rng
-            )
-            batch = torch.from_numpy(patches).to(device)
-            valid_t = None if valid is None else torch.from_numpy(valid).to(device)
-            phases = torch.from_numpy(rng.integers(masker.n_phases, size=config.batch))
-            loss_sum += train_step(model, optimizer, masker, batch, phases=phases.to(device),
-                                   valid=valid_t, scaler=scaler, amp=amp)
-            step += 1
-            steps_this_epoch += 1
-        bar.close()
-        if steps_this_epoch == 0:
+        report = run.epoch(epoch)
+        if report is None:  # the time budget ran out before a step
             break
-        train_loss = float(loss_sum) / steps_this_epoch  # host sync, once per epoch
-        val_loss = None
-        if data.val is not None:
-            val_loss = masked_validation_loss(model, masker, data.val, valid=data.val_valid,
-                                              amp=amp)
-        report = EpochReport(epoch, step, train_loss, val_loss, lr,
-                             time.monotonic() - started)
         result.epochs.append(report)
-        log.info(
-            "epoch %d/%d: train masked loss %.5f, val masked loss %s, lr %.2e, %.1fs",
-            epoch, config.epochs, train_loss,
-            "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed,
-        )
-        save(result.last, epoch, report)
-        score = val_loss if val_loss is not None else train_loss
+        run.save(result.last, epoch, report)
+        score = report.val_loss if report.val_loss is not None else report.train_loss
         if score < best_loss - config.early_stop_min_delta:
             best_loss, epochs_without_gain = score, 0
             if config.save_best:
                 result.best = out_dir / "ckpt_best.pt"
-                save(result.best, epoch, report)
+                run.save(result.best, epoch, report)
         else:
             epochs_without_gain += 1
         if on_epoch is not None:
-            on_epoch(report, model)
+            on_epoch(report, run.model)
         if config.early_stop_patience and epochs_without_gain >= config.early_stop_patience:
             log.info("early stop: no gain above %g for %d epochs",
                      config.early_stop_min_delta, epochs_without_gain)
             result.stopped_early = True
             break
-        if config.max_seconds > 0 and time.monotonic() - started >= config.max_seconds:
+        if run.out_of_time():
             log.info("time budget of %.0fs reached", config.max_seconds)
             break
     return result
+
+
+class _OfflineRun:
+    """The state of one offline training: data, model, optimizer, step, clock."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.amp = amp_enabled(config.amp, self.device)
+        self.rng = np.random.default_rng(config.seed)
+        torch.manual_seed(config.seed)
+        self.data = _load_training_data(config, self.rng, self.device)
+        self.model_config = config.network.model_config()
+        self.model = use_fast_layout(build_model(self.model_config).to(self.device),
+                                     self.device)
+        self.masker = Masker(config.network.masker_config())
+        self.optimizer = make_optimizer(self.model, config.lr)
+        self.start_version = _maybe_resume(config, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        n, _, height, width = self.data.train.shape
+        patch_pixels = (height * width if config.patch <= 0
+                        else min(config.patch, height) * min(config.patch, width))
+        self.steps_per_epoch = config.steps_per_epoch or max(
+            1, math.ceil(n * height * width / (config.batch * patch_pixels)))
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.step = 0
+        self.started = time.monotonic()
+        log.info("training %s (%d parameters) on %d frames %dx%d from %s: %d epochs x %d "
+                 "steps, device %s", config.network.model, count_parameters(self.model), n,
+                 height, width, config.h5, config.epochs, self.steps_per_epoch, self.device)
+
+    def out_of_time(self) -> bool:
+        """True once the time budget (``max_seconds``) is spent."""
+        budget = self.config.max_seconds
+        return budget > 0 and time.monotonic() - self.started >= budget
+
+    def epoch(self, epoch: int) -> EpochReport | None:
+        """One epoch of masked steps (cosine learning rate over the run or the time
+        budget), then the held-out loss; None if no step fitted in the budget."""
+        config = self.config
+        loss_sum = torch.zeros((), device=self.device)
+        steps, lr = 0, config.lr
+        for _ in tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
+                      unit="step", leave=False, disable=not config.progress):
+            progress = self.step / self.total_steps
+            if config.max_seconds > 0:
+                if self.out_of_time():
+                    break
+                progress = max(progress, (time.monotonic() - self.started) / config.max_seconds)
+            lr = cosine_lr(config.lr, progress)
+            loss_sum += self._step(lr)
+            steps += 1
+        if steps == 0:
+            return None
+        train_loss = float(loss_sum) / steps  # host sync, once per epoch
+        val_loss = None
+        if self.data.val is not None:
+            val_loss = masked_validation_loss(self.model, self.masker, self.data.val,
+                                              valid=self.data.val_valid, amp=self.amp)
+        report = EpochReport(epoch, self.step, train_loss, val_loss, lr,
+                             time.monotonic() - self.started)
+        log.info("epoch %d/%d: train masked loss %.5f, val masked loss %s, lr %.2e, %.1fs",
+                 epoch, config.epochs, train_loss,
+                 "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed)
+        return report
+
+    def _step(self, lr: float) -> torch.Tensor:
+        """One masked training step on random patches; the loss stays on the device."""
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        patches, valid = sample_patches(self.data.train, self.data.train_valid,
+                                        batch=config.batch, patch=config.patch, rng=self.rng)
+        batch = torch.from_numpy(patches).to(self.device)
+        valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
+        phases = torch.from_numpy(self.rng.integers(self.masker.n_phases, size=config.batch))
+        loss = train_step(self.model, self.optimizer, self.masker, batch,
+                          phases=phases.to(self.device), valid=valid_t, scaler=self.scaler,
+                          amp=self.amp)
+        self.step += 1
+        return loss
+
+    def save(self, path: Path, epoch: int, report: EpochReport) -> None:
+        """A checkpoint of the model now (its version counts steps)."""
+        save_checkpoint(
+            path, model=self.model, model_config=self.model_config,
+            masker_config=self.masker.config, normalizer=self.data.normalizer,
+            optimizer=self.optimizer, step=self.step, version=self.start_version + self.step,
+            extra={"epoch": epoch, "train_loss": report.train_loss,
+                   "val_loss": report.val_loss, "config": as_toml(self.config, "train")})
 
 
 def _maybe_resume(config: TrainConfig, model: nn.Module) -> int:

@@ -20,9 +20,14 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
+from torch import nn
 
-from n2s_stream.checkpoint import Checkpoint, load_checkpoint
+from n2s_stream.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from n2s_stream.errors import CheckpointError, OutputError, UsageError
+from n2s_stream.models import ModelConfig
+from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.writer import whole_frames
 
 log = logging.getLogger(__name__)
@@ -291,6 +296,38 @@ class StateDir:
         """Keep the newest few checkpoints."""
         for old in sorted(self.checkpoints.glob("ckpt_v*.pt"))[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
+
+    def save_checkpoint(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        step: int, version: int, model_config: ModelConfig,
+                        masker_config: MaskerConfig, normalizer: Normalizer) -> None:
+        """Write the checkpoint of ``version`` and keep the newest few; a failed write is
+        logged and counted, not fatal (training goes on, the next interval tries again)."""
+        path = self.checkpoint_path(version)
+        try:
+            save_checkpoint(path, model=model, model_config=model_config,
+                            masker_config=masker_config, normalizer=normalizer,
+                            optimizer=optimizer, step=step, version=version)
+            self.prune_checkpoints()
+        except OSError as exc:
+            self.write_failed(f"checkpoint {path}", exc)
+            return
+        log.info("checkpoint %s (step %d)", path, step)
+
+    def starting_checkpoint(self, *, model_from: Path | None,
+                            ckpt: Path | None) -> Checkpoint | None:
+        """Where the daemon's model starts: this state dir's newest checkpoint, else the
+        training worker's (fan-out, ``model_from``), else the offline ``ckpt``; None:
+        from scratch."""
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None and model_from is not None:
+            checkpoint = newest_checkpoint(model_from / "checkpoints")
+        if checkpoint is not None:
+            log.info("resuming from %s (version %d, step %d)", checkpoint.path,
+                     checkpoint.version, checkpoint.step)
+        elif ckpt is not None:
+            checkpoint = load_checkpoint(ckpt)
+            log.info("starting from offline model %s (version %d)", ckpt, checkpoint.version)
+        return checkpoint
 
     def latest_checkpoint(self) -> Checkpoint | None:
         """The newest checkpoint that loads; a corrupt one is skipped with a warning."""

@@ -1,0 +1,66 @@
+"""The bounded queue between the source and the inference loop, with its overflow policy.
+
+By default a full queue holds the source back (backpressure: the frames stay in their
+files, or on the detector's side of the socket) and the time waited is counted in
+``n2s_source_blocked_seconds_total``. With ``drop_when_full`` a frame that finds the queue
+full is dropped, logged and counted as rejected (``dropped_queue_full``), and only there:
+the gap it leaves is not counted again as missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.metrics import Metrics
+from n2s_stream.series import DroppedFrames
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    """Sources ``emit`` here (from their threads); the inference loop takes from ``queue``."""
+
+    def __init__(self, *, size: int, drop_when_full: bool, metrics: Metrics,
+                 stopping: threading.Event) -> None:
+        self.queue: queue.Queue[Frame | SeriesEnd] = queue.Queue(maxsize=size)
+        self.dropped = DroppedFrames()
+        self._drop_when_full = drop_when_full
+        self._metrics = metrics
+        self._stopping = stopping
+
+    def emit(self, item: Frame | SeriesEnd) -> bool:
+        """Queue an item; block while full (backpressure), give up once stopping (False).
+        A series end is never dropped."""
+        if isinstance(item, Frame):
+            self._metrics.frames_received.inc()
+            if self._drop_when_full:
+                self._put_or_drop(item)
+                return True
+        started = time.monotonic()
+        while True:
+            try:
+                self.queue.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                if self._stopping.is_set():
+                    return False
+        self._metrics.source_blocked.inc(time.monotonic() - started)
+        self._metrics.queue_depth.set(self.queue.qsize())
+        return True
+
+    def reject(self, reason: str, message: str) -> None:
+        """Log and count something a source refused."""
+        log.warning("rejected (%s): %s", reason, message)
+        self._metrics.reject(reason)
+
+    def _put_or_drop(self, frame: Frame) -> None:
+        try:
+            self.queue.put_nowait(frame)
+        except queue.Full:
+            self.dropped.add(frame.series, frame.index)
+            self.reject("dropped_queue_full", f"frame {frame.index} of {frame.series} dropped: "
+                        "inference queue full (drop_when_full)")
