@@ -24,7 +24,6 @@ class RollingBuffer:
         self._frames: deque[tuple[np.ndarray, np.ndarray | None]] = deque()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.added = 0
 
     def add(self, frame: np.ndarray, valid: np.ndarray | None = None) -> None:
         """Keep ``frame`` (``(H, W)`` or ``(C, H, W)``) and its centre's valid-pixel map
@@ -35,7 +34,6 @@ class RollingBuffer:
         with self._lock:
             self._frames.append((frame, valid))
             self._bytes += size
-            self.added += 1
             while self._frames and (len(self._frames) > self.max_frames
                                     or self._bytes > self.max_bytes):
                 old, old_valid = self._frames.popleft()

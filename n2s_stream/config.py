@@ -303,10 +303,6 @@ class ServiceOptions:
                                                  "mean it)")
 
 
-SOURCE_OPTIONS = {"directory": "watch", "zmq": "zmq"}
-"""Each source, by the option that selects it."""
-
-
 @dataclass(frozen=True)
 class DaemonConfig:
     """The streaming daemon (``n2s-stream --watch DIR``): TOML table ``[daemon]``,
@@ -322,7 +318,8 @@ class DaemonConfig:
 
     @property
     def source(self) -> str | None:
-        """The source to follow (a key of ``SOURCE_OPTIONS``), None when none is given."""
+        """The source to follow (a key of ``sources.SOURCES``), None unless exactly one is
+        given."""
         chosen = self.sources_given()
         return chosen[0] if len(chosen) == 1 else None
 

@@ -115,10 +115,6 @@ class FrameWriter:
             if ds.shape[0] != whole:
                 ds.resize(whole, axis=0)
 
-    def written_source_frames(self) -> np.ndarray:
-        """Source frame numbers already in the file (for exactly-once restarts)."""
-        return self._provenance["source_frame"][: self.n_written]
-
     def _create_layout(
         self, frame_shape: tuple[int, int], dtype: np.dtype, config_text: str, source: str,
         notes: dict[str, str],
