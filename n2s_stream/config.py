@@ -92,7 +92,7 @@ class TrainConfig:
     lr: float = option(3e-3, help="peak learning rate, cosine decay", min=0)
     amp: bool = option(False, help="mixed precision (CUDA only)")
     val_frac: float = option(0.0, help="fraction of frames held out for validation", min=0,
-                             max=0.99)
+                             max=0.999)
     save_best: bool = option(False, help="also keep ckpt_best.pt")
     early_stop_patience: int = option(0, help="epochs without gain before stopping; 0 = never",
                                       min=0)
@@ -212,7 +212,7 @@ class ZmqOptions:
                                                   "dectris-stream2 (CBOR)")
     socket: Literal["pull", "sub"] = option("pull", help="pull (the detector PUSHes) or sub "
                                                          "(it PUBlishes)")
-    hwm: int = option(1000, min=1, help="receive high-water mark, in messages")
+    hwm: int = option(1000, min=0, help="receive high-water mark, in messages (0: none)")
     max_message_mb: int = option(256, min=1, help="larger messages are refused (too_large); "
                                                   "4x it: cut off by ZeroMQ")
     out: str | None = option(None, example="tcp://127.0.0.1:9800",

@@ -80,7 +80,7 @@ class Daemon:
                              drop_when_full=config.inference.drop_when_full,
                              metrics=self.metrics, stopping=self.stop_requested)
         self._state: StateDir | None = None
-        self._masker = Masker()
+        self._masker = Masker(config.network.masker_config())  # a checkpoint's replace them
         self._model_config = config.network.model_config()
 
     # ---- wiring -------------------------------------------------------------------------
@@ -103,10 +103,12 @@ class Daemon:
         store = ModelStore(copy_state(train_model), checkpoint.version if checkpoint else 0,
                            checkpoint.normalizer if checkpoint else None)
         self.metrics.model_version.set(store.version)
-        # Only a network that will train from scratch here starts cold; a fan-out worker
-        # (model_from) has no trainer to measure it and waits for the trainer's weights.
+        # Only a network from scratch starts cold (without training, the classical
+        # denoiser then writes for good); a fan-out worker (model_from) has no trainer to
+        # measure it and waits for the training worker's weights.
         training = config.training.train and config.training.model_from is None
-        cold = (config.training.cold_start and checkpoint is None and training)
+        cold = (config.training.cold_start and checkpoint is None
+                and config.training.model_from is None)
         cold_start = ColdStart(active=cold, on_change=self._cold_start_changed)
         buffer = RollingBuffer(max_frames=config.training.buffer_frames,
                                max_bytes=config.training.buffer_mb * 2**20)

@@ -32,5 +32,5 @@ class CheckpointError(N2SError):
 
 
 class OutputError(N2SError):
-    """An existing output file that cannot be read to resume its series; the daemon
-    refuses that series' frames (``output_unreadable``) and serves the others."""
+    """An existing output file that cannot be read or reopened to resume its series; the
+    daemon refuses that series' frames (``output_unreadable``) and serves the others."""

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -110,20 +109,20 @@ class InferenceLoop(BackgroundWorker):
         """Process a batch; a bug met by odd input refuses the frames it touched
         (counted as ``internal_error``, with the traceback logged) and the rest goes on."""
         frames = [item for item in items if isinstance(item, Frame)]
-        written, refused = self.written, self.refused
-        held = {f.series: self.series.held(f.series) for f in frames}
+        done_before = self.written + self.refused + self.series.skipped
+        held_before = self.series.held()
         try:
             self._process(items)
         except OSError:
             raise
         except Exception:
             log.exception("inference failed on frames %s",
-                          ", ".join(f"{f.series}:{f.index}" for f in frames))
-            for series in held:
-                self.series.forget(series)  # what its window held is lost with this batch
-            unwritten = (len(frames) + sum(held.values()) - (self.written - written)
-                         - (self.refused - refused))
-            self.metrics.reject("internal_error", max(unwritten, 0))
+                          ", ".join(f"{f.series}:{f.index}" for f in frames) or "(held ones)")
+            for series in {f.series for f in frames}:
+                self.series.drop_held(series)  # what its window held is lost with this batch
+            done = self.written + self.refused + self.series.skipped - done_before
+            lost = len(frames) + held_before - self.series.held() - done
+            self.metrics.reject("internal_error", max(lost, 0))
 
     def _process(self, items: list[Frame | SeriesEnd]) -> None:
         """One snapshot for the whole batch; frames are written once their context is
@@ -132,9 +131,9 @@ class InferenceLoop(BackgroundWorker):
         ready: list[Ready] = []
         for item in items:
             if isinstance(item, SeriesEnd):
-                self._write(ready + self.series.end(item), snapshot)
+                self._write(ready, snapshot)
                 ready = []
-                self.sinks.end_series(item)
+                self._end(item, snapshot)
             else:
                 snapshot, released = self._take(item, snapshot)
                 ready += released
@@ -143,9 +142,13 @@ class InferenceLoop(BackgroundWorker):
         for series in self.series.idle(self.options.series_idle_close):
             log.info("series %s: no frame for %g s; its output is closed (it resumes if "
                      "frames come)", series, self.options.series_idle_close)
-            end = SeriesEnd(series, 0, Path(), complete=False)
-            self._write(self.series.end(end), snapshot)
-            self.sinks.end_series(end)
+            self._end(self.series.idle_end(series), snapshot)
+
+    def _end(self, end: SeriesEnd, snapshot: Snapshot) -> None:
+        """Write what the series still holds, then end it in every sink."""
+        self._write(self.series.end(end), snapshot)
+        self.sinks.end_series(end)
+        self.series.closed(end)
 
     def _take(self, frame: Frame, snapshot: Snapshot) -> tuple[Snapshot, list[Ready]]:
         """Admit one frame and push it into its series' window; returns the snapshot (now

@@ -87,8 +87,8 @@ class Metrics:
             "n2s_output_paused", "1 while writing is held back because the output disk is"
             " (nearly) full", registry=registry)
         self.sink_errors = Counter(
-            "n2s_sink_errors", "Failures of sinks that do not stop intake (viewers, "
-            "republishing, the training tap), by sink; the frame was still written",
+            "n2s_sink_errors", "Failures of sinks that are not required (viewers, "
+            "republishing, the training tap) or of closing any sink, by sink",
             ["sink"], registry=registry)
         self.build = Info("n2s_build", "n2s-stream build", registry=registry)
         self.build.info({"version": __version__})

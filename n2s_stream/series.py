@@ -55,9 +55,11 @@ class DroppedFrames:
 @dataclass
 class _Series:
     window: ContextWindow
+    output: Path  # where the source said its frames go
     last: int = -1  # newest frame number taken (written, skipped or rejected) or on disk
     last_frame_at: float = field(default_factory=time.monotonic)
     shape: tuple[int, ...] | None = None  # set when the series is opened for writing
+    idle: bool = False  # closed for idleness: reopened (its outputs resumed) by a new frame
 
 
 class SeriesTracker:
@@ -77,18 +79,19 @@ class SeriesTracker:
         self._count_gaps = count_gaps
         self.dropped = dropped or DroppedFrames()
         self._series: dict[str, _Series] = {}
+        self.skipped = 0  # frames already written (an earlier run, or sent twice)
 
-    def _state(self, series: str) -> _Series:
+    def _state(self, series: str, output: Path) -> _Series:
         state = self._series.get(series)
         if state is None:
             window = ContextWindow(self._masker.context_frames, self._masker.causal)
-            state = self._series[series] = _Series(window)
+            state = self._series[series] = _Series(window, output)
         return state
 
     def seen(self, frame: Frame) -> int:
         """Note that ``frame`` arrived (also one that will be refused, so that it is not
         counted as missing); returns the newest frame number taken before it."""
-        state = self._state(frame.series)
+        state = self._state(frame.series, frame.output)
         before = state.last
         state.last = max(before, frame.index)
         state.last_frame_at = time.monotonic()
@@ -99,10 +102,10 @@ class SeriesTracker:
         """True if ``frame`` is to be denoised now: its series is opened (``open_series``)
         on its first frame of this run; a shape change is refused, a frame already written
         skipped, and the frames between the last one taken and this one counted missing."""
-        state = self._state(frame.series)
-        if state.shape is None:
+        state = self._series[frame.series]  # seen() came first
+        if state.shape is None or state.idle:
             open_series(frame)
-            state.shape = frame.data.shape
+            state.shape, state.idle = state.shape or frame.data.shape, False
             before = max(before, self._last_written(frame.series, frame.output))
             state.last = max(state.last, before)
         if frame.data.shape != state.shape:
@@ -111,6 +114,7 @@ class SeriesTracker:
             return False
         if frame.index <= before:
             log.debug("frame %d of %s already written; skipped", frame.index, frame.series)
+            self.skipped += 1
             return False
         if frame.index > before + 1:
             self._missing(frame.series, before + 1, frame.index - 1,
@@ -120,12 +124,13 @@ class SeriesTracker:
     def push(self, series: str, item: Any, network_input: np.ndarray) -> list[Ready]:
         """Add an admitted frame to its series' context window; returns the frames whose
         context is now complete."""
-        return self._state(series).window.push(item, network_input)
+        return self._series[series].window.push(item, network_input)
 
     def end(self, end: SeriesEnd) -> list[Ready]:
-        """The series ended: its held frames (mirrored context), and a lost tail counted
-        as missing when the sender said how many frames it sent."""
-        state = self._series.pop(end.series, None)
+        """The series ends: its held frames (mirrored context), and a lost tail counted
+        as missing when the sender said how many frames it sent. Call `closed` once they
+        are written and the sinks have ended the series."""
+        state = self._series.get(end.series)
         ready = state.window.flush() if state is not None else []
         if end.sender_count:
             last = max(state.last if state else -1, self._last_written(end.series, end.output))
@@ -133,6 +138,19 @@ class SeriesTracker:
                 self._missing(end.series, last + 1, end.n_frames - 1,
                               f"before the end of the series (frame {end.n_frames})")
         return ready
+
+    def closed(self, end: SeriesEnd) -> None:
+        """The sinks ended the series: forget it when it is complete; an idle one keeps
+        its frame numbers and shape (late frames resume it, gaps are still counted)."""
+        if end.complete:
+            self._series.pop(end.series, None)
+        elif end.series in self._series:
+            self._series[end.series].idle = True
+
+    def idle_end(self, series: str) -> SeriesEnd:
+        """The end the daemon gives a series that went idle (not complete)."""
+        state = self._series[series]
+        return SeriesEnd(series, state.last + 1, state.output, complete=False)
 
     def waited_too_long(self, seconds: float) -> list[Ready]:
         """Frames that waited more than ``seconds`` for later neighbours (the detector
@@ -144,12 +162,12 @@ class SeriesTracker:
         return ready
 
     def idle(self, seconds: float) -> list[str]:
-        """Series that got no frame for ``seconds`` (0: never idle)."""
+        """Open series that got no frame for ``seconds`` (0: never idle)."""
         if seconds <= 0:
             return []
         now = time.monotonic()
         return [name for name, state in self._series.items()
-                if now - state.last_frame_at > seconds]
+                if not state.idle and now - state.last_frame_at > seconds]
 
     def flush_all(self) -> list[Ready]:
         """Every frame still waiting for context (the daemon stops: all are written)."""
@@ -158,14 +176,16 @@ class SeriesTracker:
             ready += state.window.flush()
         return ready
 
-    def forget(self, series: str) -> None:
-        """Drop what is known of ``series`` (after a failure lost its held frames)."""
-        self._series.pop(series, None)
-
-    def held(self, series: str) -> int:
-        """Frames of ``series`` waiting in its context window."""
+    def drop_held(self, series: str) -> None:
+        """Empty the context window of ``series`` (a failure lost what it held); its frame
+        numbers and shape stay, so nothing is counted twice."""
         state = self._series.get(series)
-        return 0 if state is None else len(state.window)
+        if state is not None:
+            state.window.flush()
+
+    def held(self) -> int:
+        """Frames waiting in the context windows of every series."""
+        return sum(len(state.window) for state in self._series.values())
 
     def _missing(self, series: str, first: int, last: int, where: str) -> None:
         if not self._count_gaps:

@@ -171,3 +171,40 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
     assert np.isfinite(frames).all()
     _, provenance = read_output(daemon.out / "scan_0002_n2s.h5")
     assert provenance["model_version"][-1] > 0
+
+
+def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp_path):
+    """A daemon started from scratch with 3-frame context, a 3x3 mask grid and the mask as
+    input denoises every frame with the network those options describe, and its
+    checkpoint records them."""
+    from n2s_stream.state import newest_checkpoint
+
+    daemon = DaemonProcess(tmp_path, "--context-frames", "3", "--grid-size", "3",
+                           "--mask-as-input", "--no-cold-start", "--publish-every", "5")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=20, rate=20, shape="32x32")
+    assert writer.wait(timeout=60) == 0
+    daemon.wait_for("closed output .* \\(20 frames\\)", timeout=90)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+    assert "internal_error" not in daemon.log()
+    assert metrics["n2s_frames_denoised_total"] == 20
+    assert metrics["n2s_train_steps_total"] > 0
+    checkpoint = newest_checkpoint(daemon.state / "checkpoints")
+    assert checkpoint is not None
+    assert (checkpoint.masker_config.context_frames, checkpoint.masker_config.grid_size,
+            checkpoint.masker_config.mask_as_input) == (3, 3, True)
+    assert checkpoint.model_config.in_channels == 4
+
+
+def test_without_training_a_model_from_scratch_never_writes(tmp_path):
+    """--no-train with no checkpoint: the calibrated classical denoiser writes every frame
+    (an untrained network would write noise)."""
+    daemon = DaemonProcess(tmp_path, "--no-train")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=8, rate=20, shape="32x32")
+    assert writer.wait(timeout=60) == 0
+    daemon.wait_for("closed output .* \\(8 frames\\)", timeout=90)
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+    with h5py.File(daemon.out / "scan_0001_n2s.h5") as handle:
+        assert handle["/entry/provenance/denoiser"][()].tolist() == [1] * 8

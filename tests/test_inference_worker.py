@@ -128,3 +128,60 @@ def test_onnxruntime_swaps_new_weights_in_without_mislabelling_a_frame(
     if not reload_seconds:
         assert not np.allclose(outputs[versions == 0][0], outputs[versions == 1][0],
                                atol=1e-3)
+
+
+def test_an_idle_series_resumes_without_counting_anything_twice(tmp_path):
+    """Closed for idleness, a series' output reopens when frames come again; frames are
+    written once and nothing is counted missing (its frame numbers were kept)."""
+    model = build_model(ModelConfig(width=4, depth=1))
+    frames: queue.Queue = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+    out = tmp_path / "s_n2s.h5"
+    loop = make_loop(tmp_path / "state", frames, model=model, metrics=metrics,
+                     store=ModelStore(copy_state(model), 0),
+                     options=InferenceOptions(series_idle_close=0.5))
+
+    def frame(index):
+        return Frame("s", index, np.full((16, 16), 5 + index, np.uint16), time.time(), out)
+
+    loop.start()
+    for index in range(4):
+        frames.put(frame(index))
+    frames.put(frame(2))  # sent twice: skipped, not counted
+    deadline = time.monotonic() + 20
+    while not h5py.is_hdf5(out) or metrics.frames_denoised._value.get() < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.5)  # idle: the output is closed
+    with h5py.File(out) as handle:  # closed: any reader opens it
+        assert handle["/entry/provenance/source_frame"][()].tolist() == [0, 1, 2, 3]
+    for index in range(4, 8):
+        frames.put(frame(index))
+    frames.put(SeriesEnd("s", 8, out, sender_count=True))
+    loop.stop()
+    with h5py.File(out) as handle:
+        assert handle["/entry/provenance/source_frame"][()].tolist() == list(range(8))
+    value = metrics.registry.get_sample_value
+    assert value("n2s_frames_missing_total") == 0
+    assert value("n2s_frames_denoised_total") == 8
+
+
+def test_an_output_that_cannot_be_resumed_refuses_its_series_only(tmp_path):
+    model = build_model(ModelConfig(width=4, depth=1))
+    frames: queue.Queue = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+    broken, good = tmp_path / "a_n2s.h5", tmp_path / "b_n2s.h5"
+    broken.write_bytes(b"not an HDF5 file at all" * 100)
+    for index in range(3):
+        for series, out in (("a", broken), ("b", good)):
+            frames.put(Frame(series, index, np.full((16, 16), 9, np.uint16), time.time(), out))
+    loop = make_loop(tmp_path / "state", frames, model=model, metrics=metrics,
+                     store=ModelStore(copy_state(model), 0))
+    loop.start()
+    loop.stop()
+    value = metrics.registry.get_sample_value
+    assert value("n2s_frames_rejected_total", {"reason": "output_unreadable"}) == 3
+    assert value("n2s_frames_denoised_total") == 3
+    with h5py.File(good) as handle:
+        assert handle["/entry/provenance/source_frame"][()].tolist() == [0, 1, 2]
+    assert broken.read_bytes().startswith(b"not an HDF5")  # left for the operator

@@ -1,10 +1,12 @@
 """Where denoised frames go. Each sink implements `Sink`; the inference loop calls every
 sink in order for each denoised frame and knows none of them by name.
 
-A sink's failure policy is part of it: ``required`` sinks (the HDF5 output) stop intake
-when they fail, since a frame they cannot take would be lost; the others (viewers,
-republishing, the training tap) log and count the failure in
-``n2s_sink_errors_total{sink}`` and the daemon goes on.
+A sink's failure policy is part of it. A ``required`` sink (the HDF5 output) is one whose
+failure loses the frame: an OSError from it (disk, file system) stops intake and the
+daemon exits 1; any other exception is taken as a bug met by odd input and refuses the
+frames of that batch (``internal_error``), as everywhere in the loop. The other sinks
+(viewers, republishing, the training tap) log and count any failure in
+``n2s_sink_errors_total{sink}``, and the frame goes on to the next sink.
 
 Built-in sinks are chosen by config (`make_sinks`); more come from ``sinks = ["module:
 factory"]``, each factory called with the `SinkContext` and returning a `Sink`.
@@ -65,7 +67,7 @@ class Sink(Protocol):
     """What happens to denoised frames. Called from the inference thread only."""
 
     name: str
-    required: bool  # True: a failure stops intake (the daemon exits 1); False: counted
+    required: bool  # True: its failure loses the frame (see above); False: counted, go on
 
     def open_series(self, start: SeriesStart) -> None:
         """A series' first frame of this run is coming."""

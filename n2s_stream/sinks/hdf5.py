@@ -1,10 +1,11 @@
 """The denoised frames' files: one growing SWMR HDF5 output per series (``writer.py``),
 and the ledger entry that says where each series stands.
 
-The required sink: a frame it cannot write stops intake (the daemon exits 1 and the
-directory source re-reads the frame at the next start). While the output disk is (nearly)
-full it holds writing, and with it the queue and the source, until space returns; HDF5
-never sees ENOSPC, which it could not survive.
+The required sink: a frame it cannot write for an OSError (disk, file system) stops
+intake (the daemon exits 1 and the directory source re-reads the frame at the next start);
+an existing output it cannot resume refuses that series' frames (``output_unreadable``).
+While the output disk is (nearly) full it holds writing, and with it the queue and the
+source, until space returns; HDF5 never sees ENOSPC, which it could not survive.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from n2s_stream.config import OutputOptions, as_toml
 from n2s_stream.denoising import to_source_dtype
+from n2s_stream.errors import OutputError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
 from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
@@ -60,9 +62,17 @@ class Hdf5Sink:
             return
         dtype = start.dtype if self.options.require_reconstructable else np.dtype("f4")
         path = self.state.output_for(start.series, start.output)
-        self._writers[start.series] = FrameWriter(
-            path, frame_shape=start.frame_shape, dtype=dtype, config_text=self._config_text,
-            source=start.series, notes=start.notes or None, resume=True)
+        existed = path.exists()
+        try:
+            self._writers[start.series] = FrameWriter(
+                path, frame_shape=start.frame_shape, dtype=dtype,
+                config_text=self._config_text, source=start.series,
+                notes=start.notes or None, resume=True)
+        except (OSError, KeyError, ValueError) as exc:
+            if not existed:
+                raise  # a new file that cannot be made: the disk, not the file
+            raise OutputError(f"{path}: existing output cannot be resumed ({exc}); move it "
+                              "away to write the series again") from exc
 
     def frame_shape(self, series: str) -> tuple[int, int] | None:
         """Shape of the frames in the open output of ``series``."""
