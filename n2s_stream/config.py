@@ -301,6 +301,10 @@ class ServiceOptions:
                                                              "0 = any free port, -1 = none")
     metrics_addr: str = option("127.0.0.1", help="metrics bind address (loopback unless you "
                                                  "mean it)")
+    stop_timeout: float = option(60.0, min=1, help="SIGTERM: seconds to write what is queued; "
+                                                   "the rest is counted and, from a directory, "
+                                                   "read again at the next start (keep it "
+                                                   "under the unit's TimeoutStopSec)")
 
 
 @dataclass(frozen=True)

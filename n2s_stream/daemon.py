@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 
@@ -46,6 +47,10 @@ from n2s_stream.training import resolve_device
 log = logging.getLogger(__name__)
 
 VAL_FRAMES = 8  # held-out frames kept to score the model
+REQUIRED_WORKERS = ("source", "inference", "http")
+"""Workers whose death stops the daemon (exit 1, systemd restarts it). The trainer and the
+checkpoint follower are not: inference goes on with the last weights, visibly
+(``n2s_worker_up``, the status line, the preview page)."""
 
 
 @dataclass
@@ -134,7 +139,8 @@ class Daemon:
         source = make_source(config, SourceContext(
             emit=self.intake.emit, reject=self.intake.reject,
             start_position=state.start_position,
-            headers=state.series_headers, ignore=(config.service.state_dir,)))
+            headers=state.series_headers, ignore=(config.service.state_dir,),
+            dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc()))
         stages = Stages(source, inference, follower, trainer, store, cold_start,
                         self._metrics_server())
         self.stages = stages
@@ -227,13 +233,19 @@ class Daemon:
         return 0
 
     def _loop(self, stages: Stages) -> None:
+        workers = {"source": stages.source, "inference": stages.inference,
+                   "trainer": stages.trainer, "follower": stages.follower,
+                   "http": stages.server}
         heartbeat = Heartbeat(
             metrics=self.metrics, notifier=self.notifier, preview=self.preview,
-            written=lambda: stages.inference.written,
-            healthy=lambda: stages.inference.alive and stages.source.alive,
+            workers={name: worker for name, worker in workers.items() if worker is not None},
+            required=REQUIRED_WORKERS, written=lambda: stages.inference.written,
             status=lambda: self._status(stages))
         while not self.stop_requested.wait(0.25):
-            heartbeat.beat()
+            dead = heartbeat.beat()
+            if dead:
+                self._fatal(RuntimeError(f"the {dead} worker died (see the log above); "
+                                         "stopping so that systemd restarts the daemon"))
 
     def _status(self, stages: Stages) -> dict[str, object]:
         """The status lines of the preview page and systemd."""
@@ -242,17 +254,30 @@ class Daemon:
                 "model version": stages.store.version,
                 "denoiser": ("classical (cold start)" if stages.cold_start.active
                              else "network"),
+                "training": self._training_status(stages),
                 "frames written": stages.inference.written,
                 "queue": self.intake.queue.qsize()}
 
+    def _training_status(self, stages: Stages) -> str:
+        trainer = stages.trainer
+        if trainer is None:
+            return "following checkpoints" if stages.follower else "off"
+        if trainer.error is not None:
+            return f"STOPPED after an error ({trainer.error}); inference goes on"
+        return f"step {trainer.step}" if trainer.alive else "stopped"
+
     def _shutdown(self) -> None:
-        """Stop the stages in data-flow order, also after a start that failed half-way: the
-        source reads no more (unread frames stay in their files), the inference loop writes
-        what is queued, the trainer saves a final checkpoint."""
+        """Stop the stages in data-flow order, also after a start that failed half-way,
+        within ``stop_timeout``: the source reads no more (unread frames stay in their
+        files), the inference loop writes what is queued until the bound, the trainer
+        saves a final checkpoint."""
         stages = self.stages
         if stages is None:
             return
-        for worker in (stages.source, stages.inference, stages.follower, stages.trainer):
+        deadline = time.monotonic() + self.config.service.stop_timeout
+        stages.source.stop()
+        stages.inference.stop_by(deadline)
+        for worker in (stages.follower, stages.trainer):
             if worker is not None:
                 worker.stop()
         if stages.server is not None:

@@ -27,7 +27,7 @@ from n2s_stream.errors import OutputError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
 from n2s_stream.series import Ready, SeriesTracker
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkChain
+from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkChain
 from n2s_stream.snapshot import ModelStore, Snapshot
 from n2s_stream.worker import BackgroundWorker
 
@@ -54,8 +54,11 @@ class InferenceLoop(BackgroundWorker):
         self.store, self.calibration, self.cold_start = store, calibration, cold_start
         self.options, self.max_batch, self.metrics = options, max_batch, metrics
         self._on_fatal = on_fatal
+        self.taken = 0  # frames taken off the queue
         self.written = 0
         self.refused = 0
+        self.lost = 0  # refused as internal_error by a failed batch
+        self._abandon = threading.Event()
         self._working = threading.Event()
 
     @property
@@ -69,9 +72,21 @@ class InferenceLoop(BackgroundWorker):
         """The model version of the newest frames written."""
         return self.engine.version
 
+    def stop_by(self, deadline: float) -> None:
+        """Drain (every queued and held frame written) until ``deadline`` (monotonic
+        seconds); past it, stop writing and count what was left
+        (``n2s_frames_unwritten_at_stop_total``), so a stop is bounded in every state."""
+        self._stopping.set()
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("stop bound reached while frames were still being written; "
+                        "abandoning the rest")
+            self._abandon.set()
+        self.stop()
+
     def _run(self) -> None:
         try:
-            while True:
+            while not self._abandon.is_set():
                 draining = self._stopping.is_set()  # stop(): the queue is emptied first
                 items = self._next_batch(wait=not draining)
                 if draining and not items:
@@ -82,12 +97,31 @@ class InferenceLoop(BackgroundWorker):
                 finally:
                     self._working.clear()
             self._write(self.series.flush_all(), self.store.snapshot())
+        except Abandoned as exc:
+            log.warning("%s", exc)
         except OSError as exc:  # disk full, file system gone: cannot go on safely
             log.error("writing failed: %s", exc)
             self._on_fatal(exc)
         finally:
+            self._count_unwritten()
             self.sinks.close()
             self.engine.close()
+
+    def _count_unwritten(self) -> None:
+        """Frames accepted but not written when the loop ends early (stop bound, stop
+        during a disk-full pause, a fatal error): the directory source reads them again at
+        the next start; a feed cannot resend them, so they are counted and logged."""
+        while True:
+            try:
+                if isinstance(self.frames.get_nowait(), Frame):
+                    self.taken += 1
+            except queue.Empty:
+                break
+        unwritten = self.taken - self.written - self.refused - self.series.skipped - self.lost
+        if unwritten > 0:
+            log.warning("%d accepted frames were not written (a directory source reads them "
+                        "again at the next start; a feed's are lost)", unwritten)
+            self.metrics.frames_unwritten_at_stop.inc(unwritten)
 
     def _next_batch(self, *, wait: bool) -> list[Frame | SeriesEnd]:
         """The next queue item, plus the frames queued right behind it (up to
@@ -103,6 +137,7 @@ class InferenceLoop(BackgroundWorker):
             except queue.Empty:
                 break
         self.metrics.queue_depth.set(self.frames.qsize())
+        self.taken += sum(isinstance(item, Frame) for item in batch)
         return batch
 
     def _process_guarded(self, items: list[Frame | SeriesEnd]) -> None:
@@ -113,7 +148,7 @@ class InferenceLoop(BackgroundWorker):
         held_before = self.series.held()
         try:
             self._process(items)
-        except OSError:
+        except (OSError, Abandoned):
             raise
         except Exception:
             log.exception("inference failed on frames %s",
@@ -121,8 +156,9 @@ class InferenceLoop(BackgroundWorker):
             for series in {f.series for f in frames}:
                 self.series.drop_held(series)  # what its window held is lost with this batch
             done = self.written + self.refused + self.series.skipped - done_before
-            lost = len(frames) + held_before - self.series.held() - done
-            self.metrics.reject("internal_error", max(lost, 0))
+            lost = max(len(frames) + held_before - self.series.held() - done, 0)
+            self.lost += lost
+            self.metrics.reject("internal_error", lost)
 
     def _process(self, items: list[Frame | SeriesEnd]) -> None:
         """One snapshot for the whole batch; frames are written once their context is
@@ -192,6 +228,8 @@ class InferenceLoop(BackgroundWorker):
             stacks = np.stack([stack for _, stack in group])  # (n, K, H, W), normalised
             denoiser, out = self._denoise(stacks)
             for (pending, stack), image in zip(group, normalizer.inverse(out), strict=True):
+                if self._abandon.is_set():
+                    raise Abandoned("stop bound reached")
                 frame = pending.frame
                 restore_invalid(image, frame.data, pending.valid)
                 self.sinks.write(frame, image, FrameMeta(version, denoiser, pending.valid, stack))

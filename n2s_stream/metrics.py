@@ -90,6 +90,17 @@ class Metrics:
             "n2s_sink_errors", "Failures of sinks that are not required (viewers, "
             "republishing, the training tap) or of closing any sink, by sink",
             ["sink"], registry=registry)
+        self.frames_unwritten_at_stop = Counter(
+            "n2s_frames_unwritten_at_stop", "Accepted frames not written because the stop "
+            "bound passed (or the daemon stopped during a disk-full pause); a directory "
+            "source reads them again at the next start", registry=registry)
+        self.worker_up = Gauge(
+            "n2s_worker_up", "1 while the worker thread runs: source, inference, trainer, "
+            "follower, http", ["worker"], registry=registry)
+        self.output_dropped = Counter(
+            "n2s_output_dropped", "Messages an output could not send without blocking the "
+            "pipeline (nobody reading, or reading too slowly), by output", ["output"],
+            registry=registry)
         self.build = Info("n2s_build", "n2s-stream build", registry=registry)
         self.build.info({"version": __version__})
 
@@ -123,6 +134,11 @@ class MetricsServer:
         self.port = self._server.server_port
         log.info("metrics on http://%s:%d/metrics%s", addr, self.port,
                  "" if app is None else f", live preview on http://{addr}:{self.port}/")
+
+    @property
+    def alive(self) -> bool:
+        """True while the HTTP thread serves."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Stop serving and release the port."""

@@ -98,8 +98,10 @@ class OnlineTrainer(BackgroundWorker):
                 if time.monotonic() - last_save > self.options.checkpoint_every:
                     self._save(self.model, self.optimizer, self.step, self.store.version)
                     last_save = time.monotonic()
-        except Exception:
-            log.exception("online trainer failed; inference continues with version %d",
+        except Exception as exc:  # policy: inference goes on with the last weights, visibly
+            self.error = exc
+            log.exception("online trainer failed: training stopped, inference goes on with "
+                          "model version %d (n2s_worker_up{worker=\"trainer\"} 0)",
                           self.store.version)
             return
         self._save(self.model, self.optimizer, self.step, self.store.version)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+
+log = logging.getLogger(__name__)
 
 
 class BackgroundWorker:
     """One named thread running ``_run`` until ``stop()``: sources, trainer, checkpoint
-    follower and inference each subclass it and loop while ``self._stopping`` is unset."""
+    follower and inference each subclass it and loop while ``self._stopping`` is unset.
+
+    An exception that escapes ``_run`` is logged with its traceback and kept in
+    ``error``; the thread is then dead, and ``alive`` (``n2s_worker_up``) says so."""
 
     def __init__(self, name: str, *, join_timeout: float = 30.0) -> None:
+        self.name = name
+        self.error: BaseException | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name)
+        self._thread = threading.Thread(target=self._guarded_run, name=name)
         self._join_timeout = join_timeout
 
     def start(self) -> None:
@@ -20,14 +28,30 @@ class BackgroundWorker:
 
     @property
     def alive(self) -> bool:
-        """True while the thread runs (the systemd watchdog is fed only while all are)."""
+        """True while the thread runs (the systemd watchdog is fed only while all the
+        required ones are)."""
         return self._thread.is_alive()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was called: a thread that ends now ends as asked."""
+        return self._stopping.is_set()
 
     def stop(self) -> None:
         """Ask the thread to finish and wait for it (at most ``join_timeout``)."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self._join_timeout)
+            if self._thread.is_alive():
+                log.error("%s did not stop within %.0f s; leaving it behind", self.name,
+                          self._join_timeout)
+
+    def _guarded_run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("%s died: %s", self.name, exc)
 
     def _run(self) -> None:
         raise NotImplementedError

@@ -62,6 +62,11 @@ class FrameMeta:
     network_input: np.ndarray
 
 
+class Abandoned(Exception):
+    """Raised by a sink that gives up waiting (for disk space) because the daemon stops:
+    the inference loop then stops writing and counts what it did not write."""
+
+
 @runtime_checkable
 class Sink(Protocol):
     """What happens to denoised frames. Called from the inference thread only."""

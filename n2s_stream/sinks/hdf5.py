@@ -21,7 +21,7 @@ from n2s_stream.denoising import to_source_dtype
 from n2s_stream.errors import OutputError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
+from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkContext
 from n2s_stream.state import StateDir, last_written_source_frame
 from n2s_stream.writer import FrameWriter, close_left_open, free_bytes
 
@@ -122,8 +122,7 @@ class Hdf5Sink:
         self.metrics.output_paused.set(1)
         while free < needed:
             if self._stopping.wait(1.0):
-                raise OSError(f"stopping while the output disk of {writer.path} is full; "
-                              "unwritten frames are read again at the next start")
+                raise Abandoned(f"stopping while the output disk of {writer.path} is full")
             free = free_bytes(writer.path.parent)
         self.metrics.output_paused.set(0)
         log.info("space returned on the output disk (%.1f MiB free): writing again",

@@ -32,16 +32,22 @@ StartPosition = Callable[[str, Path], "int | None"]
 """Next frame to read of ``(series, output)`` (resume there), or None if it is complete."""
 
 
+def _not_counted(output: str) -> None:
+    """Default of ``SourceContext.dropped``."""
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """What the daemon gives a source: where items go, where refusals go, where a series
-    resumes, the state dir's per-series header store, and paths never to read."""
+    resumes, the state dir's per-series header store, paths never to read, and where to
+    count a message an output of the source (the ZeroMQ tee) could not send."""
 
     emit: Emit
     reject: Reject
     start_position: StartPosition
     headers: MutableMapping[str, np.ndarray | None]
     ignore: tuple[Path, ...] = ()
+    dropped: Callable[[str], None] = _not_counted
 
 
 class Source(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,8 @@ class ZmqSource(BackgroundWorker):
     """Emits the frames of a ZeroMQ feed; one output file per series."""
 
     def __init__(self, options: ZmqOptions, *, out_root: Path, emit: Emit, reject: Reject,
-                 headers: MutableMapping[str, np.ndarray | None] | None = None) -> None:
+                 headers: MutableMapping[str, np.ndarray | None] | None = None,
+                 dropped: Callable[[str], None] | None = None) -> None:
         super().__init__("zmq-source")
         if options.endpoint is None:
             raise UsageError("the ZeroMQ source needs --zmq ENDPOINT")
@@ -46,6 +47,8 @@ class ZmqSource(BackgroundWorker):
         self.out_root = out_root
         self._decoder = make_decoder(config.protocol, headers)
         self._emit, self._reject = emit, reject
+        self._dropped = dropped or (lambda output: None)
+        self._tee_dropping = False
         self._frames_in: dict[str, int] = {}
         self._context = zmq.Context()
         self._socket = self._context.socket(SOCKET_TYPES[config.socket])
@@ -59,9 +62,11 @@ class ZmqSource(BackgroundWorker):
         if config.tee:
             # The facility's own writer PULLs here and gets every message, untouched: a
             # second PULL client on the detector would take half of the frames instead.
+            # It never blocks the daemon: a writer that is down or slow loses messages
+            # (counted in n2s_output_dropped_total{output="zmq_tee"}), the daemon none.
             self._tee = self._context.socket(zmq.PUSH)
             self._tee.setsockopt(zmq.SNDHWM, config.hwm)
-            self._tee.setsockopt(zmq.LINGER, 2000)
+            self._tee.setsockopt(zmq.LINGER, 0)
             self._tee.bind(config.tee)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
@@ -69,7 +74,7 @@ class ZmqSource(BackgroundWorker):
     def from_config(cls, config: DaemonConfig, context: SourceContext) -> ZmqSource:
         """The source ``--zmq`` selects."""
         return cls(config.zmq, out_root=config.output.out, emit=context.emit,
-                   reject=context.reject, headers=context.headers)
+                   reject=context.reject, headers=context.headers, dropped=context.dropped)
 
     def start(self) -> None:
         """Connect and start reading."""
@@ -101,7 +106,7 @@ class ZmqSource(BackgroundWorker):
             parts = self._socket.recv_multipart()
             received = time.time()
             if self._tee is not None:
-                self._tee.send_multipart(parts)  # blocks at HWM: the writer sets the pace
+                self._forward_to_tee(parts)
             size = sum(len(part) for part in parts)
             if size > self._max_bytes:
                 self._reject("too_large", f"{self.endpoint}: message of {size} bytes "
@@ -119,6 +124,23 @@ class ZmqSource(BackgroundWorker):
             for event in events:
                 if not self._forward(event, received):
                     return
+
+    def _forward_to_tee(self, parts: list[bytes]) -> None:
+        """Pass a raw message on, or count it when the tee's reader cannot take it now."""
+        assert self._tee is not None
+        try:
+            self._tee.send_multipart(parts, zmq.NOBLOCK)
+        except zmq.Again:
+            self._dropped("zmq_tee")
+            if not self._tee_dropping:
+                log.warning("%s: nobody takes the tee's messages (reader down or slow): "
+                            "dropping them, counted in n2s_output_dropped_total",
+                            self.config.tee)
+            self._tee_dropping = True
+            return
+        if self._tee_dropping:
+            log.info("%s: the tee's reader takes messages again", self.config.tee)
+            self._tee_dropping = False
 
     def _log_disconnect(self) -> None:
         event = recv_monitor_message(self._monitor)

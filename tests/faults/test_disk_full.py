@@ -41,3 +41,40 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, 
                                      lost_silently=200 - len(set(written.tolist()))))
     assert np.array_equal(written, np.arange(200))
     assert np.isfinite(frames).all()
+
+
+def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
+        tmp_path, small_disk, fault_figures):
+    """The disk is full, the queue is full behind it, the source waits on the queue: SIGTERM
+    still ends the daemon at once (exit 0), the frames it accepted but could not write are
+    counted, and the next start, with room again, writes every frame exactly once."""
+    import time
+
+    daemon = DaemonProcess(tmp_path, "--min-free-mb", "1", "--queue-size", "8")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
+    daemon.wait_for("nearly full .* holding frames until space returns", timeout=60)
+    assert writer.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30
+    while daemon.scrape()["n2s_queue_depth"] < 8:
+        assert time.monotonic() < deadline, "the queue never filled"
+        time.sleep(0.2)
+    started = time.monotonic()
+    status = daemon.terminate(timeout=60)
+    stop_seconds = time.monotonic() - started
+    log = daemon.log()
+    assert status == 0, log[-2000:]
+    assert stop_seconds < 15, stop_seconds
+    assert "accepted frames were not written" in log
+    remount(small_disk, "size=32m")
+    again = DaemonProcess(tmp_path, "--min-free-mb", "1", name="restarted")
+    again.wait_ready()
+    again.wait_for("closed output .*scan_0001_n2s.h5 \\(200 frames\\)", timeout=120)
+    assert again.terminate() == 0
+    _, provenance = read_output(small_disk / "scan_0001_n2s.h5")
+    written = provenance["source_frame"]
+    fault_figures.append(FaultFigure(
+        f"SIGTERM in a disk-full pause, queue full (stopped in {stop_seconds:.1f} s)", 1,
+        int(np.array_equal(written, np.arange(200))), sent=200,
+        written=len(set(written.tolist())), lost_silently=200 - len(set(written.tolist()))))
+    assert np.array_equal(written, np.arange(200))
