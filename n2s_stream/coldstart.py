@@ -114,6 +114,16 @@ class ColdStart:
                          self.classical.calibration_loss)
             return self.classical
 
+    def denoise(self, stacks: np.ndarray,
+                network: Callable[[np.ndarray], np.ndarray]) -> tuple[int, np.ndarray]:
+        """Which denoiser writes now (``CLASSICAL`` while active, else ``NETWORK``) and its
+        ``(n, H, W)`` result for normalised ``(n, K, H, W)`` stacks (the classical one sees
+        the centre frame only)."""
+        if not self._active:
+            return NETWORK, network(stacks)
+        assert self.classical is not None  # calibrated on the first usable frame
+        return CLASSICAL, np.stack([self.classical(stack[0]) for stack in stacks])
+
     def compare(self, network_loss: float, loss_of: Callable[[nn.Module], float]) -> None:
         """Switch to the network, for good, once its held-out loss is below the classical
         denoiser's; ``loss_of`` scores a module on the same held-out frames and masks."""

@@ -23,8 +23,8 @@ from torch import nn
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.calibration import Calibration
 from n2s_stream.coldstart import ColdStart
-from n2s_stream.config import DaemonConfig
-from n2s_stream.engine import Engine
+from n2s_stream.config import DaemonConfig, ServiceOptions
+from n2s_stream.engine import Engine, max_batch
 from n2s_stream.errors import UsageError
 from n2s_stream.heartbeat import Heartbeat
 from n2s_stream.inference import InferenceLoop
@@ -64,6 +64,16 @@ class Stages:
     store: ModelStore
     cold_start: ColdStart
     server: MetricsServer | None
+
+
+def serve_metrics(service: ServiceOptions, metrics: Metrics,
+                  preview: Preview) -> MetricsServer | None:
+    """The HTTP port: Prometheus ``/metrics`` and the preview page (none with port -1)."""
+    if service.metrics_port < 0:
+        return None
+    app = preview_app(preview, make_wsgi_app(metrics.registry))
+    return MetricsServer(metrics.registry, port=service.metrics_port,
+                         addr=service.metrics_addr, app=app)
 
 
 class Daemon:
@@ -142,7 +152,7 @@ class Daemon:
             headers=state.series_headers, ignore=(config.service.state_dir,),
             dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc()))
         stages = Stages(source, inference, follower, trainer, store, cold_start,
-                        self._metrics_server())
+                        serve_metrics(config.service, self.metrics, self.preview))
         self.stages = stages
         for worker in (inference, trainer, follower, source):
             if worker is not None:
@@ -164,23 +174,8 @@ class Daemon:
             sinks=SinkChain(sinks, self.metrics), store=store,
             calibration=Calibration(store, config.network, cold_start),
             cold_start=cold_start, options=config.inference,
-            max_batch=self._max_batch(device), metrics=self.metrics, on_fatal=self._fatal)
-
-    def _metrics_server(self) -> MetricsServer | None:
-        service = self.config.service
-        if service.metrics_port < 0:
-            return None
-        app = preview_app(self.preview, make_wsgi_app(self.metrics.registry))
-        return MetricsServer(self.metrics.registry, port=service.metrics_port,
-                             addr=service.metrics_addr, app=app)
-
-    def _max_batch(self, device: torch.device) -> int:
-        """Frames per forward pass when they queue: on CPU one at a time is faster than
-        batches (benchmarks/daemon_memory.py: 39.6 vs 33.3 frames/s at 256x256), on a GPU
-        batches keep it busy."""
-        if self.config.inference.max_batch:
-            return self.config.inference.max_batch
-        return 8 if device.type == "cuda" else 1
+            max_batch=max_batch(config.inference, device), metrics=self.metrics,
+            on_fatal=self._fatal)
 
     # ---- callbacks from the stages ------------------------------------------------------
     def _cold_start_changed(self, active: bool, classical_loss: float) -> None:

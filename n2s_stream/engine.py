@@ -29,6 +29,15 @@ from n2s_stream.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 
+def max_batch(options: InferenceOptions, device: torch.device) -> int:
+    """Frames per forward pass when they queue: on CPU one at a time is faster than
+    batches (benchmarks/daemon_memory.py: 39.6 vs 33.3 frames/s at 256x256;
+    daemon_vs_offline.py: 0.85x with 8), on a GPU batches keep it busy."""
+    if options.max_batch:
+        return options.max_batch
+    return 8 if device.type == "cuda" else 1
+
+
 class Engine:
     """Denoises normalised ``(n, K, H, W)`` stacks with the newest weights it was given."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from n2s_stream.calibration import Calibration
-from n2s_stream.coldstart import CLASSICAL, NETWORK, ColdStart
+from n2s_stream.coldstart import NETWORK, ColdStart
 from n2s_stream.config import InferenceOptions
 from n2s_stream.denoising import Unusable, check_usable, prepare, restore_invalid
 from n2s_stream.engine import Engine
@@ -226,7 +226,8 @@ class InferenceLoop(BackgroundWorker):
         assert normalizer is not None  # set by the first frame's calibration
         for group in _runs_of_equal_shape(ready):
             stacks = np.stack([stack for _, stack in group])  # (n, K, H, W), normalised
-            denoiser, out = self._denoise(stacks)
+            denoiser, out = (self.cold_start.denoise(stacks, self.engine) if self.cold_start
+                             else (NETWORK, self.engine(stacks)))
             for (pending, stack), image in zip(group, normalizer.inverse(out), strict=True):
                 if self._abandon.is_set():
                     raise Abandoned("stop bound reached")
@@ -236,15 +237,6 @@ class InferenceLoop(BackgroundWorker):
                 self.written += 1
                 self.metrics.frames_denoised.inc()
                 self.metrics.frame_latency.observe(time.time() - frame.received_at)
-
-    def _denoise(self, stacks: np.ndarray) -> tuple[int, np.ndarray]:
-        """Which denoiser writes (the calibrated classical one during the cold start) and
-        its normalised output ``(n, H, W)``."""
-        if self.cold_start is not None and self.cold_start.active:
-            classical = self.cold_start.classical
-            assert classical is not None  # calibrated on the first usable frame
-            return CLASSICAL, np.stack([classical(stack[0]) for stack in stacks])
-        return NETWORK, self.engine(stacks)
 
     def _reject(self, frame: Frame, reason: str, why: str) -> None:
         self.refused += 1

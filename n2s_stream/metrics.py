@@ -37,6 +37,14 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
+        self._declare_flow(registry)
+        self._declare_training(registry)
+        self._declare_operations(registry)
+        self.build = Info("n2s_build", "n2s-stream build", registry=registry)
+        self.build.info({"version": __version__})
+
+    def _declare_flow(self, registry: CollectorRegistry) -> None:
+        """Frames in and out, and how long they take."""
         self.frames_received = Counter(
             "n2s_frames_received", "Frames read from sources", registry=registry)
         self.frames_denoised = Counter(
@@ -46,6 +54,21 @@ class Metrics:
             registry=registry)
         self.frames_missing = Counter(
             "n2s_frames_missing", "Gaps in a series' frame numbers", registry=registry)
+        self.frame_latency = Histogram(
+            "n2s_frame_latency_seconds", "Time from a frame's arrival to its being written",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.forward_seconds = Histogram(
+            "n2s_forward_seconds", "Time of one forward pass of the network (one batch of "
+            "frames, host to host): the model's share of each frame's time",
+            buckets=FORWARD_BUCKETS, registry=registry)
+        self.queue_depth = Gauge(
+            "n2s_queue_depth", "Frames waiting for inference", registry=registry)
+        self.frames_per_second = Gauge(
+            "n2s_frames_per_second", "Frames written per second (recent average)",
+            registry=registry)
+
+    def _declare_training(self, registry: CollectorRegistry) -> None:
+        """Online training and the model it publishes."""
         self.train_steps = Counter(
             "n2s_train_steps", "Online training steps", registry=registry)
         self.train_rollbacks = Counter(
@@ -63,25 +86,16 @@ class Metrics:
         self.classical_selfsup_loss = Gauge(
             "n2s_classical_selfsup_loss", "Held-out masked loss of the cold-start classical "
             "denoiser, on the frames and masks of n2s_selfsup_val_loss", registry=registry)
+        self.model_version = Gauge(
+            "n2s_model_version", "Version of the weights used for inference", registry=registry)
+
+    def _declare_operations(self, registry: CollectorRegistry) -> None:
+        """What operators and alert rules watch: disk, state dir, workers, outputs."""
         self.state_write_errors = Counter(
             "n2s_state_write_errors", "Checkpoint or ledger writes to the state dir that failed",
             registry=registry)
         self.source_blocked = Counter(
             "n2s_source_blocked_seconds", "Time sources waited on a full queue (backpressure)",
-            registry=registry)
-        self.frame_latency = Histogram(
-            "n2s_frame_latency_seconds", "Time from a frame's arrival to its being written",
-            buckets=LATENCY_BUCKETS, registry=registry)
-        self.forward_seconds = Histogram(
-            "n2s_forward_seconds", "Time of one forward pass of the network (one batch of "
-            "frames, host to host): the model's share of each frame's time",
-            buckets=FORWARD_BUCKETS, registry=registry)
-        self.queue_depth = Gauge(
-            "n2s_queue_depth", "Frames waiting for inference", registry=registry)
-        self.model_version = Gauge(
-            "n2s_model_version", "Version of the weights used for inference", registry=registry)
-        self.frames_per_second = Gauge(
-            "n2s_frames_per_second", "Frames written per second (recent average)",
             registry=registry)
         self.output_paused = Gauge(
             "n2s_output_paused", "1 while writing is held back because the output disk is"
@@ -101,8 +115,6 @@ class Metrics:
             "n2s_output_dropped", "Messages an output could not send without blocking the "
             "pipeline (nobody reading, or reading too slowly), by output", ["output"],
             registry=registry)
-        self.build = Info("n2s_build", "n2s-stream build", registry=registry)
-        self.build.info({"version": __version__})
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count ``count`` rejected frames or files under ``reason``."""

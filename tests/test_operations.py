@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+import zmq
 from daemon_helpers import N2S, STARTED, DaemonProcess, free_port, start_writer
 from prometheus_client import CollectorRegistry
 
@@ -132,3 +133,97 @@ def test_sigterm_with_a_full_queue_stops_within_stop_timeout(tmp_path):
     assert again.terminate() == 0
     _, provenance = read_output(again.out / "scan_0001_n2s.h5")
     assert provenance["source_frame"].tolist() == list(range(120))
+
+
+def _stalled_detector(tmp_path):
+    """A detector process frozen (SIGSTOP) in the middle of its file."""
+    import signal
+
+    daemon = DaemonProcess(tmp_path, "--no-cold-start")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=100, rate=20, shape="32x32")
+    _wait(lambda: daemon.scrape().get("n2s_frames_denoised_total", 0) >= 10)
+    writer.send_signal(signal.SIGSTOP)
+    return daemon, writer
+
+
+def _vanished_feed(tmp_path):
+    """A ZeroMQ detector killed mid-series: the daemon's socket waits for a peer."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    detector = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "400",
+                                 "--shape", "32x32", "--rate", "40", "--log-level", "WARNING"])
+    STARTED.append(detector)
+    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--no-cold-start")
+    daemon.wait_ready()
+    _wait(lambda: daemon.scrape().get("n2s_frames_denoised_total", 0) >= 10)
+    detector.kill()
+    return daemon, detector
+
+
+def _training_mid_step(tmp_path):
+    """Long training steps (batch 64 of 256x256 patches: seconds each) while idle."""
+    daemon = DaemonProcess(tmp_path, "--no-cold-start", "--batch", "64", "--patch", "256")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=6, rate=0, shape="256x256")
+    assert writer.wait(timeout=60) == 0
+    _wait(lambda: daemon.scrape().get("n2s_train_steps_total", 0) >= 1, seconds=120)
+    return daemon, writer
+
+
+def _slow_viewers(tmp_path):
+    """A SUB viewer on --zmq-out that never reads, and an HTTP client on the preview port
+    that never finishes its request, while frames flow."""
+    import socket
+
+    viewer_endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = DaemonProcess(tmp_path, "--no-cold-start", "--zmq-out", viewer_endpoint)
+    daemon.wait_ready()
+    context = zmq.Context()
+    viewer = context.socket(zmq.SUB)
+    viewer.setsockopt(zmq.SUBSCRIBE, b"")
+    viewer.setsockopt(zmq.RCVHWM, 1)
+    viewer.connect(viewer_endpoint)
+    browser = socket.create_connection(("127.0.0.1", daemon.port))
+    browser.sendall(b"GET /status.json HTTP/1.1\r\nHost: x\r\n")  # never finished
+    writer = start_writer(daemon.watch, frames=200, rate=40, shape="64x64")
+    _wait(lambda: daemon.scrape().get("n2s_frames_denoised_total", 0) >= 20)
+
+    class Cleanup:
+        def kill(self):
+            writer.kill()
+            browser.close()
+            viewer.close(linger=0)
+            context.term()
+
+        def wait(self, timeout):
+            writer.wait(timeout=timeout)
+
+    return daemon, Cleanup()
+
+
+def _onnx_export_running(tmp_path):
+    """ONNX Runtime engine re-exporting new weights all the time while frames flow."""
+    pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
+    daemon = DaemonProcess(tmp_path, "--no-cold-start", "--engine", "onnxruntime",
+                           "--onnx-reload-seconds", "0", "--publish-every", "1")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=400, rate=40, shape="128x128")
+    _wait(lambda: daemon.scrape().get("n2s_model_version", 0) >= 3, seconds=120)
+    return daemon, writer
+
+
+@pytest.mark.parametrize(
+    "state", [_stalled_detector, _vanished_feed, _training_mid_step, _slow_viewers,
+              _onnx_export_running],
+    ids=["detector stalled mid-file", "feed vanished", "training mid-step", "slow viewers",
+         "ONNX export running"])
+def test_sigterm_stops_promptly_in_each_state(tmp_path, state):
+    daemon, other = state(tmp_path)
+    started = time.monotonic()
+    status = daemon.terminate(timeout=120)
+    stop_seconds = time.monotonic() - started
+    other.kill()
+    other.wait(timeout=30)
+    assert status == 0, daemon.log()[-2000:]
+    assert stop_seconds < 30, stop_seconds
+    print(f"stop in {stop_seconds:.1f} s")
