@@ -107,6 +107,7 @@ class Daemon:
         check_engine(config.inference.engine, device)
         state = self._state = StateDir(config.service.state_dir,
                                        on_write_error=self.metrics.state_write_errors.inc)
+        self.metrics.unwritten_at_last_stop.set(state.last_stop_unwritten())
         checkpoint = state.starting_checkpoint(model_from=config.training.model_from,
                                                ckpt=config.training.ckpt)
         if checkpoint is not None:
@@ -238,7 +239,7 @@ class Daemon:
             status=lambda: self._status(stages))
         while not self.stop_requested.wait(0.25):
             dead = heartbeat.beat()
-            if dead:
+            if dead and not self.stop_requested.is_set():  # not a worker ending as asked
                 self._fatal(RuntimeError(f"the {dead} worker died (see the log above); "
                                          "stopping so that systemd restarts the daemon"))
 
@@ -272,6 +273,8 @@ class Daemon:
         deadline = time.monotonic() + self.config.service.stop_timeout
         stages.source.stop()
         stages.inference.stop_by(deadline)
+        if self._state is not None:
+            self._state.note_last_stop(stages.inference.unwritten)
         for worker in (stages.follower, stages.trainer):
             if worker is not None:
                 worker.stop()

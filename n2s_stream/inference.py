@@ -3,8 +3,9 @@ each frame to the sinks in order.
 
 It knows no source and no sink by name: frames come off a queue, series bookkeeping is the
 `SeriesTracker`'s, the network is the `Engine`'s, and denoised frames go to a `SinkChain`.
-Bad frames are rejected with a reason and counted; nothing already accepted is lost when
-stopping: ``stop()`` drains the queue and every context window first.
+Bad frames are rejected with a reason and counted. Stopping drains the queue and every
+context window until the stop bound (``stop_by``); what is left then is counted, and a
+directory source reads it again at the next start.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class InferenceLoop(BackgroundWorker):
         self.written = 0
         self.refused = 0
         self.lost = 0  # refused as internal_error by a failed batch
+        self.unwritten = 0  # accepted, not written when the loop stopped early
         self._abandon = threading.Event()
         self._working = threading.Event()
 
@@ -72,17 +74,22 @@ class InferenceLoop(BackgroundWorker):
         """The model version of the newest frames written."""
         return self.engine.version
 
-    def stop_by(self, deadline: float) -> None:
+    def stop_by(self, deadline: float, grace: float = 10.0) -> None:
         """Drain (every queued and held frame written) until ``deadline`` (monotonic
-        seconds); past it, stop writing and count what was left
-        (``n2s_frames_unwritten_at_stop_total``), so a stop is bounded in every state."""
+        seconds); past it, stop writing, wait at most ``grace`` for the frame in hand, and
+        count what was left (``n2s_frames_unwritten_at_stop_total``), so a stop is bounded
+        in every state. Call it after the source stopped, so the count is final."""
         self._stopping.set()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             log.warning("stop bound reached while frames were still being written; "
                         "abandoning the rest")
             self._abandon.set()
-        self.stop()
+            self._thread.join(timeout=grace)
+            if self._thread.is_alive():
+                log.error("inference is stuck (a forward pass or a write that does not "
+                          "return); leaving it behind")
+        self.unwritten = self._count_unwritten()
 
     def _run(self) -> None:
         try:
@@ -96,19 +103,19 @@ class InferenceLoop(BackgroundWorker):
                     self._process_guarded(items)
                 finally:
                     self._working.clear()
-            self._write(self.series.flush_all(), self.store.snapshot())
+            if not self._abandon.is_set():
+                self._write(self.series.flush_all(), self.store.snapshot())
         except Abandoned as exc:
             log.warning("%s", exc)
         except OSError as exc:  # disk full, file system gone: cannot go on safely
             log.error("writing failed: %s", exc)
             self._on_fatal(exc)
         finally:
-            self._count_unwritten()
             self.sinks.close()
             self.engine.close()
 
-    def _count_unwritten(self) -> None:
-        """Frames accepted but not written when the loop ends early (stop bound, stop
+    def _count_unwritten(self) -> int:
+        """Frames accepted but not written when the loop ended early (stop bound, stop
         during a disk-full pause, a fatal error): the directory source reads them again at
         the next start; a feed cannot resend them, so they are counted and logged."""
         while True:
@@ -122,6 +129,7 @@ class InferenceLoop(BackgroundWorker):
             log.warning("%d accepted frames were not written (a directory source reads them "
                         "again at the next start; a feed's are lost)", unwritten)
             self.metrics.frames_unwritten_at_stop.inc(unwritten)
+        return max(unwritten, 0)
 
     def _next_batch(self, *, wait: bool) -> list[Frame | SeriesEnd]:
         """The next queue item, plus the frames queued right behind it (up to
@@ -221,6 +229,8 @@ class InferenceLoop(BackgroundWorker):
         to the sinks, in order."""
         if not ready:
             return
+        if self._abandon.is_set():
+            raise Abandoned("stop bound reached")
         version = self.engine.use(snapshot)
         normalizer = snapshot.normalizer
         assert normalizer is not None  # set by the first frame's calibration

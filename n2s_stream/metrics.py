@@ -108,6 +108,9 @@ class Metrics:
             "n2s_frames_unwritten_at_stop", "Accepted frames not written because the stop "
             "bound passed (or the daemon stopped during a disk-full pause); a directory "
             "source reads them again at the next start", registry=registry)
+        self.unwritten_at_last_stop = Gauge(
+            "n2s_frames_unwritten_at_last_stop", "Accepted frames the previous stop left "
+            "unwritten (read from the state dir at start)", registry=registry)
         self.worker_up = Gauge(
             "n2s_worker_up", "1 while the worker thread runs: source, inference, trainer, "
             "follower, http", ["worker"], registry=registry)

@@ -288,6 +288,23 @@ class StateDir:
                   what, exc.strerror or exc)
         self._on_write_error()
 
+    def note_last_stop(self, unwritten: int) -> None:
+        """Remember how many accepted frames the stop left unwritten, so that the next
+        start can export it (a counter set just before exit is rarely scraped)."""
+        try:
+            atomic_write_text(self.root / "last_stop.json",
+                              json.dumps({"unwritten_frames": unwritten}) + "\n")
+        except OSError as exc:
+            self.write_failed("last_stop.json", exc)
+
+    def last_stop_unwritten(self) -> int:
+        """What the previous stop left unwritten (0 if unknown)."""
+        try:
+            return int(json.loads((self.root / "last_stop.json").read_text())
+                       ["unwritten_frames"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def checkpoint_path(self, version: int) -> Path:
         """Where the checkpoint of ``version`` goes."""
         return self.checkpoints / f"ckpt_v{version:08d}.pt"

@@ -63,7 +63,7 @@ class OnlineTrainer(BackgroundWorker):
         step: int = 0,
         cold_start: ColdStart | None = None,
     ) -> None:
-        super().__init__("online-trainer", join_timeout=60.0)
+        super().__init__("online-trainer", join_timeout=30.0)
         self.model = use_fast_layout(model, device)
         self.masker, self.buffer, self.val_buffer = masker, buffer, val_buffer
         self.cold_start = cold_start

@@ -19,7 +19,9 @@ class BackgroundWorker:
         self.name = name
         self.error: BaseException | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._guarded_run, name=name)
+        # daemon: a thread stuck in a call that never returns (a hung file system) must not
+        # keep the process from exiting once the stop bound has passed
+        self._thread = threading.Thread(target=self._guarded_run, name=name, daemon=True)
         self._join_timeout = join_timeout
 
     def start(self) -> None:
@@ -31,11 +33,6 @@ class BackgroundWorker:
         """True while the thread runs (the systemd watchdog is fed only while all the
         required ones are)."""
         return self._thread.is_alive()
-
-    @property
-    def stopping(self) -> bool:
-        """True once ``stop()`` was called: a thread that ends now ends as asked."""
-        return self._stopping.is_set()
 
     def stop(self) -> None:
         """Ask the thread to finish and wait for it (at most ``join_timeout``)."""

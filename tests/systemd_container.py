@@ -39,7 +39,7 @@ def root_tree(target: Path) -> None:
     """Unpack the cached minimal Debian tree into ``target`` (made first if needed)."""
     if not TARBALL.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        build = CACHE / "bookworm-build"
+        build = CACHE / f"bookworm-build-{os.getpid()}"
         shutil.rmtree(build, ignore_errors=True)
         made = subprocess.run(
             ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm",
@@ -64,7 +64,8 @@ class Container:
         self.log_path = root.parent / "container.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.nspawn = subprocess.Popen(
-            ["systemd-nspawn", "-D", str(root), "-b", "-M", "n2s-test", "--register=no",
+            ["systemd-nspawn", "-D", str(root), "-b", "-M", f"n2s-test-{os.getpid()}",
+             "--register=no",
              "--keep-unit", "-q", *(f"--bind-ro={bind}" for bind in read_only_binds)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         try:
@@ -81,9 +82,9 @@ class Container:
             if self.nspawn.poll() is not None:
                 raise ContainerUnavailable(f"systemd-nspawn exited: {self.log()[-500:]}")
             for children in Path(f"/proc/{self.nspawn.pid}/task").glob("*/children"):
-                pids = children.read_text().split()
-                if pids:
-                    return int(pids[0])
+                for pid in children.read_text().split():
+                    if _is_container_init(int(pid)):
+                        return int(pid)
             time.sleep(0.1)
         raise ContainerUnavailable("the container's init never started")
 
@@ -141,6 +142,20 @@ class Container:
                         directory.rmdir()
 
 
-def python_prefix() -> str:
-    """The Python installation the project's venv runs on (bound into the container)."""
-    return sys.base_prefix
+def _is_container_init(pid: int) -> bool:
+    """True for the container's systemd: in a PID namespace of its own (nspawn's outer
+    child still shares ours)."""
+    try:
+        own = os.readlink("/proc/self/ns/pid")
+        return (os.readlink(f"/proc/{pid}/ns/pid") != own
+                and Path(f"/proc/{pid}/comm").read_text().strip() == "systemd")
+    except OSError:
+        return False
+
+
+def python_binds() -> list[str]:
+    """The Python installation the project's venv runs on, to bind into the container;
+    none for a system Python under /usr (the container's own Python 3.11 serves: binding
+    the host's /usr would hide the container's)."""
+    prefix = Path(sys.base_prefix).resolve()
+    return [] if prefix == Path("/usr") or Path("/usr") in prefix.parents else [str(prefix)]

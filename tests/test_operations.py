@@ -127,8 +127,15 @@ def test_sigterm_with_a_full_queue_stops_within_stop_timeout(tmp_path):
     stop_seconds = time.monotonic() - started
     assert stop_seconds < 8, stop_seconds
     assert "stop bound reached" in daemon.log()
+    import re
+
+    unwritten = int(re.search(r"(\d+) accepted frames were not written", daemon.log())[1])
+    _, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
+    # every frame read was written or counted (the source had read ahead into the queue)
+    assert unwritten >= 40 and len(provenance["source_frame"]) + unwritten <= 120
     again = DaemonProcess(tmp_path, "--no-cold-start", name="restarted")
     again.wait_ready()
+    assert again.scrape()["n2s_frames_unwritten_at_last_stop"] == unwritten
     again.wait_for("closed output .*scan_0001_n2s.h5 \\(120 frames\\)", timeout=180)
     assert again.terminate() == 0
     _, provenance = read_output(again.out / "scan_0001_n2s.h5")

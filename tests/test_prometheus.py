@@ -114,7 +114,8 @@ def test_dashboard_and_alert_expressions_return_data_from_a_real_prometheus(tmp_
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
-        assert daemon.terminate() == 0
+        status = daemon.terminate()
+    assert status == 0, daemon.log()[-2000:]
     print(f"expressions checked against Prometheus: dashboard {checked[0]}, alerts "
           f"{checked[1]}")
     assert checked == (19, 12)

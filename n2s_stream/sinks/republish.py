@@ -1,14 +1,14 @@
 """Denoised frames republished on a ZeroMQ PUB socket (native protocol) for live viewers.
 
-Never blocks the daemon: a message that a viewer too slow to keep up cannot take (ZeroMQ's
-high-water mark reached) is not sent and is counted in
-``n2s_output_dropped_total{output="zmq_out"}``; the output files lose nothing.
+Never blocks the daemon: PUB drops, per viewer, what a viewer too slow to keep up cannot
+take (its high-water mark reached), and the other viewers still get every frame. ZeroMQ
+does not report those drops, so they are not counted (``XPUB_NODROP`` would report them,
+but then one slow viewer would stop the frames for every viewer).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import zmq
@@ -26,13 +26,10 @@ class ZmqRepublishSink:
     name = "zmq_out"
     required = False
 
-    def __init__(self, endpoint: str, hwm: int = 100,
-                 dropped: Callable[[], None] = lambda: None) -> None:
-        self._dropped = dropped
+    def __init__(self, endpoint: str, hwm: int = 100) -> None:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
-        self._socket.setsockopt(zmq.XPUB_NODROP, 1)  # full: EAGAIN (counted), not silent
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(endpoint)
         log.info("publishing denoised frames on %s", endpoint)
@@ -41,14 +38,13 @@ class ZmqRepublishSink:
     def from_context(cls, context: SinkContext) -> ZmqRepublishSink:
         """Bound where ``zmq_out`` says."""
         assert context.config.zmq.out is not None
-        counter = context.metrics.output_dropped.labels(output="zmq_out")
-        return cls(context.config.zmq.out, dropped=counter.inc)
+        return cls(context.config.zmq.out)
 
     def open_series(self, start: SeriesStart) -> None:
         """Nothing to announce: the first frame names its series."""
 
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
-        """Send one denoised frame, or count it when a viewer cannot take it now."""
+        """Send one denoised frame (dropped for a viewer that cannot take it now)."""
         self._send(protocols.native_frame(frame.series, frame.index, denoised, "raw"))
 
     def end_series(self, end: SeriesEnd) -> None:
@@ -57,10 +53,7 @@ class ZmqRepublishSink:
             self._send(protocols.native_end(end.series))
 
     def _send(self, message: list[bytes]) -> None:
-        try:
-            self._socket.send_multipart(message, zmq.NOBLOCK)
-        except zmq.Again:
-            self._dropped()
+        self._socket.send_multipart(message, zmq.NOBLOCK)  # PUB never raises Again
 
     def close(self) -> None:
         """Unbind and release the socket."""

@@ -66,7 +66,7 @@ class ZmqSource(BackgroundWorker):
             # (counted in n2s_output_dropped_total{output="zmq_tee"}), the daemon none.
             self._tee = self._context.socket(zmq.PUSH)
             self._tee.setsockopt(zmq.SNDHWM, config.hwm)
-            self._tee.setsockopt(zmq.LINGER, 0)
+            self._tee.setsockopt(zmq.LINGER, 1000)  # at stop: 1 s to deliver what is queued
             self._tee.bind(config.tee)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 

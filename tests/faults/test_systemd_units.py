@@ -25,7 +25,7 @@ from systemd_container import (
     Container,
     ContainerUnavailable,
     missing_tools,
-    python_prefix,
+    python_binds,
     root_tree,
 )
 
@@ -96,10 +96,18 @@ def _machine(tmp_path: Path):
         f'device = "cpu"\nthreads = 1\nmetrics_port = {ports["zmq1"]}\n')
     for folder in ("data/acq", "data/denoised/zmq1"):
         (root / folder).mkdir(parents=True)
-    (root / "root").chmod(0o755)  # the venv's Python lives under the host's /root
+    (root / "root").chmod(0o755)  # the venv's Python may live under the host's /root
+    # The project and its venv, bound read-only at /opt/n2s-stream-src; the units'
+    # ExecStart, /opt/n2s-stream/.venv/bin/n2s-stream, is a launcher for them (the venv's
+    # own entry point names the clone's path, which PrivateTmp= hides when it is in /tmp).
+    launcher = root / "opt/n2s-stream/.venv/bin/n2s-stream"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text("#!/bin/sh\nexport PYTHONPATH=/opt/n2s-stream-src\n"
+                        'exec /opt/n2s-stream-src/.venv/bin/python -m n2s_stream "$@"\n')
+    launcher.chmod(0o755)
     try:
         container = Container(root, read_only_binds=[
-            str(PROJECT), f"{PROJECT}:/opt/n2s-stream", python_prefix()])
+            f"{PROJECT}:/opt/n2s-stream-src", *python_binds()])
     except ContainerUnavailable as exc:
         pytest.skip(f"cannot boot a container here: {exc}")
     try:
@@ -149,7 +157,7 @@ def _the_sandbox_is_in_force(machine):
         return made.returncode == 0
 
     assert can_write("/data/denoised") and can_write("/var/lib/n2s-stream")
-    for path in ("/data/acq", "/etc", "/usr", "/opt/n2s-stream", "/var/lib"):
+    for path in ("/data/acq", "/etc", "/usr", "/opt/n2s-stream-src", "/var/lib"):
         assert not can_write(path), path
 
 
@@ -184,7 +192,7 @@ def _systemctl_stop_drains_while_frames_flow(machine):
     output = container.root / "data/denoised/scan_0002_n2s.h5"
     _wait(lambda: _frames_in(output) >= 10, 120, "frames flowing")
     started = time.monotonic()
-    container.run("systemctl", "stop", UNIT)
+    container.run("systemctl", "stop", UNIT, timeout=240)
     stop_seconds = time.monotonic() - started
     writer.kill()
     writer.wait(timeout=30)
@@ -203,6 +211,7 @@ def _the_template_reads_its_instance_toml_and_follows_zeromq(machine):
     instance = "n2s-stream@zmq1.service"
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 60_000)  # the instance never connecting fails, not hangs
     push.bind(f"tcp://127.0.0.1:{ports['feed']}")
     try:
         container.run("systemctl", "start", instance)
