@@ -273,6 +273,9 @@ class InferenceOptions:
                                                            "for later neighbours")
     series_idle_close: float = option(300.0, min=0, help="close an output after this long "
                                                          "without frames; 0 = never")
+    stall_seconds: float = option(300.0, min=1, help="a forward pass or write that does not "
+                                                     "return for this long counts as a dead "
+                                                     "worker: no watchdog, exit 1")
 
     def __post_init__(self) -> None:
         if self.engine == "onnxruntime" and self.compile:

@@ -60,6 +60,7 @@ class InferenceLoop(BackgroundWorker):
         self.refused = 0
         self.lost = 0  # refused as internal_error by a failed batch
         self.unwritten = 0  # accepted, not written when the loop stopped early
+        self.last_progress = time.monotonic()  # a loop round or a frame written
         self._abandon = threading.Event()
         self._working = threading.Event()
 
@@ -68,6 +69,15 @@ class InferenceLoop(BackgroundWorker):
         """True while a batch is being denoised and written: training waits meanwhile, or
         both would share the cores and every frame would take twice as long."""
         return self._working.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """Its thread runs and makes progress: a forward pass or a write that has not
+        returned for ``stall_seconds`` counts as dead (a disk-full pause does not)."""
+        if not self._thread.is_alive():
+            return False
+        paused = self.metrics.registry.get_sample_value("n2s_output_paused") == 1
+        return paused or time.monotonic() - self.last_progress < self.options.stall_seconds
 
     @property
     def version(self) -> int:
@@ -96,6 +106,7 @@ class InferenceLoop(BackgroundWorker):
             while not self._abandon.is_set():
                 draining = self._stopping.is_set()  # stop(): the queue is emptied first
                 items = self._next_batch(wait=not draining)
+                self.last_progress = time.monotonic()
                 if draining and not items:
                     break
                 self._working.set()
@@ -245,6 +256,7 @@ class InferenceLoop(BackgroundWorker):
                 restore_invalid(image, frame.data, pending.valid)
                 self.sinks.write(frame, image, FrameMeta(version, denoiser, pending.valid, stack))
                 self.written += 1
+                self.last_progress = time.monotonic()
                 self.metrics.frames_denoised.inc()
                 self.metrics.frame_latency.observe(time.time() - frame.received_at)
 

@@ -234,3 +234,45 @@ def test_sigterm_stops_promptly_in_each_state(tmp_path, state):
     assert status == 0, daemon.log()[-2000:]
     assert stop_seconds < 30, stop_seconds
     print(f"stop in {stop_seconds:.1f} s")
+
+
+class _HangingEngine:
+    """The daemon's engine, whose forward pass hangs (a driver or file system that never
+    returns) until released."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.release = engine, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __call__(self, stacks):
+        self.release.wait()
+        return self.engine(stacks)
+
+
+def test_a_hung_inference_thread_counts_as_dead(tmp_path):
+    """Alive but stuck: after stall_seconds without progress the inference worker is down,
+    the watchdog stops, and the daemon stops itself (status 1) within its stop bound."""
+    (tmp_path / "acq").mkdir()
+    config = make(DaemonConfig, watch=tmp_path / "acq", out=tmp_path / "out",
+                  state_dir=tmp_path / "state", device="cpu", metrics_port=0, threads=1,
+                  cold_start=False, settle_seconds=2, stall_seconds=2, stop_timeout=2)
+    daemon = Daemon(config, registry=CollectorRegistry())
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(daemon.run()))
+    thread.start()
+    _wait(lambda: daemon.stages is not None)
+    hanging = daemon.stages.inference.engine = _HangingEngine(daemon.stages.inference.engine)
+    try:
+        writer = start_writer(tmp_path / "acq", frames=5, rate=0, shape="32x32")
+        assert writer.wait(timeout=60) == 0
+        thread.join(timeout=120)
+        assert status == [1]
+        assert "inference" in str(daemon.failure)
+        value = daemon.metrics.registry.get_sample_value
+        assert value("n2s_worker_up", {"worker": "inference"}) == 0
+    finally:
+        hanging.release.set()
+        daemon.stop_requested.set()
+        thread.join(timeout=60)
