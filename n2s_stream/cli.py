@@ -153,9 +153,11 @@ def _denoise(config: DenoiseConfig) -> None:
 
 
 def _simulate(config: SimulateConfig) -> None:
-    from n2s_stream.simulate import simulate, simulate_zmq
+    from n2s_stream.simulate import simulate, simulate_pva, simulate_zmq
 
-    if config.zmq_bind:
+    if config.pva_serve:
+        print(f"served {simulate_pva(config)} frames on {config.pva_serve}")
+    elif config.zmq_bind:
         print(f"sent {simulate_zmq(config)} frames to {config.zmq_bind}")
     else:
         path = simulate(config)

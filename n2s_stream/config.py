@@ -139,6 +139,14 @@ class SimulateConfig:
     dir: Path | None = option(None, help="folder to write into", example="acq")
     zmq_bind: str | None = option(None, help="send over ZeroMQ instead: PUSH bound here",
                                   example="tcp://127.0.0.1:9999")
+    pva_serve: str | None = option(None, example="SIM:Pva1:Image",
+                                   help="serve the frames as an NTNDArray PV instead (as "
+                                        "NDPluginPva: a stale value first, uniqueId from 1 "
+                                        "per series)")
+    codec: Literal["none", "lz4", "bslz4", "zlib", "blosc"] = option(
+        "none", help="NTNDArray compression (--pva-serve)")
+    start_delay: float = option(3.0, min=0, help="seconds the PV serves its stale value "
+                                                 "before the first frame (--pva-serve)")
     protocol: ZmqProtocol = option("native", help="ZeroMQ protocol")
     series: int = option(1, help="series sent back to back (ZeroMQ)", min=1)
     first_series: int = option(1, help="number of the first series (ZeroMQ)", min=0)
@@ -224,6 +232,18 @@ class ZmqOptions:
     shared_feed: bool = option(False, name="shared_feed",
                                help="one of several workers PULLing one feed: the frames "
                                     "dealt to the others are not missing")
+
+
+@dataclass(frozen=True)
+class PvaOptions:
+    """The EPICS PVAccess source (sources/pva.py); discovery from EPICS_PVA_* variables."""
+
+    pv: str | None = option(None, name="pva", example="13SIM1:Pva1:Image",
+                            help="areaDetector NTNDArray PV to follow (or give watch / zmq)")
+    series_gap: float = option(10.0, min=0.1, help="seconds without frames that end an "
+                                                   "acquisition")
+    queue_size: int = option(100, min=1, help="PVA monitor queue (record[queueSize=N]): "
+                                              "updates held for a burst")
 
 
 @dataclass(frozen=True)
@@ -317,6 +337,7 @@ class DaemonConfig:
 
     directory: DirectoryOptions = section(DirectoryOptions)
     zmq: ZmqOptions = section(ZmqOptions, prefix="zmq_")
+    pva: PvaOptions = section(PvaOptions, prefix="pva_")
     network: NetworkOptions = section(NetworkOptions)
     training: TrainingOptions = section(TrainingOptions)
     inference: InferenceOptions = section(InferenceOptions)
@@ -332,9 +353,10 @@ class DaemonConfig:
 
     def sources_given(self) -> list[str]:
         """Every source whose selecting option is set."""
-        given = {"directory": self.directory.root, "zmq": self.zmq.endpoint}
+        given = {"directory": self.directory.root, "zmq": self.zmq.endpoint,
+                 "pva": self.pva.pv}
         return [name for name, value in given.items() if value is not None]
 
     def following(self) -> str:
         """What the daemon follows, for logs and status lines."""
-        return str(self.directory.root or self.zmq.endpoint)
+        return str(self.directory.root or self.zmq.endpoint or self.pva.pv)

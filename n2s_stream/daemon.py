@@ -81,8 +81,8 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig, *, registry: CollectorRegistry = REGISTRY) -> None:
         if len(config.sources_given()) != 1:
-            raise UsageError("give exactly one source to follow: --watch DIR or --zmq "
-                             "ENDPOINT")
+            raise UsageError("give exactly one source to follow: --watch DIR, --zmq "
+                             "ENDPOINT or --pva PVNAME")
         self.config = config
         self.metrics = Metrics(registry)
         self.stop_requested = threading.Event()

@@ -68,6 +68,7 @@ class Source(Protocol):
 SOURCES = {
     "directory": "n2s_stream.sources.directory:DirectorySource",
     "zmq": "n2s_stream.sources.zmq:ZmqSource",
+    "pva": "n2s_stream.sources.pva:PvaSource",
 }
 """Each source's class (``from_config(config, context)``), by ``DaemonConfig.source``."""
 
