@@ -135,7 +135,7 @@ class InferenceLoop(BackgroundWorker):
                     self.taken += 1
             except queue.Empty:
                 break
-        unwritten = self.taken - self.written - self.refused - self.series.skipped - self.lost
+        unwritten = self.taken - self._accounted() - self.lost
         if unwritten > 0:
             log.warning("%d accepted frames were not written (a directory source reads them "
                         "again at the next start; a feed's are lost)", unwritten)
@@ -159,11 +159,16 @@ class InferenceLoop(BackgroundWorker):
         self.taken += sum(isinstance(item, Frame) for item in batch)
         return batch
 
+    def _accounted(self) -> int:
+        """Frames taken off the queue that have an outcome: written, refused with a
+        reason, or skipped as already written."""
+        return self.written + self.refused + self.series.skipped
+
     def _process_guarded(self, items: list[Frame | SeriesEnd]) -> None:
         """Process a batch; a bug met by odd input refuses the frames it touched
         (counted as ``internal_error``, with the traceback logged) and the rest goes on."""
         frames = [item for item in items if isinstance(item, Frame)]
-        done_before = self.written + self.refused + self.series.skipped
+        done_before = self._accounted()
         held_before = self.series.held()
         try:
             self._process(items)
@@ -174,7 +179,7 @@ class InferenceLoop(BackgroundWorker):
                           ", ".join(f"{f.series}:{f.index}" for f in frames) or "(held ones)")
             for series in {f.series for f in frames}:
                 self.series.drop_held(series)  # what its window held is lost with this batch
-            done = self.written + self.refused + self.series.skipped - done_before
+            done = self._accounted() - done_before
             lost = max(len(frames) + held_before - self.series.held() - done, 0)
             self.lost += lost
             self.metrics.reject("internal_error", lost)
