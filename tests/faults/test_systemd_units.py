@@ -105,10 +105,14 @@ def _machine(tmp_path: Path):
     launcher.write_text("#!/bin/sh\nexport PYTHONPATH=/opt/n2s-stream-src\n"
                         'exec /opt/n2s-stream-src/.venv/bin/python -m n2s_stream "$@"\n')
     launcher.chmod(0o755)
+    # The service user must read the checkout: a clone made in `mktemp -d` is mode 0700.
+    project_mode = PROJECT.stat().st_mode & 0o7777
+    PROJECT.chmod(project_mode | 0o055)
     try:
         container = Container(root, read_only_binds=[
             f"{PROJECT}:/opt/n2s-stream-src", *python_binds()])
     except ContainerUnavailable as exc:
+        PROJECT.chmod(project_mode)
         pytest.skip(f"cannot boot a container here: {exc}")
     try:
         container.run("systemd-sysusers")
@@ -117,6 +121,7 @@ def _machine(tmp_path: Path):
         yield container, ports
     finally:
         container.stop()
+        PROJECT.chmod(project_mode)
 
 
 def _ready_status_and_a_whole_run_under_the_sandbox(machine):
