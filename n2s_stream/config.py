@@ -147,9 +147,16 @@ class SimulateConfig:
         "none", help="NTNDArray compression (--pva-serve)")
     start_delay: float = option(3.0, min=0, help="seconds the PV serves its stale value "
                                                  "before the first frame (--pva-serve)")
+    acquire_pv: str | None = option(None, example="SIM:cam1:Acquire",
+                                    help="also serve an Acquire PV: 1 during each "
+                                         "acquisition (--pva-serve)")
+    keep_counter: bool = option(False, help="uniqueId counts on across acquisitions "
+                                            "(--pva-serve)")
+    gap_every: int = option(0, min=0, help="skip every Nth uniqueId, as if PVA dropped it "
+                                           "(--pva-serve)")
     protocol: ZmqProtocol = option("native", help="ZeroMQ protocol")
-    series: int = option(1, help="series sent back to back (ZeroMQ)", min=1)
-    first_series: int = option(1, help="number of the first series (ZeroMQ)", min=0)
+    series: int = option(1, help="series sent back to back (ZeroMQ, PVA)", min=1)
+    first_series: int = option(1, help="number of the first series (ZeroMQ, PVA)", min=0)
     encoding: Literal["raw", "bslz4", "lz4"] = option(
         "bslz4", help="payload encoding of the native protocol")
     frames: int = option(100, help="frames per series", min=1)
@@ -236,7 +243,8 @@ class ZmqOptions:
 
 @dataclass(frozen=True)
 class PvaOptions:
-    """The EPICS PVAccess source (sources/pva.py); discovery from EPICS_PVA_* variables."""
+    """EPICS PVAccess: the source (sources/pva.py) and the served denoised PV (sinks/pva.py);
+    discovery and ports from the EPICS_PVA_* / EPICS_PVAS_* variables."""
 
     pv: str | None = option(None, name="pva", example="13SIM1:Pva1:Image",
                             help="areaDetector NTNDArray PV to follow (or give watch / zmq)")
@@ -244,6 +252,14 @@ class PvaOptions:
                                                    "acquisition")
     queue_size: int = option(100, min=1, help="PVA monitor queue (record[queueSize=N]): "
                                               "updates held for a burst")
+    acquire_pv: str | None = option(None, example="13SIM1:cam1:Acquire",
+                                    help="the driver's Acquire PV: 1 opens a series, 0 ends "
+                                         "it once the frames stop (--pva)")
+    serve: str | None = option(None, example="13SIM1:N2S:Image",
+                               help="serve the denoised frames as this NTNDArray PV (any "
+                               "source; loopback unless EPICS_PVAS_INTF_ADDR_LIST says)")
+    serve_codec: Literal["none", "lz4", "bslz4"] = option(
+        "none", help="compression of the served PV (as NDPluginCodec)")
 
 
 @dataclass(frozen=True)

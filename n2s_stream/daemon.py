@@ -20,6 +20,7 @@ import torch
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from torch import nn
 
+from n2s_stream import __version__
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.calibration import Calibration
 from n2s_stream.coldstart import ColdStart
@@ -85,6 +86,8 @@ class Daemon:
                              "ENDPOINT or --pva PVNAME")
         self.config = config
         self.metrics = Metrics(registry)
+        self.metrics.build.info({"version": __version__, "source": config.source or "",
+                                 "following": config.following()})
         self.stop_requested = threading.Event()
         self.failure: BaseException | None = None
         self.notifier = Notifier()
@@ -151,7 +154,8 @@ class Daemon:
             emit=self.intake.emit, reject=self.intake.reject,
             start_position=state.start_position,
             headers=state.series_headers, ignore=(config.service.state_dir,),
-            dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc()))
+            dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
+            refused=self.intake.dropped.add))
         stages = Stages(source, inference, follower, trainer, store, cold_start,
                         serve_metrics(config.service, self.metrics, self.preview))
         self.stages = stages

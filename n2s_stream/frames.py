@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ class Frame:
     ``index`` is its position in that series, ``data`` the ``(H, W)`` raw frame in the
     source's dtype, ``received_at`` the unix time it arrived, ``output`` the file its
     denoised version goes to, ``pixel_mask`` the detector's bad pixels (True), if known.
+    Where the source says so: ``source_id`` is the detector's own frame number (areaDetector's
+    ``uniqueId``), ``t_source`` the unix time the detector took the frame, ``attributes``
+    numbers that travel with it (areaDetector NDAttributes); outputs keep them.
     """
 
     series: str
@@ -27,6 +31,9 @@ class Frame:
     received_at: float
     output: Path
     pixel_mask: np.ndarray | None = None
+    source_id: int | None = None
+    t_source: float | None = None
+    attributes: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,7 @@ class InferenceLoop(BackgroundWorker):
         if self.cold_start is not None and self.cold_start.classical is not None:
             notes["cold_start"] = self.cold_start.classical.describe()
         self.sinks.open_series(SeriesStart(frame.series, frame.output, frame.data.shape,
-                                           frame.data.dtype, notes))
+                                           frame.data.dtype, notes, tuple(frame.attributes)))
 
     def _write(self, ready: list[Ready], snapshot: Snapshot) -> None:
         """Denoise ready frames (one forward pass per run of equal shapes) and hand each

@@ -27,8 +27,9 @@ Ready = tuple[Any, np.ndarray]
 
 
 class DroppedFrames:
-    """Frames dropped before inference (``drop_when_full``), per series: they were counted
-    as rejected when dropped, so the gaps they leave are not counted again as missing.
+    """Frames dropped before inference (``drop_when_full``) or refused by the source, per
+    series: they were counted as rejected, so the gaps they leave are not counted again as
+    missing.
     Shared by the source thread (``add``) and the inference thread (``take``)."""
 
     def __init__(self) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import h5py
 import hdf5plugin
@@ -184,74 +183,53 @@ def simulate_zmq(config: SimulateConfig) -> int:
     return sent
 
 
-PVA_CODEC_TYPE = 6  # pvData ScalarType of the simulator's uint16 frames, in codec.parameters
-
-
-def ntndarray_value(frame: np.ndarray, unique_id: int, codec: str = "none") -> Any:
-    """``frame`` as NDPluginPva publishes it: an NTNDArray (``dimension[0]`` is x), with
-    ``uniqueId``, ``dataTimeStamp`` now, and compressed by ``codec`` like NDPluginCodec."""
-    from p4p.nt import NTNDArray
-
-    from n2s_stream.sources.codecs import bslz4_encode
-
-    value = NTNDArray().wrap(frame)
-    value["uniqueId"] = unique_id
-    now = time.time()
-    value["dataTimeStamp.secondsPastEpoch"] = int(now)
-    value["dataTimeStamp.nanoseconds"] = int((now % 1) * 1e9)
-    if codec != "none":
-        raw = np.ascontiguousarray(frame).tobytes()
-        if codec == "lz4":
-            import lz4.block
-
-            payload = lz4.block.compress(raw, store_size=False)
-        elif codec == "bslz4":
-            payload = bslz4_encode(frame)
-        elif codec == "zlib":
-            import zlib
-
-            payload = zlib.compress(raw)
-        else:
-            import blosc
-
-            payload = blosc.compress(raw, typesize=frame.itemsize)
-        value["value"] = ("ubyteValue", np.frombuffer(payload, dtype=np.uint8))
-        value["codec.name"] = codec
-        value["codec.parameters"] = PVA_CODEC_TYPE
-        value["compressedSize"] = len(payload)
-        value["uncompressedSize"] = len(raw)
-    return value
-
-
 def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
     """Serve ``series`` acquisitions of ``frames`` frames on the NTNDArray PV
     ``pva_serve``, as NDPluginPva would: a stale value (the previous acquisition's last
     frame) first, then, after ``config.start_delay`` s for clients to connect, each acquisition
-    with ``uniqueId`` from 1; the PV stays up ``linger`` s after the last frame. Ports and
-    interfaces from the ``EPICS_PVAS_*`` variables. Returns the frames served."""
+    with ``uniqueId`` from 1 (or counting on, ``keep_counter``), every ``gap_every``-th
+    number skipped as if PVA had dropped it; with ``acquire_pv`` that PV is 1 during each
+    acquisition and 0 for 2 s between them. The PVs stay up ``linger`` s after the last
+    frame. Ports and interfaces from the ``EPICS_PVAS_*`` variables. Returns the frames
+    served."""
+    from p4p.nt import NTScalar
     from p4p.server import Server
     from p4p.server.thread import SharedPV
+
+    from n2s_stream.sources.ntndarray import encode
 
     if config.pva_serve is None:
         raise UsageError("simulate: give --dir, --zmq-bind or --pva-serve")
     shape = config.frame_shape()
     rng = np.random.default_rng(config.seed + 1)
     stale = poisson_frames(clean_frames(1, shape, seed=config.seed + 99)[0], config.dose, rng)
-    pv = SharedPV(initial=ntndarray_value(stale, 4242, config.codec))
+    pv = SharedPV(initial=encode(stale, 4242, timestamp=time.time(), codec=config.codec))
+    acquire = SharedPV(nt=NTScalar("i"), initial=0)
+    providers = {config.pva_serve: pv}
+    if config.acquire_pv:
+        providers[config.acquire_pv] = acquire
     period = 1.0 / config.rate if config.rate > 0 else 0.0
-    served = 0
-    with Server(providers=[{config.pva_serve: pv}]):
+    served, unique_id = 0, 0
+    with Server(providers=[providers]):
         log.info("serving %s over PVAccess", config.pva_serve)
         time.sleep(config.start_delay)
-        started = time.monotonic()
         for k in range(config.first_series, config.first_series + config.series):
+            if k > config.first_series and config.acquire_pv:
+                time.sleep(2.0)
+            acquire.post(1)
             clean = clean_frames(config.frames, shape, seed=config.seed + k)
+            unique_id = unique_id if config.keep_counter else 0
+            started, sent = time.monotonic(), 0
             for index in range(config.frames):
+                unique_id += 1
+                if config.gap_every and (index + 1) % config.gap_every == 0:
+                    unique_id += 1  # this number is never sent: a gap
                 frame = poisson_frames(clean[index], config.dose, rng)
-                pv.post(ntndarray_value(frame, index + 1, config.codec))
-                served += 1
+                pv.post(encode(frame, unique_id, timestamp=time.time(), codec=config.codec))
+                served, sent = served + 1, sent + 1
                 if period:
-                    time.sleep(max(0.0, started + served * period - time.monotonic()))
+                    time.sleep(max(0.0, started + sent * period - time.monotonic()))
+            acquire.post(0)
         time.sleep(linger)
     log.info("served %d frames in %d series on %s", served, config.series, config.pva_serve)
     return served

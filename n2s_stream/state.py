@@ -47,12 +47,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def last_written_source_frame(output: Path) -> int | None:
     """Highest source frame number in an output file's provenance, None if none."""
+    row = last_provenance_row(output)
+    return None if row is None else int(row["source_frame"])
+
+
+def last_provenance_row(output: Path) -> dict[str, float] | None:
+    """The provenance of an output file's last whole frame (``source_frame``,
+    ``t_received``, ``t_source``, ...), None if it has none."""
     if not output.exists():
         return None
     try:
         with h5py.File(output, "r", swmr=True, locking=False) as handle:
             whole = whole_frames(handle)
-            return int(handle["/entry/provenance/source_frame"][whole - 1]) if whole else None
+            if not whole:
+                return None
+            provenance = handle["/entry/provenance"]
+            return {name: float(column[whole - 1]) for name, column in provenance.items()
+                    if isinstance(column, h5py.Dataset)}
     except (OSError, KeyError) as exc:
         raise OutputError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 

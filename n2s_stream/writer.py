@@ -7,6 +7,9 @@ Layout (DESIGN.md):
   /entry/provenance/t_received      unix time the frame arrived
   /entry/provenance/t_written       unix time it was written
   /entry/provenance/denoiser        0 = the network, 1 = the cold-start classical denoiser
+  /entry/provenance/t_source        unix time the detector took it (NaN: the source did not say)
+  /entry/provenance/attributes/NAME numbers that came with the frames (areaDetector
+                                    NDAttributes); NaN where a frame had none of that name
   /entry/process/{program,version,config,source[,cold_start]}
 
 The file is in SWMR mode from its first frame on and flushed after every append, so a
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -34,13 +39,21 @@ PROVENANCE_FIELDS = {
     "t_received": np.float64,
     "t_written": np.float64,
     "denoiser": np.uint8,
+    "t_source": np.float64,
 }
+OPTIONAL_FIELDS = ("t_source",)
+"""Columns that outputs of earlier versions lack: added (NaN) when such a file resumes."""
+
+MAX_ATTRIBUTES = 64
+"""Attribute columns per file; more names (a misbehaving feed) are logged and left out."""
 
 
 def whole_frames(file: h5py.File) -> int:
     """Frames of an output file that are complete: a frame counts once its data and every
     provenance row are in (they are written in that order, then flushed)."""
-    lengths = [file[f"/entry/provenance/{name}"].shape[0] for name in PROVENANCE_FIELDS]
+    provenance = file["/entry/provenance"]
+    lengths = [provenance[name].shape[0] for name in PROVENANCE_FIELDS
+               if name not in OPTIONAL_FIELDS or name in provenance]
     return min(file["/entry/data/data"].shape[0], *lengths)
 
 
@@ -48,6 +61,11 @@ def free_bytes(directory: Path) -> int:
     """Bytes an unprivileged writer may still use on the file system of ``directory``."""
     stats = os.statvfs(directory)
     return stats.f_bavail * stats.f_frsize
+
+
+def attribute_column(name: str) -> str:
+    """An HDF5-safe dataset name for an attribute (never a path: no ``/``, no dots first)."""
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", name).lstrip(".")[:100] or "_"
 
 
 def output_name(source: Path) -> str:
@@ -72,9 +90,11 @@ class FrameWriter:
         config_text: str = "",
         source: str = "",
         notes: dict[str, str] | None = None,
+        attribute_names: Sequence[str] = (),
         resume: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._unkept: set[str] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             self._file = _open_existing(self.path)
@@ -92,7 +112,7 @@ class FrameWriter:
         self._file = h5py.File(self.path, "w", libver="latest")
         try:
             self._create_layout(tuple(frame_shape), np.dtype(dtype), config_text, source,
-                                notes or {})
+                                notes or {}, attribute_names)
             self._file.swmr_mode = True
         except BaseException:
             self._file.close()
@@ -108,16 +128,20 @@ class FrameWriter:
                 f"{self.path}: existing output holds {self._frames.shape[1:]} {self._frames.dtype}"
                 f" frames, not {frame_shape} {dtype}"
             )
-        self._provenance = {name: self._file[f"/entry/provenance/{name}"]
-                            for name in PROVENANCE_FIELDS}
         whole = whole_frames(self._file)
-        for ds in (self._frames, *self._provenance.values()):
+        group = self._file["/entry/provenance"]
+        for name in OPTIONAL_FIELDS:
+            if name not in group:
+                _column(group, name, PROVENANCE_FIELDS[name], length=whole)
+        self._provenance = {name: group[name] for name in PROVENANCE_FIELDS}
+        self._attributes = dict(group["attributes"].items()) if "attributes" in group else {}
+        for ds in (self._frames, *self._provenance.values(), *self._attributes.values()):
             if ds.shape[0] != whole:
-                ds.resize(whole, axis=0)
+                ds.resize(whole, axis=0)  # attribute columns may be short: NaN-filled
 
     def _create_layout(
         self, frame_shape: tuple[int, int], dtype: np.dtype, config_text: str, source: str,
-        notes: dict[str, str],
+        notes: dict[str, str], attribute_names: Sequence[str],
     ) -> None:
         self._count = 0
         entry = self._file.create_group("entry")
@@ -130,12 +154,15 @@ class FrameWriter:
         )
         provenance = entry.create_group("provenance")
         provenance.attrs["NX_class"] = "NXcollection"
-        self._provenance = {
-            name: provenance.create_dataset(
-                name, shape=(0,), maxshape=(None,), chunks=(1024,), dtype=kind
-            )
-            for name, kind in PROVENANCE_FIELDS.items()
-        }
+        self._provenance = {name: _column(provenance, name, kind)
+                            for name, kind in PROVENANCE_FIELDS.items()}
+        columns = sorted({attribute_column(name) for name in attribute_names})
+        if len(columns) > MAX_ATTRIBUTES:
+            log.warning("%s: %d attribute names; the first %d (by name) are kept", self.path,
+                        len(columns), MAX_ATTRIBUTES)
+        attributes = provenance.create_group("attributes") if columns else None
+        self._attributes = {name: _column(attributes, name, np.float64)
+                            for name in columns[:MAX_ATTRIBUTES]} if attributes else {}
         self._provenance["denoiser"].attrs["meaning"] = (
             "0: the network (weights of model_version); 1: the calibrated classical denoiser "
             "of /entry/process/cold_start, used until the network measured better")
@@ -168,18 +195,24 @@ class FrameWriter:
         model_version: int,
         t_received: np.ndarray | float,
         denoiser: int = 0,
+        t_source: np.ndarray | float | None = None,
+        attributes: Sequence[Mapping[str, float]] = (),
     ) -> None:
-        """Append ``(n, H, W)`` frames with one provenance row each, then flush."""
+        """Append ``(n, H, W)`` frames with one provenance row each, then flush.
+        ``attributes``: one mapping per frame (or none), each name a column of its own."""
         n = frames.shape[0]
         start = self.n_written
         self._frames.resize(start + n, axis=0)
         self._frames[start:] = frames
+        self._append_attributes(start, n, attributes)
         rows = {
             "source_frame": np.asarray(source_frames, dtype=np.int64),
             "model_version": np.full(n, model_version, dtype=np.int64),
             "t_received": np.broadcast_to(np.asarray(t_received, dtype=np.float64), (n,)),
             "t_written": np.full(n, time.time(), dtype=np.float64),
             "denoiser": np.full(n, denoiser, dtype=np.uint8),
+            "t_source": np.broadcast_to(np.asarray(
+                np.nan if t_source is None else t_source, dtype=np.float64), (n,)),
         }
         for name, values in rows.items():
             ds = self._provenance[name]
@@ -188,6 +221,26 @@ class FrameWriter:
         self._file.flush()
         if n:
             self.last_source_frame = int(rows["source_frame"][-1])
+
+    def _append_attributes(self, start: int, n: int,
+                           attributes: Sequence[Mapping[str, float]]) -> None:
+        """Grow every attribute column by ``n`` rows (NaN where a frame lacks the name).
+        SWMR allows no new datasets once writing began: names that the series' first
+        frame did not have are logged once and not kept."""
+        for name, ds in self._attributes.items():
+            values = np.full(n, np.nan)
+            for k, row in enumerate(attributes):
+                for key, value in row.items():
+                    if attribute_column(key) == name:
+                        values[k] = value
+            ds.resize(start + n, axis=0)
+            ds[start:] = values
+        unknown = {key for row in attributes for key in row
+                   if attribute_column(key) not in self._attributes} - self._unkept
+        if unknown:
+            log.warning("%s: attributes %s were not on the series' first frame; not kept",
+                        self.path, ", ".join(sorted(unknown)))
+            self._unkept |= unknown
 
     def close(self) -> None:
         """Flush and close; the file then holds exactly the frames appended."""
@@ -201,6 +254,13 @@ class FrameWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _column(group: h5py.Group, name: str, dtype: type, *, length: int = 0) -> h5py.Dataset:
+    """A growing provenance column; floats start as NaN (unknown)."""
+    fill = np.nan if np.dtype(dtype).kind == "f" else 0
+    return group.create_dataset(name, shape=(length,), maxshape=(None,), chunks=(1024,),
+                                dtype=dtype, fillvalue=fill)
 
 
 def close_left_open(path: Path) -> None:

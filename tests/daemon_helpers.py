@@ -154,8 +154,8 @@ def read_output(path: Path):
     """``(frames, provenance dict)`` of an output file."""
     with h5py.File(path, "r") as handle:
         return (handle["/entry/data/data"][()],
-                {k: handle[f"/entry/provenance/{k}"][()] for k in
-                 ("source_frame", "model_version", "t_received", "t_written")})
+                {k: v[()] for k, v in handle["/entry/provenance"].items()
+                 if isinstance(v, h5py.Dataset)})
 
 
 def write_stack(path: Path, frames: np.ndarray, dataset: str = "/data", **kwargs) -> Path:

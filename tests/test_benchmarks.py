@@ -82,6 +82,7 @@ def test_soak_runs(tmp_path):
     assert "MiB/hour" in stdout and out.with_suffix(".png").exists()
 
 
+@pytest.mark.slow  # two minutes on 2 cores; test_soak_runs covers the soak itself
 def test_soak_traces_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACED_DAEMON_EVERY", "1")
     stdout, report = run_benchmark("soak.py", "--minutes", "0.1", "--rate", "100",

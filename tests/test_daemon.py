@@ -74,7 +74,8 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     assert metrics["n2s_model_version"] >= 1
     assert metrics["n2s_selfsup_val_loss"] > 0
     assert not any(k.startswith("n2s_frames_rejected_total") and v for k, v in metrics.items())
-    assert metrics['n2s_build_info{version="0.1.0"}'] == 1
+    build = f'n2s_build_info{{following="{daemon.watch}",source="directory",version="0.1.0"}}'
+    assert metrics[build] == 1
 
     with h5py.File(truth_path(daemon.watch / "scan_0001.h5")) as handle:
         clean = handle["clean"][()] * dose
@@ -142,7 +143,7 @@ def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
     assert frames[:, :16].max() < 1000  # the rest is denoised counts
 
 
-@pytest.mark.parametrize("engine", [["--compile"],
+@pytest.mark.parametrize("engine", [pytest.param(["--compile"], marks=pytest.mark.slow),
                                     ["--engine", "onnxruntime", "--onnx-reload-seconds", "1"]],
                          ids=["torch.compile", "onnxruntime"])
 def test_faster_engines_write_the_same_series(tmp_path, engine):

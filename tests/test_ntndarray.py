@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from n2s_stream.sources.codecs import MessageError, bslz4_encode
-from n2s_stream.sources.ntndarray import decode
+from n2s_stream.sources.ntndarray import decode, encode
 
 p4p = pytest.importorskip("p4p", reason="optional extra [pva] not installed")
 from p4p.nt import NTNDArray  # noqa: E402
@@ -89,3 +89,18 @@ def test_a_huge_declared_frame_is_refused_before_anything_is_decompressed():
     with pytest.raises(MessageError) as caught:
         decode(value)
     assert caught.value.reason == "too_large"
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4", "bslz4", "zlib", "blosc"])
+def test_encode_is_what_decode_reads(codec):
+    """The daemon's served PV (float32) and the simulator (uint16) publish with `encode`."""
+    if codec == "blosc":
+        pytest.importorskip("blosc")
+    for frame in (FRAME, FRAME.astype(np.float32) / 7):
+        value = encode(frame, 12, timestamp=1_700_000_000.25, codec=codec,
+                       attributes={"Exposure": 0.5, "N2SModelVersion": 3})
+        got = decode(value)
+        assert got.data.dtype == frame.dtype
+        np.testing.assert_array_equal(got.data, frame)
+        assert got.unique_id == 12 and got.timestamp == pytest.approx(1_700_000_000.25)
+        assert got.attributes == {"ColorMode": 0, "Exposure": 0.5, "N2SModelVersion": 3}

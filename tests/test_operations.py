@@ -219,9 +219,12 @@ def _onnx_export_running(tmp_path):
     return daemon, writer
 
 
+SLOW = pytest.mark.slow  # a minute or two each on 2 cores: make test-slow
+
+
 @pytest.mark.parametrize(
-    "state", [_stalled_detector, _vanished_feed, _training_mid_step, _slow_viewers,
-              _onnx_export_running],
+    "state", [_stalled_detector, _vanished_feed, pytest.param(_training_mid_step, marks=SLOW),
+              _slow_viewers, pytest.param(_onnx_export_running, marks=SLOW)],
     ids=["detector stalled mid-file", "feed vanished", "training mid-step", "slow viewers",
          "ONNX export running"])
 def test_sigterm_stops_promptly_in_each_state(tmp_path, state):

@@ -136,3 +136,12 @@ def test_a_bad_sink_spec_is_a_one_line_usage_error(tmp_path, spec, message):
         env={**os.environ, "PYTHONPATH": str(TESTS)})
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_served_pva_binds_loopback_unless_the_environment_says_otherwise():
+    from n2s_stream.sinks.pva import LOOPBACK, server_conf
+
+    assert server_conf({}) == LOOPBACK
+    assert server_conf({"EPICS_PVAS_INTF_ADDR_LIST": "10.0.0.5"}) == {}  # the facility's
+    assert server_conf({"EPICS_PVAS_BEACON_ADDR_LIST": "10.0.0.255"}) == {
+        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO"}

@@ -17,7 +17,7 @@ from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.state import StateDir
-from n2s_stream.writer import close_left_open
+from n2s_stream.writer import FrameWriter, close_left_open
 
 
 def _save(state: StateDir, version: int) -> None:
@@ -147,3 +147,26 @@ def test_ledger_write_that_failed_is_carried_by_the_next_one(tmp_path):
     assert errors == [1]
     lines = [json.loads(line) for line in journal.read_text().splitlines()]
     assert {line["series"] for line in lines} == {"a", "b"}  # "a" was not lost
+
+
+def test_output_keeps_detector_time_and_attributes_and_resumes_an_older_layout(tmp_path):
+    """Per-frame detector time and attributes are provenance columns (NaN where a frame
+    has none; a name the first frame lacked is not kept, since SWMR allows no new
+    datasets); an output of an earlier version, without ``t_source``, still resumes."""
+    output = tmp_path / "s_n2s.h5"
+    with FrameWriter(output, frame_shape=(4, 4), attribute_names=["Temp", "a/b"]) as writer:
+        writer.append(np.zeros((2, 4, 4), np.float32), source_frames=[0, 1], model_version=0,
+                      t_received=9.0, t_source=[5.0, 6.0],
+                      attributes=[{"Temp": 1.0}, {"Temp": 2.0, "a/b": 3.0, "Late": 4.0}])
+    with h5py.File(output, "a") as handle:  # as an earlier version wrote it
+        del handle["/entry/provenance/t_source"]
+    with FrameWriter(output, frame_shape=(4, 4), resume=True) as writer:
+        writer.append(np.zeros((1, 4, 4), np.float32), source_frames=[2], model_version=1,
+                      t_received=9.0, t_source=7.0, attributes=[{"Temp": 4.0}])
+    with h5py.File(output, "r") as handle:
+        provenance = handle["/entry/provenance"]
+        assert provenance["source_frame"][()].tolist() == [0, 1, 2]
+        assert np.isnan(provenance["t_source"][:2]).all() and provenance["t_source"][2] == 7
+        assert provenance["attributes/Temp"][()].tolist() == [1.0, 2.0, 4.0]
+        assert np.isnan(provenance["attributes/a_b"][()]).tolist() == [True, False, True]
+        assert sorted(provenance["attributes"]) == ["Temp", "a_b"]

@@ -40,14 +40,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SeriesStart:
     """The first frame of ``series`` this run is about to be written: ``output`` is the
-    file the source named for it, ``frame_shape`` and ``dtype`` are the raw frames', and
-    ``notes`` what the output should record about how it is made (cold start)."""
+    file the source named for it, ``frame_shape`` and ``dtype`` are the raw frames',
+    ``notes`` what the output should record about how it is made (cold start), and
+    ``attribute_names`` the names of the numbers that came with the first frame."""
 
     series: str
     output: Path
     frame_shape: tuple[int, int]
     dtype: np.dtype
     notes: dict[str, str] = field(default_factory=dict)
+    attribute_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,10 +166,11 @@ def load_factory(spec: str) -> SinkFactory:
 
 def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
     """The sinks this config asks for, in the order they are called: the HDF5 output
-    first (required), the training tap (when training), republishing, the preview table,
-    then the configured extra sinks."""
+    first (required), the training tap (when training), republishing (ZeroMQ, PVA), the
+    preview table, then the configured extra sinks."""
     from n2s_stream.sinks.hdf5 import Hdf5Sink
     from n2s_stream.sinks.preview import PreviewSink
+    from n2s_stream.sinks.pva import PvaServeSink
     from n2s_stream.sinks.republish import ZmqRepublishSink
     from n2s_stream.sinks.training_tap import TrainingTap
 
@@ -177,6 +180,8 @@ def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
         sinks.append(TrainingTap.from_context(context))
     if config.zmq.out:
         sinks.append(ZmqRepublishSink.from_context(context))
+    if config.pva.serve:
+        sinks.append(PvaServeSink.from_context(context))
     if config.service.metrics_port >= 0:
         sinks.append(PreviewSink.from_context(context))
     for spec in config.output.sinks:

@@ -67,7 +67,8 @@ class Hdf5Sink:
             self._writers[start.series] = FrameWriter(
                 path, frame_shape=start.frame_shape, dtype=dtype,
                 config_text=self._config_text, source=start.series,
-                notes=start.notes or None, resume=True)
+                notes=start.notes or None, attribute_names=start.attribute_names,
+                resume=True)
         except (OSError, KeyError, ValueError) as exc:
             if not existed:
                 raise  # a new file that cannot be made: the disk, not the file
@@ -87,7 +88,8 @@ class Hdf5Sink:
             denoised = to_source_dtype(denoised, frame.data.dtype)
         writer.append(denoised[np.newaxis], source_frames=[frame.index],
                       model_version=meta.version, t_received=frame.received_at,
-                      denoiser=meta.denoiser)
+                      denoiser=meta.denoiser, t_source=frame.t_source,
+                      attributes=[frame.attributes])
 
     def end_series(self, end: SeriesEnd) -> None:
         """Close the series' output and note in the ledger whether it is complete."""

@@ -36,11 +36,17 @@ def _not_counted(output: str) -> None:
     """Default of ``SourceContext.dropped``."""
 
 
+def _not_noted(series: str, index: int) -> None:
+    """Default of ``SourceContext.refused``."""
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """What the daemon gives a source: where items go, where refusals go, where a series
     resumes, the state dir's per-series header store, paths never to read, and where to
-    count a message an output of the source (the ZeroMQ tee) could not send."""
+    count a message an output of the source (the ZeroMQ tee) could not send, and where to
+    note a frame of a known series that was rejected (its gap is then not also counted as
+    missing)."""
 
     emit: Emit
     reject: Reject
@@ -48,6 +54,7 @@ class SourceContext:
     headers: MutableMapping[str, np.ndarray | None]
     ignore: tuple[Path, ...] = ()
     dropped: Callable[[str], None] = _not_counted
+    refused: Callable[[str, int], None] = _not_noted
 
 
 class Source(Protocol):

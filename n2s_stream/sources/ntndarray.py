@@ -7,6 +7,8 @@ is when the detector took it; numeric NDAttributes travel with the frame. Compre
 carry their bytes in ``value.ubyteValue``, the codec's name in ``codec.name``, the original
 element type in ``codec.parameters`` (a pvData ScalarType code) and ``uncompressedSize``.
 Sizes are checked before any decompressor runs. Every failure is a `MessageError`.
+`encode` is the inverse, as NDPluginPva publishes a frame (the daemon's served PV, the
+simulator).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from n2s_stream.frames import MAX_FRAME_PIXELS
 from n2s_stream.sources.codecs import (
     MessageError,
     bslz4_decode,
+    bslz4_encode,
     lz4_decode,
     raw_decode,
 )
@@ -28,6 +31,8 @@ from n2s_stream.sources.codecs import (
 SCALAR_TYPES = {1: "i1", 2: "i2", 3: "i4", 4: "i8", 5: "u1", 6: "u2", 7: "u4", 8: "u8",
                 9: "f4", 10: "f8"}
 """pvData ScalarType code -> numpy dtype (0 is pvBoolean, which areaDetector never sends)."""
+
+SCALAR_CODES = {np.dtype(name): code for code, name in SCALAR_TYPES.items()}
 
 CODECS = ("", "none", "lz4", "bslz4", "blosc", "zlib")
 LOSSY_CODECS = ("jpeg",)
@@ -70,6 +75,47 @@ def decode(value: Any) -> NDArrayFrame:
         unique_id=int(value["uniqueId"]), data=data,
         timestamp=float(stamp["secondsPastEpoch"]) + 1e-9 * float(stamp["nanoseconds"]),
         attributes=numeric_attributes(value))
+
+
+def encode(frame: np.ndarray, unique_id: int, *, timestamp: float, codec: str = "none",
+           attributes: dict[str, float | int | str] | None = None) -> Any:
+    """``frame`` ``(H, W)`` as an NTNDArray p4p value, as NDPluginPva publishes it
+    (``dimension[0]`` is x), with ``uniqueId``, ``dataTimeStamp`` and NDAttributes, its
+    bytes compressed by ``codec`` (none, lz4, bslz4, zlib, blosc) as NDPluginCodec does."""
+    from p4p.nt import NTNDArray
+
+    frame = np.ascontiguousarray(frame)
+    value = NTNDArray().wrap(frame, attrib={"ColorMode": 0, **(attributes or {})})
+    value["uniqueId"] = unique_id
+    value["dataTimeStamp.secondsPastEpoch"] = int(timestamp)
+    value["dataTimeStamp.nanoseconds"] = int((timestamp % 1) * 1e9)
+    value["codec.name"] = ""  # set even when unchanged: a posted update carries it then
+    if codec not in ("", "none"):
+        payload = compress(frame, codec)
+        value["value"] = ("ubyteValue", np.frombuffer(payload, dtype=np.uint8))
+        value["codec.name"] = codec
+        value["codec.parameters"] = SCALAR_CODES[frame.dtype]
+        value["compressedSize"] = len(payload)
+        value["uncompressedSize"] = frame.nbytes
+    return value
+
+
+def compress(frame: np.ndarray, codec: str) -> bytes:
+    """The bytes NDPluginCodec would send for ``frame`` under ``codec``."""
+    raw = np.ascontiguousarray(frame).tobytes()
+    if codec == "lz4":
+        import lz4.block
+
+        return lz4.block.compress(raw, store_size=False)
+    if codec == "bslz4":
+        return bslz4_encode(frame)
+    if codec == "zlib":
+        return zlib.compress(raw)
+    if codec == "blosc":
+        import blosc
+
+        return blosc.compress(raw, typesize=frame.itemsize)
+    raise ValueError(f"codec {codec!r}: expected none, lz4, bslz4, zlib or blosc")
 
 
 def frame_shape(sizes: list[int]) -> tuple[int, int]:
