@@ -167,7 +167,8 @@ def _simulate(config: SimulateConfig) -> None:
 def _demo(config: DemoConfig) -> None:
     from n2s_stream.demo import run_demo
 
-    run_demo(config.dir, seconds=config.seconds, context_frames=config.context_frames)
+    run_demo(config.dir, seconds=config.seconds, context_frames=config.context_frames,
+             source=config.source)
 
 
 def _merge(config: MergeConfig) -> None:

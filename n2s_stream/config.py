@@ -136,7 +136,8 @@ class DenoiseConfig:
 class SimulateConfig:
     """``n2s-stream simulate``: a test detector writing a growing file or sending ZeroMQ."""
 
-    dir: Path | None = option(None, help="folder to write into", example="acq")
+    dir: Path | None = option(None, example="acq", help="folder to write into (with "
+                              "--pva-serve: a copy of what was served, and its truth)")
     zmq_bind: str | None = option(None, help="send over ZeroMQ instead: PUSH bound here",
                                   example="tcp://127.0.0.1:9999")
     pva_serve: str | None = option(None, example="SIM:Pva1:Image",
@@ -189,6 +190,9 @@ class DemoConfig:
     seconds: float = option(60.0, help="acquisition length", min=1)
     context_frames: int = option(1, min=1, help="K > 1: a second daemon with K-frame "
                                                 "temporal context, side by side")
+    source: Literal["directory", "pva"] = option(
+        "directory", help="how frames travel: a growing HDF5 file, or an NTNDArray PV "
+                          "(EPICS PVAccess, on loopback; the daemon serves the denoised PV)")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """``n2s-stream demo``: a simulated detector, the daemon learning from it, quality live.
 
 Starts ``n2s-stream simulate`` (a growing SWMR file of a drifting scene with Poisson noise,
-clean truth kept aside) and the daemon on it as two processes, then every few seconds
+clean truth kept aside; or, with ``source="pva"``, an NTNDArray PV on loopback that keeps a
+copy of what it served) and the daemon on it as two processes, then every few seconds
 reads the daemon's output like a live viewer would (SWMR) and prints a row: frames in and
 out, model version, PSNR of the newest frames against the truth (noisy vs denoised) and
 the self-supervised validation loss the daemon exports (which needs no truth).
@@ -9,6 +10,7 @@ the self-supervised validation loss the daemon exports (which needs no truth).
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -52,12 +54,14 @@ def _newest_quality(output: Path, source: Path, truth: np.ndarray) -> tuple[floa
     return psnr(clean, noisy, DEMO_DOSE), psnr(clean, denoised, DEMO_DOSE), n
 
 
-def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1) -> None:
+def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
+             source: str = "directory") -> None:
     """Run simulator and daemon for about ``seconds`` and print quality as it improves.
 
     With ``context_frames`` K > 1 a second daemon, seeing K frames at a time, follows the
     same acquisition, and its PSNR is printed beside the single-frame one: the margin
-    temporal context gains online, measured in one run on the same frames.
+    temporal context gains online, measured in one run on the same frames. With ``source``
+    "pva" the frames travel as an NTNDArray PV and each daemon also serves its denoised PV.
     """
     work_dir = Path(work_dir).resolve()
     acq = work_dir / "acq"
@@ -69,18 +73,23 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1) 
     if context_frames > 1:
         variants.append((f"K={context_frames}", f"_k{context_frames}",
                          ["--context-frames", str(context_frames)]))
-    daemons = [_start_daemon(command, work_dir, acq, suffix, extra)
-               for _, suffix, extra in variants]
-    detector = subprocess.Popen(
-        [*command, "simulate", "--dir", str(acq), "--frames", str(frames), "--rate",
-         str(DEMO_RATE), "--shape", DEMO_SHAPE, "--dose", str(DEMO_DOSE), "--name", name,
-         "--log-level", "WARNING"], stdout=subprocess.DEVNULL)
-    source = acq / f"{name}.h5"
+    feed = _Feed(source, acq, name)
+    simulator = [*command, "simulate", *feed.simulator_args, "--frames", str(frames),
+                 "--rate", str(DEMO_RATE), "--shape", DEMO_SHAPE, "--dose", str(DEMO_DOSE),
+                 "--name", name, "--log-level", "WARNING"]
+    # a PV must be up before its clients start (they retry a refused name server only every
+    # 10 s); a file is followed from its first frame whenever the daemon starts
+    detector = subprocess.Popen(simulator, stdout=subprocess.DEVNULL, env=feed.env(None))
+    daemons = [_start_daemon(command, work_dir, suffix, [*feed.daemon_args(suffix), *extra],
+                             feed.env(suffix)) for _, suffix, extra in variants]
+    series_names = [feed.series_name for _ in daemons]
+    source_path = feed.recorded
     print(f"detector: {frames} frames {DEMO_SHAPE} at {DEMO_RATE:g}/s, Poisson dose "
-          f"{DEMO_DOSE:g} counts -> {source}")
-    for (label, _, extra), daemon in zip(variants, daemons, strict=True):
-        print(f"daemon {label}: n2s-stream --watch {acq} --out {daemon.out} {' '.join(extra)}"
-              f" (log: {daemon.log_path}; live preview: http://127.0.0.1:{daemon.port}/)")
+          f"{DEMO_DOSE:g} counts -> {feed.describe()}")
+    for (label, suffix, extra), daemon in zip(variants, daemons, strict=True):
+        print(f"daemon {label}: n2s-stream {' '.join(feed.daemon_args(suffix))} --out "
+              f"{daemon.out} {' '.join(extra)} (log: {daemon.log_path}; live preview: "
+              f"http://127.0.0.1:{daemon.port}/)")
     psnr_columns = " ".join(f"{'PSNR ' + label:>9}" for label, _, _ in variants)
     print(f"{'elapsed':>7} {'in':>5} {'out':>5} {'model':>5} {'PSNR noisy':>10} "
           f"{psnr_columns} {'self-sup val loss':>17} {'denoiser':>9}")
@@ -89,10 +98,13 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1) 
     try:
         while True:
             time.sleep(5)
-            if truth is None and truth_path(source).exists():
-                with h5py.File(truth_path(source), "r") as handle:
+            if truth is None and truth_path(source_path).exists():
+                with h5py.File(truth_path(source_path), "r") as handle:
                     truth = handle["clean"][()]
-            scores = _print_row(daemons, name, source, truth, time.monotonic() - started)
+            series_names = [name or feed.find_series(daemon.out)
+                            for name, daemon in zip(series_names, daemons, strict=True)]
+            scores = _print_row(daemons, series_names, source_path, truth,
+                                time.monotonic() - started)
             if detector.poll() is not None and all(n >= frames for _, _, n in scores):
                 break
             if any(d.process.poll() is not None for d in daemons):
@@ -104,26 +116,32 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1) 
             daemon.stop()
         detector.wait(timeout=30)
     statuses = ", ".join(str(d.process.returncode) for d in daemons)
-    print(f"denoised series: {daemons[0].out / f'{name}_n2s.h5'} (raw: {source}); the daemon "
-          f"stopped with status {statuses}")
+    print(f"denoised series: {daemons[0].out / f'{series_names[0]}_n2s.h5'} (raw: {source_path});"
+          f" the daemon stopped with status {statuses}")
 
 
-def _print_row(daemons: list[_DemoDaemon], name: str, source: Path, truth: np.ndarray | None,
-               elapsed: float) -> list[tuple[float, float, int]]:
+def _print_row(daemons: list[_DemoDaemon], names: list[str | None], source: Path,
+               truth: np.ndarray | None, elapsed: float) -> list[tuple[float, float, int]]:
     """One line of the demo's table (PSNR of each daemon's newest frames against the
     truth, the first daemon's metrics); returns each daemon's (noisy dB, dB, written)."""
     metrics = scrape(daemons[0].port)
     scores = [_newest_quality(d.out / f"{name}_n2s.h5", source, truth)
-              if truth is not None else (np.nan, np.nan, 0) for d in daemons]
+              if truth is not None and name else (np.nan, np.nan, 0)
+              for name, d in zip(names, daemons, strict=True)]
     noisy_db, _, written = scores[0]
     received = metrics.get("n2s_frames_received_total", 0)
     version = metrics.get("n2s_model_version", 0)
     val_loss = metrics.get("n2s_selfsup_val_loss", float("nan"))
     denoiser = "classical" if metrics.get("n2s_cold_start_active") else "network"
-    columns = " ".join(f"{db:7.2f}dB" for _, db, _ in scores)
-    print(f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} {noisy_db:8.2f}dB "
-          f"{columns} {val_loss:17.4f} {denoiser:>9}", flush=True)
+    columns = " ".join(_decibels(db, 9) for _, db, _ in scores)
+    print(f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} "
+          f"{_decibels(noisy_db, 10)} {columns} {val_loss:17.4f} {denoiser:>9}", flush=True)
     return scores
+
+
+def _decibels(value: float, width: int) -> str:
+    """``value`` dB in ``width`` characters; "-" until there is something to score."""
+    return f"{value:{width - 2}.2f}dB" if np.isfinite(value) else f"{'-':>{width}}"
 
 
 class _DemoDaemon:
@@ -140,14 +158,70 @@ class _DemoDaemon:
         self._log.close()
 
 
-def _start_daemon(command: list[str], work_dir: Path, acq: Path, suffix: str,
-                  extra: list[str]) -> _DemoDaemon:
+class _Feed:
+    """How the demo's frames travel, and where the daemons find them: a growing file in
+    ``acq``, or an NTNDArray PV on loopback (found by name server; each daemon serves its
+    denoised PV on a port of its own)."""
+
+    def __init__(self, source: str, acq: Path, name: str) -> None:
+        self.source, self.acq, self.name = source, acq, name
+        self.pv = f"N2SDEMO:{name}:Image"
+        self._ports = {None: _free_port()}
+
+    @property
+    def simulator_args(self) -> list[str]:
+        """Where the simulator sends (it keeps what it sent in ``acq`` either way)."""
+        if self.source == "pva":
+            return ["--pva-serve", self.pv, "--dir", str(self.acq), "--start-delay", "12"]
+        return ["--dir", str(self.acq)]
+
+    def daemon_args(self, suffix: str) -> list[str]:
+        """What a daemon follows (and, over PVA, the PV it serves)."""
+        if self.source == "pva":
+            return ["--pva", self.pv, "--pva-serve", f"N2SDEMO:{self.name}:Denoised{suffix}"]
+        return ["--watch", str(self.acq)]
+
+    def env(self, suffix: str | None) -> dict[str, str]:
+        """Loopback EPICS settings for the simulator (None) or one daemon."""
+        if self.source != "pva":
+            return dict(os.environ)
+        port = self._ports.setdefault(suffix, _free_port())
+        return {**os.environ, "EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{self._ports[None]}",
+                "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "",
+                "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
+                "EPICS_PVAS_BROADCAST_PORT": str(_free_port())}
+
+    @property
+    def recorded(self) -> Path:
+        """The noisy frames as sent (the simulator's file, or its copy of the PV)."""
+        return self.acq / (f"{self.name}_1.h5" if self.source == "pva" else f"{self.name}.h5")
+
+    @property
+    def series_name(self) -> str | None:
+        """The daemon's name for the series when known in advance (files: yes)."""
+        return None if self.source == "pva" else self.name
+
+    def find_series(self, out: Path) -> str | None:
+        """The series the daemon opened for the PV (named by the PV and its start time)."""
+        found = sorted(out.glob("*_n2s.h5"))
+        return found[-1].name.removesuffix("_n2s.h5") if found else None
+
+    def describe(self) -> str:
+        """Where the frames go, for the first line of the demo."""
+        if self.source == "pva":
+            return (f"PV {self.pv} (EPICS_PVA_NAME_SERVERS=127.0.0.1:{self._ports[None]}; "
+                    f"kept in {self.recorded})")
+        return str(self.recorded)
+
+
+def _start_daemon(command: list[str], work_dir: Path, suffix: str, args: list[str],
+                  env: dict[str, str]) -> _DemoDaemon:
     out, state = work_dir / f"out{suffix}", work_dir / f"state{suffix}"
     port = _free_port()
     log_path = work_dir / f"daemon{suffix}.log"
     log = open(log_path, "w")  # noqa: SIM115 (closed by _DemoDaemon.stop)
     process = subprocess.Popen(
-        [*command, "--watch", str(acq), "--out", str(out), "--state-dir", str(state),
+        [*command, *args, "--out", str(out), "--state-dir", str(state),
          "--metrics-port", str(port), "--device", "cpu", "--publish-every", "25",
-         "--settle-seconds", "3", *extra], stdout=log, stderr=subprocess.STDOUT)
+         "--settle-seconds", "3"], stdout=log, stderr=subprocess.STDOUT, env=env)
     return _DemoDaemon(process, out, log_path, log, port)

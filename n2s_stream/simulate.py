@@ -111,6 +111,43 @@ def simulate(config: SimulateConfig) -> Path:
     return main
 
 
+class _ServedRecord:
+    """With ``--dir``: what the PV served for series ``k``, as a growing SWMR file
+    ``<name>_<k>.h5`` (``/entry/data/data``) with its clean truth beside it, so the demo and
+    benchmarks can score the daemon's output. Without ``--dir``, nothing."""
+
+    def __init__(self, config: SimulateConfig, k: int, clean: np.ndarray) -> None:
+        self.path = None if config.dir is None else Path(config.dir) / f"{config.name}_{k}.h5"
+        self._clean, self._dose = clean, config.dose
+
+    def __enter__(self) -> _ServedRecord:
+        if self.path is not None:
+            truth = truth_path(self.path)
+            truth.parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(truth.with_suffix(".tmp"), "w") as handle:
+                handle["clean"] = self._clean
+                handle["clean"].attrs["dose"] = self._dose
+            truth.with_suffix(".tmp").replace(truth)  # readers never see it half written
+            self._file = h5py.File(self.path, "w", libver="latest")
+            shape = self._clean.shape[1:]
+            self._data = self._file.create_dataset(
+                "/entry/data/data", shape=(0, *shape), maxshape=(None, *shape),
+                chunks=(1, *shape), dtype=np.uint16)
+            self._file.swmr_mode = True
+        return self
+
+    def append(self, frame: np.ndarray) -> None:
+        """Keep one served frame."""
+        if self.path is not None:
+            self._data.resize(self._data.shape[0] + 1, axis=0)
+            self._data[-1] = frame
+            self._data.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            self._file.close()
+
+
 def eiger_gap_rows(shape: tuple[int, int]) -> list[int]:
     """Rows the simulated Eiger loses to the gap between its two modules."""
     return [shape[0] // 2]
@@ -189,9 +226,9 @@ def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
     frame) first, then, after ``config.start_delay`` s for clients to connect, each acquisition
     with ``uniqueId`` from 1 (or counting on, ``keep_counter``), every ``gap_every``-th
     number skipped as if PVA had dropped it; with ``acquire_pv`` that PV is 1 during each
-    acquisition and 0 for 2 s between them. The PVs stay up ``linger`` s after the last
-    frame. Ports and interfaces from the ``EPICS_PVAS_*`` variables. Returns the frames
-    served."""
+    acquisition and 0 for 2 s between them; with ``dir`` what was served is kept there
+    (`_ServedRecord`). The PVs stay up ``linger`` s after the last frame. Ports and
+    interfaces from the ``EPICS_PVAS_*`` variables. Returns the frames served."""
     from p4p.nt import NTScalar
     from p4p.server import Server
     from p4p.server.thread import SharedPV
@@ -217,18 +254,21 @@ def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
             if k > config.first_series and config.acquire_pv:
                 time.sleep(2.0)
             acquire.post(1)
-            clean = clean_frames(config.frames, shape, seed=config.seed + k)
+            clean = clean_frames(config.frames, shape, seed=config.seed + k, drift=config.drift)
             unique_id = unique_id if config.keep_counter else 0
             started, sent = time.monotonic(), 0
-            for index in range(config.frames):
-                unique_id += 1
-                if config.gap_every and (index + 1) % config.gap_every == 0:
-                    unique_id += 1  # this number is never sent: a gap
-                frame = poisson_frames(clean[index], config.dose, rng)
-                pv.post(encode(frame, unique_id, timestamp=time.time(), codec=config.codec))
-                served, sent = served + 1, sent + 1
-                if period:
-                    time.sleep(max(0.0, started + sent * period - time.monotonic()))
+            with _ServedRecord(config, k, clean) as record:
+                for index in range(config.frames):
+                    unique_id += 1
+                    if config.gap_every and (index + 1) % config.gap_every == 0:
+                        unique_id += 1  # this number is never sent: a gap
+                    frame = poisson_frames(clean[index], config.dose, rng)
+                    pv.post(encode(frame, unique_id, timestamp=time.time(),
+                                   codec=config.codec))
+                    record.append(frame)
+                    served, sent = served + 1, sent + 1
+                    if period:
+                        time.sleep(max(0.0, started + sent * period - time.monotonic()))
             acquire.post(0)
         time.sleep(linger)
     log.info("served %d frames in %d series on %s", served, config.series, config.pva_serve)

@@ -6,10 +6,16 @@ import re
 import subprocess
 import sys
 
+import pytest
 
-def test_demo_shows_quality_rising(tmp_path):
+
+@pytest.mark.parametrize("source", ["directory", pytest.param("pva", marks=pytest.mark.slow)])
+def test_demo_shows_quality_rising(tmp_path, source):
+    if source == "pva":
+        pytest.importorskip("p4p", reason="optional extra [pva] not installed")
     proc = subprocess.run([sys.executable, "-m", "n2s_stream", "demo", "--dir", str(tmp_path),
-                           "--seconds", "15"], capture_output=True, text=True, timeout=300)
+                           "--seconds", "15", "--source", source], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = re.findall(r"^\s*\d+s\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)dB\s+([\d.]+)dB", proc.stdout,
                       flags=re.MULTILINE)
