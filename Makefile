@@ -52,6 +52,8 @@ bench: setup
 		--out $(QUICK)/daemon_vs_offline.json
 	$(PY) benchmarks/zmq_throughput.py --sizes 256 --frames 200 --e2e-frames 40 --workers 1 2 \
 		--out $(QUICK)/zmq_throughput.json
+	$(PY) benchmarks/pva_throughput.py --sizes 512 --seconds 5 --e2e-seconds 10 \
+		--out $(QUICK)/pva_throughput.json
 	$(PY) benchmarks/model_speed.py --sizes 256 512 --seconds 1 --out $(QUICK)/model_speed.json
 	$(PY) benchmarks/profile_model.py --sizes 256 --passes 10 --rounds 4 --round-seconds 1 \
 		--out $(QUICK)/profile_model.json
@@ -65,6 +67,7 @@ bench-full: setup
 	$(PY) benchmarks/daemon_throughput.py
 	$(PY) benchmarks/daemon_vs_offline.py
 	$(PY) benchmarks/zmq_throughput.py
+	$(PY) benchmarks/pva_throughput.py
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/profile_model.py
 

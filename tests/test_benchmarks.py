@@ -54,6 +54,16 @@ def test_daemon_memory_runs(tmp_path):
     assert "peak RSS" in stdout and out.with_suffix(".png").exists()
 
 
+def test_pva_throughput_runs(tmp_path):
+    pytest.importorskip("p4p", reason="optional extra [pva] not installed")
+    stdout, report = run_benchmark("pva_throughput.py", "--sizes", "32", "--codecs", "bslz4",
+                                   "--seconds", "1", "--e2e-seconds", "2",
+                                   out=tmp_path / "p.json")
+    (row,) = report["rows"]
+    assert row["codec"] == "bslz4" and row["source_fps"] > 0 and row["end_to_end_fps"] > 0
+    assert 0 <= row["source_dropped"] < 1 and "end-to-end fps" in stdout
+
+
 def test_zmq_throughput_runs(tmp_path):
     _, report = run_benchmark("zmq_throughput.py", "--sizes", "32", "--frames", "20",
                               "--e2e-frames", "5", out=tmp_path / "z.json")
