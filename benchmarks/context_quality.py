@@ -60,14 +60,16 @@ def drifting_series(n: int, size: int, drift: float, seed: int = 0) -> np.ndarra
 
 
 def train_and_denoise(noisy: np.ndarray, clean: np.ndarray, dose: float, *, context: int,
-                      residual: bool, budget: float, args: argparse.Namespace) -> dict:
-    """Train on the noisy series for ``budget`` s; PSNR and frames/s of both inferences."""
+                      residual: bool, budget: float, args: argparse.Namespace,
+                      register: bool = False) -> dict:
+    """Train on the noisy series for ``budget`` s; PSNR and frames/s of both inferences
+    (``register``: neighbours shifted onto the centre frame, ``--register-context``)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "series.h5"
         with h5py.File(source, "w") as handle:
             handle["/data"] = noisy.astype(np.uint16)
         config = make(TrainConfig, h5=source, device="cpu", context_frames=context,
-                             residual=residual,
+                             residual=residual, register_context=register,
                              patch=args.patch, batch=args.batch, epochs=100_000,
                              steps_per_epoch=50, max_seconds=budget, lr=args.lr,
                              out_dir=Path(tmp) / "runs", progress=False, seed=args.seed)
@@ -75,7 +77,8 @@ def train_and_denoise(noisy: np.ndarray, clean: np.ndarray, dose: float, *, cont
         checkpoint = load_checkpoint(result.last)
     model = checkpoint.build_model("cpu").eval()
     masker = Masker(checkpoint.masker_config)
-    row = {"context": context, "residual": residual, "steps": checkpoint.step}
+    row = {"context": context, "residual": residual, "register": register,
+           "steps": checkpoint.step}
     for mode, jinv in (("single_pass", False), ("jinv", True)):
         started = time.perf_counter()
         denoised = denoise_counts(model, masker, checkpoint.normalizer, noisy, jinv=jinv,

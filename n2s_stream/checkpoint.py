@@ -92,6 +92,7 @@ def save_checkpoint(
             "mask_as_input": masker_config.mask_as_input,
             "context_frames": masker_config.context_frames,
             "causal": masker_config.causal,
+            "register": masker_config.register,
         },
         "normalizer": normalizer.to_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

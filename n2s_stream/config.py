@@ -47,6 +47,8 @@ class NetworkOptions:
                        "context delays each frame by (K-1)/2 frames")
     causal_context: bool = option(False, help="neighbours from earlier frames only (no "
                                               "added latency)")
+    register_context: bool = option(False, help="shift neighbours onto the centre frame by "
+                                                "the motion between them (drifting samples)")
     normalize: Normalize = option("meanstd", help="normalisation, fitted on the first "
                                                   "frames, then fixed")
     no_scale_integers: bool = option(False, help="do not divide integer input by its "
@@ -61,7 +63,7 @@ class NetworkOptions:
     def masker_config(self) -> MaskerConfig:
         """The masking these options describe."""
         return MaskerConfig(self.grid_size, self.mask_mode, self.mask_as_input,
-                            self.context_frames, self.causal_context)
+                            self.context_frames, self.causal_context, self.register_context)
 
     def model_config(self) -> ModelConfig:
         """The architecture these options describe (one input channel per frame, +mask)."""

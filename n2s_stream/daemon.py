@@ -84,6 +84,9 @@ class Daemon:
         if len(config.sources_given()) != 1:
             raise UsageError("give exactly one source to follow: --watch DIR, --zmq "
                              "ENDPOINT or --pva PVNAME")
+        if config.pva.serve and config.pva.serve == config.pva.pv:
+            raise UsageError(f"--pva-serve {config.pva.serve} is the PV followed: the daemon "
+                             "would denoise its own output")
         self.config = config
         self.metrics = Metrics(registry)
         self.metrics.build.info({"version": __version__, "source": config.source or "",

@@ -105,7 +105,7 @@ def denoise_series(forward: Forward, masker: Masker, normalizer: Normalizer,
     Offline, frames with NaN/inf are denoised from their in-filled pixels (the daemon
     refuses them: see ``check_usable``)."""
     window: ContextWindow[tuple[int, np.ndarray, np.ndarray]] = ContextWindow(
-        masker.config.context_frames, masker.config.causal)
+        masker.config.context_frames, masker.config.causal, masker.config.register)
     ready: list[tuple[tuple[int, np.ndarray, np.ndarray], np.ndarray]] = []
 
     def run(items) -> tuple[np.ndarray, np.ndarray]:

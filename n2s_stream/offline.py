@@ -244,8 +244,8 @@ def _load_training_data(
     normalized = normalizer.forward(fill_invalid(frames, valid))
     row = {index: k for k, index in enumerate(needed)}
     by_index = _ByIndex(normalized, row, n)
-    stacks = np.stack([context_stack(by_index, c, offsets, masker_config.causal)
-                       for c in centres])
+    stacks = np.stack([context_stack(by_index, c, offsets, masker_config.causal,
+                                     masker_config.register) for c in centres])
     centre_valid = valid[[row[c] for c in centres]]
     valid_f = None if centre_valid.all() else centre_valid.astype(np.float32)
     order = rng.permutation(len(stacks))

@@ -85,7 +85,8 @@ class SeriesTracker:
     def _state(self, series: str, output: Path) -> _Series:
         state = self._series.get(series)
         if state is None:
-            window = ContextWindow(self._masker.context_frames, self._masker.causal)
+            window = ContextWindow(self._masker.context_frames, self._masker.causal,
+                                   self._masker.register)
             state = self._series[series] = _Series(window, output)
         return state
 

@@ -10,6 +10,7 @@ benchmarks and the demo.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -233,6 +234,7 @@ def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
     from p4p.server import Server
     from p4p.server.thread import SharedPV
 
+    from n2s_stream.sinks.pva import server_conf
     from n2s_stream.sources.ntndarray import encode
 
     if config.pva_serve is None:
@@ -247,8 +249,10 @@ def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
         providers[config.acquire_pv] = acquire
     period = 1.0 / config.rate if config.rate > 0 else 0.0
     served, unique_id = 0, 0
-    with Server(providers=[providers]):
-        log.info("serving %s over PVAccess", config.pva_serve)
+    conf = server_conf(dict(os.environ))
+    with Server(providers=[providers], conf=conf or None, useenv=True):
+        log.info("serving %s over PVAccess (%s)", config.pva_serve,
+                 "loopback" if conf else "interfaces from EPICS_PVAS_INTF_ADDR_LIST")
         time.sleep(config.start_delay)
         for k in range(config.first_series, config.first_series + config.series):
             if k > config.first_series and config.acquire_pv:

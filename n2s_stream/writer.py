@@ -8,6 +8,8 @@ Layout (DESIGN.md):
   /entry/provenance/t_written       unix time it was written
   /entry/provenance/denoiser        0 = the network, 1 = the cold-start classical denoiser
   /entry/provenance/t_source        unix time the detector took it (NaN: the source did not say)
+  /entry/provenance/source_id       the detector's own frame number (areaDetector uniqueId; -1:
+                                    none)
   /entry/provenance/attributes/NAME numbers that came with the frames (areaDetector
                                     NDAttributes); NaN where a frame had none of that name
   /entry/process/{program,version,config,source[,cold_start]}
@@ -40,8 +42,9 @@ PROVENANCE_FIELDS = {
     "t_written": np.float64,
     "denoiser": np.uint8,
     "t_source": np.float64,
+    "source_id": np.int64,
 }
-OPTIONAL_FIELDS = ("t_source",)
+OPTIONAL_FIELDS = ("t_source", "source_id")
 """Columns that outputs of earlier versions lack: added (NaN) when such a file resumes."""
 
 MAX_ATTRIBUTES = 64
@@ -95,6 +98,7 @@ class FrameWriter:
     ) -> None:
         self.path = Path(path)
         self._unkept: set[str] = set()
+        self._columns: dict[str, str] = {}  # attribute name -> its column's name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             self._file = _open_existing(self.path)
@@ -196,6 +200,7 @@ class FrameWriter:
         t_received: np.ndarray | float,
         denoiser: int = 0,
         t_source: np.ndarray | float | None = None,
+        source_ids: Sequence[int | None] | None = None,
         attributes: Sequence[Mapping[str, float]] = (),
     ) -> None:
         """Append ``(n, H, W)`` frames with one provenance row each, then flush.
@@ -213,6 +218,8 @@ class FrameWriter:
             "denoiser": np.full(n, denoiser, dtype=np.uint8),
             "t_source": np.broadcast_to(np.asarray(
                 np.nan if t_source is None else t_source, dtype=np.float64), (n,)),
+            "source_id": np.array([-1 if i is None else i for i in (source_ids or [None] * n)],
+                                  dtype=np.int64),
         }
         for name, values in rows.items():
             ds = self._provenance[name]
@@ -227,16 +234,19 @@ class FrameWriter:
         """Grow every attribute column by ``n`` rows (NaN where a frame lacks the name).
         SWMR allows no new datasets once writing began: names that the series' first
         frame did not have are logged once and not kept."""
+        values = {name: np.full(n, np.nan) for name in self._attributes}
+        unknown = set()
+        for k, row in enumerate(attributes):
+            for key, value in row.items():
+                column = self._columns.setdefault(key, attribute_column(key))
+                if column in values:
+                    values[column][k] = value
+                else:
+                    unknown.add(key)
         for name, ds in self._attributes.items():
-            values = np.full(n, np.nan)
-            for k, row in enumerate(attributes):
-                for key, value in row.items():
-                    if attribute_column(key) == name:
-                        values[k] = value
             ds.resize(start + n, axis=0)
-            ds[start:] = values
-        unknown = {key for row in attributes for key in row
-                   if attribute_column(key) not in self._attributes} - self._unkept
+            ds[start:] = values[name]
+        unknown -= self._unkept
         if unknown:
             log.warning("%s: attributes %s were not on the series' first frame; not kept",
                         self.path, ", ".join(sorted(unknown)))
@@ -257,8 +267,8 @@ class FrameWriter:
 
 
 def _column(group: h5py.Group, name: str, dtype: type, *, length: int = 0) -> h5py.Dataset:
-    """A growing provenance column; floats start as NaN (unknown)."""
-    fill = np.nan if np.dtype(dtype).kind == "f" else 0
+    """A growing provenance column; unknown values read NaN (floats) or -1 (source_id)."""
+    fill = np.nan if np.dtype(dtype).kind == "f" else (-1 if name == "source_id" else 0)
     return group.create_dataset(name, shape=(length,), maxshape=(None,), chunks=(1024,),
                                 dtype=dtype, fillvalue=fill)
 
@@ -287,7 +297,7 @@ def _open_existing(path: Path) -> h5py.File:
             elif obj.maxshape and obj.maxshape[0] is None:
                 copy = new.create_dataset(name, shape=(whole, *obj.shape[1:]),
                                           maxshape=obj.maxshape, chunks=obj.chunks,
-                                          dtype=obj.dtype)
+                                          dtype=obj.dtype, fillvalue=obj.fillvalue)
                 for start in range(0, whole, 256):
                     copy[start : start + 256] = obj[start : min(start + 256, whole)]
                 copy.attrs.update(obj.attrs)

@@ -57,7 +57,7 @@ def test_daemon_memory_runs(tmp_path):
 def test_pva_throughput_runs(tmp_path):
     pytest.importorskip("p4p", reason="optional extra [pva] not installed")
     stdout, report = run_benchmark("pva_throughput.py", "--sizes", "32", "--codecs", "bslz4",
-                                   "--seconds", "1", "--e2e-seconds", "2",
+                                   "--seconds", "1", "--e2e-seconds", "2", "--warm-up", "1",
                                    out=tmp_path / "p.json")
     (row,) = report["rows"]
     assert row["codec"] == "bslz4" and row["source_fps"] > 0 and row["end_to_end_fps"] > 0

@@ -134,3 +134,60 @@ def test_offline_context_is_recorded_and_used_by_denoise(tmp_path, noisy_series)
     with h5py.File(path) as handle:
         noisy = handle["/data"][()].astype(np.float32)
     assert psnr(clean, denoised, dose) > psnr(clean, noisy, dose) + 3.0
+
+
+def _drifting(n: int, step: tuple[float, float], size: int = 96) -> np.ndarray:
+    """Smooth random scene seen through a window moving ``step`` pixels per frame."""
+    from scipy import ndimage
+
+    scene = ndimage.gaussian_filter(np.random.default_rng(3).random((size, size)), 3.0)
+    scene = (scene - scene.mean()) / scene.std()
+    return np.stack([ndimage.shift(scene, (-k * step[0], -k * step[1]), order=3,
+                                   mode="reflect") for k in range(n)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_registered_context_lays_neighbours_on_the_centre_frame(causal):
+    from n2s_stream.n2s.context import context_stack
+
+    frames = _drifting(5, (2.5, -1.5))
+    noisy = frames + np.random.default_rng(0).normal(0, 0.5, frames.shape).astype(np.float32)
+    offsets = context_offsets(3, causal)
+    centre = 2
+    plain = context_stack(noisy, centre, offsets, causal)
+    registered = context_stack(noisy, centre, offsets, causal, register=True)
+    inner = (slice(None), slice(16, -16), slice(16, -16))
+
+    def error(stack: np.ndarray) -> float:
+        return float(((stack[1:] - noisy[centre]) ** 2)[inner].mean())
+
+    assert error(registered) < 0.5 * error(plain)  # 2.9 px/frame apart, now aligned
+    np.testing.assert_array_equal(registered[0], plain[0])  # the centre frame untouched
+
+
+def test_registered_context_never_looks_at_the_centre_frame():
+    """J-invariance: the neighbour channels do not change when every centre pixel does
+    (the motion comes from the neighbours alone), so the masked loss and J-invariant
+    inference stay blind to each pixel's own noise (the gradient test above)."""
+    from n2s_stream.n2s.context import context_stack
+
+    frames = _drifting(5, (3.0, 0.0))
+    for causal in (False, True):
+        offsets = context_offsets(3, causal)
+        before = context_stack(frames, 2, offsets, causal, register=True)
+        changed = frames.copy()
+        changed[2] = np.random.default_rng(1).normal(0, 5, changed[2].shape)
+        after = context_stack(changed, 2, offsets, causal, register=True)
+        np.testing.assert_array_equal(before[1:], after[1:])
+        assert not np.array_equal(before[0], after[0])
+
+
+def test_registration_falls_back_when_the_scene_jumps():
+    """Neighbours from unrelated scenes (a jump) stay as they are: no shift fits them."""
+    from n2s_stream.n2s.registration import register_neighbours
+
+    rng = np.random.default_rng(5)
+    a, b = (rng.normal(0, 1, (64, 64)).astype(np.float32) for _ in range(2))
+    registered = register_neighbours({1: a, 3: b}, 2)
+    np.testing.assert_array_equal(registered[1], a)
+    np.testing.assert_array_equal(registered[3], b)

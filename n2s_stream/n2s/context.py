@@ -9,6 +9,10 @@ The network input is ``(K, H, W)``: channel 0 the centre frame, then the neighbo
 order of :func:`context_offsets`. Centred context uses ``(K-1)/2`` frames on each side,
 causal context the ``K-1`` previous frames (nothing to wait for).
 
+With ``register`` the neighbours are first shifted onto the centre frame by the motion
+estimated from the neighbours alone (``registration.py``), so that context still helps
+when the sample drifts by more than a pixel or two per frame.
+
 At the ends of a series, centred context mirrors: frame ``i-d`` that does not exist is
 replaced by frame ``i+d`` (and the other way round), which is another real frame of the
 same sample. A channel with no frame to use at all (causal context at the start of a
@@ -21,6 +25,8 @@ from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
+
+from n2s_stream.n2s.registration import register_neighbours
 
 Item = TypeVar("Item")
 
@@ -51,14 +57,19 @@ def context_indices(centre: int, n_frames: int, offsets: Sequence[int],
 
 
 def context_stack(frames: Sequence[np.ndarray], centre: int, offsets: Sequence[int],
-                  causal: bool) -> np.ndarray:
-    """``(1 + len(offsets), H, W)`` network input of frame ``centre`` of ``frames``."""
+                  causal: bool, register: bool = False) -> np.ndarray:
+    """``(1 + len(offsets), H, W)`` network input of frame ``centre`` of ``frames``
+    (``register``: neighbours shifted onto the centre frame's view)."""
     image = frames[centre]
     stack = np.zeros((1 + len(offsets), *image.shape), np.float32)
     stack[0] = image
-    for channel, index in enumerate(context_indices(centre, len(frames), offsets, causal), 1):
+    indices = context_indices(centre, len(frames), offsets, causal)
+    neighbours = {index: frames[index] for index in indices if index is not None}
+    if register:
+        neighbours = register_neighbours(neighbours, centre)
+    for channel, index in enumerate(indices, 1):
         if index is not None:
-            stack[channel] = frames[index]
+            stack[channel] = neighbours[index]
     return stack
 
 
@@ -72,9 +83,9 @@ class ContextWindow(Generic[Item]):
     the frames still needed.
     """
 
-    def __init__(self, frames: int, causal: bool) -> None:
+    def __init__(self, frames: int, causal: bool, register: bool = False) -> None:
         self.offsets = context_offsets(frames, causal)
-        self.causal = causal
+        self.causal, self.register = causal, register
         self.before = max([0, *(-o for o in self.offsets)])  # earlier frames kept
         self.after = max([0, *self.offsets])  # later frames waited for
         self._items: list[Item] = []
@@ -104,7 +115,7 @@ class ContextWindow(Generic[Item]):
     def _release(self, index: int) -> tuple[Item, np.ndarray]:
         # Frames before the first one held were released and forgotten, not missing: the
         # window keeps `before` of them, so index - before >= 0 whenever they existed.
-        stack = context_stack(self._images, index, self.offsets, self.causal)
+        stack = context_stack(self._images, index, self.offsets, self.causal, self.register)
         self._next = index + 1
         return self._items[index], stack
 

@@ -37,6 +37,7 @@ class MaskerConfig:
     mask_as_input: bool = False
     context_frames: int = 1  # frames the network sees: the centre one and K-1 neighbours
     causal: bool = False  # neighbours from the past only (no wait for later frames)
+    register: bool = False  # neighbours shifted onto the centre frame (motion from them)
 
     def __post_init__(self) -> None:
         if self.grid_size < 2:

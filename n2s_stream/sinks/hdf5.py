@@ -89,6 +89,7 @@ class Hdf5Sink:
         writer.append(denoised[np.newaxis], source_frames=[frame.index],
                       model_version=meta.version, t_received=frame.received_at,
                       denoiser=meta.denoiser, t_source=frame.t_source,
+                      source_ids=[frame.source_id],
                       attributes=[frame.attributes])
 
     def end_series(self, end: SeriesEnd) -> None:

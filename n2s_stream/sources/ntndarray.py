@@ -13,6 +13,7 @@ simulator).
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,9 @@ def encode(frame: np.ndarray, unique_id: int, *, timestamp: float, codec: str = 
     value["uniqueId"] = unique_id
     value["dataTimeStamp.secondsPastEpoch"] = int(timestamp)
     value["dataTimeStamp.nanoseconds"] = int((timestamp % 1) * 1e9)
+    now = time.time()  # when it was published, as NDPluginPva sets timeStamp
+    value["timeStamp.secondsPastEpoch"] = int(now)
+    value["timeStamp.nanoseconds"] = int((now % 1) * 1e9)
     value["codec.name"] = ""  # set even when unchanged: a posted update carries it then
     if codec not in ("", "none"):
         payload = compress(frame, codec)
@@ -136,10 +140,17 @@ def frame_shape(sizes: list[int]) -> tuple[int, int]:
     return height, width
 
 
+MAX_ATTRIBUTES = 64
+"""NDAttributes kept per frame (areaDetector sends a handful; a flood is cut off)."""
+
+
 def numeric_attributes(value: Any) -> dict[str, float]:
-    """The NDAttributes whose value is a number (strings and arrays are left out)."""
-    found = {}
-    for attribute in value["attribute"]:
+    """The NDAttributes whose value is a number (strings and arrays are left out), at most
+    `MAX_ATTRIBUTES` of them."""
+    found: dict[str, float] = {}
+    for attribute in value["attribute"][:4 * MAX_ATTRIBUTES]:
+        if len(found) == MAX_ATTRIBUTES:
+            break
         item = attribute["value"]
         if isinstance(item, (bool, np.bool_)):
             continue

@@ -106,9 +106,10 @@ class PvaSource(BackgroundWorker):
         self._emit, self._reject, self._refused = emit, reject, refused
         self._context = Context("pva", nt=False)
         self._subscriptions: list[Any] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # p4p calls back from more than one thread
         self._series: _Series | None = None
         self._stale = True  # the next update is the value present at (re)connect
+        self._connected = False  # connected once: a disconnect is then worth a warning
         self._acquiring: bool | None = None  # the Acquire PV's state, if followed
 
     @classmethod
@@ -141,35 +142,48 @@ class PvaSource(BackgroundWorker):
     def _run(self) -> None:
         while not self._stopping.wait(0.2):
             gap = self.options.series_gap if self._acquiring is not False else ACQUIRE_DRAIN
-            with self._lock:
+            with self._lock:  # not while a frame is being handed over: see _take
                 series = self._series
-                quiet = series is not None and time.monotonic() - series.last_at > gap
-            if quiet:
-                self._end_series(f"no frames for {gap:g} s"
-                                 + (" after Acquire went to 0" if gap == ACQUIRE_DRAIN else ""))
+                if series is not None and time.monotonic() - series.last_at > gap:
+                    self._end_series(f"no frames for {gap:g} s" + (
+                        " after Acquire went to 0" if gap == ACQUIRE_DRAIN else ""))
 
     def _acquire(self, value: Any) -> None:
         """An update of the Acquire PV (in p4p's thread): 1 opens a series, 0 ends it."""
-        if isinstance(value, Exception):
-            log.warning("PV %s: %s", self.options.acquire_pv, type(value).__name__)
-            self._acquiring = None  # unknown: series end by the gap alone
-            return
-        field = value["value"]  # a number (NTScalar) or a choice (NTEnum, as QSRV serves bo)
-        acquiring = bool(field["index"] if hasattr(field, "keys") else field)
-        was, self._acquiring = self._acquiring, acquiring
-        log.info("PV %s: %d", self.options.acquire_pv, acquiring)
-        with self._lock:
-            series = self._series
-        if acquiring and was is False and series is not None:
-            self._end_series(f"{self.options.acquire_pv} went to 1: a new acquisition")
+        try:
+            if isinstance(value, Exception):
+                log.warning("PV %s: %s (%s)", self.options.acquire_pv, type(value).__name__,
+                            value)
+                self._acquiring = None  # unknown: series end by the gap alone
+                return
+            field = value["value"]  # a number (NTScalar) or a choice (NTEnum: QSRV's bo)
+            acquiring = bool(field["index"] if hasattr(field, "keys") else field)
+            log.info("PV %s: %d", self.options.acquire_pv, acquiring)
+            with self._lock:
+                was, self._acquiring = self._acquiring, acquiring
+                if acquiring and was is False and self._series is not None:
+                    self._end_series(f"{self.options.acquire_pv} went to 1: a new acquisition")
+        except Exception:  # p4p would close the subscription for good
+            log.exception("PV %s: update not understood", self.options.acquire_pv)
 
     def _update(self, value: Any) -> None:
-        """One monitor update (in p4p's thread): a frame, or a disconnect."""
+        """One monitor update (in p4p's thread): a frame, or a disconnect. Nothing may
+        escape: p4p closes a subscription whose callback raised."""
+        try:
+            self._handle(value)
+        except Exception as exc:
+            log.exception("PV %s: update not handled", self.options.pv)
+            self._reject("internal_error", f"PV {self.options.pv}: {type(exc).__name__}: "
+                                           f"{exc}")
+
+    def _handle(self, value: Any) -> None:
         if isinstance(value, Exception):
-            log.warning("PV %s: %s; waiting for it to come back", self.options.pv,
-                        type(value).__name__)
+            level = logging.WARNING if self._connected else logging.INFO
+            log.log(level, "PV %s: %s; waiting for it%s", self.options.pv,
+                    type(value).__name__, " to come back" if self._connected else "")
             self._stale = True
             return
+        self._connected = True
         if self._stale:
             self._stale = False
             log.info("PV %s: connected; its current value (uniqueId %s) is the previous "
@@ -183,31 +197,36 @@ class PvaSource(BackgroundWorker):
             self._reject(exc.reason, f"PV {self.options.pv} uniqueId {unique_id}: {exc}")
             with self._lock:
                 series = self._series
-            if series is not None and unique_id > series.last_id:
-                self._refused(series.name, unique_id - series.base)  # not also missing
+                if series is not None and unique_id > series.last_id:
+                    self._refused(series.name, unique_id - series.base)  # not also missing
             return
         self._take(frame)
 
     def _take(self, frame: NDArrayFrame) -> None:
+        """Hand ``frame`` downstream, opening or ending series as it says. Holds the lock
+        throughout (the hand-over blocks while the daemon is busy), and the series counts
+        as quiet only from when the hand-over is done: a busy daemon never ends a series
+        whose frames are waiting in the monitor queue."""
         with self._lock:
             series = self._series
-        if series is None:
-            series = self._resumed(frame)
-        elif not series.continues(frame):
-            self._end_series(f"uniqueId {frame.unique_id} after {series.last_id}, or a "
-                             "new shape or type: a new acquisition")
-            series = None
-        if series is None:
-            series = _Series.first(series_name(self.options.pv, time.time()), frame)
-            log.info("PV %s: series %s started at uniqueId %d", self.options.pv,
-                     series.name, frame.unique_id)
-            self._remember(series)
-        with self._lock:
+            if series is None:
+                series = self._resumed(frame)
+            elif not series.continues(frame):
+                self._end_series(f"uniqueId {frame.unique_id} after {series.last_id}, or a "
+                                 "new shape or type: a new acquisition")
+                series = None
+            if series is None:
+                series = _Series.first(series_name(self.options.pv, time.time()), frame)
+                log.info("PV %s: series %s started at uniqueId %d", self.options.pv,
+                         series.name, frame.unique_id)
+                self._remember(series)
             self._series = series
-        series.took(frame)
-        self._emit(Frame(series.name, frame.unique_id - series.base, frame.data, time.time(),
-                         self._output(series.name), source_id=frame.unique_id,
-                         t_source=frame.timestamp or None, attributes=frame.attributes))
+            series.took(frame)
+            self._emit(Frame(series.name, frame.unique_id - series.base, frame.data,
+                             time.time(), self._output(series.name),
+                             source_id=frame.unique_id, t_source=frame.timestamp or None,
+                             attributes=frame.attributes))
+            series.last_at = time.monotonic()
 
     def _resumed(self, frame: NDArrayFrame) -> _Series | None:
         """The series an earlier run left open, if ``frame`` continues it; else it is
@@ -251,12 +270,12 @@ class PvaSource(BackgroundWorker):
     def _end_series(self, why: str) -> None:
         with self._lock:
             series, self._series = self._series, None
-        if series is None:
-            return
-        log.info("series %s ended after %d frames (%s)", series.name, series.frames, why)
-        self._forget()
-        self._emit(SeriesEnd(series.name, series.last_id - series.base + 1,
-                             self._output(series.name)))
+            if series is None:
+                return
+            log.info("series %s ended after %d frames (%s)", series.name, series.frames, why)
+            self._forget()
+            self._emit(SeriesEnd(series.name, series.last_id - series.base + 1,
+                                 self._output(series.name)))
 
     def _remember(self, series: _Series) -> None:
         try:
