@@ -47,8 +47,8 @@ class NetworkOptions:
                        "context delays each frame by (K-1)/2 frames")
     causal_context: bool = option(False, help="neighbours from earlier frames only (no "
                                               "added latency)")
-    register_context: bool = option(False, help="shift neighbours onto the centre frame by "
-                                                "the motion between them (drifting samples)")
+    register_context: bool = option(True, help="shift neighbours onto the centre frame by "
+                                               "the motion between them (drifting samples)")
     normalize: Normalize = option("meanstd", help="normalisation, fitted on the first "
                                                   "frames, then fixed")
     no_scale_integers: bool = option(False, help="do not divide integer input by its "

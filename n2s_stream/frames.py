@@ -22,7 +22,8 @@ class Frame:
     denoised version goes to, ``pixel_mask`` the detector's bad pixels (True), if known.
     Where the source says so: ``source_id`` is the detector's own frame number (areaDetector's
     ``uniqueId``), ``t_source`` the unix time the detector took the frame, ``attributes``
-    numbers that travel with it (areaDetector NDAttributes); outputs keep them.
+    numbers and strings that travel with it (areaDetector NDAttributes); the output files
+    keep the numbers, a served PV all of them.
     """
 
     series: str
@@ -33,7 +34,7 @@ class Frame:
     pixel_mask: np.ndarray | None = None
     source_id: int | None = None
     t_source: float | None = None
-    attributes: Mapping[str, float] = field(default_factory=dict)
+    attributes: Mapping[str, float | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

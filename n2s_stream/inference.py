@@ -31,6 +31,7 @@ from n2s_stream.series import Ready, SeriesTracker
 from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkChain
 from n2s_stream.snapshot import ModelStore, Snapshot
 from n2s_stream.worker import BackgroundWorker
+from n2s_stream.writer import numeric_names
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ class InferenceLoop(BackgroundWorker):
         if self.cold_start is not None and self.cold_start.classical is not None:
             notes["cold_start"] = self.cold_start.classical.describe()
         self.sinks.open_series(SeriesStart(frame.series, frame.output, frame.data.shape,
-                                           frame.data.dtype, notes, tuple(frame.attributes)))
+                                           frame.data.dtype, notes,
+                                           numeric_names(frame.attributes)))
 
     def _write(self, ready: list[Ready], snapshot: Snapshot) -> None:
         """Denoise ready frames (one forward pass per run of equal shapes) and hand each

@@ -66,6 +66,11 @@ def free_bytes(directory: Path) -> int:
     return stats.f_bavail * stats.f_frsize
 
 
+def numeric_names(attributes: Mapping[str, float | str]) -> tuple[str, ...]:
+    """The names of the attributes whose value is a number: the output's columns."""
+    return tuple(name for name, value in attributes.items() if not isinstance(value, str))
+
+
 def attribute_column(name: str) -> str:
     """An HDF5-safe dataset name for an attribute (never a path: no ``/``, no dots first)."""
     return re.sub(r"[^A-Za-z0-9_.:-]", "_", name).lstrip(".")[:100] or "_"
@@ -201,10 +206,11 @@ class FrameWriter:
         denoiser: int = 0,
         t_source: np.ndarray | float | None = None,
         source_ids: Sequence[int | None] | None = None,
-        attributes: Sequence[Mapping[str, float]] = (),
+        attributes: Sequence[Mapping[str, float | str]] = (),
     ) -> None:
         """Append ``(n, H, W)`` frames with one provenance row each, then flush.
-        ``attributes``: one mapping per frame (or none), each name a column of its own."""
+        ``attributes``: one mapping per frame (or none), each name whose value is a number
+        a column of its own."""
         n = frames.shape[0]
         start = self.n_written
         self._frames.resize(start + n, axis=0)
@@ -230,7 +236,7 @@ class FrameWriter:
             self.last_source_frame = int(rows["source_frame"][-1])
 
     def _append_attributes(self, start: int, n: int,
-                           attributes: Sequence[Mapping[str, float]]) -> None:
+                           attributes: Sequence[Mapping[str, float | str]]) -> None:
         """Grow every attribute column by ``n`` rows (NaN where a frame lacks the name).
         SWMR allows no new datasets once writing began: names that the series' first
         frame did not have are logged once and not kept."""
@@ -238,6 +244,8 @@ class FrameWriter:
         unknown = set()
         for k, row in enumerate(attributes):
             for key, value in row.items():
+                if isinstance(value, str):
+                    continue  # text is served, not kept: a column holds numbers
                 column = self._columns.setdefault(key, attribute_column(key))
                 if column in values:
                     values[column][k] = value

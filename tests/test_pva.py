@@ -105,26 +105,28 @@ def test_jpeg_refused_counter_reset_and_a_burst_beyond_the_monitor_queue(tmp_pat
              + [s for k in range(1, 11) for s in (
                  _frame(k, codec="jpeg" if k == 7 else "lz4"), *paced)]
              + [{"sleep": 1.0}]
-             + [_frame(k, shape=[64, 64]) for k in range(1, 201)])  # reset, then a burst
+             + [s for k in range(1, 4) for s in (_frame(k), *paced)]  # the counter reset
+             + [_frame(k, shape=[64, 64]) for k in range(4, 204)])  # new shape: a burst
     ioc = scripted_server(pv, steps, env, tmp_path / "ioc.log")
     daemon = DaemonProcess(tmp_path, "--pva", pv, "--pva-series-gap", "4", "--no-cold-start",
                            "--pva-queue-size", "2", "--queue-size", "2", env=env)
     daemon.wait_ready()
     assert ioc.wait(timeout=120) == 0, (tmp_path / "ioc.log").read_text()
     daemon.wait_for(r"series \S+ ended after \d+ frames \(no frames", timeout=60)
-    daemon.wait_for(r"closed output[\s\S]*closed output", timeout=60)  # both series
+    daemon.wait_for(r"(closed output[\s\S]*){3}", timeout=60)  # all three series
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
 
-    first, burst = (read_output(path)[1]["source_frame"]
-                    for path in sorted(daemon.out.glob("*_n2s.h5")))
+    first, reset, burst = (read_output(path)[1]["source_frame"]
+                           for path in sorted(daemon.out.glob("*_n2s.h5")))
     assert first.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9]  # uniqueId 7 was the JPEG one
+    assert reset.tolist() == [0, 1, 2]  # uniqueId went back to 1: a new acquisition
     assert metrics['n2s_frames_rejected_total{reason="lossy_codec"}'] == 1
     assert len(set(burst.tolist())) == len(burst) and (np.diff(burst) > 0).all()
     assert burst[-1] == 199  # PVA squashes the queue onto the newest update
     missing = metrics.get("n2s_frames_missing_total", 0)
     assert 0 < missing == 200 - len(burst)  # the burst's losses, all counted as missing
-    assert metrics["n2s_frames_received_total"] == 9 + len(burst)
+    assert metrics["n2s_frames_received_total"] == 9 + 3 + len(burst)
     assert sum(v for k, v in metrics.items() if k.startswith("n2s_frames_rejected_total")) == 1
 
 
@@ -153,3 +155,29 @@ def test_killed_mid_series_the_restart_continues_the_file(tmp_path):
     assert frames[-1] == 149
     # what the kill and the restart cost (queued, then passed while down) is counted once
     assert metrics["n2s_frames_missing_total"] == 150 - len(frames) > 0
+
+
+@pytest.mark.slow  # the client retries a lost name server every 10 s: about a minute
+def test_daemon_reconnects_when_the_ioc_restarts(tmp_path):
+    env, _ = pva_env()
+    pv = f"N2STEST:{os.getpid()}:Reboot"
+    first = [_frame(900), {"sleep": 12}, *(s for k in range(1, 6) for s in (_frame(k),
+                                                                             {"sleep": 0.1}))]
+    ioc = scripted_server(pv, first, env, tmp_path / "ioc1.log")
+    daemon = DaemonProcess(tmp_path, "--pva", pv, "--pva-series-gap", "30", "--no-cold-start",
+                           env=env)
+    daemon.wait_ready()
+    assert ioc.wait(timeout=60) == 0
+    daemon.wait_for(r"Disconnected; waiting for it to come back", timeout=30)
+    # the IOC is back: its PV holds the last frame it had (stale), then a new acquisition
+    second = [_frame(5), {"sleep": 15}, *(s for k in range(1, 4) for s in (_frame(k),
+                                                                            {"sleep": 0.1}))]
+    rebooted = scripted_server(pv, second, env, tmp_path / "ioc2.log")
+    assert rebooted.wait(timeout=60) == 0
+    daemon.wait_for(r"(started at uniqueId 1\b[\s\S]*){2}", timeout=60)
+    metrics = _wait_denoised(daemon, 8)
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+    before, after = (read_output(path)[1]["source_frame"].tolist()
+                     for path in sorted(daemon.out.glob("*_n2s.h5")))
+    assert before == [0, 1, 2, 3, 4] and after == [0, 1, 2]  # the stale 5 not written again
+    assert metrics["n2s_frames_received_total"] == 8

@@ -157,7 +157,8 @@ def test_output_keeps_detector_time_and_attributes_and_resumes_an_older_layout(t
     with FrameWriter(output, frame_shape=(4, 4), attribute_names=["Temp", "a/b"]) as writer:
         writer.append(np.zeros((2, 4, 4), np.float32), source_frames=[0, 1], model_version=0,
                       t_received=9.0, t_source=[5.0, 6.0],
-                      attributes=[{"Temp": 1.0}, {"Temp": 2.0, "a/b": 3.0, "Late": 4.0}])
+                      attributes=[{"Temp": 1.0, "Label": "x"},
+                                  {"Temp": 2.0, "a/b": 3.0, "Late": 4.0}])
     with h5py.File(output, "a") as handle:  # as an earlier version wrote it
         del handle["/entry/provenance/t_source"]
     with FrameWriter(output, frame_shape=(4, 4), resume=True) as writer:

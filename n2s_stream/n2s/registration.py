@@ -27,6 +27,9 @@ SMOOTHING = 1.0
 MIN_SHIFT = 0.25
 """Per-frame motion (pixels) below which neighbours are left as they are."""
 
+ESTIMATE_SIZE = 256
+"""Side of the central square the motion is estimated from: large frames cost no more."""
+
 MIN_AGREEMENT, MIN_GAIN = 0.3, 0.05
 """Shifted, the two neighbours must correlate at least this well (unrelated noise fields
 reach about 0.1; a drifting sample at 2 counts per pixel 0.8), and this much better than
@@ -35,10 +38,18 @@ unshifted."""
 
 def estimate_shift(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
     """``(dy, dx)`` that, applied to ``moving`` (``scipy.ndimage.shift``), lays it on
-    ``reference``; sub-pixel (to 0.1 px)."""
-    shift, _, _ = phase_cross_correlation(_tapered(reference), _tapered(moving),
+    ``reference``; sub-pixel (to 0.1 px); from the central `ESTIMATE_SIZE` square (the
+    motion is taken as one shift for the whole frame)."""
+    crop = _central(reference.shape)
+    shift, _, _ = phase_cross_correlation(_tapered(reference[crop]), _tapered(moving[crop]),
                                           upsample_factor=10, normalization=None)
     return np.asarray(shift, dtype=np.float64)
+
+
+def _central(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The central `ESTIMATE_SIZE` square of a frame (all of a smaller one)."""
+    return tuple(slice(max(0, (n - ESTIMATE_SIZE) // 2), max(0, (n - ESTIMATE_SIZE) // 2)
+                       + ESTIMATE_SIZE) for n in shape)
 
 
 def _tapered(image: np.ndarray) -> np.ndarray:
@@ -80,6 +91,8 @@ def register_neighbours(neighbours: Mapping[int, np.ndarray],
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Correlation of the smoothed images, away from the edges a shift fills in."""
+    crop = _central(a.shape)
+    a, b = a[crop], b[crop]
     margin = tuple(slice(max(1, n // 8), n - max(1, n // 8)) for n in a.shape)
     a = ndimage.gaussian_filter(a, SMOOTHING)[margin].ravel()
     b = ndimage.gaussian_filter(b, SMOOTHING)[margin].ravel()

@@ -3,7 +3,7 @@
 Pure functions over a received value (a p4p ``Value``, or any mapping with the same fields),
 no sockets: the mapping of ADCore's ``ntndArrayConverter``. ``dimension[0]`` is x, so the
 numpy shape is the dimensions reversed; the frame number is ``uniqueId``; ``dataTimeStamp``
-is when the detector took it; numeric NDAttributes travel with the frame. Compressed frames
+is when the detector took it; NDAttributes (numbers, strings) travel with it. Compressed frames
 carry their bytes in ``value.ubyteValue``, the codec's name in ``codec.name``, the original
 element type in ``codec.parameters`` (a pvData ScalarType code) and ``uncompressedSize``.
 Sizes are checked before any decompressor runs. Every failure is a `MessageError`.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,19 +43,23 @@ LOSSY_CODECS = ("jpeg",)
 @dataclass(frozen=True)
 class NDArrayFrame:
     """One decoded NTNDArray: ``data`` ``(H, W)`` in the detector's dtype, ``unique_id``,
-    ``timestamp`` (unix seconds of ``dataTimeStamp``; 0 if unset) and the numeric
-    NDAttributes by name."""
+    ``timestamp`` (unix seconds of ``dataTimeStamp``; 0 if unset) and the NDAttributes
+    (numbers as float, strings) by name."""
 
     unique_id: int
     data: np.ndarray
     timestamp: float
-    attributes: dict[str, float] = field(default_factory=dict)
+    attributes: dict[str, float | str] = field(default_factory=dict)
 
 
 def decode(value: Any) -> NDArrayFrame:
     """The frame an NTNDArray value holds; raises `MessageError` with a reason for what
     cannot be a denoisable frame (colour, lossy, too large, corrupt, unknown codec)."""
     shape = frame_shape([int(d["size"]) for d in value["dimension"]])
+    attributes = scalar_attributes(value)
+    if attributes.get("ColorMode", 0) != 0:  # NDColorMode: 0 mono, 1 Bayer, 2-4 RGB
+        raise MessageError(f"ColorMode {attributes['ColorMode']:g}: only monochrome frames "
+                           "are denoised", reason="color")
     codec = str(value["codec"]["name"] or "")
     if codec in LOSSY_CODECS:
         raise MessageError(f"codec {codec}: lossy compression changed the noise; refused",
@@ -75,11 +80,11 @@ def decode(value: Any) -> NDArrayFrame:
     return NDArrayFrame(
         unique_id=int(value["uniqueId"]), data=data,
         timestamp=float(stamp["secondsPastEpoch"]) + 1e-9 * float(stamp["nanoseconds"]),
-        attributes=numeric_attributes(value))
+        attributes=attributes)
 
 
 def encode(frame: np.ndarray, unique_id: int, *, timestamp: float, codec: str = "none",
-           attributes: dict[str, float | int | str] | None = None) -> Any:
+           attributes: Mapping[str, float | int | str] | None = None) -> Any:
     """``frame`` ``(H, W)`` as an NTNDArray p4p value, as NDPluginPva publishes it
     (``dimension[0]`` is x), with ``uniqueId``, ``dataTimeStamp`` and NDAttributes, its
     bytes compressed by ``codec`` (none, lz4, bslz4, zlib, blosc) as NDPluginCodec does."""
@@ -144,10 +149,10 @@ MAX_ATTRIBUTES = 64
 """NDAttributes kept per frame (areaDetector sends a handful; a flood is cut off)."""
 
 
-def numeric_attributes(value: Any) -> dict[str, float]:
-    """The NDAttributes whose value is a number (strings and arrays are left out), at most
-    `MAX_ATTRIBUTES` of them."""
-    found: dict[str, float] = {}
+def scalar_attributes(value: Any) -> dict[str, float | str]:
+    """The NDAttributes whose value is a number (as float) or a string, at most
+    `MAX_ATTRIBUTES` of them (arrays and booleans are left out)."""
+    found: dict[str, float | str] = {}
     for attribute in value["attribute"][:4 * MAX_ATTRIBUTES]:
         if len(found) == MAX_ATTRIBUTES:
             break
@@ -156,6 +161,8 @@ def numeric_attributes(value: Any) -> dict[str, float]:
             continue
         if isinstance(item, (int, float, np.integer, np.floating)):
             found[str(attribute["name"])] = float(item)
+        elif isinstance(item, str):
+            found[str(attribute["name"])] = item[:1024]
     return found
 
 

@@ -5,7 +5,8 @@ from the standard ``EPICS_PVA_*`` variables, as for every EPICS client. Series c
 stream itself: a new one when ``uniqueId`` goes backwards (a new acquisition reset the
 counter), when the frame shape or type changes, or after ``pva_series_gap`` seconds
 without frames; with ``pva_acquire_pv`` (the driver's ``cam1:Acquire``) also when it goes
-to 1, and a series ends soon after it goes to 0. The value present when the daemon
+to 1 (frames the detector took before that, by the IOC's clock, still belong to the old
+one), and a series ends soon after it goes to 0. The value present when the daemon
 connects (or reconnects) is the previous acquisition's last frame: it is not denoised.
 PVA drops updates for a client that falls behind; the frame numbers within a series are
 ``uniqueId`` (from the series' first one), so the frames it dropped are counted as missing
@@ -111,6 +112,7 @@ class PvaSource(BackgroundWorker):
         self._stale = True  # the next update is the value present at (re)connect
         self._connected = False  # connected once: a disconnect is then worth a warning
         self._acquiring: bool | None = None  # the Acquire PV's state, if followed
+        self._new_from: float | None = None  # Acquire went to 1 then (IOC clock)
 
     @classmethod
     def from_config(cls, config: DaemonConfig, context: SourceContext) -> PvaSource:
@@ -159,10 +161,14 @@ class PvaSource(BackgroundWorker):
             field = value["value"]  # a number (NTScalar) or a choice (NTEnum: QSRV's bo)
             acquiring = bool(field["index"] if hasattr(field, "keys") else field)
             log.info("PV %s: %d", self.options.acquire_pv, acquiring)
+            stamp = (float(value["timeStamp.secondsPastEpoch"])
+                     + 1e-9 * float(value["timeStamp.nanoseconds"]))
             with self._lock:
                 was, self._acquiring = self._acquiring, acquiring
                 if acquiring and was is False and self._series is not None:
-                    self._end_series(f"{self.options.acquire_pv} went to 1: a new acquisition")
+                    # frames taken before this (by the IOC's clock) may still be queued on
+                    # the image PV, another channel: they end the old series, not start one
+                    self._new_from = stamp
         except Exception:  # p4p would close the subscription for good
             log.exception("PV %s: update not understood", self.options.acquire_pv)
 
@@ -211,6 +217,9 @@ class PvaSource(BackgroundWorker):
             series = self._series
             if series is None:
                 series = self._resumed(frame)
+            elif self._new_from is not None and not 0 < frame.timestamp < self._new_from:
+                self._end_series(f"{self.options.acquire_pv} went to 1: a new acquisition")
+                series = None
             elif not series.continues(frame):
                 self._end_series(f"uniqueId {frame.unique_id} after {series.last_id}, or a "
                                  "new shape or type: a new acquisition")
@@ -269,7 +278,7 @@ class PvaSource(BackgroundWorker):
 
     def _end_series(self, why: str) -> None:
         with self._lock:
-            series, self._series = self._series, None
+            series, self._series, self._new_from = self._series, None, None
             if series is None:
                 return
             log.info("series %s ended after %d frames (%s)", series.name, series.frames, why)
