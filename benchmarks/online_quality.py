@@ -39,8 +39,10 @@ from n2s_stream.sources import protocols
 from n2s_stream.state import newest_checkpoint
 
 
-def stream_through_daemon(noisy: np.ndarray, args: argparse.Namespace, tmp: Path) -> dict:
-    """Send the stack ``passes`` times to a daemon; return its outputs and final weights."""
+def stream_through_daemon(noisy: np.ndarray, args: argparse.Namespace, tmp: Path,
+                          extra: tuple[str, ...] = ()) -> dict:
+    """Send the stack ``passes`` times to a daemon (``extra`` arguments); return its
+    outputs and final weights."""
     endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
@@ -49,7 +51,7 @@ def stream_through_daemon(noisy: np.ndarray, args: argparse.Namespace, tmp: Path
     daemon = subprocess.Popen(
         [*N2S, "--zmq", endpoint, "--out", str(tmp / "out"), "--state-dir", str(tmp / "state"),
          "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
-         "--log-level", "WARNING"])
+         "--log-level", "WARNING", *extra])
     try:
         while not scrape(port):
             time.sleep(0.2)

@@ -281,6 +281,9 @@ class TrainingOptions:
                                           "worker's checkpoints (its state dir) as they appear")
     cold_start: bool = option(True, help="from scratch, a calibrated classical denoiser "
                                          "writes until the network's held-out loss beats it")
+    pretrained: bool = option(True, help="from scratch, the network starts from "
+                              "the shipped pretrained model (n2s_stream/pretrained) where "
+                              "the network options fit it")
     patch: int = option(64, min=4, help="training patch side")
     batch: int = option(8, min=1, help="patches per training step")
     lr: float = option(1e-3, min=0, help="learning rate of online training")

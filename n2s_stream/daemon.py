@@ -34,6 +34,7 @@ from n2s_stream.metrics import Metrics, MetricsServer
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.onnx_engine import check_engine
+from n2s_stream.pretrained import starting_model
 from n2s_stream.preview import Preview, preview_app
 from n2s_stream.series import SeriesTracker
 from n2s_stream.service import Notifier
@@ -121,7 +122,7 @@ class Daemon:
             self._masker = Masker(checkpoint.masker_config)
         torch.manual_seed(config.training.seed)
         train_model = (checkpoint.build_model(device) if checkpoint
-                       else build_model(self._model_config).to(device))
+                       else self._new_model(device))
         store = ModelStore(copy_state(train_model), checkpoint.version if checkpoint else 0,
                            checkpoint.normalizer if checkpoint else None)
         self.metrics.model_version.set(store.version)
@@ -166,6 +167,20 @@ class Daemon:
             if worker is not None:
                 worker.start()
         return stages
+
+    def _new_model(self, device: torch.device) -> nn.Module:
+        """A network without a checkpoint: the shipped pretrained one where it fits the
+        network options (``pretrained``), else random weights."""
+        model = build_model(self._model_config)
+        shipped = (starting_model(self._model_config, self._masker.config)
+                   if self.config.training.pretrained else None)
+        if shipped is not None:
+            model.load_state_dict(shipped.state_dict)
+            log.info("network starts from the shipped pretrained model %s", shipped.path)
+        elif self.config.training.pretrained:
+            log.info("no shipped pretrained model fits these network options: the "
+                     "network starts from random weights")
+        return model.to(device)
 
     def _inference_loop(self, device: torch.device, store: ModelStore,
                         cold_start: ColdStart | None, sinks: list) -> InferenceLoop:

@@ -1,0 +1,33 @@
+"""A starting model shipped with the package, so that the daemon's network is useful from
+its first frames instead of starting from random weights.
+
+``unet_w16_d2_k1.pt`` is the default network (UNet, width 16, depth 2, one frame) trained
+by ``python -m n2s_stream.pretrained`` (``train.py``: its settings are recorded in the file)
+on photographs that scikit-image ships, at several Poisson doses, with the same masking as
+online training and the clean image as the target at the hidden pixels. It carries no
+normaliser: the daemon fits one on the live data's first frame, and the cold-start
+comparison against a calibrated classical denoiser still decides when it writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from n2s_stream.checkpoint import Checkpoint, load_checkpoint
+from n2s_stream.models import ModelConfig
+from n2s_stream.n2s.masking import MaskerConfig
+
+DEFAULT = Path(__file__).with_name("unet_w16_d2_k1.pt")
+
+
+def starting_model(model: ModelConfig, masker: MaskerConfig) -> Checkpoint | None:
+    """The shipped model when it fits ``model`` and ``masker`` exactly (else None: the
+    network starts from random weights)."""
+    if not DEFAULT.exists() or masker.context_frames != 1:
+        return None
+    checkpoint = load_checkpoint(DEFAULT)  # weights_only: never unpickles objects
+    single = replace(masker, causal=False, register=False)  # no neighbours: no difference
+    if checkpoint.model_config != model or checkpoint.masker_config != single:
+        return None
+    return checkpoint

@@ -1,0 +1,53 @@
+"""The shipped starting model: it loads without unpickling objects, fits exactly the default
+network, and its training script is reproducible (same settings, same weights)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from n2s_stream.checkpoint import load_checkpoint
+from n2s_stream.config import NetworkOptions
+from n2s_stream.options import make
+from n2s_stream.pretrained import DEFAULT, starting_model
+
+pytestmark = pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
+
+
+def test_shipped_model_loads_safely_and_fits_only_the_default_network():
+    shipped = load_checkpoint(DEFAULT)  # torch.load(weights_only=True) inside
+    settings = shipped.extra["pretrained"]
+    assert settings["script"] == "python -m n2s_stream.pretrained" and settings["steps"] > 0
+    network = make(NetworkOptions)
+    model, masker = network.model_config(), network.masker_config()
+    assert starting_model(model, masker) is not None
+    assert starting_model(model, replace(masker, causal=True)) is not None  # K=1: same
+    assert starting_model(replace(model, width=8), masker) is None
+    assert starting_model(replace(model, in_channels=3),
+                          replace(masker, context_frames=3)) is None
+
+
+def _train(tmp_path, name: str, *args: str) -> dict[str, torch.Tensor]:
+    out = tmp_path / name
+    subprocess.run([sys.executable, "-m", "n2s_stream.pretrained", "--out", str(out), *args],
+                   check=True, capture_output=True, timeout=600)
+    return load_checkpoint(out).state_dict
+
+
+def test_training_script_is_deterministic(tmp_path):
+    first, second = (_train(tmp_path, f"{k}.pt", "--steps", "3") for k in (1, 2))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.slow  # the whole training run: about 15 minutes on one core
+def test_training_script_reproduces_the_shipped_model(tmp_path):
+    settings = load_checkpoint(DEFAULT).extra["pretrained"]
+    again = _train(tmp_path, "again.pt", "--steps", str(settings["steps"]),
+                   "--seed", str(settings["seed"]), "--batch", str(settings["batch"]))
+    shipped = load_checkpoint(DEFAULT).state_dict
+    for key, value in shipped.items():
+        torch.testing.assert_close(again[key], value, rtol=1e-4, atol=1e-5)
