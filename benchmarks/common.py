@@ -3,6 +3,9 @@ the bare model's speed and a process's memory."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import socket
 import sys
 import time
@@ -16,6 +19,17 @@ from n2s_stream.onnx_engine import OnnxRuntimeModel
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
+
+
+def write_report(out: Path, benchmark: str, settings: object, rows: list, **more: object) -> None:
+    """The benchmark's JSON: its name, the machine, its settings (an argparse namespace),
+    its rows and anything else; then say where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": benchmark, "machine": platform.machine(),
+                               "cores": os.cpu_count(),
+                               "settings": vars(settings) | {"out": str(out)},
+                               "rows": rows, **more}, indent=2, default=float))
+    print(f"wrote {out}")
 
 
 def pyplot():

@@ -14,13 +14,11 @@ over the whole pass, and how many frames the classical cold start wrote. Writes
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS
+from common import RESULTS, write_report
 from offline_quality import noisy_counts, photo_tiles
 from online_quality import stream_through_daemon
 
@@ -63,12 +61,7 @@ def main() -> None:
         print(f"{dose:5g} {row['noisy']:6.2f} " + " ".join(
             f"{row[name]['first_10s']:24.2f} {row[name]['all']:17.2f} "
             f"{row[name]['classical_frames']:9d}" for name, _ in VARIANTS), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "pretrained_start",
-                                    "machine": f"{platform.machine()}, {args.threads} threads",
-                                    "settings": vars(args) | {"out": str(args.out)},
-                                    "rows": rows}, indent=2, default=float))
-    print(f"wrote {args.out}")
+    write_report(args.out, "pretrained_start", args, rows)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ writes ``benchmarks/results/pva_throughput.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -29,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import free_port
+from common import free_port, write_report
 
 from n2s_stream.config import PvaOptions
 from n2s_stream.frames import Frame
@@ -181,13 +179,7 @@ def main() -> None:
             print(f"{size:6d} {codec:>6} {row['source_fps']:11.0f} {row['source_mb_s']:12.0f} "
                   f"{source['dropped']:8.0%} {e2e['fps']:15.1f} {e2e['dropped']:8.0%}",
                   flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "pva_throughput",
-                                    "machine": platform.machine(), "cores": os.cpu_count(),
-                                    "rows": rows,
-                                    "settings": vars(args) | {"out": str(args.out)}},
-                                   indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, "pva_throughput", args, rows)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ pass; PSNR against the clean frames. Writes ``benchmarks/results/registered_cont
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_report
 from context_quality import drifting_series, train_and_denoise
 
 from n2s_stream.quality import psnr
@@ -70,12 +69,7 @@ def main() -> None:
         print(f"{name:>28} {row['noisy']:6.2f} "
               + " ".join(f"{row[label]:15.2f}" for label, _, _ in VARIANTS)
               + f" {row['K=3 registered'] - row['K=1']:+17.2f}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "registered_context",
-                                    "machine": f"{platform.machine()}, {args.threads} threads",
-                                    "settings": vars(args) | {"out": str(args.out)},
-                                    "rows": rows}, indent=2, default=float))
-    print(f"wrote {args.out}")
+    write_report(args.out, "registered_context", args, rows)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,21 @@ def test_daemon_vs_offline_runs(tmp_path):
     assert report["daemons"]["daemon no-train"]["train_steps"] == 0
     assert all(0 < row["forward_share"] <= 1.5 for row in report["daemons"].values())
     assert "/ offline" in stdout
+
+
+@pytest.mark.slow
+def test_registered_context_runs(tmp_path):
+    _, report = run_benchmark("registered_context.py", "--budget", "2", "--frames", "8",
+                              "--size", "48", "--drifts", "3", out=tmp_path / "r.json",
+                              timeout=600)
+    assert [row["scene"] for row in report["rows"]] == ["drift 3 px/frame",
+                                                        "drift 3, jump half-way"]
+    assert all(row["K=3 registered"] > row["noisy"] for row in report["rows"])
+
+
+@pytest.mark.slow
+def test_pretrained_start_runs(tmp_path):
+    _, report = run_benchmark("pretrained_start.py", "--tiles", "6", "--rate", "3",
+                              "--doses", "20", out=tmp_path / "p.json", timeout=600)
+    (row,) = report["rows"]
+    assert row["pretrained"]["all"] > row["noisy"] and row["from scratch"]["all"] > row["noisy"]
