@@ -121,6 +121,7 @@ class Daemon:
             self._model_config = checkpoint.model_config
             self._masker = Masker(checkpoint.masker_config)
         torch.manual_seed(config.training.seed)
+        self._pretrained_start = False
         train_model = (checkpoint.build_model(device) if checkpoint
                        else self._new_model(device))
         store = ModelStore(copy_state(train_model), checkpoint.version if checkpoint else 0,
@@ -150,7 +151,7 @@ class Daemon:
                 save=self._save_checkpoint,
                 optimizer_state=checkpoint.optimizer_state if checkpoint else None,
                 step=checkpoint.step if checkpoint else 0,
-                cold_start=cold_start if cold else None)
+                cold_start=cold_start if cold else None, score_start=self._pretrained_start)
         follower = None
         if config.training.model_from is not None:
             follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
@@ -174,6 +175,7 @@ class Daemon:
         model = build_model(self._model_config)
         shipped = (starting_model(self._model_config, self._masker.config)
                    if self.config.training.pretrained else None)
+        self._pretrained_start = shipped is not None
         if shipped is not None:
             model.load_state_dict(shipped.state_dict)
             log.info("network starts from the shipped pretrained model %s", shipped.path)

@@ -62,8 +62,10 @@ class OnlineTrainer(BackgroundWorker):
         optimizer_state: dict | None = None,
         step: int = 0,
         cold_start: ColdStart | None = None,
+        score_start: bool = False,
     ) -> None:
         super().__init__("online-trainer", join_timeout=30.0)
+        self.score_start = score_start  # the starting weights are worth scoring (pretrained)
         self.model = use_fast_layout(model, device)
         self.masker, self.buffer, self.val_buffer = masker, buffer, val_buffer
         self.cold_start = cold_start
@@ -80,13 +82,17 @@ class OnlineTrainer(BackgroundWorker):
         self._rng = np.random.default_rng(options.seed)
         self._good = copy_state(self.model)
         self._loss_ema: float | None = None
+        self._scored_start = False
 
     def _run(self) -> None:
         last_save = time.monotonic()
         loss_sum, n_losses = 0.0, 0
         try:
             while not self._stopping.is_set():  # stop(): the step finishes, a checkpoint follows
-                if len(self.buffer) < MIN_FRAMES or self._busy():
+                if self._starting_model_unscored():
+                    self._publish(math.nan)  # a pretrained start may beat classical at once
+                if (len(self.buffer) < MIN_FRAMES or self._busy()
+                        or (self.score_start and not self._scored_start)):
                     self._stopping.wait(0.01)  # inference first
                     continue
                 loss = self._step()
@@ -105,6 +111,20 @@ class OnlineTrainer(BackgroundWorker):
                           self.store.version)
             return
         self._save(self.model, self.optimizer, self.step, self.store.version)
+
+    def _starting_model_unscored(self) -> bool:
+        """With ``score_start`` (a pretrained start), True once, as soon as held-out frames
+        exist while the cold start is active: the weights as shipped are scored before any
+        step changes them, and write from then on if they beat the classical denoiser."""
+        if self._scored_start:
+            return False
+        if not self.score_start or self.cold_start is None or not self.cold_start.active:
+            self._scored_start = True
+            return False
+        if len(self.val_buffer) == 0 or self._busy():
+            return False
+        self._scored_start = True
+        return True
 
     def _step(self) -> float | None:
         patches, valid = self.buffer.sample(batch=self.options.batch, patch=self.options.patch,
@@ -135,7 +155,8 @@ class OnlineTrainer(BackgroundWorker):
             self._stopping.wait(0.005)
 
     def _publish(self, train_loss: float) -> None:
-        self.metrics.train_loss.set(train_loss)
+        if math.isfinite(train_loss):
+            self.metrics.train_loss.set(train_loss)
         val_frames = self.val_buffer.snapshot()
         val_loss = None
         if val_frames is not None:

@@ -39,6 +39,7 @@ def test_daemon_switches_once_from_classical_to_network(tmp_path):
     assert metrics["n2s_cold_start_active"] == 0
     assert metrics["n2s_classical_selfsup_loss"] > 0
     assert daemon.log().count("cold start over") == 1
+    assert "network starts from the shipped pretrained model" in daemon.log()
 
     first = daemon.out / "scan_0001_n2s.h5"
     frames, _ = read_output(first)

@@ -40,8 +40,9 @@ def _follow_output(path: str, queue, seconds: float) -> None:
 
 def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     n_frames, dose = 80, 20.0
-    # without cold start, so that the first frames show the untrained network
-    daemon = DaemonProcess(tmp_path, "--publish-every", "20", "--no-cold-start")
+    # from random weights, without cold start: the first frames show the untrained network
+    daemon = DaemonProcess(tmp_path, "--publish-every", "20", "--no-cold-start",
+                           "--no-pretrained")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=n_frames, rate=8, seed=1)
     output = daemon.out / "scan_0001_n2s.h5"
