@@ -65,7 +65,8 @@ def serve(pv: str, size: int, codec: str, seconds: float, env: dict[str, str],
         time.sleep(1.0)
 
 
-def _server(pv: str, size: int, codec: str, seconds: float, port: int, rate: float = 0.0):
+def _server(pv: str, size: int, codec: str, seconds: float, port: int,
+            rate: float = 0.0) -> multiprocessing.process.BaseProcess:
     env = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
            "EPICS_PVAS_BROADCAST_PORT": str(free_port()),
            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_BEACON_ADDR_LIST": ""}
@@ -130,7 +131,11 @@ def end_to_end(size: int, codec: str, seconds: float, rate: float,
              "--metrics-port", str(metrics_port), "--device", "cpu", "--log-level",
              "ERROR", "--pva-series-gap", "60", "--no-cold-start"],
             env={**os.environ, **_client_env(port)})
+        deadline = time.monotonic() + 300
         while not scrape(metrics_port).get("n2s_frames_denoised_total"):
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                daemon.kill()
+                raise RuntimeError("the daemon wrote nothing within 300 s")
             time.sleep(0.2)
         time.sleep(warm_up)
         first = scrape(metrics_port)
