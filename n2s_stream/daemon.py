@@ -139,7 +139,8 @@ class Daemon:
         val_buffer = RollingBuffer(max_frames=VAL_FRAMES, max_bytes=64 * 2**20)
         sink_context = SinkContext(config=config, metrics=self.metrics, state=state,
                                    stopping=self.stop_requested, preview=self.preview,
-                                   buffer=buffer, val_buffer=val_buffer)
+                                   buffer=buffer, val_buffer=val_buffer,
+                                   cold_start=cold_start if cold else None)
         inference = self._inference_loop(device, store, cold_start if cold else None,
                                          make_sinks(sink_context, train=training))
         trainer = None

@@ -29,6 +29,7 @@ from n2s_stream.frames import Frame, SeriesEnd
 
 if TYPE_CHECKING:
     from n2s_stream.buffer import RollingBuffer
+    from n2s_stream.coldstart import ColdStart
     from n2s_stream.config import DaemonConfig
     from n2s_stream.metrics import Metrics
     from n2s_stream.preview import Preview
@@ -94,8 +95,8 @@ class Sink(Protocol):
 class SinkContext:
     """What the daemon hands to sink factories: the whole config (each sink reads its
     own options), metrics, the state dir, the stop flag (a sink waiting for something,
-    such as disk space, gives up once it is set), and the shared tables that the
-    preview page and the trainer read."""
+    such as disk space, gives up once it is set), the shared tables that the
+    preview page and the trainer read, and the cold start (None: none)."""
 
     config: DaemonConfig
     metrics: Metrics
@@ -104,6 +105,7 @@ class SinkContext:
     preview: Preview
     buffer: RollingBuffer
     val_buffer: RollingBuffer
+    cold_start: ColdStart | None = None
 
 
 SinkFactory = Callable[[SinkContext], Sink]
