@@ -70,6 +70,17 @@ def truth_path(data_path: Path) -> Path:
     return data_path.parent / ".truth" / (data_path.stem + "_truth.h5")
 
 
+def write_truth(path: Path, clean: np.ndarray, dose: float) -> None:
+    """Keep the clean frames at ``path``, atomically: a reader (the demo) never opens it
+    half written (HDF5 would refuse it as locked)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as handle:
+        handle["clean"] = clean
+        handle["clean"].attrs["dose"] = dose
+    tmp.replace(path)
+
+
 def simulate(config: SimulateConfig) -> Path:
     """Write a noisy series to ``config.dir``; returns the file a reader should open."""
     if config.dir is None:
@@ -80,10 +91,7 @@ def simulate(config: SimulateConfig) -> Path:
     out_dir = Path(config.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     main = out_dir / (config.name + ("_master.h5" if config.layout == "eiger" else ".h5"))
-    truth_path(main).parent.mkdir(exist_ok=True)
-    with h5py.File(truth_path(main), "w") as truth:
-        truth["clean"] = clean
-        truth["clean"].attrs["dose"] = config.dose
+    write_truth(truth_path(main), clean, config.dose)
     data_file = out_dir / f"{config.name}_data_000001.h5" if config.layout == "eiger" else main
     dataset_path = {"areadetector": "/entry/data/data", "eiger": "/entry/data/data",
                     "plain": "/data"}[config.layout]
@@ -123,12 +131,7 @@ class _ServedRecord:
 
     def __enter__(self) -> _ServedRecord:
         if self.path is not None:
-            truth = truth_path(self.path)
-            truth.parent.mkdir(parents=True, exist_ok=True)
-            with h5py.File(truth.with_suffix(".tmp"), "w") as handle:
-                handle["clean"] = self._clean
-                handle["clean"].attrs["dose"] = self._dose
-            truth.with_suffix(".tmp").replace(truth)  # readers never see it half written
+            write_truth(truth_path(self.path), self._clean, self._dose)
             self._file = h5py.File(self.path, "w", libver="latest")
             shape = self._clean.shape[1:]
             self._data = self._file.create_dataset(
