@@ -32,6 +32,7 @@ from common import free_port, write_report
 from n2s_stream.config import PvaOptions
 from n2s_stream.frames import Frame
 from n2s_stream.metrics import scrape
+from n2s_stream.sinks.pva import loopback_client_env, loopback_server_env
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
@@ -67,9 +68,7 @@ def serve(pv: str, size: int, codec: str, seconds: float, env: dict[str, str],
 
 def _server(pv: str, size: int, codec: str, seconds: float, port: int,
             rate: float = 0.0) -> multiprocessing.process.BaseProcess:
-    env = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
-           "EPICS_PVAS_BROADCAST_PORT": str(free_port()),
-           "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_BEACON_ADDR_LIST": ""}
+    env = loopback_server_env(port, free_port())
     process = multiprocessing.get_context("spawn").Process(
         target=serve, args=(pv, size, codec, seconds, env, rate))
     process.start()
@@ -83,8 +82,7 @@ def _server(pv: str, size: int, codec: str, seconds: float, port: int,
 
 
 def _client_env(port: int) -> dict[str, str]:
-    return {"EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{port}", "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-            "EPICS_PVA_ADDR_LIST": "", "EPICS_PVA_BROADCAST_PORT": str(free_port())}
+    return loopback_client_env(port, free_port())
 
 
 def source_only(size: int, codec: str, seconds: float) -> dict[str, float]:

@@ -121,9 +121,8 @@ class Daemon:
             self._model_config = checkpoint.model_config
             self._masker = Masker(checkpoint.masker_config)
         torch.manual_seed(config.training.seed)
-        self._pretrained_start = False
-        train_model = (checkpoint.build_model(device) if checkpoint
-                       else self._new_model(device))
+        train_model, pretrained = ((checkpoint.build_model(device), False) if checkpoint
+                                   else self._new_model(device))
         store = ModelStore(copy_state(train_model), checkpoint.version if checkpoint else 0,
                            checkpoint.normalizer if checkpoint else None)
         self.metrics.model_version.set(store.version)
@@ -152,7 +151,7 @@ class Daemon:
                 save=self._save_checkpoint,
                 optimizer_state=checkpoint.optimizer_state if checkpoint else None,
                 step=checkpoint.step if checkpoint else 0,
-                cold_start=cold_start if cold else None, score_start=self._pretrained_start)
+                cold_start=cold_start if cold else None, score_start=pretrained)
         follower = None
         if config.training.model_from is not None:
             follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
@@ -170,20 +169,20 @@ class Daemon:
                 worker.start()
         return stages
 
-    def _new_model(self, device: torch.device) -> nn.Module:
+    def _new_model(self, device: torch.device) -> tuple[nn.Module, bool]:
         """A network without a checkpoint: the shipped pretrained one where it fits the
-        network options (``pretrained``), else random weights."""
+        network options (``pretrained``), else random weights; and whether it is the
+        shipped one."""
         model = build_model(self._model_config)
         shipped = (starting_model(self._model_config, self._masker.config)
                    if self.config.training.pretrained else None)
-        self._pretrained_start = shipped is not None
         if shipped is not None:
             model.load_state_dict(shipped.state_dict)
             log.info("network starts from the shipped pretrained model %s", shipped.path)
         elif self.config.training.pretrained:
             log.info("no shipped pretrained model fits these network options: the "
                      "network starts from random weights")
-        return model.to(device)
+        return model.to(device), shipped is not None
 
     def _inference_loop(self, device: torch.device, store: ModelStore,
                         cold_start: ColdStart | None, sinks: list) -> InferenceLoop:

@@ -24,6 +24,7 @@ import numpy as np
 from n2s_stream.metrics import scrape
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import truth_path
+from n2s_stream.sinks.pva import loopback_client_env, loopback_server_env
 
 DEMO_SHAPE = "96x96"
 DEMO_DOSE = 20.0
@@ -186,10 +187,8 @@ class _Feed:
         if self.source != "pva":
             return dict(os.environ)
         port = self._ports.setdefault(suffix, _free_port())
-        return {**os.environ, "EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{self._ports[None]}",
-                "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "",
-                "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
-                "EPICS_PVAS_BROADCAST_PORT": str(_free_port())}
+        return {**os.environ, **loopback_client_env(self._ports[None], _free_port()),
+                **loopback_server_env(port, _free_port())}
 
     @property
     def recorded(self) -> Path:

@@ -14,21 +14,19 @@ from pathlib import Path
 
 from daemon_helpers import STARTED, free_port
 
+from n2s_stream.sinks.pva import loopback_client_env, loopback_server_env
+
 HERE = Path(__file__).parent
 
 
 def client_env(server_port: int) -> dict[str, str]:
     """A client that finds PVs at the server on ``server_port`` (loopback), nowhere else."""
-    return {"EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{server_port}",
-            "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "",
-            "EPICS_PVA_BROADCAST_PORT": str(free_port())}
+    return loopback_client_env(server_port, free_port())
 
 
 def server_env(port: int) -> dict[str, str]:
     """A server on loopback, TCP ``port``, no beacons beyond this host."""
-    return {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
-            "EPICS_PVAS_BROADCAST_PORT": str(free_port()),
-            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_BEACON_ADDR_LIST": ""}
+    return loopback_server_env(port, free_port())
 
 
 def pva_env() -> tuple[dict[str, str], int]:

@@ -30,6 +30,22 @@ LOOPBACK = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
 """Server settings used where the environment sets none: serve this host only."""
 
 
+def loopback_client_env(server_port: int, broadcast_port: int) -> dict[str, str]:
+    """EPICS client settings that find PVs only at the name server on 127.0.0.1
+    ``server_port`` (UDP search between processes on one host is fragile): the demo's,
+    the benchmarks' and the tests' daemons and clients."""
+    return {"EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{server_port}",
+            "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "",
+            "EPICS_PVA_BROADCAST_PORT": str(broadcast_port)}
+
+
+def loopback_server_env(port: int, broadcast_port: int) -> dict[str, str]:
+    """EPICS server settings: 127.0.0.1, TCP ``port``, no beacons beyond this host."""
+    return {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
+            "EPICS_PVAS_BROADCAST_PORT": str(broadcast_port),
+            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_BEACON_ADDR_LIST": ""}
+
+
 def server_conf(environ: dict[str, str]) -> dict[str, str]:
     """The loopback defaults that ``environ`` does not override."""
     if "EPICS_PVAS_INTF_ADDR_LIST" in environ:
