@@ -341,6 +341,23 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class RefineOptions:
+    """Refined output (refine.py): a finished series denoised again, once the daemon is
+    idle, with the newest model, into ``/entry/refined/data`` of its output."""
+
+    enabled: bool = option(True, name="refine", help="denoise each finished series again "
+                                                     "with the newest model when idle "
+                                                     "(/entry/refined/data)")
+    tta: Literal[1, 2, 4, 8] = option(8, help="refined frames average this many flips and "
+                                               "rotations of the input (test-time "
+                                               "augmentation)")
+    idle_seconds: float = option(2.0, min=0, help="refine only after this long without "
+                                                  "frames to denoise")
+    max_gb: float = option(8.0, min=0, help="raw frames kept per series for refining (in "
+                                            "state_dir/refine); a longer series is not refined")
+
+
+@dataclass(frozen=True)
 class ServiceOptions:
     """The process around the stages: state, metrics and the preview page."""
 
@@ -367,6 +384,7 @@ class DaemonConfig:
     training: TrainingOptions = section(TrainingOptions)
     inference: InferenceOptions = section(InferenceOptions)
     output: OutputOptions = section(OutputOptions)
+    refine: RefineOptions = section(RefineOptions, prefix="refine_")
     service: ServiceOptions = section(ServiceOptions)
 
     @property

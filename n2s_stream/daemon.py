@@ -36,6 +36,7 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.onnx_engine import check_engine
 from n2s_stream.pretrained import starting_model
 from n2s_stream.preview import Preview, preview_app
+from n2s_stream.refine import Refiner
 from n2s_stream.series import SeriesTracker
 from n2s_stream.service import Notifier
 from n2s_stream.sinks import SinkChain, SinkContext, make_sinks
@@ -63,6 +64,7 @@ class Stages:
     inference: InferenceLoop
     follower: CheckpointFollower | None
     trainer: OnlineTrainer | None
+    refiner: Refiner | None
     store: ModelStore
     cold_start: ColdStart
     server: MetricsServer | None
@@ -142,12 +144,22 @@ class Daemon:
                                    cold_start=cold_start if cold else None)
         inference = self._inference_loop(device, store, cold_start if cold else None,
                                          make_sinks(sink_context, train=training))
+        refiner = None
+        if config.refine.enabled:
+            refiner = Refiner(
+                state.root / "refine", store=store,
+                model=build_model(self._model_config).to(device), masker=self._masker,
+                device=device, options=config.refine, jinv=config.inference.jinv,
+                min_free_mb=config.output.min_free_mb,
+                idle=lambda: not inference.busy and self.intake.queue.empty(),
+                network_writes=lambda: not cold_start.active, metrics=self.metrics)
         trainer = None
         if training:
             trainer = OnlineTrainer(
                 model=train_model, masker=self._masker, buffer=buffer, val_buffer=val_buffer,
                 store=store, metrics=self.metrics, device=device, options=config.training,
-                busy=lambda: inference.busy or not self.intake.queue.empty(),
+                busy=lambda: (inference.busy or not self.intake.queue.empty()
+                              or (refiner is not None and refiner.busy)),
                 save=self._save_checkpoint,
                 optimizer_state=checkpoint.optimizer_state if checkpoint else None,
                 step=checkpoint.step if checkpoint else 0,
@@ -161,10 +173,10 @@ class Daemon:
             headers=state.series_headers, ignore=(config.service.state_dir,),
             dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
             refused=self.intake.dropped.add))
-        stages = Stages(source, inference, follower, trainer, store, cold_start,
+        stages = Stages(source, inference, follower, trainer, refiner, store, cold_start,
                         serve_metrics(config.service, self.metrics, self.preview))
         self.stages = stages
-        for worker in (inference, trainer, follower, source):
+        for worker in (inference, trainer, refiner, follower, source):
             if worker is not None:
                 worker.start()
         return stages
@@ -254,7 +266,8 @@ class Daemon:
 
     def _loop(self, stages: Stages) -> None:
         workers = {"source": stages.source, "inference": stages.inference,
-                   "trainer": stages.trainer, "follower": stages.follower,
+                   "trainer": stages.trainer, "refiner": stages.refiner,
+                   "follower": stages.follower,
                    "http": stages.server}
         heartbeat = Heartbeat(
             metrics=self.metrics, notifier=self.notifier, preview=self.preview,
@@ -299,7 +312,7 @@ class Daemon:
         stages.inference.stop_by(deadline)
         if self._state is not None:
             self._state.note_last_stop(stages.inference.unwritten)
-        for worker in (stages.follower, stages.trainer):
+        for worker in (stages.refiner, stages.follower, stages.trainer):
             if worker is not None:
                 worker.stop()
         if stages.server is not None:

@@ -63,6 +63,15 @@ class Metrics:
             buckets=FORWARD_BUCKETS, registry=registry)
         self.queue_depth = Gauge(
             "n2s_queue_depth", "Frames waiting for inference", registry=registry)
+        self.frames_refined = Counter(
+            "n2s_refined_frames", "Frames of finished series denoised again with the newest "
+            "model into /entry/refined/data", registry=registry)
+        self.refine_errors = Counter(
+            "n2s_refine_errors", "Series whose refinement failed (spool set aside, see log)",
+            registry=registry)
+        self.refine_pending = Gauge(
+            "n2s_refine_pending_series", "Finished series waiting to be refined",
+            registry=registry)
         self.frames_per_second = Gauge(
             "n2s_frames_per_second", "Frames written per second (recent average)",
             registry=registry)

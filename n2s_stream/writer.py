@@ -13,6 +13,9 @@ Layout (DESIGN.md):
   /entry/provenance/attributes/NAME numbers that came with the frames (areaDetector
                                     NDAttributes); NaN where a frame had none of that name
   /entry/process/{program,version,config,source[,cold_start]}
+  /entry/refined/data               (m, H, W) the first m frames denoised again once the
+                                    series ended (refine.py), same order as /entry/data/data
+  /entry/refined/model_version      version of the weights that refined each
 
 The file is in SWMR mode from its first frame on and flushed after every append, so a
 reader opened with ``swmr=True`` sees every frame written so far, and a crash leaves only
@@ -21,6 +24,7 @@ whole frames. The object that opens a file is its only writer.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -32,6 +36,7 @@ import h5py
 import numpy as np
 
 from n2s_stream import __version__
+from n2s_stream.superblock import clear_write_flags
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,14 @@ def whole_frames(file: h5py.File) -> int:
     lengths = [provenance[name].shape[0] for name in PROVENANCE_FIELDS
                if name not in OPTIONAL_FIELDS or name in provenance]
     return min(file["/entry/data/data"].shape[0], *lengths)
+
+
+def whole_refined(file: h5py.File) -> int:
+    """Refined frames of an output that are complete (data, then its version; 0: none)."""
+    if "/entry/refined" not in file:
+        return 0
+    refined = file["/entry/refined"]
+    return min(refined["data"].shape[0], refined["model_version"].shape[0])
 
 
 def free_bytes(directory: Path) -> int:
@@ -106,7 +119,7 @@ class FrameWriter:
         self._columns: dict[str, str] = {}  # attribute name -> its column's name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
-            self._file = _open_existing(self.path)
+            self._file = open_for_append(self.path)
             try:
                 self._attach_layout(tuple(frame_shape), np.dtype(dtype))
                 self._file.swmr_mode = True
@@ -274,6 +287,59 @@ class FrameWriter:
         self.close()
 
 
+class RefinedWriter:
+    """Appends refined frames to ``/entry/refined`` of a finished output (its live frames
+    are never touched), in SWMR mode like the live writer: a killed writer leaves whole
+    frames and the next one continues after them. Raises `FileBusy` while another
+    process has the output open."""
+
+    def __init__(self, path: Path, *, description: str) -> None:
+        self.path = path
+        self._file = open_for_append(path, busy_raises=True)
+        try:
+            live = self._file["/entry/data/data"]
+            self.n_live = whole_frames(self._file)
+            self.source_frames = self._file["/entry/provenance/source_frame"][: self.n_live]
+            if "/entry/refined" not in self._file:
+                group = self._file["/entry"].create_group("refined")
+                group.attrs.update({"NX_class": "NXdata", "signal": "data",
+                                    "description": description})
+                group.create_dataset("data", shape=(0, *live.shape[1:]),
+                                     maxshape=(None, *live.shape[1:]),
+                                     chunks=(1, *live.shape[1:]), dtype=live.dtype)
+                _column(group, "model_version", np.int64)
+            self._data = self._file["/entry/refined/data"]
+            self._versions = self._file["/entry/refined/model_version"]
+            self.n_done = whole_refined(self._file)
+            for ds in (self._data, self._versions):
+                ds.resize(self.n_done, axis=0)
+            self._file.swmr_mode = True
+        except BaseException:
+            self._file.close()
+            raise
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The live frames' dtype, which refined frames are written in."""
+        return self._data.dtype
+
+    def append(self, frames: np.ndarray, model_versions: np.ndarray | int) -> None:
+        """Append the next ``(n, H, W)`` refined frames and the version of the weights
+        that made each, then flush."""
+        n, start = frames.shape[0], self.n_done
+        self._data.resize(start + n, axis=0)
+        self._data[start:] = frames
+        self._versions.resize(start + n, axis=0)
+        self._versions[start:] = model_versions
+        self._file.flush()
+        self.n_done = start + n
+
+    def close(self) -> None:
+        """Flush and close."""
+        if self._file.id.valid:
+            self._file.close()
+
+
 def _column(group: h5py.Group, name: str, dtype: type, *, length: int = 0) -> h5py.Dataset:
     """A growing provenance column; unknown values read NaN (floats) or -1 (source_id)."""
     fill = np.nan if np.dtype(dtype).kind == "f" else (-1 if name == "source_id" else 0)
@@ -285,29 +351,48 @@ def close_left_open(path: Path) -> None:
     """Make an output that a killed run left flagged "open for write" readable by any HDF5
     reader again (its whole frames kept); a cleanly closed file is left as it is. For
     series whose every frame a killed run had already written: no writer reopens them."""
-    _open_existing(path).close()
+    open_for_append(path).close()
 
 
-def _open_existing(path: Path) -> h5py.File:
-    """Open an output for appending; a crash leaves it flagged "open for write", which
-    HDF5 refuses, so the whole frames are then copied to a fresh file that replaces it."""
+class FileBusy(OSError):
+    """Another process has the file open (HDF5's lock): try again later."""
+
+
+def open_for_append(path: Path, *, busy_raises: bool = False) -> h5py.File:
+    """Open an output for appending. A crash leaves it flagged "open for write", which
+    HDF5 refuses: the flags are cleared (the file was in SWMR mode, so what was flushed is
+    consistent) and the file is appended to as it is; only a file that still cannot be
+    opened then has its whole frames copied to a fresh file that replaces it. With
+    ``busy_raises``, a file that another process holds open raises `FileBusy` instead."""
     try:
         return h5py.File(path, "a", libver="latest")
     except OSError as exc:
-        log.warning("%s: left open by a stopped writer (%s); rewriting its whole frames",
-                    path, str(exc).splitlines()[0])
+        if busy_raises and (exc.errno == errno.EAGAIN or "unable to lock file" in str(exc)):
+            raise FileBusy(errno.EAGAIN, f"{path} is open in another process") from exc
+        reason = str(exc).splitlines()[0]
+    try:
+        if clear_write_flags(path):
+            file = h5py.File(path, "a", libver="latest")
+            log.warning("%s: left open by a stopped writer; its write flags were cleared",
+                        path)
+            return file
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+    log.warning("%s: cannot be opened for appending (%s); rewriting its whole frames",
+                path, reason)
     tmp = path.with_name(path.name + ".recovering")
     with h5py.File(path, "r", swmr=True) as old, h5py.File(tmp, "w", libver="latest") as new:
-        whole = whole_frames(old)
+        whole, refined = whole_frames(old), whole_refined(old)
         for name, obj in _walk(old):
             if isinstance(obj, h5py.Group):
                 new.require_group(name).attrs.update(obj.attrs)
             elif obj.maxshape and obj.maxshape[0] is None:
-                copy = new.create_dataset(name, shape=(whole, *obj.shape[1:]),
+                rows = refined if name.startswith("entry/refined/") else whole
+                copy = new.create_dataset(name, shape=(rows, *obj.shape[1:]),
                                           maxshape=obj.maxshape, chunks=obj.chunks,
                                           dtype=obj.dtype, fillvalue=obj.fillvalue)
-                for start in range(0, whole, 256):
-                    copy[start : start + 256] = obj[start : min(start + 256, whole)]
+                for start in range(0, rows, 256):
+                    copy[start : start + 256] = obj[start : min(start + 256, rows)]
                 copy.attrs.update(obj.attrs)
             else:
                 new[name] = obj[()]

@@ -168,18 +168,21 @@ def load_factory(spec: str) -> SinkFactory:
 
 def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
     """The sinks this config asks for, in the order they are called: the HDF5 output
-    first (required), the training tap (when training), republishing (ZeroMQ, PVA), the
-    preview table, then the configured extra sinks."""
+    first (required), the training tap (when training), the refiner's raw spool,
+    republishing (ZeroMQ, PVA), the preview table, then the configured extra sinks."""
     from n2s_stream.sinks.hdf5 import Hdf5Sink
     from n2s_stream.sinks.preview import PreviewSink
     from n2s_stream.sinks.pva import PvaServeSink
     from n2s_stream.sinks.republish import ZmqRepublishSink
+    from n2s_stream.sinks.spool import RawSpool
     from n2s_stream.sinks.training_tap import TrainingTap
 
     config = context.config
     sinks: list[Sink] = [Hdf5Sink.from_context(context)]
     if train:
         sinks.append(TrainingTap.from_context(context))
+    if config.refine.enabled:
+        sinks.append(RawSpool.from_context(context))
     if config.zmq.out:
         sinks.append(ZmqRepublishSink.from_context(context))
     if config.pva.serve:

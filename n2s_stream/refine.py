@@ -1,0 +1,253 @@
+"""Refined output: a finished series denoised again, with the newest model, when idle.
+
+Live frames are denoised by whatever model existed when they arrived: the first frames of
+a scan by a model that had seen little of it. Once a series has ended and no frame has
+waited for ``refine_idle_seconds``, the refiner takes its raw frames from the spool
+(``sinks/spool.py``), denoises them again with the newest weights, averaged over
+``refine_tta`` orientations, and appends them to ``/entry/refined/data`` of the same
+output (same order as ``/entry/data/data``; ``/entry/refined/model_version`` per row).
+The live frames are never touched. A new frame to denoise pauses it after the current
+one; a stop or a crash leaves whole refined frames, and the next run continues after them.
+Refining waits while the cold-start classical denoiser writes (the network has not yet
+measured better) and while the output disk has less than twice ``min_free_mb`` free.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from n2s_stream.config import RefineOptions
+from n2s_stream.denoising import denoise_series, to_source_dtype
+from n2s_stream.metrics import Metrics
+from n2s_stream.n2s.augment import augmented
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.sinks.spool import READY_SUFFIX
+from n2s_stream.snapshot import ModelStore
+from n2s_stream.worker import BackgroundWorker
+from n2s_stream.writer import (
+    FileBusy,
+    RefinedWriter,
+    free_bytes,
+    open_for_append,
+    whole_frames,
+)
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 8
+"""Raw frames read from a spool at once."""
+
+
+class Refiner(BackgroundWorker):
+    """Refines the spooled series one by one, whenever the daemon is idle."""
+
+    def __init__(self, root: Path, *, store: ModelStore, model: nn.Module, masker: Masker,
+                 device: torch.device, options: RefineOptions, jinv: bool, min_free_mb: float,
+                 idle: Callable[[], bool], network_writes: Callable[[], bool],
+                 metrics: Metrics) -> None:
+        super().__init__("refiner")
+        self.root, self.store, self.model, self.masker = root, store, model, masker
+        self.device, self.options, self.jinv = device, options, jinv
+        self.min_free_bytes = int(min_free_mb * 2**20)
+        self._idle, self._network_writes, self.metrics = idle, network_writes, metrics
+        self._busy = False
+        self._idle_since: float | None = None
+        self._said: set[str] = set()  # waits already logged
+
+    @property
+    def busy(self) -> bool:
+        """True while a frame is being refined: training waits meanwhile."""
+        return self._busy
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            ready = self.pending()
+            self.metrics.refine_pending.set(len(ready))
+            if ready and self._may_refine(ready[0]):
+                self._refine_guarded(ready[0])
+            else:
+                self._stopping.wait(0.5)
+
+    def pending(self) -> list[Path]:
+        """Spools of finished series, oldest first."""
+        return sorted(self.root.glob("*" + READY_SUFFIX), key=lambda p: p.stat().st_mtime)
+
+    def _may_refine(self, spool: Path) -> bool:
+        if not self._network_writes():
+            self._say_once("cold", "refining waits: the cold-start classical denoiser still "
+                                   "writes (the network has not measured better yet)")
+            return False
+        if self.store.snapshot().normalizer is None:
+            return False
+        return self._quiet()
+
+    def _quiet(self) -> bool:
+        """The daemon has had nothing to denoise for ``idle_seconds``."""
+        now = time.monotonic()
+        if not self._idle():
+            self._idle_since = None
+            return False
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since >= self.options.idle_seconds
+
+    def _wait_until_quiet(self) -> bool:
+        """Wait for the daemon to be quiet again; False if it stops meanwhile."""
+        while not self._stopping.is_set():
+            if self._quiet():
+                return True
+            self._stopping.wait(0.2)
+        return False
+
+    def _refine_guarded(self, spool: Path) -> None:
+        """Refine one series; a spool or output that cannot be refined is logged, counted
+        and set aside (``*.failed.h5``), so it is not tried again and again."""
+        try:
+            self._refine(spool)
+        except Exception as exc:
+            log.exception("refining %s failed: %s", spool.name, exc)
+            self.metrics.refine_errors.inc()
+            failed = spool.with_name(spool.name.removesuffix(READY_SUFFIX) + ".failed.h5")
+            spool.rename(failed)
+        finally:
+            self._busy = False
+
+    def _refine(self, spool_path: Path) -> None:
+        """Refine the series of one spool into the spool itself (a killed refiner goes on
+        from its whole frames), then append them to the output in one short write."""
+        with h5py.File(spool_path, "r") as spool:
+            series, output = str(spool.attrs["series"]), Path(spool.attrs["output"])
+        if not output.exists():
+            log.warning("not refining %s: its output %s is gone", series, output)
+            spool_path.unlink()
+            return
+        with h5py.File(output, "r", swmr=True) as file:
+            rows = file["/entry/provenance/source_frame"][: whole_frames(file)]
+        with open_for_append(spool_path) as spool:
+            done = self._refine_into_spool(spool, rows, output)
+        if done and self._publish(spool_path, output):
+            spool_path.unlink()
+
+    def _refine_into_spool(self, spool: h5py.File, rows: np.ndarray, output: Path) -> bool:
+        """Refine the frames of ``rows`` (the output's source frames, in order) that the
+        spool does not hold refined yet; True once it holds them all."""
+        position = {int(s): k for k, s in enumerate(spool["source_frame"][:])}
+        lacking = sum(int(s) not in position for s in rows)
+        if lacking:
+            log.warning("not refining %s: the raw frames of %d of its %d frames were not kept",
+                        output, lacking, len(rows))
+            return False
+        refined, versions = _refined_datasets(spool)
+        start = min(refined.shape[0], versions.shape[0])
+        if start >= len(rows):
+            return True
+        snapshot = self.store.snapshot()
+        assert snapshot.normalizer is not None
+        self.model.load_state_dict(snapshot.weights)
+        self.model.eval()
+        begun = time.monotonic()
+        log.info("refining %s from frame %d of %d with model version %d", output, start,
+                 len(rows), snapshot.version)
+        raw = spool["raw"]
+        mask = spool["pixel_mask"][()] if "pixel_mask" in spool else None
+        first = max(0, start - (self.masker.config.context_frames - 1))
+
+        def chunks() -> Iterator[tuple[int, np.ndarray]]:
+            for row in range(first, len(rows), READ_BATCH):
+                take = [position[int(s)] for s in rows[row : row + READ_BATCH]]
+                yield row, np.stack([raw[k] for k in take])
+
+        frames = denoise_series(augmented(self.model, self.options.tta), self.masker,
+                                snapshot.normalizer, chunks(), jinv=self.jinv,
+                                device=self.device, batch=1, pixel_mask=mask)
+        while True:
+            if not self._wait_until_quiet():
+                return False
+            self._busy = True
+            try:
+                row_indices, denoised = next(frames)
+            except StopIteration:
+                break
+            finally:
+                self._busy = False
+            keep = row_indices >= start
+            if keep.any():
+                n = refined.shape[0]
+                for ds, values in ((refined, denoised[keep]),
+                                   (versions, np.full(int(keep.sum()), snapshot.version))):
+                    ds.resize(n + len(values), axis=0)
+                    ds[n:] = values
+                spool.flush()
+                self.metrics.frames_refined.inc(int(keep.sum()))
+        log.info("refined %s: %d frames with model version %d in %.1f s", output,
+                 len(rows) - start, snapshot.version, time.monotonic() - begun)
+        return True
+
+    def _publish(self, spool_path: Path, output: Path) -> bool:
+        """Append the spool's refined frames to the output; False while another process
+        holds the output open or its disk is nearly full (tried again later)."""
+        try:
+            writer = RefinedWriter(output, description=self._description())
+        except FileBusy:
+            self._say_once(f"busy {output}", f"refined frames of {output} wait: another "
+                                              "process has it open")
+            self._stopping.wait(5.0)
+            return False
+        try:
+            with h5py.File(spool_path, "r") as spool:
+                refined, versions = spool["refined"], spool["refined_version"]
+                if not self._wait_for_space(writer, refined.nbytes):
+                    return False
+                for row in range(writer.n_done, writer.n_live, 32):
+                    stop = min(row + 32, writer.n_live)
+                    writer.append(to_source_dtype(refined[row:stop], writer.dtype),
+                                  versions[row:stop])
+        finally:
+            writer.close()
+        log.info("wrote %d refined frames to %s", writer.n_live, output)
+        return True
+
+    def _wait_for_space(self, writer: RefinedWriter, nbytes: int) -> bool:
+        """Hold refined frames while the output disk would keep less than twice the live
+        writer's reserve: they never take the space live frames need."""
+        while free_bytes(writer.path.parent) < 2 * self.min_free_bytes + nbytes:
+            self._say_once("space", f"refining waits: the output disk of {writer.path} is "
+                                    "nearly full")
+            if self._stopping.wait(5.0):
+                return False
+        self._said.discard("space")
+        return True
+
+    def _description(self) -> str:
+        return (f"the series denoised again after it ended, with the newest network, "
+                f"averaged over {self.options.tta} orientations of each frame")
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.info("%s", message)
+
+
+def _refined_datasets(spool: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """The spool's growing ``refined`` frames and ``refined_version`` column (created on
+    first use, before SWMR mode); then SWMR mode, so a kill leaves whole frames."""
+    if "refined" not in spool:
+        shape = spool["raw"].shape[1:]
+        spool.create_dataset("refined", shape=(0, *shape), maxshape=(None, *shape),
+                             chunks=(1, *shape), dtype=np.float32)
+        spool.create_dataset("refined_version", shape=(0,), maxshape=(None,), chunks=(1024,),
+                             dtype=np.int64)
+    refined, versions = spool["refined"], spool["refined_version"]
+    whole = min(refined.shape[0], versions.shape[0])
+    refined.resize(whole, axis=0)
+    versions.resize(whole, axis=0)
+    spool.swmr_mode = True
+    return refined, versions
