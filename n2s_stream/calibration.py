@@ -11,7 +11,7 @@ import numpy as np
 
 from n2s_stream.coldstart import ColdStart
 from n2s_stream.config import NetworkOptions
-from n2s_stream.n2s.normalize import fill_invalid, fit_normalizer
+from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer
 from n2s_stream.snapshot import ModelStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -28,16 +28,22 @@ class Calibration:
         """``snapshot`` with a normaliser, fitted on ``data`` (a usable ``(H, W)`` frame)
         and published if there was none; the cold-start denoiser calibrated on it too."""
         if snapshot.normalizer is None:
-            fitted = fit_normalizer(data[np.newaxis], mode=self.network.normalize,
-                                    scale_integers=not self.network.no_scale_integers,
-                                    source_dtype=data.dtype, valid=valid[np.newaxis])
-            normalizer = self.store.adopt_normalizer(fitted)
-            if normalizer is fitted:
-                log.info("normalisation fitted on the first frame: %s", fitted.describe())
-            snapshot = replace(snapshot, normalizer=normalizer)
+            snapshot = replace(snapshot, normalizer=self.normalizer_for(data, valid))
         if self.cold_start is not None and self.cold_start.classical is None:
             assert snapshot.normalizer is not None
             image = snapshot.normalizer.forward(fill_invalid(data[np.newaxis],
                                                              valid[np.newaxis]))[0]
             self.cold_start.denoiser_for(image)
         return snapshot
+
+    def normalizer_for(self, data: np.ndarray, valid: np.ndarray) -> Normalizer:
+        """The daemon's normaliser: fitted on ``data`` and published unless one is set
+        (the first wins); the inference loop's first frame, or the refiner's after a
+        restart without a checkpoint."""
+        fitted = fit_normalizer(data[np.newaxis], mode=self.network.normalize,
+                                scale_integers=not self.network.no_scale_integers,
+                                source_dtype=data.dtype, valid=valid[np.newaxis])
+        normalizer = self.store.adopt_normalizer(fitted)
+        if normalizer is fitted:
+            log.info("normalisation fitted on the first frame: %s", fitted.describe())
+        return normalizer

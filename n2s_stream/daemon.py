@@ -147,7 +147,7 @@ class Daemon:
         refiner = None
         if config.refine.enabled:
             refiner = Refiner(
-                state.root / "refine", store=store,
+                state.root / "refine", store=store, calibration=inference.calibration,
                 model=build_model(self._model_config).to(device), masker=self._masker,
                 device=device, options=config.refine, jinv=config.inference.jinv,
                 min_free_mb=config.output.min_free_mb,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from n2s_stream.calibration import Calibration
 from n2s_stream.config import RefineOptions
-from n2s_stream.denoising import denoise_series, to_source_dtype
+from n2s_stream.denoising import check_usable, denoise_series, to_source_dtype
 from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.augment import augmented
 from n2s_stream.n2s.masking import Masker
@@ -46,15 +48,21 @@ READ_BATCH = 8
 """Raw frames read from a spool at once."""
 
 
+class NotRefinable(Exception):
+    """A spooled series that cannot be refined (its spool is dropped, the reason logged)."""
+
+
 class Refiner(BackgroundWorker):
     """Refines the spooled series one by one, whenever the daemon is idle."""
 
-    def __init__(self, root: Path, *, store: ModelStore, model: nn.Module, masker: Masker,
-                 device: torch.device, options: RefineOptions, jinv: bool, min_free_mb: float,
+    def __init__(self, root: Path, *, store: ModelStore, calibration: Calibration,
+                 model: nn.Module, masker: Masker, device: torch.device,
+                 options: RefineOptions, jinv: bool, min_free_mb: float,
                  idle: Callable[[], bool], network_writes: Callable[[], bool],
                  metrics: Metrics) -> None:
         super().__init__("refiner")
         self.root, self.store, self.model, self.masker = root, store, model, masker
+        self.calibration = calibration
         self.device, self.options, self.jinv = device, options, jinv
         self.min_free_bytes = int(min_free_mb * 2**20)
         self._idle, self._network_writes, self.metrics = idle, network_writes, metrics
@@ -84,8 +92,6 @@ class Refiner(BackgroundWorker):
         if not self._network_writes():
             self._say_once("cold", "refining waits: the cold-start classical denoiser still "
                                    "writes (the network has not measured better yet)")
-            return False
-        if self.store.snapshot().normalizer is None:
             return False
         return self._quiet()
 
@@ -123,16 +129,18 @@ class Refiner(BackgroundWorker):
     def _refine(self, spool_path: Path) -> None:
         """Refine the series of one spool into the spool itself (a killed refiner goes on
         from its whole frames), then append them to the output in one short write."""
-        with h5py.File(spool_path, "r") as spool:
-            series, output = str(spool.attrs["series"]), Path(spool.attrs["output"])
-        if not output.exists():
-            log.warning("not refining %s: its output %s is gone", series, output)
+        try:
+            with open_for_append(spool_path) as spool:  # (a killed refiner left it flagged)
+                output = Path(spool.attrs["output"])
+                if not output.exists():
+                    raise NotRefinable(f"its output {output} is gone")
+                with h5py.File(output, "r", swmr=True) as file:
+                    rows = file["/entry/provenance/source_frame"][: whole_frames(file)]
+                done = self._refine_into_spool(spool, rows, output)
+        except NotRefinable as exc:
+            log.warning("not refining the series of %s: %s", spool_path.name, exc)
             spool_path.unlink()
             return
-        with h5py.File(output, "r", swmr=True) as file:
-            rows = file["/entry/provenance/source_frame"][: whole_frames(file)]
-        with open_for_append(spool_path) as spool:
-            done = self._refine_into_spool(spool, rows, output)
         if done and self._publish(spool_path, output):
             spool_path.unlink()
 
@@ -142,15 +150,19 @@ class Refiner(BackgroundWorker):
         position = {int(s): k for k, s in enumerate(spool["source_frame"][:])}
         lacking = sum(int(s) not in position for s in rows)
         if lacking:
-            log.warning("not refining %s: the raw frames of %d of its %d frames were not kept",
-                        output, lacking, len(rows))
-            return False
+            raise NotRefinable(f"the raw frames of {lacking} of its {len(rows)} frames were "
+                               "not kept")
         refined, versions = _refined_datasets(spool)
         start = min(refined.shape[0], versions.shape[0])
         if start >= len(rows):
             return True
         snapshot = self.store.snapshot()
-        assert snapshot.normalizer is not None
+        if snapshot.normalizer is None:  # a restart without a checkpoint, no frame yet
+            first = spool["raw"][0]
+            valid = check_usable(first, spool["pixel_mask"][()] if "pixel_mask" in spool
+                                 else None)
+            snapshot = replace(snapshot, normalizer=self.calibration.normalizer_for(first,
+                                                                                    valid))
         self.model.load_state_dict(snapshot.weights)
         self.model.eval()
         begun = time.monotonic()

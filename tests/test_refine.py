@@ -1,0 +1,203 @@
+"""Refined output: a finished series denoised again with the newest model into
+``/entry/refined/data``, the live frames untouched, resumed after kill -9; and the pieces it
+stands on (test-time augmentation, clearing a killed writer's HDF5 flags)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from daemon_helpers import N2S, STARTED, DaemonProcess, free_port, read_output, start_writer
+
+from n2s_stream.n2s.augment import augmented, orient, unorient
+from n2s_stream.quality import psnr
+from n2s_stream.simulate import truth_path
+from n2s_stream.superblock import clear_write_flags, lookup3, write_flags
+from n2s_stream.writer import FrameWriter, RefinedWriter
+
+
+def _killed_writer(script: str) -> None:
+    """Run ``script`` in a fresh interpreter that ends with os._exit (no HDF5 close)."""
+    code = "import os, h5py, numpy as np\n" + textwrap.dedent(script) + "\nos._exit(0)\n"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_lookup3_is_hdf5s_superblock_checksum(tmp_path):
+    path = tmp_path / "clean.h5"
+    with h5py.File(path, "w", libver="latest") as handle:
+        handle["x"] = np.arange(5)
+    head = path.read_bytes()[:48]
+    assert head[8] in (2, 3) and write_flags(path) == 0
+    assert lookup3(head[:44]) == int.from_bytes(head[44:48], "little")
+    assert lookup3(b"") == 0xDEADBEEF  # Jenkins' reference value for no bytes
+
+
+def test_a_killed_swmr_writer_leaves_a_file_that_opens_again_after_clearing(tmp_path):
+    path = tmp_path / "killed.h5"
+    _killed_writer(f"""
+        f = h5py.File({str(path)!r}, "w", libver="latest")
+        d = f.create_dataset("x", shape=(0, 4), maxshape=(None, 4), chunks=(1, 4), dtype="f4")
+        f.swmr_mode = True
+        d.resize(3, axis=0); d[:] = 7; f.flush()
+    """)
+    assert write_flags(path) != 0
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "a", libver="latest")
+    assert clear_write_flags(path) is True and write_flags(path) == 0
+    assert clear_write_flags(path) is False  # nothing left to clear
+    with h5py.File(path, "a", libver="latest") as handle:
+        assert np.array_equal(handle["x"][()], np.full((3, 4), 7.0))
+
+
+def test_a_damaged_superblock_is_refused(tmp_path):
+    path = tmp_path / "bad.h5"
+    _killed_writer(f"""
+        f = h5py.File({str(path)!r}, "w", libver="latest"); f.swmr_mode = True
+    """)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF  # inside the superblock: its checksum no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        clear_write_flags(path)
+
+
+def test_orientations_invert_and_augmentation_keeps_an_equivariant_map():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    for k in range(8):
+        assert torch.equal(unorient(orient(x, k), k), x)
+    assert len({orient(x, k).flatten().tolist().__repr__() for k in range(8)}) == 8
+
+    def blur(t):  # a 3x3 box filter commutes with every flip and rotation
+        return torch.nn.functional.avg_pool2d(t, 3, stride=1, padding=1)
+
+    assert torch.allclose(augmented(blur, 8)(x), blur(x), atol=1e-5)
+
+    def shift(t):  # not equivariant: the average over the flips of W cancels the shift
+        return torch.roll(t, 1, dims=-1)
+
+    two = augmented(shift, 2)(x)
+    assert torch.allclose(two, (torch.roll(x, 1, -1) + torch.roll(x, -1, -1)) / 2)
+    wide = torch.zeros(1, 1, 4, 6)
+    assert augmented(lambda t: t + t.shape[-1], 8)(wide).unique().tolist() == [6.0]
+
+
+def test_refined_writer_resumes_after_a_kill_without_rewriting_the_file(tmp_path):
+    path = tmp_path / "scan_n2s.h5"
+    live = np.random.default_rng(0).random((6, 8, 8), dtype=np.float32)
+    with FrameWriter(path, frame_shape=(8, 8)) as writer:
+        writer.append(live, source_frames=np.arange(6), model_version=3, t_received=0.0)
+    inode = path.stat().st_ino
+    _killed_writer(f"""
+        from pathlib import Path
+        from n2s_stream.writer import RefinedWriter
+        w = RefinedWriter(Path({str(path)!r}), description="test")
+        w.append(np.full((4, 8, 8), 1.0, np.float32), 9)
+    """)
+    refined = RefinedWriter(path, description="test")  # flags cleared, not rewritten
+    assert refined.n_done == 4 and refined.n_live == 6
+    refined.append(np.full((2, 8, 8), 2.0, np.float32), np.array([10, 10]))
+    refined.close()
+    assert path.stat().st_ino == inode
+    with h5py.File(path, "r") as handle:
+        assert np.array_equal(handle["/entry/data/data"][()], live)
+        assert handle["/entry/refined/model_version"][()].tolist() == [9] * 4 + [10] * 2
+        assert handle["/entry/refined/data"][()][:, 0, 0].tolist() == [1.0] * 4 + [2.0] * 2
+
+
+def _refined(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        return handle["/entry/refined/data"][()], handle["/entry/refined/model_version"][()]
+
+
+def test_a_finished_series_is_refined_with_the_newest_model(tmp_path):
+    n_frames, dose = 40, 20.0
+    daemon = DaemonProcess(tmp_path, "--publish-every", "20", "--refine-idle-seconds", "1")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=n_frames, rate=10, shape="64x64", seed=3)
+    output = daemon.out / "scan_0001_n2s.h5"
+    assert writer.wait(timeout=120) == 0
+    daemon.wait_for(r"closed output .* \(40 frames\)", timeout=120)
+    live_then, provenance_then = read_output(output)  # before refining could have begun
+    daemon.wait_for(r"wrote 40 refined frames", timeout=120)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+
+    live, provenance = read_output(output)
+    assert np.array_equal(live, live_then)  # the live frames are never touched
+    for name, column in provenance_then.items():
+        assert np.array_equal(provenance[name], column, equal_nan=True), name
+    refined, versions = _refined(output)
+    assert refined.shape == live.shape and refined.dtype == live.dtype
+    assert (versions >= provenance["model_version"].max()).all()
+    assert metrics["n2s_refined_frames_total"] == n_frames
+    assert metrics["n2s_refine_pending_series"] == 0
+    assert not list((daemon.state / "refine").iterdir())  # the spool is gone once done
+
+    with h5py.File(truth_path(daemon.watch / "scan_0001.h5")) as handle:
+        clean = handle["clean"][()] * dose
+    live_psnr, refined_psnr = psnr(clean, live, dose), psnr(clean, refined, dose)
+    # the early live frames came from a model that had seen little: refining lifts them
+    assert refined_psnr > live_psnr + 0.3, (live_psnr, refined_psnr)
+    assert psnr(clean[:10], refined[:10], dose) > psnr(clean[:10], live[:10], dose) + 0.3
+
+
+def test_refining_resumes_after_kill_9(tmp_path):
+    n_frames = 60
+    # a fixed model (no training, no cold start): the refined frames are its own, averaged
+    args = ("--refine-idle-seconds", "0", "--no-train", "--no-cold-start")
+    daemon = DaemonProcess(tmp_path, *args)
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=n_frames, rate=0, shape="128x128", seed=4)
+    assert writer.wait(timeout=120) == 0
+    daemon.wait_for("refining .* from frame 0 of 60", timeout=120)
+    deadline = time.monotonic() + 120
+    while daemon.scrape().get("n2s_refined_frames_total", 0) < 3:
+        assert time.monotonic() < deadline, daemon.log()[-2000:]
+        time.sleep(0.05)
+    daemon.kill()
+    output = daemon.out / "scan_0001_n2s.h5"
+    live_before, _ = read_output(output)
+    with h5py.File(output, "r") as handle:
+        assert "/entry/refined" not in handle  # frames are refined into the spool first
+
+    again = DaemonProcess(tmp_path, *args, name="again")
+    again.wait_ready()
+    resumed = int(again.wait_for(r"refining .* from frame (\d+) of 60", timeout=120).group(1))
+    again.wait_for("wrote 60 refined frames", timeout=180)
+    assert again.terminate() == 0, again.log()[-2000:]
+
+    assert 3 <= resumed < n_frames
+    live, _ = read_output(output)
+    assert np.array_equal(live, live_before)
+    refined, versions = _refined(output)
+    assert refined.shape == live.shape and (versions == versions[0]).all()
+    # without training the refined frames are the live model's, averaged over orientations:
+    # close to the live frames, and the resumed part continues the first part seamlessly
+    assert np.abs(refined - live).mean() < 0.2 * np.abs(live).mean()
+    assert not list((again.state / "refine").iterdir())
+
+
+def test_a_feed_is_refined_from_its_spooled_frames(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    detector = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "16",
+                                 "--shape", "32x40", "--rate", "40", "--log-level", "WARNING"])
+    STARTED.append(detector)
+    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--refine-idle-seconds", "0.5",
+                           "--refine-tta", "4")
+    daemon.wait_ready()
+    daemon.wait_for("wrote 16 refined frames", timeout=120)
+    assert detector.wait(timeout=60) == 0
+    assert daemon.terminate() == 0
+    live, _ = read_output(daemon.out / "scan_0001_n2s.h5")
+    refined, _ = _refined(daemon.out / "scan_0001_n2s.h5")
+    assert refined.shape == live.shape == (16, 32, 40)
+    assert np.isfinite(refined).all() and not np.array_equal(refined, live)
+    with h5py.File(daemon.out / "scan_0001_n2s.h5", "r") as handle:
+        assert "4 orientations" in handle["/entry/refined"].attrs["description"]
