@@ -342,8 +342,9 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class RefineOptions:
-    """Refined output (refine.py): a finished series denoised again, once the daemon is
-    idle, with the newest model, into ``/entry/refined/data`` of its output."""
+    """Refined output (refine.py): finished series denoised again with the newest model.
+
+    Once the daemon is idle, into ``/entry/refined/data`` of the series' output."""
 
     enabled: bool = option(True, name="refine", help="denoise each finished series again "
                                                      "with the newest model when idle "

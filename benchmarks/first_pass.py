@@ -1,0 +1,209 @@
+"""A scan seen once: what the daemon writes live, what it refines, and the references.
+
+A 256x256 window drifts ``--drifts`` pixels per frame across a strip of real photographs
+and textures (scikit-image's bundled images: astronaut, camera, brick, grass, gravel,
+coins, moon), ``--frames`` frames with Poisson noise at each peak dose, arriving at
+``--rate`` frames/s in a growing SWMR areaDetector file. The daemon starts from scratch
+with its defaults (shipped pretrained model, cold start, refinement on). In the same run:
+calibrated TV (J-invariantly calibrated on the first frame over a fine grid) and offline
+N2S (``n2s-stream train`` with its defaults on the whole scan, for as long as the scan
+lasted, last weights, single pass). Mean PSNR (dB) over the scan, first 10 s in
+brackets: noisy, TV, offline, live as written, refined (``/entry/refined/data``), and the
+daemon's final weights re-applied without test-time augmentation (the TTA lever's A/B).
+Writes ``benchmarks/results/first_pass.json``.
+
+    python benchmarks/first_pass.py                  # ~25 min on 2 cores
+    python benchmarks/first_pass.py --frames 24 --size 64 --doses 20 --drifts 3 --rate 8  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from common import N2S, RESULTS, free_port, write_report
+from offline_quality import noisy_counts
+from scipy.ndimage import map_coordinates, zoom
+from skimage import data as skdata
+from skimage.color import rgb2gray
+from skimage.restoration import calibrate_denoiser, denoise_tv_chambolle
+
+from n2s_stream.checkpoint import load_checkpoint
+from n2s_stream.config import TrainConfig
+from n2s_stream.denoising import denoise_counts
+from n2s_stream.metrics import scrape
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.offline import train
+from n2s_stream.options import make
+from n2s_stream.quality import psnr
+from n2s_stream.state import newest_checkpoint
+
+STRIP = ("astronaut", "camera", "brick", "grass", "gravel", "coins", "moon")
+
+
+def photo_strip(height: int) -> np.ndarray:
+    """The bundled photographs and textures side by side, each scaled to ``height`` rows,
+    grey values in [0, 1]."""
+    parts = []
+    for name in STRIP:
+        image = getattr(skdata, name)()
+        image = rgb2gray(image) if image.ndim == 3 else image / 255.0
+        parts.append(zoom(image.astype(np.float64), height / image.shape[0], order=1))
+    return np.concatenate(parts, axis=1)
+
+
+def drifting_scan(n: int, size: int, drift: float) -> np.ndarray:
+    """``(n, size, size)`` crops of the strip from a window moving ``drift`` pixels per frame
+    to the right (a little down too), from the start of the strip; values in [0, 1]."""
+    strip = photo_strip(2 * size)
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    frames = [map_coordinates(strip, [rows + size / 2 + 0.2 * drift * k, cols + drift * k],
+                              order=1, mode="reflect") for k in range(n)]
+    return np.clip(np.stack(frames), 0, 1).astype(np.float32)
+
+
+def write_growing(path: Path, frames: np.ndarray, rate: float) -> None:
+    """Write ``frames`` as an areaDetector file does: SWMR, one frame at a time, flushed."""
+    with h5py.File(path, "w", libver="latest") as handle:
+        data = handle.create_dataset("/entry/data/data", shape=(0, *frames.shape[1:]),
+                                     maxshape=(None, *frames.shape[1:]),
+                                     chunks=(1, *frames.shape[1:]), dtype=np.uint16)
+        handle.swmr_mode = True
+        started = time.monotonic()
+        for k, frame in enumerate(frames):
+            data.resize(k + 1, axis=0)
+            data[k] = frame
+            data.flush()
+            time.sleep(max(0.0, started + (k + 1) / rate - time.monotonic()))
+
+
+def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path) -> dict:
+    """Run the daemon on the scan as it is written; return what it wrote live and refined,
+    and its final weights."""
+    acq, out, state, port = tmp / "acq", tmp / "out", tmp / "state", free_port()
+    acq.mkdir()
+    daemon = subprocess.Popen(
+        [*N2S, "--watch", str(acq), "--out", str(out), "--state-dir", str(state),
+         "--metrics-port", str(port), "--device", "cpu", "--log-level", "WARNING",
+         "--settle-seconds", "2"])
+    try:
+        while not scrape(port):
+            time.sleep(0.2)
+        started = time.monotonic()
+        writer = threading.Thread(target=write_growing,
+                                  args=(acq / "scan_0001.h5", noisy, args.rate))
+        writer.start()
+        writer.join()
+        scan_seconds = time.monotonic() - started
+        output = out / "scan_0001_n2s.h5"
+        deadline = time.monotonic() + args.refine_timeout
+        refined = None
+        while refined is None and time.monotonic() < deadline:
+            time.sleep(2.0)
+            if scrape(port).get("n2s_refined_frames_total", 0) < len(noisy):
+                continue
+            try:
+                with h5py.File(output, "r", swmr=True) as handle:
+                    if "/entry/refined/data" in handle:
+                        if handle["/entry/refined/data"].shape[0] == len(noisy):
+                            refined = handle["/entry/refined/data"][()]
+            except OSError:
+                pass  # being written: try again
+        refine_seconds = time.monotonic() - started - scan_seconds
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=180)
+    with h5py.File(output, "r") as handle:
+        live = handle["/entry/data/data"][()]
+        denoiser = handle["/entry/provenance/denoiser"][()]
+    return {"live": live, "refined": refined, "denoiser": denoiser,
+            "checkpoint": newest_checkpoint(state / "checkpoints"),
+            "scan_seconds": scan_seconds, "refine_seconds": refine_seconds}
+
+
+def calibrated_tv(noisy: np.ndarray, dose: float) -> np.ndarray:
+    """TV with its weight calibrated J-invariantly on the first frame (30 weights)."""
+    scaled = noisy / dose
+    grid = {"weight": list(np.geomspace(0.005, 2.0, 30))}
+    calibrated = calibrate_denoiser(scaled[0], denoise_tv_chambolle, grid, stride=4)
+    return np.stack([calibrated(frame) for frame in scaled]) * dose
+
+
+def offline(noisy: np.ndarray, seconds: float, tmp: Path) -> np.ndarray:
+    """``n2s-stream train`` with its defaults on the whole scan for ``seconds``; the last
+    weights denoise the scan (single pass)."""
+    source = tmp / "scan.h5"
+    with h5py.File(source, "w") as handle:
+        handle["/data"] = noisy.astype(np.uint16)
+    config = make(TrainConfig, h5=source, device="cpu", epochs=100_000, max_seconds=seconds,
+                  out_dir=tmp / "runs", progress=False)
+    checkpoint = load_checkpoint(train(config).last)
+    return final_weights(checkpoint, noisy)
+
+
+def final_weights(checkpoint, noisy: np.ndarray) -> np.ndarray:
+    """The checkpoint's weights over the whole scan, single pass, no augmentation."""
+    model = checkpoint.build_model("cpu")
+    masker = Masker(checkpoint.masker_config)
+    return np.concatenate([
+        denoise_counts(model, masker, checkpoint.normalizer, noisy[k : k + 16], jinv=False,
+                       device=torch.device("cpu")) for k in range(0, len(noisy), 16)])
+
+
+def main() -> None:
+    """Every dose and drift: print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=240)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=3.0, help="frames/s written")
+    parser.add_argument("--doses", type=float, nargs="+", default=[5.0, 20.0, 100.0])
+    parser.add_argument("--drifts", type=float, nargs="+", default=[3.0, 1.0])
+    parser.add_argument("--refine-timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "first_pass.json")
+    args = parser.parse_args()
+    first = max(1, int(10 * args.rate))
+    print(f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
+          f"mean PSNR dB (first 10 s = {first} frames)")
+    columns = ("noisy", "tv", "offline", "live", "refined", "final_no_tta")
+    print(f"{'peak':>5} {'drift':>5} " + " ".join(f"{c:>15}" for c in columns)
+          + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7}")
+    rows = []
+    for drift in args.drifts:
+        clean = drifting_scan(args.frames, args.size, drift)
+        for dose in args.doses:
+            noisy = noisy_counts(clean, dose)
+            truth = clean * dose
+            with tempfile.TemporaryDirectory() as tmp:
+                run = live_and_refined(noisy, args, Path(tmp))
+                stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
+                          "offline": offline(noisy, run["scan_seconds"], Path(tmp)),
+                          "live": run["live"], "refined": run["refined"],
+                          "final_no_tta": final_weights(run["checkpoint"], noisy)}
+            row: dict = {"dose": dose, "drift": drift, "scan_seconds": run["scan_seconds"],
+                         "refine_seconds": run["refine_seconds"],
+                         "classical_frames": int(np.sum(run["denoiser"] == 1))}
+            for name, stack in stacks.items():
+                row[name] = None if stack is None else {
+                    "mean": psnr(truth, stack, data_range=dose),
+                    "first_10s": psnr(truth[:first], stack[:first], data_range=dose)}
+            rows.append(row)
+            cells = " ".join(
+                f"{'-':>15}" if row[c] is None
+                else f"{row[c]['mean']:7.2f} ({row[c]['first_10s']:5.2f})" for c in columns)
+            refined = row["refined"]["mean"] - row["offline"]["mean"] if row["refined"] else np.nan
+            print(f"{dose:5g} {drift:5g} {cells} "
+                  f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
+                  f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f}", flush=True)
+    write_report(args.out, "first_pass", args, rows)
+
+
+if __name__ == "__main__":
+    main()
