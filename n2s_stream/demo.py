@@ -111,6 +111,8 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
             if any(d.process.poll() is not None for d in daemons):
                 print("a daemon stopped unexpectedly; see its log")
                 break
+        if truth is not None and all(d.process.poll() is None for d in daemons):
+            _print_refined(daemons, variants, series_names, source_path, truth, frames)
     finally:
         detector.terminate()
         for daemon in daemons:
@@ -138,6 +140,40 @@ def _print_row(daemons: list[_DemoDaemon], names: list[str | None], source: Path
     print(f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} "
           f"{_decibels(noisy_db, 10)} {columns} {val_loss:17.4f} {denoiser:>9}", flush=True)
     return scores
+
+
+def _print_refined(daemons: list[_DemoDaemon], variants: list, names: list[str | None],
+                   source: Path, truth: np.ndarray, frames: int, timeout: float = 120.0) -> None:
+    """Once the series has ended: wait for each daemon's refined frames (the whole series
+    denoised again with its newest model) and print the whole series' PSNR, live and
+    refined."""
+    print("series ended; waiting for the refined output (the whole series again, newest "
+          "model)")
+    deadline = time.monotonic() + timeout
+    for (label, _, _), daemon, name in zip(variants, daemons, names, strict=True):
+        output = daemon.out / f"{name}_n2s.h5"
+        while time.monotonic() < deadline:
+            if scrape(daemon.port).get("n2s_refined_frames_total", 0) >= frames:
+                try:
+                    with h5py.File(output, "r", swmr=True) as out:
+                        if "/entry/refined/data" in out:
+                            live = out["/entry/data/data"][()]
+                            refined = out["/entry/refined/data"][()]
+                            index = out["/entry/provenance/source_frame"][()]
+                            version = int(out["/entry/refined/model_version"][-1])
+                            break
+                except OSError:
+                    pass  # being appended to: read it again
+            time.sleep(1.0)
+        else:
+            print(f"{label}: no refined output within {timeout:g} s")
+            continue
+        with h5py.File(source, "r", swmr=True) as src:
+            noisy = src["/entry/data/data"][()].astype(np.float32)[index]
+        clean = truth[index] * DEMO_DOSE
+        scores = [psnr(clean, stack, DEMO_DOSE) for stack in (noisy, live, refined)]
+        print(f"whole series, {label}: noisy {scores[0]:.2f} dB, live {scores[1]:.2f} dB, "
+              f"refined {scores[2]:.2f} dB (model version {version})", flush=True)
 
 
 def _decibels(value: float, width: int) -> str:

@@ -25,3 +25,9 @@ def test_demo_shows_quality_rising(tmp_path, source):
     assert int(version) >= 1
     assert float(denoised) > float(noisy) + 5.0, proc.stdout
     assert "stopped with status 0" in proc.stdout
+    # once the series ended, the newest model refines it: the whole series rises again
+    whole = re.search(r"whole series, n2s: noisy ([\d.]+) dB, live ([\d.]+) dB, refined "
+                      r"([\d.]+) dB", proc.stdout)
+    assert whole, proc.stdout
+    noisy_all, live_all, refined_all = map(float, whole.groups())
+    assert refined_all > live_all > noisy_all + 5.0, proc.stdout
