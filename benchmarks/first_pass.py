@@ -112,9 +112,10 @@ def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path) -> 
                 continue
             try:
                 with h5py.File(output, "r", swmr=True) as handle:
-                    if "/entry/refined/data" in handle:
-                        if handle["/entry/refined/data"].shape[0] == len(noisy):
-                            refined = handle["/entry/refined/data"][()]
+                    ready = ("/entry/refined/data" in handle
+                             and handle["/entry/refined/data"].shape[0] == len(noisy))
+                    if ready:
+                        refined = handle["/entry/refined/data"][()]
             except OSError:
                 pass  # being written: try again
         refine_seconds = time.monotonic() - started - scan_seconds

@@ -269,6 +269,24 @@ class PvaOptions:
 
 
 @dataclass(frozen=True)
+class BlueskyOptions:
+    """The Bluesky source (sources/bluesky.py): the documents of a bluesky 0MQ proxy."""
+
+    endpoint: str | None = option(None, name="bluesky", example="tcp://bluesky-proxy:5578",
+                                  help="follow the documents of a bluesky 0MQ proxy's output "
+                                       "(Publishers serialising JSON or msgpack)")
+    prefix: str = option("", help="follow only Publishers with this prefix (empty: all)")
+    data_key: str | None = option(None, help="the detector's data key (default: every "
+                                             "image stream of a run)")
+    path_map: tuple[str, ...] = option((), example="/det/data=/mnt/det",
+                                       help="DETECTOR_PREFIX=LOCAL_PREFIX: where the daemon "
+                                            "sees the files the detector's host names")
+    root: Path = option(Path("/"), help="without path_map: announced files must lie under "
+                                        "this folder")
+    max_message_mb: int = option(16, min=1, help="larger documents are refused")
+
+
+@dataclass(frozen=True)
 class TrainingOptions:
     """Online training (trainer.py) and where its model starts."""
 
@@ -381,6 +399,7 @@ class DaemonConfig:
     directory: DirectoryOptions = section(DirectoryOptions)
     zmq: ZmqOptions = section(ZmqOptions, prefix="zmq_")
     pva: PvaOptions = section(PvaOptions, prefix="pva_")
+    bluesky: BlueskyOptions = section(BlueskyOptions, prefix="bluesky_")
     network: NetworkOptions = section(NetworkOptions)
     training: TrainingOptions = section(TrainingOptions)
     inference: InferenceOptions = section(InferenceOptions)
@@ -398,9 +417,10 @@ class DaemonConfig:
     def sources_given(self) -> list[str]:
         """Every source whose selecting option is set."""
         given = {"directory": self.directory.root, "zmq": self.zmq.endpoint,
-                 "pva": self.pva.pv}
+                 "pva": self.pva.pv, "bluesky": self.bluesky.endpoint}
         return [name for name, value in given.items() if value is not None]
 
     def following(self) -> str:
         """What the daemon follows, for logs and status lines."""
-        return str(self.directory.root or self.zmq.endpoint or self.pva.pv)
+        return str(self.directory.root or self.zmq.endpoint or self.pva.pv
+                   or self.bluesky.endpoint)

@@ -86,7 +86,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig, *, registry: CollectorRegistry = REGISTRY) -> None:
         if len(config.sources_given()) != 1:
             raise UsageError("give exactly one source to follow: --watch DIR, --zmq "
-                             "ENDPOINT or --pva PVNAME")
+                             "ENDPOINT, --pva PVNAME or --bluesky ENDPOINT")
         if config.pva.serve and config.pva.serve == config.pva.pv:
             raise UsageError(f"--pva-serve {config.pva.serve} is the PV followed: the daemon "
                              "would denoise its own output")

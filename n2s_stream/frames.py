@@ -23,7 +23,8 @@ class Frame:
     Where the source says so: ``source_id`` is the detector's own frame number (areaDetector's
     ``uniqueId``), ``t_source`` the unix time the detector took the frame, ``attributes``
     numbers and strings that travel with it (areaDetector NDAttributes); the output files
-    keep the numbers, a served PV all of them.
+    keep the numbers, a served PV all of them. ``notes``: texts the output records about
+    the series (``/entry/process/<key>``; the first frame's count), e.g. a Bluesky RunStart.
     """
 
     series: str
@@ -35,6 +36,7 @@ class Frame:
     source_id: int | None = None
     t_source: float | None = None
     attributes: Mapping[str, float | str] = field(default_factory=dict)
+    notes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,7 @@ class InferenceLoop(BackgroundWorker):
                                           prepared.normalized)
 
     def _open_series(self, frame: Frame) -> None:
-        notes = {}
+        notes = dict(frame.notes)
         if self.cold_start is not None and self.cold_start.classical is not None:
             notes["cold_start"] = self.cold_start.classical.describe()
         self.sinks.open_series(SeriesStart(frame.series, frame.output, frame.data.shape,

@@ -42,7 +42,8 @@ class DaemonProcess:
         self.log_path = tmp / f"{name}.log"
         self.watch, self.out, self.state = tmp / "acq", tmp / "out", tmp / "state"
         self.watch.mkdir(exist_ok=True)
-        source = [] if {"--zmq", "--pva"} & set(extra) else ["--watch", str(self.watch)]
+        source = ([] if {"--zmq", "--pva", "--bluesky"} & set(extra)
+                  else ["--watch", str(self.watch)])
         args = [*(prefix or []), *N2S, *source, "--out", str(self.out), "--state-dir",
                 str(self.state), "--device", "cpu", "--metrics-port", "0",
                 "--settle-seconds", "2", "--threads", "1", *extra]

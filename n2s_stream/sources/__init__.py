@@ -76,6 +76,7 @@ SOURCES = {
     "directory": "n2s_stream.sources.directory:DirectorySource",
     "zmq": "n2s_stream.sources.zmq:ZmqSource",
     "pva": "n2s_stream.sources.pva:PvaSource",
+    "bluesky": "n2s_stream.sources.bluesky:BlueskySource",
 }
 """Each source's class (``from_config(config, context)``), by ``DaemonConfig.source``."""
 

@@ -1,0 +1,141 @@
+"""The Bluesky source with the real programs on loopback: a RunEngine drives ophyd-async's
+simulated area detector (it writes a SWMR HDF5 file), its documents go through a real
+bluesky 0MQ proxy to the daemon, which reads exactly the frames the StreamDatum documents
+announce. Plus the document decoder on its own (pickles refused unread)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import msgpack
+import numpy as np
+import pytest
+from daemon_helpers import STARTED, DaemonProcess, free_port, read_output
+
+from n2s_stream.sources.codecs import MessageError
+from n2s_stream.sources.documents import decode_message, frame_stream, series_name
+
+PEER = Path(__file__).with_name("bluesky_peer.py")
+
+
+def test_documents_decode_from_json_and_msgpack_and_pickles_are_refused_unread(tmp_path):
+    document = {"uid": "abc", "scan_id": 7, "plan_name": "count"}
+    assert decode_message(b" start " + json.dumps(document).encode()) == ("start", document)
+    assert decode_message(b"beamline1 start " + msgpack.packb(document)) == ("start", document)
+    marker = tmp_path / "unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    with pytest.raises(MessageError) as refused:
+        decode_message(b" start " + pickle.dumps(Evil()))
+    assert refused.value.reason == "pickle" and not marker.exists()
+    for message, reason in ((b"no spaces", "undecodable"), (b" bogus {}", "undecodable"),
+                            (b" start \x00\x01", "undecodable"), (b" start {", "undecodable"),
+                            (b" start [1, 2]", "undecodable"),
+                            (b' start {"scan_id": 1}', "bad_document"),
+                            (b" stream_datum {}", "bad_document")):
+        with pytest.raises(MessageError) as error:
+            decode_message(message)
+        assert error.value.reason == reason, message
+
+
+def test_stream_resources_and_series_names():
+    resource = {"uid": "r1", "data_key": "det", "mimetype": "application/x-hdf5",
+                "uri": "file://localhost/data/bl1/a%20b.h5",
+                "parameters": {"dataset": "/entry/data/data", "chunk_shape": [1, 4, 4]}}
+    stream = frame_stream(resource, "run1", 2)
+    assert (stream.path, stream.dataset, stream.multiplier) == ("/data/bl1/a b.h5",
+                                                                "/entry/data/data", 2)
+    for change in ({"mimetype": "application/x-tiff"}, {"uri": "http://host/x.h5"}):
+        with pytest.raises(MessageError):
+            frame_stream({**resource, **change}, "run1", 1)
+    assert series_name({"scan_id": 12}, "0123456789abcdef", "det/cam") == "scan12_01234567_det_cam"
+    assert series_name(None, "0123456789abcdef", "../det") == "01234567_.._det"
+
+
+def _bluesky_ready() -> None:
+    pytest.importorskip("bluesky", reason="bluesky is in the [dev] extra")
+    pytest.importorskip("ophyd_async", reason="ophyd-async is in the [dev] extra")
+    if shutil.which("bluesky-0MQ-proxy", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("bluesky-0MQ-proxy not installed")
+
+
+def _proxy() -> tuple[str, str]:
+    """A real bluesky 0MQ proxy on loopback; returns its input and output addresses."""
+    proxy_in, proxy_out = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    command = Path(sys.executable).parent / "bluesky-0MQ-proxy"
+    proc = subprocess.Popen([str(command), "--in-address", proxy_in, "--out-address", proxy_out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    STARTED.append(proc)
+    return proxy_in, proxy_out
+
+
+def _scan(proxy_in: str, data: Path, *args: str) -> dict:
+    """Run the peer experiment; returns what it reports."""
+    done = subprocess.run([sys.executable, str(PEER), "--proxy", proxy_in, "--dir", str(data),
+                           *args], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
+    _bluesky_ready()
+    proxy_in, proxy_out = _proxy()
+    data = tmp_path / "detector"
+    daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
+                           "--no-refine")
+    daemon.wait_ready()
+    daemon.wait_for("following Bluesky documents")
+    marker = tmp_path / "unpickled"
+    # each document twice: JSON (followed) and pickle, bluesky's default (refused unread)
+    run = _scan(proxy_in, data, "--frames", "12", "--serializers", "json", "pickle",
+                "--evil-pickle", str(marker))
+    series = f"scan{run['scan_id']}_{run['uid'][:8]}_bdet"
+    daemon.wait_for(f"closed output .*{series}_n2s.h5 \\(12 frames\\)", timeout=120)
+    # a second run, msgpack, that fails after 5 frames: its series ends with those
+    failed = _scan(proxy_in, data, "--frames", "12", "--serializers", "msgpack",
+                   "--abort-after", "5")
+    assert failed["exit_status"] == "fail"
+    failed_series = f"scan{failed['scan_id']}_{failed['uid'][:8]}_bdet"
+    daemon.wait_for(f"closed output .*{failed_series}_n2s.h5 \\(5 frames\\)", timeout=120)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+
+    assert not marker.exists()  # the crafted pickle was never unpickled
+    assert metrics['n2s_frames_rejected_total{reason="pickle"}'] == run["published"] + 1
+    assert metrics["n2s_frames_denoised_total"] == 12 + 5
+    frames, provenance = read_output(daemon.out / f"{series}_n2s.h5")
+    with h5py.File(run["file"], "r") as handle:
+        raw = handle["/entry/data/data"][()]
+    assert frames.shape == raw.shape == (12, 240, 320)
+    assert np.array_equal(provenance["source_frame"], np.arange(12))
+    assert np.array_equal(provenance["source_id"], np.arange(1, 13))  # the events' seq_nums
+    with h5py.File(daemon.out / f"{series}_n2s.h5", "r") as handle:
+        start = json.loads(handle["/entry/process/bluesky_start"][()])
+    assert start["uid"] == run["uid"] and start["plan_name"] == "count"
+    short, _ = read_output(daemon.out / f"{failed_series}_n2s.h5")
+    assert short.shape == (5, 240, 320)
+    assert not list((daemon.state / "bluesky").iterdir())  # both runs closed
+
+
+def test_paths_outside_the_allowed_root_are_refused(tmp_path):
+    _bluesky_ready()
+    proxy_in, proxy_out = _proxy()
+    daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root",
+                           str(tmp_path / "elsewhere"), "--no-refine")
+    daemon.wait_ready()
+    daemon.wait_for("following Bluesky documents")
+    _scan(proxy_in, tmp_path / "detector", "--frames", "3", "--serializers", "json")
+    daemon.wait_for(r"rejected.*outside", timeout=60)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0
+    assert metrics['n2s_frames_rejected_total{reason="outside_root"}'] >= 1
+    assert metrics.get("n2s_frames_denoised_total", 0) == 0
