@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -139,3 +140,35 @@ def test_paths_outside_the_allowed_root_are_refused(tmp_path):
     assert daemon.terminate() == 0
     assert metrics['n2s_frames_rejected_total{reason="outside_root"}'] >= 1
     assert metrics.get("n2s_frames_denoised_total", 0) == 0
+
+
+def test_a_restart_mid_run_continues_its_series(tmp_path):
+    """kill -9 while a run goes on: the restarted daemon knows the run's resource from the
+    state dir, catches up from the frames its output holds at the next StreamDatum, and
+    ends the series at RunStop: every frame written exactly once."""
+    _bluesky_ready()
+    proxy_in, proxy_out = _proxy()
+    data = tmp_path / "detector"
+    args = ("--bluesky", proxy_out, "--bluesky-root", str(data), "--no-refine")
+    daemon = DaemonProcess(tmp_path, *args)
+    daemon.wait_ready()
+    daemon.wait_for("following Bluesky documents")
+    peer = subprocess.Popen([sys.executable, str(PEER), "--proxy", proxy_in, "--dir", str(data),
+                             "--frames", "60", "--serializers", "json"],
+                            stdout=subprocess.PIPE, text=True)
+    STARTED.append(peer)
+    daemon.wait_for(r"opened output", timeout=120)
+    while daemon.scrape().get("n2s_frames_denoised_total", 0) < 5:
+        assert peer.poll() is None, "the scan ended before the kill"
+        time.sleep(0.05)
+    daemon.kill()
+    again = DaemonProcess(tmp_path, *args, name="again")
+    again.wait_ready()
+    again.wait_for(r"run \S+ still open: series \S+ continues at frame [1-9]")
+    run = json.loads(peer.communicate(timeout=180)[0].strip().splitlines()[-1])
+    series = f"scan{run['scan_id']}_{run['uid'][:8]}_bdet"
+    again.wait_for(f"closed output .*{series}_n2s.h5 \\(60 frames\\)", timeout=120)
+    assert again.terminate() == 0, again.log()[-2000:]
+    frames, provenance = read_output(again.out / f"{series}_n2s.h5")
+    assert frames.shape == (60, 240, 320)
+    assert np.array_equal(provenance["source_frame"], np.arange(60))
