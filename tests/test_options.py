@@ -38,7 +38,11 @@ def _other_value(opt: Option) -> Any:
     if opt.is_bool:
         return not opt.default
     if opt.is_list:
-        return ("a.module:factory",) if "sink" in opt.name else (Path("/x/a.h5"), Path("/x/b.h5"))
+        if "sink" in opt.name:
+            return ("a.module:factory",)
+        if "path_map" in opt.name:
+            return ("/det/a=/mnt/a", "/det/b=/mnt/b")
+        return (Path("/x/a.h5"), Path("/x/b.h5"))
     kind = type(opt.default) if opt.default is not None else None
     text = str(opt.hint)
     if kind is int or (kind is None and "int" in text):

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 def test_alert_rules_pass_promtool_check_and_unit_tests():
     check = subprocess.run([PROMTOOL, "check", "rules", "prometheus-alerts.yaml"],
                            cwd=CONFIG, capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 12 rules found" in check.stdout, check.stdout
+    assert check.returncode == 0 and "SUCCESS: 13 rules found" in check.stdout, check.stdout
     unit = subprocess.run([PROMTOOL, "test", "rules", "prometheus-alerts.test.yaml"],
                           cwd=CONFIG, capture_output=True, text=True, timeout=60)
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
@@ -118,7 +118,7 @@ def test_dashboard_and_alert_expressions_return_data_from_a_real_prometheus(tmp_
     assert status == 0, daemon.log()[-2000:]
     print(f"expressions checked against Prometheus: dashboard {checked[0]}, alerts "
           f"{checked[1]}")
-    assert checked == (19, 12)
+    assert checked == (21, 13)
 
 
 def _check_dashboard(port: int) -> int:
@@ -153,7 +153,7 @@ def _check_alerts(port: int) -> int:
                 assert {"job", "instance"} <= set(series["metric"]), series["metric"]
                 if name == "n2s_worker_up":
                     assert series["metric"]["worker"] in {"source", "inference", "trainer",
-                                                          "http"}
+                                                          "refiner", "http"}
     _wait(lambda: _query(port, 'ALERTS{alertname="N2SFramesMissing", alertstate="firing"}'),
           seconds=30)  # the gap fed in raises its alert on the real server
     return len(exprs)
