@@ -54,6 +54,7 @@ def test_daemon_memory_runs(tmp_path):
     assert "peak RSS" in stdout and out.with_suffix(".png").exists()
 
 
+@pytest.mark.slow  # 25 s; tests/test_pva.py covers the PVA path in the default run
 def test_pva_throughput_runs(tmp_path):
     pytest.importorskip("p4p", reason="optional extra [pva] not installed")
     stdout, report = run_benchmark("pva_throughput.py", "--sizes", "32", "--codecs", "bslz4",
@@ -117,6 +118,7 @@ def test_profile_model_runs(tmp_path):
     assert "channels_last / contiguous" in stdout
 
 
+@pytest.mark.slow  # 20 s; registered_context and the context tests cover the code
 def test_context_quality_runs(tmp_path):
     out = tmp_path / "c.json"
     _, report = run_benchmark(
