@@ -2,12 +2,13 @@
 # and installed before the package, so pip never pulls a multi-GB CUDA build.
 VENV ?= .venv
 PEER_VENV ?= .venv-peers
+TILED_VENV ?= .venv-tiled
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow test-faults test-browser lint bench bench-full bench-context \
-	bench-soak bench-peers clean
+	bench-soak bench-peers tiled-venv clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +22,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/n2s-stream demo
 
-test: setup
+test: setup tiled-venv
 	$(PY) -m pytest -q -n 2 --dist worksteal $(PYTEST_ARGS)
+
+# A Tiled server for tests/test_tiled.py (about 1 GB of packages the daemon never needs:
+# its own venv); where it cannot be installed, that test is skipped.
+tiled-venv: $(TILED_VENV)/.installed
+
+$(TILED_VENV)/.installed:
+	(python3 -m venv $(TILED_VENV) && $(TILED_VENV)/bin/pip install --quiet \
+		"tiled[server]==0.2.20" && touch $@) \
+		|| echo "Tiled server not installed: tests/test_tiled.py will be skipped"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
@@ -89,4 +99,4 @@ bench-soak: setup
 	$(PY) benchmarks/soak.py --minutes 10
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) runs demo-output .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) $(TILED_VENV) runs demo-output .pytest_cache

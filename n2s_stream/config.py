@@ -377,6 +377,22 @@ class RefineOptions:
 
 
 @dataclass(frozen=True)
+class TiledOptions:
+    """The Tiled sink (sinks/tiled.py): outputs registered in a Tiled server."""
+
+    uri: str | None = option(None, name="tiled", example="http://tiled:8000/api/v1",
+                             help="register each output in this Tiled server (external HDF5 "
+                                  "data, under a container for its run)")
+    api_key_file: Path | None = option(None, help="file holding the API key (else "
+                                                  "TILED_API_KEY; never on the command line)")
+    path_map: tuple[str, ...] = option((), example="/data/denoised=/tiled/denoised",
+                                       help="LOCAL_PREFIX=SERVER_PREFIX: where the server "
+                                            "sees the outputs")
+    update_seconds: float = option(2.0, min=0.1, help="update the registered shape at most "
+                                                      "this often while a series grows")
+
+
+@dataclass(frozen=True)
 class ServiceOptions:
     """The process around the stages: state, metrics and the preview page."""
 
@@ -405,6 +421,7 @@ class DaemonConfig:
     inference: InferenceOptions = section(InferenceOptions)
     output: OutputOptions = section(OutputOptions)
     refine: RefineOptions = section(RefineOptions, prefix="refine_")
+    tiled: TiledOptions = section(TiledOptions, prefix="tiled_")
     service: ServiceOptions = section(ServiceOptions)
 
     @property

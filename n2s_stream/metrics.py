@@ -66,6 +66,9 @@ class Metrics:
         self.frames_refined = Counter(
             "n2s_refined_frames", "Frames of finished series denoised again with the newest "
             "model into /entry/refined/data", registry=registry)
+        self.tiled_errors = Counter(
+            "n2s_tiled_errors", "Registrations in Tiled that failed (server down or "
+            "refusing); retried", registry=registry)
         self.refine_errors = Counter(
             "n2s_refine_errors", "Series whose refinement failed (spool set aside, see log)",
             registry=registry)

@@ -169,7 +169,8 @@ def load_factory(spec: str) -> SinkFactory:
 def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
     """The sinks this config asks for, in the order they are called: the HDF5 output
     first (required), the training tap (when training), the refiner's raw spool,
-    republishing (ZeroMQ, PVA), the preview table, then the configured extra sinks."""
+    republishing (ZeroMQ, PVA), the preview table, Tiled, then the configured extra
+    sinks."""
     from n2s_stream.sinks.hdf5 import Hdf5Sink
     from n2s_stream.sinks.preview import PreviewSink
     from n2s_stream.sinks.pva import PvaServeSink
@@ -189,6 +190,9 @@ def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
         sinks.append(PvaServeSink.from_context(context))
     if config.service.metrics_port >= 0:
         sinks.append(PreviewSink.from_context(context))
+    if config.tiled.uri:
+        from n2s_stream.sinks.tiled import TiledSink  # needs the optional tiled client
+        sinks.append(TiledSink.from_context(context))
     for spec in config.output.sinks:
         sink = load_factory(spec)(context)
         if not isinstance(sink, Sink):

@@ -172,8 +172,9 @@ class BlueskySource(BackgroundWorker):
         series = series_name(run.start, run_start or stream.uid, stream.data_key)
         output = self.out_root / f"{series}_n2s.h5"
         position = self._start_position(series, output)
-        followed = _Followed(stream, str(local), series, str(output), start_notes(run.start),
-                             position or 0, done=position is None)
+        followed = _Followed(stream, str(local), series, str(output),
+                             start_notes(run.start, stream.data_key), position or 0,
+                             done=position is None)
         self._followed[stream.uid] = followed
         self._remember(followed)
         log.info("run %s: following %s %s as series %s%s", run_start or "?", local,

@@ -122,8 +122,10 @@ def series_name(start: dict[str, Any] | None, run_start: str, data_key: str) -> 
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}_{data_key}").strip("._-")[:120]
 
 
-def start_notes(start: dict[str, Any] | None) -> dict[str, str]:
-    """What the output records of the run: the RunStart document, as JSON."""
-    if not start:
-        return {}
-    return {"bluesky_start": json.dumps(start, default=str, sort_keys=True)}
+def start_notes(start: dict[str, Any] | None, data_key: str) -> dict[str, str]:
+    """What the output records of the run: the RunStart document, as JSON, and the
+    detector's data key."""
+    notes = {"bluesky_data_key": data_key}
+    if start:
+        notes["bluesky_start"] = json.dumps(start, default=str, sort_keys=True)
+    return notes

@@ -1,0 +1,254 @@
+"""Register the denoised outputs in a Tiled server, where users of Bluesky beamlines look.
+
+Each series' output is registered as external HDF5 data (``/entry/data/data``, read by the
+server from the file, SWMR) in a container for its run: the Bluesky run's uid when the
+series came from Bluesky documents (``/entry/process/bluesky_start``), else the series
+name; the array's key is ``<data_key>_denoised`` (or ``denoised``) and its metadata
+``{parent_uid, scan_id, data_key, model_version, program, output}``. The registered shape
+follows the frames written, at most every ``tiled_update_seconds`` and once at the series'
+end. All calls to the server run in a thread of their own: an outage never holds up
+denoising, it is logged once, counted (``n2s_tiled_errors_total``) and retried. The API
+key comes from ``TILED_API_KEY`` or ``tiled_api_key_file``, never from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from n2s_stream import __version__
+from n2s_stream.config import TiledOptions
+from n2s_stream.errors import UsageError
+from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.metrics import Metrics
+from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
+from n2s_stream.state import StateDir
+from n2s_stream.worker import BackgroundWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Registration:
+    """What the server should show of one series."""
+
+    container: str
+    key: str
+    path: str
+    frame_shape: tuple[int, int]
+    dtype: str
+    metadata: dict[str, Any]
+    frames: int = 0
+    registered: int = -1  # frames the server shows (-1: not registered yet)
+    ended: bool = False
+
+
+def run_identity(notes: dict[str, str], series: str) -> tuple[str, dict[str, Any]]:
+    """The container key and metadata of a series' run: its Bluesky RunStart when it came
+    from Bluesky documents, else the series itself."""
+    start = json.loads(notes["bluesky_start"]) if "bluesky_start" in notes else None
+    if start is None:
+        return series, {"series": series}
+    return str(start["uid"]), {"parent_uid": start["uid"], "scan_id": start.get("scan_id"),
+                               "plan_name": start.get("plan_name")}
+
+
+class TiledSink:
+    """Keeps a Tiled server's view of the outputs up to date (see the module docstring)."""
+
+    name = "tiled"
+    required = False
+
+    def __init__(self, options: TiledOptions, *, state: StateDir, metrics: Metrics,
+                 reconstructable: bool) -> None:
+        if not options.uri:
+            raise UsageError("the Tiled sink needs --tiled URI")
+        self.options, self.state, self.metrics = options, state, metrics
+        self._reconstructable = reconstructable
+        self._registrations: dict[str, _Registration] = {}
+        self._lock = threading.Lock()
+        self._worker = _Registrar(self)
+        self._worker.start()
+
+    @classmethod
+    def from_context(cls, context: SinkContext) -> TiledSink:
+        """The daemon's Tiled sink."""
+        return cls(context.config.tiled, state=context.state, metrics=context.metrics,
+                   reconstructable=context.config.output.require_reconstructable)
+
+    def open_series(self, start: SeriesStart) -> None:
+        """Note what to register for the series (done by the registrar thread)."""
+        container, metadata = run_identity(start.notes, start.series)
+        data_key = start.notes.get("bluesky_data_key")
+        output = self.state.output_for(start.series, start.output)
+        dtype = start.dtype if self._reconstructable else np.dtype("f4")
+        metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
+                         "output": str(output), "series": start.series})
+        with self._lock:
+            self._registrations[start.series] = _Registration(
+                container, f"{data_key}_denoised" if data_key else "denoised",
+                self._server_path(output), tuple(start.frame_shape), np.dtype(dtype).str,
+                metadata)
+
+    def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
+        """Count the frame (the HDF5 sink, called first, has flushed it)."""
+        with self._lock:
+            registration = self._registrations.get(frame.series)
+            if registration is not None:
+                registration.frames += 1
+                registration.metadata["model_version"] = meta.version
+
+    def end_series(self, end: SeriesEnd) -> None:
+        """Register the series' final shape now."""
+        with self._lock:
+            registration = self._registrations.get(end.series)
+            if registration is not None:
+                registration.ended = True
+        self._worker.wake()
+
+    def close(self) -> None:
+        """Give the registrar a last chance to bring the server up to date, then stop."""
+        self._worker.wake()
+        self._worker.stop()
+
+    def pending(self) -> list[_Registration]:
+        """Registrations the server does not show as they are (a copy of each)."""
+        with self._lock:
+            out = [_Registration(**{**vars(r), "metadata": dict(r.metadata)})
+                   for r in self._registrations.values() if r.registered != r.frames]
+            for series in [s for s, r in self._registrations.items()
+                           if r.ended and r.registered == r.frames]:
+                del self._registrations[series]
+            return out
+
+    def registered(self, container: str, key: str, frames: int) -> None:
+        """The server now shows ``frames`` frames of that array."""
+        with self._lock:
+            for registration in self._registrations.values():
+                if (registration.container, registration.key) == (container, key):
+                    registration.registered = max(registration.registered, frames)
+
+    def _server_path(self, output: Path) -> str:
+        """The output's path as the server sees it (``tiled_path_map`` LOCAL=SERVER)."""
+        path = str(output.resolve())
+        for entry in self.options.path_map:
+            local, _, server = entry.partition("=")
+            if path.startswith(local.rstrip("/") + "/"):
+                return server.rstrip("/") + "/" + path[len(local.rstrip("/")) + 1 :]
+        return path
+
+
+class _Registrar(BackgroundWorker):
+    """The thread that talks to the Tiled server."""
+
+    def __init__(self, sink: TiledSink) -> None:
+        super().__init__("tiled-registrar", join_timeout=15.0)
+        self.sink = sink
+        self._wake = threading.Event()
+        self._client: Any = None
+        self._failing = False
+
+    def wake(self) -> None:
+        """Sync now instead of at the next period."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stopping.is_set()
+            self._sync_all()
+            if stopping:
+                return
+            self._wake.wait(self.sink.options.update_seconds)
+            self._wake.clear()
+
+    def _sync_all(self) -> None:
+        for registration in self.sink.pending():
+            if registration.frames == 0:
+                continue
+            try:
+                self._sync(registration)
+            except Exception as exc:  # server down, refused, a bad answer: retried
+                self.sink.metrics.tiled_errors.inc()
+                if not self._failing:
+                    log.warning("Tiled %s: cannot register %s (%s); retrying",
+                                self.sink.options.uri, registration.path, exc)
+                self._failing = True
+                self._client = None
+                return
+            if self._failing:
+                log.info("Tiled %s answers again", self.sink.options.uri)
+                self._failing = False
+
+    def _connect(self) -> Any:
+        from tiled.client import from_uri
+
+        if self._client is None:
+            self._client = from_uri(self.sink.options.uri, api_key=_api_key(self.sink.options))
+        return self._client
+
+    def _sync(self, registration: _Registration) -> None:
+        from tiled.client.utils import handle_error
+        from tiled.structures.core import StructureFamily
+        from tiled.utils import safe_json_dump
+
+        client = self._connect()
+        if registration.container in client:
+            container = client[registration.container]
+        else:
+            container = client.create_container(key=registration.container,
+                                                metadata=_container_metadata(registration))
+        source = _data_source(registration)
+        metadata = {k: v for k, v in registration.metadata.items() if v is not None}
+        if registration.key not in container:
+            container.new(StructureFamily.array, [source], key=registration.key,
+                          metadata=metadata)
+            log.info("registered %s in Tiled as %s/%s (%d frames)", registration.path,
+                     registration.container, registration.key, registration.frames)
+        else:
+            node = container[registration.key]
+            source.id = node.data_sources()[0].id
+            # grow the registered shape: Tiled serves only what the structure says
+            handle_error(node.context.http_client.put(
+                node.uri.replace("/metadata/", "/data_source/", 1),
+                content=safe_json_dump({"data_source": source})))
+            node.update_metadata(metadata=metadata)
+        self.sink.registered(registration.container, registration.key, registration.frames)
+
+
+def _container_metadata(registration: _Registration) -> dict[str, Any]:
+    keep = ("parent_uid", "scan_id", "plan_name", "series")
+    return {k: registration.metadata[k] for k in keep if registration.metadata.get(k) is not None}
+
+
+def _data_source(registration: _Registration) -> Any:
+    from tiled.structures.array import ArrayStructure, BuiltinDtype
+    from tiled.structures.core import StructureFamily
+    from tiled.structures.data_source import Asset, DataSource, Management
+
+    n = registration.frames
+    h, w = registration.frame_shape
+    return DataSource(
+        structure_family=StructureFamily.array, mimetype="application/x-hdf5",
+        structure=ArrayStructure(data_type=BuiltinDtype.from_numpy_dtype(
+            np.dtype(registration.dtype)), shape=(n, h, w), chunks=((1,) * n, (h,), (w,))),
+        parameters={"dataset": "/entry/data/data", "swmr": True},
+        assets=[Asset(data_uri=f"file://localhost{registration.path}", is_directory=False,
+                      parameter="data_uris", num=0)],
+        management=Management.external)
+
+
+def _api_key(options: TiledOptions) -> str | None:
+    """From ``tiled_api_key_file`` if given, else ``TILED_API_KEY`` (None: anonymous)."""
+    if options.api_key_file is not None:
+        try:
+            return options.api_key_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"tiled_api_key_file: {exc}") from exc
+    return os.environ.get("TILED_API_KEY")
