@@ -111,6 +111,7 @@ def test_a_required_worker_that_dies_stops_the_daemon_with_status_1(running_daem
     assert isinstance(daemon.failure, RuntimeError) and "source" in str(daemon.failure)
 
 
+@pytest.mark.slow  # 45 s; the disk-full SIGTERM test covers a full queue in the default run
 def test_sigterm_with_a_full_queue_stops_within_stop_timeout(tmp_path):
     """64 frames of 512x512 queued (seconds of work) and --stop-timeout 1: SIGTERM ends
     the daemon in about a second, exit 0; what it did not write is counted, and the next
