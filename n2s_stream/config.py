@@ -281,8 +281,9 @@ class BlueskyOptions:
     path_map: tuple[str, ...] = option((), example="/det/data=/mnt/det",
                                        help="DETECTOR_PREFIX=LOCAL_PREFIX: where the daemon "
                                             "sees the files the detector's host names")
-    root: Path = option(Path("/"), help="without path_map: announced files must lie under "
-                                        "this folder")
+    root: Path | None = option(None, example="/data/detector",
+                               help="without path_map: announced files must lie under this "
+                                    "folder (one of the two is required)")
     max_message_mb: int = option(16, min=1, help="larger documents are refused")
 
 
@@ -372,8 +373,9 @@ class RefineOptions:
                                                "augmentation)")
     idle_seconds: float = option(2.0, min=0, help="refine only after this long without "
                                                   "frames to denoise")
-    max_gb: float = option(8.0, min=0, help="raw frames kept per series for refining (in "
-                                            "state_dir/refine); a longer series is not refined")
+    max_gb: float = option(16.0, min=0, help="raw frames kept for refining, all series "
+                                             "together (state_dir/refine); older spools make "
+                                             "room for newer ones")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from n2s_stream.preview import Preview, preview_app
 from n2s_stream.refine import Refiner
 from n2s_stream.series import SeriesTracker
 from n2s_stream.service import Notifier
-from n2s_stream.sinks import SinkChain, SinkContext, make_sinks
+from n2s_stream.sinks import RefinedListener, SinkChain, SinkContext, make_sinks
 from n2s_stream.sinks.hdf5 import Hdf5Sink
 from n2s_stream.snapshot import ModelStore, copy_state
 from n2s_stream.sources import Source, SourceContext, make_source
@@ -142,8 +142,8 @@ class Daemon:
                                    stopping=self.stop_requested, preview=self.preview,
                                    buffer=buffer, val_buffer=val_buffer,
                                    cold_start=cold_start if cold else None)
-        inference = self._inference_loop(device, store, cold_start if cold else None,
-                                         make_sinks(sink_context, train=training))
+        sinks = make_sinks(sink_context, train=training)
+        inference = self._inference_loop(device, store, cold_start if cold else None, sinks)
         refiner = None
         if config.refine.enabled:
             refiner = Refiner(
@@ -152,7 +152,8 @@ class Daemon:
                 device=device, options=config.refine, jinv=config.inference.jinv,
                 min_free_mb=config.output.min_free_mb,
                 idle=lambda: not inference.busy and self.intake.queue.empty(),
-                network_writes=lambda: not cold_start.active, metrics=self.metrics)
+                network_writes=lambda: not cold_start.active, metrics=self.metrics,
+                on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)])
         trainer = None
         if training:
             trainer = OnlineTrainer(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from n2s_stream.denoising import check_usable, denoise_series, to_source_dtype
 from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.augment import augmented
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.sinks.spool import READY_SUFFIX
+from n2s_stream.sinks.spool import FAILED_SUFFIX, READY_SUFFIX
 from n2s_stream.snapshot import ModelStore
 from n2s_stream.worker import BackgroundWorker
 from n2s_stream.writer import (
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 READ_BATCH = 8
 """Raw frames read from a spool at once."""
 
+TRIES = 3
+"""Failed attempts after which a spool is set aside."""
+
 
 class NotRefinable(Exception):
     """A spooled series that cannot be refined (its spool is dropped, the reason logged)."""
@@ -59,16 +62,19 @@ class Refiner(BackgroundWorker):
                  model: nn.Module, masker: Masker, device: torch.device,
                  options: RefineOptions, jinv: bool, min_free_mb: float,
                  idle: Callable[[], bool], network_writes: Callable[[], bool],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics,
+                 on_published: Sequence[Callable[[Path], None]] = ()) -> None:
         super().__init__("refiner")
         self.root, self.store, self.model, self.masker = root, store, model, masker
         self.calibration = calibration
         self.device, self.options, self.jinv = device, options, jinv
         self.min_free_bytes = int(min_free_mb * 2**20)
         self._idle, self._network_writes, self.metrics = idle, network_writes, metrics
+        self._on_published = tuple(on_published)  # told of each output that got refined
         self._busy = False
         self._idle_since: float | None = None
         self._said: set[str] = set()  # waits already logged
+        self._failures: dict[str, int] = {}  # failed attempts, by spool name
 
     @property
     def busy(self) -> bool:
@@ -86,7 +92,7 @@ class Refiner(BackgroundWorker):
 
     def pending(self) -> list[Path]:
         """Spools of finished series, oldest first."""
-        return sorted(self.root.glob("*" + READY_SUFFIX), key=lambda p: p.stat().st_mtime)
+        return sorted(self.root.glob("*" + READY_SUFFIX), key=_modified)
 
     def _may_refine(self, spool: Path) -> bool:
         if not self._network_writes():
@@ -114,17 +120,35 @@ class Refiner(BackgroundWorker):
         return False
 
     def _refine_guarded(self, spool: Path) -> None:
-        """Refine one series; a spool or output that cannot be refined is logged, counted
-        and set aside (``*.failed.h5``), so it is not tried again and again."""
+        """Refine one series; a failure is logged and counted, and after ``TRIES`` of
+        them the spool is set aside (``*.failed.h5``), so it is not tried again and again.
+        A spool removed meanwhile (the spool made room for newer series) is skipped."""
         try:
             self._refine(spool)
+            self._failures.pop(spool.name, None)
         except Exception as exc:
+            if not spool.exists():
+                log.info("%s was removed while it was being refined", spool.name)
+                return
             log.exception("refining %s failed: %s", spool.name, exc)
             self.metrics.refine_errors.inc()
-            failed = spool.with_name(spool.name.removesuffix(READY_SUFFIX) + ".failed.h5")
-            spool.rename(failed)
+            tries = self._failures[spool.name] = self._failures.get(spool.name, 0) + 1
+            if tries >= TRIES:
+                self._failures.pop(spool.name)
+                self._set_aside(spool)
+            else:
+                self._stopping.wait(5.0)
         finally:
             self._busy = False
+
+    def _set_aside(self, spool: Path) -> None:
+        failed = spool.with_name(spool.name.removesuffix(READY_SUFFIX) + FAILED_SUFFIX)
+        try:
+            spool.rename(failed)
+            log.warning("set %s aside after %d failed tries", failed.name, TRIES)
+        except OSError as exc:
+            log.error("cannot set %s aside (%s): removing it", spool.name, exc)
+            spool.unlink(missing_ok=True)
 
     def _refine(self, spool_path: Path) -> None:
         """Refine the series of one spool into the spool itself (a killed refiner goes on
@@ -206,32 +230,35 @@ class Refiner(BackgroundWorker):
     def _publish(self, spool_path: Path, output: Path) -> bool:
         """Append the spool's refined frames to the output; False while another process
         holds the output open or its disk is nearly full (tried again later)."""
-        try:
-            writer = RefinedWriter(output, description=self._description())
-        except FileBusy:
-            self._say_once(f"busy {output}", f"refined frames of {output} wait: another "
-                                              "process has it open")
-            self._stopping.wait(5.0)
-            return False
-        try:
-            with h5py.File(spool_path, "r") as spool:
-                refined, versions = spool["refined"], spool["refined_version"]
-                if not self._wait_for_space(writer, refined.nbytes):
-                    return False
+        with h5py.File(spool_path, "r") as spool:
+            refined, versions = spool["refined"], spool["refined_version"]
+            if not self._wait_for_space(output, refined.nbytes):
+                return False
+            try:
+                writer = RefinedWriter(output, description=self._description())
+            except FileBusy:
+                self._say_once(f"busy {output}", f"refined frames of {output} wait: another "
+                                                  "process has it open")
+                self._stopping.wait(5.0)
+                return False
+            try:
                 for row in range(writer.n_done, writer.n_live, 32):
                     stop = min(row + 32, writer.n_live)
                     writer.append(to_source_dtype(refined[row:stop], writer.dtype),
                                   versions[row:stop])
-        finally:
-            writer.close()
+            finally:
+                writer.close()
+        self._said.discard(f"busy {output}")
         log.info("wrote %d refined frames to %s", writer.n_live, output)
+        for listener in self._on_published:
+            listener(output)
         return True
 
-    def _wait_for_space(self, writer: RefinedWriter, nbytes: int) -> bool:
+    def _wait_for_space(self, output: Path, nbytes: int) -> bool:
         """Hold refined frames while the output disk would keep less than twice the live
         writer's reserve: they never take the space live frames need."""
-        while free_bytes(writer.path.parent) < 2 * self.min_free_bytes + nbytes:
-            self._say_once("space", f"refining waits: the output disk of {writer.path} is "
+        while free_bytes(output.parent) < 2 * self.min_free_bytes + nbytes:
+            self._say_once("space", f"refining waits: the output disk of {output} is "
                                     "nearly full")
             if self._stopping.wait(5.0):
                 return False
@@ -246,6 +273,13 @@ class Refiner(BackgroundWorker):
         if key not in self._said:
             self._said.add(key)
             log.info("%s", message)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile: sorts first, and is then skipped
+        return 0.0
 
 
 def _refined_datasets(spool: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset]:

@@ -6,6 +6,12 @@ bluesky's default, which the daemon must refuse unread). Prints one JSON line pe
 
     python tests/bluesky_peer.py --proxy tcp://127.0.0.1:5577 --dir DATA --frames 20 \
         --serializers json pickle [--abort-after 6] [--evil-pickle MARKER]
+
+With ``--legacy N``, the run is an older ophyd area detector's instead, composed with
+event-model as ophyd does: a ``resource`` (spec AD_HDF5, N frames per point), one
+``datum`` per point and ``event`` documents naming it (the second half of the points as
+``datum_page``/``event_page``), while this process writes the frames to a SWMR HDF5 file
+as the areaDetector HDF5 plugin lays it out.
 """
 
 from __future__ import annotations
@@ -14,15 +20,24 @@ import argparse
 import json
 import pickle
 import time
+import uuid
 from pathlib import Path
 
 import bluesky.plan_stubs as bps
 import bluesky.plans as bp
+import h5py
 import msgpack
+import numpy as np
 import zmq
 from bluesky.callbacks.zmq import Publisher
 from bluesky.run_engine import RunEngine
-from event_model import NumpyEncoder, sanitize_doc
+from event_model import (
+    NumpyEncoder,
+    compose_run,
+    pack_datum_page,
+    pack_event_page,
+    sanitize_doc,
+)
 from ophyd_async import sim
 from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
 
@@ -60,6 +75,53 @@ def aborted_count(detector, frames: int, after: int):
     return plan()
 
 
+def legacy_run(publish, directory: Path, points: int, per_point: int) -> dict:
+    """An older area detector's run (see the module docstring); returns what to report."""
+    height, width = 48, 64
+    bundle = compose_run(metadata={"plan_name": "count", "scan_id": 41, "num_points": points})
+    publish("start", bundle.start_doc)
+    descriptor = bundle.compose_descriptor(name="primary", data_keys={
+        "adsim_image": {"source": "PV:13SIM1:image1:ArrayData", "dtype": "array",
+                        "shape": [height, width], "external": "FILESTORE:"},
+        "adsim_stats_total": {"source": "PV:13SIM1:Stats1:Total_RBV", "dtype": "number",
+                              "shape": []}})
+    publish("descriptor", descriptor.descriptor_doc)
+    path = directory / f"{uuid.uuid4()}.h5"
+    resource = bundle.compose_resource(spec="AD_HDF5", root=str(directory),
+                                       resource_path=path.name,
+                                       resource_kwargs={"frame_per_point": per_point})
+    publish("resource", resource.resource_doc)
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:height, :width]
+    with h5py.File(path, "w", libver="latest") as file:
+        frames = file.create_dataset("/entry/data/data", shape=(0, height, width),
+                                     maxshape=(None, height, width), dtype="u2",
+                                     chunks=(1, height, width))
+        file.swmr_mode = True
+        for point in range(points):
+            clean = 20 + 15 * np.sin((xx + 2 * point) / 6.0) * np.cos(yy / 5.0)
+            frames.resize(frames.shape[0] + per_point, axis=0)
+            frames[-per_point:] = rng.poisson(np.clip(clean, 0, None), (per_point, height,
+                                                                         width))
+            frames.flush()
+            datum = resource.compose_datum(datum_kwargs={"point_number": point})
+            event = descriptor.compose_event(
+                data={"adsim_image": datum["datum_id"], "adsim_stats_total": float(point)},
+                timestamps={"adsim_image": time.time(), "adsim_stats_total": time.time()},
+                filled={"adsim_image": False}, seq_num=point + 1)
+            if point < points // 2:
+                publish("datum", datum)
+                publish("event", event)
+            else:
+                publish("datum_page", pack_datum_page(datum))
+                publish("event_page", pack_event_page(event))
+            time.sleep(0.05)
+    stop = bundle.compose_stop(exit_status="success")
+    publish("stop", stop)
+    return {"uid": bundle.start_doc["uid"], "scan_id": 41, "exit_status": "success",
+            "file": str(path), "published": 4 + 2 * points}
+
+
 def main() -> None:
     """Run the scans; print what was published."""
     parser = argparse.ArgumentParser()
@@ -69,8 +131,22 @@ def main() -> None:
     parser.add_argument("--serializers", nargs="+", default=["json"])
     parser.add_argument("--abort-after", type=int, default=0)
     parser.add_argument("--evil-pickle", default=None)
+    parser.add_argument("--legacy", type=int, default=0, help="frames per point")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    if args.legacy:
+        publishers = [Publisher(args.proxy, serializer=SERIALIZERS[name])
+                      for name in args.serializers]
+        time.sleep(1.5)  # PUB to SUB: a subscription takes a moment to reach the publisher
+
+        def publish(name: str, doc: dict) -> None:
+            for publisher in publishers:
+                publisher(name, doc)
+
+        report = legacy_run(publish, args.dir, args.frames, args.legacy)
+        time.sleep(0.5)
+        print(json.dumps(report), flush=True)
+        return
     engine = RunEngine({})
     published = {"count": 0}
     for name in args.serializers:

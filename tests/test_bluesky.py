@@ -124,7 +124,8 @@ def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
     assert start["uid"] == run["uid"] and start["plan_name"] == "count"
     short, _ = read_output(daemon.out / f"{failed_series}_n2s.h5")
     assert short.shape == (5, 240, 320)
-    assert not list((daemon.state / "bluesky").iterdir())  # both runs closed
+    records = [json.loads(p.read_text()) for p in (daemon.state / "bluesky").iterdir()]
+    assert len(records) == 2 and all(r["stopped"] for r in records)  # pruned once written
 
 
 def test_paths_outside_the_allowed_root_are_refused(tmp_path):
@@ -172,3 +173,36 @@ def test_a_restart_mid_run_continues_its_series(tmp_path):
     frames, provenance = read_output(again.out / f"{series}_n2s.h5")
     assert frames.shape == (60, 240, 320)
     assert np.array_equal(provenance["source_frame"], np.arange(60))
+
+
+def test_an_older_area_detectors_resource_and_datums_are_followed(tmp_path):
+    """ophyd's AD_HDF5 documents (resource, datum/datum_page, event/event_page naming the
+    datums, 2 frames per point) through the real proxy: every frame of every point is
+    read from the SWMR file once, tagged with its event's seq_num, and the scalar beside
+    the detector is ignored."""
+    _bluesky_ready()
+    proxy_in, proxy_out = _proxy()
+    data = tmp_path / "detector"
+    daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
+                           "--no-refine")
+    daemon.wait_ready()
+    daemon.wait_for("following Bluesky documents")
+    run = _scan(proxy_in, data, "--legacy", "2", "--frames", "10", "--serializers", "msgpack")
+    series = f"scan41_{run['uid'][:8]}_adsim_image"
+    daemon.wait_for(f"closed output .*{series}_n2s.h5 \\(20 frames\\)", timeout=120)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+    assert metrics["n2s_frames_denoised_total"] == 20
+    assert metrics.get("n2s_frames_missing_total", 0) == 0
+    frames, provenance = read_output(daemon.out / f"{series}_n2s.h5")
+    assert frames.shape == (20, 48, 64)
+    assert np.array_equal(provenance["source_frame"], np.arange(20))
+    assert np.array_equal(provenance["source_id"], np.repeat(np.arange(1, 11), 2))
+    # the run's record is kept until its series is written; the next start forgets it
+    assert len(list((daemon.state / "bluesky").iterdir())) == 1
+    again = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
+                          "--no-refine", name="again")
+    again.wait_ready()
+    again.wait_for("following Bluesky documents")
+    assert again.terminate() == 0
+    assert not list((daemon.state / "bluesky").iterdir())

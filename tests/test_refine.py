@@ -16,9 +16,12 @@ import pytest
 import torch
 from daemon_helpers import N2S, STARTED, DaemonProcess, free_port, read_output, start_writer
 
+from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.n2s.augment import augmented, orient, unorient
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import truth_path
+from n2s_stream.sinks.spool import READY_SUFFIX, RawSpool
+from n2s_stream.state import StateDir
 from n2s_stream.superblock import clear_write_flags, lookup3, write_flags
 from n2s_stream.writer import FrameWriter, RefinedWriter
 
@@ -201,3 +204,43 @@ def test_a_feed_is_refined_from_its_spooled_frames(tmp_path):
     assert np.isfinite(refined).all() and not np.array_equal(refined, live)
     with h5py.File(daemon.out / "scan_0001_n2s.h5", "r") as handle:
         assert "4 orientations" in handle["/entry/refined"].attrs["description"]
+
+
+def _series(spool: RawSpool, series: str, n: int, output: Path, *, end: bool = True) -> None:
+    frame = np.zeros((16, 16), np.uint16)  # 512 bytes a frame
+    for index in range(n):
+        spool.write(Frame(series, index, frame + index, 0.0, output), frame.astype("f4"),
+                    None)  # type: ignore[arg-type]  (the spool reads no metadata)
+    if end:
+        spool.end_series(SeriesEnd(series, n, output))
+
+
+def test_spools_stay_within_their_cap_dropping_the_oldest_first(tmp_path):
+    state = StateDir(tmp_path / "state")
+    spool = RawSpool(tmp_path / "state" / "refine", state=state, max_bytes=80 * 1024)
+    for name in ("a", "b", "c"):  # 20 frames each: 10 KB, 25 KB a spool with its overhead
+        _series(spool, name, 20, tmp_path / f"{name}_n2s.h5")
+        time.sleep(0.01)
+    assert len(list(spool.root.glob("*" + READY_SUFFIX))) == 3
+    _series(spool, "d", 40, tmp_path / "d_n2s.h5")  # 35 KB: a (oldest) goes, then b
+    ready = sorted(p.name.split("-")[0] for p in spool.root.glob("*" + READY_SUFFIX))
+    assert ready == ["c", "d"]
+    assert sum(p.stat().st_size for p in spool.root.iterdir()) <= 80 * 1024
+    # the newest series comes first, until it alone passes the cap: then it is given up
+    _series(spool, "huge", 200, tmp_path / "huge_n2s.h5")
+    assert not list(spool.root.iterdir())
+    spool.close()
+
+
+def test_a_series_ended_after_a_restart_with_nothing_new_is_still_refined(tmp_path):
+    state = StateDir(tmp_path / "state")
+    output = tmp_path / "a_n2s.h5"
+    first = RawSpool(tmp_path / "state" / "refine", state=state, max_bytes=2**30)
+    _series(first, "a", 5, output, end=False)
+    first.close()  # the daemon stopped before the series' end
+    again = RawSpool(tmp_path / "state" / "refine", state=state, max_bytes=2**30)
+    again.end_series(SeriesEnd("a", 5, output))  # the source ends it; nothing new came
+    ready = list(again.root.glob("*" + READY_SUFFIX))
+    assert len(ready) == 1
+    with h5py.File(ready[0], "r") as handle:
+        assert handle["raw"].shape == (5, 16, 16)

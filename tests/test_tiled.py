@@ -1,6 +1,7 @@
 """The Tiled sink with a real Tiled server (``SimpleTiledServer``, from ``.venv-tiled``) on
-loopback: the outputs of a Bluesky run are registered under the run's uid, read back with
-the Tiled client equal to the output file, and an outage at the start is retried."""
+loopback: the outputs of a Bluesky run are registered under the run's uid, its refined
+frames beside them, both read back with the Tiled client equal to the output file, and an
+outage at the start is retried."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from daemon_helpers import STARTED, DaemonProcess, free_port, read_output
@@ -23,15 +25,18 @@ import numpy as np
 from tiled.client import from_uri
 uri, uid, out = sys.argv[1:4]
 client = from_uri(uri)
-deadline = time.monotonic() + 60
-while uid not in client or "bdet_denoised" not in client[uid] or \\
-        client[uid]["bdet_denoised"].shape != (12, 240, 320):
-    assert time.monotonic() < deadline, "never registered with 12 frames"
-    time.sleep(0.5)
+deadline = time.monotonic() + 90
+for key in ("bdet_denoised", "bdet_refined"):
+    while uid not in client or key not in client[uid] or \\
+            client[uid][key].shape != (12, 240, 320):
+        assert time.monotonic() < deadline, f"{key} never registered with 12 frames"
+        time.sleep(0.5)
 node = client[uid]["bdet_denoised"]
 np.save(out, node.read())
+np.save(out.replace(".npy", "_refined.npy"), client[uid]["bdet_refined"].read())
 print(json.dumps({"shape": list(node.shape), "metadata": dict(node.metadata),
-                  "container": dict(client[uid].metadata)}, default=str))
+                  "container": dict(client[uid].metadata),
+                  "refined_metadata": dict(client[uid]["bdet_refined"].metadata)}, default=str))
 """
 TILED_PYTHON = ROOT / ".venv-tiled" / "bin" / "python"
 
@@ -55,7 +60,8 @@ def test_outputs_are_registered_in_tiled_and_an_outage_is_retried(tmp_path):
     data, port, key = tmp_path / "detector", free_port(), secrets.token_hex(8)
     uri = f"http://127.0.0.1:{port}/api/v1"
     daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
-                           "--no-refine", "--tiled", uri, "--tiled-update-seconds", "0.5",
+                           "--refine-idle-seconds", "0.5", "--refine-tta", "2",
+                           "--tiled", uri, "--tiled-update-seconds", "0.5",
                            env={"TILED_API_KEY": key})
     daemon.wait_ready()
     daemon.wait_for("following Bluesky documents")
@@ -83,6 +89,10 @@ def test_outputs_are_registered_in_tiled_and_an_outage_is_retried(tmp_path):
     frames, _ = read_output(output)
     assert seen["shape"] == [12, 240, 320]
     assert np.array_equal(np.load(tmp_path / "read.npy"), frames)
+    with h5py.File(output, "r") as handle:  # the refined frames, registered beside them
+        refined = handle["/entry/refined/data"][()]
+    assert np.array_equal(np.load(tmp_path / "read_refined.npy"), refined)
+    assert seen["refined_metadata"]["refined"] is True
     container, metadata = seen["container"], seen["metadata"]
     assert container["parent_uid"] == run["uid"] and container["scan_id"] == run["scan_id"]
     assert metadata["data_key"] == "bdet" and metadata["output"] == str(output.resolve())

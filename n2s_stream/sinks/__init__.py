@@ -91,6 +91,15 @@ class Sink(Protocol):
         """The daemon stops: release everything."""
 
 
+@runtime_checkable
+class RefinedListener(Protocol):
+    """A sink that also shows refined frames (``refine.py``): told, from the refiner's
+    thread, of each output to which refined frames were appended."""
+
+    def refined(self, output: Path) -> None:
+        """``output`` now holds ``/entry/refined/data`` for all its frames."""
+
+
 @dataclass
 class SinkContext:
     """What the daemon hands to sink factories: the whole config (each sink reads its
@@ -179,7 +188,8 @@ def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
     from n2s_stream.sinks.training_tap import TrainingTap
 
     config = context.config
-    sinks: list[Sink] = [Hdf5Sink.from_context(context)]
+    output = Hdf5Sink.from_context(context)
+    sinks: list[Sink] = [output]
     if train:
         sinks.append(TrainingTap.from_context(context))
     if config.refine.enabled:
@@ -192,7 +202,7 @@ def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
         sinks.append(PreviewSink.from_context(context))
     if config.tiled.uri:
         from n2s_stream.sinks.tiled import TiledSink  # needs the optional tiled client
-        sinks.append(TiledSink.from_context(context))
+        sinks.append(TiledSink.from_context(context, rows_written=output.rows_written))
     for spec in config.output.sinks:
         sink = load_factory(spec)(context)
         if not isinstance(sink, Sink):

@@ -75,6 +75,11 @@ class Hdf5Sink:
             raise OutputError(f"{path}: existing output cannot be resumed ({exc}); move it "
                               "away to write the series again") from exc
 
+    def rows_written(self, series: str) -> int:
+        """Frames in the open output of ``series`` (an earlier run's included); 0 if none."""
+        writer = self._writers.get(series)
+        return 0 if writer is None else writer.n_written
+
     def frame_shape(self, series: str) -> tuple[int, int] | None:
         """Shape of the frames in the open output of ``series``."""
         writer = self._writers.get(series)

@@ -3,35 +3,50 @@
 A feed (ZeroMQ, PVA) cannot be read twice, so refining a series needs its raw frames:
 this sink keeps them, in the order written, in one SWMR HDF5 file per series under
 ``state_dir/refine``. When the source ends the series, its spool is renamed
-``*.ready.h5`` and the refiner takes it from there. A spool that would pass
-``refine_max_gb`` is given up (deleted, logged): that series is not refined. Spools of
-series that went idle stay, and grow again if the series resumes after a restart.
+``*.ready.h5`` and the refiner takes it from there. All spools together stay within
+``refine_max_gb``, and the state dir's disk keeps twice ``min_free_mb`` free: to make room
+for the newest series, spools the refiner gave up on go first, then the oldest waiting
+ones, then those of series that went idle (each logged: that series is not refined); a
+series that still does not fit is not refined. Spools of series that went idle stay, and
+grow again if the series resumes after a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.names import file_safe
 from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
 from n2s_stream.state import StateDir
-from n2s_stream.writer import open_for_append
+from n2s_stream.writer import free_bytes, open_for_append
 
 log = logging.getLogger(__name__)
 
 READY_SUFFIX = ".ready.h5"
+FAILED_SUFFIX = ".failed.h5"
 
 
-def spool_name(series: str) -> str:
-    """A file name for the spool of ``series``: readable, and unique by a hash of it."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(series).stem)[:60] or "series"
-    return f"{stem}-{hashlib.sha1(series.encode()).hexdigest()[:10]}"
+def spool_name(series: str, output: Path) -> str:
+    """A file name for the spool of ``series`` written to ``output``: readable, and unique
+    by a hash of both (two sources may name a series alike)."""
+    digest = hashlib.sha1(f"{series}\0{output}".encode()).hexdigest()[:10]
+    return f"{file_safe(Path(series).stem, limit=60)}-{digest}"
+
+
+def _eviction_order(path: Path) -> tuple[int, float]:
+    """Spools to drop first: given up by the refiner, then waiting to be refined, then
+    those of idle series; oldest first within each."""
+    rank = 0 if path.name.endswith(FAILED_SUFFIX) else 1 if path.name.endswith(READY_SUFFIX) else 2
+    try:
+        return rank, path.stat().st_mtime
+    except OSError:
+        return rank, 0.0
 
 
 class _Spool:
@@ -59,10 +74,6 @@ class _Spool:
             self.file.attrs.update({"series": frame.series, "output": str(output)})
         self.file.swmr_mode = True
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.raw.shape[0]) * self.raw.dtype.itemsize * int(np.prod(self.raw.shape[1:]))
-
     def append(self, frame: Frame) -> None:
         n = self.raw.shape[0]
         self.raw.resize(n + 1, axis=0)
@@ -82,9 +93,12 @@ class RawSpool:
     name = "refine_spool"
     required = False  # losing the spool loses the refinement, never a live frame
 
-    def __init__(self, root: Path, *, state: StateDir, max_bytes: int) -> None:
-        self.root, self.state, self.max_bytes = root, state, max_bytes
+    def __init__(self, root: Path, *, state: StateDir, max_bytes: int,
+                 reserve_bytes: int = 0) -> None:
+        self.root, self.state = root, state
+        self.max_bytes, self.reserve_bytes = max_bytes, reserve_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self._used = self._usage()  # an estimate between scans of the folder
         self._outputs: dict[str, Path] = {}
         self._open: dict[str, _Spool] = {}
         self._given_up: set[str] = set()
@@ -93,7 +107,8 @@ class RawSpool:
     def from_context(cls, context: SinkContext) -> RawSpool:
         """The daemon's spool, under ``state_dir/refine``."""
         return cls(context.state.root / "refine", state=context.state,
-                   max_bytes=int(context.config.refine.max_gb * 2**30))
+                   max_bytes=int(context.config.refine.max_gb * 2**30),
+                   reserve_bytes=int(2 * context.config.output.min_free_mb * 2**20))
 
     def open_series(self, start: SeriesStart) -> None:
         """Note where the series' output is; its spool opens with its first frame."""
@@ -103,16 +118,19 @@ class RawSpool:
         """Keep the raw frame (unless this series' spool was given up)."""
         if frame.series in self._given_up:
             return
+        if not self._room_for(frame.data.nbytes, self._open.get(frame.series)):
+            self._give_up(frame.series, "no room in state_dir/refine (refine_max_gb, "
+                                        "or the disk's free space)")
+            return
         spool = self._open.get(frame.series)
         if spool is None:
-            path = self.root / (spool_name(frame.series) + ".h5")
-            output = self._outputs.get(frame.series, frame.output)
+            output = self._output_of(frame.series, frame.output)
+            path = self.root / (spool_name(frame.series, output) + ".h5")
             spool = self._open[frame.series] = _Spool(path, frame, output)
-        if spool.nbytes + frame.data.nbytes > self.max_bytes:
-            self._give_up(frame.series, "its raw frames pass refine_max_gb")
-            return
+            self._used = self._usage()
         try:
             spool.append(frame)
+            self._used += frame.data.nbytes
         except OSError:
             self._give_up(frame.series, "its raw frames could not be kept")
             raise  # counted by the sink chain
@@ -120,18 +138,67 @@ class RawSpool:
     def end_series(self, end: SeriesEnd) -> None:
         """Close the series' spool; once the source says it is complete, it is ready."""
         self._given_up.discard(end.series)
+        output = self._outputs.pop(end.series, None) or end.output
         spool = self._open.pop(end.series, None)
-        if spool is None:
-            return
-        spool.close()
+        if spool is not None:
+            spool.close()
+            path = spool.path
+        else:  # nothing new since a restart: the spool of the earlier run is complete
+            path = self.root / (spool_name(end.series, output) + ".h5")
+            if not path.exists():
+                return
+        self._used = self._usage()
         if end.complete:
-            spool.path.rename(spool.path.with_name(spool.path.stem + READY_SUFFIX))
-            log.info("series %s: %s ready to be refined", end.series, spool.path.name)
+            path.rename(path.with_name(path.stem + READY_SUFFIX))
+            log.info("series %s: %s ready to be refined", end.series, path.name)
 
     def close(self) -> None:
         """Close every spool; unfinished series keep theirs for the next run."""
         for series in list(self._open):
             self._open.pop(series).close()
+
+    def _output_of(self, series: str, default: Path) -> Path:
+        if series not in self._outputs:
+            self._outputs[series] = self.state.output_for(series, default)
+        return self._outputs[series]
+
+    def _usage(self) -> int:
+        """Bytes the spools take now."""
+        total = 0
+        for path in self.root.glob("*.h5"):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                continue  # the refiner just removed it
+        return total
+
+    def _room_for(self, nbytes: int, spool: _Spool | None) -> bool:
+        """Whether ``nbytes`` more fit, dropping older spools if need be (not for a series
+        that alone passes the cap)."""
+        if self._fits(nbytes):
+            return True
+        self._used = self._usage()  # the refiner's work adds to the spools, too
+        if self._fits(nbytes):
+            return True
+        if spool is not None and spool.path.stat().st_size + nbytes > self.max_bytes:
+            return False
+        in_use = {spool.path for spool in self._open.values()}
+        for path in sorted(set(self.root.glob("*.h5")) - in_use, key=_eviction_order):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except OSError:
+                continue
+            self._used -= size
+            log.warning("dropped the spool %s to make room for newer series: its series "
+                        "will not be refined", path.name)
+            if self._fits(nbytes):
+                return True
+        return False
+
+    def _fits(self, nbytes: int) -> bool:
+        return (self._used + nbytes <= self.max_bytes
+                and free_bytes(self.root) >= self.reserve_bytes + nbytes)
 
     def _give_up(self, series: str, why: str) -> None:
         log.warning("series %s will not be refined: %s", series, why)
@@ -140,3 +207,4 @@ class RawSpool:
         if spool is not None:
             spool.close()
             spool.path.unlink(missing_ok=True)
+            self._used = self._usage()

@@ -6,9 +6,12 @@ series came from Bluesky documents (``/entry/process/bluesky_start``), else the 
 name; the array's key is ``<data_key>_denoised`` (or ``denoised``) and its metadata
 ``{parent_uid, scan_id, data_key, model_version, program, output}``. The registered shape
 follows the frames written, at most every ``tiled_update_seconds`` and once at the series'
-end. All calls to the server run in a thread of their own: an outage never holds up
-denoising, it is logged once, counted (``n2s_tiled_errors_total``) and retried. The API
-key comes from ``TILED_API_KEY`` or ``tiled_api_key_file``, never from the command line.
+end. Refined frames (``refine.py``) are registered beside them as ``<data_key>_refined``
+(``/entry/refined/data``) once the refiner has appended them. All calls to the server run
+in a thread of their own: an outage never holds up denoising, it is logged once, counted
+(``n2s_tiled_errors_total``) and retried; one array the server refuses does not hold up
+the others. The API key comes from ``TILED_API_KEY`` or ``tiled_api_key_file``, never
+from the command line.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from n2s_stream import __version__
@@ -28,6 +33,7 @@ from n2s_stream.config import TiledOptions
 from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
+from n2s_stream.names import file_safe
 from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
 from n2s_stream.state import StateDir
 from n2s_stream.worker import BackgroundWorker
@@ -48,6 +54,8 @@ class _Registration:
     frames: int = 0
     registered: int = -1  # frames the server shows (-1: not registered yet)
     ended: bool = False
+    dataset: str = "/entry/data/data"
+    failures: int = 0  # calls that failed in a row (a bad one waits longer between tries)
 
 
 def run_identity(notes: dict[str, str], series: str) -> tuple[str, dict[str, Any]]:
@@ -55,9 +63,15 @@ def run_identity(notes: dict[str, str], series: str) -> tuple[str, dict[str, Any
     from Bluesky documents, else the series itself."""
     start = json.loads(notes["bluesky_start"]) if "bluesky_start" in notes else None
     if start is None:
-        return series, {"series": series}
-    return str(start["uid"]), {"parent_uid": start["uid"], "scan_id": start.get("scan_id"),
-                               "plan_name": start.get("plan_name")}
+        return file_safe(series), {"series": series}
+    return file_safe(str(start["uid"])), {"parent_uid": start["uid"],
+                                          "scan_id": start.get("scan_id"),
+                                          "plan_name": start.get("plan_name")}
+
+
+def array_key(data_key: str | None, kind: str) -> str:
+    """The array's key in its run's container: ``<data_key>_denoised`` (or ``_refined``)."""
+    return file_safe(f"{data_key}_{kind}") if data_key else kind
 
 
 class TiledSink:
@@ -67,21 +81,24 @@ class TiledSink:
     required = False
 
     def __init__(self, options: TiledOptions, *, state: StateDir, metrics: Metrics,
-                 reconstructable: bool) -> None:
+                 reconstructable: bool, rows_written: Callable[[str], int]) -> None:
         if not options.uri:
             raise UsageError("the Tiled sink needs --tiled URI")
+        _api_key(options)  # a key file that cannot be read is a usage error now, not later
         self.options, self.state, self.metrics = options, state, metrics
-        self._reconstructable = reconstructable
+        self._reconstructable, self._rows_written = reconstructable, rows_written
         self._registrations: dict[str, _Registration] = {}
         self._lock = threading.Lock()
         self._worker = _Registrar(self)
         self._worker.start()
 
     @classmethod
-    def from_context(cls, context: SinkContext) -> TiledSink:
-        """The daemon's Tiled sink."""
+    def from_context(cls, context: SinkContext, *,
+                     rows_written: Callable[[str], int]) -> TiledSink:
+        """The daemon's Tiled sink; ``rows_written(series)``: frames in its output."""
         return cls(context.config.tiled, state=context.state, metrics=context.metrics,
-                   reconstructable=context.config.output.require_reconstructable)
+                   reconstructable=context.config.output.require_reconstructable,
+                   rows_written=rows_written)
 
     def open_series(self, start: SeriesStart) -> None:
         """Note what to register for the series (done by the registrar thread)."""
@@ -93,16 +110,16 @@ class TiledSink:
                          "output": str(output), "series": start.series})
         with self._lock:
             self._registrations[start.series] = _Registration(
-                container, f"{data_key}_denoised" if data_key else "denoised",
-                self._server_path(output), tuple(start.frame_shape), np.dtype(dtype).str,
-                metadata)
+                container, array_key(data_key, "denoised"), self._server_path(output),
+                tuple(start.frame_shape), np.dtype(dtype).str, metadata)
 
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
-        """Count the frame (the HDF5 sink, called first, has flushed it)."""
+        """Note the frames in the output (the HDF5 sink, called first, has flushed them)."""
+        rows = self._rows_written(frame.series)
         with self._lock:
             registration = self._registrations.get(frame.series)
             if registration is not None:
-                registration.frames += 1
+                registration.frames = rows
                 registration.metadata["model_version"] = meta.version
 
     def end_series(self, end: SeriesEnd) -> None:
@@ -111,6 +128,30 @@ class TiledSink:
             registration = self._registrations.get(end.series)
             if registration is not None:
                 registration.ended = True
+        self._worker.wake()
+
+    def refined(self, output: Path) -> None:
+        """Register the refined frames the refiner has just appended to ``output``."""
+        try:
+            with h5py.File(output, "r", swmr=True) as file:
+                notes = {key: _text(value[()]) for key, value in file["/entry/process"].items()
+                         if key.startswith("bluesky_")}
+                refined = file["/entry/refined/data"]
+                frames, frame_shape, dtype = refined.shape[0], refined.shape[1:], refined.dtype
+        except (OSError, KeyError) as exc:
+            self.metrics.tiled_errors.inc()
+            log.warning("Tiled: cannot read the refined frames of %s (%s)", output, exc)
+            return
+        series = output.name.removesuffix(".h5").removesuffix("_n2s")
+        container, metadata = run_identity(notes, series)
+        data_key = notes.get("bluesky_data_key")
+        metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
+                         "output": str(output), "refined": True})
+        with self._lock:
+            self._registrations[f"{output}#refined"] = _Registration(
+                container, array_key(data_key, "refined"), self._server_path(output),
+                tuple(frame_shape), np.dtype(dtype).str, metadata, frames=int(frames),
+                ended=True, dataset="/entry/refined/data")
         self._worker.wake()
 
     def close(self) -> None:
@@ -122,9 +163,10 @@ class TiledSink:
         """Registrations the server does not show as they are (a copy of each)."""
         with self._lock:
             out = [_Registration(**{**vars(r), "metadata": dict(r.metadata)})
-                   for r in self._registrations.values() if r.registered != r.frames]
+                   for r in self._registrations.values()
+                   if r.registered != r.frames and r.frames > 0]
             for series in [s for s, r in self._registrations.items()
-                           if r.ended and r.registered == r.frames]:
+                           if r.ended and (r.registered == r.frames or r.frames == 0)]:
                 del self._registrations[series]
             return out
 
@@ -134,6 +176,16 @@ class TiledSink:
             for registration in self._registrations.values():
                 if (registration.container, registration.key) == (container, key):
                     registration.registered = max(registration.registered, frames)
+                    registration.failures = 0
+
+    def failed(self, container: str, key: str) -> int:
+        """A call for that array failed; returns how many did in a row."""
+        with self._lock:
+            for registration in self._registrations.values():
+                if (registration.container, registration.key) == (container, key):
+                    registration.failures += 1
+                    return registration.failures
+        return 0
 
     def _server_path(self, output: Path) -> str:
         """The output's path as the server sees it (``tiled_path_map`` LOCAL=SERVER)."""
@@ -153,7 +205,7 @@ class _Registrar(BackgroundWorker):
         self.sink = sink
         self._wake = threading.Event()
         self._client: Any = None
-        self._failing = False
+        self._round = 0
 
     def wake(self) -> None:
         """Sync now instead of at the next period."""
@@ -169,22 +221,30 @@ class _Registrar(BackgroundWorker):
             self._wake.clear()
 
     def _sync_all(self) -> None:
+        """Bring each registration up to date; one the server refuses does not hold up the
+        others, and one that keeps failing is tried only every few rounds."""
+        self._round += 1
         for registration in self.sink.pending():
-            if registration.frames == 0:
+            if registration.failures and self._round % min(registration.failures, 8):
                 continue
             try:
                 self._sync(registration)
             except Exception as exc:  # server down, refused, a bad answer: retried
                 self.sink.metrics.tiled_errors.inc()
-                if not self._failing:
-                    log.warning("Tiled %s: cannot register %s (%s); retrying",
-                                self.sink.options.uri, registration.path, exc)
-                self._failing = True
+                failures = self.sink.failed(registration.container, registration.key)
+                if failures == 1:
+                    log.warning("Tiled %s: cannot register %s %s as %s/%s (%s); retrying",
+                                _shown(self.sink.options.uri), registration.path,
+                                registration.dataset, registration.container,
+                                registration.key, exc)
                 self._client = None
-                return
-            if self._failing:
-                log.info("Tiled %s answers again", self.sink.options.uri)
-                self._failing = False
+                if _unreachable(exc):
+                    return  # the server is down: no use trying the others now
+                continue
+            if registration.failures:
+                log.info("Tiled %s: %s/%s registered after %d failed tries",
+                         _shown(self.sink.options.uri), registration.container,
+                         registration.key, registration.failures)
 
     def _connect(self) -> Any:
         from tiled.client import from_uri
@@ -238,10 +298,26 @@ def _data_source(registration: _Registration) -> Any:
         structure_family=StructureFamily.array, mimetype="application/x-hdf5",
         structure=ArrayStructure(data_type=BuiltinDtype.from_numpy_dtype(
             np.dtype(registration.dtype)), shape=(n, h, w), chunks=((1,) * n, (h,), (w,))),
-        parameters={"dataset": "/entry/data/data", "swmr": True},
+        parameters={"dataset": registration.dataset, "swmr": True},
         assets=[Asset(data_uri=f"file://localhost{registration.path}", is_directory=False,
                       parameter="data_uris", num=0)],
         management=Management.external)
+
+
+def _shown(uri: str) -> str:
+    """``uri`` for the log: without its query (an ``api_key=`` must not reach a log)."""
+    return uri.split("?", 1)[0]
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The server could not be reached at all (as opposed to refusing one request)."""
+    import httpx
+
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _api_key(options: TiledOptions) -> str | None:

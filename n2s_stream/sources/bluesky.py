@@ -6,11 +6,15 @@ a ``stream_resource`` names the HDF5 file and dataset an area detector writes, e
 ends the series. The file's path is the detector host's: ``bluesky_path_map`` rewrites its
 prefix into the daemon's view, and the result must lie under a mapped prefix (or under
 ``bluesky_root``). Frames are read from the SWMR file from the last one read up to what
-the newest StreamDatum announces, so a StreamDatum lost on the way (ZeroMQ PUB drops for
-slow or late subscribers) loses no frame. Documents are JSON or msgpack; a pickle is
+the newest StreamDatum announces (at most ``READ_BATCH`` at a time), so a StreamDatum lost
+on the way (ZeroMQ PUB drops for slow or late subscribers) loses no frame; at RunStop, all
+the file holds is read, and frames announced but missing from it are counted as missing.
+A second StreamResource of the same run and data key (a detector that starts a new file)
+makes a series of its own (``..._2``). Documents are JSON or msgpack; a pickle is
 counted (``pickle``) and never unpickled. The output is named after the run (scan number,
 uid prefix, data key) and records the RunStart in ``/entry/process/bluesky_start``. What a
-restart needs (the resources of runs still open) is kept in ``state_dir/bluesky/``.
+restart needs (the resources of runs still open, and of runs stopped whose series may not
+be written to the end yet) is kept in ``state_dir/bluesky/``.
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ import numpy as np
 import zmq
 
 from n2s_stream.config import BlueskyOptions, DaemonConfig
-from n2s_stream.errors import UsageError
+from n2s_stream.errors import OutputError, UsageError
 from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.names import file_safe
 from n2s_stream.sources import Emit, Reject, SourceContext, StartPosition
 from n2s_stream.sources.codecs import MessageError
 from n2s_stream.sources.documents import (
     FrameStream,
+    datums,
     decode_message,
+    events,
     frame_stream,
     frames_per_event,
+    legacy_stream,
     series_name,
     start_notes,
 )
@@ -45,14 +53,25 @@ from n2s_stream.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
+READ_BATCH = 16
+"""Frames read from the detector's file at once."""
+
+RECEIVE_LIMIT = 100_000
+"""Documents held in the socket while the daemon is busy (beyond: the proxy drops them)."""
+
+PRUNE_SECONDS = 10.0
+"""How often records of stopped runs are checked for series written to the end."""
+
 
 @dataclass
 class _Run:
-    """What is known of one run: its RunStart (None if it came before we listened) and
-    the shapes of its data keys (from its descriptors)."""
+    """What is known of one run: its RunStart (None if it came before we listened), the
+    shapes of its data keys and those whose events name datums of older resources (from
+    its descriptors)."""
 
     start: dict[str, Any] | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    legacy_keys: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -66,6 +85,8 @@ class _Followed:
     notes: dict[str, str]
     rows_read: int
     done: bool = False  # an earlier run wrote all of it
+    announced: int = 0  # frames the StreamDatum documents said have landed
+    stopped: bool = False  # the run's RunStop came (its series was ended)
 
 
 class BlueskySource(BackgroundWorker):
@@ -77,17 +98,24 @@ class BlueskySource(BackgroundWorker):
         super().__init__("bluesky-source")
         if options.endpoint is None:
             raise UsageError("the Bluesky source needs --bluesky ENDPOINT")
+        if not options.path_map and options.root is None:
+            raise UsageError("the Bluesky source needs --bluesky-root FOLDER (announced files "
+                             "must lie under it) or --bluesky-path-map")
         self.options, self.out_root = options, out_root
         self._emit, self._reject, self._start_position = emit, reject, start_position
         self._path_map = parse_path_map(options.path_map)
         self._records = state_dir / "bluesky"
         self._records.mkdir(parents=True, exist_ok=True)
         self._runs: dict[str, _Run] = {}
-        self._followed: dict[str, _Followed] = self._load_records()
+        self._descriptors: dict[str, str] = {}  # descriptor uid: its run
+        self._resources: dict[str, dict[str, Any]] = {}  # older resources not yet followed
+        self._datums: dict[str, tuple[str, int]] = {}  # datum id: (resource, point number)
         self._files: dict[str, h5py.File] = {}
+        self._stopped: dict[str, _Followed] = {}  # ended; record kept until written
+        self._followed: dict[str, _Followed] = self._load_records()
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.RCVHWM, 0)  # the proxy's PUB drops what we do not take
+        self._socket.setsockopt(zmq.RCVHWM, RECEIVE_LIMIT)
         self._socket.setsockopt(zmq.MAXMSGSIZE, options.max_message_mb << 20)
         self._socket.setsockopt(zmq.LINGER, 0)
         prefix = options.prefix.encode()
@@ -111,6 +139,8 @@ class BlueskySource(BackgroundWorker):
     def stop(self) -> None:
         """Stop reading; open runs are remembered for the next start."""
         super().stop()
+        if self.alive:
+            return  # stuck in a read (logged): its files and socket go with the process
         for file in self._files.values():
             file.close()
         self._socket.close()
@@ -119,7 +149,14 @@ class BlueskySource(BackgroundWorker):
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        for followed in [f for f in self._followed.values() if f.stopped]:
+            if not self._finish(followed):  # stopped while the daemon was down
+                return
+        pruned = time.monotonic()
         while not self._stopping.is_set():
+            if time.monotonic() - pruned > PRUNE_SECONDS:
+                self._prune_records()
+                pruned = time.monotonic()
             if not poller.poll(100):
                 continue
             message = self._socket.recv()
@@ -142,13 +179,24 @@ class BlueskySource(BackgroundWorker):
                      document.get("scan_id", "?"), document.get("plan_name", "?"))
         elif name == "descriptor":
             run = self._runs.setdefault(document["run_start"], _Run())
+            self._descriptors[str(document["uid"])] = str(document["run_start"])
             for key, data_key in document["data_keys"].items():
                 if isinstance(data_key, dict) and isinstance(data_key.get("shape"), list):
                     run.shapes[key] = data_key["shape"]
+                if isinstance(data_key, dict) and str(data_key.get("external", "")).startswith(
+                        "FILESTORE"):
+                    run.legacy_keys.add(key)
         elif name == "stream_resource":
             self._follow(document)
         elif name == "stream_datum":
             return self._datum(document)
+        elif name == "resource":
+            self._resources[str(document["uid"])] = document
+        elif name in ("datum", "datum_page"):
+            for datum_id, point in datums(document, name):
+                self._datums[datum_id] = (str(document["resource"]), point)
+        elif name in ("event", "event_page"):
+            return all(self._event(event) for event in events(document, name))
         elif name == "stop":
             return self._stop(document)
         return True
@@ -167,9 +215,19 @@ class BlueskySource(BackgroundWorker):
             1 if len(chunks) == 3 else None)
         if multiplier is None:
             return  # not images (a scalar or waveform beside the detector)
-        stream = frame_stream(resource, run_start, multiplier)
+        self._start_following(frame_stream(resource, run_start, multiplier))
+
+    def _start_following(self, stream: FrameStream) -> _Followed:
+        """Follow ``stream`` into the output named after its run and data key (resumed
+        where an earlier daemon left it)."""
+        run_start = stream.run_start
+        run = self._runs.get(run_start, _Run())
         local = self._local_path(stream.path)
         series = series_name(run.start, run_start or stream.uid, stream.data_key)
+        earlier = sum(f.stream.run_start == run_start and f.stream.data_key == stream.data_key
+                      for f in self._followed.values())
+        if earlier:  # the detector started another file in the same run
+            series = f"{series}_{earlier + 1}"
         output = self.out_root / f"{series}_n2s.h5"
         position = self._start_position(series, output)
         followed = _Followed(stream, str(local), series, str(output),
@@ -179,6 +237,34 @@ class BlueskySource(BackgroundWorker):
         self._remember(followed)
         log.info("run %s: following %s %s as series %s%s", run_start or "?", local,
                  stream.dataset, series, " (already written)" if followed.done else "")
+        return followed
+
+    def _event(self, event: dict[str, Any]) -> bool:
+        """Read the frames of the datums an event of an older area detector names."""
+        run_start = self._descriptors.get(str(event["descriptor"]))
+        run = self._runs.get(run_start) if run_start is not None else None
+        if run is None or run_start is None:
+            return True
+        wanted = self.options.data_key
+        for key in sorted(run.legacy_keys & set(event["data"])):
+            located = self._datums.pop(str(event["data"][key]), None)
+            if (wanted is not None and key != wanted) or located is None:
+                continue  # another detector, or its datum came before we listened
+            resource_uid, point = located
+            followed = self._followed.get(resource_uid)
+            if followed is None:
+                resource = self._resources.pop(resource_uid, None)
+                if resource is None:
+                    continue
+                followed = self._start_following(legacy_stream(resource, run_start, key))
+            if followed.done:
+                continue
+            stop_row = (point + 1) * followed.stream.multiplier
+            followed.announced = max(followed.announced, stop_row)
+            where = {"seq_nums": {"start": int(event["seq_num"])}, "indices": {"start": point}}
+            if not self._read_up_to(followed, stop_row, where):
+                return False
+        return True
 
     def _datum(self, datum: dict[str, Any]) -> bool:
         """Read and emit the frames a StreamDatum says have landed."""
@@ -186,34 +272,43 @@ class BlueskySource(BackgroundWorker):
         if followed is None or followed.done:
             return True  # not a stream we follow (another data key, not images)
         stop_row = int(datum["indices"]["stop"]) * followed.stream.multiplier
+        followed.announced = max(followed.announced, stop_row)
         return self._read_up_to(followed, stop_row, datum)
 
-    def _read_up_to(self, followed: _Followed, stop_row: int,
+    def _read_up_to(self, followed: _Followed, stop_row: int | None,
                     datum: dict[str, Any] | None = None) -> bool:
-        if stop_row <= followed.rows_read:
-            return True
-        try:
-            frames = self._dataset(followed)
-            frames.refresh()
-            available = min(stop_row, frames.shape[0])
-            block = frames[followed.rows_read : available]
-        except (OSError, KeyError) as exc:
-            self._reject("unreadable", f"{followed.local_path}: frames {followed.rows_read}-"
-                         f"{stop_row - 1} announced but not readable: {exc}")
-            self._files.pop(followed.stream.uid, None)
-            return True
-        received = time.time()
+        """Emit the frames from the last one read up to ``stop_row`` (None: all the file
+        holds), as far as the file holds them; False once the daemon stops."""
         first_seq = int(datum["seq_nums"]["start"]) if datum and "seq_nums" in datum else None
         first_event = int(datum["indices"]["start"]) if datum else 0
-        for data in block:
-            row = followed.rows_read
-            seq = (None if first_seq is None
-                   else first_seq + row // followed.stream.multiplier - first_event)
-            frame = Frame(followed.series, row, np.asarray(data), received,
-                          Path(followed.output), source_id=seq, notes=followed.notes)
-            if not self._emit(frame):
-                return False
-            followed.rows_read = row + 1
+        while stop_row is None or followed.rows_read < stop_row:
+            start = followed.rows_read
+            try:
+                frames = self._dataset(followed)
+                frames.refresh()
+                available = frames.shape[0] if stop_row is None else min(stop_row,
+                                                                          frames.shape[0])
+                block = frames[start : min(available, start + READ_BATCH)]
+            except (OSError, KeyError) as exc:
+                self._reject("unreadable", f"{followed.local_path}: frames {start}-"
+                             f"{'end' if stop_row is None else stop_row - 1} announced but "
+                             f"not readable: {exc}")
+                file = self._files.pop(followed.stream.uid, None)
+                if file is not None:
+                    file.close()
+                return True
+            if not len(block):
+                return True
+            received = time.time()
+            for data in block:
+                row = followed.rows_read
+                seq = (None if first_seq is None
+                       else first_seq + row // followed.stream.multiplier - first_event)
+                frame = Frame(followed.series, row, np.asarray(data), received,
+                              Path(followed.output), source_id=seq, notes=followed.notes)
+                if not self._emit(frame):
+                    return False
+                followed.rows_read = row + 1
         return True
 
     def _stop(self, stop: dict[str, Any]) -> bool:
@@ -221,28 +316,62 @@ class BlueskySource(BackgroundWorker):
         its file holds."""
         run_start = str(stop["run_start"])
         status = stop.get("exit_status", "?")
-        for uid, followed in list(self._followed.items()):
+        for followed in list(self._followed.values()):
             if followed.stream.run_start != run_start:
                 continue
-            if not followed.done:
-                try:
-                    total = int(self._dataset(followed).shape[0])
-                except (OSError, KeyError):
-                    total = followed.rows_read
-                if not self._read_up_to(followed, total):
-                    return False
-                if not self._emit(SeriesEnd(followed.series, followed.rows_read,
-                                            Path(followed.output))):
-                    return False
-            file = self._files.pop(uid, None)
-            if file is not None:
-                file.close()
-            del self._followed[uid]
-            (self._records / f"{_file_safe(uid)}.json").unlink(missing_ok=True)
+            followed.stopped = True
+            self._remember(followed)  # a restart before the series is written ends it
+            if not self._finish(followed):
+                return False
             log.info("run %s ended (%s): series %s, %d frames", run_start, status,
                      followed.series, followed.rows_read)
-        self._runs.pop(run_start, None)
+        self._forget_run(run_start)
         return True
+
+    def _forget_run(self, run_start: str) -> None:
+        """Drop what was kept of a run's documents once it stopped."""
+        self._runs.pop(run_start, None)
+        for uid in [u for u, run in self._descriptors.items() if run == run_start]:
+            del self._descriptors[uid]
+        ended = {u for u, f in self._stopped.items() if f.stream.run_start == run_start}
+        ended |= {u for u, r in self._resources.items() if r.get("run_start") == run_start}
+        for uid in ended:
+            self._resources.pop(uid, None)
+        for datum_id in [d for d, (resource, _) in self._datums.items() if resource in ended]:
+            del self._datums[datum_id]
+
+    def _finish(self, followed: _Followed) -> bool:
+        """End the series of a stopped run with all its file holds: frames announced but
+        not in the file are counted as missing (the end carries the announced count)."""
+        uid = followed.stream.uid
+        if not followed.done:
+            if not self._read_up_to(followed, None):
+                return False
+            if followed.rows_read < followed.announced:
+                log.warning("%s: %d frames announced, the file holds %d", followed.local_path,
+                            followed.announced, followed.rows_read)
+            end = SeriesEnd(followed.series, max(followed.rows_read, followed.announced),
+                            Path(followed.output), sender_count=True)
+            if not self._emit(end):
+                return False
+        file = self._files.pop(uid, None)
+        if file is not None:
+            file.close()
+        del self._followed[uid]
+        self._stopped[uid] = followed
+        return True
+
+    def _prune_records(self) -> None:
+        """Forget stopped runs whose series are written to the end."""
+        for uid, followed in list(self._stopped.items()):
+            try:
+                written = self._start_position(followed.series, Path(followed.output)) is None
+            except OutputError as exc:
+                log.debug("%s: not checked yet (%s)", followed.output, exc)
+                continue
+            if written or followed.done:
+                (self._records / f"{file_safe(uid)}.json").unlink(missing_ok=True)
+                del self._stopped[uid]
 
     # ---- files and state ----------------------------------------------------------------
     def _dataset(self, followed: _Followed) -> h5py.Dataset:
@@ -265,11 +394,12 @@ class BlueskySource(BackgroundWorker):
         if self._path_map:
             raise MessageError(f"{path}: under no prefix of bluesky_path_map",
                                reason="outside_root")
+        assert self.options.root is not None  # checked in __init__
         return _inside(Path(path), self.options.root, path)
 
     def _remember(self, followed: _Followed) -> None:
         record = {**asdict(followed), "stream": asdict(followed.stream)}
-        atomic_write_text(self._records / f"{_file_safe(followed.stream.uid)}.json",
+        atomic_write_text(self._records / f"{file_safe(followed.stream.uid)}.json",
                           json.dumps(record))
 
     def _load_records(self) -> dict[str, _Followed]:
@@ -286,9 +416,12 @@ class BlueskySource(BackgroundWorker):
                 continue
             position = self._start_position(item.series, Path(item.output))
             item.rows_read, item.done = position or 0, position is None
+            if item.stopped and item.done:
+                path.unlink(missing_ok=True)  # stopped, and written to the end
+                continue
             followed[stream.uid] = item
-            log.info("run %s still open: series %s continues at frame %d", stream.run_start,
-                     item.series, item.rows_read)
+            log.info("run %s %s: series %s continues at frame %d", stream.run_start,
+                     "stopped" if item.stopped else "still open", item.series, item.rows_read)
         return followed
 
 
@@ -311,6 +444,3 @@ def _inside(path: Path, root: Path, announced: str) -> Path:
                            reason="outside_root")
     return resolved
 
-
-def _file_safe(uid: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in uid)[:120]

@@ -10,24 +10,31 @@ The documents used (event-model >= 1.21): ``start`` (uid, scan_id, metadata),
 ``descriptor`` (data_keys: shape, the first axis of a rank-3 shape being frames per event),
 ``stream_resource`` (data_key, mimetype ``application/x-hdf5``, uri ``file://host/path``,
 parameters.dataset), ``stream_datum`` (stream_resource, indices {start, stop} in events,
-seq_nums) and ``stop`` (run_start, exit_status). Pure functions: no I/O.
+seq_nums) and ``stop`` (run_start, exit_status). Older ophyd area detectors announce
+frames differently: a ``resource`` (spec ``AD_HDF5``, ``root`` + ``resource_path``,
+resource_kwargs.frame_per_point), one ``datum`` per event (datum_kwargs.point_number) and
+``event`` documents whose data, for the detector's key (``external: FILESTORE:`` in the
+descriptor), is that datum's id; ``event_page`` and ``datum_page`` are their columnar forms.
+Pure functions: no I/O.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import msgpack
 
+from n2s_stream.names import file_safe
 from n2s_stream.sources.codecs import MessageError
 
 DOCUMENT_NAMES = ("start", "descriptor", "stream_resource", "stream_datum", "event", "stop",
                   "resource", "datum", "event_page", "datum_page")
 HDF5_MIMETYPES = ("application/x-hdf5",)
+LEGACY_HDF5_SPECS = {"AD_HDF5": "/entry/data/data", "AD_HDF5_SWMR": "/entry/data/data"}
+"""Resource specs of areaDetector HDF5 files (area-detector-handlers) and their dataset."""
 _MSGPACK_MAP = set(range(0x81, 0x90)) | {0xDE, 0xDF}
 _REQUIRED = {
     "start": ("uid",),
@@ -35,6 +42,11 @@ _REQUIRED = {
     "stream_resource": ("uid", "data_key", "mimetype", "uri", "parameters"),
     "stream_datum": ("stream_resource", "indices"),
     "stop": ("run_start",),
+    "resource": ("uid", "spec", "resource_path"),
+    "datum": ("datum_id", "resource", "datum_kwargs"),
+    "datum_page": ("datum_id", "resource", "datum_kwargs"),
+    "event": ("descriptor", "data", "seq_num"),
+    "event_page": ("descriptor", "data", "seq_num"),
 }
 
 
@@ -114,12 +126,53 @@ def frame_stream(resource: dict[str, Any], run_start: str,
                        unquote(uri.path), dataset, multiplier)
 
 
+def legacy_stream(resource: dict[str, Any], run_start: str, data_key: str) -> FrameStream:
+    """The frame stream of an older ``resource`` document, for the data key whose events
+    name its datums; `MessageError` (``unsupported``) for a spec that is not an
+    areaDetector HDF5 file."""
+    dataset = LEGACY_HDF5_SPECS.get(str(resource["spec"]))
+    if dataset is None:
+        raise MessageError(f"resource {resource['uid']}: spec {resource['spec']!r} is not "
+                           f"one of {', '.join(LEGACY_HDF5_SPECS)}", reason="unsupported")
+    root = str(resource.get("root") or "")
+    path = str(resource["resource_path"])
+    if root:
+        path = root.rstrip("/") + "/" + path.lstrip("/")
+    kwargs = resource.get("resource_kwargs") or {}
+    per_point = kwargs.get("frame_per_point", 1)
+    if not isinstance(per_point, int) or per_point < 1:
+        raise MessageError(f"resource {resource['uid']}: frame_per_point {per_point!r} is not "
+                           "a positive integer", reason="bad_document")
+    return FrameStream(str(resource["uid"]), run_start, data_key, path, dataset, per_point)
+
+
+def datums(document: dict[str, Any], name: str) -> list[tuple[str, int]]:
+    """``(datum_id, point_number)`` of a ``datum`` or ``datum_page`` document."""
+    if name == "datum":
+        point = document["datum_kwargs"].get("point_number")
+        return [(str(document["datum_id"]), int(point))] if isinstance(point, int) else []
+    points = document["datum_kwargs"].get("point_number") or []
+    return [(str(datum_id), int(point))
+            for datum_id, point in zip(document["datum_id"], points, strict=False)
+            if isinstance(point, int)]
+
+
+def events(document: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The events of an ``event`` or ``event_page`` document (descriptor, seq_num, data)."""
+    if name == "event":
+        return [document]
+    columns = document["data"]
+    return [{"descriptor": document["descriptor"], "seq_num": seq,
+             "data": {key: values[i] for key, values in columns.items() if i < len(values)}}
+            for i, seq in enumerate(document["seq_num"])]
+
+
 def series_name(start: dict[str, Any] | None, run_start: str, data_key: str) -> str:
     """The output's series name: the scan number and the run uid's first 8 characters (as
     users find runs), then the detector's data key; file-name safe."""
     scan = start.get("scan_id") if start else None
     stem = f"scan{scan}_{run_start[:8]}" if isinstance(scan, int) else run_start[:8]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}_{data_key}").strip("._-")[:120]
+    return file_safe(f"{stem}_{data_key}")
 
 
 def start_notes(start: dict[str, Any] | None, data_key: str) -> dict[str, str]:

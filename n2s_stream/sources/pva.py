@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import numpy as np
 from n2s_stream.config import DaemonConfig, PvaOptions
 from n2s_stream.errors import OutputError, UsageError
 from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.names import file_safe
 from n2s_stream.sources import Emit, Reject, SourceContext
 from n2s_stream.sources.codecs import MessageError
 from n2s_stream.sources.ntndarray import NDArrayFrame, decode
@@ -48,15 +48,15 @@ ACQUIRE_DRAIN = 1.0
 """Seconds without frames after Acquire went to 0 that end the series."""
 
 
-def safe_name(pv: str) -> str:
+def pv_file_name(pv: str) -> str:
     """``pv`` as a file name (no separators, no leading dots)."""
-    return (re.sub(r"[^A-Za-z0-9._-]+", "_", pv).strip("._-") or "pva")[:80]
+    return file_safe(pv, limit=80, fallback="pva")
 
 
 def series_name(pv: str, started: float) -> str:
     """A file-name-safe series name that sorts by time: the PV name and the start time."""
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(started))
-    return f"{safe_name(pv)}_{stamp}_{int(started * 1000) % 1000:03d}"
+    return f"{pv_file_name(pv)}_{stamp}_{int(started * 1000) % 1000:03d}"
 
 
 @dataclass
@@ -103,7 +103,7 @@ class PvaSource(BackgroundWorker):
             raise UsageError("--pva needs the optional extra: pip install "
                              "'n2s-stream[pva]'") from exc
         self.options, self.out_root = options, out_root
-        self._record = state_dir / "pva" / f"{safe_name(options.pv)}.json"
+        self._record = state_dir / "pva" / f"{pv_file_name(options.pv)}.json"
         self._emit, self._reject, self._refused = emit, reject, refused
         self._context = Context("pva", nt=False)
         self._subscriptions: list[Any] = []
