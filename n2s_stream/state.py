@@ -10,6 +10,7 @@ remembers which series are complete and where unfinished ones are being written.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -258,6 +259,27 @@ class StateDir:
             raise UsageError(f"{self.root}: state directory is not writable: {exc}") from exc
         self.series_headers = SeriesHeaders(self.root / "series_headers")
         self.ledger = SeriesLedger(self.root / "ledger.jsonl", self.write_failed)
+
+    def claim(self) -> None:
+        """Hold the state dir for this process (an exclusive lock on ``daemon.lock``,
+        released when the process ends, however): a second daemon on the same state dir is
+        a usage error, since both would append to the same spools and outputs, and the
+        flags a crashed writer left are only cleared while no live one can hold them."""
+        path = self.root / "daemon.lock"
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise UsageError(f"{self.root}: state directory in use by another n2s-stream "
+                             f"(pid {holder}); give each daemon its own --state-dir") from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._claim = handle  # kept open: the lock lives as long as this file handle
 
     def start_position(self, series: str, output: Path) -> int | None:
         """Next source frame to read for ``series``; None when it is already complete."""

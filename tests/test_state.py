@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from n2s_stream.checkpoint import save_checkpoint
+from n2s_stream.errors import UsageError
 from n2s_stream.metrics import Metrics, MetricsServer, scrape
 from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.masking import MaskerConfig
@@ -171,3 +173,12 @@ def test_output_keeps_detector_time_and_attributes_and_resumes_an_older_layout(t
         assert provenance["attributes/Temp"][()].tolist() == [1.0, 2.0, 4.0]
         assert np.isnan(provenance["attributes/a_b"][()]).tolist() == [True, False, True]
         assert sorted(provenance["attributes"]) == ["Temp", "a_b"]
+
+
+def test_a_state_dir_is_held_by_one_daemon_at_a_time(tmp_path):
+    first = StateDir(tmp_path)
+    first.claim()
+    with pytest.raises(UsageError, match=rf"in use by another n2s-stream \(pid {os.getpid()}\)"):
+        StateDir(tmp_path).claim()
+    first._claim.close()  # the process ended: the lock goes with it
+    StateDir(tmp_path).claim()
