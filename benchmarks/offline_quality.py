@@ -104,7 +104,7 @@ def classical(noisy: np.ndarray, clean: np.ndarray, dose: float) -> dict[str, di
 
 
 def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namespace,
-        denoised_out: dict[str, np.ndarray] | None = None) -> dict:
+        denoised_out: dict[str, np.ndarray] | None = None, grid_size: int = 4) -> dict:
     """Train our UNet on the noisy stack for ``budget`` seconds, then denoise it both ways
     (the denoised stacks go into ``denoised_out`` by mode, when given)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +117,7 @@ def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namesp
             h5=source, device="cpu", width=args.width, depth=args.depth, patch=args.patch,
             batch=args.batch, epochs=1000, steps_per_epoch=50, max_seconds=args.budget,
             lr=args.lr, out_dir=Path(tmp) / "runs", progress=False, residual=args.residual,
+            grid_size=grid_size,
         )
         started = time.perf_counter()
         result = train(config)

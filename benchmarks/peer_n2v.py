@@ -1,12 +1,16 @@
-"""CAREamics Noise2Void on given noisy stacks, for ``peer_quality.py`` to score.
+"""CAREamics Noise2Void (and N2V2) on given noisy stacks, for ``peer_quality.py`` to score.
 
 Runs inside the peer's own virtual environment (``make bench-peers`` makes ``.venv-peers``:
 CAREamics pins an older torch than n2s-stream), so it needs only numpy and careamics: it
 reads the noisy stacks from an ``.npz`` (one array per dose), trains N2V on each stack for a
 fixed wall-clock budget, denoises the same stack and writes the results to another ``.npz``
 plus a JSON of training facts. The scoring against the clean tiles happens in the caller.
+``--variants n2v n2v2`` runs both: N2V2 (Hoeck et al. 2022; ``use_n2v2=True``: blur-pool
+UNet without the top skip, median pixel replacement) is the variant CAREamics recommends
+against N2V's checkerboard artefacts.
 
-    .venv-peers/bin/python benchmarks/peer_n2v.py --data noisy.npz --out denoised.npz --budget 90
+    .venv-peers/bin/python benchmarks/peer_n2v.py --data noisy.npz --out denoised.npz \
+        --budget 90 --variants n2v n2v2
 """
 
 from __future__ import annotations
@@ -44,12 +48,12 @@ class StopAfter(Callback):
 
 
 def train_and_denoise(noisy: np.ndarray, budget: float, patch: int, batch: int,
-                      work_dir: Path) -> tuple[np.ndarray, dict]:
-    """N2V as its documentation sets it up for a 2-D stack (``axes="SYX"``), trained for
-    ``budget`` seconds, then applied to the whole stack."""
+                      work_dir: Path, n2v2: bool = False) -> tuple[np.ndarray, dict]:
+    """N2V (or N2V2) as its documentation sets it up for a 2-D stack (``axes="SYX"``),
+    trained for ``budget`` seconds, then applied to the whole stack."""
     config = create_n2v_config(
-        experiment_name="peer_n2v", data_type="array", axes="SYX",
-        patch_size=[patch, patch], batch_size=batch, num_epochs=10_000,
+        experiment_name="peer_n2v2" if n2v2 else "peer_n2v", data_type="array", axes="SYX",
+        patch_size=[patch, patch], batch_size=batch, num_epochs=10_000, use_n2v2=n2v2,
     )
     stop = StopAfter(budget)
     careamist = CAREamist(config, work_dir=work_dir, callbacks=[stop],
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--variants", nargs="+", choices=["n2v", "n2v2"], default=["n2v"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning").setLevel(logging.WARNING)
@@ -83,11 +88,14 @@ def main() -> None:
     stacks = dict(np.load(args.data))
     denoised, facts = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, noisy in stacks.items():
-            denoised[name], facts[name] = train_and_denoise(
-                noisy.astype(np.float32), args.budget, args.patch, args.batch, Path(tmp) / name)
-            print(f"{name}: {facts[name]['steps']} steps in {facts[name]['train_seconds']:.0f} s",
-                  flush=True)
+        for variant in args.variants:
+            for name, noisy in stacks.items():
+                key = f"{variant}__{name}"
+                denoised[key], facts[key] = train_and_denoise(
+                    noisy.astype(np.float32), args.budget, args.patch, args.batch,
+                    Path(tmp) / key, n2v2=variant == "n2v2")
+                print(f"{key}: {facts[key]['steps']} steps in "
+                      f"{facts[key]['train_seconds']:.0f} s", flush=True)
     np.savez(args.out, **denoised)
     import careamics
 

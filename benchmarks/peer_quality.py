@@ -1,11 +1,12 @@
 """n2s-stream against a peer self-supervised library, same data, same machine, one run.
 
-The peer is CAREamics' Noise2Void, which pins an older torch than ours and so lives in its
-own virtual environment (``make bench-peers`` makes ``.venv-peers`` and runs this script).
-For each dose the photograph tiles of ``offline_quality.py`` get the same Poisson noise
-(same seed); n2s-stream's ``train`` and CAREamics N2V (``peer_n2v.py``, in the peer's
-Python) each train on the noisy stack alone for the same wall-clock budget with the same
-torch threads, one after the other, then denoise it. PSNR/SSIM against the clean tiles are
+The peer is CAREamics' Noise2Void and its recommended N2V2 variant, which pin an older
+torch than ours and so live in their own virtual environment (``make bench-peers`` makes
+``.venv-peers`` and runs this script). For each dose the photograph tiles of
+``offline_quality.py`` get the same Poisson noise (same seed); n2s-stream's ``train``,
+CAREamics N2V and N2V2 (``peer_n2v.py``, in the peer's Python) each train on the noisy
+stack alone for the same wall-clock budget with the same torch threads, one after the
+other, then denoise it. PSNR/SSIM against the clean tiles are
 computed here, by the same code for both. Writes ``benchmarks/results/peer_quality.json``.
 
     make bench-peers                                          # 3 doses, 90 s each per method
@@ -30,6 +31,7 @@ from n2s_stream.config import TrainConfig
 from n2s_stream.quality import mean_ssim, psnr
 
 PEER_SCRIPT = Path(__file__).with_name("peer_n2v.py")
+VARIANTS = ("n2v", "n2v2")
 
 
 def score(clean: np.ndarray, estimate: np.ndarray, dose: float) -> dict[str, float]:
@@ -40,11 +42,13 @@ def score(clean: np.ndarray, estimate: np.ndarray, dose: float) -> dict[str, flo
 
 def run_peer(python: Path, noisy: dict[str, np.ndarray], budget: float, threads: int,
              tmp: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Denoise each stack with CAREamics N2V in the peer's interpreter."""
+    """Denoise each stack with CAREamics N2V and N2V2 in the peer's interpreter; keys
+    ``<variant>__<stack>``."""
     data, out = tmp / "noisy.npz", tmp / "peer.npz"
     np.savez(data, **noisy)
     subprocess.run([str(python), str(PEER_SCRIPT), "--data", str(data), "--out", str(out),
-                    "--budget", str(budget), "--threads", str(threads)], check=True)
+                    "--budget", str(budget), "--threads", str(threads),
+                    "--variants", *VARIANTS], check=True)
     denoised = dict(np.load(out))
     return denoised, json.loads(out.with_suffix(".json").read_text())
 
@@ -80,25 +84,27 @@ def main() -> None:
         peer, peer_facts = run_peer(args.peer_python, noisy, peer_budget, threads, Path(tmp))
     for (name, stack), dose in zip(noisy.items(), args.doses, strict=True):
         rows.append({
-            "dose": dose, "noisy": score(clean, stack, dose),
-            "n2s_stream": ours[name],
-            "careamics_n2v": score(clean, peer[name], dose) | peer_facts["stacks"][name],
-        })
+            "dose": dose, "noisy": score(clean, stack, dose), "n2s_stream": ours[name]}
+            | {f"careamics_{variant}": score(clean, peer[f"{variant}__{name}"], dose)
+               | peer_facts["stacks"][f"{variant}__{name}"] for variant in VARIANTS})
     print(f"{'dose':>5} | {'noisy':>12} | {'n2s-stream':>12} | {'CAREamics N2V':>13} | "
-          f"{'ours - peer':>11} | training steps ours / peer in {args.budget:g} / "
-          f"{peer_budget:g} s")
+          f"{'N2V2':>12} | {'ours - best peer':>16} | training steps ours / N2V / N2V2 in "
+          f"{args.budget:g} / {peer_budget:g} s")
     for row in rows:
-        ours_row, peer_row = row["n2s_stream"]["single_pass"], row["careamics_n2v"]
+        ours_row = row["n2s_stream"]["single_pass"]
+        n2v, n2v2 = row["careamics_n2v"], row["careamics_n2v2"]
+        best = max(n2v["psnr"], n2v2["psnr"])
         print(f"{row['dose']:5g} | {row['noisy']['psnr']:5.2f}/{row['noisy']['ssim']:.3f} | "
               f"{ours_row['psnr']:5.2f}/{ours_row['ssim']:.3f} | "
-              f"{peer_row['psnr']:6.2f}/{peer_row['ssim']:.3f} | "
-              f"{ours_row['psnr'] - peer_row['psnr']:+8.2f} dB | "
-              f"{row['n2s_stream']['steps']} / {peer_row['steps']}")
+              f"{n2v['psnr']:6.2f}/{n2v['ssim']:.3f} | {n2v2['psnr']:5.2f}/{n2v2['ssim']:.3f} | "
+              f"{ours_row['psnr'] - best:+13.2f} dB | "
+              f"{row['n2s_stream']['steps']} / {n2v['steps']} / {n2v2['steps']}")
     report = {
         "benchmark": "peer_quality",
         "machine": f"{platform.machine()}, {threads} torch threads",
         "ours": f"n2s-stream train, torch {torch.__version__}",
-        "peer": f"CAREamics {peer_facts['careamics']} Noise2Void, torch {peer_facts['torch']}",
+        "peer": f"CAREamics {peer_facts['careamics']} Noise2Void and N2V2, "
+                f"torch {peer_facts['torch']}",
         "frames": f"{len(clean)} tiles {args.tile}x{args.tile} (offline_quality.photo_tiles)",
         "settings": vars(args) | {"out": str(args.out), "peer_python": str(args.peer_python)},
         "rows": rows,

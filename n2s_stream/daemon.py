@@ -115,8 +115,8 @@ class Daemon:
         device = resolve_device(config.inference.device)
         check_engine(config.inference.engine, device)
         state = self._state = StateDir(config.service.state_dir,
-                                       on_write_error=self.metrics.state_write_errors.inc)
-        state.claim()
+                                       on_write_error=self.metrics.state_write_errors.inc,
+                                       claim=True)
         self.metrics.unwritten_at_last_stop.set(state.last_stop_unwritten())
         checkpoint = state.starting_checkpoint(model_from=config.training.model_from,
                                                ckpt=config.training.ckpt)

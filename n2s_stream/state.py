@@ -246,7 +246,8 @@ class SeriesLedger:
 class StateDir:
     """Checkpoints and ledger under one directory, created if needed."""
 
-    def __init__(self, root: Path, on_write_error: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, root: Path, on_write_error: Callable[[], None] = lambda: None, *,
+                 claim: bool = False) -> None:
         self.root = Path(root)
         self._on_write_error = on_write_error
         self.checkpoints = self.root / "checkpoints"
@@ -257,29 +258,30 @@ class StateDir:
             probe.unlink()
         except OSError as exc:
             raise UsageError(f"{self.root}: state directory is not writable: {exc}") from exc
+        if claim:
+            self._claim()
         self.series_headers = SeriesHeaders(self.root / "series_headers")
         self.ledger = SeriesLedger(self.root / "ledger.jsonl", self.write_failed)
 
-    def claim(self) -> None:
-        """Hold the state dir for this process (an exclusive lock on ``daemon.lock``,
-        released when the process ends, however): a second daemon on the same state dir is
-        a usage error, since both would append to the same spools and outputs, and the
-        flags a crashed writer left are only cleared while no live one can hold them."""
+    def _claim(self) -> None:
+        """Hold the state dir for this process: an exclusive lock on ``daemon.lock``, on a
+        read-only handle (a state dir must stay remountable read-only), released when the
+        process ends, however. A second daemon on the same state dir would append to the
+        same ledger, spools and outputs: a usage error, raised before anything is written."""
         path = self.root / "daemon.lock"
-        handle = path.open("a+")
+        try:
+            handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot be opened: {exc}") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            handle.close()
+            os.close(handle)
+            holder = path.read_text().strip() or "?"
             raise UsageError(f"{self.root}: state directory in use by another n2s-stream "
                              f"(pid {holder}); give each daemon its own --state-dir") from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._claim = handle  # kept open: the lock lives as long as this file handle
+        path.write_text(f"{os.getpid()}\n")
+        self._lock_fd = handle  # kept open: the lock lives as long as this descriptor
 
     def start_position(self, series: str, output: Path) -> int | None:
         """Next source frame to read for ``series``; None when it is already complete."""

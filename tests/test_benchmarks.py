@@ -169,10 +169,12 @@ def test_peer_quality_runs(tmp_path):
         str(PEER_PYTHON), out=tmp_path / "p.json", timeout=600)
     (row,) = report["rows"]
     assert row["careamics_n2v"]["steps"] > 0 and row["n2s_stream"]["steps"] > 0
+    assert row["careamics_n2v2"]["steps"] > 0
     # two seconds are too few for either denoiser to beat the noisy input reliably (N2V
     # scored 13.1 dB against the input's 16.1 once): the 90 s benchmark judges quality,
     # this checks that both were scored, on the same tiles, by the same code
-    scores = [row["noisy"], row["n2s_stream"]["single_pass"], row["careamics_n2v"]]
+    scores = [row["noisy"], row["n2s_stream"]["single_pass"], row["careamics_n2v"],
+              row["careamics_n2v2"]]
     assert all(0 < score["psnr"] < 60 for score in scores), scores
     assert "CAREamics N2V" in stdout
 
@@ -204,3 +206,14 @@ def test_pretrained_start_runs(tmp_path):
                               "--doses", "20", out=tmp_path / "p.json", timeout=600)
     (row,) = report["rows"]
     assert row["pretrained"]["all"] > row["noisy"] and row["from scratch"]["all"] > row["noisy"]
+
+
+@pytest.mark.slow  # 20 s; tests/test_unblind.py covers the un-blind step
+def test_n2s_levers_runs(tmp_path):
+    stdout, report = run_benchmark(
+        "n2s_levers.py", "--doses", "20", "--budget", "2", "--tiles", "4", "--tile", "64",
+        "--grids", "4", "2", out=tmp_path / "l.json", timeout=600)
+    (row,) = report["rows"]
+    assert set(row["grids"]) == {"4", "2"}
+    assert 0 < row["unblind_frame"]["psnr"] < 60 and 0 < row["unblind_local15"]["psnr"] < 60
+    assert "un-blind" in stdout

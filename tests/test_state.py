@@ -176,9 +176,11 @@ def test_output_keeps_detector_time_and_attributes_and_resumes_an_older_layout(t
 
 
 def test_a_state_dir_is_held_by_one_daemon_at_a_time(tmp_path):
-    first = StateDir(tmp_path)
-    first.claim()
+    first = StateDir(tmp_path, claim=True)
+    first.record("s", output=tmp_path / "s_n2s.h5", written=3, finished=True)
+    ledger = (tmp_path / "ledger.jsonl").read_text()
     with pytest.raises(UsageError, match=rf"in use by another n2s-stream \(pid {os.getpid()}\)"):
-        StateDir(tmp_path).claim()
-    first._claim.close()  # the process ended: the lock goes with it
-    StateDir(tmp_path).claim()
+        StateDir(tmp_path, claim=True)
+    assert (tmp_path / "ledger.jsonl").read_text() == ledger  # refused before touching it
+    os.close(first._lock_fd)  # the process ended: the lock goes with it
+    StateDir(tmp_path, claim=True)
