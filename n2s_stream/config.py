@@ -285,6 +285,9 @@ class BlueskyOptions:
                                help="without path_map: announced files must lie under this "
                                     "folder (one of the two is required)")
     max_message_mb: int = option(16, min=1, help="larger documents are refused")
+    idle_end_seconds: float = option(600.0, min=1, help="a run with no document for this "
+                                     "long has its series ended with what its file holds "
+                                     "(its stop may be lost); it resumes if the run does")
 
 
 @dataclass(frozen=True)

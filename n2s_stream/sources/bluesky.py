@@ -60,7 +60,14 @@ RECEIVE_LIMIT = 100_000
 """Documents held in the socket while the daemon is busy (beyond: the proxy drops them)."""
 
 PRUNE_SECONDS = 10.0
-"""How often records of stopped runs are checked for series written to the end."""
+"""How often records of stopped runs are checked for series written to the end (and open
+runs for silence)."""
+
+DATUMS_KEPT = 100_000
+"""Datums waiting for their event; beyond, the oldest are forgotten."""
+
+STALE_RECORD_DAYS = 7.0
+"""A record of a run still open after this long is dropped at start (its stop was lost)."""
 
 
 @dataclass
@@ -87,6 +94,9 @@ class _Followed:
     done: bool = False  # an earlier run wrote all of it
     announced: int = 0  # frames the StreamDatum documents said have landed
     stopped: bool = False  # the run's RunStop came (its series was ended)
+    descriptors: list[str] = field(default_factory=list)  # older resources: whose events
+    idle_ended: bool = False  # ended for silence; resumes if documents come again
+    heard: float = 0.0  # time.monotonic() of its last document (this process)
 
 
 class BlueskySource(BackgroundWorker):
@@ -150,12 +160,13 @@ class BlueskySource(BackgroundWorker):
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         for followed in [f for f in self._followed.values() if f.stopped]:
-            if not self._finish(followed):  # stopped while the daemon was down
+            if not self._guarded(self._finish, followed):  # stopped while the daemon was down
                 return
         pruned = time.monotonic()
         while not self._stopping.is_set():
             if time.monotonic() - pruned > PRUNE_SECONDS:
-                self._prune_records()
+                if not self._guarded(self._housekeeping):
+                    return
                 pruned = time.monotonic()
             if not poller.poll(100):
                 continue
@@ -169,6 +180,42 @@ class BlueskySource(BackgroundWorker):
             except Exception as exc:  # a bug met by an odd document must not stop the feed
                 log.exception("handling a Bluesky document failed")
                 self._reject("internal_error", f"{self.options.endpoint}: {exc}")
+
+    def _guarded(self, step: Any, *args: Any) -> bool:
+        """Run a step outside the handling of a document; an error is logged and counted,
+        not fatal. False once the daemon stops."""
+        try:
+            return step(*args) is not False
+        except Exception as exc:
+            log.exception("Bluesky source: %s failed", getattr(step, "__name__", step))
+            self._reject("internal_error", f"{self.options.endpoint}: {exc}")
+            return True
+
+    def _housekeeping(self) -> bool:
+        """Forget stopped runs whose series are written; end the series of open runs that
+        have been silent for ``bluesky_idle_end_seconds`` (their RunStop may have been
+        lost, or sent while the daemon was down)."""
+        self._prune_records()
+        now = time.monotonic()
+        for followed in list(self._followed.values()):
+            if (followed.done or followed.stopped or followed.idle_ended
+                    or now - followed.heard < self.options.idle_end_seconds):
+                continue
+            log.warning("run %s: no document for %.0f s: series %s ends with what %s holds "
+                        "(it continues if the run does)", followed.stream.run_start,
+                        now - followed.heard, followed.series, followed.local_path)
+            if not self._read_up_to(followed, None):
+                return False
+            followed.idle_ended = True
+            if not self._emit(SeriesEnd(followed.series, max(followed.rows_read,
+                                                             followed.announced),
+                                        Path(followed.output), sender_count=True,
+                                        complete=False)):
+                return False
+            file = self._files.pop(followed.stream.uid, None)
+            if file is not None:
+                file.close()
+        return True
 
     # ---- documents ----------------------------------------------------------------------
     def _handle(self, name: str, document: dict[str, Any]) -> bool:
@@ -195,6 +242,9 @@ class BlueskySource(BackgroundWorker):
         elif name in ("datum", "datum_page"):
             for datum_id, point in datums(document, name):
                 self._datums[datum_id] = (str(document["resource"]), point)
+            if len(self._datums) > DATUMS_KEPT:  # datums of events we will never see
+                for datum_id in list(self._datums)[: DATUMS_KEPT // 10]:
+                    del self._datums[datum_id]
         elif name in ("event", "event_page"):
             return all(self._event(event) for event in events(document, name))
         elif name == "stop":
@@ -215,11 +265,13 @@ class BlueskySource(BackgroundWorker):
             1 if len(chunks) == 3 else None)
         if multiplier is None:
             return  # not images (a scalar or waveform beside the detector)
-        self._start_following(frame_stream(resource, run_start, multiplier))
+        self._remember(self._start_following(frame_stream(resource, run_start, multiplier)))
 
     def _start_following(self, stream: FrameStream) -> _Followed:
         """Follow ``stream`` into the output named after its run and data key (resumed
         where an earlier daemon left it)."""
+        if stream.uid in self._followed:  # the same document again (a second Publisher)
+            return self._followed[stream.uid]
         run_start = stream.run_start
         run = self._runs.get(run_start, _Run())
         local = self._local_path(stream.path)
@@ -232,45 +284,68 @@ class BlueskySource(BackgroundWorker):
         position = self._start_position(series, output)
         followed = _Followed(stream, str(local), series, str(output),
                              start_notes(run.start, stream.data_key), position or 0,
-                             done=position is None)
+                             done=position is None, heard=time.monotonic())
         self._followed[stream.uid] = followed
-        self._remember(followed)
         log.info("run %s: following %s %s as series %s%s", run_start or "?", local,
                  stream.dataset, series, " (already written)" if followed.done else "")
         return followed
 
     def _event(self, event: dict[str, Any]) -> bool:
-        """Read the frames of the datums an event of an older area detector names."""
-        run_start = self._descriptors.get(str(event["descriptor"]))
+        """Read the frames of the datums an event of an older area detector names (each
+        image key on its own: one that cannot be followed is counted, the others go on)."""
+        descriptor = str(event["descriptor"])
+        run_start = self._descriptors.get(descriptor)
         run = self._runs.get(run_start) if run_start is not None else None
-        if run is None or run_start is None:
+        if run is None or run_start is None:  # a run we joined late: its datums go too
+            for value in event["data"].values():
+                if isinstance(value, str):
+                    self._datums.pop(value, None)
             return True
         wanted = self.options.data_key
         for key in sorted(run.legacy_keys & set(event["data"])):
             located = self._datums.pop(str(event["data"][key]), None)
             if (wanted is not None and key != wanted) or located is None:
                 continue  # another detector, or its datum came before we listened
-            resource_uid, point = located
-            followed = self._followed.get(resource_uid)
-            if followed is None:
-                resource = self._resources.pop(resource_uid, None)
-                if resource is None:
-                    continue
-                followed = self._start_following(legacy_stream(resource, run_start, key))
-            if followed.done:
+            try:
+                followed = self._legacy_followed(located[0], run, run_start, key, descriptor)
+            except MessageError as exc:
+                self._reject(exc.reason, f"{self.options.endpoint}: {key}: {exc}")
                 continue
-            stop_row = (point + 1) * followed.stream.multiplier
+            if followed is None or followed.done:
+                continue
+            followed.heard, followed.idle_ended = time.monotonic(), False
+            stop_row = (located[1] + 1) * followed.stream.multiplier
             followed.announced = max(followed.announced, stop_row)
-            where = {"seq_nums": {"start": int(event["seq_num"])}, "indices": {"start": point}}
+            where = {"seq_nums": {"start": int(event["seq_num"])},
+                     "indices": {"start": located[1]}}
             if not self._read_up_to(followed, stop_row, where):
                 return False
         return True
+
+    def _legacy_followed(self, resource_uid: str, run: _Run, run_start: str, key: str,
+                         descriptor: str) -> _Followed | None:
+        """The followed stream of an older resource, followed from its first event on
+        (None: the resource came before we listened, or the key is not images)."""
+        followed = self._followed.get(resource_uid)
+        if followed is not None:
+            return followed
+        shape = run.shapes.get(key)
+        if shape is not None and frames_per_event(shape) is None:
+            return None  # a waveform or scalar kept in files
+        resource = self._resources.pop(resource_uid, None)
+        if resource is None:
+            return None
+        followed = self._start_following(legacy_stream(resource, run_start, key))
+        followed.descriptors = [descriptor]
+        self._remember(followed)
+        return followed
 
     def _datum(self, datum: dict[str, Any]) -> bool:
         """Read and emit the frames a StreamDatum says have landed."""
         followed = self._followed.get(str(datum["stream_resource"]))
         if followed is None or followed.done:
             return True  # not a stream we follow (another data key, not images)
+        followed.heard, followed.idle_ended = time.monotonic(), False
         stop_row = int(datum["indices"]["stop"]) * followed.stream.multiplier
         followed.announced = max(followed.announced, stop_row)
         return self._read_up_to(followed, stop_row, datum)
@@ -416,9 +491,19 @@ class BlueskySource(BackgroundWorker):
                 continue
             position = self._start_position(item.series, Path(item.output))
             item.rows_read, item.done = position or 0, position is None
+            item.heard, item.idle_ended = time.monotonic(), False
             if item.stopped and item.done:
                 path.unlink(missing_ok=True)  # stopped, and written to the end
                 continue
+            if not item.stopped and time.time() - path.stat().st_mtime > STALE_RECORD_DAYS * 86400:
+                log.warning("run %s: open for more than %g days; its stop was lost: series %s "
+                            "is not followed any more", stream.run_start, STALE_RECORD_DAYS,
+                            item.series)
+                path.unlink(missing_ok=True)
+                continue
+            for descriptor in item.descriptors:  # an older detector's events find it again
+                self._descriptors[descriptor] = stream.run_start
+                self._runs.setdefault(stream.run_start, _Run()).legacy_keys.add(stream.data_key)
             followed[stream.uid] = item
             log.info("run %s %s: series %s continues at frame %d", stream.run_start,
                      "stopped" if item.stopped else "still open", item.series, item.rows_read)
