@@ -167,6 +167,7 @@ class Refiner(BackgroundWorker):
             return
         if done and self._publish(spool_path, output):
             spool_path.unlink()
+            self._tell_listeners(output)
 
     def _refine_into_spool(self, spool: h5py.File, rows: np.ndarray, output: Path) -> bool:
         """Refine the frames of ``rows`` (the output's source frames, in order) that the
@@ -215,6 +216,8 @@ class Refiner(BackgroundWorker):
             finally:
                 self._busy = False
             keep = row_indices >= start
+            if keep.any() and not self._wait_for_space(spool.filename, denoised[keep].nbytes):
+                return False
             if keep.any():
                 n = refined.shape[0]
                 for ds, values in ((refined, denoised[keep]),
@@ -232,7 +235,7 @@ class Refiner(BackgroundWorker):
         holds the output open or its disk is nearly full (tried again later)."""
         with h5py.File(spool_path, "r") as spool:
             refined, versions = spool["refined"], spool["refined_version"]
-            if not self._wait_for_space(output, refined.nbytes):
+            if not self._wait_for_space(str(output), refined.nbytes):
                 return False
             try:
                 writer = RefinedWriter(output, description=self._description())
@@ -250,16 +253,24 @@ class Refiner(BackgroundWorker):
                 writer.close()
         self._said.discard(f"busy {output}")
         log.info("wrote %d refined frames to %s", writer.n_live, output)
-        for listener in self._on_published:
-            listener(output)
         return True
 
-    def _wait_for_space(self, output: Path, nbytes: int) -> bool:
-        """Hold refined frames while the output disk would keep less than twice the live
-        writer's reserve: they never take the space live frames need."""
-        while free_bytes(output.parent) < 2 * self.min_free_bytes + nbytes:
-            self._say_once("space", f"refining waits: the output disk of {output} is "
-                                    "nearly full")
+    def _tell_listeners(self, output: Path) -> None:
+        """Tell the listeners (the Tiled sink) of refined frames appended to ``output``;
+        a listener's failure is theirs, logged, never the refinement's."""
+        for listener in self._on_published:
+            try:
+                listener(output)
+            except Exception:
+                log.exception("telling %s of the refined frames of %s failed", listener,
+                              output)
+
+    def _wait_for_space(self, file: str, nbytes: int) -> bool:
+        """Hold refined frames while the disk of ``file`` (the spool, the output) would
+        keep less than twice the live writer's reserve: they never take the space live
+        frames, checkpoints and the ledger need."""
+        while free_bytes(Path(file).parent) < 2 * self.min_free_bytes + nbytes:
+            self._say_once("space", f"refining waits: the disk of {file} is nearly full")
             if self._stopping.wait(5.0):
                 return False
         self._said.discard("space")

@@ -215,20 +215,22 @@ def _series(spool: RawSpool, series: str, n: int, output: Path, *, end: bool = T
         spool.end_series(SeriesEnd(series, n, output))
 
 
-def test_spools_stay_within_their_cap_dropping_the_oldest_first(tmp_path):
+def test_spools_stay_within_their_cap_dropping_idle_ones_first(tmp_path):
     state = StateDir(tmp_path / "state")
     spool = RawSpool(tmp_path / "state" / "refine", state=state, max_bytes=80 * 1024)
-    for name in ("a", "b", "c"):  # 20 frames each: 10 KB, 25 KB a spool with its overhead
-        _series(spool, name, 20, tmp_path / f"{name}_n2s.h5")
+    for name in ("a", "b"):  # 20 frames each: 10 KB, 25 KB a spool with its overhead
+        _series(spool, name, 20, tmp_path / f"{name}_n2s.h5", end=False)  # went idle
+        spool.end_series(SeriesEnd(name, 20, tmp_path / f"{name}_n2s.h5", complete=False))
         time.sleep(0.01)
-    assert len(list(spool.root.glob("*" + READY_SUFFIX))) == 3
-    _series(spool, "d", 40, tmp_path / "d_n2s.h5")  # 35 KB: a (oldest) goes, then b
-    ready = sorted(p.name.split("-")[0] for p in spool.root.glob("*" + READY_SUFFIX))
-    assert ready == ["c", "d"]
+    _series(spool, "c", 20, tmp_path / "c_n2s.h5")  # ready to be refined
+    _series(spool, "d", 40, tmp_path / "d_n2s.h5")  # 35 KB: idle a (oldest) goes, then b
+    names = sorted(p.name.split("-")[0] for p in spool.root.iterdir())
+    assert names == ["c", "d"] and all(p.name.endswith(READY_SUFFIX)
+                                       for p in spool.root.iterdir())
     assert sum(p.stat().st_size for p in spool.root.iterdir()) <= 80 * 1024
-    # the newest series comes first, until it alone passes the cap: then it is given up
-    _series(spool, "huge", 200, tmp_path / "huge_n2s.h5")
-    assert not list(spool.root.iterdir())
+    # spools waiting to be refined are kept: a series that does not fit is not refined
+    _series(spool, "e", 60, tmp_path / "e_n2s.h5")
+    assert sorted(p.name.split("-")[0] for p in spool.root.iterdir()) == ["c", "d"]
     spool.close()
 
 

@@ -97,3 +97,20 @@ def test_outputs_are_registered_in_tiled_and_an_outage_is_retried(tmp_path):
     assert container["parent_uid"] == run["uid"] and container["scan_id"] == run["scan_id"]
     assert metadata["data_key"] == "bdet" and metadata["output"] == str(output.resolve())
     assert metadata["program"].startswith("n2s-stream") and metadata["model_version"] >= 0
+
+
+def test_a_second_output_of_a_run_gets_a_key_of_its_own():
+    from types import SimpleNamespace
+
+    from n2s_stream.sinks.tiled import _free_key, _Registration
+
+    def node(output):
+        return SimpleNamespace(metadata={"output": output})
+
+    container = {"bdet_denoised": node("/out/a_n2s.h5"), "bdet_denoised_2": node("/out/b.h5")}
+    mine = _Registration("run", "bdet_denoised", "/out/x.h5", (4, 4), "<u2",
+                         {"output": "/out/a_n2s.h5"})
+    assert _free_key(container, mine) == "bdet_denoised"  # its own: updated
+    other = _Registration("run", "bdet_denoised", "/out/y.h5", (4, 4), "<u2",
+                          {"output": "/out/c_n2s.h5"})
+    assert _free_key(container, other) == "bdet_denoised_3"

@@ -3,12 +3,13 @@
 A feed (ZeroMQ, PVA) cannot be read twice, so refining a series needs its raw frames:
 this sink keeps them, in the order written, in one SWMR HDF5 file per series under
 ``state_dir/refine``. When the source ends the series, its spool is renamed
-``*.ready.h5`` and the refiner takes it from there. All spools together stay within
-``refine_max_gb``, and the state dir's disk keeps twice ``min_free_mb`` free: to make room
-for the newest series, spools the refiner gave up on go first, then the oldest waiting
-ones, then those of series that went idle (each logged: that series is not refined); a
-series that still does not fit is not refined. Spools of series that went idle stay, and
-grow again if the series resumes after a restart.
+``*.ready.h5`` and the refiner takes it from there. The raw frames of all spools stay
+within ``refine_max_gb``, and the state dir's disk keeps twice ``min_free_mb`` free: to
+make room, spools the refiner gave up on go first, then those of series that went idle,
+oldest first (each logged: that series is not refined); spools waiting to be refined are
+kept, first come first served, and a series that does not fit beside them is not
+refined. Spools of series that went idle stay, and grow again if the series resumes after
+a restart.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def spool_name(series: str, output: Path) -> str:
 
 
 def _eviction_order(path: Path) -> tuple[int, float]:
-    """Spools to drop first: given up by the refiner, then waiting to be refined, then
-    those of idle series; oldest first within each."""
-    rank = 0 if path.name.endswith(FAILED_SUFFIX) else 1 if path.name.endswith(READY_SUFFIX) else 2
+    """Spools to drop first: given up by the refiner, then those of idle series; oldest
+    first within each."""
+    rank = 0 if path.name.endswith(FAILED_SUFFIX) else 1
     try:
         return rank, path.stat().st_mtime
     except OSError:
@@ -138,15 +139,16 @@ class RawSpool:
     def end_series(self, end: SeriesEnd) -> None:
         """Close the series' spool; once the source says it is complete, it is ready."""
         self._given_up.discard(end.series)
-        output = self._outputs.pop(end.series, None) or end.output
+        self._outputs.pop(end.series, None)
         spool = self._open.pop(end.series, None)
         if spool is not None:
             spool.close()
             path = spool.path
         else:  # nothing new since a restart: the spool of the earlier run is complete
-            path = self.root / (spool_name(end.series, output) + ".h5")
-            if not path.exists():
+            found = self._spool_of(end.series)
+            if found is None:
                 return
+            path = found
         self._used = self._usage()
         if end.complete:
             path.rename(path.with_name(path.stem + READY_SUFFIX))
@@ -156,6 +158,20 @@ class RawSpool:
         """Close every spool; unfinished series keep theirs for the next run."""
         for series in list(self._open):
             self._open.pop(series).close()
+
+    def _spool_of(self, series: str) -> Path | None:
+        """The unfinished spool an earlier run kept for ``series``, if any."""
+        in_use = {spool.path for spool in self._open.values()}
+        for path in self.root.glob(f"{file_safe(Path(series).stem, limit=60)}-*.h5"):
+            if path.name.endswith((READY_SUFFIX, FAILED_SUFFIX)) or path in in_use:
+                continue
+            try:
+                with h5py.File(path, "r") as handle:
+                    if handle.attrs.get("series") == series:
+                        return path
+            except OSError as exc:
+                log.warning("%s: unreadable spool (%s)", path.name, exc)
+        return None
 
     def _output_of(self, series: str, default: Path) -> Path:
         if series not in self._outputs:
@@ -183,7 +199,8 @@ class RawSpool:
         if spool is not None and spool.path.stat().st_size + nbytes > self.max_bytes:
             return False
         in_use = {spool.path for spool in self._open.values()}
-        for path in sorted(set(self.root.glob("*.h5")) - in_use, key=_eviction_order):
+        droppable = {p for p in self.root.glob("*.h5") if not p.name.endswith(READY_SUFFIX)}
+        for path in sorted(droppable - in_use, key=_eviction_order):
             try:
                 size = path.stat().st_size
                 path.unlink()

@@ -40,6 +40,9 @@ from n2s_stream.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
+GIVE_UP = 20
+"""Refusals after which an ended series' registration is dropped."""
+
 
 @dataclass
 class _Registration:
@@ -55,7 +58,9 @@ class _Registration:
     registered: int = -1  # frames the server shows (-1: not registered yet)
     ended: bool = False
     dataset: str = "/entry/data/data"
-    failures: int = 0  # calls that failed in a row (a bad one waits longer between tries)
+    failures: int = 0  # refused calls in a row (a bad one waits longer between tries)
+    ident: str = ""  # its key among the sink's registrations
+    resolved: bool = False  # ``key`` is this output's on the server (not another's)
 
 
 def run_identity(notes: dict[str, str], series: str) -> tuple[str, dict[str, Any]]:
@@ -111,7 +116,8 @@ class TiledSink:
         with self._lock:
             self._registrations[start.series] = _Registration(
                 container, array_key(data_key, "denoised"), self._server_path(output),
-                tuple(start.frame_shape), np.dtype(dtype).str, metadata)
+                tuple(start.frame_shape), np.dtype(dtype).str, metadata,
+                frames=self._rows_written(start.series), ident=start.series)
 
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
         """Note the frames in the output (the HDF5 sink, called first, has flushed them)."""
@@ -138,20 +144,21 @@ class TiledSink:
                          if key.startswith("bluesky_")}
                 refined = file["/entry/refined/data"]
                 frames, frame_shape, dtype = refined.shape[0], refined.shape[1:], refined.dtype
-        except (OSError, KeyError) as exc:
+            series = output.name.removesuffix(".h5").removesuffix("_n2s")
+            container, metadata = run_identity(notes, series)
+        except (OSError, KeyError, ValueError) as exc:
             self.metrics.tiled_errors.inc()
             log.warning("Tiled: cannot read the refined frames of %s (%s)", output, exc)
             return
-        series = output.name.removesuffix(".h5").removesuffix("_n2s")
-        container, metadata = run_identity(notes, series)
         data_key = notes.get("bluesky_data_key")
         metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
                          "output": str(output), "refined": True})
+        ident = f"{output}#refined"
         with self._lock:
-            self._registrations[f"{output}#refined"] = _Registration(
+            self._registrations[ident] = _Registration(
                 container, array_key(data_key, "refined"), self._server_path(output),
                 tuple(frame_shape), np.dtype(dtype).str, metadata, frames=int(frames),
-                ended=True, dataset="/entry/refined/data")
+                ended=True, dataset="/entry/refined/data", ident=ident)
         self._worker.wake()
 
     def close(self) -> None:
@@ -170,22 +177,28 @@ class TiledSink:
                 del self._registrations[series]
             return out
 
-    def registered(self, container: str, key: str, frames: int) -> None:
-        """The server now shows ``frames`` frames of that array."""
+    def registered(self, ident: str, key: str, frames: int) -> None:
+        """The server now shows ``frames`` frames of that registration, as ``key``."""
         with self._lock:
-            for registration in self._registrations.values():
-                if (registration.container, registration.key) == (container, key):
-                    registration.registered = max(registration.registered, frames)
-                    registration.failures = 0
+            registration = self._registrations.get(ident)
+            if registration is not None:
+                registration.registered = max(registration.registered, frames)
+                registration.key, registration.resolved = key, True
+                registration.failures = 0
 
-    def failed(self, container: str, key: str) -> int:
-        """A call for that array failed; returns how many did in a row."""
+    def failed(self, ident: str) -> int:
+        """The server refused a call for that registration; returns how many in a row. An
+        ended one refused ``GIVE_UP`` times is dropped (logged)."""
         with self._lock:
-            for registration in self._registrations.values():
-                if (registration.container, registration.key) == (container, key):
-                    registration.failures += 1
-                    return registration.failures
-        return 0
+            registration = self._registrations.get(ident)
+            if registration is None:
+                return 0
+            registration.failures += 1
+            if registration.ended and registration.failures >= GIVE_UP:
+                log.error("Tiled: giving up registering %s %s after %d refusals",
+                          registration.path, registration.dataset, registration.failures)
+                del self._registrations[ident]
+            return registration.failures
 
     def _server_path(self, output: Path) -> str:
         """The output's path as the server sees it (``tiled_path_map`` LOCAL=SERVER)."""
@@ -206,6 +219,7 @@ class _Registrar(BackgroundWorker):
         self._wake = threading.Event()
         self._client: Any = None
         self._round = 0
+        self._down = False
 
     def wake(self) -> None:
         """Sync now instead of at the next period."""
@@ -231,16 +245,22 @@ class _Registrar(BackgroundWorker):
                 self._sync(registration)
             except Exception as exc:  # server down, refused, a bad answer: retried
                 self.sink.metrics.tiled_errors.inc()
-                failures = self.sink.failed(registration.container, registration.key)
-                if failures == 1:
+                self._client = None
+                if _unreachable(exc):  # the server is down: no use trying the others now
+                    if not self._down:
+                        log.warning("Tiled %s: cannot register %s (%s); retrying",
+                                    _shown(self.sink.options.uri), registration.path, exc)
+                    self._down = True
+                    return
+                if self.sink.failed(registration.ident) == 1:
                     log.warning("Tiled %s: cannot register %s %s as %s/%s (%s); retrying",
                                 _shown(self.sink.options.uri), registration.path,
                                 registration.dataset, registration.container,
                                 registration.key, exc)
-                self._client = None
-                if _unreachable(exc):
-                    return  # the server is down: no use trying the others now
                 continue
+            if self._down:
+                log.info("Tiled %s answers again", _shown(self.sink.options.uri))
+                self._down = False
             if registration.failures:
                 log.info("Tiled %s: %s/%s registered after %d failed tries",
                          _shown(self.sink.options.uri), registration.container,
@@ -266,20 +286,31 @@ class _Registrar(BackgroundWorker):
                                                 metadata=_container_metadata(registration))
         source = _data_source(registration)
         metadata = {k: v for k, v in registration.metadata.items() if v is not None}
-        if registration.key not in container:
-            container.new(StructureFamily.array, [source], key=registration.key,
-                          metadata=metadata)
+        key = registration.key if registration.resolved else _free_key(container, registration)
+        if key not in container:
+            container.new(StructureFamily.array, [source], key=key, metadata=metadata)
             log.info("registered %s in Tiled as %s/%s (%d frames)", registration.path,
-                     registration.container, registration.key, registration.frames)
+                     registration.container, key, registration.frames)
         else:
-            node = container[registration.key]
+            node = container[key]
             source.id = node.data_sources()[0].id
             # grow the registered shape: Tiled serves only what the structure says
             handle_error(node.context.http_client.put(
                 node.uri.replace("/metadata/", "/data_source/", 1),
                 content=safe_json_dump({"data_source": source})))
             node.update_metadata(metadata=metadata)
-        self.sink.registered(registration.container, registration.key, registration.frames)
+        self.sink.registered(registration.ident, key, registration.frames)
+
+
+def _free_key(container: Any, registration: _Registration) -> str:
+    """The array key of this output in its run's container: ``key``, unless another output
+    (a second file of the run, a series seen again) holds it: then ``key_2``, ``key_3``..."""
+    output = registration.metadata.get("output")
+    for n in range(1, 1000):
+        key = registration.key if n == 1 else f"{registration.key}_{n}"
+        if key not in container or container[key].metadata.get("output") == output:
+            return key
+    raise RuntimeError(f"{registration.container}: no free key for {registration.key}")
 
 
 def _container_metadata(registration: _Registration) -> dict[str, Any]:
