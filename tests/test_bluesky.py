@@ -87,7 +87,9 @@ def _scan(proxy_in: str, data: Path, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
+def _following_daemon(tmp_path: Path) -> tuple[DaemonProcess, str, str, Path]:
+    """A real proxy and a daemon following its output (files under ``tmp/detector``);
+    returns the daemon, the proxy's input and output, and the detector's folder."""
     _bluesky_ready()
     proxy_in, proxy_out = _proxy()
     data = tmp_path / "detector"
@@ -95,6 +97,11 @@ def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
                            "--no-refine")
     daemon.wait_ready()
     daemon.wait_for("following Bluesky documents")
+    return daemon, proxy_in, proxy_out, data
+
+
+def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
+    daemon, proxy_in, _, data = _following_daemon(tmp_path)
     marker = tmp_path / "unpickled"
     # each document twice: JSON (followed) and pickle, bluesky's default (refused unread)
     run = _scan(proxy_in, data, "--frames", "12", "--serializers", "json", "pickle",
@@ -180,13 +187,7 @@ def test_an_older_area_detectors_resource_and_datums_are_followed(tmp_path):
     datums, 2 frames per point) through the real proxy: every frame of every point is
     read from the SWMR file once, tagged with its event's seq_num, and the scalar beside
     the detector is ignored."""
-    _bluesky_ready()
-    proxy_in, proxy_out = _proxy()
-    data = tmp_path / "detector"
-    daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
-                           "--no-refine")
-    daemon.wait_ready()
-    daemon.wait_for("following Bluesky documents")
+    daemon, proxy_in, proxy_out, data = _following_daemon(tmp_path)
     run = _scan(proxy_in, data, "--legacy", "2", "--frames", "10", "--serializers", "msgpack")
     series = f"scan41_{run['uid'][:8]}_adsim_image"
     daemon.wait_for(f"closed output .*{series}_n2s.h5 \\(20 frames\\)", timeout=120)
