@@ -107,17 +107,13 @@ class TiledSink:
 
     def open_series(self, start: SeriesStart) -> None:
         """Note what to register for the series (done by the registrar thread)."""
-        container, metadata = run_identity(start.notes, start.series)
-        data_key = start.notes.get("bluesky_data_key")
         output = self.state.output_for(start.series, start.output)
         dtype = start.dtype if self._reconstructable else np.dtype("f4")
-        metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
-                         "output": str(output), "series": start.series})
+        registration = self._registration(start.notes, start.series, output, "denoised",
+                                          start.frame_shape, dtype, {"series": start.series})
+        registration.frames, registration.ident = self._rows_written(start.series), start.series
         with self._lock:
-            self._registrations[start.series] = _Registration(
-                container, array_key(data_key, "denoised"), self._server_path(output),
-                tuple(start.frame_shape), np.dtype(dtype).str, metadata,
-                frames=self._rows_written(start.series), ident=start.series)
+            self._registrations[start.series] = registration
 
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
         """Note the frames in the output (the HDF5 sink, called first, has flushed them)."""
@@ -145,20 +141,16 @@ class TiledSink:
                 refined = file["/entry/refined/data"]
                 frames, frame_shape, dtype = refined.shape[0], refined.shape[1:], refined.dtype
             series = output.name.removesuffix(".h5").removesuffix("_n2s")
-            container, metadata = run_identity(notes, series)
+            registration = self._registration(notes, series, output, "refined", frame_shape,
+                                              dtype, {"refined": True})
         except (OSError, KeyError, ValueError) as exc:
             self.metrics.tiled_errors.inc()
             log.warning("Tiled: cannot read the refined frames of %s (%s)", output, exc)
             return
-        data_key = notes.get("bluesky_data_key")
-        metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
-                         "output": str(output), "refined": True})
-        ident = f"{output}#refined"
+        registration.frames, registration.ended = int(frames), True
+        registration.dataset, registration.ident = "/entry/refined/data", f"{output}#refined"
         with self._lock:
-            self._registrations[ident] = _Registration(
-                container, array_key(data_key, "refined"), self._server_path(output),
-                tuple(frame_shape), np.dtype(dtype).str, metadata, frames=int(frames),
-                ended=True, dataset="/entry/refined/data", ident=ident)
+            self._registrations[registration.ident] = registration
         self._worker.wake()
 
     def close(self) -> None:
@@ -199,6 +191,19 @@ class TiledSink:
                           registration.path, registration.dataset, registration.failures)
                 del self._registrations[ident]
             return registration.failures
+
+    def _registration(self, notes: dict[str, str], series: str, output: Path, kind: str,
+                      frame_shape: tuple[int, ...], dtype: Any,
+                      extra: dict[str, Any]) -> _Registration:
+        """What to show of ``output``'s ``kind`` frames (denoised or refined): the array
+        ``<data_key>_<kind>`` in its run's container, with the run's metadata and ours."""
+        container, metadata = run_identity(notes, series)
+        data_key = notes.get("bluesky_data_key")
+        metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
+                         "output": str(output), **extra})
+        return _Registration(container, array_key(data_key, kind), self._server_path(output),
+                             (int(frame_shape[0]), int(frame_shape[1])), np.dtype(dtype).str,
+                             metadata)
 
     def _server_path(self, output: Path) -> str:
         """The output's path as the server sees it (``tiled_path_map`` LOCAL=SERVER)."""
