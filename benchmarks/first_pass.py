@@ -85,15 +85,16 @@ def write_growing(path: Path, frames: np.ndarray, rate: float) -> None:
             time.sleep(max(0.0, started + (k + 1) / rate - time.monotonic()))
 
 
-def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path) -> dict:
-    """Run the daemon on the scan as it is written; return what it wrote live and refined,
-    and its final weights."""
+def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path,
+                     extra: tuple[str, ...] = ()) -> dict:
+    """Run the daemon (with ``extra`` options) on the scan as it is written; return what
+    it wrote live and refined, and its final weights."""
     acq, out, state, port = tmp / "acq", tmp / "out", tmp / "state", free_port()
     acq.mkdir()
     daemon = subprocess.Popen(
         [*N2S, "--watch", str(acq), "--out", str(out), "--state-dir", str(state),
          "--metrics-port", str(port), "--device", "cpu", "--log-level", "WARNING",
-         "--settle-seconds", "2"])
+         "--settle-seconds", "2", *extra])
     try:
         while not scrape(port):
             time.sleep(0.2)
@@ -169,7 +170,12 @@ def main() -> None:
     parser.add_argument("--drifts", type=float, nargs="+", default=[3.0, 1.0])
     parser.add_argument("--refine-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "first_pass.json")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="LABEL=OPTIONS",
+                        help="also run the daemon with these options (A/B in the same run), "
+                             "e.g. 'recent32=--recent-frames 32'")
     args = parser.parse_args()
+    variants = {label: tuple(options.split()) for label, _, options
+                in (v.partition("=") for v in args.variants)}
     first = max(1, int(10 * args.rate))
     print(f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
           f"mean PSNR dB (first 10 s = {first} frames)")
@@ -182,6 +188,14 @@ def main() -> None:
         for dose in args.doses:
             noisy = noisy_counts(clean, dose)
             truth = clean * dose
+            lever = {}
+            for label, extra in variants.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    other = live_and_refined(noisy, args, Path(tmp), extra)
+                lever[label] = {name: None if other[name] is None else {
+                    "mean": psnr(truth, other[name], data_range=dose),
+                    "first_10s": psnr(truth[:first], other[name][:first], data_range=dose)}
+                    for name in ("live", "refined")}
             with tempfile.TemporaryDirectory() as tmp:
                 run = live_and_refined(noisy, args, Path(tmp))
                 stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
@@ -195,6 +209,7 @@ def main() -> None:
                 row[name] = None if stack is None else {
                     "mean": psnr(truth, stack, data_range=dose),
                     "first_10s": psnr(truth[:first], stack[:first], data_range=dose)}
+            row["variants"] = lever
             rows.append(row)
             cells = " ".join(
                 f"{'-':>15}" if row[c] is None
@@ -203,6 +218,13 @@ def main() -> None:
             print(f"{dose:5g} {drift:5g} {cells} "
                   f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
                   f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f}", flush=True)
+            for label, result in lever.items():
+                print(f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
+                      f"({result['live']['first_10s']:.2f}), "
+                      f"{result['live']['mean'] - row['offline']['mean']:+.2f} vs offline, "
+                      f"{result['live']['mean'] - row['live']['mean']:+.2f} vs default"
+                      + ("" if result["refined"] is None
+                         else f"; refined {result['refined']['mean']:.2f}"), flush=True)
     write_report(args.out, "first_pass", args, rows)
 
 

@@ -60,15 +60,22 @@ class RollingBuffer:
         return np.stack([f for f in frames if f.shape == shape])
 
     def sample(
-        self, *, batch: int, patch: int, rng: np.random.Generator
+        self, *, batch: int, patch: int, rng: np.random.Generator, recent: int = 0
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(batch, C, p, p)`` random crops (random flips/turns) of random frames.
+        """``(batch, C, p, p)`` random crops (random flips/turns) of random frames; with
+        ``recent``, half of them from the newest ``recent`` frames (a scene that changes is
+        learned sooner).
 
         ``p`` is ``patch`` or the smallest frame side if smaller. The valid-pixel crops are
         None when every sampled pixel is valid.
         """
         with self._lock:
-            picks = [self._frames[i] for i in rng.integers(len(self._frames), size=batch)]
+            n = len(self._frames)
+            picks = rng.integers(n, size=batch)
+            if 0 < recent < n:
+                half = batch // 2
+                picks[:half] = n - 1 - rng.integers(recent, size=half)
+            picks = [self._frames[i] for i in picks]
         size = min(patch, *(min(f.shape[-2:]) for f, _ in picks))
         crops = np.empty((batch, picks[0][0].shape[0], size, size), np.float32)
         valid_crops = np.ones((batch, 1, size, size), np.float32)

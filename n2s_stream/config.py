@@ -270,7 +270,7 @@ class PvaOptions:
 
 @dataclass(frozen=True)
 class BlueskyOptions:
-    """The Bluesky source (sources/bluesky.py): the documents of a bluesky 0MQ proxy."""
+    """The Bluesky source (sources/bluesky/): the documents of a bluesky 0MQ proxy."""
 
     endpoint: str | None = option(None, name="bluesky", example="tcp://bluesky-proxy:5578",
                                   help="follow the documents of a bluesky 0MQ proxy's output "
@@ -314,6 +314,9 @@ class TrainingOptions:
                                                        "one at every stop)")
     buffer_frames: int = option(256, min=2, help="newest frames kept for training")
     buffer_mb: int = option(512, min=1, help="... and at most this many MiB of them")
+    recent_frames: int = option(0, min=0, help="half of each training batch is cropped from "
+                                "the newest this many frames, to follow a changing scene "
+                                "(0: uniform over the buffer)")
     seed: int = option(0, help="random seed (same seed, same run)")
 
 

@@ -6,8 +6,10 @@ waited for ``refine_idle_seconds``, the refiner takes its raw frames from the sp
 (``sinks/spool.py``), denoises them again with the newest weights, averaged over
 ``refine_tta`` orientations, and appends them to ``/entry/refined/data`` of the same
 output (same order as ``/entry/data/data``; ``/entry/refined/model_version`` per row).
-The live frames are never touched. A new frame to denoise pauses it after the current
-one; a stop or a crash leaves whole refined frames, and the next run continues after them.
+The live frames are never touched. A series that went idle is refined too; if it resumes,
+its later frames are refined after it ends again (from a spool of their own). A new frame
+to denoise pauses it after the current one; a stop or a crash leaves whole refined frames,
+and the next run continues after them.
 Refining waits while the cold-start classical denoiser writes (the network has not yet
 measured better) and while the output disk has less than twice ``min_free_mb`` free.
 """
@@ -40,6 +42,7 @@ from n2s_stream.writer import (
     free_bytes,
     open_for_append,
     whole_frames,
+    whole_refined,
 )
 
 log = logging.getLogger(__name__)
@@ -151,8 +154,8 @@ class Refiner(BackgroundWorker):
             spool.unlink(missing_ok=True)
 
     def _refine(self, spool_path: Path) -> None:
-        """Refine the series of one spool into the spool itself (a killed refiner goes on
-        from its whole frames), then append them to the output in one short write."""
+        """Refine the output rows one spool holds into the spool itself (a killed refiner
+        goes on from its whole frames), then append them to the output in one short write."""
         try:
             with open_for_append(spool_path) as spool:  # (a killed refiner left it flagged)
                 output = Path(spool.attrs["output"])
@@ -160,26 +163,28 @@ class Refiner(BackgroundWorker):
                     raise NotRefinable(f"its output {output} is gone")
                 with h5py.File(output, "r", swmr=True) as file:
                     rows = file["/entry/provenance/source_frame"][: whole_frames(file)]
-                done = self._refine_into_spool(spool, rows, output)
+                    refined_rows = whole_refined(file)
+                done = self._refine_into_spool(spool, rows, refined_rows, output)
+            if done and not self._publish(spool_path, output):
+                return
         except NotRefinable as exc:
             log.warning("not refining the series of %s: %s", spool_path.name, exc)
             spool_path.unlink()
             return
-        if done and self._publish(spool_path, output):
+        if done:
             spool_path.unlink()
             self._tell_listeners(output)
 
-    def _refine_into_spool(self, spool: h5py.File, rows: np.ndarray, output: Path) -> bool:
-        """Refine the frames of ``rows`` (the output's source frames, in order) that the
-        spool does not hold refined yet; True once it holds them all."""
+    def _refine_into_spool(self, spool: h5py.File, rows: np.ndarray, refined_rows: int,
+                           output: Path) -> bool:
+        """Refine the output's rows that the spool holds (``rows``: its source frames, in
+        order; ``refined_rows``: those the output holds refined already) and has not
+        refined yet; True once it holds them all."""
         position = {int(s): k for k, s in enumerate(spool["source_frame"][:])}
-        lacking = sum(int(s) not in position for s in rows)
-        if lacking:
-            raise NotRefinable(f"the raw frames of {lacking} of its {len(rows)} frames were "
-                               "not kept")
-        refined, versions = _refined_datasets(spool)
-        start = min(refined.shape[0], versions.shape[0])
-        if start >= len(rows):
+        refined, versions = _refined_datasets(spool, refined_rows)
+        first_row, stop_row = _rows_held(spool, rows, position)
+        start = first_row + min(refined.shape[0], versions.shape[0])
+        if start >= stop_row:
             return True
         snapshot = self.store.snapshot()
         if snapshot.normalizer is None:  # a restart without a checkpoint, no frame yet
@@ -191,15 +196,16 @@ class Refiner(BackgroundWorker):
         self.model.load_state_dict(snapshot.weights)
         self.model.eval()
         begun = time.monotonic()
-        log.info("refining %s from frame %d of %d with model version %d", output, start,
-                 len(rows), snapshot.version)
+        log.info("refining %s from frame %d of %d%s with model version %d", output, start,
+                 len(rows), "" if stop_row == len(rows) else f" (up to {stop_row})",
+                 snapshot.version)
         raw = spool["raw"]
         mask = spool["pixel_mask"][()] if "pixel_mask" in spool else None
-        first = max(0, start - (self.masker.config.context_frames - 1))
+        first = max(first_row, start - (self.masker.config.context_frames - 1))
 
         def chunks() -> Iterator[tuple[int, np.ndarray]]:
-            for row in range(first, len(rows), READ_BATCH):
-                take = [position[int(s)] for s in rows[row : row + READ_BATCH]]
+            for row in range(first, stop_row, READ_BATCH):
+                take = [position[int(s)] for s in rows[row : min(row + READ_BATCH, stop_row)]]
                 yield row, np.stack([raw[k] for k in take])
 
         frames = denoise_series(augmented(self.model, self.options.tta), self.masker,
@@ -216,7 +222,8 @@ class Refiner(BackgroundWorker):
             finally:
                 self._busy = False
             keep = row_indices >= start
-            if keep.any() and not self._wait_for_space(spool.filename, denoised[keep].nbytes):
+            if keep.any() and not self._wait_for_space(Path(spool.filename),
+                                                       denoised[keep].nbytes):
                 return False
             if keep.any():
                 n = refined.shape[0]
@@ -227,7 +234,7 @@ class Refiner(BackgroundWorker):
                 spool.flush()
                 self.metrics.frames_refined.inc(int(keep.sum()))
         log.info("refined %s: %d frames with model version %d in %.1f s", output,
-                 len(rows) - start, snapshot.version, time.monotonic() - begun)
+                 stop_row - start, snapshot.version, time.monotonic() - begun)
         return True
 
     def _publish(self, spool_path: Path, output: Path) -> bool:
@@ -235,7 +242,8 @@ class Refiner(BackgroundWorker):
         holds the output open or its disk is nearly full (tried again later)."""
         with h5py.File(spool_path, "r") as spool:
             refined, versions = spool["refined"], spool["refined_version"]
-            if not self._wait_for_space(str(output), refined.nbytes):
+            first_row = int(spool.attrs.get("refined_from", 0))
+            if not self._wait_for_space(output, refined.nbytes):
                 return False
             try:
                 writer = RefinedWriter(output, description=self._description())
@@ -245,14 +253,19 @@ class Refiner(BackgroundWorker):
                 self._stopping.wait(5.0)
                 return False
             try:
-                for row in range(writer.n_done, writer.n_live, 32):
-                    stop = min(row + 32, writer.n_live)
-                    writer.append(to_source_dtype(refined[row:stop], writer.dtype),
-                                  versions[row:stop])
+                if writer.n_done < first_row:
+                    raise NotRefinable(f"frames {writer.n_done}-{first_row - 1} of {output} "
+                                       "were not refined (their spool is gone)")
+                stop_row = min(first_row + refined.shape[0], writer.n_live)
+                for row in range(writer.n_done, stop_row, 32):
+                    stop = min(row + 32, stop_row)
+                    writer.append(to_source_dtype(refined[row - first_row : stop - first_row],
+                                                  writer.dtype),
+                                  versions[row - first_row : stop - first_row])
             finally:
                 writer.close()
         self._said.discard(f"busy {output}")
-        log.info("wrote %d refined frames to %s", writer.n_live, output)
+        log.info("wrote %d refined frames to %s", writer.n_done, output)
         return True
 
     def _tell_listeners(self, output: Path) -> None:
@@ -265,11 +278,11 @@ class Refiner(BackgroundWorker):
                 log.exception("telling %s of the refined frames of %s failed", listener,
                               output)
 
-    def _wait_for_space(self, file: str, nbytes: int) -> bool:
+    def _wait_for_space(self, file: Path, nbytes: int) -> bool:
         """Hold refined frames while the disk of ``file`` (the spool, the output) would
         keep less than twice the live writer's reserve: they never take the space live
         frames, checkpoints and the ledger need."""
-        while free_bytes(Path(file).parent) < 2 * self.min_free_bytes + nbytes:
+        while free_bytes(file.parent) < 2 * self.min_free_bytes + nbytes:
             self._say_once("space", f"refining waits: the disk of {file} is nearly full")
             if self._stopping.wait(5.0):
                 return False
@@ -293,15 +306,39 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
-def _refined_datasets(spool: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset]:
+def _rows_held(spool: h5py.File, rows: np.ndarray,
+               position: dict[int, int]) -> tuple[int, int]:
+    """The output rows this spool refines: from ``refined_from`` on, as long as it holds
+    their raw frames (a series that resumed after it went idle has a spool for each part).
+    `NotRefinable` if it holds none of them."""
+    first_row = int(spool.attrs["refined_from"])
+    stop_row = first_row
+    while stop_row < len(rows) and int(rows[stop_row]) in position:
+        stop_row += 1
+    if stop_row == first_row and first_row < len(rows):
+        raise NotRefinable(f"the raw frame of its row {first_row} (source frame "
+                           f"{int(rows[first_row])}) was not kept")
+    held_later = sum(int(s) in position for s in rows[stop_row:])
+    if held_later:
+        log.warning("%s: rows from %d on are not refined: the raw frame of row %d was not "
+                    "kept", spool.attrs["output"], stop_row, stop_row)
+    return first_row, stop_row
+
+
+def _refined_datasets(spool: h5py.File,
+                      refined_rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
     """The spool's growing ``refined`` frames and ``refined_version`` column (created on
-    first use, before SWMR mode); then SWMR mode, so a kill leaves whole frames."""
+    first use, before SWMR mode, for the output's rows from ``refined_rows`` on: those not
+    refined yet); then SWMR mode, so a kill leaves whole frames."""
     if "refined" not in spool:
         shape = spool["raw"].shape[1:]
         spool.create_dataset("refined", shape=(0, *shape), maxshape=(None, *shape),
                              chunks=(1, *shape), dtype=np.float32)
         spool.create_dataset("refined_version", shape=(0,), maxshape=(None,), chunks=(1024,),
                              dtype=np.int64)
+        spool.attrs["refined_from"] = refined_rows
+    elif "refined_from" not in spool.attrs:  # a spool of an earlier version: from row 0
+        spool.attrs["refined_from"] = 0
     refined, versions = spool["refined"], spool["refined_version"]
     whole = min(refined.shape[0], versions.shape[0])
     refined.resize(whole, axis=0)

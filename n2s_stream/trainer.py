@@ -128,7 +128,7 @@ class OnlineTrainer(BackgroundWorker):
 
     def _step(self) -> float | None:
         patches, valid = self.buffer.sample(batch=self.options.batch, patch=self.options.patch,
-                                            rng=self._rng)
+                                            rng=self._rng, recent=self.options.recent_frames)
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
         phases = torch.from_numpy(self._rng.integers(self.masker.n_phases, size=len(batch)))

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import zmq
 from daemon_helpers import N2S, STARTED, DaemonProcess, free_port, read_output, start_writer
 
 from n2s_stream.frames import Frame, SeriesEnd
@@ -21,6 +22,7 @@ from n2s_stream.n2s.augment import augmented, orient, unorient
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import truth_path
 from n2s_stream.sinks.spool import READY_SUFFIX, RawSpool
+from n2s_stream.sources import protocols
 from n2s_stream.state import StateDir
 from n2s_stream.superblock import clear_write_flags, lookup3, write_flags
 from n2s_stream.writer import FrameWriter, RefinedWriter
@@ -215,15 +217,49 @@ def _series(spool: RawSpool, series: str, n: int, output: Path, *, end: bool = T
         spool.end_series(SeriesEnd(series, n, output))
 
 
-def test_spools_stay_within_their_cap_dropping_idle_ones_first(tmp_path):
+def test_a_series_that_went_idle_is_refined_and_its_later_frames_after_it(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    detector = zmq.Context.instance().socket(zmq.PUSH)
+    detector.setsockopt(zmq.LINGER, 0)
+    detector.bind(endpoint)
+    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--series-idle-close", "1",
+                           "--refine-idle-seconds", "0.5", "--no-cold-start")
+    daemon.wait_ready()
+    frames = np.random.default_rng(5).poisson(20, (20, 32, 40)).astype(np.uint16)
+    for index in range(12):
+        detector.send_multipart(protocols.native_frame("scan_0001", index, frames[index]))
+    daemon.wait_for("wrote 12 refined frames", timeout=120)  # idle: refined as it is
+    output = daemon.out / "scan_0001_n2s.h5"
+    refined_then, _ = _refined(output)
+    for index in range(12, 20):  # the detector goes on
+        detector.send_multipart(protocols.native_frame("scan_0001", index, frames[index]))
+    detector.send_multipart(protocols.native_end("scan_0001", 20))
+    daemon.wait_for("wrote 20 refined frames", timeout=120)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+    detector.close()
+
+    live, provenance = read_output(output)
+    refined, versions = _refined(output)
+    assert refined.shape == live.shape == (20, 32, 40)
+    assert np.array_equal(provenance["source_frame"], np.arange(20))
+    assert np.array_equal(refined[:12], refined_then)  # appended to, never rewritten
+    assert np.isfinite(refined).all() and len(versions) == 20
+    assert metrics["n2s_refined_frames_total"] == 20
+    assert not list((daemon.state / "refine").iterdir())  # both spools gone once done
+
+
+def test_spools_stay_within_their_cap_dropping_unended_ones_first(tmp_path):
     state = StateDir(tmp_path / "state")
-    spool = RawSpool(tmp_path / "state" / "refine", state=state, max_bytes=80 * 1024)
+    root = tmp_path / "state" / "refine"
     for name in ("a", "b"):  # 20 frames each: 10 KB, 25 KB a spool with its overhead
-        _series(spool, name, 20, tmp_path / f"{name}_n2s.h5", end=False)  # went idle
-        spool.end_series(SeriesEnd(name, 20, tmp_path / f"{name}_n2s.h5", complete=False))
+        stopped = RawSpool(root, state=state, max_bytes=80 * 1024)
+        _series(stopped, name, 20, tmp_path / f"{name}_n2s.h5", end=False)
+        stopped.close()  # a daemon stopped before the series ended
         time.sleep(0.01)
+    spool = RawSpool(root, state=state, max_bytes=80 * 1024)
     _series(spool, "c", 20, tmp_path / "c_n2s.h5")  # ready to be refined
-    _series(spool, "d", 40, tmp_path / "d_n2s.h5")  # 35 KB: idle a (oldest) goes, then b
+    _series(spool, "d", 40, tmp_path / "d_n2s.h5")  # 35 KB: a (oldest) goes, then b
     names = sorted(p.name.split("-")[0] for p in spool.root.iterdir())
     assert names == ["c", "d"] and all(p.name.endswith(READY_SUFFIX)
                                        for p in spool.root.iterdir())
@@ -232,6 +268,23 @@ def test_spools_stay_within_their_cap_dropping_idle_ones_first(tmp_path):
     _series(spool, "e", 60, tmp_path / "e_n2s.h5")
     assert sorted(p.name.split("-")[0] for p in spool.root.iterdir()) == ["c", "d"]
     spool.close()
+
+
+def test_a_series_that_resumes_after_going_idle_gets_a_spool_for_its_new_frames(tmp_path):
+    spool = RawSpool(tmp_path / "refine", state=StateDir(tmp_path / "state"), max_bytes=2**30)
+    output = tmp_path / "a_n2s.h5"
+    _series(spool, "a", 5, output, end=False)
+    spool.end_series(SeriesEnd("a", 5, output, complete=False))  # went idle: refined now
+    frame = np.zeros((16, 16), np.uint16)
+    for index in range(5, 8):  # it resumes
+        spool.write(Frame("a", index, frame, 0.0, output), frame,
+                    None)  # type: ignore[arg-type]
+    spool.end_series(SeriesEnd("a", 8, output))
+    ready = sorted(spool.root.glob("*" + READY_SUFFIX), key=lambda p: len(p.name))
+    assert len(ready) == 2 and ready[1].name == ready[0].name.replace(".ready", "-2.ready")
+    for path, frames in zip(ready, ([0, 1, 2, 3, 4], [5, 6, 7]), strict=True):
+        with h5py.File(path, "r") as handle:
+            assert handle["source_frame"][()].tolist() == frames
 
 
 def test_a_series_ended_after_a_restart_with_nothing_new_is_still_refined(tmp_path):

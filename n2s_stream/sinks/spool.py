@@ -2,14 +2,15 @@
 
 A feed (ZeroMQ, PVA) cannot be read twice, so refining a series needs its raw frames:
 this sink keeps them, in the order written, in one SWMR HDF5 file per series under
-``state_dir/refine``. When the source ends the series, its spool is renamed
-``*.ready.h5`` and the refiner takes it from there. The raw frames of all spools stay
-within ``refine_max_gb``, and the state dir's disk keeps twice ``min_free_mb`` free: to
-make room, spools the refiner gave up on go first, then those of series that went idle,
-oldest first (each logged: that series is not refined); spools waiting to be refined are
-kept, first come first served, and a series that does not fit beside them is not
-refined. Spools of series that went idle stay, and grow again if the series resumes after
-a restart.
+``state_dir/refine``. When the series ends (the source ended it, or it went idle for
+``series_idle_close``), its spool is renamed ``*.ready.h5`` and the refiner takes it from
+there. A series that resumes after that gets a new spool (``<name>-2``...) for its new
+frames, refined after the first. The raw frames of all spools stay within
+``refine_max_gb``, and the state dir's disk keeps twice ``min_free_mb`` free: to make
+room, spools the refiner gave up on go first, then those a stopped daemon left of series
+that never ended, oldest first (each logged: that series is not refined); spools waiting
+to be refined are kept, first come first served, and a series that does not fit beside
+them is not refined. A spool left by a stopped daemon grows again if its series resumes.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class RawSpool:
         spool = self._open.get(frame.series)
         if spool is None:
             output = self._output_of(frame.series, frame.output)
-            path = self.root / (spool_name(frame.series, output) + ".h5")
+            path = self._path_for(spool_name(frame.series, output))
             spool = self._open[frame.series] = _Spool(path, frame, output)
             self._used = self._usage()
         try:
@@ -150,14 +151,26 @@ class RawSpool:
                 return
             path = found
         self._used = self._usage()
-        if end.complete:
-            path.rename(path.with_name(path.stem + READY_SUFFIX))
-            log.info("series %s: %s ready to be refined", end.series, path.name)
+        path.rename(path.with_name(path.stem + READY_SUFFIX))
+        log.info("series %s: %s ready to be refined%s", end.series, path.name,
+                 "" if end.complete else " (it went idle: frames that come later are "
+                                         "refined after it)")
 
     def close(self) -> None:
         """Close every spool; unfinished series keep theirs for the next run."""
         for series in list(self._open):
             self._open.pop(series).close()
+
+    def _path_for(self, name: str) -> Path:
+        """The spool to append the series' frames to: the one a stopped daemon left, or a
+        new one beside those already ready to be refined (a series that resumed)."""
+        for n in range(1, 10_000):
+            stem = name if n == 1 else f"{name}-{n}"
+            path = self.root / f"{stem}.h5"
+            if path.exists() or not any((self.root / f"{stem}{suffix}").exists()
+                                        for suffix in (READY_SUFFIX, FAILED_SUFFIX)):
+                return path
+        raise OSError(f"{name}: too many spools")
 
     def _spool_of(self, series: str) -> Path | None:
         """The unfinished spool an earlier run kept for ``series``, if any."""
