@@ -105,7 +105,9 @@ def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path,
         writer.join()
         scan_seconds = time.monotonic() - started
         output = out / "scan_0001_n2s.h5"
-        deadline = time.monotonic() + args.refine_timeout
+        while scrape(port).get("n2s_frames_denoised_total", 0) < len(noisy):
+            time.sleep(0.5)  # the last frames written live
+        deadline = time.monotonic() + (0 if "--no-refine" in extra else args.refine_timeout)
         refined = None
         while refined is None and time.monotonic() < deadline:
             time.sleep(2.0)

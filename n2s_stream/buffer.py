@@ -71,11 +71,11 @@ class RollingBuffer:
         """
         with self._lock:
             n = len(self._frames)
-            picks = rng.integers(n, size=batch)
-            if 0 < recent < n:
+            indices = rng.integers(n, size=batch)
+            if 0 < recent < n:  # (a buffer that holds only the recent ones: all uniform)
                 half = batch // 2
-                picks[:half] = n - 1 - rng.integers(recent, size=half)
-            picks = [self._frames[i] for i in picks]
+                indices[:half] = n - 1 - rng.integers(recent, size=half)
+            picks = [self._frames[i] for i in indices]
         size = min(patch, *(min(f.shape[-2:]) for f, _ in picks))
         crops = np.empty((batch, picks[0][0].shape[0], size, size), np.float32)
         valid_crops = np.ones((batch, 1, size, size), np.float32)

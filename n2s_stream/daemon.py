@@ -154,6 +154,7 @@ class Daemon:
                 min_free_mb=config.output.min_free_mb,
                 idle=lambda: not inference.busy and self.intake.queue.empty(),
                 network_writes=lambda: not cold_start.active, metrics=self.metrics,
+                outputs=sink_context.outputs,
                 on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)])
         trainer = None
         if training:

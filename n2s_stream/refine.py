@@ -33,11 +33,12 @@ from n2s_stream.denoising import check_usable, denoise_series, to_source_dtype
 from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.augment import augmented
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.sinks.spool import FAILED_SUFFIX, READY_SUFFIX
+from n2s_stream.sinks.spool import FAILED_SUFFIX, READY_SUFFIX, spool_part
 from n2s_stream.snapshot import ModelStore
 from n2s_stream.worker import BackgroundWorker
 from n2s_stream.writer import (
     FileBusy,
+    OutputAccess,
     RefinedWriter,
     free_bytes,
     open_for_append,
@@ -65,7 +66,7 @@ class Refiner(BackgroundWorker):
                  model: nn.Module, masker: Masker, device: torch.device,
                  options: RefineOptions, jinv: bool, min_free_mb: float,
                  idle: Callable[[], bool], network_writes: Callable[[], bool],
-                 metrics: Metrics,
+                 metrics: Metrics, outputs: OutputAccess | None = None,
                  on_published: Sequence[Callable[[Path], None]] = ()) -> None:
         super().__init__("refiner")
         self.root, self.store, self.model, self.masker = root, store, model, masker
@@ -74,6 +75,7 @@ class Refiner(BackgroundWorker):
         self.min_free_bytes = int(min_free_mb * 2**20)
         self._idle, self._network_writes, self.metrics = idle, network_writes, metrics
         self._on_published = tuple(on_published)  # told of each output that got refined
+        self._outputs = outputs or OutputAccess()  # shared with the live writer
         self._busy = False
         self._idle_since: float | None = None
         self._said: set[str] = set()  # waits already logged
@@ -88,13 +90,14 @@ class Refiner(BackgroundWorker):
         while not self._stopping.is_set():
             ready = self.pending()
             self.metrics.refine_pending.set(len(ready))
-            if ready and self._may_refine(ready[0]):
-                self._refine_guarded(ready[0])
+            spool = next_to_refine(ready)
+            if spool is not None and self._may_refine(spool):
+                self._refine_guarded(spool)
             else:
                 self._stopping.wait(0.5)
 
     def pending(self) -> list[Path]:
-        """Spools of finished series, oldest first."""
+        """Spools of ended series, oldest first."""
         return sorted(self.root.glob("*" + READY_SUFFIX), key=_modified)
 
     def _may_refine(self, spool: Path) -> bool:
@@ -181,7 +184,7 @@ class Refiner(BackgroundWorker):
         order; ``refined_rows``: those the output holds refined already) and has not
         refined yet; True once it holds them all."""
         position = {int(s): k for k, s in enumerate(spool["source_frame"][:])}
-        refined, versions = _refined_datasets(spool, refined_rows)
+        refined, versions = _refined_datasets(spool, _first_row(rows, position, refined_rows))
         first_row, stop_row = _rows_held(spool, rows, position)
         start = first_row + min(refined.shape[0], versions.shape[0])
         if start >= stop_row:
@@ -245,25 +248,20 @@ class Refiner(BackgroundWorker):
             first_row = int(spool.attrs.get("refined_from", 0))
             if not self._wait_for_space(output, refined.nbytes):
                 return False
-            try:
-                writer = RefinedWriter(output, description=self._description())
-            except FileBusy:
-                self._say_once(f"busy {output}", f"refined frames of {output} wait: another "
-                                                  "process has it open")
-                self._stopping.wait(5.0)
-                return False
-            try:
-                if writer.n_done < first_row:
-                    raise NotRefinable(f"frames {writer.n_done}-{first_row - 1} of {output} "
-                                       "were not refined (their spool is gone)")
-                stop_row = min(first_row + refined.shape[0], writer.n_live)
-                for row in range(writer.n_done, stop_row, 32):
-                    stop = min(row + 32, stop_row)
-                    writer.append(to_source_dtype(refined[row - first_row : stop - first_row],
-                                                  writer.dtype),
-                                  versions[row - first_row : stop - first_row])
-            finally:
-                writer.close()
+            with self._outputs.refining(output) as free:
+                try:
+                    if not free:
+                        raise FileBusy(f"{output}: its series writes to it again")
+                    writer = RefinedWriter(output, description=self._description())
+                except FileBusy:
+                    self._say_once(f"busy {output}", f"refined frames of {output} wait: it "
+                                                      "is open for writing")
+                    self._stopping.wait(5.0)
+                    return False
+                try:
+                    _append_refined(writer, refined, versions, first_row)
+                finally:
+                    writer.close()
         self._said.discard(f"busy {output}")
         log.info("wrote %d refined frames to %s", writer.n_done, output)
         return True
@@ -299,6 +297,16 @@ class Refiner(BackgroundWorker):
             log.info("%s", message)
 
 
+def next_to_refine(ready: list[Path]) -> Path | None:
+    """The first of the ``ready`` spools whose series has no earlier part waiting: a
+    series that resumed after it went idle has a spool per part, refined in order."""
+    parts = [spool_part(spool) for spool in ready]
+    for spool, (series, n) in zip(ready, parts, strict=True):
+        if not any(other == series and m < n for other, m in parts):
+            return spool
+    return None
+
+
 def _modified(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -306,11 +314,32 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
+def _append_refined(writer: RefinedWriter, refined: h5py.Dataset, versions: h5py.Dataset,
+                    first_row: int) -> None:
+    """Append the spool's refined frames (output rows from ``first_row`` on) that the
+    output does not hold yet; `NotRefinable` if rows before them were never refined."""
+    if writer.n_done < first_row:
+        raise NotRefinable(f"frames {writer.n_done}-{first_row - 1} of {writer.path} were "
+                           "not refined (their spool was dropped or set aside)")
+    stop_row = min(first_row + refined.shape[0], writer.n_live)
+    for row in range(writer.n_done, stop_row, 32):
+        stop = min(row + 32, stop_row)
+        writer.append(to_source_dtype(refined[row - first_row : stop - first_row], writer.dtype),
+                      versions[row - first_row : stop - first_row])
+
+
+def _first_row(rows: np.ndarray, position: dict[int, int], refined_rows: int) -> int:
+    """The first output row a spool is to refine: the first it holds, after those the
+    output holds refined already."""
+    held = [row for row in range(refined_rows, len(rows)) if int(rows[row]) in position]
+    return held[0] if held else refined_rows
+
+
 def _rows_held(spool: h5py.File, rows: np.ndarray,
                position: dict[int, int]) -> tuple[int, int]:
     """The output rows this spool refines: from ``refined_from`` on, as long as it holds
     their raw frames (a series that resumed after it went idle has a spool for each part).
-    `NotRefinable` if it holds none of them."""
+    `NotRefinable` if it holds none of them (and some are left to refine)."""
     first_row = int(spool.attrs["refined_from"])
     stop_row = first_row
     while stop_row < len(rows) and int(rows[stop_row]) in position:

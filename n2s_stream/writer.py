@@ -28,8 +28,10 @@ import errno
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -352,6 +354,37 @@ def close_left_open(path: Path) -> None:
     reader again (its whole frames kept); a cleanly closed file is left as it is. For
     series whose every frame a killed run had already written: no writer reopens them."""
     open_for_append(path).close()
+
+
+class OutputAccess:
+    """Which outputs this process has open for live writing, and a lock around opening
+    one. HDF5 shares one handle per file within a process, so the live writer and the
+    refiner (appending refined frames) must never have one output open at once: the
+    refiner appends only to outputs not open for live writing, under the lock, and the
+    live writer opens an output under the same lock (waiting for an append to end)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[Path] = set()
+
+    @contextmanager
+    def opening_live(self, path: Path) -> Iterator[None]:
+        """Open ``path`` for live writing inside this block; it counts as open after it."""
+        with self._lock:
+            yield
+            self._live.add(path.resolve())
+
+    def closed_live(self, path: Path) -> None:
+        """The live writer closed ``path``."""
+        with self._lock:
+            self._live.discard(path.resolve())
+
+    @contextmanager
+    def refining(self, path: Path) -> Iterator[bool]:
+        """Inside this block, True if ``path`` may be opened to append refined frames (it
+        is not open for live writing); the live writer waits until the block ends."""
+        with self._lock:
+            yield path.resolve() not in self._live
 
 
 class FileBusy(OSError):

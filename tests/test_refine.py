@@ -16,16 +16,20 @@ import pytest
 import torch
 import zmq
 from daemon_helpers import N2S, STARTED, DaemonProcess, free_port, read_output, start_writer
+from prometheus_client import CollectorRegistry
 
+from n2s_stream.config import RefineOptions
 from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.augment import augmented, orient, unorient
 from n2s_stream.quality import psnr
+from n2s_stream.refine import Refiner
 from n2s_stream.simulate import truth_path
 from n2s_stream.sinks.spool import READY_SUFFIX, RawSpool
 from n2s_stream.sources import protocols
 from n2s_stream.state import StateDir
 from n2s_stream.superblock import clear_write_flags, lookup3, write_flags
-from n2s_stream.writer import FrameWriter, RefinedWriter
+from n2s_stream.writer import FrameWriter, OutputAccess, RefinedWriter
 
 
 def _killed_writer(script: str) -> None:
@@ -114,6 +118,37 @@ def test_refined_writer_resumes_after_a_kill_without_rewriting_the_file(tmp_path
         assert np.array_equal(handle["/entry/data/data"][()], live)
         assert handle["/entry/refined/model_version"][()].tolist() == [9] * 4 + [10] * 2
         assert handle["/entry/refined/data"][()][:, 0, 0].tolist() == [1.0] * 4 + [2.0] * 2
+
+
+def test_refined_frames_wait_while_their_output_is_open_for_live_writing(tmp_path):
+    """HDF5 shares one handle per file within a process: refined frames are appended only
+    once the live writer has closed the output (a series that resumed after going idle)."""
+    output, access = tmp_path / "scan_n2s.h5", OutputAccess()
+    with access.opening_live(output):
+        live = FrameWriter(output, frame_shape=(8, 8))
+    live.append(np.ones((4, 8, 8), np.float32), source_frames=np.arange(4), model_version=1,
+                t_received=0.0)
+    spool = tmp_path / "refine" / "scan-0123456789.ready.h5"
+    spool.parent.mkdir()
+    with h5py.File(spool, "w") as handle:
+        handle["refined"] = np.full((4, 8, 8), 2.0, np.float32)
+        handle["refined_version"] = np.full(4, 5)
+        handle.attrs.update({"refined_from": 0, "output": str(output)})
+    refiner = Refiner(spool.parent, store=None, calibration=None, model=None,  # type: ignore[arg-type]
+                      masker=None, device=torch.device("cpu"), options=RefineOptions(),
+                      jinv=False, min_free_mb=0, idle=lambda: True, network_writes=lambda: True,
+                      metrics=Metrics(CollectorRegistry()), outputs=access)
+    refiner._stopping.set()  # its waits return at once
+    assert not refiner._publish(spool, output)  # open for live writing: not touched
+    live.append(np.ones((1, 8, 8), np.float32), source_frames=[4], model_version=1,
+                t_received=0.0)
+    live.close()
+    access.closed_live(output)
+    assert refiner._publish(spool, output)
+    refined, versions = _refined(output)
+    assert refined[:, 0, 0].tolist() == [2.0] * 4 and versions.tolist() == [5] * 4
+    with h5py.File(output, "r") as handle:
+        assert handle["/entry/data/data"].shape == (5, 8, 8)
 
 
 def _refined(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +320,9 @@ def test_a_series_that_resumes_after_going_idle_gets_a_spool_for_its_new_frames(
     for path, frames in zip(ready, ([0, 1, 2, 3, 4], [5, 6, 7]), strict=True):
         with h5py.File(path, "r") as handle:
             assert handle["source_frame"][()].tolist() == frames
+    # the first part goes first, even when a retry made it the newer file
+    assert next_to_refine([ready[1], ready[0]]) == ready[0]
+    assert next_to_refine([ready[1]]) == ready[1]
 
 
 def test_a_series_ended_after_a_restart_with_nothing_new_is_still_refined(tmp_path):

@@ -26,6 +26,7 @@ import numpy as np
 
 from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.writer import OutputAccess
 
 if TYPE_CHECKING:
     from n2s_stream.buffer import RollingBuffer
@@ -97,7 +98,8 @@ class RefinedListener(Protocol):
     thread, of each output to which refined frames were appended."""
 
     def refined(self, output: Path) -> None:
-        """``output`` now holds ``/entry/refined/data`` for all its frames."""
+        """``output`` now holds more of ``/entry/refined/data`` (all its frames, or all
+        of them up to where its series went idle)."""
 
 
 @dataclass
@@ -115,6 +117,7 @@ class SinkContext:
     buffer: RollingBuffer
     val_buffer: RollingBuffer
     cold_start: ColdStart | None = None
+    outputs: OutputAccess = field(default_factory=OutputAccess)  # shared with the refiner
 
 
 SinkFactory = Callable[[SinkContext], Sink]

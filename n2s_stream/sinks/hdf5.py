@@ -23,7 +23,7 @@ from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
 from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkContext
 from n2s_stream.state import StateDir, last_written_source_frame
-from n2s_stream.writer import FrameWriter, close_left_open, free_bytes
+from n2s_stream.writer import FrameWriter, OutputAccess, close_left_open, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,11 @@ class Hdf5Sink:
     required = True
 
     def __init__(self, options: OutputOptions, *, state: StateDir, metrics: Metrics,
-                 stopping: threading.Event, config_text: str) -> None:
+                 stopping: threading.Event, config_text: str,
+                 outputs: OutputAccess | None = None) -> None:
         self.options, self.state, self.metrics = options, state, metrics
         self._stopping = stopping
+        self._outputs = outputs or OutputAccess()  # shared with the refiner
         self._config_text = config_text
         self._writers: dict[str, FrameWriter] = {}
 
@@ -45,7 +47,8 @@ class Hdf5Sink:
     def from_context(cls, context: SinkContext) -> Hdf5Sink:
         """The daemon's output sink."""
         return cls(context.config.output, state=context.state, metrics=context.metrics,
-                   stopping=context.stopping, config_text=as_toml(context.config, "daemon"))
+                   stopping=context.stopping, config_text=as_toml(context.config, "daemon"),
+                   outputs=context.outputs)
 
     def last_written(self, series: str, output: Path) -> int:
         """The newest source frame of ``series`` already in its output (this run's or an
@@ -64,11 +67,12 @@ class Hdf5Sink:
         path = self.state.output_for(start.series, start.output)
         existed = path.exists()
         try:
-            self._writers[start.series] = FrameWriter(
-                path, frame_shape=start.frame_shape, dtype=dtype,
-                config_text=self._config_text, source=start.series,
-                notes=start.notes or None, attribute_names=start.attribute_names,
-                resume=True)
+            with self._outputs.opening_live(path):
+                self._writers[start.series] = FrameWriter(
+                    path, frame_shape=start.frame_shape, dtype=dtype,
+                    config_text=self._config_text, source=start.series,
+                    notes=start.notes or None, attribute_names=start.attribute_names,
+                    resume=True)
         except (OSError, KeyError, ValueError) as exc:
             if not existed:
                 raise  # a new file that cannot be made: the disk, not the file
@@ -102,12 +106,14 @@ class Hdf5Sink:
         writer = self._writers.pop(end.series, None)
         if writer is not None:
             writer.close()
+            self._outputs.closed_live(writer.path)
             self.state.record(end.series, output=writer.path, written=writer.n_written,
                               finished=end.complete)
         elif end.complete:
             output = self.state.output_for(end.series, end.output)
-            if output.exists():
-                close_left_open(output)
+            with self._outputs.refining(output) as free:
+                if free and output.exists():
+                    close_left_open(output)
             log.info("series %s ended with nothing new to write (an earlier run wrote it)",
                      end.series)
             self.state.record(end.series, output=end.output, written=0, finished=True)
@@ -117,6 +123,7 @@ class Hdf5Sink:
         for series in list(self._writers):
             writer = self._writers.pop(series)
             writer.close()
+            self._outputs.closed_live(writer.path)
             self.state.record(series, output=writer.path, written=writer.n_written,
                               finished=False)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import h5py
@@ -41,9 +42,17 @@ def spool_name(series: str, output: Path) -> str:
     return f"{file_safe(Path(series).stem, limit=60)}-{digest}"
 
 
+def spool_part(path: Path) -> tuple[str, int]:
+    """The spool's series part: its name without the part number, and the part number
+    (1, or n for ``<name>-n``: the series resumed after it went idle)."""
+    stem = path.name.removesuffix(READY_SUFFIX).removesuffix(FAILED_SUFFIX).removesuffix(".h5")
+    match = re.fullmatch(r"(.*-[0-9a-f]{10})-(\d+)", stem)
+    return (match.group(1), int(match.group(2))) if match else (stem, 1)
+
+
 def _eviction_order(path: Path) -> tuple[int, float]:
-    """Spools to drop first: given up by the refiner, then those of idle series; oldest
-    first within each."""
+    """Spools to drop first: given up by the refiner, then those a stopped daemon left of
+    series that never ended; oldest first within each."""
     rank = 0 if path.name.endswith(FAILED_SUFFIX) else 1
     try:
         return rank, path.stat().st_mtime
@@ -127,7 +136,8 @@ class RawSpool:
         spool = self._open.get(frame.series)
         if spool is None:
             output = self._output_of(frame.series, frame.output)
-            path = self._path_for(spool_name(frame.series, output))
+            path = (self._spool_of(frame.series)
+                    or self._path_for(spool_name(frame.series, output)))
             spool = self._open[frame.series] = _Spool(path, frame, output)
             self._used = self._usage()
         try:
@@ -138,7 +148,8 @@ class RawSpool:
             raise  # counted by the sink chain
 
     def end_series(self, end: SeriesEnd) -> None:
-        """Close the series' spool; once the source says it is complete, it is ready."""
+        """Close the series' spool: it is ready to be refined (the series ended, or went
+        idle: frames that come later go to a spool of their own)."""
         self._given_up.discard(end.series)
         self._outputs.pop(end.series, None)
         spool = self._open.pop(end.series, None)
@@ -162,14 +173,13 @@ class RawSpool:
             self._open.pop(series).close()
 
     def _path_for(self, name: str) -> Path:
-        """The spool to append the series' frames to: the one a stopped daemon left, or a
-        new one beside those already ready to be refined (a series that resumed)."""
+        """A new spool for a series: ``name``, or ``name-2``... beside the parts of it
+        already ended (it resumed after it went idle)."""
         for n in range(1, 10_000):
             stem = name if n == 1 else f"{name}-{n}"
-            path = self.root / f"{stem}.h5"
-            if path.exists() or not any((self.root / f"{stem}{suffix}").exists()
-                                        for suffix in (READY_SUFFIX, FAILED_SUFFIX)):
-                return path
+            if not any((self.root / f"{stem}{suffix}").exists()
+                       for suffix in (".h5", READY_SUFFIX, FAILED_SUFFIX)):
+                return self.root / f"{stem}.h5"
         raise OSError(f"{name}: too many spools")
 
     def _spool_of(self, series: str) -> Path | None:

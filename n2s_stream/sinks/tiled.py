@@ -51,7 +51,7 @@ class _Registration:
     container: str
     key: str
     path: str
-    frame_shape: tuple[int, int]
+    frame_shape: tuple[int, ...]
     dtype: str
     metadata: dict[str, Any]
     frames: int = 0
@@ -109,9 +109,10 @@ class TiledSink:
         """Note what to register for the series (done by the registrar thread)."""
         output = self.state.output_for(start.series, start.output)
         dtype = start.dtype if self._reconstructable else np.dtype("f4")
-        registration = self._registration(start.notes, start.series, output, "denoised",
-                                          start.frame_shape, dtype, {"series": start.series})
-        registration.frames, registration.ident = self._rows_written(start.series), start.series
+        registration = self._registration(
+            start.notes, start.series, output, "denoised", start.frame_shape, dtype,
+            extra={"series": start.series}, frames=self._rows_written(start.series),
+            ident=start.series)
         with self._lock:
             self._registrations[start.series] = registration
 
@@ -141,14 +142,14 @@ class TiledSink:
                 refined = file["/entry/refined/data"]
                 frames, frame_shape, dtype = refined.shape[0], refined.shape[1:], refined.dtype
             series = output.name.removesuffix(".h5").removesuffix("_n2s")
-            registration = self._registration(notes, series, output, "refined", frame_shape,
-                                              dtype, {"refined": True})
+            registration = self._registration(
+                notes, series, output, "refined", frame_shape, dtype, extra={"refined": True},
+                frames=int(frames), ended=True, dataset="/entry/refined/data",
+                ident=f"{output}#refined")
         except (OSError, KeyError, ValueError) as exc:
             self.metrics.tiled_errors.inc()
             log.warning("Tiled: cannot read the refined frames of %s (%s)", output, exc)
             return
-        registration.frames, registration.ended = int(frames), True
-        registration.dataset, registration.ident = "/entry/refined/data", f"{output}#refined"
         with self._lock:
             self._registrations[registration.ident] = registration
         self._worker.wake()
@@ -193,17 +194,18 @@ class TiledSink:
             return registration.failures
 
     def _registration(self, notes: dict[str, str], series: str, output: Path, kind: str,
-                      frame_shape: tuple[int, ...], dtype: Any,
-                      extra: dict[str, Any]) -> _Registration:
+                      frame_shape: tuple[int, ...], dtype: Any, *, extra: dict[str, Any],
+                      **fields: Any) -> _Registration:
         """What to show of ``output``'s ``kind`` frames (denoised or refined): the array
-        ``<data_key>_<kind>`` in its run's container, with the run's metadata and ours."""
+        ``<data_key>_<kind>`` in its run's container, with the run's metadata and ours
+        (plus ``extra``); ``fields`` set the registration's other fields."""
         container, metadata = run_identity(notes, series)
         data_key = notes.get("bluesky_data_key")
         metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
                          "output": str(output), **extra})
         return _Registration(container, array_key(data_key, kind), self._server_path(output),
-                             (int(frame_shape[0]), int(frame_shape[1])), np.dtype(dtype).str,
-                             metadata)
+                             tuple(int(side) for side in frame_shape), np.dtype(dtype).str,
+                             metadata, **fields)
 
     def _server_path(self, output: Path) -> str:
         """The output's path as the server sees it (``tiled_path_map`` LOCAL=SERVER)."""
