@@ -23,7 +23,7 @@ from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.augment import augmented, orient, unorient
 from n2s_stream.quality import psnr
-from n2s_stream.refine import Refiner
+from n2s_stream.refine import Refiner, next_to_refine
 from n2s_stream.simulate import truth_path
 from n2s_stream.sinks.spool import READY_SUFFIX, RawSpool
 from n2s_stream.sources import protocols
