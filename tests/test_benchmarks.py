@@ -44,6 +44,7 @@ def test_machine_noise_runs(tmp_path):
     assert "max / min" in stdout and out.with_suffix(".png").exists()
 
 
+@pytest.mark.slow  # 25 s; the soak smoke test samples the daemon's RSS in the default run
 def test_daemon_memory_runs(tmp_path):
     out = tmp_path / "m.json"
     stdout, report = run_benchmark(
@@ -141,7 +142,10 @@ def test_online_quality_runs(tmp_path):
     assert "online, pass 2" in stdout and out.with_suffix(".png").exists()
 
 
-@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("engine", [
+    "torch",
+    # 25 s; test_daemon.py's faster-engines test covers ONNX Runtime in the default run
+    pytest.param("onnxruntime", marks=pytest.mark.slow)])
 def test_daemon_throughput_runs(tmp_path, engine):
     if engine == "onnxruntime":
         pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
