@@ -97,9 +97,14 @@ class FrameStream:
     multiplier: int
 
 
-def frames_per_event(shape: list[int] | tuple[int, ...]) -> int | None:
+def frames_per_event(shape: list[int] | tuple[int, ...] | None,
+                     chunk_shape: list[int] | tuple[int, ...] = ()) -> int | None:
     """Frames per event of a data key's ``shape``: ``[n, H, W]`` gives n, ``[H, W]`` 1;
-    None for data that is not images (scalars, waveforms)."""
+    None for data that is not images (scalars, waveforms). Without a shape (the
+    descriptor came before we listened), a rank-3 ``chunk_shape`` of its resource means
+    images, one per event."""
+    if shape is None:
+        return 1 if len(chunk_shape) == 3 else None
     if len(shape) == 3:
         return max(int(shape[0]), 1)
     if len(shape) == 2:

@@ -168,15 +168,9 @@ class BlueskySource(BackgroundWorker):
             log.warning("run %s: no document for %.0f s: series %s ends with what %s holds "
                         "(it continues if the run does)", followed.stream.run_start,
                         now - followed.heard, followed.series, followed.local_path)
-            if not self._reader.read_up_to(followed, None):
-                return False
             followed.idle_ended = True
-            if not self._emit(SeriesEnd(followed.series, max(followed.rows_read,
-                                                             followed.announced),
-                                        Path(followed.output), sender_count=True,
-                                        complete=False)):
+            if not self._end_series(followed, complete=False):
                 return False
-            self._reader.close(followed)
         return True
 
     # ---- documents ----------------------------------------------------------------------
@@ -214,11 +208,8 @@ class BlueskySource(BackgroundWorker):
         if wanted is not None and resource["data_key"] != wanted:
             return
         run_start = str(resource.get("run_start") or "")
-        run = self._runs.get(run_start, _Run())
-        shape = run.shapes.get(resource["data_key"])
-        chunks = resource["parameters"].get("chunk_shape") or []
-        multiplier = frames_per_event(shape) if shape is not None else (
-            1 if len(chunks) == 3 else None)
+        shape = self._runs.get(run_start, _Run()).shapes.get(resource["data_key"])
+        multiplier = frames_per_event(shape, resource["parameters"].get("chunk_shape") or ())
         if multiplier is None:
             return  # not images (a scalar or waveform beside the detector)
         self._records.save(self._start_following(frame_stream(resource, run_start, multiplier)))
@@ -312,18 +303,21 @@ class BlueskySource(BackgroundWorker):
     def _finish(self, followed: Followed) -> bool:
         """End the series of a stopped run with all its file holds: frames announced but
         not in the file are counted as missing (the end carries the announced count)."""
-        uid = followed.stream.uid
-        if not followed.done:
-            if not self._reader.read_up_to(followed, None):
-                return False
-            if followed.rows_read < followed.announced:
-                log.warning("%s: %d frames announced, the file holds %d", followed.local_path,
-                            followed.announced, followed.rows_read)
-            end = SeriesEnd(followed.series, max(followed.rows_read, followed.announced),
-                            Path(followed.output), sender_count=True)
-            if not self._emit(end):
-                return False
-        self._reader.close(followed)
-        del self._followed[uid]
+        if not followed.done and not self._end_series(followed, complete=True):
+            return False
+        del self._followed[followed.stream.uid]
         self._records.ended(followed)
         return True
+
+    def _end_series(self, followed: Followed, *, complete: bool) -> bool:
+        """Read all the file holds and end the series: frames announced but not in the
+        file are counted as missing (the end carries the announced count)."""
+        if not self._reader.read_up_to(followed, None):
+            return False
+        if followed.rows_read < followed.announced:
+            log.warning("%s: %d frames announced, the file holds %d", followed.local_path,
+                        followed.announced, followed.rows_read)
+        end = SeriesEnd(followed.series, max(followed.rows_read, followed.announced),
+                        Path(followed.output), sender_count=True, complete=complete)
+        self._reader.close(followed)
+        return self._emit(end)
