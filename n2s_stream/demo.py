@@ -134,11 +134,13 @@ def _print_row(daemons: list[_DemoDaemon], names: list[str | None], source: Path
     noisy_db, _, written = scores[0]
     received = metrics.get("n2s_frames_received_total", 0)
     version = metrics.get("n2s_model_version", 0)
-    val_loss = metrics.get("n2s_selfsup_val_loss", float("nan"))
-    denoiser = "classical" if metrics.get("n2s_cold_start_active") else "network"
+    val_loss = metrics.get("n2s_selfsup_val_loss", 0.0)  # 0 until the first score
+    loss_text = f"{val_loss:17.4f}" if val_loss else f"{'-':>17}"
+    denoiser = ("-" if not written  # the daemon is starting, or nothing written yet
+                else "classical" if metrics.get("n2s_cold_start_active") else "network")
     columns = " ".join(_decibels(db, 9) for _, db, _ in scores)
     print(f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} "
-          f"{_decibels(noisy_db, 10)} {columns} {val_loss:17.4f} {denoiser:>9}", flush=True)
+          f"{_decibels(noisy_db, 10)} {columns} {loss_text} {denoiser:>9}", flush=True)
     return scores
 
 
