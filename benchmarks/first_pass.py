@@ -162,6 +162,15 @@ def final_weights(checkpoint, noisy: np.ndarray) -> np.ndarray:
                        device=torch.device("cpu")) for k in range(0, len(noisy), 16)])
 
 
+def scores(truth: np.ndarray, stack: np.ndarray | None, first: int,
+           dose: float) -> dict | None:
+    """PSNR of ``stack`` over the scan and over its ``first`` frames (None: no stack)."""
+    if stack is None:
+        return None
+    return {"mean": psnr(truth, stack, data_range=dose),
+            "first_10s": psnr(truth[:first], stack[:first], data_range=dose)}
+
+
 def main() -> None:
     """Every dose and drift: print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -194,10 +203,8 @@ def main() -> None:
             for label, extra in variants.items():
                 with tempfile.TemporaryDirectory() as tmp:
                     other = live_and_refined(noisy, args, Path(tmp), extra)
-                lever[label] = {name: None if other[name] is None else {
-                    "mean": psnr(truth, other[name], data_range=dose),
-                    "first_10s": psnr(truth[:first], other[name][:first], data_range=dose)}
-                    for name in ("live", "refined")}
+                lever[label] = {name: scores(truth, other[name], first, dose)
+                                for name in ("live", "refined")}
             with tempfile.TemporaryDirectory() as tmp:
                 run = live_and_refined(noisy, args, Path(tmp))
                 stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
@@ -208,9 +215,7 @@ def main() -> None:
                          "refine_seconds": run["refine_seconds"],
                          "classical_frames": int(np.sum(run["denoiser"] == 1))}
             for name, stack in stacks.items():
-                row[name] = None if stack is None else {
-                    "mean": psnr(truth, stack, data_range=dose),
-                    "first_10s": psnr(truth[:first], stack[:first], data_range=dose)}
+                row[name] = scores(truth, stack, first, dose)
             row["variants"] = lever
             rows.append(row)
             cells = " ".join(

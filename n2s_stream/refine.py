@@ -248,7 +248,7 @@ class Refiner(BackgroundWorker):
             first_row = int(spool.attrs.get("refined_from", 0))
             if not self._wait_for_space(output, refined.nbytes):
                 return False
-            with self._outputs.refining(output) as free:
+            with self._outputs.opening_briefly(output) as free:
                 try:
                     if not free:
                         raise FileBusy(f"{output}: its series writes to it again")
@@ -331,8 +331,8 @@ def _append_refined(writer: RefinedWriter, refined: h5py.Dataset, versions: h5py
 def _first_row(rows: np.ndarray, position: dict[int, int], refined_rows: int) -> int:
     """The first output row a spool is to refine: the first it holds, after those the
     output holds refined already."""
-    held = [row for row in range(refined_rows, len(rows)) if int(rows[row]) in position]
-    return held[0] if held else refined_rows
+    return next((row for row in range(refined_rows, len(rows)) if int(rows[row]) in position),
+                refined_rows)
 
 
 def _rows_held(spool: h5py.File, rows: np.ndarray,

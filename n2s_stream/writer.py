@@ -358,10 +358,10 @@ def close_left_open(path: Path) -> None:
 
 class OutputAccess:
     """Which outputs this process has open for live writing, and a lock around opening
-    one. HDF5 shares one handle per file within a process, so the live writer and the
-    refiner (appending refined frames) must never have one output open at once: the
-    refiner appends only to outputs not open for live writing, under the lock, and the
-    live writer opens an output under the same lock (waiting for an append to end)."""
+    one. HDF5 shares one handle per file within a process, so the live writer and a short
+    open (the refiner appending refined frames, a killed writer's flags cleared) must never
+    have one output open at once: a short open happens only on outputs not open for live
+    writing, under the lock, and the live writer opens an output under the same lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -380,9 +380,9 @@ class OutputAccess:
             self._live.discard(path.resolve())
 
     @contextmanager
-    def refining(self, path: Path) -> Iterator[bool]:
-        """Inside this block, True if ``path`` may be opened to append refined frames (it
-        is not open for live writing); the live writer waits until the block ends."""
+    def opening_briefly(self, path: Path) -> Iterator[bool]:
+        """Inside this block, True if ``path`` may be opened for a short while (it is not
+        open for live writing); the live writer waits until the block ends."""
         with self._lock:
             yield path.resolve() not in self._live
 

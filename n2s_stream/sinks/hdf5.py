@@ -111,7 +111,7 @@ class Hdf5Sink:
                               finished=end.complete)
         elif end.complete:
             output = self.state.output_for(end.series, end.output)
-            with self._outputs.refining(output) as free:
+            with self._outputs.opening_briefly(output) as free:
                 if free and output.exists():
                     close_left_open(output)
             log.info("series %s ended with nothing new to write (an earlier run wrote it)",

@@ -33,12 +33,14 @@ log = logging.getLogger(__name__)
 
 READY_SUFFIX = ".ready.h5"
 FAILED_SUFFIX = ".failed.h5"
+DIGEST_CHARS = 10
+"""Hex digits of the hash that ends a spool's name (``spool_name``)."""
 
 
 def spool_name(series: str, output: Path) -> str:
     """A file name for the spool of ``series`` written to ``output``: readable, and unique
     by a hash of both (two sources may name a series alike)."""
-    digest = hashlib.sha1(f"{series}\0{output}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(f"{series}\0{output}".encode()).hexdigest()[:DIGEST_CHARS]
     return f"{file_safe(Path(series).stem, limit=60)}-{digest}"
 
 
@@ -46,7 +48,7 @@ def spool_part(path: Path) -> tuple[str, int]:
     """The spool's series part: its name without the part number, and the part number
     (1, or n for ``<name>-n``: the series resumed after it went idle)."""
     stem = path.name.removesuffix(READY_SUFFIX).removesuffix(FAILED_SUFFIX).removesuffix(".h5")
-    match = re.fullmatch(r"(.*-[0-9a-f]{10})-(\d+)", stem)
+    match = re.fullmatch(rf"(.*-[0-9a-f]{{{DIGEST_CHARS}}})-(\d+)", stem)
     return (match.group(1), int(match.group(2))) if match else (stem, 1)
 
 

@@ -282,7 +282,6 @@ class BlueskySource(BackgroundWorker):
         """The run ended (whatever its exit status): each of its series ends with what
         its file holds."""
         run_start = str(stop["run_start"])
-        status = stop.get("exit_status", "?")
         for followed in list(self._followed.values()):
             if followed.stream.run_start != run_start:
                 continue
@@ -290,19 +289,15 @@ class BlueskySource(BackgroundWorker):
             self._records.save(followed)  # a restart before the series is written ends it
             if not self._finish(followed):
                 return False
-            log.info("run %s ended (%s): series %s, %d frames", run_start, status,
-                     followed.series, followed.rows_read)
-        self._forget_run(run_start)
+            log.info("run %s ended (%s): series %s, %d frames", run_start,
+                     stop.get("exit_status", "?"), followed.series, followed.rows_read)
+        self._runs.pop(run_start, None)  # what was kept of its documents
+        self._legacy.forget_run(run_start, self._records.ended_of(run_start))
         return True
 
-    def _forget_run(self, run_start: str) -> None:
-        """Drop what was kept of a run's documents once it stopped."""
-        self._runs.pop(run_start, None)
-        self._legacy.forget_run(run_start, self._records.ended_of(run_start))
-
     def _finish(self, followed: Followed) -> bool:
-        """End the series of a stopped run with all its file holds: frames announced but
-        not in the file are counted as missing (the end carries the announced count)."""
+        """End the series of a stopped run (unless an earlier daemon wrote all of it); its
+        record stays until the series is written."""
         if not followed.done and not self._end_series(followed, complete=True):
             return False
         del self._followed[followed.stream.uid]
