@@ -314,6 +314,9 @@ class TrainingOptions:
                                                        "one at every stop)")
     buffer_frames: int = option(256, min=2, help="newest frames kept for training")
     buffer_mb: int = option(512, min=1, help="... and at most this many MiB of them")
+    average_steps: int = option(200, min=0, help="published weights are a moving average "
+                                "of the trained ones over about this many steps (steadier "
+                                "versions); 0 or 1: the trained weights as they are")
     recent_frames: int = option(0, min=0, help="half of each training batch is cropped from "
                                 "the newest this many frames, to follow a changing scene "
                                 "(0: uniform over the buffer)")

@@ -2,7 +2,9 @@
 
 The trainer owns its model and optimizer. Every ``publish_every`` steps it scores the
 model on held-out frames (masked loss: no ground truth needed) and publishes a copy of
-the weights with a new version number; inference swaps them in between frames. Inference
+the weights with a new version number; inference swaps them in between frames. What is
+published, scored and checkpointed is a moving average of the trained weights
+(``average_steps``): steadier from version to version than the weights of one step. Inference
 has priority: while frames wait in the queue, the trainer yields. A step whose loss is
 NaN/inf, or far above its recent level, is undone from the last published weights.
 """
@@ -31,6 +33,7 @@ from n2s_stream.training import (
     make_optimizer,
     masked_validation_loss,
     train_step,
+    weight_average,
 )
 from n2s_stream.worker import BackgroundWorker
 
@@ -73,6 +76,8 @@ class OnlineTrainer(BackgroundWorker):
         self._busy, self._save = busy, save
         self.val_crop = VAL_CROP
         self.optimizer = make_optimizer(self.model, options.lr)
+        self._average = (weight_average(self.model, options.average_steps)
+                         if options.average_steps > 1 else None)
         if optimizer_state:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
@@ -102,7 +107,8 @@ class OnlineTrainer(BackgroundWorker):
                     self._publish(loss_sum / n_losses)
                     loss_sum, n_losses = 0.0, 0
                 if time.monotonic() - last_save > self.options.checkpoint_every:
-                    self._save(self.model, self.optimizer, self.step, self.store.version)
+                    self._save(self.published_model, self.optimizer, self.step,
+                               self.store.version)
                     last_save = time.monotonic()
         except Exception as exc:  # policy: inference goes on with the last weights, visibly
             self.error = exc
@@ -110,7 +116,13 @@ class OnlineTrainer(BackgroundWorker):
                           "model version %d (n2s_worker_up{worker=\"trainer\"} 0)",
                           self.store.version)
             return
-        self._save(self.model, self.optimizer, self.step, self.store.version)
+        self._save(self.published_model, self.optimizer, self.step, self.store.version)
+
+    @property
+    def published_model(self) -> nn.Module:
+        """The weights that are published, scored and checkpointed: the moving average of
+        the trained ones, or the trained ones themselves (``average_steps`` 0 or 1)."""
+        return self.model if self._average is None else self._average.module
 
     def _starting_model_unscored(self) -> bool:
         """With ``score_start`` (a pretrained start), True once, as soon as held-out frames
@@ -146,6 +158,8 @@ class OnlineTrainer(BackgroundWorker):
             self.metrics.train_rollbacks.inc()
             return None
         self._loss_ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+        if self._average is not None:
+            self._average.update_parameters(self.model)
         return loss
 
     def _wait_while_busy(self) -> None:
@@ -167,11 +181,11 @@ class OnlineTrainer(BackgroundWorker):
                 return masked_validation_loss(model, self.masker, frames, batch=1,
                                               before_chunk=self._wait_while_busy)
 
-            val_loss = loss_of(self.model)
+            val_loss = loss_of(self.published_model)
             self.metrics.selfsup_val_loss.set(val_loss)
         self._good = copy_state(self.model)
         version = self.store.version + 1
-        self.store.publish(copy_state(self.model), version)
+        self.store.publish(copy_state(self.published_model), version)
         if val_loss is not None and self.cold_start is not None and self.cold_start.active:
             self.cold_start.compare(val_loss, loss_of)
         log.debug("published model version %d (step %d, loss %.4g)", version, self.step,

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker
@@ -56,6 +57,23 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
     benchmarks/profile_model.py). Its state dict is plain Adam's, so checkpoints of either
     resume in the other."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def weight_average(model: nn.Module, steps: int) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights over about ``steps`` training
+    steps (Polyak averaging), updated by ``update_parameters(model)`` after each step.
+
+    Online training runs at a constant learning rate on a changing buffer, so its weights
+    wander around a good solution from step to step; their average sits nearer the middle
+    and varies far less between published versions. The first updates weigh 1/n (a plain
+    mean), so a fresh start does not drag the starting weights along for ``steps`` steps.
+    Buffers (batch-norm statistics) follow the trained model as they are.
+    """
+    def lerp(averaged: list[torch.Tensor], current: list[torch.Tensor],
+             n_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, max(1.0 / steps, 1.0 / (int(n_averaged) + 1)))
+
+    return AveragedModel(model, multi_avg_fn=lerp, use_buffers=False)
 
 
 def cosine_lr(base_lr: float, progress: float, floor: float = 0.05) -> float:

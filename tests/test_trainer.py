@@ -16,7 +16,13 @@ from n2s_stream.models import ModelConfig, build_model, use_fast_layout
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.snapshot import ModelStore, copy_state
 from n2s_stream.trainer import OnlineTrainer
-from n2s_stream.training import center_crop, make_optimizer, masked_validation_loss, train_step
+from n2s_stream.training import (
+    center_crop,
+    make_optimizer,
+    masked_validation_loss,
+    train_step,
+    weight_average,
+)
 
 
 def _trainer(buffer, *, busy=lambda: False, publish_every=5):
@@ -123,3 +129,37 @@ def test_training_layout_and_fused_adam_give_the_plain_steps():
     resumed = make_optimizer(plain, 1e-2)
     resumed.load_state_dict(optimizers[0].state_dict())  # plain Adam's state into fused
     train_step(plain, resumed, masker, batch, phases=phases)
+
+
+def test_weight_average_is_a_mean_first_then_a_moving_average():
+    model = torch.nn.Linear(1, 1, bias=False)
+    averaged = weight_average(model, steps=4)
+    seen = []
+    for value in [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]:
+        with torch.no_grad():
+            model.weight.fill_(value)
+        averaged.update_parameters(model)
+        seen.append(averaged.module.weight.item())
+    # a plain mean while n < steps (1, 1.5, 2, 2.5), then each step weighs 1/4
+    assert seen[:4] == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert seen[4] == pytest.approx(2.5 + (5.0 - 2.5) / 4)
+    assert seen[5] == pytest.approx(seen[4] + (6.0 - seen[4]) / 4)
+
+
+def test_published_and_saved_weights_are_the_average_not_the_last_step():
+    buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
+    for seed in range(4):
+        buffer.add(np.random.default_rng(seed).normal(size=(24, 24)).astype(np.float32))
+    trainer, store, _, _ = _trainer(buffer)
+    saved_models = []
+    trainer._save = lambda model, o, step, version: saved_models.append(copy_state(model))
+    trainer.start()
+    assert _wait(lambda: store.version >= 3)
+    trainer.stop()
+    published = store.snapshot().weights
+    averaged, trained = copy_state(trainer.published_model), copy_state(trainer.model)
+    assert trainer.published_model is not trainer.model
+    for name, value in trained.items():
+        assert not torch.equal(value, averaged[name])  # steps moved on from the average
+        assert torch.equal(saved_models[-1][name], averaged[name])
+    assert store.version >= 3 and set(published) == set(averaged)
