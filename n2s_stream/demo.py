@@ -4,8 +4,13 @@ Starts ``n2s-stream simulate`` (a growing SWMR file of a drifting scene with Poi
 clean truth kept aside; or, with ``source="pva"``, an NTNDArray PV on loopback that keeps a
 copy of what it served) and the daemon on it as two processes, then every few seconds
 reads the daemon's output like a live viewer would (SWMR) and prints a row: frames in and
-out, model version, PSNR of the newest frames against the truth (noisy vs denoised) and
-the self-supervised validation loss the daemon exports (which needs no truth).
+out, model version, PSNR of the newest frames against the truth (noisy, the classical
+denoiser of the cold start on the same frames, and what the daemon wrote) and the
+self-supervised validation loss the daemon exports (which needs no truth).
+
+Absolute PSNR follows the scene (a drifting sample brings harder texture into view); the
+classical column on the same frames is the yardstick: the network's margin over it is
+what online training earns.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from n2s_stream.coldstart import ClassicalDenoiser, calibrate_classical
 from n2s_stream.metrics import scrape
+from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import truth_path
 from n2s_stream.sinks.pva import loopback_client_env, loopback_server_env
@@ -38,21 +45,44 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _newest_quality(output: Path, source: Path, truth: np.ndarray) -> tuple[float, float, int]:
-    """PSNR of the newest denoised frames and of the same noisy frames, and the count."""
+class _Classical:
+    """The daemon's cold-start denoiser, rebuilt the way the daemon builds it (normalised
+    as the first frame says, calibrated J-invariantly on it), to score the same frames."""
+
+    def __init__(self, first_frame: np.ndarray) -> None:
+        self.normalizer: Normalizer = fit_normalizer(
+            first_frame[np.newaxis], mode="meanstd", scale_integers=True,
+            source_dtype=first_frame.dtype)
+        self.denoiser: ClassicalDenoiser = calibrate_classical(
+            self.normalizer.forward(first_frame[np.newaxis].astype(np.float32))[0])
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """Denoised ``(n, H, W)`` frames, in counts."""
+        normalized = self.normalizer.forward(frames.astype(np.float32))
+        return self.normalizer.inverse(np.stack([self.denoiser(image)
+                                                 for image in normalized]))
+
+
+def _newest_quality(output: Path, source: Path, truth: np.ndarray,
+                    classical: _Classical | None = None) -> tuple[float, float, float, int]:
+    """PSNR of the newest denoised frames, of the same noisy frames and of the classical
+    denoiser on them (with ``classical``), and the count written."""
     try:
         with h5py.File(output, "r", swmr=True) as out:
             n = out["/entry/provenance/t_written"].shape[0]
             if n == 0:
-                return float("nan"), float("nan"), 0
+                return float("nan"), float("nan"), float("nan"), 0
             index = out["/entry/provenance/source_frame"][max(0, n - NEWEST) : n]
             denoised = out["/entry/data/data"][max(0, n - NEWEST) : n]
         with h5py.File(source, "r", swmr=True) as src:
             noisy = src["/entry/data/data"][index[0] : index[-1] + 1].astype(np.float32)
     except (OSError, KeyError):
-        return float("nan"), float("nan"), 0
+        return float("nan"), float("nan"), float("nan"), 0
+    noisy = noisy[index - index[0]]
     clean = truth[index] * DEMO_DOSE
-    return psnr(clean, noisy, DEMO_DOSE), psnr(clean, denoised, DEMO_DOSE), n
+    classical_db = (float("nan") if classical is None
+                    else psnr(clean, classical(noisy), DEMO_DOSE))
+    return psnr(clean, noisy, DEMO_DOSE), psnr(clean, denoised, DEMO_DOSE), classical_db, n
 
 
 def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
@@ -93,26 +123,30 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
               f"http://127.0.0.1:{daemon.port}/)")
     psnr_columns = " ".join(f"{'PSNR ' + label:>9}" for label, _, _ in variants)
     print(f"{'elapsed':>7} {'in':>5} {'out':>5} {'model':>5} {'PSNR noisy':>10} "
-          f"{psnr_columns} {'self-sup val loss':>17} {'denoiser':>9}")
+          f"{'classical':>9} {psnr_columns} {'n2s-classical':>13} {'self-sup val loss':>17} "
+          f"{'denoiser':>9}")
     started = time.monotonic()
-    truth = None
+    truth, classical = None, None
     try:
         while True:
             time.sleep(5)
             if truth is None and truth_path(source_path).exists():
                 with h5py.File(truth_path(source_path), "r") as handle:
                     truth = handle["clean"][()]
+            if classical is None and truth is not None:
+                classical = _classical_for(source_path)
             series_names = [name or feed.find_series(daemon.out)
                             for name, daemon in zip(series_names, daemons, strict=True)]
-            scores = _print_row(daemons, series_names, source_path, truth,
+            scores = _print_row(daemons, series_names, source_path, truth, classical,
                                 time.monotonic() - started)
-            if detector.poll() is not None and all(n >= frames for _, _, n in scores):
+            if detector.poll() is not None and all(s[-1] >= frames for s in scores):
                 break
             if any(d.process.poll() is not None for d in daemons):
                 print("a daemon stopped unexpectedly; see its log")
                 break
         if truth is not None and all(d.process.poll() is None for d in daemons):
-            _print_refined(daemons, variants, series_names, source_path, truth, frames)
+            _print_refined(daemons, variants, series_names, source_path, truth, classical,
+                           frames)
     finally:
         detector.terminate()
         for daemon in daemons:
@@ -123,32 +157,50 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
           f" the daemon stopped with status {statuses}")
 
 
+def _classical_for(source: Path) -> _Classical | None:
+    """The cold-start denoiser for the acquisition in ``source``, once its first frame
+    is there."""
+    try:
+        with h5py.File(source, "r", swmr=True) as src:
+            data = src["/entry/data/data"]
+            return _Classical(data[0]) if data.shape[0] else None
+    except (OSError, KeyError):
+        return None  # not there yet: the next row tries again
+
+
 def _print_row(daemons: list[_DemoDaemon], names: list[str | None], source: Path,
-               truth: np.ndarray | None, elapsed: float) -> list[tuple[float, float, int]]:
+               truth: np.ndarray | None, classical: _Classical | None,
+               elapsed: float) -> list[tuple[float, float, float, int]]:
     """One line of the demo's table (PSNR of each daemon's newest frames against the
-    truth, the first daemon's metrics); returns each daemon's (noisy dB, dB, written)."""
+    truth, of the classical denoiser on the first daemon's, the first daemon's metrics);
+    returns each daemon's (noisy dB, dB, classical dB, written)."""
     metrics = scrape(daemons[0].port)
-    scores = [_newest_quality(d.out / f"{name}_n2s.h5", source, truth)
-              if truth is not None and name else (np.nan, np.nan, 0)
-              for name, d in zip(names, daemons, strict=True)]
-    noisy_db, _, written = scores[0]
+    scores = [_newest_quality(d.out / f"{name}_n2s.h5", source, truth,
+                              classical if k == 0 else None)
+              if truth is not None and name else (np.nan, np.nan, np.nan, 0)
+              for k, (name, d) in enumerate(zip(names, daemons, strict=True))]
+    noisy_db, denoised_db, classical_db, written = scores[0]
     received = metrics.get("n2s_frames_received_total", 0)
     version = metrics.get("n2s_model_version", 0)
     val_loss = metrics.get("n2s_selfsup_val_loss", 0.0)  # 0 until the first score
     loss_text = f"{val_loss:17.4f}" if val_loss else f"{'-':>17}"
     denoiser = ("-" if not written  # the daemon is starting, or nothing written yet
                 else "classical" if metrics.get("n2s_cold_start_active") else "network")
-    columns = " ".join(_decibels(db, 9) for _, db, _ in scores)
+    columns = " ".join(_decibels(db, 9) for _, db, _, _ in scores)
+    margin = denoised_db - classical_db
+    margin_text = f"{margin:+11.2f}dB" if np.isfinite(margin) else f"{'-':>13}"
     print(f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} "
-          f"{_decibels(noisy_db, 10)} {columns} {loss_text} {denoiser:>9}", flush=True)
+          f"{_decibels(noisy_db, 10)} {_decibels(classical_db, 9)} {columns} {margin_text} "
+          f"{loss_text} {denoiser:>9}", flush=True)
     return scores
 
 
 def _print_refined(daemons: list[_DemoDaemon], variants: list, names: list[str | None],
-                   source: Path, truth: np.ndarray, frames: int, timeout: float = 120.0) -> None:
+                   source: Path, truth: np.ndarray, classical: _Classical | None, frames: int,
+                   timeout: float = 120.0) -> None:
     """Once the series has ended: wait for each daemon's refined frames (the whole series
-    denoised again with its newest model) and print the whole series' PSNR, live and
-    refined."""
+    denoised again with its newest model) and print the whole series' PSNR: noisy,
+    classical, live and refined."""
     print("series ended; waiting for the refined output (the whole series again, newest "
           "model)")
     deadline = time.monotonic() + timeout
@@ -174,8 +226,10 @@ def _print_refined(daemons: list[_DemoDaemon], variants: list, names: list[str |
             noisy = src["/entry/data/data"][()].astype(np.float32)[index]
         clean = truth[index] * DEMO_DOSE
         scores = [psnr(clean, stack, DEMO_DOSE) for stack in (noisy, live, refined)]
-        print(f"whole series, {label}: noisy {scores[0]:.2f} dB, live {scores[1]:.2f} dB, "
-              f"refined {scores[2]:.2f} dB (model version {version})", flush=True)
+        classical_db = np.nan if classical is None else psnr(clean, classical(noisy), DEMO_DOSE)
+        print(f"whole series, {label}: noisy {scores[0]:.2f} dB, classical {classical_db:.2f} "
+              f"dB, live {scores[1]:.2f} dB, refined {scores[2]:.2f} dB (model version "
+              f"{version})", flush=True)
 
 
 def _decibels(value: float, width: int) -> str:

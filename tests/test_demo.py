@@ -17,17 +17,21 @@ def test_demo_shows_quality_rising(tmp_path, source):
                            "--seconds", "15", "--source", source], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"^\s*\d+s\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)dB\s+([\d.]+)dB", proc.stdout,
-                      flags=re.MULTILINE)
+    rows = re.findall(r"^\s*\d+s\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)dB\s+([\d.]+)dB\s+"
+                      r"([\d.]+)dB\s+([-+][\d.]+)dB", proc.stdout, flags=re.MULTILINE)
     assert len(rows) >= 3, proc.stdout
-    frames_in, frames_out, version, noisy, denoised = rows[-1]
+    frames_in, frames_out, version, noisy, classical, denoised, margin = rows[-1]
     assert int(frames_in) == int(frames_out) == 90
     assert int(version) >= 1
     assert float(denoised) > float(noisy) + 5.0, proc.stdout
+    assert float(classical) > float(noisy) + 5.0, proc.stdout
+    assert float(margin) == pytest.approx(float(denoised) - float(classical), abs=0.011)
     assert "stopped with status 0" in proc.stdout
-    # once the series ended, the newest model refines it: the whole series rises again
-    whole = re.search(r"whole series, n2s: noisy ([\d.]+) dB, live ([\d.]+) dB, refined "
-                      r"([\d.]+) dB", proc.stdout)
+    # once the series ended, the newest model refines it: the whole series rises again,
+    # above what the classical denoiser makes of it
+    whole = re.search(r"whole series, n2s: noisy ([\d.]+) dB, classical ([\d.]+) dB, live "
+                      r"([\d.]+) dB, refined ([\d.]+) dB", proc.stdout)
     assert whole, proc.stdout
-    noisy_all, live_all, refined_all = map(float, whole.groups())
+    noisy_all, classical_all, live_all, refined_all = map(float, whole.groups())
     assert refined_all > live_all > noisy_all + 5.0, proc.stdout
+    assert refined_all > classical_all + 0.5, proc.stdout
