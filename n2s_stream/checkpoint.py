@@ -21,6 +21,7 @@ from n2s_stream.errors import CheckpointError
 from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.snapshot import StateDict
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _describe(config: ModelConfig) -> str:
 def save_checkpoint(
     path: str | Path,
     *,
-    model: nn.Module,
+    model: nn.Module | StateDict,
     model_config: ModelConfig,
     masker_config: MaskerConfig,
     normalizer: Normalizer,
@@ -79,12 +80,14 @@ def save_checkpoint(
     version: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temp file + rename): a crash never leaves half a file."""
+    """Write a checkpoint atomically (temp file + rename): a crash never leaves half a file.
+    ``model``: the network or its weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
     payload = {
         "format": FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in weights.items()},
         "model_config": model_config.to_dict(),
         "masker_config": {
             "grid_size": masker_config.grid_size,

@@ -41,7 +41,7 @@ from n2s_stream.series import SeriesTracker
 from n2s_stream.service import Notifier
 from n2s_stream.sinks import RefinedListener, SinkChain, SinkContext, make_sinks
 from n2s_stream.sinks.hdf5 import Hdf5Sink
-from n2s_stream.snapshot import ModelStore, copy_state
+from n2s_stream.snapshot import ModelStore, StateDict, copy_state
 from n2s_stream.sources import Source, SourceContext, make_source
 from n2s_stream.state import StateDir
 from n2s_stream.trainer import CheckpointFollower, OnlineTrainer
@@ -226,13 +226,13 @@ class Daemon:
         self.failure = exc
         self.stop_requested.set()
 
-    def _save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                         version: int) -> None:
+    def _save_checkpoint(self, weights: StateDict, optimizer: torch.optim.Optimizer,
+                         step: int, version: int) -> None:
         assert self.stages is not None and self._state is not None
         normalizer = self.stages.store.snapshot().normalizer
         if normalizer is not None:  # else nothing seen yet: nothing learnt worth keeping
             self._state.save_checkpoint(
-                model=model, optimizer=optimizer, step=step, version=version,
+                model=weights, optimizer=optimizer, step=step, version=version,
                 model_config=self._model_config, masker_config=self._masker.config,
                 normalizer=normalizer)
 

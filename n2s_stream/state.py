@@ -29,6 +29,7 @@ from n2s_stream.errors import CheckpointError, OutputError, UsageError
 from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.snapshot import StateDict
 from n2s_stream.writer import whole_frames
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,8 @@ class StateDir:
         for old in sorted(self.checkpoints.glob("ckpt_v*.pt"))[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
 
-    def save_checkpoint(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def save_checkpoint(self, *, model: nn.Module | StateDict,
+                        optimizer: torch.optim.Optimizer,
                         step: int, version: int, model_config: ModelConfig,
                         masker_config: MaskerConfig, normalizer: Normalizer) -> None:
         """Write the checkpoint of ``version`` and keep the newest few; a failed write is

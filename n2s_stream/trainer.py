@@ -27,7 +27,7 @@ from n2s_stream.config import TrainingOptions
 from n2s_stream.metrics import Metrics
 from n2s_stream.models import use_fast_layout
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.snapshot import ModelStore, copy_state
+from n2s_stream.snapshot import ModelStore, StateDict, copy_state
 from n2s_stream.training import (
     center_crop,
     make_optimizer,
@@ -61,7 +61,7 @@ class OnlineTrainer(BackgroundWorker):
         options: TrainingOptions,
         device: torch.device,
         busy: Callable[[], bool],
-        save: Callable[[nn.Module, torch.optim.Optimizer, int, int], None],
+        save: Callable[[StateDict, torch.optim.Optimizer, int, int], None],
         optimizer_state: dict | None = None,
         step: int = 0,
         cold_start: ColdStart | None = None,
@@ -85,8 +85,9 @@ class OnlineTrainer(BackgroundWorker):
                 log.warning("optimizer state not restored (%s); starting it afresh", exc)
         self.step = step
         self._rng = np.random.default_rng(options.seed)
-        self._good = copy_state(self.model)
-        self._loss_ema: float | None = None
+        self._good = copy_state(self.model)  # the trained and averaged weights of the last
+        self._good_average = None if self._average is None else copy_state(self._average)
+        self._loss_ema: float | None = None  # published version: where a rollback returns
         self._scored_start = False
 
     def _run(self) -> None:
@@ -107,8 +108,7 @@ class OnlineTrainer(BackgroundWorker):
                     self._publish(loss_sum / n_losses)
                     loss_sum, n_losses = 0.0, 0
                 if time.monotonic() - last_save > self.options.checkpoint_every:
-                    self._save(self.published_model, self.optimizer, self.step,
-                               self.store.version)
+                    self._save_published()
                     last_save = time.monotonic()
         except Exception as exc:  # policy: inference goes on with the last weights, visibly
             self.error = exc
@@ -116,7 +116,13 @@ class OnlineTrainer(BackgroundWorker):
                           "model version %d (n2s_worker_up{worker=\"trainer\"} 0)",
                           self.store.version)
             return
-        self._save(self.published_model, self.optimizer, self.step, self.store.version)
+        self._save_published()
+
+    def _save_published(self) -> None:
+        """Checkpoint the published weights under their version number (the average keeps
+        moving between publications, so its current state would carry a wrong version)."""
+        snapshot = self.store.snapshot()
+        self._save(snapshot.weights, self.optimizer, self.step, snapshot.version)
 
     @property
     def published_model(self) -> nn.Module:
@@ -151,16 +157,24 @@ class OnlineTrainer(BackgroundWorker):
         ema = self._loss_ema
         diverging = ema is not None and loss > DIVERGENCE_FACTOR * ema
         if not math.isfinite(loss) or diverging:
-            log.warning("training step %d: loss %g (recent %s); rolling back to version %d",
-                        self.step, loss, f"{ema:.4g}" if ema else "n/a", self.store.version)
-            self.model.load_state_dict(self._good)
-            self.optimizer = make_optimizer(self.model, self.options.lr)
-            self.metrics.train_rollbacks.inc()
+            self._roll_back(f"loss {loss:g} (recent {ema:.4g})" if ema else f"loss {loss:g}")
             return None
         self._loss_ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if self._average is not None:
             self._average.update_parameters(self.model)
         return loss
+
+    def _roll_back(self, reason: str) -> None:
+        """Return the trained and the averaged weights to the last published version: a
+        step's loss is measured before its update, so a bad update has already entered the
+        average by the time the next step finds it."""
+        log.warning("training step %d: %s; rolling back to version %d", self.step, reason,
+                    self.store.version)
+        self.model.load_state_dict(self._good)
+        if self._average is not None and self._good_average is not None:
+            self._average.load_state_dict(self._good_average)
+        self.optimizer = make_optimizer(self.model, self.options.lr)
+        self.metrics.train_rollbacks.inc()
 
     def _wait_while_busy(self) -> None:
         """Inference first: scoring held-out frames (tens of forward passes at each
@@ -169,6 +183,9 @@ class OnlineTrainer(BackgroundWorker):
             self._stopping.wait(0.005)
 
     def _publish(self, train_loss: float) -> None:
+        if not all_finite(self.published_model):
+            self._roll_back("weights not finite at publication")
+            return
         if math.isfinite(train_loss):
             self.metrics.train_loss.set(train_loss)
         val_frames = self.val_buffer.snapshot()
@@ -184,12 +201,20 @@ class OnlineTrainer(BackgroundWorker):
             val_loss = loss_of(self.published_model)
             self.metrics.selfsup_val_loss.set(val_loss)
         self._good = copy_state(self.model)
+        if self._average is not None:
+            self._good_average = copy_state(self._average)
         version = self.store.version + 1
         self.store.publish(copy_state(self.published_model), version)
         if val_loss is not None and self.cold_start is not None and self.cold_start.active:
             self.cold_start.compare(val_loss, loss_of)
         log.debug("published model version %d (step %d, loss %.4g)", version, self.step,
                   train_loss)
+
+
+def all_finite(model: nn.Module) -> bool:
+    """True when no weight of ``model`` is NaN or infinite (one host sync)."""
+    weights = [p.detach() for p in model.parameters()]
+    return bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()) if weights else True
 
 
 class CheckpointFollower(BackgroundWorker):

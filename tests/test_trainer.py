@@ -151,15 +151,46 @@ def test_published_and_saved_weights_are_the_average_not_the_last_step():
     for seed in range(4):
         buffer.add(np.random.default_rng(seed).normal(size=(24, 24)).astype(np.float32))
     trainer, store, _, _ = _trainer(buffer)
-    saved_models = []
-    trainer._save = lambda model, o, step, version: saved_models.append(copy_state(model))
+    at_publication, saved = [], []
+    publish = store.publish
+
+    def watched_publish(weights, version, normalizer=None):
+        at_publication.append((weights, copy_state(trainer.published_model),
+                               copy_state(trainer.model)))
+        publish(weights, version, normalizer)
+
+    store.publish = watched_publish
+    trainer._save = lambda weights, o, step, version: saved.append((dict(weights), version))
     trainer.start()
     assert _wait(lambda: store.version >= 3)
     trainer.stop()
-    published = store.snapshot().weights
-    averaged, trained = copy_state(trainer.published_model), copy_state(trainer.model)
     assert trainer.published_model is not trainer.model
-    for name, value in trained.items():
-        assert not torch.equal(value, averaged[name])  # steps moved on from the average
-        assert torch.equal(saved_models[-1][name], averaged[name])
-    assert store.version >= 3 and set(published) == set(averaged)
+    for published, averaged, trained in at_publication:
+        assert all(torch.equal(published[k], averaged[k]) for k in averaged)
+        assert not all(torch.equal(published[k], trained[k]) for k in trained)
+    final = store.snapshot()  # checkpoints hold the weights of the version they name
+    assert saved[-1][1] == final.version
+    assert all(torch.equal(saved[-1][0][k], final.weights[k]) for k in final.weights)
+
+
+def test_a_rollback_also_takes_a_bad_update_out_of_the_average():
+    buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
+    for seed in range(4):
+        buffer.add(np.random.default_rng(seed).normal(size=(24, 24)).astype(np.float32))
+    trainer, store, metrics, _ = _trainer(buffer)
+    for _ in range(3):
+        trainer._step()
+    trainer._publish(1.0)
+    good = copy_state(trainer.published_model)
+    with torch.no_grad():  # an update that broke the weights, already averaged in
+        next(trainer.model.parameters()).fill_(float("nan"))
+    trainer._average.update_parameters(trainer.model)
+    assert trainer._step() is None  # its loss is NaN: rolled back
+    restored = copy_state(trainer.published_model)
+    assert all(torch.equal(restored[k], good[k]) for k in good)
+    with torch.no_grad():  # a publication never hands out non-finite weights
+        next(trainer.published_model.parameters()).fill_(float("nan"))
+    trainer._publish(1.0)
+    assert store.version == 1
+    assert metrics.registry.get_sample_value("n2s_train_rollbacks_total") == 2
+    assert all(torch.isfinite(v).all() for v in trainer.published_model.state_dict().values())
