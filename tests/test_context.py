@@ -182,6 +182,31 @@ def test_registered_context_never_looks_at_the_centre_frame():
         assert not np.array_equal(before[0], after[0])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_registered_context_keeps_inference_j_invariant_end_to_end(causal):
+    """The gradient test through the daemon's path: drifting frames, neighbours registered
+    onto the centre frame by ``context_stack``, J-invariant inference. Output pixel J does
+    not depend on centre pixel J, and does depend on the registered neighbours there."""
+    from n2s_stream.n2s.context import context_stack
+
+    torch.manual_seed(0)
+    frames = _drifting(5, (3.0, 0.0), size=32)
+    centre = 2 if not causal else 4
+    stack = context_stack(frames, centre, context_offsets(3, causal), causal, register=True)
+    masker = Masker(MaskerConfig(grid_size=4, context_frames=3, causal=causal))
+    model = build_model(ModelConfig(in_channels=masker.config.in_channels, width=8, depth=2,
+                                    residual=True)).double()
+    centre_t = torch.tensor(stack[None, :1], dtype=torch.float64, requires_grad=True)
+    neighbours_t = torch.tensor(stack[None, 1:], dtype=torch.float64, requires_grad=True)
+    out = masker.infer_full_image(torch.cat([centre_t, neighbours_t], 1), model)
+    for row, col in [(5, 7), (16, 16), (30, 2)]:
+        grad_centre, grad_neighbours = torch.autograd.grad(
+            out[0, 0, row, col], (centre_t, neighbours_t), retain_graph=True)
+        assert grad_centre[0, 0, row, col] == 0.0
+        assert grad_centre.abs().sum() > 0  # the centre frame's other pixels are seen
+        assert grad_neighbours[0, :, row, col].abs().sum() > 0
+
+
 def test_registration_falls_back_when_the_scene_jumps():
     """Neighbours from unrelated scenes (a jump) stay as they are: no shift fits them."""
     from n2s_stream.n2s.registration import register_neighbours
