@@ -18,14 +18,17 @@ def test_demo_shows_quality_rising(tmp_path, source):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = re.findall(r"^\s*\d+s\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)dB\s+([\d.]+)dB\s+"
-                      r"([\d.]+)dB\s+([-+][\d.]+)dB", proc.stdout, flags=re.MULTILINE)
+                      r"([\d.]+)dB\s+([-+][\d.]+)dB\s+\S+\s+(\w+)$", proc.stdout,
+                      flags=re.MULTILINE)
     assert len(rows) >= 3, proc.stdout
-    frames_in, frames_out, version, noisy, classical, denoised, margin = rows[-1]
+    frames_in, frames_out, version, noisy, classical, denoised, margin, denoiser = rows[-1]
     assert int(frames_in) == int(frames_out) == 90
     assert int(version) >= 1
     assert float(denoised) > float(noisy) + 5.0, proc.stdout
     assert float(classical) > float(noisy) + 5.0, proc.stdout
     assert float(margin) == pytest.approx(float(denoised) - float(classical), abs=0.011)
+    assert denoiser == "network", proc.stdout  # it took over from the classical denoiser
+    assert float(margin) > 0.0, proc.stdout  # and writes above it
     assert "stopped with status 0" in proc.stdout
     # once the series ended, the newest model refines it: the whole series rises again,
     # above what the classical denoiser makes of it
