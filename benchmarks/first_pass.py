@@ -175,6 +175,14 @@ def scores(truth: np.ndarray, stack: np.ndarray | None, first: int,
             "first_10s": psnr(truth[:first], stack[:first], data_range=dose)}
 
 
+def worst_frame_margin(truth: np.ndarray, stack: np.ndarray, reference: np.ndarray,
+                       first: int, dose: float) -> float:
+    """The lowest per-frame PSNR of ``stack`` minus ``reference`` over the ``first`` frames:
+    "never below the classical denoiser" is a claim about every frame, not the mean."""
+    return min(psnr(truth[k], stack[k], data_range=dose)
+               - psnr(truth[k], reference[k], data_range=dose) for k in range(first))
+
+
 def main() -> None:
     """Every dose and drift: print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -196,7 +204,7 @@ def main() -> None:
           f"mean PSNR dB (first 10 s = {first} frames)")
     columns = ("noisy", "tv", "offline", "live", "refined", "final_no_tta")
     print(f"{'peak':>5} {'drift':>5} " + " ".join(f"{c:>15}" for c in columns)
-          + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7}")
+          + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7} {'worst':>6}")
     rows = []
     for drift in args.drifts:
         clean = drifting_scan(args.frames, args.size, drift)
@@ -220,6 +228,8 @@ def main() -> None:
                          "classical_frames": int(np.sum(run["denoiser"] == 1))}
             for name, stack in stacks.items():
                 row[name] = scores(truth, stack, first, dose)
+            row["live_tv_worst_frame_10s"] = worst_frame_margin(
+                truth, stacks["live"], stacks["tv"], first, dose)
             row["variants"] = lever
             rows.append(row)
             cells = " ".join(
@@ -228,7 +238,8 @@ def main() -> None:
             refined = row["refined"]["mean"] - row["offline"]["mean"] if row["refined"] else np.nan
             print(f"{dose:5g} {drift:5g} {cells} "
                   f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
-                  f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f}", flush=True)
+                  f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f} "
+                  f"{row['live_tv_worst_frame_10s']:6.2f}", flush=True)
             for label, result in lever.items():
                 print(f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
                       f"({result['live']['first_10s']:.2f}), "

@@ -221,3 +221,17 @@ def test_n2s_levers_runs(tmp_path):
     assert set(row["grids"]) == {"4", "2"}
     assert 0 < row["unblind_frame"]["psnr"] < 60 and 0 < row["unblind_local15"]["psnr"] < 60
     assert "un-blind" in stdout
+
+
+@pytest.mark.slow  # a minute: a daemon, its refinement and offline training
+def test_first_pass_runs(tmp_path):
+    stdout, report = run_benchmark(
+        "first_pass.py", "--frames", "24", "--size", "64", "--doses", "20", "--drifts", "3",
+        "--rate", "8", "--variants", "avg0=--average-steps 0 --no-refine",
+        out=tmp_path / "f.json", timeout=600)
+    (row,) = report["rows"]
+    for name in ("tv", "offline", "live", "refined", "final_no_tta"):
+        assert row[name]["mean"] > row["noisy"]["mean"] + 3, (name, stdout)
+    assert -30 < row["live_tv_worst_frame_10s"] < 30
+    assert row["variants"]["avg0"]["refined"] is None
+    assert "avg0: live" in stdout
