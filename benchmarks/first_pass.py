@@ -183,7 +183,7 @@ def frame_margins(truth: np.ndarray, stack: np.ndarray, reference: np.ndarray,
     """Per-frame PSNR of ``stack`` minus ``reference`` over the ``first`` frames: "never
     below the classical denoiser" is a claim about every frame, not the mean."""
     return [psnr(truth[k], stack[k], data_range=dose)
-            - psnr(truth[k], reference[k], data_range=dose) for k in range(first)]
+            - psnr(truth[k], reference[k], data_range=dose) for k in range(min(first, len(stack)))]
 
 
 def main() -> None:

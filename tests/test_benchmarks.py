@@ -232,6 +232,6 @@ def test_first_pass_runs(tmp_path):
     (row,) = report["rows"]
     for name in ("tv", "offline", "live", "refined", "final_no_tta"):
         assert row[name]["mean"] > row["noisy"]["mean"] + 3, (name, stdout)
-    assert len(row["live_tv_frames_10s"]) == 80 and "worst" in stdout
+    assert len(row["live_tv_frames_10s"]) == 24 and "worst" in stdout
     assert row["variants"]["avg0"]["refined"] is None
     assert "avg0: live" in stdout
