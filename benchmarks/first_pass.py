@@ -242,7 +242,7 @@ def main() -> None:
             print(f"{dose:5g} {drift:5g} {cells} "
                   f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
                   f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f} "
-                  f"{min(row['live_tv_frames_10s']):6.2f}", flush=True)
+                  f"{min(row['live_tv_frames_10s'], default=np.nan):6.2f}", flush=True)
             for label, result in lever.items():
                 print(f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
                       f"({result['live']['first_10s']:.2f}), "

@@ -186,7 +186,9 @@ def test_registered_context_never_looks_at_the_centre_frame():
 def test_registered_context_keeps_inference_j_invariant_end_to_end(causal):
     """The gradient test through the daemon's path: drifting frames, neighbours registered
     onto the centre frame by ``context_stack``, J-invariant inference. Output pixel J does
-    not depend on centre pixel J, and does depend on the registered neighbours there."""
+    not depend on centre pixel J, and does depend on the registered neighbours there. The
+    shift estimate runs in numpy, outside autograd: that it never reads the centre frame
+    is the test below (neighbour channels unchanged when every centre pixel changes)."""
     from n2s_stream.n2s.context import context_stack
 
     torch.manual_seed(0)

@@ -171,6 +171,13 @@ def test_published_and_saved_weights_are_the_average_not_the_last_step():
     final = store.snapshot()  # checkpoints hold the weights of the version they name
     assert saved[-1][1] == final.version
     assert all(torch.equal(saved[-1][0][k], final.weights[k]) for k in final.weights)
+    for _ in range(2):  # the average moves on after a publication; a checkpoint does not
+        trainer._step()
+    trainer._save_published()
+    moved_on = copy_state(trainer.published_model)
+    assert saved[-1][1] == final.version
+    assert all(torch.equal(saved[-1][0][k], final.weights[k]) for k in final.weights)
+    assert not all(torch.equal(saved[-1][0][k], moved_on[k]) for k in moved_on)
 
 
 def test_a_rollback_also_takes_a_bad_update_out_of_the_average():
