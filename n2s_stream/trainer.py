@@ -89,6 +89,7 @@ class OnlineTrainer(BackgroundWorker):
         self._good_average = None if self._average is None else copy_state(self._average)
         self._loss_ema: float | None = None  # published version: where a rollback returns
         self._scored_start = False
+        self._published = False  # nothing to checkpoint before this trainer's first version
 
     def _run(self) -> None:
         last_save = time.monotonic()
@@ -120,7 +121,12 @@ class OnlineTrainer(BackgroundWorker):
 
     def _save_published(self) -> None:
         """Checkpoint the published weights under their version number (the average keeps
-        moving between publications, so its current state would carry a wrong version)."""
+        moving between publications, so its current state would carry a wrong version).
+        Before the first publication there is nothing learnt to keep, and a checkpoint of
+        the starting weights would make a restart skip the cold start."""
+        if not self._published:
+            log.info("no checkpoint: no model version published since the start")
+            return
         snapshot = self.store.snapshot()
         self._save(snapshot.weights, self.optimizer, self.step, snapshot.version)
 
@@ -205,6 +211,7 @@ class OnlineTrainer(BackgroundWorker):
             self._good_average = copy_state(self._average)
         version = self.store.version + 1
         self.store.publish(copy_state(self.published_model), version)
+        self._published = True
         if val_loss is not None and self.cold_start is not None and self.cold_start.active:
             self.cold_start.compare(val_loss, loss_of)
         log.debug("published model version %d (step %d, loss %.4g)", version, self.step,

@@ -201,3 +201,13 @@ def test_a_rollback_also_takes_a_bad_update_out_of_the_average():
     assert store.version == 1
     assert metrics.registry.get_sample_value("n2s_train_rollbacks_total") == 2
     assert all(torch.isfinite(v).all() for v in trainer.published_model.state_dict().values())
+
+
+def test_nothing_is_checkpointed_before_the_first_publication():
+    """A stop before any version was published saves no checkpoint: the starting weights
+    (random, or the shipped ones) would otherwise make the restart skip the cold start."""
+    buffer = RollingBuffer(max_frames=4, max_bytes=2**20)  # empty: no step, no version
+    trainer, store, _, saved = _trainer(buffer)
+    trainer.start()
+    trainer.stop()
+    assert store.version == 0 and saved == []
