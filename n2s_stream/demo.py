@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from n2s_stream.coldstart import ClassicalDenoiser, calibrate_classical
+from n2s_stream.config import NetworkOptions
 from n2s_stream.metrics import scrape
 from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
 from n2s_stream.quality import psnr
@@ -50,9 +51,10 @@ class _Classical:
     as the first frame says, calibrated J-invariantly on it), to score the same frames."""
 
     def __init__(self, first_frame: np.ndarray) -> None:
+        network = NetworkOptions()  # the demo runs the daemon with its defaults
         self.normalizer: Normalizer = fit_normalizer(
-            first_frame[np.newaxis], mode="meanstd", scale_integers=True,
-            source_dtype=first_frame.dtype)
+            first_frame[np.newaxis], mode=network.normalize,
+            scale_integers=not network.no_scale_integers, source_dtype=first_frame.dtype)
         self.denoiser: ClassicalDenoiser = calibrate_classical(
             self.normalizer.forward(first_frame[np.newaxis].astype(np.float32))[0])
 
