@@ -22,13 +22,19 @@ import torch
 from skimage.restoration import calibrate_denoiser, denoise_tv_chambolle, denoise_wavelet
 from torch import nn
 
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.training import center_crop, masked_validation_loss
+
 log = logging.getLogger(__name__)
 
 NETWORK, CLASSICAL = 0, 1
 """Values of the ``denoiser`` provenance column of output files."""
 
+Grids = dict[str, tuple[Callable[..., np.ndarray], dict[str, list[float]]]]
+"""Denoisers by name: the function and the values of its parameters to calibrate over."""
+
 # Parameter grids in normalised units (frames have about unit spread after normalising).
-GRIDS: dict[str, tuple[Callable[..., np.ndarray], dict[str, list[float]]]] = {
+GRIDS: Grids = {
     "tv": (denoise_tv_chambolle, {"weight": list(np.geomspace(0.02, 4.0, 9))}),
     "wavelet": (partial(denoise_wavelet, rescale_sigma=True),
                 {"sigma": list(np.geomspace(0.03, 3.0, 9))}),
@@ -46,9 +52,11 @@ class ClassicalDenoiser:
     name: str
     params: dict[str, float] = field(default_factory=dict)
     calibration_loss: float = float("nan")
+    function: Callable[..., np.ndarray] | None = None
+    """Defaults to ``GRIDS[name]``'s."""
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        function = GRIDS[self.name][0]
+        function = self.function or GRIDS[self.name][0]
         return np.asarray(function(image.astype(np.float64), **self.params), np.float32)
 
     def describe(self) -> str:
@@ -57,20 +65,21 @@ class ClassicalDenoiser:
         return f"{self.name} ({params})"
 
 
-def calibrate_classical(image: np.ndarray) -> ClassicalDenoiser:
-    """The TV or wavelet denoiser, with parameters, that has the lowest J-invariant
-    self-supervised loss on (a centre crop of) the normalised ``image``."""
+def calibrate_classical(image: np.ndarray, grids: Grids | None = None) -> ClassicalDenoiser:
+    """The denoiser of ``grids`` (default ``GRIDS``: TV or wavelet), with parameters, that
+    has the lowest J-invariant self-supervised loss on (a centre crop of) the normalised
+    ``image``."""
     height, width = image.shape
     top, left = max((height - CALIBRATION_CROP) // 2, 0), max((width - CALIBRATION_CROP) // 2, 0)
     crop = image[top : top + CALIBRATION_CROP, left : left + CALIBRATION_CROP].astype(np.float64)
     best: ClassicalDenoiser | None = None
-    for name, (function, grid) in GRIDS.items():
+    for name, (function, grid) in (GRIDS if grids is None else grids).items():
         _, (params, losses) = calibrate_denoiser(crop, function, grid, stride=4,
                                                  extra_output=True)
         k = int(np.argmin(losses))
         if best is None or losses[k] < best.calibration_loss:
             best = ClassicalDenoiser(name, {key: float(v) for key, v in params[k].items()},
-                                     float(losses[k]))
+                                     float(losses[k]), function)
     assert best is not None
     return best
 
@@ -91,14 +100,37 @@ class ClassicalModule(nn.Module):
         return torch.from_numpy(out).unsqueeze(1).to(x.device)
 
 
+@dataclass(frozen=True)
+class StartingNetwork:
+    """The network as it starts (the shipped pretrained model), scored on the first frame
+    itself before that frame is written. Weights trained on the scan need held-out frames
+    for a fair score; these never saw the scan, so the first frame is as good as a held-out
+    one, and a pretrained network that beats the classical denoiser writes from frame 0."""
+
+    model: nn.Module  # a copy the trainer does not touch; single-frame input
+    masker: Masker
+    crop: int  # the central crop scored, as the trainer's held-out frames are
+
+    def loss_of(self, image: np.ndarray) -> Callable[[nn.Module], float]:
+        """Masked loss of a module on the normalised ``(H, W)`` ``image``, with the
+        trainer's masks: every phase once (one frame is few pixels to decide on)."""
+        device = next(self.model.parameters()).device
+        crop = center_crop(image[np.newaxis, np.newaxis], self.crop).astype(np.float32)
+        copies = np.repeat(crop, max(self.masker.n_phases // 2, 1), axis=0)  # 2 phases each
+        frames = torch.from_numpy(copies).to(device)
+        return partial(masked_validation_loss, masker=self.masker, frames=frames, batch=1)
+
+
 class ColdStart:
     """Which denoiser writes frames now; shared by the inference thread (asks, calibrates
     on the first frame) and the trainer (compares losses at each model publication)."""
 
-    def __init__(self, *, active: bool, on_change: Callable[[bool, float], None]) -> None:
+    def __init__(self, *, active: bool, on_change: Callable[[bool, float], None],
+                 starting: StartingNetwork | None = None) -> None:
         self._active = active
         self._on_change = on_change  # (active, classical loss) -> metrics
         self._lock = threading.Lock()
+        self._starting = starting
         self.classical: ClassicalDenoiser | None = None
         on_change(active, float("nan"))
 
@@ -108,14 +140,19 @@ class ColdStart:
         return self._active
 
     def denoiser_for(self, frame: np.ndarray) -> ClassicalDenoiser:
-        """The calibrated classical denoiser, calibrated on ``frame`` the first time."""
+        """The calibrated classical denoiser, calibrated on ``frame`` the first time (when
+        the starting network is scored on ``frame`` too, and may take over at once)."""
         with self._lock:
-            if self.classical is None:
-                self.classical = calibrate_classical(frame)
+            classical = self.classical
+            if classical is None:
+                classical = self.classical = calibrate_classical(frame)
                 log.info("cold start: %s writes frames until the network's held-out loss "
-                         "beats its %.4g", self.classical.describe(),
-                         self.classical.calibration_loss)
-            return self.classical
+                         "beats its %.4g", classical.describe(), classical.calibration_loss)
+        if self._starting is not None and self._active:
+            starting, self._starting = self._starting, None
+            loss_of = starting.loss_of(frame)
+            self.compare(loss_of(starting.model), loss_of)
+        return classical
 
     def denoise(self, stacks: np.ndarray,
                 network: Callable[[np.ndarray], np.ndarray]) -> tuple[int, np.ndarray]:

@@ -8,6 +8,7 @@ the flag; a second signal exits at once.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from torch import nn
 from n2s_stream import __version__
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.calibration import Calibration
-from n2s_stream.coldstart import ColdStart
+from n2s_stream.coldstart import ColdStart, StartingNetwork
 from n2s_stream.config import DaemonConfig, ServiceOptions
 from n2s_stream.engine import Engine, max_batch
 from n2s_stream.errors import UsageError
@@ -44,7 +45,7 @@ from n2s_stream.sinks.hdf5 import Hdf5Sink
 from n2s_stream.snapshot import ModelStore, StateDict, copy_state
 from n2s_stream.sources import Source, SourceContext, make_source
 from n2s_stream.state import StateDir
-from n2s_stream.trainer import CheckpointFollower, OnlineTrainer
+from n2s_stream.trainer import VAL_CROP, CheckpointFollower, OnlineTrainer
 from n2s_stream.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,10 @@ class Daemon:
         training = config.training.train and config.training.model_from is None
         cold = (config.training.cold_start and checkpoint is None
                 and config.training.model_from is None)
-        cold_start = ColdStart(active=cold, on_change=self._cold_start_changed)
+        starting = (StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
+                    if cold and pretrained else None)  # the shipped model is single-frame
+        cold_start = ColdStart(active=cold, on_change=self._cold_start_changed,
+                               starting=starting)
         buffer = RollingBuffer(max_frames=config.training.buffer_frames,
                                max_bytes=config.training.buffer_mb * 2**20)
         val_buffer = RollingBuffer(max_frames=VAL_FRAMES, max_bytes=64 * 2**20)

@@ -5,9 +5,22 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
-from daemon_helpers import DaemonProcess, read_output, start_writer
+import pytest
+import torch
+from daemon_helpers import DaemonProcess, read_output, start_writer, write_stack
+from skimage import data as skdata
 
-from n2s_stream.coldstart import CLASSICAL, NETWORK, calibrate_classical
+from n2s_stream.coldstart import (
+    CLASSICAL,
+    NETWORK,
+    ColdStart,
+    StartingNetwork,
+    calibrate_classical,
+)
+from n2s_stream.config import NetworkOptions
+from n2s_stream.models import build_model
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.pretrained import DEFAULT, starting_model
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import clean_frames, poisson_frames, truth_path
 
@@ -22,9 +35,66 @@ def test_calibration_picks_a_denoiser_that_helps():
     assert psnr(clean * 20, denoised, 20.0) > psnr(clean * 20, noisy, 20.0) + 4.0
 
 
+def _first_frame_decision(weights: dict[str, torch.Tensor] | None) -> tuple[bool, list]:
+    """Whether the cold start is still active after the first frame (a photograph the shipped
+    model never saw, 128x128, peak 20) with a starting network of ``weights`` (None:
+    random), and the metric updates it made."""
+    clean = skdata.camera()[::4, ::4].astype(np.float64) / 255.0
+    noisy = poisson_frames(clean, 20.0, np.random.default_rng(1)).astype(np.float32)
+    network = NetworkOptions()
+    masker = Masker(network.masker_config())
+    model = build_model(network.model_config())
+    if weights is not None:
+        model.load_state_dict(weights)
+    changes: list = []
+    cold = ColdStart(active=True, on_change=lambda *change: changes.append(change),
+                     starting=StartingNetwork(model, masker, crop=256))
+    cold.denoiser_for((noisy - noisy.mean()) / noisy.std())
+    cold.denoiser_for((noisy - noisy.mean()) / noisy.std())  # scored once only
+    return cold.active, changes
+
+
+@pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
+def test_a_pretrained_network_that_beats_classical_on_the_first_frame_writes_it():
+    network = NetworkOptions()
+    shipped = starting_model(network.model_config(), network.masker_config())
+    assert shipped is not None
+    active, changes = _first_frame_decision(shipped.state_dict)
+    assert not active
+    assert len(changes) == 2 and changes[-1][0] is False and changes[-1][1] > 0
+
+
+def test_an_untrained_network_does_not_take_the_first_frame():
+    torch.manual_seed(0)
+    active, changes = _first_frame_decision(None)
+    assert active
+    assert len(changes) == 2 and changes[-1][0] is True and changes[-1][1] > 0
+
+
+@pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
+def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path):
+    daemon = DaemonProcess(tmp_path, "--no-refine")
+    daemon.wait_ready()
+    assert daemon.scrape()["n2s_cold_start_active"] == 1
+    clean = skdata.camera()[::4, ::4].astype(np.float64) / 255.0  # unseen in pretraining
+    rng = np.random.default_rng(1)
+    noisy = np.stack([poisson_frames(clean, 20.0, rng) for _ in range(4)]).astype(np.uint16)
+    written = write_stack(tmp_path / "scan_0001.h5", noisy, "/entry/data/data")
+    written.rename(daemon.watch / written.name)  # appears complete
+    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(4 frames\)", timeout=60)
+    metrics = daemon.scrape()
+    assert daemon.terminate() == 0
+    assert "cold start over" in daemon.log() and metrics["n2s_cold_start_active"] == 0
+    assert metrics["n2s_classical_selfsup_loss"] > 0
+    _, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
+    assert (provenance["denoiser"] == NETWORK).all()  # the first frame included
+    assert provenance["model_version"][0] == 0  # as shipped
+
+
 def test_daemon_switches_once_from_classical_to_network(tmp_path):
     dose = 20.0  # the simulator's default dose
-    daemon = DaemonProcess(tmp_path, "--publish-every", "20")
+    # from random weights (a shipped model may already beat classical on the first frame)
+    daemon = DaemonProcess(tmp_path, "--publish-every", "20", "--no-pretrained")
     daemon.wait_ready()
     assert daemon.scrape()["n2s_cold_start_active"] == 1
     writer = start_writer(daemon.watch, frames=120, rate=15, seed=1)
@@ -39,7 +109,6 @@ def test_daemon_switches_once_from_classical_to_network(tmp_path):
     assert metrics["n2s_cold_start_active"] == 0
     assert metrics["n2s_classical_selfsup_loss"] > 0
     assert daemon.log().count("cold start over") == 1
-    assert "network starts from the shipped pretrained model" in daemon.log()
 
     first = daemon.out / "scan_0001_n2s.h5"
     frames, _ = read_output(first)

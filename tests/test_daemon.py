@@ -202,7 +202,7 @@ def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp
 def test_without_training_a_model_from_scratch_never_writes(tmp_path):
     """--no-train with no checkpoint: the calibrated classical denoiser writes every frame
     (an untrained network would write noise)."""
-    daemon = DaemonProcess(tmp_path, "--no-train")
+    daemon = DaemonProcess(tmp_path, "--no-train", "--no-pretrained")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=8, rate=20, shape="32x32")
     assert writer.wait(timeout=60) == 0
