@@ -22,6 +22,7 @@ import argparse
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--drift", type=float, default=3.0)
     parser.add_argument("--doses", type=float, nargs="+", default=[5.0, 20.0, 100.0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "cold_start_classical.json")
     args = parser.parse_args()
     clean = drifting_scan(args.frames, args.size, args.drift)
     print(f"first {args.frames} frames of first_pass ({args.size}x{args.size}, "
@@ -143,7 +145,7 @@ def main() -> None:
                       f"{row['calibration_seconds']:7.2f} {row['seconds_per_frame']:7.3f}")
             print(f"{dose:5g} {row['candidate']:>28} {np.mean(margins):+6.2f} "
                   f"{margins[worst]:+6.2f} {worst:3d} {timing:>15}  {row['picked']}", flush=True)
-    write_report(RESULTS / "cold_start_classical.json", "cold_start_classical", args, rows)
+    write_report(args.out, "cold_start_classical", args, rows)
 
 
 if __name__ == "__main__":

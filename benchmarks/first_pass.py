@@ -41,6 +41,7 @@ from n2s_stream.config import TrainConfig
 from n2s_stream.denoising import denoise_counts
 from n2s_stream.metrics import scrape
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.unblind import noise_model, unblind
 from n2s_stream.offline import train
 from n2s_stream.options import make
 from n2s_stream.pretrained.__main__ import IMAGES as PRETRAINING_IMAGES
@@ -169,6 +170,21 @@ def final_weights(checkpoint, noisy: np.ndarray) -> np.ndarray:
                        device=torch.device("cpu")) for k in range(0, len(noisy), 16)])
 
 
+def final_unblinded(checkpoint, noisy: np.ndarray) -> dict[str, np.ndarray]:
+    """The un-blind lever on the final weights: J-invariant inference over the scan, and
+    its posterior mean with the pixel (``n2s/unblind.py``; noise model fitted on the scan;
+    prior spread per frame, and from the 15x15 neighbours)."""
+    model = checkpoint.build_model("cpu")
+    masker = Masker(checkpoint.masker_config)
+    jinv = np.concatenate([
+        denoise_counts(model, masker, checkpoint.normalizer, noisy[k : k + 16], jinv=True,
+                       device=torch.device("cpu")) for k in range(0, len(noisy), 16)])
+    gain, offset = noise_model(jinv, noisy)
+    return {"final_jinv": jinv,
+            "final_unblind": unblind(jinv, noisy, gain=gain, offset=offset),
+            "final_unblind15": unblind(jinv, noisy, gain=gain, offset=offset, window=15)}
+
+
 def scores(truth: np.ndarray, stack: np.ndarray | None, first: int,
            dose: float) -> dict | None:
     """PSNR of ``stack`` over the scan and over its ``first`` frames (None: no stack)."""
@@ -196,6 +212,9 @@ def main() -> None:
     parser.add_argument("--drifts", type=float, nargs="+", default=[3.0, 1.0])
     parser.add_argument("--refine-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "first_pass.json")
+    parser.add_argument("--unblind", action="store_true",
+                        help="also score the un-blind lever on the final weights (J-invariant "
+                             "inference, then the posterior mean with the pixel)")
     parser.add_argument("--variants", nargs="*", default=[], metavar="LABEL=OPTIONS",
                         help="also run the daemon with these options (A/B in the same run), "
                              "e.g. 'recent32=--recent-frames 32'")
@@ -205,7 +224,8 @@ def main() -> None:
     first = max(1, int(10 * args.rate))
     print(f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
           f"mean PSNR dB (first 10 s = {first} frames)")
-    columns = ("noisy", "tv", "offline", "live", "refined", "final_no_tta")
+    columns = ("noisy", "tv", "offline", "live", "refined", "final_no_tta") + (
+        ("final_jinv", "final_unblind", "final_unblind15") if args.unblind else ())
     print(f"{'peak':>5} {'drift':>5} " + " ".join(f"{c:>15}" for c in columns)
           + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7} {'worst':>6}")
     rows = []
@@ -226,6 +246,8 @@ def main() -> None:
                           "offline": offline(noisy, run["scan_seconds"], Path(tmp)),
                           "live": run["live"], "refined": run["refined"],
                           "final_no_tta": final_weights(run["checkpoint"], noisy)}
+                if args.unblind:
+                    stacks |= final_unblinded(run["checkpoint"], noisy)
             row: dict = {"dose": dose, "drift": drift, "scan_seconds": run["scan_seconds"],
                          "refine_seconds": run["refine_seconds"],
                          "classical_frames": int(np.sum(run["denoiser"] == 1))}

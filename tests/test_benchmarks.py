@@ -230,11 +230,21 @@ def test_n2s_levers_runs(tmp_path):
 def test_first_pass_runs(tmp_path):
     stdout, report = run_benchmark(
         "first_pass.py", "--frames", "24", "--size", "64", "--doses", "20", "--drifts", "3",
-        "--rate", "8", "--variants", "avg0=--average-steps 0 --no-refine",
+        "--rate", "8", "--variants", "avg0=--average-steps 0 --no-refine", "--unblind",
         out=tmp_path / "f.json", timeout=600)
     (row,) = report["rows"]
-    for name in ("tv", "offline", "live", "refined", "final_no_tta"):
+    for name in ("tv", "offline", "live", "refined", "final_no_tta", "final_jinv",
+                 "final_unblind", "final_unblind15"):
         assert row[name]["mean"] > row["noisy"]["mean"] + 3, (name, stdout)
     assert len(row["live_tv_frames_10s"]) == 24 and "worst" in stdout
     assert row["variants"]["avg0"]["refined"] is None
     assert "avg0: live" in stdout
+
+
+def test_cold_start_classical_runs(tmp_path):
+    stdout, report = run_benchmark("cold_start_classical.py", "--frames", "3", "--size", "64",
+                                   "--doses", "20", out=tmp_path / "c.json")
+    assert [row["candidate"] for row in report["rows"]][-1] == "shipped network"
+    assert all(len(row["margins"]) == 3 for row in report["rows"])
+    assert report["rows"][-1]["picked"] in ("network writes", "classical writes")
+    assert "shipped network" in stdout
