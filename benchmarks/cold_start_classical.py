@@ -13,7 +13,7 @@ the shipped network (single pass) with whether the daemon lets it write frame 0.
 the per-frame PSNR margin over the reference (mean, worst, worst frame), the calibration's
 seconds and the seconds per frame; writes ``benchmarks/results/cold_start_classical.json``.
 
-    python benchmarks/cold_start_classical.py          # ~3 min on 2 cores
+    python benchmarks/cold_start_classical.py          # ~30 s on 2 cores
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ class StartingNetwork:
         trainer's masks: every phase once (one frame is few pixels to decide on)."""
         device = next(self.model.parameters()).device
         crop = center_crop(image[np.newaxis, np.newaxis], self.crop).astype(np.float32)
-        copies = np.repeat(crop, max(self.masker.n_phases // 2, 1), axis=0)  # 2 phases each
+        # masked_validation_loss scores copy k with phases k and k + n/2: all n once (n even)
+        copies = np.repeat(crop, max(self.masker.n_phases // 2, 1), axis=0)
         frames = torch.from_numpy(copies).to(device)
         return partial(masked_validation_loss, masker=self.masker, frames=frames, batch=1)
 
@@ -125,14 +126,14 @@ class ColdStart:
     """Which denoiser writes frames now; shared by the inference thread (asks, calibrates
     on the first frame) and the trainer (compares losses at each model publication)."""
 
-    def __init__(self, *, active: bool, on_change: Callable[[bool, float], None],
+    def __init__(self, *, active: bool, on_change: Callable[[bool, float, float], None],
                  starting: StartingNetwork | None = None) -> None:
         self._active = active
-        self._on_change = on_change  # (active, classical loss) -> metrics
+        self._on_change = on_change  # (active, classical loss, network loss) -> metrics
         self._lock = threading.Lock()
         self._starting = starting
         self.classical: ClassicalDenoiser | None = None
-        on_change(active, float("nan"))
+        on_change(active, float("nan"), float("nan"))
 
     @property
     def active(self) -> bool:
@@ -150,8 +151,12 @@ class ColdStart:
                          "beats its %.4g", classical.describe(), classical.calibration_loss)
         if self._starting is not None and self._active:
             starting, self._starting = self._starting, None
-            loss_of = starting.loss_of(frame)
-            self.compare(loss_of(starting.model), loss_of)
+            try:
+                loss_of = starting.loss_of(frame)
+                self.compare(loss_of(starting.model), loss_of)
+            except (RuntimeError, ValueError) as exc:  # e.g. out of device memory
+                log.warning("cold start: the starting network could not be scored on the "
+                            "first frame (%s); the classical denoiser writes", exc)
         return classical
 
     def denoise(self, stacks: np.ndarray,
@@ -176,4 +181,4 @@ class ColdStart:
             self._active = False
             log.info("cold start over: network held-out loss %.4g < %.4g of %s; the network "
                      "writes from now on", network_loss, classical_loss, classical.describe())
-        self._on_change(self._active, classical_loss)
+        self._on_change(self._active, classical_loss, network_loss)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import signal
 import threading
@@ -130,9 +131,10 @@ class Daemon:
         store = ModelStore(copy_state(train_model), checkpoint.version if checkpoint else 0,
                            checkpoint.normalizer if checkpoint else None)
         self.metrics.model_version.set(store.version)
-        # Only a network from scratch starts cold (without training, the classical
-        # denoiser then writes for good); a fan-out worker (model_from) has no trainer to
-        # measure it and waits for the training worker's weights.
+        # Only a network without a checkpoint starts cold (without training, the classical
+        # denoiser then writes for good unless the shipped network beat it on the first
+        # frame); a fan-out worker (model_from) has no trainer to measure it and waits for
+        # the training worker's weights.
         training = config.training.train and config.training.model_from is None
         cold = (config.training.cold_start and checkpoint is None
                 and config.training.model_from is None)
@@ -222,9 +224,12 @@ class Daemon:
             on_fatal=self._fatal)
 
     # ---- callbacks from the stages ------------------------------------------------------
-    def _cold_start_changed(self, active: bool, classical_loss: float) -> None:
+    def _cold_start_changed(self, active: bool, classical_loss: float,
+                            network_loss: float) -> None:
         self.metrics.cold_start_active.set(int(active))
         self.metrics.classical_selfsup_loss.set(classical_loss)
+        if math.isfinite(network_loss):  # the pair on the dashboard, from the first frame on
+            self.metrics.selfsup_val_loss.set(network_loss)
 
     def _fatal(self, exc: BaseException) -> None:
         self.failure = exc
