@@ -10,11 +10,18 @@
    what the blind spot loses. Compared with plain J-invariant and with single-pass
    inference of the same grid-4 model.
 
+3. Neighbor2Neighbor (Huang et al. 2021; ``--n2n``), the other road to denser supervision:
+   no blind spot; two sub-images sampled from neighbouring pixels of each 2x2 cell, the
+   network maps one to the other (every pixel of the target supervises), plus the
+   paper's regulariser (gamma 2) tying it to the full-resolution output. Same UNet, same
+   normalisation, same time budget, single-pass inference on the full image.
+
 The tiles, noise and scoring are ``offline_quality.py``'s (48 photograph tiles 128x128,
 Poisson noise at each peak count). Writes ``benchmarks/results/n2s_levers.json``.
 
     python benchmarks/n2s_levers.py                   # 3 doses, 3 grids, 45 s each
     python benchmarks/n2s_levers.py --budget 3 --doses 20 --tiles 8 --grids 4 2  # smoke
+    python benchmarks/n2s_levers.py --grids 4 --n2n --out benchmarks/results/n2s_levers_n2n.json
 """
 
 from __future__ import annotations
@@ -22,15 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 
 import numpy as np
 import torch
 from common import RESULTS
 from offline_quality import n2s, noisy_counts, photo_tiles
 
-from n2s_stream.config import TrainConfig
+from n2s_stream.config import NetworkOptions, TrainConfig
+from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.n2s.normalize import fit_normalizer
 from n2s_stream.n2s.unblind import noise_model, unblind
 from n2s_stream.quality import mean_ssim, psnr
+from n2s_stream.training import make_optimizer
 
 
 def score(clean: np.ndarray, estimate: np.ndarray, dose: float) -> dict[str, float]:
@@ -49,6 +60,65 @@ def unblinded(jinv: np.ndarray, noisy: np.ndarray, clean: np.ndarray,
     return out
 
 
+NEIGHBOURS = torch.tensor([[0, 1], [1, 0], [0, 2], [2, 0], [1, 3], [3, 1], [2, 3], [3, 2]])
+"""Ordered pairs of adjacent pixels of a 2x2 cell, the cell read row by row."""
+
+
+def sub_images(x: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbor2Neighbor's two half-size sub-images of ``(B, 1, H, W)`` ``x``: in each 2x2
+    cell the first and second pixel of its ``pairs`` row ``(B, 1, H/2, W/2, 2)``."""
+    b, c, h, w = x.shape
+    cells = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5)
+    cells = cells.reshape(b, c, h // 2, w // 2, 4)
+    first = torch.gather(cells, -1, pairs[..., :1]).squeeze(-1)
+    second = torch.gather(cells, -1, pairs[..., 1:]).squeeze(-1)
+    return first, second
+
+
+def neighbor2neighbor(noisy: np.ndarray, clean: np.ndarray, dose: float,
+                      args: argparse.Namespace, gamma: float = 2.0) -> dict:
+    """Train the default UNet (no mask channel) the Neighbor2Neighbor way on the noisy stack
+    for ``budget`` seconds, normalised as the daemon does; score single-pass inference."""
+    network = NetworkOptions()
+    normalizer = fit_normalizer(noisy.astype(np.uint16), mode=network.normalize,
+                                scale_integers=not network.no_scale_integers,
+                                source_dtype=np.dtype(np.uint16))
+    frames = normalizer.forward(noisy.astype(np.uint16).astype(np.float32))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=args.width, depth=args.depth))
+    optimizer = make_optimizer(model, args.lr)
+    rng = np.random.default_rng(0)
+    n, height, width = frames.shape
+    started, steps = time.perf_counter(), 0
+    model.train()
+    while time.perf_counter() - started < args.budget:
+        k, top, left = (rng.integers(n, size=args.batch),
+                        rng.integers(height - args.patch + 1, size=args.batch),
+                        rng.integers(width - args.patch + 1, size=args.batch))
+        batch = torch.from_numpy(np.stack([
+            frames[i, y : y + args.patch, x : x + args.patch]
+            for i, y, x in zip(k, top, left, strict=True)]))[:, None]
+        half = args.patch // 2
+        pairs = NEIGHBOURS[torch.from_numpy(rng.integers(8, size=(args.batch, 1, half, half)))]
+        first, second = sub_images(batch, pairs)
+        with torch.no_grad():
+            full_first, full_second = sub_images(model(batch), pairs)
+        out = model(first)
+        loss = ((out - second) ** 2).mean() + gamma * (
+            (out - second - (full_first - full_second)) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    seconds = time.perf_counter() - started
+    model.eval()
+    with torch.inference_mode():
+        out = np.concatenate([model(torch.from_numpy(frames[k : k + 16])[:, None])[:, 0].numpy()
+                              for k in range(0, n, 16)])
+    return {"train_seconds": seconds, "steps": steps,
+            "single_pass": score(clean, normalizer.inverse(out), dose)}
+
+
 def main() -> None:
     """Run both A/Bs at every dose; print the table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,6 +127,7 @@ def main() -> None:
     parser.add_argument("--grids", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--tiles", type=int, default=48)
     parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--n2n", action="store_true", help="also train Neighbor2Neighbor")
     parser.add_argument("--out", type=str, default=str(RESULTS / "n2s_levers.json"))
     args = parser.parse_args()
     defaults = TrainConfig()
@@ -74,11 +145,16 @@ def main() -> None:
             row["grids"][grid] = result
             if grid == args.grids[0]:
                 row |= unblinded(stacks["jinv"], noisy, clean, dose)
+        if args.n2n:
+            row["n2n"] = neighbor2neighbor(noisy, clean, dose, train_args)
         rows.append(row)
         print(f"peak {dose:g}: " + ", ".join(
             f"grid {g}: {r['single_pass']['psnr']:.2f}" for g, r in row["grids"].items())
             + f"; grid {args.grids[0]} jinv {row['grids'][args.grids[0]]['jinv']['psnr']:.2f}"
-            f", un-blind {row['unblind_frame']['psnr']:.2f} / {row['unblind_local15']['psnr']:.2f}",
+            f", un-blind {row['unblind_frame']['psnr']:.2f} / {row['unblind_local15']['psnr']:.2f}"
+            + (f"; Neighbor2Neighbor {row['n2n']['single_pass']['psnr']:.2f} "
+               f"({row['n2n']['steps']} steps against grid {args.grids[0]}'s "
+               f"{row['grids'][args.grids[0]]['steps']})" if args.n2n else ""),
             flush=True)
     first = args.grids[0]
     print(f"\n{'peak':>5} | {'noisy':>6} | "

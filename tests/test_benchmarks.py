@@ -219,9 +219,10 @@ def test_pretrained_start_runs(tmp_path):
 def test_n2s_levers_runs(tmp_path):
     stdout, report = run_benchmark(
         "n2s_levers.py", "--doses", "20", "--budget", "2", "--tiles", "4", "--tile", "64",
-        "--grids", "4", "2", out=tmp_path / "l.json", timeout=600)
+        "--grids", "4", "2", "--n2n", out=tmp_path / "l.json", timeout=600)
     (row,) = report["rows"]
     assert set(row["grids"]) == {"4", "2"}
+    assert row["n2n"]["steps"] > 0 and row["n2n"]["single_pass"]["psnr"] > row["noisy"]["psnr"]
     assert 0 < row["unblind_frame"]["psnr"] < 60 and 0 < row["unblind_local15"]["psnr"] < 60
     assert "un-blind" in stdout
 
