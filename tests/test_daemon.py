@@ -155,7 +155,7 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
         pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
     daemon = DaemonProcess(tmp_path, *engine, "--no-cold-start", "--publish-every", "10")
     daemon.wait_ready()
-    writer = start_writer(daemon.watch, frames=40, rate=4, shape="32x32")
+    writer = start_writer(daemon.watch, frames=40, rate=10, shape="32x32")
     assert writer.wait(timeout=120) == 0
     daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(40 frames\)", timeout=240)
     # Training yields while frames queue (they do during the compile): new weights come
@@ -164,7 +164,7 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
     while daemon.scrape().get("n2s_train_steps_total", 0) < 20:
         assert time.monotonic() < deadline, "no training after the series"
         time.sleep(0.5)
-    second = start_writer(daemon.watch, frames=5, rate=4, shape="32x32", name="scan_0002")
+    second = start_writer(daemon.watch, frames=5, rate=10, shape="32x32", name="scan_0002")
     assert second.wait(timeout=120) == 0
     daemon.wait_for(r"closed output .*scan_0002_n2s.h5 \(5 frames\)", timeout=240)
     assert daemon.terminate() == 0
