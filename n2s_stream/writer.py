@@ -60,7 +60,7 @@ MAX_ATTRIBUTES = 64
 
 def whole_frames(file: h5py.File) -> int:
     """Frames of an output file that are complete: a frame counts once its data and every
-    provenance row are in (they are written in that order, then flushed)."""
+    provenance row are in (they are written and flushed in that order)."""
     provenance = file["/entry/provenance"]
     lengths = [provenance[name].shape[0] for name in PROVENANCE_FIELDS
                if name not in OPTIONAL_FIELDS or name in provenance]
@@ -231,6 +231,10 @@ class FrameWriter:
         self._frames.resize(start + n, axis=0)
         self._frames[start:] = frames
         self._append_attributes(start, n, attributes)
+        # HDF5 may write any dataset's new extent to disk before the next flush; flushing
+        # the frames first means a process killed mid-append never leaves provenance rows
+        # on disk for frames that are not (a SWMR reader trusts the provenance length).
+        self._file.flush()
         rows = {
             "source_frame": np.asarray(source_frames, dtype=np.int64),
             "model_version": np.full(n, model_version, dtype=np.int64),
@@ -331,6 +335,7 @@ class RefinedWriter:
         n, start = frames.shape[0], self.n_done
         self._data.resize(start + n, axis=0)
         self._data[start:] = frames
+        self._file.flush()  # frames on disk before the versions that name them
         self._versions.resize(start + n, axis=0)
         self._versions[start:] = model_versions
         self._file.flush()
