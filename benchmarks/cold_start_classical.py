@@ -36,7 +36,7 @@ from n2s_stream.config import NetworkOptions
 from n2s_stream.denoising import denoise_counts
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
+from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.pretrained import starting_model
 from n2s_stream.trainer import VAL_CROP
 
@@ -74,9 +74,8 @@ CANDIDATES: dict[str, Callable[[Normalizer], Grids]] = {
 
 def daemon_normalizer(noisy: np.ndarray) -> Normalizer:
     """The normaliser the daemon fits on the first (uint16) frame with its defaults."""
-    network, first = NetworkOptions(), noisy[:1].astype(np.uint16)
-    return fit_normalizer(first, mode=network.normalize,
-                          scale_integers=not network.no_scale_integers, source_dtype=first.dtype)
+    return NetworkOptions().fit_normalizer(noisy[:1].astype(np.uint16),
+                                           source_dtype=np.dtype(np.uint16))
 
 
 def classical_frames(noisy: np.ndarray, grids: Grids,

@@ -38,7 +38,6 @@ from offline_quality import n2s, noisy_counts, photo_tiles
 
 from n2s_stream.config import NetworkOptions, TrainConfig
 from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.normalize import fit_normalizer
 from n2s_stream.n2s.unblind import noise_model, unblind
 from n2s_stream.quality import mean_ssim, psnr
 from n2s_stream.training import make_optimizer
@@ -79,10 +78,8 @@ def neighbor2neighbor(noisy: np.ndarray, clean: np.ndarray, dose: float,
                       args: argparse.Namespace, gamma: float = 2.0) -> dict:
     """Train the default UNet (no mask channel) the Neighbor2Neighbor way on the noisy stack
     for ``budget`` seconds, normalised as the daemon does; score single-pass inference."""
-    network = NetworkOptions()
-    normalizer = fit_normalizer(noisy.astype(np.uint16), mode=network.normalize,
-                                scale_integers=not network.no_scale_integers,
-                                source_dtype=np.dtype(np.uint16))
+    normalizer = NetworkOptions().fit_normalizer(noisy.astype(np.uint16),
+                                                 source_dtype=np.dtype(np.uint16))
     frames = normalizer.forward(noisy.astype(np.uint16).astype(np.float32))
     torch.manual_seed(0)
     model = build_model(ModelConfig(width=args.width, depth=args.depth))

@@ -11,7 +11,7 @@ import numpy as np
 
 from n2s_stream.coldstart import ColdStart
 from n2s_stream.config import NetworkOptions
-from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer
+from n2s_stream.n2s.normalize import Normalizer, fill_invalid
 from n2s_stream.snapshot import ModelStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,8 @@ class Calibration:
         """The daemon's normaliser: fitted on ``data`` and published unless one is set
         (the first wins); the inference loop's first frame, or the refiner's after a
         restart without a checkpoint."""
-        fitted = fit_normalizer(data[np.newaxis], mode=self.network.normalize,
-                                scale_integers=not self.network.no_scale_integers,
-                                source_dtype=data.dtype, valid=valid[np.newaxis])
+        fitted = self.network.fit_normalizer(data[np.newaxis], source_dtype=data.dtype,
+                                             valid=valid[np.newaxis])
         normalizer = self.store.adopt_normalizer(fitted)
         if normalizer is fitted:
             log.info("normalisation fitted on the first frame: %s", fitted.describe())

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from n2s_stream.errors import UsageError
 from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
 from n2s_stream.options import as_toml, option, section
 
 __all__ = ["DaemonConfig", "DemoConfig", "DenoiseConfig", "MergeConfig", "SimulateConfig",
@@ -70,6 +73,14 @@ class NetworkOptions:
         return ModelConfig(name=self.model, in_channels=self.masker_config().in_channels,
                            width=self.width, depth=self.depth, layers=self.layers,
                            residual=self.residual, batch_norm=self.batch_norm)
+
+    def fit_normalizer(self, frames: np.ndarray, *, source_dtype: np.dtype,
+                       valid: np.ndarray | None = None) -> Normalizer:
+        """The normalisation these options describe, fitted on ``(N, H, W)`` ``frames``
+        (source units)."""
+        return fit_normalizer(frames, mode=self.normalize,
+                              scale_integers=not self.no_scale_integers,
+                              source_dtype=source_dtype, valid=valid)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 from n2s_stream.coldstart import ClassicalDenoiser, calibrate_classical
 from n2s_stream.config import NetworkOptions
 from n2s_stream.metrics import scrape
-from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
+from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import truth_path
 from n2s_stream.sinks.pva import loopback_client_env, loopback_server_env
@@ -51,10 +51,9 @@ class _Classical:
     as the first frame says, calibrated J-invariantly on it), to score the same frames."""
 
     def __init__(self, first_frame: np.ndarray) -> None:
-        network = NetworkOptions()  # the demo runs the daemon with its defaults
-        self.normalizer: Normalizer = fit_normalizer(
-            first_frame[np.newaxis], mode=network.normalize,
-            scale_integers=not network.no_scale_integers, source_dtype=first_frame.dtype)
+        # the demo runs the daemon with its defaults
+        self.normalizer: Normalizer = NetworkOptions().fit_normalizer(
+            first_frame[np.newaxis], source_dtype=first_frame.dtype)
         self.denoiser: ClassicalDenoiser = calibrate_classical(
             self.normalizer.forward(first_frame[np.newaxis].astype(np.float32))[0])
 

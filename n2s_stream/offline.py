@@ -21,7 +21,7 @@ from n2s_stream.errors import CheckpointError, InputError, UsageError
 from n2s_stream.models import build_model, count_parameters, use_fast_layout
 from n2s_stream.n2s.context import context_indices, context_offsets, context_stack
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.n2s.normalize import Normalizer, fill_invalid, fit_normalizer, valid_pixels
+from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
 from n2s_stream.onnx_engine import OnnxRuntimeModel, check_engine
 from n2s_stream.stack import FrameStack, open_stack
 from n2s_stream.training import (
@@ -236,11 +236,7 @@ def _load_training_data(
     valid = valid_pixels(frames, source_dtype)
     if pixel_mask is not None:
         valid &= ~pixel_mask
-    normalizer = fit_normalizer(
-        frames, mode=config.network.normalize,
-        scale_integers=not config.network.no_scale_integers,
-        source_dtype=source_dtype, valid=valid,
-    )
+    normalizer = config.network.fit_normalizer(frames, source_dtype=source_dtype, valid=valid)
     normalized = normalizer.forward(fill_invalid(frames, valid))
     row = {index: k for k, index in enumerate(needed)}
     by_index = _ByIndex(normalized, row, n)
