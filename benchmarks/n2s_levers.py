@@ -13,7 +13,8 @@
 3. Neighbor2Neighbor (Huang et al. 2021; ``--n2n``), the other road to denser supervision:
    no blind spot; two sub-images sampled from neighbouring pixels of each 2x2 cell, the
    network maps one to the other (every pixel of the target supervises), plus the
-   paper's regulariser (gamma 2) tying it to the full-resolution output. Same UNet, same
+   paper's regulariser (gamma 2) tying it to the full-resolution output
+   (``n2s/neighbor2neighbor.py``, the daemon's ``--objective neighbor2neighbor``). Same UNet, same
    normalisation, same time budget, single-pass inference on the full image.
 
 The tiles, noise and scoring are ``offline_quality.py``'s (48 photograph tiles 128x128,
@@ -38,9 +39,10 @@ from offline_quality import n2s, noisy_counts, photo_tiles
 
 from n2s_stream.config import NetworkOptions, TrainConfig
 from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.unblind import noise_model, unblind
 from n2s_stream.quality import mean_ssim, psnr
-from n2s_stream.training import make_optimizer
+from n2s_stream.training import make_optimizer, train_step
 
 
 def score(clean: np.ndarray, estimate: np.ndarray, dose: float) -> dict[str, float]:
@@ -59,23 +61,8 @@ def unblinded(jinv: np.ndarray, noisy: np.ndarray, clean: np.ndarray,
     return out
 
 
-NEIGHBOURS = torch.tensor([[0, 1], [1, 0], [0, 2], [2, 0], [1, 3], [3, 1], [2, 3], [3, 2]])
-"""Ordered pairs of adjacent pixels of a 2x2 cell, the cell read row by row."""
-
-
-def sub_images(x: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbor2Neighbor's two half-size sub-images of ``(B, 1, H, W)`` ``x``: in each 2x2
-    cell the first and second pixel of its ``pairs`` row ``(B, 1, H/2, W/2, 2)``."""
-    b, c, h, w = x.shape
-    cells = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5)
-    cells = cells.reshape(b, c, h // 2, w // 2, 4)
-    first = torch.gather(cells, -1, pairs[..., :1]).squeeze(-1)
-    second = torch.gather(cells, -1, pairs[..., 1:]).squeeze(-1)
-    return first, second
-
-
 def neighbor2neighbor(noisy: np.ndarray, clean: np.ndarray, dose: float,
-                      args: argparse.Namespace, gamma: float = 2.0) -> dict:
+                      args: argparse.Namespace) -> dict:
     """Train the default UNet (no mask channel) the Neighbor2Neighbor way on the noisy stack
     for ``budget`` seconds, normalised as the daemon does; score single-pass inference."""
     normalizer = NetworkOptions().fit_normalizer(noisy.astype(np.uint16),
@@ -84,10 +71,10 @@ def neighbor2neighbor(noisy: np.ndarray, clean: np.ndarray, dose: float,
     torch.manual_seed(0)
     model = build_model(ModelConfig(width=args.width, depth=args.depth))
     optimizer = make_optimizer(model, args.lr)
+    masker = Masker()  # this objective reads only its mask_as_input (off)
     rng = np.random.default_rng(0)
     n, height, width = frames.shape
     started, steps = time.perf_counter(), 0
-    model.train()
     while time.perf_counter() - started < args.budget:
         k, top, left = (rng.integers(n, size=args.batch),
                         rng.integers(height - args.patch + 1, size=args.batch),
@@ -95,17 +82,7 @@ def neighbor2neighbor(noisy: np.ndarray, clean: np.ndarray, dose: float,
         batch = torch.from_numpy(np.stack([
             frames[i, y : y + args.patch, x : x + args.patch]
             for i, y, x in zip(k, top, left, strict=True)]))[:, None]
-        half = args.patch // 2
-        pairs = NEIGHBOURS[torch.from_numpy(rng.integers(8, size=(args.batch, 1, half, half)))]
-        first, second = sub_images(batch, pairs)
-        with torch.no_grad():
-            full_first, full_second = sub_images(model(batch), pairs)
-        out = model(first)
-        loss = ((out - second) ** 2).mean() + gamma * (
-            (out - second - (full_first - full_second)) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, masker, batch, rng=rng, objective="neighbor2neighbor")
         steps += 1
     seconds = time.perf_counter() - started
     model.eval()

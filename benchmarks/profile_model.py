@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import RESULTS, calls_per_second, daemon_model
 from torch.profiler import ProfilerActivity, profile
@@ -77,8 +78,8 @@ def training_work(batch: int, patch: int, variant: str) -> Callable[[], object]:
     optimizer = torch.optim.Adam(model.parameters(), lr=defaults.lr, fused=fused or None)
     masker = Masker()
     patches = torch.rand(batch, 1, patch, patch)
-    phases = torch.randint(0, masker.n_phases, (batch,))
-    return lambda: train_step(model, optimizer, masker, patches, phases=phases)
+    rng = np.random.default_rng(0)
+    return lambda: train_step(model, optimizer, masker, patches, rng=rng)
 
 
 def print_operators(title: str, result: dict) -> None:

@@ -27,6 +27,7 @@ __all__ = ["DaemonConfig", "DemoConfig", "DenoiseConfig", "MergeConfig", "Simula
 ENGINES = ("torch", "onnxruntime")  # what runs the daemon's forward passes
 Engine = Literal["torch", "onnxruntime"]
 Normalize = Literal["none", "meanstd", "percentile"]
+Objective = Literal["noise2self", "neighbor2neighbor"]  # training.OBJECTIVES
 ZmqProtocol = Literal["native", "dectris-stream1", "dectris-stream2"]
 
 
@@ -103,6 +104,9 @@ class TrainConfig:
     max_seconds: float = option(0.0, help="stop after this much training time; 0 = no limit",
                                 min=0)
     lr: float = option(3e-3, help="peak learning rate, cosine decay", min=0)
+    objective: Objective = option("noise2self", help="noise2self (masked loss: blind spot) "
+                                  "or neighbor2neighbor (pairs of neighbouring pixels: no "
+                                  "blind spot)")
     amp: bool = option(False, help="mixed precision (CUDA only)")
     val_frac: float = option(0.0, help="fraction of frames held out for validation", min=0,
                              max=0.999)
@@ -320,6 +324,9 @@ class TrainingOptions:
     patch: int = option(64, min=4, help="training patch side")
     batch: int = option(8, min=1, help="patches per training step")
     lr: float = option(1e-3, min=0, help="learning rate of online training")
+    objective: Objective = option("noise2self", help="noise2self (masked loss: blind spot) "
+                                  "or neighbor2neighbor (pairs of neighbouring pixels: no "
+                                  "blind spot); held-out scores are masked either way")
     publish_every: int = option(50, min=1, help="training steps between model versions")
     checkpoint_every: float = option(60.0, min=0, help="seconds between checkpoints (also "
                                                        "one at every stop)")

@@ -181,7 +181,7 @@ class _OfflineRun:
         return report
 
     def _step(self, lr: float) -> torch.Tensor:
-        """One masked training step on random patches; the loss stays on the device."""
+        """One self-supervised training step on random patches; the loss stays on the device."""
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -189,9 +189,8 @@ class _OfflineRun:
                                         batch=config.batch, patch=config.patch, rng=self.rng)
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
-        phases = torch.from_numpy(self.rng.integers(self.masker.n_phases, size=config.batch))
-        loss = train_step(self.model, self.optimizer, self.masker, batch,
-                          phases=phases.to(self.device), valid=valid_t, scaler=self.scaler,
+        loss = train_step(self.model, self.optimizer, self.masker, batch, rng=self.rng,
+                          objective=config.objective, valid=valid_t, scaler=self.scaler,
                           amp=self.amp)
         self.step += 1
         return loss

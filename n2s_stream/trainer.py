@@ -47,7 +47,7 @@ VAL_CROP = 256
 
 
 class OnlineTrainer(BackgroundWorker):
-    """Background worker running masked training steps on the rolling buffer."""
+    """Background worker running self-supervised training steps on the rolling buffer."""
 
     def __init__(
         self,
@@ -155,9 +155,8 @@ class OnlineTrainer(BackgroundWorker):
                                             rng=self._rng, recent=self.options.recent_frames)
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
-        phases = torch.from_numpy(self._rng.integers(self.masker.n_phases, size=len(batch)))
-        loss = float(train_step(self.model, self.optimizer, self.masker, batch,
-                                phases=phases.to(self.device), valid=valid_t))  # host sync
+        loss = float(train_step(self.model, self.optimizer, self.masker, batch, rng=self._rng,
+                                objective=self.options.objective, valid=valid_t))  # host sync
         self.step += 1
         self.metrics.train_steps.inc()
         ema = self._loss_ema

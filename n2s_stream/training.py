@@ -1,4 +1,5 @@
-"""Pieces of Noise2Self training shared by offline `train` and the daemon's online trainer.
+"""Pieces of self-supervised training shared by offline `train` and the daemon's online
+trainer.
 
 ``train_step`` is the one place a gradient step happens. Tensors are ``(B, C, H, W)``
 float32 in normalised units: channel 0 the frame, the others its temporal context.
@@ -19,6 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.neighbor2neighbor import NEIGHBOUR_PAIRS, even_crop, neighbor2neighbor_loss
 
 log = logging.getLogger(__name__)
 
@@ -145,31 +147,64 @@ def augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
     return image[..., ::-1] if flip else image
 
 
+OBJECTIVES = ("noise2self", "neighbor2neighbor")
+"""How a training step learns from noisy patches: Noise2Self's masked loss on one hidden
+grid phase per patch (the network learns a blind-spot prediction), or Neighbor2Neighbor's
+sub-image loss (``n2s/neighbor2neighbor.py``: every pixel supervises, no blind spot)."""
+
+
+def self_supervised_loss(
+    model: nn.Module,
+    masker: Masker,
+    batch: torch.Tensor,
+    *,
+    rng: np.random.Generator,
+    objective: str = "noise2self",
+    valid: torch.Tensor | None = None,
+    amp: bool = False,
+) -> torch.Tensor:
+    """The loss of ``model`` on noisy ``batch`` ``(B, C, H, W)`` under ``objective``, its
+    random draws (mask phases, pixel pairs) from ``rng``; a 0-d float32 tensor."""
+    if objective == "neighbor2neighbor":
+        batch = even_crop(batch)
+        valid = None if valid is None else even_crop(valid)
+        size = (batch.shape[0], 1, batch.shape[-2] // 2, batch.shape[-1] // 2)
+        choice = torch.from_numpy(rng.integers(len(NEIGHBOUR_PAIRS), size=size))
+        with autocast(batch.device, amp):
+            return neighbor2neighbor_loss(model, batch, choice.to(batch.device), valid=valid,
+                                          mask_channel=masker.config.mask_as_input)
+    if objective != "noise2self":
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    # hide one grid phase of each centre frame: net_input (B, C[+1], H, W), mask (B,1,H,W)
+    phases = torch.from_numpy(rng.integers(masker.n_phases, size=batch.shape[0]))
+    net_input, mask = masker.mask(batch, phases.to(batch.device))
+    # predict the hidden pixels from their surroundings (and the neighbouring frames)
+    with autocast(batch.device, amp):
+        output = model(net_input)
+    # loss on the centre frame's hidden (and valid) pixels only, in float32
+    return masked_mse(output.float(), batch[:, :1], mask, valid)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     masker: Masker,
     batch: torch.Tensor,
     *,
-    phases: torch.Tensor,
+    rng: np.random.Generator,
+    objective: str = "noise2self",
     valid: torch.Tensor | None = None,
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
 ) -> torch.Tensor:
-    """One masked self-supervised gradient step; returns the loss (a 0-d tensor, no sync).
+    """One self-supervised gradient step; returns the loss (a 0-d tensor, no sync).
 
     ``batch``: ``(B, C, H, W)`` noisy patches (channel 0 the frame, then its context);
-    ``phases``: ``(B,)`` mask phase per patch.
+    ``objective`` and ``rng``: see `self_supervised_loss`.
     """
     model.train()
-    # 1. hide one grid phase of each centre frame: net_input (B, C[+1], H, W), mask (B,1,H,W)
-    net_input, mask = masker.mask(batch, phases)
-    # 2. predict the hidden pixels from their surroundings (and the neighbouring frames)
-    with autocast(batch.device, amp):
-        output = model(net_input)
-    # 3. loss on the centre frame's hidden (and valid) pixels only, in float32
-    loss = masked_mse(output.float(), batch[:, :1], mask, valid)
-    # 4. update
+    loss = self_supervised_loss(model, masker, batch, rng=rng, objective=objective,
+                                valid=valid, amp=amp)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
@@ -193,6 +228,11 @@ def masked_validation_loss(
     before_chunk: Callable[[], None] | None = None,
 ) -> float:
     """Masked loss on held-out frames: a quality estimate that needs no ground truth.
+
+    The hidden pixels are in-filled in the input whatever the objective, so the number
+    scores the network's J-invariant use: for a blind-spot network that is what it
+    learnt; for one trained without a blind spot (Neighbor2Neighbor) it is a cautious
+    estimate of its single pass, on the same footing as the classical denoiser's.
 
     Each frame ``k`` of ``(N, C, H, W)`` (channel 0 is scored, the rest is its context) is
     scored with two fixed phases (``k`` and ``k + n_phases/2``), so the number is
