@@ -25,7 +25,7 @@ from n2s_stream.training import (
 )
 
 
-def _trainer(buffer, *, busy=lambda: False, publish_every=5):
+def _trainer(buffer, *, busy=lambda: False, publish_every=5, objective="noise2self"):
     model = build_model(ModelConfig(width=4, depth=1))
     metrics = Metrics(CollectorRegistry())
     store = ModelStore(copy_state(model), 0)
@@ -33,7 +33,8 @@ def _trainer(buffer, *, busy=lambda: False, publish_every=5):
     trainer = OnlineTrainer(
         model=model, masker=Masker(), buffer=buffer, val_buffer=RollingBuffer(
             max_frames=2, max_bytes=2**20), store=store, metrics=metrics,
-        options=TrainingOptions(patch=16, batch=2, publish_every=publish_every),
+        options=TrainingOptions(patch=16, batch=2, publish_every=publish_every,
+                                objective=objective),
         device=torch.device("cpu"), busy=busy,
         save=lambda m, o, step, version: saved.append((step, version)))
     return trainer, store, metrics, saved
@@ -46,11 +47,12 @@ def _wait(condition, seconds=20.0):
     return condition()
 
 
-def test_publishes_versions_and_checkpoints_on_stop():
+@pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
+def test_publishes_versions_and_checkpoints_on_stop(objective):
     buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
     for _ in range(4):
         buffer.add(np.random.default_rng(0).normal(size=(24, 24)).astype(np.float32))
-    trainer, store, metrics, saved = _trainer(buffer)
+    trainer, store, metrics, saved = _trainer(buffer, objective=objective)
     trainer.start()
     assert _wait(lambda: store.version >= 2)
     trainer.stop()

@@ -1,0 +1,77 @@
+"""Neighbor2Neighbor's sub-images and loss: neighbouring pixels of one cell, every channel
+alike, unusable pixels left out, any frame size and input layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.n2s.masking import Masker, MaskerConfig
+from n2s_stream.n2s.neighbor2neighbor import (
+    NEIGHBOUR_PAIRS,
+    neighbor2neighbor_loss,
+    sub_images,
+)
+from n2s_stream.training import self_supervised_loss
+
+
+def test_sub_images_take_two_neighbours_of_each_cell_in_every_channel():
+    height, width = 8, 6
+    index = torch.arange(height * width, dtype=torch.float32).reshape(1, 1, height, width)
+    x = torch.cat([index, index + 1000], dim=1)  # a context channel: same pixels, +1000
+    rng = np.random.default_rng(0)
+    choice = torch.from_numpy(rng.integers(len(NEIGHBOUR_PAIRS), size=(1, 1, 4, 3)))
+    first, second = sub_images(x, choice)
+    assert first.shape == second.shape == (1, 2, 4, 3)
+    torch.testing.assert_close(first[:, 1], first[:, 0] + 1000)
+    rows_a, cols_a = first[0, 0] // width, first[0, 0] % width
+    rows_b, cols_b = second[0, 0] // width, second[0, 0] % width
+    cell_rows, cell_cols = torch.meshgrid(torch.arange(4), torch.arange(3), indexing="ij")
+    for rows, cols in ((rows_a, cols_a), (rows_b, cols_b)):  # both in their own 2x2 cell
+        assert torch.equal(rows // 2, cell_rows.float()) and torch.equal(cols // 2,
+                                                                        cell_cols.float())
+    distance = (rows_a - rows_b).abs() + (cols_a - cols_b).abs()
+    assert torch.equal(distance, torch.ones_like(distance))  # adjacent, never the same pixel
+    assert len(torch.unique(choice)) > 4  # the draw mixes the pairs
+
+
+@torch.no_grad()
+def test_unusable_pixels_drop_their_pairs():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=4, depth=1))
+    batch = torch.randn(2, 1, 16, 16)
+    choice = torch.from_numpy(np.random.default_rng(1).integers(8, size=(2, 1, 8, 8)))
+    plain = neighbor2neighbor_loss(model, batch, choice)
+    assert float(plain) > 0
+    torch.testing.assert_close(
+        neighbor2neighbor_loss(model, batch, choice, valid=torch.ones(2, 1, 16, 16)), plain)
+    assert float(neighbor2neighbor_loss(model, batch, choice,
+                                        valid=torch.zeros(2, 1, 16, 16))) == 0.0
+    # a target pixel far off, but unusable: its pair does not count
+    _, target = sub_images(torch.arange(256.0).reshape(1, 1, 16, 16).expand(2, 1, 16, 16),
+                           choice)
+    row, col = divmod(int(target[0, 0, 3, 5]), 16)
+    valid = torch.ones(2, 1, 16, 16)
+    valid[0, 0, row, col] = 0
+    spoiled = batch.clone()
+    spoiled[0, 0, row, col] = 1e3
+    base = neighbor2neighbor_loss(model, batch, choice, valid=valid)
+    assert abs(float(neighbor2neighbor_loss(model, spoiled, choice, valid=valid)) - float(base)) \
+        < 0.1 * float(base)  # only its neighbours' outputs move, the 1e3**2 term is gone
+    assert float(neighbor2neighbor_loss(model, spoiled, choice)) > 100 * float(base)
+
+
+@pytest.mark.parametrize("mask_as_input", [False, True])
+def test_odd_frames_and_a_mask_channel_train(mask_as_input):
+    masker = Masker(MaskerConfig(mask_as_input=mask_as_input, context_frames=3))
+    model = build_model(ModelConfig(in_channels=masker.config.in_channels, width=4, depth=1))
+    batch = torch.randn(2, 3, 33, 31)
+    loss = self_supervised_loss(model, masker, batch, rng=np.random.default_rng(0),
+                                objective="neighbor2neighbor", valid=torch.ones(2, 1, 33, 31))
+    loss.backward()
+    assert np.isfinite(float(loss.detach())) and model.head.weight.grad is not None
+    with pytest.raises(ValueError, match="objective must be one of"):
+        self_supervised_loss(model, masker, batch, rng=np.random.default_rng(0),
+                             objective="noise2noise")
