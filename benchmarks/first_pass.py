@@ -240,6 +240,7 @@ def main() -> None:
                     other = live_and_refined(noisy, args, Path(tmp), extra)
                 lever[label] = {name: scores(truth, other[name], first, dose)
                                 for name in ("live", "refined")}
+                lever[label]["classical_frames"] = int(np.sum(other["denoiser"] == 1))
             with tempfile.TemporaryDirectory() as tmp:
                 run = live_and_refined(noisy, args, Path(tmp))
                 stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
@@ -271,7 +272,8 @@ def main() -> None:
                       f"{result['live']['mean'] - row['offline']['mean']:+.2f} vs offline, "
                       f"{result['live']['mean'] - row['live']['mean']:+.2f} vs default"
                       + ("" if result["refined"] is None
-                         else f"; refined {result['refined']['mean']:.2f}"), flush=True)
+                         else f"; refined {result['refined']['mean']:.2f}")
+                      + f"; {result['classical_frames']} classical frames", flush=True)
     write_report(args.out, "first_pass", args, rows)
 
 

@@ -195,7 +195,8 @@ class Daemon:
         network options (``pretrained``), else random weights; and whether it is the
         shipped one."""
         model = build_model(self._model_config)
-        shipped = (starting_model(self._model_config, self._masker.config)
+        shipped = (starting_model(self._model_config, self._masker.config,
+                                  self.config.training.objective)
                    if self.config.training.pretrained else None)
         if shipped is not None:
             model.load_state_dict(shipped.state_dict)

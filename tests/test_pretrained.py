@@ -1,5 +1,6 @@
-"""The shipped starting model: it loads without unpickling objects, fits exactly the default
-network, and its training script is reproducible (same settings, same weights)."""
+"""The shipped starting models: they load without unpickling objects, fit exactly the
+default network (one per training objective), and their training script is reproducible
+(same settings, same weights)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from n2s_stream.checkpoint import load_checkpoint
 from n2s_stream.config import NetworkOptions
 from n2s_stream.options import make
-from n2s_stream.pretrained import DEFAULT, starting_model
+from n2s_stream.pretrained import DEFAULT, SHIPPED, starting_model
 
 pytestmark = pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
 
@@ -31,6 +32,18 @@ def test_shipped_model_loads_safely_and_fits_only_the_default_network():
                           replace(masker, context_frames=3)) is None
 
 
+@pytest.mark.skipif(not SHIPPED["neighbor2neighbor"].exists(), reason="no shipped model")
+def test_each_objective_starts_from_its_own_shipped_model():
+    network = make(NetworkOptions)
+    model, masker = network.model_config(), network.masker_config()
+    blind = starting_model(model, masker, "noise2self")
+    nonblind = starting_model(model, masker, "neighbor2neighbor")
+    assert blind is not None and nonblind is not None
+    assert nonblind.extra["pretrained"]["objective"] == "neighbor2neighbor"
+    assert not torch.equal(blind.state_dict["head.weight"], nonblind.state_dict["head.weight"])
+    assert starting_model(replace(model, width=8), masker, "neighbor2neighbor") is None
+
+
 def _train(tmp_path, name: str, *args: str) -> dict[str, torch.Tensor]:
     out = tmp_path / name
     subprocess.run([sys.executable, "-m", "n2s_stream.pretrained", "--out", str(out), *args],
@@ -38,16 +51,21 @@ def _train(tmp_path, name: str, *args: str) -> dict[str, torch.Tensor]:
     return load_checkpoint(out).state_dict
 
 
-def test_training_script_is_deterministic(tmp_path):
-    first, second = (_train(tmp_path, f"{k}.pt", "--steps", "3") for k in (1, 2))
+@pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
+def test_training_script_is_deterministic(tmp_path, objective):
+    first, second = (_train(tmp_path, f"{k}.pt", "--steps", "3", "--objective", objective)
+                     for k in (1, 2))
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-@pytest.mark.slow  # the whole training run: about 15 minutes on one core
-def test_training_script_reproduces_the_shipped_model(tmp_path):
-    settings = load_checkpoint(DEFAULT).extra["pretrained"]
+@pytest.mark.slow  # the whole training run: about 10-15 minutes on one core, each
+@pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
+def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
+    path = SHIPPED[objective]
+    settings = load_checkpoint(path).extra["pretrained"]
     again = _train(tmp_path, "again.pt", "--steps", str(settings["steps"]),
-                   "--seed", str(settings["seed"]), "--batch", str(settings["batch"]))
-    shipped = load_checkpoint(DEFAULT).state_dict
+                   "--seed", str(settings["seed"]), "--batch", str(settings["batch"]),
+                   "--objective", objective)
+    shipped = load_checkpoint(path).state_dict
     for key, value in shipped.items():
         torch.testing.assert_close(again[key], value, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,8 @@ on photographs that scikit-image ships, at several Poisson doses, with the same 
 online training and the clean image as the target at the hidden pixels. It carries no
 normaliser: the daemon fits one on the live data's first frame, and the cold-start
 comparison against a calibrated classical denoiser still decides when it writes.
+``unet_w16_d2_k1_nonblind.pt`` is the same network trained without a blind spot (``--objective
+neighbor2neighbor``), the start of online Neighbor2Neighbor training.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
 
 DEFAULT = Path(__file__).with_name("unet_w16_d2_k1.pt")
+SHIPPED = {"noise2self": DEFAULT,
+           "neighbor2neighbor": Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt")}
+"""The shipped starting model for each training objective (``training.OBJECTIVES``)."""
 
 
-def starting_model(model: ModelConfig, masker: MaskerConfig) -> Checkpoint | None:
-    """The shipped model when it fits ``model`` and ``masker`` exactly (else None: the
-    network starts from random weights)."""
-    if not DEFAULT.exists() or masker.context_frames != 1:
+def starting_model(model: ModelConfig, masker: MaskerConfig,
+                   objective: str = "noise2self") -> Checkpoint | None:
+    """The shipped model for ``objective`` when it fits ``model`` and ``masker`` exactly
+    (else None: the network starts from random weights)."""
+    path = SHIPPED.get(objective)
+    if path is None or not path.exists() or masker.context_frames != 1:
         return None
-    checkpoint = load_checkpoint(DEFAULT)  # weights_only: never unpickles objects
+    checkpoint = load_checkpoint(path)  # weights_only: never unpickles objects
     single = replace(masker, causal=False, register=False)  # no neighbours: no difference
     if checkpoint.model_config != model or checkpoint.masker_config != single:
         return None

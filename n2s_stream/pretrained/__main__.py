@@ -6,9 +6,13 @@ are cut into 64x64 patches, given Poisson noise at a dose drawn log-uniformly be
 daemon does (mean and spread of the noisy image). The network learns with the online
 masking (one hidden pixel per grid cell, in-filled), with the clean patch
 as the target at the hidden pixels: it learns the blind-spot prediction that online
-Noise2Self training then refines. Same seed and steps, same weights (single thread).
+Noise2Self training then refines. With ``--objective neighbor2neighbor`` it sees the
+whole noisy patch and learns the clean one at every pixel: the denoiser without a blind
+spot that online Neighbor2Neighbor training refines. Same seed and steps, same weights
+(single thread).
 
     python -m n2s_stream.pretrained                      # about 10 minutes on 1 core
+    python -m n2s_stream.pretrained --objective neighbor2neighbor
     python -m n2s_stream.pretrained --steps 3 --out /tmp/t.pt   # smoke
 """
 
@@ -29,7 +33,8 @@ from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker, MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.pretrained import DEFAULT
+from n2s_stream.pretrained import SHIPPED
+from n2s_stream.training import OBJECTIVES
 
 log = logging.getLogger("n2s_stream.pretrained")
 
@@ -84,8 +89,13 @@ def main() -> None:
     parser.add_argument("--min-dose", type=float, default=2.0)
     parser.add_argument("--max-dose", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT)
+    parser.add_argument("--objective", choices=OBJECTIVES, default="noise2self",
+                        help="the online objective the model starts: noise2self (blind spot, "
+                             "the default file) or neighbor2neighbor (no blind spot)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: the shipped file for the objective")
     args = parser.parse_args()
+    args.out = args.out or SHIPPED[args.objective]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -98,9 +108,12 @@ def main() -> None:
     images = training_images()
     for step in range(1, args.steps + 1):
         noisy, clean = batch(images, rng, args.batch, args.patch, (args.min_dose, args.max_dose))
-        phases = torch.from_numpy(rng.integers(masker.n_phases, size=args.batch))
-        net_input, mask = masker.mask(noisy, phases)
-        loss = masked_mse(model(net_input), clean, mask)
+        if args.objective == "neighbor2neighbor":  # no blind spot: every pixel, unmasked
+            loss = torch.mean((model(noisy) - clean) ** 2)
+        else:
+            phases = torch.from_numpy(rng.integers(masker.n_phases, size=args.batch))
+            net_input, mask = masker.mask(noisy, phases)
+            loss = masked_mse(model(net_input), clean, mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
