@@ -9,7 +9,9 @@ calibrated on the normalised first frame as the daemon does and applied to the f
 ``--frames`` frames; the reference is first_pass's TV (Chambolle, calibrated on the first
 frame over 30 weights). Candidates: the daemon's grids (Chambolle TV or wavelet), TV solved
 to convergence (split Bregman), both in the Anscombe domain (counts taken as photons), and
-the shipped network (single pass) with whether the daemon lets it write frame 0. Prints
+the shipped networks (single pass; the default blind-spot one and the one that
+``--objective neighbor2neighbor`` starts from) with whether the daemon lets each write
+frame 0. Prints
 the per-frame PSNR margin over the reference (mean, worst, worst frame), the calibration's
 seconds and the seconds per frame; writes ``benchmarks/results/cold_start_classical.json``.
 
@@ -39,6 +41,7 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.pretrained import starting_model
 from n2s_stream.trainer import VAL_CROP
+from n2s_stream.training import Objective
 
 
 def tv_split_bregman(image: np.ndarray, smoothing: float) -> np.ndarray:
@@ -91,13 +94,19 @@ def classical_frames(noisy: np.ndarray, grids: Grids,
     return out, denoiser.describe(), calibration, (time.perf_counter() - started) / len(noisy)
 
 
-def shipped_network(noisy: np.ndarray, normalizer: Normalizer) -> tuple[np.ndarray, str]:
-    """The shipped model's frames (single pass) and whether the daemon's first-frame score
-    lets it write frame 0 (``network writes``) or the classical denoiser
-    (``classical writes``)."""
+SHIPPED_NETWORKS = {"noise2self": "shipped network",
+                    "neighbor2neighbor": "shipped network, no blind spot"}
+"""The shipped starting model of each training objective, and its row's label."""
+
+
+def shipped_network(noisy: np.ndarray, normalizer: Normalizer,
+                    objective: Objective) -> tuple[np.ndarray, str]:
+    """The shipped model for ``objective``: its frames (single pass) and whether the
+    daemon's first-frame score lets it write frame 0 (``network writes``) or the classical
+    denoiser (``classical writes``)."""
     network = NetworkOptions()
     masker = Masker(network.masker_config())
-    shipped = starting_model(network.model_config(), masker.config)
+    shipped = starting_model(network.model_config(), masker.config, objective)
     assert shipped is not None, "no shipped model fits the default options"
     model = build_model(network.model_config())
     model.load_state_dict(shipped.state_dict)
@@ -120,7 +129,7 @@ def main() -> None:
     clean = drifting_scan(args.frames, args.size, args.drift)
     print(f"first {args.frames} frames of first_pass ({args.size}x{args.size}, "
           f"{args.drift:g} px/frame); PSNR margin over finely calibrated TV, dB")
-    print(f"{'peak':>5} {'candidate':>28} {'mean':>6} {'worst':>6} {'at':>3} "
+    print(f"{'peak':>5} {'candidate':>30} {'mean':>6} {'worst':>6} {'at':>3} "
           f"{'calib s':>7} {'s/frame':>7}  picked")
     rows = []
     for dose in args.doses:
@@ -133,16 +142,17 @@ def main() -> None:
             rows.append({"dose": dose, "candidate": label, "picked": picked,
                          "margins": frame_margins(truth, out, reference, args.frames, dose),
                          "calibration_seconds": calibration, "seconds_per_frame": per_frame})
-        out, picked = shipped_network(noisy, normalizer)
-        rows.append({"dose": dose, "candidate": "shipped network", "picked": picked,
-                     "margins": frame_margins(truth, out, reference, args.frames, dose),
-                     "calibration_seconds": None, "seconds_per_frame": None})
-        for row in rows[-len(CANDIDATES) - 1:]:
+        for objective, label in SHIPPED_NETWORKS.items():
+            out, picked = shipped_network(noisy, normalizer, objective)
+            rows.append({"dose": dose, "candidate": label, "picked": picked,
+                         "margins": frame_margins(truth, out, reference, args.frames, dose),
+                         "calibration_seconds": None, "seconds_per_frame": None})
+        for row in rows[-len(CANDIDATES) - len(SHIPPED_NETWORKS):]:
             margins = row["margins"]
             worst = int(np.argmin(margins))
             timing = ("" if row["seconds_per_frame"] is None else
                       f"{row['calibration_seconds']:7.2f} {row['seconds_per_frame']:7.3f}")
-            print(f"{dose:5g} {row['candidate']:>28} {np.mean(margins):+6.2f} "
+            print(f"{dose:5g} {row['candidate']:>30} {np.mean(margins):+6.2f} "
                   f"{margins[worst]:+6.2f} {worst:3d} {timing:>15}  {row['picked']}", flush=True)
     write_report(args.out, "cold_start_classical", args, rows)
 

@@ -20,6 +20,7 @@ from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
 from n2s_stream.options import as_toml, option, section
+from n2s_stream.training import Objective
 
 __all__ = ["DaemonConfig", "DemoConfig", "DenoiseConfig", "MergeConfig", "SimulateConfig",
            "TrainConfig", "as_toml"]
@@ -27,7 +28,6 @@ __all__ = ["DaemonConfig", "DemoConfig", "DenoiseConfig", "MergeConfig", "Simula
 ENGINES = ("torch", "onnxruntime")  # what runs the daemon's forward passes
 Engine = Literal["torch", "onnxruntime"]
 Normalize = Literal["none", "meanstd", "percentile"]
-Objective = Literal["noise2self", "neighbor2neighbor"]  # training.OBJECTIVES
 ZmqProtocol = Literal["native", "dectris-stream1", "dectris-stream2"]
 
 
@@ -84,6 +84,14 @@ class NetworkOptions:
                               source_dtype=source_dtype, valid=valid)
 
 
+def check_objective(objective: Objective, network: NetworkOptions) -> None:
+    """Neighbor2Neighbor trains without a blind spot: nothing is hidden, so a mask input
+    channel would carry nothing (refused rather than trained on zeros)."""
+    if objective == "neighbor2neighbor" and network.mask_as_input:
+        raise UsageError("objective neighbor2neighbor hides no pixels: mask_as_input "
+                         "applies to noise2self only")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """``n2s-stream train``: the seed's ``train_noise2self.py`` flags and more."""
@@ -119,6 +127,9 @@ class TrainConfig:
     ckpt: Path | None = option(None, help="start from these weights",
                                example="runs/noise2self/ckpt_last.pt")
     progress: bool = option(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        check_objective(self.objective, self.network)
 
 
 @dataclass(frozen=True)
@@ -452,6 +463,9 @@ class DaemonConfig:
     refine: RefineOptions = section(RefineOptions, prefix="refine_")
     tiled: TiledOptions = section(TiledOptions, prefix="tiled_")
     service: ServiceOptions = section(ServiceOptions)
+
+    def __post_init__(self) -> None:
+        check_objective(self.training.objective, self.network)
 
     @property
     def source(self) -> str | None:

@@ -87,7 +87,7 @@ class Metrics:
             "n2s_train_rollbacks", "Training steps undone (NaN/inf or diverging loss)",
             registry=registry)
         self.train_loss = Gauge(
-            "n2s_train_loss", "Masked training loss (mean since last publish)",
+            "n2s_train_loss", "Self-supervised training loss (mean since last publish)",
             registry=registry)
         self.selfsup_val_loss = Gauge(
             "n2s_selfsup_val_loss", "Masked loss on held-out frames (no ground truth needed)",

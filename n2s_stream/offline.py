@@ -151,7 +151,7 @@ class _OfflineRun:
         return budget > 0 and time.monotonic() - self.started >= budget
 
     def epoch(self, epoch: int) -> EpochReport | None:
-        """One epoch of masked steps (cosine learning rate over the run or the time
+        """One epoch of self-supervised steps (cosine learning rate over the run or the time
         budget), then the held-out loss; None if no step fitted in the budget."""
         config = self.config
         loss_sum = torch.zeros((), device=self.device)
@@ -175,7 +175,7 @@ class _OfflineRun:
                                               valid=self.data.val_valid, amp=self.amp)
         report = EpochReport(epoch, self.step, train_loss, val_loss, lr,
                              time.monotonic() - self.started)
-        log.info("epoch %d/%d: train masked loss %.5f, val masked loss %s, lr %.2e, %.1fs",
+        log.info("epoch %d/%d: train loss %.5f, val masked loss %s, lr %.2e, %.1fs",
                  epoch, config.epochs, train_loss,
                  "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed)
         return report

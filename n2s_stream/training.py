@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -147,10 +148,11 @@ def augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
     return image[..., ::-1] if flip else image
 
 
-OBJECTIVES = ("noise2self", "neighbor2neighbor")
+Objective = Literal["noise2self", "neighbor2neighbor"]
 """How a training step learns from noisy patches: Noise2Self's masked loss on one hidden
 grid phase per patch (the network learns a blind-spot prediction), or Neighbor2Neighbor's
 sub-image loss (``n2s/neighbor2neighbor.py``: every pixel supervises, no blind spot)."""
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 def self_supervised_loss(
@@ -159,7 +161,7 @@ def self_supervised_loss(
     batch: torch.Tensor,
     *,
     rng: np.random.Generator,
-    objective: str = "noise2self",
+    objective: Objective = "noise2self",
     valid: torch.Tensor | None = None,
     amp: bool = False,
 ) -> torch.Tensor:
@@ -192,7 +194,7 @@ def train_step(
     batch: torch.Tensor,
     *,
     rng: np.random.Generator,
-    objective: str = "noise2self",
+    objective: Objective = "noise2self",
     valid: torch.Tensor | None = None,
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
@@ -231,8 +233,9 @@ def masked_validation_loss(
 
     The hidden pixels are in-filled in the input whatever the objective, so the number
     scores the network's J-invariant use: for a blind-spot network that is what it
-    learnt; for one trained without a blind spot (Neighbor2Neighbor) it is a cautious
-    estimate of its single pass, on the same footing as the classical denoiser's.
+    learnt; for one trained without a blind spot (Neighbor2Neighbor) it scores a use it
+    was not trained for, not the single pass it writes (no self-supervised loss scores
+    that without bias), but on the same footing as the classical denoiser's.
 
     Each frame ``k`` of ``(N, C, H, W)`` (channel 0 is scored, the rest is its context) is
     scored with two fixed phases (``k`` and ``k + n_phases/2``), so the number is

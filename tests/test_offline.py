@@ -11,6 +11,7 @@ import pytest
 import torch
 from daemon_helpers import write_stack
 
+from n2s_stream.checkpoint import load_checkpoint
 from n2s_stream.config import DenoiseConfig, TrainConfig
 from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.offline import denoise, resolve_output, train
@@ -99,6 +100,7 @@ def test_neighbor2neighbor_training_raises_psnr(noisy_series, tmp_path):
     result = train(make(TrainConfig, h5=path, epochs=6, steps_per_epoch=40,
                         objective="neighbor2neighbor", out_dir=tmp_path / "r", **TINY))
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
+    assert 'objective = "neighbor2neighbor"' in load_checkpoint(result.last).extra["config"]
     out = denoise(DenoiseConfig(h5=path, ckpt=result.last, out=tmp_path / "o.h5",
                                 device="cpu", batch=5, progress=False))
     with h5py.File(path) as handle:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from n2s_stream.cli import COMMANDS, TABLES, command_parser, make_parser
-from n2s_stream.config import DaemonConfig
+from n2s_stream.config import DaemonConfig, TrainConfig
 from n2s_stream.errors import UsageError
 from n2s_stream.options import (
     Option,
@@ -142,6 +142,9 @@ def test_bounds_and_choices_are_refused_with_source_and_name():
         build(DaemonConfig, [("environment", {"engine": "tensorrt"})])
     with pytest.raises(UsageError, match=r"unknown option 'metrics_prot'"):
         build(DaemonConfig, [("x.toml", {"metrics_prot": 1})])
+    for command in (DaemonConfig, TrainConfig):  # a mask channel with nothing hidden
+        with pytest.raises(UsageError, match="neighbor2neighbor hides no pixels"):
+            build(command, [("cli", {"objective": "neighbor2neighbor", "mask_as_input": True})])
     config = build(DaemonConfig, [("a", {"zmq": "tcp://h:1", "queue_size": 8}),
                                   ("b", {"queue_size": 9})])  # later layers win
     assert config.zmq.endpoint == "tcp://h:1" and config.inference.queue_size == 9

@@ -15,6 +15,7 @@ from n2s_stream.checkpoint import load_checkpoint
 from n2s_stream.config import NetworkOptions
 from n2s_stream.options import make
 from n2s_stream.pretrained import DEFAULT, SHIPPED, starting_model
+from n2s_stream.training import OBJECTIVES
 
 pytestmark = pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
 
@@ -34,6 +35,7 @@ def test_shipped_model_loads_safely_and_fits_only_the_default_network():
 
 @pytest.mark.skipif(not SHIPPED["neighbor2neighbor"].exists(), reason="no shipped model")
 def test_each_objective_starts_from_its_own_shipped_model():
+    assert set(SHIPPED) == set(OBJECTIVES)
     network = make(NetworkOptions)
     model, masker = network.model_config(), network.masker_config()
     blind = starting_model(model, masker, "noise2self")
@@ -42,6 +44,8 @@ def test_each_objective_starts_from_its_own_shipped_model():
     assert nonblind.extra["pretrained"]["objective"] == "neighbor2neighbor"
     assert not torch.equal(blind.state_dict["head.weight"], nonblind.state_dict["head.weight"])
     assert starting_model(replace(model, width=8), masker, "neighbor2neighbor") is None
+    assert starting_model(model, replace(masker, grid_size=2), "neighbor2neighbor") is not None
+    assert starting_model(model, replace(masker, grid_size=2), "noise2self") is None
 
 
 def _train(tmp_path, name: str, *args: str) -> dict[str, torch.Tensor]:

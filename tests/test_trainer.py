@@ -9,6 +9,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from n2s_stream import training
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.config import TrainingOptions
 from n2s_stream.metrics import Metrics
@@ -48,16 +49,22 @@ def _wait(condition, seconds=20.0):
 
 
 @pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
-def test_publishes_versions_and_checkpoints_on_stop(objective):
+def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
     buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
     for _ in range(4):
         buffer.add(np.random.default_rng(0).normal(size=(24, 24)).astype(np.float32))
+    sub_image_losses = []
+    loss = training.neighbor2neighbor_loss
+    monkeypatch.setattr(training, "neighbor2neighbor_loss",
+                        lambda *a, **k: sub_image_losses.append(1) or loss(*a, **k))
     trainer, store, metrics, saved = _trainer(buffer, objective=objective)
     trainer.start()
     assert _wait(lambda: store.version >= 2)
     trainer.stop()
     assert saved and saved[-1][1] == store.version
-    assert metrics.registry.get_sample_value("n2s_train_steps_total") >= 10
+    steps = metrics.registry.get_sample_value("n2s_train_steps_total")
+    assert steps >= 10
+    assert len(sub_image_losses) == (steps if objective == "neighbor2neighbor" else 0)
 
 
 def test_yields_while_inference_is_busy():

@@ -24,7 +24,9 @@ NEIGHBOUR_PAIRS = torch.tensor([[0, 1], [1, 0], [0, 2], [2, 0], [1, 3], [3, 1], 
 """Ordered pairs of adjacent pixels of a 2x2 cell, the cell read row by row."""
 
 GAMMA = 2.0
-"""Weight of the regulariser (the paper's choice for Poisson and Gaussian noise)."""
+"""Weight of the regulariser: the paper's final value for Poisson and Gaussian noise. Its
+code ramps the weight up from 0 over the epochs of one training run; online training has
+no epochs and, from a pretrained start, nothing to ramp from, so it is constant here."""
 
 
 def sub_images(x: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +34,8 @@ def sub_images(x: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, tor
     the first and the second pixel of pair ``choice`` (``(B, 1, H/2, W/2)`` indices into
     `NEIGHBOUR_PAIRS`), the same pixels in every channel."""
     b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"sub-images need even sides (2x2 cells), got {h}x{w}")
     cells = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5)
     cells = cells.reshape(b, c, h // 2, w // 2, 4)
     pairs = NEIGHBOUR_PAIRS.to(x.device)[choice].expand(b, c, h // 2, w // 2, 2)
@@ -59,8 +63,9 @@ def neighbor2neighbor_loss(
     pixel pairs ``choice`` (see `sub_images`).
 
     ``valid`` (``(B, 1, H, W)`` 0/1) drops pixel pairs of which either pixel is unusable;
-    ``mask_channel`` appends the all-zero mask channel that models trained with the mask
-    as an input expect when nothing is hidden. Returns a scalar (0 if no pair counts).
+    ``mask_channel`` appends the all-zero mask channel that a model trained with the mask
+    as an input (a Noise2Self checkpoint) expects when nothing is hidden. Returns a scalar
+    (0 if no pair counts).
     """
     def run(x: torch.Tensor) -> torch.Tensor:
         if mask_channel:

@@ -19,15 +19,18 @@ from pathlib import Path
 from n2s_stream.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.training import Objective
 
 DEFAULT = Path(__file__).with_name("unet_w16_d2_k1.pt")
-SHIPPED = {"noise2self": DEFAULT,
-           "neighbor2neighbor": Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt")}
+SHIPPED: dict[str, Path] = {
+    "noise2self": DEFAULT,
+    "neighbor2neighbor": Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt"),
+}
 """The shipped starting model for each training objective (``training.OBJECTIVES``)."""
 
 
 def starting_model(model: ModelConfig, masker: MaskerConfig,
-                   objective: str = "noise2self") -> Checkpoint | None:
+                   objective: Objective = "noise2self") -> Checkpoint | None:
     """The shipped model for ``objective`` when it fits ``model`` and ``masker`` exactly
     (else None: the network starts from random weights)."""
     path = SHIPPED.get(objective)
@@ -35,6 +38,9 @@ def starting_model(model: ModelConfig, masker: MaskerConfig,
         return None
     checkpoint = load_checkpoint(path)  # weights_only: never unpickles objects
     single = replace(masker, causal=False, register=False)  # no neighbours: no difference
+    if objective == "neighbor2neighbor":  # trained unmasked: the grid does not matter
+        single = replace(single, grid_size=checkpoint.masker_config.grid_size,
+                         mode=checkpoint.masker_config.mode)
     if checkpoint.model_config != model or checkpoint.masker_config != single:
         return None
     return checkpoint
