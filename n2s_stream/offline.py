@@ -175,8 +175,8 @@ class _OfflineRun:
                                               valid=self.data.val_valid, amp=self.amp)
         report = EpochReport(epoch, self.step, train_loss, val_loss, lr,
                              time.monotonic() - self.started)
-        log.info("epoch %d/%d: train loss %.5f, val masked loss %s, lr %.2e, %.1fs",
-                 epoch, config.epochs, train_loss,
+        log.info("epoch %d/%d: train %s loss %.5f, val masked loss %s, lr %.2e, %.1fs",
+                 epoch, config.epochs, TRAIN_LOSS_NAMES[config.objective], train_loss,
                  "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed)
         return report
 
@@ -203,6 +203,10 @@ class _OfflineRun:
             optimizer=self.optimizer, step=self.step, version=self.start_version + self.step,
             extra={"epoch": epoch, "train_loss": report.train_loss,
                    "val_loss": report.val_loss, "config": as_toml(self.config, "train")})
+
+
+TRAIN_LOSS_NAMES = {"noise2self": "masked", "neighbor2neighbor": "sub-image"}
+"""How the epoch log line names each objective's training loss."""
 
 
 def _maybe_resume(config: TrainConfig, model: nn.Module) -> int:
