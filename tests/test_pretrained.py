@@ -48,10 +48,10 @@ def test_each_objective_starts_from_its_own_shipped_model():
     assert starting_model(model, replace(masker, grid_size=2), "noise2self") is None
 
 
-def _train(tmp_path, name: str, *args: str) -> dict[str, torch.Tensor]:
+def _train(tmp_path, name: str, *args: str, timeout: float = 600) -> dict[str, torch.Tensor]:
     out = tmp_path / name
     subprocess.run([sys.executable, "-m", "n2s_stream.pretrained", "--out", str(out), *args],
-                   check=True, capture_output=True, timeout=600)
+                   check=True, capture_output=True, timeout=timeout)
     return load_checkpoint(out).state_dict
 
 
@@ -69,7 +69,7 @@ def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
     settings = load_checkpoint(path).extra["pretrained"]
     again = _train(tmp_path, "again.pt", "--steps", str(settings["steps"]),
                    "--seed", str(settings["seed"]), "--batch", str(settings["batch"]),
-                   "--objective", objective)
+                   "--objective", objective, timeout=2400)
     shipped = load_checkpoint(path).state_dict
     for key, value in shipped.items():
         torch.testing.assert_close(again[key], value, rtol=1e-4, atol=1e-5)
