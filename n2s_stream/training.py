@@ -172,9 +172,12 @@ def self_supervised_loss(
         valid = None if valid is None else even_crop(valid)
         size = (batch.shape[0], 1, batch.shape[-2] // 2, batch.shape[-1] // 2)
         choice = torch.from_numpy(rng.integers(len(NEIGHBOUR_PAIRS), size=size))
+        def single_pass(x: torch.Tensor) -> torch.Tensor:  # + a zero mask channel if any
+            return masker.infer_single_pass(x, model)
+
         with autocast(batch.device, amp):
-            return neighbor2neighbor_loss(model, batch, choice.to(batch.device), valid=valid,
-                                          mask_channel=masker.config.mask_as_input)
+            return neighbor2neighbor_loss(single_pass, batch, choice.to(batch.device),
+                                          valid=valid)
     if objective != "noise2self":
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     # hide one grid phase of each centre frame: net_input (B, C[+1], H, W), mask (B,1,H,W)

@@ -56,27 +56,19 @@ def neighbor2neighbor_loss(
     choice: torch.Tensor,
     *,
     valid: torch.Tensor | None = None,
-    mask_channel: bool = False,
     gamma: float = GAMMA,
 ) -> torch.Tensor:
-    """Neighbor2Neighbor's loss of ``model`` on noisy ``batch`` (even sides), with the
-    pixel pairs ``choice`` (see `sub_images`).
+    """Neighbor2Neighbor's loss of ``model`` (unmasked input to denoised centre frame) on
+    noisy ``batch`` (even sides), with the pixel pairs ``choice`` (see `sub_images`).
 
-    ``valid`` (``(B, 1, H, W)`` 0/1) drops pixel pairs of which either pixel is unusable;
-    ``mask_channel`` appends the all-zero mask channel that a model trained with the mask
-    as an input (a Noise2Self checkpoint) expects when nothing is hidden. Returns a scalar
-    (0 if no pair counts).
+    ``valid`` (``(B, 1, H, W)`` 0/1) drops pixel pairs of which either pixel is unusable.
+    Returns a scalar (0 if no pair counts).
     """
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if mask_channel:
-            x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-        return model(x).float()
-
     with torch.no_grad():
-        whole_first, whole_second = sub_images(run(batch), choice)
+        whole_first, whole_second = sub_images(model(batch).float(), choice)
     first, _ = sub_images(batch, choice)
     _, target = sub_images(batch[:, :1], choice)
-    output = run(first)
+    output = model(first).float()
     weight = torch.ones_like(target)
     if valid is not None:
         weight = torch.mul(*sub_images(valid, choice))
