@@ -126,6 +126,8 @@ class TrainConfig:
     out_dir: Path = option(Path("runs/noise2self"), help="ckpt_last.pt and ckpt_best.pt go here")
     ckpt: Path | None = option(None, help="start from these weights",
                                example="runs/noise2self/ckpt_last.pt")
+    pretrained: bool = option(False, help="without --ckpt, start from the shipped pretrained "
+                              "model (as the daemon does) where the network options fit it")
     progress: bool = option(True, help="show progress bars")
 
     def __post_init__(self) -> None:

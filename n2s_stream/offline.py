@@ -23,6 +23,7 @@ from n2s_stream.n2s.context import context_indices, context_offsets, context_sta
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
 from n2s_stream.onnx_engine import OnnxRuntimeModel, check_engine
+from n2s_stream.pretrained import starting_model
 from n2s_stream.stack import FrameStack, open_stack
 from n2s_stream.training import (
     amp_enabled,
@@ -210,14 +211,29 @@ TRAIN_LOSS_NAMES = {"noise2self": "masked", "neighbor2neighbor": "sub-image"}
 
 
 def _maybe_resume(config: TrainConfig, model: nn.Module) -> int:
-    """Load ``config.ckpt`` into ``model`` if given; returns its version (0 otherwise)."""
+    """Load ``config.ckpt`` into ``model`` if given, else the shipped pretrained model if
+    asked for and fitting; returns the version loaded (0 otherwise)."""
     if config.ckpt is None:
+        if config.pretrained:
+            _load_shipped(config, model)
         return 0
     checkpoint = load_checkpoint(config.ckpt)
     checkpoint.check_compatible(config.network.model_config())
     model.load_state_dict(checkpoint.state_dict)
     log.info("starting from %s (version %d)", config.ckpt, checkpoint.version)
     return checkpoint.version
+
+
+def _load_shipped(config: TrainConfig, model: nn.Module) -> None:
+    """Start ``model`` from the shipped model for the objective, as the daemon does."""
+    shipped = starting_model(config.network.model_config(), config.network.masker_config(),
+                             config.objective)
+    if shipped is None:
+        log.info("no shipped pretrained model fits these network options: training starts "
+                 "from random weights")
+        return
+    model.load_state_dict(shipped.state_dict)
+    log.info("starting from the shipped pretrained model %s", shipped.path)
 
 
 def _load_training_data(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.offline import denoise, resolve_output, train
 from n2s_stream.onnx_engine import check_engine
 from n2s_stream.options import make
+from n2s_stream.pretrained import DEFAULT
 from n2s_stream.quality import psnr
 
 TINY = dict(device="cpu", width=12, depth=2, patch=32, batch=8, progress=False)
@@ -109,6 +111,34 @@ def test_neighbor2neighbor_training_raises_psnr(noisy_series, tmp_path):
         denoised = handle["/entry/data/data"][()]
     gain = psnr(clean, denoised, dose) - psnr(clean, noisy, dose)
     assert gain > 5.0, f"PSNR gain only {gain:.2f} dB"
+
+
+@pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
+def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplog):
+    """``--pretrained`` starts where the daemon starts: after a few steps it denoises far
+    better than the same steps from random weights; it needs the default network."""
+    caplog.set_level(logging.INFO)
+    path, clean, dose = noisy_series
+    with h5py.File(path) as handle:
+        noisy = handle["/data"][()].astype(np.float32)
+    common = dict(h5=path, epochs=1, steps_per_epoch=5, device="cpu", progress=False)
+    gains = {}
+    for pretrained in (True, False):
+        result = train(make(TrainConfig, pretrained=pretrained, out_dir=tmp_path / str(pretrained),
+                            **common))
+        out = denoise(DenoiseConfig(h5=path, ckpt=result.last, out=tmp_path / f"{pretrained}.h5",
+                                    device="cpu", progress=False))
+        with h5py.File(out.out) as handle:
+            gains[pretrained] = psnr(clean, handle["/entry/data/data"][()], dose) - psnr(
+                clean, noisy, dose)
+    assert f"starting from the shipped pretrained model {DEFAULT}" in caplog.text
+    assert gains[True] > 5.0 and gains[True] > gains[False] + 3.0, gains
+    unchanged = train(make(TrainConfig, pretrained=True, lr=0.0, out_dir=tmp_path / "lr0",
+                           **common))
+    weights, shipped = load_checkpoint(unchanged.last), load_checkpoint(DEFAULT)
+    assert all(torch.equal(weights.state_dict[k], v) for k, v in shipped.state_dict.items())
+    train(make(TrainConfig, pretrained=True, out_dir=tmp_path / "w12", **{**common, **TINY}))
+    assert "no shipped pretrained model fits these network options" in caplog.text
 
 
 def test_early_stopping_and_max_seconds(noisy_series, tmp_path):
