@@ -1,16 +1,19 @@
 """A scan seen once: what the daemon writes live, what it refines, and the references.
 
 A 256x256 window drifts ``--drifts`` pixels per frame across a strip of real photographs
-(scikit-image's bundled images that the shipped pretrained model never saw: astronaut,
-coffee, camera, coins, moon; 256 columns of each), ``--frames`` frames with Poisson noise
-at each peak dose, arriving at ``--rate`` frames/s in a growing SWMR areaDetector file.
-The daemon starts from scratch with its defaults (shipped pretrained model, cold start,
-refinement on). In the same run: calibrated TV (J-invariantly calibrated on the first
-frame over a fine grid) and offline N2S (``n2s-stream train`` with its defaults on the
-whole scan, for as long as the scan lasted, last weights, single pass). Mean PSNR (dB)
-over the scan, first 10 s in brackets: noisy, TV, offline, live as written, refined
+and fine textures (scikit-image's bundled images that the shipped pretrained model never
+saw: astronaut, gravel, coffee, grass, camera, coins, moon; 256 columns of each),
+``--frames`` frames with Poisson noise at each peak dose, arriving at ``--rate`` frames/s
+in a growing SWMR areaDetector file. The daemon starts from scratch with its defaults
+(shipped pretrained model, cold start, refinement on). In the same run: calibrated TV
+(J-invariantly calibrated on the first frame over a fine grid) and offline N2S
+(``n2s-stream train`` with its defaults on the whole scan, for as long as the scan
+lasted, last weights, single pass), and the same from the shipped model
+(``--pretrained``). Mean PSNR (dB) over the scan, first 10 s in brackets: noisy, TV,
+offline, offline from the shipped model, live as written, refined
 (``/entry/refined/data``), and the daemon's final weights re-applied without test-time
-augmentation (the TTA lever's A/B). Writes ``benchmarks/results/first_pass.json``.
+augmentation (the TTA lever's A/B); then the same over the frames of each strip image.
+Writes ``benchmarks/results/first_pass.json``.
 
     python benchmarks/first_pass.py                  # ~50 min on 2 cores
     python benchmarks/first_pass.py --frames 24 --size 64 --doses 20 --drifts 3 --rate 8  # smoke
@@ -48,9 +51,9 @@ from n2s_stream.pretrained.__main__ import IMAGES as PRETRAINING_IMAGES
 from n2s_stream.quality import psnr
 from n2s_stream.state import newest_checkpoint
 
-STRIP = ("astronaut", "coffee", "camera", "coins", "moon")
-"""Photographs the shipped pretrained model never saw (its training set has scikit-image's
-texture images, brick, grass and gravel, so they cannot be scored here)."""
+STRIP = ("astronaut", "gravel", "coffee", "grass", "camera", "coins", "moon")
+"""Photographs and fine textures the shipped pretrained model never saw, taking turns: a
+1 px/frame scan crosses from astronaut into gravel, a 3 px/frame one reaches grass."""
 assert not set(STRIP) & set(PRETRAINING_IMAGES), "scored images must be unseen in pretraining"
 
 
@@ -149,14 +152,16 @@ def calibrated_tv(noisy: np.ndarray, dose: float) -> np.ndarray:
     return np.stack([calibrated(frame) for frame in scaled]) * dose
 
 
-def offline(noisy: np.ndarray, seconds: float, tmp: Path) -> np.ndarray:
-    """``n2s-stream train`` with its defaults on the whole scan for ``seconds``; the last
-    weights denoise the scan (single pass)."""
+def offline(noisy: np.ndarray, seconds: float, tmp: Path, *, pretrained: bool = False
+            ) -> np.ndarray:
+    """``n2s-stream train`` with its defaults (``--pretrained``: from the shipped model) on
+    the whole scan for ``seconds``; the last weights denoise the scan (single pass)."""
     source = tmp / "scan.h5"
     with h5py.File(source, "w") as handle:
         handle["/data"] = noisy.astype(np.uint16)
     config = make(TrainConfig, h5=source, device="cpu", epochs=100_000, max_seconds=seconds,
-                  out_dir=tmp / "runs", progress=False)
+                  out_dir=tmp / f"runs{int(pretrained)}", pretrained=pretrained,
+                  progress=False)
     checkpoint = load_checkpoint(train(config).last)
     return final_weights(checkpoint, noisy)
 
@@ -194,6 +199,24 @@ def scores(truth: np.ndarray, stack: np.ndarray | None, first: int,
             "first_10s": psnr(truth[:first], stack[:first], data_range=dose)}
 
 
+SECTION_COLUMNS = ("tv", "offline", "offline_shipped", "live", "refined")
+"""What the per-image lines print."""
+
+
+def image_sections(n: int, size: int, drift: float) -> dict[str, np.ndarray]:
+    """The frame indices of each strip image that holds the window's centre column, in
+    scan order: scores per photograph or texture, not only over the whole scan."""
+    owner = ((drift * np.arange(n) + size / 2) // size).astype(int)
+    return {STRIP[i]: np.flatnonzero(owner == i) for i in np.unique(owner) if i < len(STRIP)}
+
+
+def section_scores(truth: np.ndarray, stacks: dict, sections: dict, dose: float) -> dict:
+    """Mean PSNR of each stack over each image's frames (None stacks left out)."""
+    return {image: {name: psnr(truth[frames], stack[frames], data_range=dose)
+                    for name, stack in stacks.items() if stack is not None}
+            for image, frames in sections.items()}
+
+
 def frame_margins(truth: np.ndarray, stack: np.ndarray, reference: np.ndarray,
                   first: int, dose: float) -> list[float]:
     """Per-frame PSNR of ``stack`` minus ``reference`` over the ``first`` frames: "never
@@ -224,7 +247,7 @@ def main() -> None:
     first = max(1, int(10 * args.rate))
     print(f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
           f"mean PSNR dB (first 10 s = {first} frames)")
-    columns = ("noisy", "tv", "offline", "live", "refined", "final_no_tta") + (
+    columns = ("noisy", "tv", "offline", "offline_shipped", "live", "refined", "final_no_tta") + (
         ("final_jinv", "final_unblind", "final_unblind15") if args.unblind else ())
     print(f"{'peak':>5} {'drift':>5} " + " ".join(f"{c:>15}" for c in columns)
           + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7} {'worst':>6}")
@@ -245,6 +268,8 @@ def main() -> None:
                 run = live_and_refined(noisy, args, Path(tmp))
                 stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
                           "offline": offline(noisy, run["scan_seconds"], Path(tmp)),
+                          "offline_shipped": offline(noisy, run["scan_seconds"], Path(tmp),
+                                                     pretrained=True),
                           "live": run["live"], "refined": run["refined"],
                           "final_no_tta": final_weights(run["checkpoint"], noisy)}
                 if args.unblind:
@@ -257,6 +282,8 @@ def main() -> None:
             row["live_tv_frames_10s"] = frame_margins(truth, stacks["live"], stacks["tv"],
                                                       first, dose)
             row["variants"] = lever
+            sections = image_sections(args.frames, args.size, drift)
+            row["by_image"] = section_scores(truth, stacks, sections, dose)
             rows.append(row)
             cells = " ".join(
                 f"{'-':>15}" if row[c] is None
@@ -266,6 +293,11 @@ def main() -> None:
                   f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
                   f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f} "
                   f"{min(row['live_tv_frames_10s'], default=np.nan):6.2f}", flush=True)
+            for image, frames in sections.items():
+                by = row["by_image"][image]
+                print(f"{'':11} {image:>15} (frames {frames[0]}-{frames[-1]}): "
+                      + ", ".join(f"{c} {by[c]:.2f}" for c in SECTION_COLUMNS if c in by),
+                      flush=True)
             for label, result in lever.items():
                 print(f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
                       f"({result['live']['first_10s']:.2f}), "

@@ -234,10 +234,14 @@ def test_first_pass_runs(tmp_path):
         "--rate", "8", "--variants", "avg0=--average-steps 0 --no-refine", "--unblind",
         out=tmp_path / "f.json", timeout=600)
     (row,) = report["rows"]
-    for name in ("tv", "offline", "live", "refined", "final_no_tta", "final_jinv",
-                 "final_unblind", "final_unblind15"):
+    for name in ("tv", "offline", "offline_shipped", "live", "refined", "final_no_tta",
+                 "final_jinv", "final_unblind", "final_unblind15"):
         assert row[name]["mean"] > row["noisy"]["mean"] + 3, (name, stdout)
     assert len(row["live_tv_frames_10s"]) == 24 and "worst" in stdout
+    # the 64-px window's centre crosses from the first strip image into the second at frame 11
+    assert list(row["by_image"]) == ["astronaut", "gravel"]
+    gravel = row["by_image"]["gravel"]
+    assert gravel["live"] > gravel["noisy"] + 3 and "gravel (frames 11-23)" in stdout
     assert row["variants"]["avg0"]["refined"] is None
     assert "avg0: live" in stdout
 

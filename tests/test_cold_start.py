@@ -20,9 +20,10 @@ from n2s_stream.coldstart import (
 from n2s_stream.config import NetworkOptions
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.pretrained import DEFAULT, starting_model
+from n2s_stream.pretrained import DEFAULT, SHIPPED, starting_model
 from n2s_stream.quality import psnr
 from n2s_stream.simulate import clean_frames, poisson_frames, truth_path
+from n2s_stream.training import OBJECTIVES
 
 
 def test_calibration_picks_a_denoiser_that_helps():
@@ -89,9 +90,11 @@ def test_a_starting_network_that_cannot_be_scored_leaves_the_classical_denoiser(
     assert cold.active and "could not be scored on the first frame" in caplog.text
 
 
-@pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
-def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path):
-    daemon = DaemonProcess(tmp_path, "--no-refine")
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path, objective):
+    if not SHIPPED[objective].exists():
+        pytest.skip("no shipped model")
+    daemon = DaemonProcess(tmp_path, "--no-refine", "--objective", objective)
     daemon.wait_ready()
     assert daemon.scrape()["n2s_cold_start_active"] == 1
     clean = skdata.camera()[::4, ::4].astype(np.float64) / 255.0  # unseen in pretraining
@@ -102,6 +105,7 @@ def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path):
     daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(4 frames\)", timeout=60)
     metrics = daemon.scrape()
     assert daemon.terminate() == 0
+    assert f"starts from the shipped pretrained model {SHIPPED[objective]}" in daemon.log()
     assert "cold start over" in daemon.log() and metrics["n2s_cold_start_active"] == 0
     assert 0 < metrics["n2s_selfsup_val_loss"] < metrics["n2s_classical_selfsup_loss"]
     _, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
