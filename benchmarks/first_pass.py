@@ -271,8 +271,12 @@ def main() -> None:
                           "offline_shipped": offline(noisy, run["scan_seconds"], Path(tmp),
                                                      pretrained=True),
                           "live": run["live"], "refined": run["refined"],
-                          "final_no_tta": final_weights(run["checkpoint"], noisy)}
-                if args.unblind:
+                          "final_no_tta": None}
+                if run["checkpoint"] is None:  # the daemon published no trained weights
+                    print("no checkpoint: the daemon trained too little to publish", flush=True)
+                else:
+                    stacks["final_no_tta"] = final_weights(run["checkpoint"], noisy)
+                if args.unblind and run["checkpoint"] is not None:
                     stacks |= final_unblinded(run["checkpoint"], noisy)
             row: dict = {"dose": dose, "drift": drift, "scan_seconds": run["scan_seconds"],
                          "refine_seconds": run["refine_seconds"],
@@ -286,7 +290,7 @@ def main() -> None:
             row["by_image"] = section_scores(truth, stacks, sections, dose)
             rows.append(row)
             cells = " ".join(
-                f"{'-':>15}" if row[c] is None
+                f"{'-':>15}" if row.get(c) is None
                 else f"{row[c]['mean']:7.2f} ({row[c]['first_10s']:5.2f})" for c in columns)
             refined = row["refined"]["mean"] - row["offline"]["mean"] if row["refined"] else np.nan
             print(f"{dose:5g} {drift:5g} {cells} "
