@@ -57,12 +57,12 @@ STRIP = ("astronaut", "gravel", "coffee", "grass", "camera", "coins", "moon")
 assert not set(STRIP) & set(PRETRAINING_IMAGES), "scored images must be unseen in pretraining"
 
 
-def photo_strip(height: int, width: int) -> np.ndarray:
-    """The bundled photographs side by side, each scaled to ``height`` rows and cut to its
-    central ``width`` columns (so that a window drifting 1 px/frame for 240 frames already
-    crosses into a second one), grey values in [0, 1]."""
+def photo_strip(height: int, width: int, strip: tuple[str, ...] = STRIP) -> np.ndarray:
+    """The bundled images named in ``strip`` side by side, each scaled to ``height`` rows
+    and cut to its central ``width`` columns (so that a window drifting 1 px/frame for 240
+    frames already crosses into a second one), grey values in [0, 1]."""
     parts = []
-    for name in STRIP:
+    for name in strip:
         image = getattr(skdata, name)()
         image = rgb2gray(image) if image.ndim == 3 else image / 255.0
         image = zoom(image.astype(np.float64), height / image.shape[0], order=1)
@@ -71,12 +71,14 @@ def photo_strip(height: int, width: int) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def drifting_scan(n: int, size: int, drift: float) -> np.ndarray:
+def drifting_scan(n: int, size: int, drift: float, strip: tuple[str, ...] = STRIP
+                  ) -> np.ndarray:
     """``(n, size, size)`` crops of the strip from a window moving ``drift`` pixels per frame
-    to the right (a little down too), from the start of the strip; values in [0, 1]."""
-    strip = photo_strip(2 * size, size)
+    to the right (a little down too), from the start of the strip, reflected at its end;
+    values in [0, 1]."""
+    image = photo_strip(2 * size, size, strip)
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
-    frames = [map_coordinates(strip, [rows + size / 2 + 0.2 * drift * k, cols + drift * k],
+    frames = [map_coordinates(image, [rows + size / 2 + 0.2 * drift * k, cols + drift * k],
                               order=1, mode="reflect") for k in range(n)]
     return np.clip(np.stack(frames), 0, 1).astype(np.float32)
 
@@ -203,11 +205,17 @@ SECTION_COLUMNS = ("tv", "offline", "offline_shipped", "live", "refined")
 """What the per-image lines print."""
 
 
-def image_sections(n: int, size: int, drift: float) -> dict[str, np.ndarray]:
-    """The frame indices of each strip image that holds the window's centre column, in
-    scan order: scores per photograph or texture, not only over the whole scan."""
-    owner = ((drift * np.arange(n) + size / 2) // size).astype(int)
-    return {STRIP[i]: np.flatnonzero(owner == i) for i in np.unique(owner) if i < len(STRIP)}
+def image_sections(n: int, size: int, drift: float, strip: tuple[str, ...] = STRIP
+                   ) -> dict[str, np.ndarray]:
+    """The frame indices of each strip image that holds the window's centre column (the
+    scan reflects at the strip's end, as `drifting_scan` does), in order of first visit:
+    scores per photograph or texture, not only over the whole scan."""
+    width = len(strip) * size
+    centre = (drift * np.arange(n) + size / 2) % (2 * width)
+    centre = np.where(centre < width, centre, 2 * width - 1 - centre)
+    owner = (centre // size).astype(int)
+    order = dict.fromkeys(owner.tolist())
+    return {strip[i]: np.flatnonzero(owner == i) for i in order}
 
 
 def section_scores(truth: np.ndarray, stacks: dict, sections: dict, dose: float) -> dict:
@@ -235,6 +243,10 @@ def main() -> None:
     parser.add_argument("--drifts", type=float, nargs="+", default=[3.0, 1.0])
     parser.add_argument("--refine-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "first_pass.json")
+    parser.add_argument("--strip", nargs="+", default=list(STRIP), metavar="IMAGE",
+                        help="scikit-image images side by side that the window drifts over "
+                             "(reflected at the end), e.g. --strip gravel grass; never one "
+                             "the shipped models were trained on")
     parser.add_argument("--unblind", action="store_true",
                         help="also score the un-blind lever on the final weights (J-invariant "
                              "inference, then the posterior mean with the pixel)")
@@ -242,6 +254,10 @@ def main() -> None:
                         help="also run the daemon with these options (A/B in the same run), "
                              "e.g. 'recent32=--recent-frames 32'")
     args = parser.parse_args()
+    strip = tuple(args.strip)
+    unseen = set(strip) - set(PRETRAINING_IMAGES)
+    if unseen != set(strip):
+        parser.error(f"--strip: {sorted(set(strip) - unseen)} are in the pretraining set")
     variants = {label: tuple(options.split()) for label, _, options
                 in (v.partition("=") for v in args.variants)}
     first = max(1, int(10 * args.rate))
@@ -253,7 +269,7 @@ def main() -> None:
           + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7} {'worst':>6}")
     rows = []
     for drift in args.drifts:
-        clean = drifting_scan(args.frames, args.size, drift)
+        clean = drifting_scan(args.frames, args.size, drift, strip)
         for dose in args.doses:
             noisy = noisy_counts(clean, dose)
             truth = clean * dose
@@ -286,7 +302,7 @@ def main() -> None:
             row["live_tv_frames_10s"] = frame_margins(truth, stacks["live"], stacks["tv"],
                                                       first, dose)
             row["variants"] = lever
-            sections = image_sections(args.frames, args.size, drift)
+            sections = image_sections(args.frames, args.size, drift, strip)
             row["by_image"] = section_scores(truth, stacks, sections, dose)
             rows.append(row)
             cells = " ".join(
@@ -299,7 +315,7 @@ def main() -> None:
                   f"{min(row['live_tv_frames_10s'], default=np.nan):6.2f}", flush=True)
             for image, frames in sections.items():
                 by = row["by_image"][image]
-                print(f"{'':11} {image:>15} (frames {frames[0]}-{frames[-1]}): "
+                print(f"{'':11} {image:>15} ({len(frames)} frames from {frames[0]}): "
                       + ", ".join(f"{c} {by[c]:.2f}" for c in SECTION_COLUMNS if c in by),
                       flush=True)
             for label, result in lever.items():

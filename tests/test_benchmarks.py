@@ -241,7 +241,7 @@ def test_first_pass_runs(tmp_path):
     # the 64-px window's centre crosses from the first strip image into the second at frame 11
     assert list(row["by_image"]) == ["astronaut", "gravel"]
     gravel = row["by_image"]["gravel"]
-    assert gravel["live"] > gravel["noisy"] + 3 and "gravel (frames 11-23)" in stdout
+    assert gravel["live"] > gravel["noisy"] + 3 and "gravel (13 frames from 11)" in stdout
     assert row["variants"]["avg0"]["refined"] is None
     assert "avg0: live" in stdout
 
