@@ -39,7 +39,7 @@ from skimage import data as skdata
 from skimage.color import rgb2gray
 from skimage.restoration import calibrate_denoiser, denoise_tv_chambolle
 
-from n2s_stream.checkpoint import load_checkpoint
+from n2s_stream.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.config import TrainConfig
 from n2s_stream.denoising import denoise_counts
 from n2s_stream.metrics import scrape
@@ -47,7 +47,7 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.unblind import noise_model, unblind
 from n2s_stream.offline import train
 from n2s_stream.options import make
-from n2s_stream.pretrained.__main__ import IMAGES as PRETRAINING_IMAGES
+from n2s_stream.pretrained import IMAGES as PRETRAINING_IMAGES
 from n2s_stream.quality import psnr
 from n2s_stream.state import newest_checkpoint
 
@@ -57,13 +57,36 @@ STRIP = ("astronaut", "gravel", "coffee", "grass", "camera", "coins", "moon")
 assert not set(STRIP) & set(PRETRAINING_IMAGES), "scored images must be unseen in pretraining"
 
 
+def bundled(name: str) -> np.ndarray:
+    """scikit-image's bundled image ``name`` as it ships."""
+    return getattr(skdata, name)()
+
+
+def strip_problem(strip: tuple[str, ...]) -> str | None:
+    """Why ``strip`` cannot be scored, or None: an image that is not bundled, one named
+    twice, or one the shipped models were trained on (compared by pixels, so that an alias
+    such as ``cat`` for ``chelsea`` is refused too)."""
+    unknown = [name for name in strip if not callable(getattr(skdata, name, None))]
+    if unknown:
+        return f"{unknown} are not scikit-image's bundled images"
+    repeated = sorted({name for name in strip if strip.count(name) > 1})
+    if repeated:
+        return f"{repeated} named more than once"
+    seen = [bundled(name) for name in PRETRAINING_IMAGES]
+    trained = [name for name in strip
+               if any(np.array_equal(bundled(name), image) for image in seen)]
+    if trained:
+        return f"{trained} are in the shipped models' training set"
+    return None
+
+
 def photo_strip(height: int, width: int, strip: tuple[str, ...] = STRIP) -> np.ndarray:
     """The bundled images named in ``strip`` side by side, each scaled to ``height`` rows
     and cut to its central ``width`` columns (so that a window drifting 1 px/frame for 240
     frames already crosses into a second one), grey values in [0, 1]."""
     parts = []
     for name in strip:
-        image = getattr(skdata, name)()
+        image = bundled(name)
         image = rgb2gray(image) if image.ndim == 3 else image / 255.0
         image = zoom(image.astype(np.float64), height / image.shape[0], order=1)
         left = max((image.shape[1] - width) // 2, 0)
@@ -168,7 +191,7 @@ def offline(noisy: np.ndarray, seconds: float, tmp: Path, *, pretrained: bool = 
     return final_weights(checkpoint, noisy)
 
 
-def final_weights(checkpoint, noisy: np.ndarray) -> np.ndarray:
+def final_weights(checkpoint: Checkpoint, noisy: np.ndarray) -> np.ndarray:
     """The checkpoint's weights over the whole scan, single pass, no augmentation."""
     model = checkpoint.build_model("cpu")
     masker = Masker(checkpoint.masker_config)
@@ -177,7 +200,7 @@ def final_weights(checkpoint, noisy: np.ndarray) -> np.ndarray:
                        device=torch.device("cpu")) for k in range(0, len(noisy), 16)])
 
 
-def final_unblinded(checkpoint, noisy: np.ndarray) -> dict[str, np.ndarray]:
+def final_unblinded(checkpoint: Checkpoint, noisy: np.ndarray) -> dict[str, np.ndarray]:
     """The un-blind lever on the final weights: J-invariant inference over the scan, and
     its posterior mean with the pixel (``n2s/unblind.py``; noise model fitted on the scan;
     prior spread per frame, and from the 15x15 neighbours)."""
@@ -213,12 +236,13 @@ def image_sections(n: int, size: int, drift: float, strip: tuple[str, ...] = STR
     width = len(strip) * size
     centre = (drift * np.arange(n) + size / 2) % (2 * width)
     centre = np.where(centre < width, centre, 2 * width - 1 - centre)
-    owner = (centre // size).astype(int)
+    owner = np.clip(centre // size, 0, len(strip) - 1).astype(int)  # fractional centres
     order = dict.fromkeys(owner.tolist())
     return {strip[i]: np.flatnonzero(owner == i) for i in order}
 
 
-def section_scores(truth: np.ndarray, stacks: dict, sections: dict, dose: float) -> dict:
+def section_scores(truth: np.ndarray, stacks: dict[str, np.ndarray | None],
+                   sections: dict[str, np.ndarray], dose: float) -> dict[str, dict[str, float]]:
     """Mean PSNR of each stack over each image's frames (None stacks left out)."""
     return {image: {name: psnr(truth[frames], stack[frames], data_range=dose)
                     for name, stack in stacks.items() if stack is not None}
@@ -233,8 +257,8 @@ def frame_margins(truth: np.ndarray, stack: np.ndarray, reference: np.ndarray,
             - psnr(truth[k], reference[k], data_range=dose) for k in range(min(first, len(stack)))]
 
 
-def main() -> None:
-    """Every dose and drift: print the table, write the JSON."""
+def parse_args() -> argparse.Namespace:
+    """The benchmark's options (a strip with a pretraining image is refused)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=240)
     parser.add_argument("--size", type=int, default=256)
@@ -254,12 +278,79 @@ def main() -> None:
                         help="also run the daemon with these options (A/B in the same run), "
                              "e.g. 'recent32=--recent-frames 32'")
     args = parser.parse_args()
-    strip = tuple(args.strip)
-    unseen = set(strip) - set(PRETRAINING_IMAGES)
-    if unseen != set(strip):
-        parser.error(f"--strip: {sorted(set(strip) - unseen)} are in the pretraining set")
-    variants = {label: tuple(options.split()) for label, _, options
-                in (v.partition("=") for v in args.variants)}
+    args.strip = tuple(args.strip)
+    problem = strip_problem(args.strip)
+    if problem:
+        parser.error(f"--strip: {problem}")
+    args.variants = {label: tuple(options.split()) for label, _, options
+                     in (v.partition("=") for v in args.variants)}
+    return args
+
+
+def score_row(args: argparse.Namespace, clean: np.ndarray, dose: float, drift: float,
+              first: int) -> dict:
+    """One dose and drift: the daemon (and each variant) on the noisy scan, the references,
+    and the scores of each over the scan, its first frames and each strip image."""
+    noisy = noisy_counts(clean, dose)
+    truth = clean * dose
+    lever = {}
+    for label, extra in args.variants.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            other = live_and_refined(noisy, args, Path(tmp), extra)
+        lever[label] = {name: scores(truth, other[name], first, dose)
+                        for name in ("live", "refined")}
+        lever[label]["classical_frames"] = int(np.sum(other["denoiser"] == 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = live_and_refined(noisy, args, Path(tmp))
+        stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
+                  "offline": offline(noisy, run["scan_seconds"], Path(tmp)),
+                  "offline_shipped": offline(noisy, run["scan_seconds"], Path(tmp),
+                                             pretrained=True),
+                  "live": run["live"], "refined": run["refined"], "final_no_tta": None}
+        if run["checkpoint"] is None:  # the daemon published no trained weights
+            print("no checkpoint: the daemon trained too little to publish", flush=True)
+        else:
+            stacks["final_no_tta"] = final_weights(run["checkpoint"], noisy)
+            if args.unblind:
+                stacks |= final_unblinded(run["checkpoint"], noisy)
+    row: dict = {"dose": dose, "drift": drift, "scan_seconds": run["scan_seconds"],
+                 "refine_seconds": run["refine_seconds"],
+                 "classical_frames": int(np.sum(run["denoiser"] == 1))}
+    row |= {name: scores(truth, stack, first, dose) for name, stack in stacks.items()}
+    row["live_tv_frames_10s"] = frame_margins(truth, stacks["live"], stacks["tv"], first, dose)
+    row["variants"] = lever
+    sections = image_sections(args.frames, args.size, drift, args.strip)
+    row["sections"] = {image: [int(frames[0]), len(frames)] for image, frames in sections.items()}
+    row["by_image"] = section_scores(truth, stacks, sections, dose)
+    return row
+
+
+def print_row(row: dict, columns: tuple[str, ...]) -> None:
+    """One table line, then a line per strip image and per variant."""
+    cells = " ".join(f"{'-':>15}" if row.get(c) is None
+                     else f"{row[c]['mean']:7.2f} ({row[c]['first_10s']:5.2f})" for c in columns)
+    refined = row["refined"]["mean"] - row["offline"]["mean"] if row["refined"] else np.nan
+    print(f"{row['dose']:5g} {row['drift']:5g} {cells} "
+          f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
+          f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f} "
+          f"{min(row['live_tv_frames_10s'], default=np.nan):6.2f}", flush=True)
+    for image, (start, length) in row["sections"].items():
+        by = row["by_image"][image]
+        print(f"{'':11} {image:>15} ({length} frames from {start}): "
+              + ", ".join(f"{c} {by[c]:.2f}" for c in SECTION_COLUMNS if c in by), flush=True)
+    for label, result in row["variants"].items():
+        print(f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
+              f"({result['live']['first_10s']:.2f}), "
+              f"{result['live']['mean'] - row['offline']['mean']:+.2f} vs offline, "
+              f"{result['live']['mean'] - row['live']['mean']:+.2f} vs default"
+              + ("" if result["refined"] is None
+                 else f"; refined {result['refined']['mean']:.2f}")
+              + f"; {result['classical_frames']} classical frames", flush=True)
+
+
+def main() -> None:
+    """Every dose and drift: print the table, write the JSON."""
+    args = parse_args()
     first = max(1, int(10 * args.rate))
     print(f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
           f"mean PSNR dB (first 10 s = {first} frames)")
@@ -269,65 +360,11 @@ def main() -> None:
           + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7} {'worst':>6}")
     rows = []
     for drift in args.drifts:
-        clean = drifting_scan(args.frames, args.size, drift, strip)
+        clean = drifting_scan(args.frames, args.size, drift, args.strip)
         for dose in args.doses:
-            noisy = noisy_counts(clean, dose)
-            truth = clean * dose
-            lever = {}
-            for label, extra in variants.items():
-                with tempfile.TemporaryDirectory() as tmp:
-                    other = live_and_refined(noisy, args, Path(tmp), extra)
-                lever[label] = {name: scores(truth, other[name], first, dose)
-                                for name in ("live", "refined")}
-                lever[label]["classical_frames"] = int(np.sum(other["denoiser"] == 1))
-            with tempfile.TemporaryDirectory() as tmp:
-                run = live_and_refined(noisy, args, Path(tmp))
-                stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
-                          "offline": offline(noisy, run["scan_seconds"], Path(tmp)),
-                          "offline_shipped": offline(noisy, run["scan_seconds"], Path(tmp),
-                                                     pretrained=True),
-                          "live": run["live"], "refined": run["refined"],
-                          "final_no_tta": None}
-                if run["checkpoint"] is None:  # the daemon published no trained weights
-                    print("no checkpoint: the daemon trained too little to publish", flush=True)
-                else:
-                    stacks["final_no_tta"] = final_weights(run["checkpoint"], noisy)
-                if args.unblind and run["checkpoint"] is not None:
-                    stacks |= final_unblinded(run["checkpoint"], noisy)
-            row: dict = {"dose": dose, "drift": drift, "scan_seconds": run["scan_seconds"],
-                         "refine_seconds": run["refine_seconds"],
-                         "classical_frames": int(np.sum(run["denoiser"] == 1))}
-            for name, stack in stacks.items():
-                row[name] = scores(truth, stack, first, dose)
-            row["live_tv_frames_10s"] = frame_margins(truth, stacks["live"], stacks["tv"],
-                                                      first, dose)
-            row["variants"] = lever
-            sections = image_sections(args.frames, args.size, drift, strip)
-            row["by_image"] = section_scores(truth, stacks, sections, dose)
-            rows.append(row)
-            cells = " ".join(
-                f"{'-':>15}" if row.get(c) is None
-                else f"{row[c]['mean']:7.2f} ({row[c]['first_10s']:5.2f})" for c in columns)
-            refined = row["refined"]["mean"] - row["offline"]["mean"] if row["refined"] else np.nan
-            print(f"{dose:5g} {drift:5g} {cells} "
-                  f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
-                  f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f} "
-                  f"{min(row['live_tv_frames_10s'], default=np.nan):6.2f}", flush=True)
-            for image, frames in sections.items():
-                by = row["by_image"][image]
-                print(f"{'':11} {image:>15} ({len(frames)} frames from {frames[0]}): "
-                      + ", ".join(f"{c} {by[c]:.2f}" for c in SECTION_COLUMNS if c in by),
-                      flush=True)
-            for label, result in lever.items():
-                print(f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
-                      f"({result['live']['first_10s']:.2f}), "
-                      f"{result['live']['mean'] - row['offline']['mean']:+.2f} vs offline, "
-                      f"{result['live']['mean'] - row['live']['mean']:+.2f} vs default"
-                      + ("" if result["refined"] is None
-                         else f"; refined {result['refined']['mean']:.2f}")
-                      + f"; {result['classical_frames']} classical frames", flush=True)
+            rows.append(score_row(args, clean, dose, drift, first))
+            print_row(rows[-1], columns)
     write_report(args.out, "first_pass", args, rows)
-
 
 if __name__ == "__main__":
     main()

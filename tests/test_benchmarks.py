@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -244,6 +245,33 @@ def test_first_pass_runs(tmp_path):
     assert gravel["live"] > gravel["noisy"] + 3 and "gravel (13 frames from 11)" in stdout
     assert row["variants"]["avg0"]["refined"] is None
     assert "avg0: live" in stdout
+
+
+def test_first_pass_scores_each_strip_image_on_the_frames_that_show_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from first_pass import image_sections
+
+    # a 64-px window's centre at 32 + 3k: astronaut, then gravel from frame 11, then (the
+    # scan reflected at the strip's end, column 128) back into astronaut from frame 54
+    sections = image_sections(60, 64, 3.0, ("astronaut", "gravel"))
+    assert list(sections) == ["astronaut", "gravel"]
+    assert sections["astronaut"].tolist() == [*range(11), *range(54, 60)]
+    assert sections["gravel"].tolist() == list(range(11, 54))
+    fractional = image_sections(200, 63, 2.7, ("astronaut", "gravel"))
+    assert sorted(np.concatenate(list(fractional.values())).tolist()) == list(range(200))
+
+
+@pytest.mark.parametrize(("strip", "reason"), [
+    (["gravel", "brick"], "['brick'] are in the shipped models' training set"),
+    (["cat"], "['cat'] are in the shipped models' training set"),  # chelsea's alias
+    (["gravel", "gravel"], "['gravel'] named more than once"),
+    (["no_such_image"], "['no_such_image'] are not scikit-image's bundled images")])
+def test_first_pass_refuses_a_strip_it_cannot_score_fairly(tmp_path, strip, reason):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "first_pass.py"), "--strip", *strip,
+                           "--out", str(tmp_path / "f.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"--strip: {reason}" in proc.stderr
+    assert not (tmp_path / "f.json").exists()
 
 
 def test_cold_start_classical_runs(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from n2s_stream.checkpoint import load_checkpoint
 from n2s_stream.config import NetworkOptions
 from n2s_stream.options import make
-from n2s_stream.pretrained import DEFAULT, SHIPPED, starting_model
+from n2s_stream.pretrained import DEFAULT, IMAGES, SHIPPED, starting_model
 from n2s_stream.training import OBJECTIVES
 
 pytestmark = pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
@@ -24,6 +24,7 @@ def test_shipped_model_loads_safely_and_fits_only_the_default_network():
     shipped = load_checkpoint(DEFAULT)  # torch.load(weights_only=True) inside
     settings = shipped.extra["pretrained"]
     assert settings["script"] == "python -m n2s_stream.pretrained" and settings["steps"] > 0
+    assert settings["images"] == list(IMAGES)  # the benchmarks' held-out images stay held out
     network = make(NetworkOptions)
     model, masker = network.model_config(), network.masker_config()
     assert starting_model(model, masker) is not None
@@ -42,6 +43,7 @@ def test_each_objective_starts_from_its_own_shipped_model():
     nonblind = starting_model(model, masker, "neighbor2neighbor")
     assert blind is not None and nonblind is not None
     assert nonblind.extra["pretrained"]["objective"] == "neighbor2neighbor"
+    assert nonblind.extra["pretrained"]["images"] == list(IMAGES)
     assert not torch.equal(blind.state_dict["head.weight"], nonblind.state_dict["head.weight"])
     assert starting_model(replace(model, width=8), masker, "neighbor2neighbor") is None
     assert starting_model(model, replace(masker, grid_size=2), "neighbor2neighbor") is not None
@@ -67,9 +69,10 @@ def test_training_script_is_deterministic(tmp_path, objective):
 def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
     path = SHIPPED[objective]
     settings = load_checkpoint(path).extra["pretrained"]
-    again = _train(tmp_path, "again.pt", "--steps", str(settings["steps"]),
-                   "--seed", str(settings["seed"]), "--batch", str(settings["batch"]),
-                   "--objective", objective, timeout=2400)
+    recorded = ("steps", "seed", "batch", "patch", "lr", "min_dose", "max_dose", "objective")
+    options = [item for key in recorded
+               for item in (f"--{key.replace('_', '-')}", str(settings[key]))]
+    again = _train(tmp_path, "again.pt", *options, timeout=2400)
     shipped = load_checkpoint(path).state_dict
     for key, value in shipped.items():
         torch.testing.assert_close(again[key], value, rtol=1e-4, atol=1e-5)

@@ -2,11 +2,11 @@
 its first frames instead of starting from random weights.
 
 ``unet_w16_d2_k1.pt`` is the default network (UNet, width 16, depth 2, one frame) trained
-by ``python -m n2s_stream.pretrained`` (``train.py``: its settings are recorded in the file)
-on photographs that scikit-image ships, at several Poisson doses, with the same masking as
-online training and the clean image as the target at the hidden pixels. It carries no
-normaliser: the daemon fits one on the live data's first frame, and the cold-start
-comparison against a calibrated classical denoiser still decides when it writes.
+by ``python -m n2s_stream.pretrained`` (``__main__.py``; its settings are recorded in the
+file) on the images of `IMAGES` that scikit-image ships, at several Poisson doses, with the
+same masking as online training and the clean image as the target at the hidden pixels.
+It carries no normaliser: the daemon fits one on the live data's first frame, and the
+cold-start comparison against a calibrated classical denoiser still decides when it writes.
 ``unet_w16_d2_k1_nonblind.pt`` is the same network trained without a blind spot (``--objective
 neighbor2neighbor``), the start of online Neighbor2Neighbor training.
 """
@@ -27,6 +27,12 @@ SHIPPED: dict[str, Path] = {
     "neighbor2neighbor": Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt"),
 }
 """The shipped starting model for each training objective (``training.OBJECTIVES``)."""
+
+IMAGES = ("text", "brick", "page", "chelsea", "rocket", "immunohistochemistry",
+          "hubble_deep_field", "clock", "cell", "retina", "microaneurysms")
+"""scikit-image's bundled images the shipped models are trained on (no download); the
+benchmarks score on camera, astronaut, coins, moon, coffee and the fine textures gravel and
+grass, which are left out."""
 
 
 def starting_model(model: ModelConfig, masker: MaskerConfig,

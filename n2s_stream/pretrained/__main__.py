@@ -11,7 +11,7 @@ whole noisy patch and learns the clean one at every pixel: the denoiser without 
 spot that online Neighbor2Neighbor training refines. Same seed and steps, same weights
 (single thread).
 
-    python -m n2s_stream.pretrained                      # about 10 minutes on 1 core
+    python -m n2s_stream.pretrained                      # 10 - 16 minutes on 1 core
     python -m n2s_stream.pretrained --objective neighbor2neighbor
     python -m n2s_stream.pretrained --steps 3 --out /tmp/t.pt   # smoke
 """
@@ -33,17 +33,10 @@ from n2s_stream.models import ModelConfig, build_model
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker, MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.pretrained import SHIPPED
+from n2s_stream.pretrained import IMAGES, SHIPPED
 from n2s_stream.training import OBJECTIVES
 
 log = logging.getLogger("n2s_stream.pretrained")
-
-IMAGES = ("text", "brick", "page", "chelsea", "rocket", "immunohistochemistry",
-          "hubble_deep_field", "clock", "cell", "retina", "microaneurysms")
-"""scikit-image's bundled images used for training (no download); the benchmarks score on
-camera, astronaut, coins, moon, coffee and the fine textures gravel and grass, which are
-left out."""
-
 
 def training_images() -> list[np.ndarray]:
     """The images of `IMAGES` in grey, values in [0, 1], float32."""
