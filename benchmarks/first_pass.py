@@ -177,16 +177,17 @@ def calibrated_tv(noisy: np.ndarray, dose: float) -> np.ndarray:
     return np.stack([calibrated(frame) for frame in scaled]) * dose
 
 
-def offline(noisy: np.ndarray, seconds: float, tmp: Path, *, pretrained: bool = False
-            ) -> np.ndarray:
-    """``n2s-stream train`` with its defaults (``--pretrained``: from the shipped model) on
-    the whole scan for ``seconds``; the last weights denoise the scan (single pass)."""
+def offline(noisy: np.ndarray, seconds: float, tmp: Path, *, pretrained: bool = False,
+            **options: object) -> np.ndarray:
+    """``n2s-stream train`` with its defaults (``--pretrained``: from the shipped model; other
+    ``options`` of `TrainConfig` by name) on the whole scan for ``seconds``; the last weights
+    denoise the scan (single pass)."""
     source = tmp / "scan.h5"
     with h5py.File(source, "w") as handle:
         handle["/data"] = noisy.astype(np.uint16)
     config = make(TrainConfig, h5=source, device="cpu", epochs=100_000, max_seconds=seconds,
                   out_dir=tmp / f"runs{int(pretrained)}", pretrained=pretrained,
-                  progress=False)
+                  progress=False, **options)
     checkpoint = load_checkpoint(train(config).last)
     return final_weights(checkpoint, noisy)
 

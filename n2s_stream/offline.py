@@ -131,8 +131,9 @@ class _OfflineRun:
         self.model = use_fast_layout(build_model(self.model_config).to(self.device),
                                      self.device)
         self.masker = Masker(config.network.masker_config())
-        self.optimizer = make_optimizer(self.model, config.lr)
-        self.start_version = _maybe_resume(config, self.model)
+        self.start_version, shipped = _maybe_resume(config, self.model)
+        self.peak_lr = config.pretrained_lr if shipped else config.lr
+        self.optimizer = make_optimizer(self.model, self.peak_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         n, _, height, width = self.data.train.shape
         patch_pixels = (height * width if config.patch <= 0
@@ -156,7 +157,7 @@ class _OfflineRun:
         budget), then the held-out loss; None if no step fitted in the budget."""
         config = self.config
         loss_sum = torch.zeros((), device=self.device)
-        steps, lr = 0, config.lr
+        steps, lr = 0, self.peak_lr
         for _ in tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
                       unit="step", leave=False, disable=not config.progress):
             progress = self.step / self.total_steps
@@ -164,7 +165,7 @@ class _OfflineRun:
                 if self.out_of_time():
                     break
                 progress = max(progress, (time.monotonic() - self.started) / config.max_seconds)
-            lr = cosine_lr(config.lr, progress)
+            lr = cosine_lr(self.peak_lr, progress)
             loss_sum += self._step(lr)
             steps += 1
         if steps == 0:
@@ -210,30 +211,32 @@ TRAIN_LOSS_NAMES = {"noise2self": "masked", "neighbor2neighbor": "sub-image"}
 """How the epoch log line names each objective's training loss."""
 
 
-def _maybe_resume(config: TrainConfig, model: nn.Module) -> int:
+def _maybe_resume(config: TrainConfig, model: nn.Module) -> tuple[int, bool]:
     """Load ``config.ckpt`` into ``model`` if given, else the shipped pretrained model if
-    asked for and fitting; returns the version loaded (0 otherwise)."""
+    asked for and fitting; returns the version loaded (0 otherwise) and whether the shipped
+    model was (it fine-tunes at ``pretrained_lr``)."""
     if config.ckpt is None:
-        if config.pretrained:
-            _load_shipped(config, model)
-        return 0
+        return 0, config.pretrained and _load_shipped(config, model)
     checkpoint = load_checkpoint(config.ckpt)
     checkpoint.check_compatible(config.network.model_config())
     model.load_state_dict(checkpoint.state_dict)
     log.info("starting from %s (version %d)", config.ckpt, checkpoint.version)
-    return checkpoint.version
+    return checkpoint.version, False
 
 
-def _load_shipped(config: TrainConfig, model: nn.Module) -> None:
-    """Start ``model`` from the shipped model for the objective, as the daemon does."""
+def _load_shipped(config: TrainConfig, model: nn.Module) -> bool:
+    """Start ``model`` from the shipped model for the objective, as the daemon does; False
+    where none fits the network options."""
     shipped = starting_model(config.network.model_config(), config.network.masker_config(),
                              config.objective)
     if shipped is None:
         log.info("no shipped pretrained model fits these network options: training starts "
                  "from random weights")
-        return
+        return False
     model.load_state_dict(shipped.state_dict)
-    log.info("starting from the shipped pretrained model %s", shipped.path)
+    log.info("starting from the shipped pretrained model %s (peak learning rate %.1e)",
+             shipped.path, config.pretrained_lr)
+    return True
 
 
 def _load_training_data(

@@ -133,8 +133,9 @@ def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplo
                 clean, noisy, dose)
     assert f"starting from the shipped pretrained model {DEFAULT}" in caplog.text
     assert gains[True] > 5.0 and gains[True] > gains[False] + 3.0, gains
-    unchanged = train(make(TrainConfig, pretrained=True, lr=0.0, out_dir=tmp_path / "lr0",
-                           **common))
+    # from the shipped model the peak learning rate is pretrained_lr, not lr
+    unchanged = train(make(TrainConfig, pretrained=True, pretrained_lr=0.0, lr=3e-3,
+                           out_dir=tmp_path / "lr0", **common))
     weights, shipped = load_checkpoint(unchanged.last), load_checkpoint(DEFAULT)
     assert all(torch.equal(weights.state_dict[k], v) for k, v in shipped.state_dict.items())
     train(make(TrainConfig, pretrained=True, out_dir=tmp_path / "w12", **{**common, **TINY}))
