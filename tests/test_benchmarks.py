@@ -274,6 +274,17 @@ def test_first_pass_refuses_a_strip_it_cannot_score_fairly(tmp_path, strip, reas
     assert not (tmp_path / "f.json").exists()
 
 
+@pytest.mark.slow  # 20 s; tests/test_offline.py checks pretrained_lr itself
+def test_pretrained_lr_runs(tmp_path):
+    stdout, report = run_benchmark(
+        "pretrained_lr.py", "--frames", "16", "--size", "64", "--doses", "20", "--seconds", "2",
+        "--lrs", "1e-3", "0", out=tmp_path / "p.json")
+    (row,) = report["rows"]
+    assert row["shipped lr 0"] > row["noisy"] + 3  # the shipped model unchanged denoises
+    assert row["shipped lr 0.001"] > row["noisy"] + 3 and row["scratch lr 0.003"] > row["noisy"]
+    assert "shipped lr 0.001" in stdout
+
+
 def test_cold_start_classical_runs(tmp_path):
     stdout, report = run_benchmark("cold_start_classical.py", "--frames", "3", "--size", "64",
                                    "--doses", "20", out=tmp_path / "c.json")
