@@ -24,8 +24,10 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
 from n2s_stream.onnx_engine import OnnxRuntimeModel, check_engine
 from n2s_stream.pretrained import starting_model
+from n2s_stream.snapshot import copy_state
 from n2s_stream.stack import FrameStack, open_stack
 from n2s_stream.training import (
+    LossWatch,
     amp_enabled,
     cosine_lr,
     make_optimizer,
@@ -62,6 +64,7 @@ class TrainResult:
     best: Path | None
     epochs: list[EpochReport] = field(default_factory=list)
     stopped_early: bool = False
+    rollbacks: int = 0  # diverging steps undone
 
 
 @dataclass
@@ -114,6 +117,7 @@ def train(
         if run.out_of_time():
             log.info("time budget of %.0fs reached", config.max_seconds)
             break
+    result.rollbacks = run.rollbacks
     return result
 
 
@@ -134,6 +138,10 @@ class _OfflineRun:
         self.start_version, shipped = _maybe_resume(config, self.model)
         self.peak_lr = config.pretrained_lr if shipped else config.lr
         self.optimizer = make_optimizer(self.model, self.peak_lr)
+        self.loss_watch = LossWatch()
+        self.good = copy_state(self.model)  # where a diverging step rolls back to
+        self.good_epoch = 0
+        self.rollbacks = 0
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         n, _, height, width = self.data.train.shape
         patch_pixels = (height * width if config.patch <= 0
@@ -154,10 +162,10 @@ class _OfflineRun:
 
     def epoch(self, epoch: int) -> EpochReport | None:
         """One epoch of self-supervised steps (cosine learning rate over the run or the time
-        budget), then the held-out loss; None if no step fitted in the budget."""
+        budget), then the held-out loss; None if no step fitted in the budget. A diverging
+        step is undone (`LossWatch`) and left out of the epoch's training loss."""
         config = self.config
-        loss_sum = torch.zeros((), device=self.device)
-        steps, lr = 0, self.peak_lr
+        loss_sum, steps, attempted, lr = 0.0, 0, 0, self.peak_lr
         for _ in tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
                       unit="step", leave=False, disable=not config.progress):
             progress = self.step / self.total_steps
@@ -166,11 +174,18 @@ class _OfflineRun:
                     break
                 progress = max(progress, (time.monotonic() - self.started) / config.max_seconds)
             lr = cosine_lr(self.peak_lr, progress)
-            loss_sum += self._step(lr)
+            loss = self._step(lr)
+            attempted += 1
+            if self.loss_watch.diverging(loss):
+                self._roll_back(self.loss_watch.describe(loss))
+                continue
+            loss_sum += loss
             steps += 1
-        if steps == 0:
+        if attempted == 0:
             return None
-        train_loss = float(loss_sum) / steps  # host sync, once per epoch
+        train_loss = loss_sum / steps if steps else math.nan  # nan: every step undone
+        if steps:
+            self.good, self.good_epoch = copy_state(self.model), epoch
         val_loss = None
         if self.data.val is not None:
             val_loss = masked_validation_loss(self.model, self.masker, self.data.val,
@@ -182,8 +197,9 @@ class _OfflineRun:
                  "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed)
         return report
 
-    def _step(self, lr: float) -> torch.Tensor:
-        """One self-supervised training step on random patches; the loss stays on the device."""
+    def _step(self, lr: float) -> float:
+        """One self-supervised training step on random patches; its loss (a host sync per
+        step: the price of catching a diverging step before the next builds on it)."""
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -195,7 +211,16 @@ class _OfflineRun:
                           objective=config.objective, valid=valid_t, scaler=self.scaler,
                           amp=self.amp)
         self.step += 1
-        return loss
+        return float(loss)
+
+    def _roll_back(self, reason: str) -> None:
+        """Undo a diverging step: the weights of the last finished epoch (or the start)
+        and a fresh Adam, as the daemon's trainer does."""
+        log.warning("training step %d: %s; rolling back to the weights after epoch %d",
+                    self.step, reason, self.good_epoch)
+        self.model.load_state_dict(self.good)
+        self.optimizer = make_optimizer(self.model, self.peak_lr)
+        self.rollbacks += 1
 
     def save(self, path: Path, epoch: int, report: EpochReport) -> None:
         """A checkpoint of the model now (its version counts steps)."""

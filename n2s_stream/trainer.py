@@ -29,6 +29,7 @@ from n2s_stream.models import use_fast_layout
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.snapshot import ModelStore, StateDict, copy_state
 from n2s_stream.training import (
+    LossWatch,
     center_crop,
     make_optimizer,
     masked_validation_loss,
@@ -40,7 +41,6 @@ from n2s_stream.worker import BackgroundWorker
 log = logging.getLogger(__name__)
 
 MIN_FRAMES = 2  # frames in the buffer before training starts
-DIVERGENCE_FACTOR = 20.0  # a step whose loss is this far above its recent level is undone
 VAL_CROP = 256
 """Held-out frames are scored on their central crop of this side (0: whole frames): whole
 2048x2048 frames cost seconds per publication, time taken from inference."""
@@ -87,7 +87,7 @@ class OnlineTrainer(BackgroundWorker):
         self._rng = np.random.default_rng(options.seed)
         self._good = copy_state(self.model)  # the trained and averaged weights of the last
         self._good_average = None if self._average is None else copy_state(self._average)
-        self._loss_ema: float | None = None  # published version: where a rollback returns
+        self._loss_watch = LossWatch()  # published version: where a rollback returns
         self._scored_start = False
         self._published = False  # nothing to checkpoint before this trainer's first version
 
@@ -159,12 +159,10 @@ class OnlineTrainer(BackgroundWorker):
                                 objective=self.options.objective, valid=valid_t))  # host sync
         self.step += 1
         self.metrics.train_steps.inc()
-        ema = self._loss_ema
-        diverging = ema is not None and loss > DIVERGENCE_FACTOR * ema
-        if not math.isfinite(loss) or diverging:
-            self._roll_back(f"loss {loss:g} (recent {ema:.4g})" if ema else f"loss {loss:g}")
+        reason = self._loss_watch.describe(loss)
+        if self._loss_watch.diverging(loss):
+            self._roll_back(reason)
             return None
-        self._loss_ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if self._average is not None:
             self._average.update_parameters(self.model)
         return loss

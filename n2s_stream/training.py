@@ -54,6 +54,32 @@ def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[obje
     return nullcontext()
 
 
+DIVERGENCE_FACTOR = 20.0
+"""A step whose loss is this far above its recent level is undone."""
+
+
+class LossWatch:
+    """Tells a diverging training step from an ordinary one: its loss is not finite, or
+    more than `DIVERGENCE_FACTOR` times the recent (exponentially averaged) loss. A step's
+    loss is measured before its update, so such a loss means the weights it started from
+    are already damaged: the trainer rolls back to weights it saved and restarts Adam."""
+
+    def __init__(self) -> None:
+        self.recent: float | None = None
+
+    def diverging(self, loss: float) -> bool:
+        """True for a loss that calls for a rollback; any other joins the recent level."""
+        if not math.isfinite(loss) or (self.recent is not None
+                                       and loss > DIVERGENCE_FACTOR * self.recent):
+            return True
+        self.recent = loss if self.recent is None else 0.98 * self.recent + 0.02 * loss
+        return False
+
+    def describe(self, loss: float) -> str:
+        """The loss and the recent level, for the rollback's log line."""
+        return f"loss {loss:g}" + ("" if self.recent is None else f" (recent {self.recent:.4g})")
+
+
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
     """Adam over the model's parameters with its fused kernel (one pass over every
     parameter instead of a few small ops per tensor: 1.03x the training steps/s on CPU,

@@ -142,6 +142,21 @@ def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplo
     assert "no shipped pretrained model fits these network options" in caplog.text
 
 
+def test_a_diverging_step_is_rolled_back(noisy_series, tmp_path, caplog):
+    """A learning rate far too high blows the loss up; each such step is undone (the
+    weights of the last finished epoch and a fresh Adam) instead of being trained on, so
+    the checkpoint and the epochs' losses stay finite."""
+    caplog.set_level(logging.WARNING)
+    path, _, _ = noisy_series
+    result = train(make(TrainConfig, h5=path, epochs=3, steps_per_epoch=20, lr=50.0,
+                        out_dir=tmp_path / "r", **TINY))
+    assert result.rollbacks > 0 and len(result.epochs) == 3
+    assert caplog.text.count("rolling back to the weights after epoch") == result.rollbacks
+    weights = load_checkpoint(result.last).state_dict
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(np.isnan(e.train_loss) or e.train_loss < 10 for e in result.epochs)
+
+
 def test_early_stopping_and_max_seconds(noisy_series, tmp_path):
     path, _, _ = noisy_series
     stopped = train(make(TrainConfig, h5=path, epochs=50, steps_per_epoch=5, val_frac=0.2,
