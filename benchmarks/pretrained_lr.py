@@ -6,7 +6,7 @@ model never saw, Poisson noise), ``n2s-stream train`` on the whole scan for ``--
 ``--lr``, and ``--pretrained`` at each of ``--lrs`` (`TrainConfig.pretrained_lr`). Mean PSNR
 in dB; calibrated TV as the yardstick. Writes ``benchmarks/results/pretrained_lr.json``.
 
-    python benchmarks/pretrained_lr.py              # ~12 min on 2 cores
+    python benchmarks/pretrained_lr.py              # ~20 min on 2 cores
     python benchmarks/pretrained_lr.py --frames 16 --size 64 --doses 20 --seconds 2  # smoke
 """
 

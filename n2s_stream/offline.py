@@ -24,10 +24,11 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
 from n2s_stream.onnx_engine import OnnxRuntimeModel, check_engine
 from n2s_stream.pretrained import starting_model
-from n2s_stream.snapshot import copy_state
+from n2s_stream.snapshot import StateDict, copy_state
 from n2s_stream.stack import FrameStack, open_stack
 from n2s_stream.training import (
     LossWatch,
+    all_finite,
     amp_enabled,
     cosine_lr,
     make_optimizer,
@@ -141,6 +142,7 @@ class _OfflineRun:
         self.loss_watch = LossWatch()
         self.good = copy_state(self.model)  # where a diverging step rolls back to
         self.good_epoch = 0
+        self.candidate: tuple[StateDict, int] | None = None  # an epoch's end, unconfirmed
         self.rollbacks = 0
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         n, _, height, width = self.data.train.shape
@@ -174,18 +176,18 @@ class _OfflineRun:
                     break
                 progress = max(progress, (time.monotonic() - self.started) / config.max_seconds)
             lr = cosine_lr(self.peak_lr, progress)
-            loss = self._step(lr)
+            loss = self._checked_step(lr)
             attempted += 1
-            if self.loss_watch.diverging(loss):
-                self._roll_back(self.loss_watch.describe(loss))
-                continue
-            loss_sum += loss
-            steps += 1
+            if loss is not None:
+                loss_sum += loss
+                steps += 1
         if attempted == 0:
             return None
         train_loss = loss_sum / steps if steps else math.nan  # nan: every step undone
-        if steps:
-            self.good, self.good_epoch = copy_state(self.model), epoch
+        if not all_finite(self.model):
+            self._roll_back("weights not finite at the end of the epoch")
+        elif steps:
+            self.candidate = (copy_state(self.model), epoch)
         val_loss = None
         if self.data.val is not None:
             val_loss = masked_validation_loss(self.model, self.masker, self.data.val,
@@ -196,6 +198,22 @@ class _OfflineRun:
                  epoch, config.epochs, TRAIN_LOSS_NAMES[config.objective], train_loss,
                  "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed)
         return report
+
+    def _checked_step(self, lr: float) -> float | None:
+        """A training step, and what its loss says of the weights it started from: None
+        after a rollback (they were damaged) or an update the AMP scaler skipped; else its
+        loss, and the weights saved at the last epoch's end become the rollback point (a
+        step's loss is measured before its update, so the end of an epoch is confirmed
+        only by the next step)."""
+        loss = self._step(lr)
+        if self.amp and not math.isfinite(loss):
+            return None  # the GradScaler skipped this update: nothing to undo
+        if self.loss_watch.diverging(loss):
+            self._roll_back(self.loss_watch.describe(loss))
+            return None
+        if self.candidate is not None:
+            (self.good, self.good_epoch), self.candidate = self.candidate, None
+        return loss
 
     def _step(self, lr: float) -> float:
         """One self-supervised training step on random patches; its loss (a host sync per
@@ -219,6 +237,7 @@ class _OfflineRun:
         log.warning("training step %d: %s; rolling back to the weights after epoch %d",
                     self.step, reason, self.good_epoch)
         self.model.load_state_dict(self.good)
+        self.candidate = None  # unconfirmed, and the weights after it were damaged
         self.optimizer = make_optimizer(self.model, self.peak_lr)
         self.rollbacks += 1
 

@@ -30,6 +30,7 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.snapshot import ModelStore, StateDict, copy_state
 from n2s_stream.training import (
     LossWatch,
+    all_finite,
     center_crop,
     make_optimizer,
     masked_validation_loss,
@@ -159,9 +160,8 @@ class OnlineTrainer(BackgroundWorker):
                                 objective=self.options.objective, valid=valid_t))  # host sync
         self.step += 1
         self.metrics.train_steps.inc()
-        reason = self._loss_watch.describe(loss)
         if self._loss_watch.diverging(loss):
-            self._roll_back(reason)
+            self._roll_back(self._loss_watch.describe(loss))
             return None
         if self._average is not None:
             self._average.update_parameters(self.model)
@@ -214,11 +214,6 @@ class OnlineTrainer(BackgroundWorker):
         log.debug("published model version %d (step %d, loss %.4g)", version, self.step,
                   train_loss)
 
-
-def all_finite(model: nn.Module) -> bool:
-    """True when no weight of ``model`` is NaN or infinite (one host sync)."""
-    weights = [p.detach() for p in model.parameters()]
-    return bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()) if weights else True
 
 
 class CheckpointFollower(BackgroundWorker):

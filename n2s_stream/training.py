@@ -80,6 +80,12 @@ class LossWatch:
         return f"loss {loss:g}" + ("" if self.recent is None else f" (recent {self.recent:.4g})")
 
 
+def all_finite(model: nn.Module) -> bool:
+    """True when no weight of ``model`` is NaN or infinite (one host sync)."""
+    weights = [p.detach() for p in model.parameters()]
+    return bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()) if weights else True
+
+
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
     """Adam over the model's parameters with its fused kernel (one pass over every
     parameter instead of a few small ops per tensor: 1.03x the training steps/s on CPU,

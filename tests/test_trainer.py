@@ -18,6 +18,7 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.snapshot import ModelStore, copy_state
 from n2s_stream.trainer import OnlineTrainer
 from n2s_stream.training import (
+    LossWatch,
     center_crop,
     make_optimizer,
     masked_validation_loss,
@@ -220,3 +221,13 @@ def test_nothing_is_checkpointed_before_the_first_publication():
     trainer.start()
     trainer.stop()
     assert store.version == 0 and saved == []
+
+
+def test_loss_watch_flags_non_finite_and_exploding_losses_without_learning_them():
+    watch = LossWatch()
+    assert not watch.diverging(1.0) and watch.recent == 1.0
+    assert not watch.diverging(2.0) and watch.recent == pytest.approx(1.02)
+    assert watch.diverging(float("nan")) and watch.diverging(float("inf"))
+    assert watch.diverging(20.5) and not watch.diverging(20.3)  # 20x the recent level
+    assert watch.describe(30.0) == f"loss 30 (recent {watch.recent:.4g})"
+    assert LossWatch().describe(5.0) == "loss 5"

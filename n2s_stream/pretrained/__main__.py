@@ -38,6 +38,7 @@ from n2s_stream.training import OBJECTIVES
 
 log = logging.getLogger("n2s_stream.pretrained")
 
+
 def training_images() -> list[np.ndarray]:
     """The images of `IMAGES` in grey, values in [0, 1], float32."""
     images = []
