@@ -79,8 +79,8 @@ def strip_problem(strip: tuple[str, ...]) -> str | None:
     if repeated:
         return f"{repeated} named more than once"
     seen = [bundled(name) for name in PRETRAINING_IMAGES]
-    trained = [name for name in strip
-               if any(np.array_equal(bundled(name), image) for image in seen)]
+    trained = [name for name, image in zip(strip, map(bundled, strip), strict=True)
+               if any(np.array_equal(image, other) for other in seen)]
     if trained:
         return f"{trained} are in the shipped models' training set"
     return None

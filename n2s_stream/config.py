@@ -129,7 +129,7 @@ class TrainConfig:
     pretrained: bool = option(False, help="without --ckpt, start from the shipped pretrained "
                               "model (as the daemon does) where the network options fit it")
     pretrained_lr: float = option(1e-3, min=0, help="peak learning rate instead of --lr when "
-                                  "starting from the shipped model (3e-3 undid it at peak 5)")
+                                  "starting from the shipped model (the daemon's rate)")
     progress: bool = option(True, help="show progress bars")
 
     def __post_init__(self) -> None:

@@ -215,7 +215,6 @@ class OnlineTrainer(BackgroundWorker):
                   train_loss)
 
 
-
 class CheckpointFollower(BackgroundWorker):
     """For inference-only workers of a fan-out: adopts the newest checkpoint that the
     one training worker writes to its state dir (shared storage), as new model versions."""
