@@ -20,6 +20,7 @@ from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
 from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
 from n2s_stream.options import as_toml, option, section
+from n2s_stream.output_format import LOSSY, Compression, OutputDtype, OutputFormat
 from n2s_stream.training import Objective
 
 __all__ = ["DaemonConfig", "DemoConfig", "DenoiseConfig", "MergeConfig", "SimulateConfig",
@@ -137,6 +138,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StorageOptions:
+    """How denoised frames are stored (output_format.py): dtype and HDF5 codec."""
+
+    output_dtype: OutputDtype = option("float32", help="stored type of denoised frames: "
+                                                     "float32, or float16 (half the bytes)")
+    output_compression: Compression = option(
+        "none", help="HDF5 codec of denoised frames: none, bslz4, zstd (lossless), or sz3, "
+                     "zfp (lossy, error-bounded; float32 only)")
+    lossy_fraction: float = option(0.05, min=1e-6, max=1.0,
+                                   help="sz3/zfp: largest error, as a fraction of the "
+                                        "Poisson noise at the series' mean count")
+
+    def check(self, require_reconstructable: bool) -> None:
+        """Refuse combinations that cannot be stored (UsageError)."""
+        if require_reconstructable and self.output_compression in LOSSY:
+            raise UsageError("require_reconstructable keeps exact counts: choose a lossless "
+                             f"output_compression, not {self.output_compression}")
+        self.output_format()
+
+    def output_format(self) -> OutputFormat:
+        """The stored form of denoised frames these options ask for."""
+        try:
+            return OutputFormat(self.output_dtype, self.output_compression,
+                                self.lossy_fraction)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
 class DenoiseConfig:
     """``n2s-stream denoise``: the seed's ``denoise_h5_stack.py`` flags and more."""
 
@@ -156,12 +186,16 @@ class DenoiseConfig:
                                     "sees the pixel)")
     require_reconstructable: bool = option(
         False, help="write in the input's dtype and counts; needs an exact normalisation")
+    storage: StorageOptions = section(StorageOptions)
     context_frames: int | None = option(
         None, min=1, help="check that the checkpoint sees this many frames (it records K; "
                           "default: the checkpoint's)")
     progress: bool = option(True, help="show a progress bar")
     engine: Engine = option("torch", help="torch, or onnxruntime: CPU forward passes by "
                                           "ONNX Runtime (pip install 'n2s-stream[onnx]')")
+
+    def __post_init__(self) -> None:
+        self.storage.check(self.require_reconstructable)
 
 
 @dataclass(frozen=True)
@@ -399,6 +433,14 @@ class OutputOptions:
                                                   "much free output space")
     sinks: tuple[str, ...] = option((), help="more sinks, as module:factory (called with the "
                                              "SinkContext)")
+    storage: StorageOptions = section(StorageOptions)
+    flush_seconds: float = option(1.0, min=0, help="SWMR readers see each frame within "
+                                                   "this bound (0: flush every frame)")
+    encode_threads: int = option(2, min=1, help="threads that encode output chunks while "
+                                                "the next frames are denoised")
+
+    def __post_init__(self) -> None:
+        self.storage.check(self.require_reconstructable)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class InferenceLoop(BackgroundWorker):
                 self._working.set()
                 try:
                     self._process_guarded(items)
+                    self.sinks.tick()
                 finally:
                     self._working.clear()
             if not self._abandon.is_set():
@@ -219,7 +220,7 @@ class InferenceLoop(BackgroundWorker):
             valid = check_usable(frame.data, frame.pixel_mask)
             snapshot = self.calibration.ready(snapshot, frame.data, valid)
             admitted = self.series.admit(
-                frame, before, open_series=self._open_series,
+                frame, before, open_series=lambda f: self._open_series(f, valid),
                 reject=lambda reason, why: self._reject(frame, reason, why))
         except Unusable as exc:
             self._reject(frame, exc.reason, str(exc))
@@ -234,13 +235,14 @@ class InferenceLoop(BackgroundWorker):
         return snapshot, self.series.push(frame.series, Pending(frame, valid),
                                           prepared.normalized)
 
-    def _open_series(self, frame: Frame) -> None:
+    def _open_series(self, frame: Frame, valid: np.ndarray) -> None:
         notes = dict(frame.notes)
         if self.cold_start is not None and self.cold_start.classical is not None:
             notes["cold_start"] = self.cold_start.classical.describe()
+        mean_count = float(np.mean(frame.data, where=valid, dtype=np.float64))
         self.sinks.open_series(SeriesStart(frame.series, frame.output, frame.data.shape,
                                            frame.data.dtype, notes,
-                                           numeric_names(frame.attributes)))
+                                           numeric_names(frame.attributes), mean_count))
 
     def _write(self, ready: list[Ready], snapshot: Snapshot) -> None:
         """Denoise ready frames (one forward pass per run of equal shapes) and hand each

@@ -386,8 +386,9 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
     """Denoise the stack ``config.h5`` with ``config.ckpt`` into a new output file.
 
     Reads, denoises and writes ``batch`` frames at a time, so memory does not grow with
-    the stack. Output is float32 in the input's units, or the input's dtype with
-    ``require_reconstructable`` (refused unless the normalisation inverts exactly).
+    the stack. Output is in the input's units, stored as ``config.storage`` says (float32
+    by default), or in the input's dtype with ``require_reconstructable`` (refused unless
+    the normalisation inverts exactly).
     """
     if config.h5 is None or config.ckpt is None:
         raise UsageError("denoise: --h5 and --ckpt are required")
@@ -414,11 +415,14 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
         raise UsageError(f"denoise: --out {out_path} would overwrite the input")
 
     with open_stack(config.h5, config.dataset) as stack:
-        out_dtype = stack.dtype if config.require_reconstructable else np.dtype(np.float32)
+        out_dtype = stack.dtype if config.require_reconstructable else None
         log.info("denoising %s (%d frames %dx%d, %s) with %s version %d -> %s",
                  config.h5, len(stack), *stack.frame_shape, stack.dtype, config.ckpt,
                  checkpoint.version, out_path)
+        mean_count = float(checkpoint.normalizer.shift) if checkpoint.normalizer.mode == \
+            "meanstd" else 1.0
         with FrameWriter(out_path, frame_shape=stack.frame_shape, dtype=out_dtype,
+                         output_format=config.storage.output_format(), mean_count=mean_count,
                          config_text=as_toml(config, "denoise"), source=str(config.h5)) as writer:
             bar = tqdm(total=len(stack), unit="frame", disable=not config.progress)
             for indices, denoised in denoise_series(

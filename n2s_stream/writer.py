@@ -17,9 +17,15 @@ Layout (DESIGN.md):
                                     series ended (refine.py), same order as /entry/data/data
   /entry/refined/model_version      version of the weights that refined each
 
-The file is in SWMR mode from its first frame on and flushed after every append, so a
-reader opened with ``swmr=True`` sees every frame written so far, and a crash leaves only
-whole frames. The object that opens a file is its only writer.
+Frames are stored in the `OutputFormat` asked for (dtype, codec): lossless chunks arrive
+encoded (``append_chunks``, stored whole with ``write_direct_chunk``), lossy ones go
+through HDF5's filter. Provenance rows are kept in memory and appended in blocks when the
+file is flushed: at most ``flush_seconds`` after a frame was appended (0: after every
+append), as areaDetector's NDFileHDF5 flushes every N frames. The file is in SWMR mode
+from its first frame on, so a reader opened with ``swmr=True`` sees every frame within
+that bound, and a crash leaves only whole frames: a frame counts once its provenance row
+is in, and rows are flushed only after their frames. The object that opens a file is its
+only writer.
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from n2s_stream import __version__
+from n2s_stream.output_format import OutputFormat, filter_options, format_of
 from n2s_stream.superblock import clear_write_flags
 
 log = logging.getLogger(__name__)
@@ -99,9 +107,11 @@ def output_name(source: Path) -> str:
 class FrameWriter:
     """Appends denoised frames and their provenance rows to an SWMR output file.
 
-    A new file is created, or with ``resume=True`` an existing one is continued: it is
-    first cut back to its whole frames (a frame counts once its last provenance row is
-    in), and a file left "open for write" by a killed process is rewritten first.
+    A new file is created, or with ``resume=True`` an existing one is continued in the
+    format it was begun with: it is first cut back to its whole frames (a frame counts
+    once its last provenance row is in), and a file left "open for write" by a killed
+    process is rewritten first. ``dtype`` overrides ``output_format``'s; ``mean_count``
+    (the series' mean count) sets a lossy codec's error bound.
     """
 
     def __init__(
@@ -109,7 +119,10 @@ class FrameWriter:
         path: str | Path,
         *,
         frame_shape: tuple[int, int],
-        dtype: np.dtype | str = np.float32,
+        dtype: np.dtype | str | None = None,
+        output_format: OutputFormat | None = None,
+        mean_count: float = 1.0,
+        flush_seconds: float = 0.0,
         config_text: str = "",
         source: str = "",
         notes: dict[str, str] | None = None,
@@ -117,32 +130,40 @@ class FrameWriter:
         resume: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.format = output_format or OutputFormat()
+        if dtype is not None:
+            self.format = replace(self.format, dtype=np.dtype(dtype).name)
+        self.flush_seconds = flush_seconds
         self._unkept: set[str] = set()
         self._columns: dict[str, str] = {}  # attribute name -> its column's name
+        self._rows: list[dict[str, np.ndarray]] = []  # provenance not yet in the file
+        self._attribute_rows: list[Mapping[str, float | str]] = []
+        self._unflushed_since: float | None = None  # when the oldest unflushed frame came
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             self._file = open_for_append(self.path)
             try:
-                self._attach_layout(tuple(frame_shape), np.dtype(dtype))
+                self._attach_layout(tuple(frame_shape), np.dtype(self.format.dtype))
                 self._file.swmr_mode = True
             except BaseException:
                 self._file.close()
                 raise
             self.last_source_frame = (int(self._provenance["source_frame"][self.n_written - 1])
                                       if self.n_written else -1)
-            log.info("resumed output %s: %d frames, last source frame %d", self.path,
-                     self.n_written, self.last_source_frame)
+            log.info("resumed output %s: %d frames (%s), last source frame %d", self.path,
+                     self.n_written, self.format.describe(), self.last_source_frame)
             return
         self._file = h5py.File(self.path, "w", libver="latest")
         try:
-            self._create_layout(tuple(frame_shape), np.dtype(dtype), config_text, source,
+            self._create_layout(tuple(frame_shape), mean_count, config_text, source,
                                 notes or {}, attribute_names)
             self._file.swmr_mode = True
         except BaseException:
             self._file.close()
             raise
         self.last_source_frame = -1
-        log.info("opened output %s (%dx%d %s)", self.path, *frame_shape, np.dtype(dtype))
+        log.info("opened output %s (%dx%d %s)", self.path, *frame_shape,
+                 self.format.describe(mean_count))
 
     def _attach_layout(self, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
         self._count = 0
@@ -152,6 +173,11 @@ class FrameWriter:
                 f"{self.path}: existing output holds {self._frames.shape[1:]} {self._frames.dtype}"
                 f" frames, not {frame_shape} {dtype}"
             )
+        stored = format_of(self._frames)
+        if stored.compression != self.format.compression:
+            log.warning("%s: begun with compression %s; continued so (not %s)", self.path,
+                        stored.compression, self.format.compression)
+        self.format = replace(self.format, compression=stored.compression)
         whole = whole_frames(self._file)
         group = self._file["/entry/provenance"]
         for name in OPTIONAL_FIELDS:
@@ -164,7 +190,7 @@ class FrameWriter:
                 ds.resize(whole, axis=0)  # attribute columns may be short: NaN-filled
 
     def _create_layout(
-        self, frame_shape: tuple[int, int], dtype: np.dtype, config_text: str, source: str,
+        self, frame_shape: tuple[int, int], mean_count: float, config_text: str, source: str,
         notes: dict[str, str], attribute_names: Sequence[str],
     ) -> None:
         self._count = 0
@@ -174,7 +200,7 @@ class FrameWriter:
         data.attrs.update({"NX_class": "NXdata", "signal": "data"})
         self._frames = data.create_dataset(
             "data", shape=(0, *frame_shape), maxshape=(None, *frame_shape),
-            chunks=(1, *frame_shape), dtype=dtype,
+            chunks=(1, *frame_shape), **self.format.dataset_options(mean_count),
         )
         provenance = entry.create_group("provenance")
         provenance.attrs["NX_class"] = "NXcollection"
@@ -211,11 +237,18 @@ class FrameWriter:
             self._count = int(self._frames.shape[0])
         return self._count
 
+    @property
+    def n_flushed(self) -> int:
+        """Frames that SWMR readers see: those whose provenance rows are in the file."""
+        if self._file.id.valid:
+            return int(self._provenance["source_frame"].shape[0])
+        return self._count
+
     def append(
         self,
         frames: np.ndarray,
         *,
-        source_frames: np.ndarray,
+        source_frames: np.ndarray | Sequence[int],
         model_version: int,
         t_received: np.ndarray | float,
         denoiser: int = 0,
@@ -223,19 +256,52 @@ class FrameWriter:
         source_ids: Sequence[int | None] | None = None,
         attributes: Sequence[Mapping[str, float | str]] = (),
     ) -> None:
-        """Append ``(n, H, W)`` frames with one provenance row each, then flush.
-        ``attributes``: one mapping per frame (or none), each name whose value is a number
-        a column of its own."""
+        """Append ``(n, H, W)`` frames (float32, detector units) with one provenance row
+        each: encoded here (lossless codecs) or by HDF5's filter (lossy). ``attributes``:
+        one mapping per frame (or none), each name whose value is a number a column of
+        its own. Flushed when due (``flush_seconds``)."""
+        if self.format.direct:
+            self.append_chunks([self.format.encode(frame) for frame in frames],
+                               source_frames=source_frames, model_version=model_version,
+                               t_received=t_received, denoiser=denoiser, t_source=t_source,
+                               source_ids=source_ids, attributes=attributes)
+            return
         n = frames.shape[0]
         start = self.n_written
         self._frames.resize(start + n, axis=0)
         self._frames[start:] = frames
-        self._append_attributes(start, n, attributes)
-        # HDF5 may write any dataset's new extent to disk before the next flush; flushing
-        # the frames first means a process killed mid-append never leaves provenance rows
-        # on disk for frames that are not (a SWMR reader trusts the provenance length).
-        self._file.flush()
-        rows = {
+        self._add_rows(n, source_frames, model_version, t_received, denoiser, t_source,
+                       source_ids, attributes)
+
+    def append_chunks(
+        self,
+        chunks: Sequence[bytes | np.ndarray],
+        *,
+        source_frames: np.ndarray | Sequence[int],
+        model_version: int,
+        t_received: np.ndarray | float,
+        denoiser: int = 0,
+        t_source: np.ndarray | float | None = None,
+        source_ids: Sequence[int | None] | None = None,
+        attributes: Sequence[Mapping[str, float | str]] = (),
+    ) -> None:
+        """As `append`, for frames already encoded by ``self.format.encode`` (one stored
+        chunk each, written whole)."""
+        n = len(chunks)
+        start = self.n_written
+        self._frames.resize(start + n, axis=0)
+        for k, chunk in enumerate(chunks):
+            self._frames.id.write_direct_chunk((start + k, 0, 0), chunk)
+        self._add_rows(n, source_frames, model_version, t_received, denoiser, t_source,
+                       source_ids, attributes)
+
+    def _add_rows(self, n: int, source_frames: np.ndarray | Sequence[int], model_version: int,
+                  t_received: np.ndarray | float, denoiser: int,
+                  t_source: np.ndarray | float | None, source_ids: Sequence[int | None] | None,
+                  attributes: Sequence[Mapping[str, float | str]]) -> None:
+        if not n:
+            return
+        self._rows.append({
             "source_frame": np.asarray(source_frames, dtype=np.int64),
             "model_version": np.full(n, model_version, dtype=np.int64),
             "t_received": np.broadcast_to(np.asarray(t_received, dtype=np.float64), (n,)),
@@ -245,14 +311,41 @@ class FrameWriter:
                 np.nan if t_source is None else t_source, dtype=np.float64), (n,)),
             "source_id": np.array([-1 if i is None else i for i in (source_ids or [None] * n)],
                                   dtype=np.int64),
-        }
+        })
+        self._attribute_rows += list(attributes) or [{}] * n
+        self.last_source_frame = max(self.last_source_frame,
+                                     int(self._rows[-1]["source_frame"][-1]))
+        if self._unflushed_since is None:
+            self._unflushed_since = time.monotonic()
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Flush if a frame has waited ``flush_seconds`` (call it now and then: the
+        daemon does on every round of its inference loop)."""
+        since = self._unflushed_since
+        if since is not None and time.monotonic() - since >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every frame appended so far visible to SWMR readers, with its provenance
+        rows: the frames reach the disk first, then the rows that count them whole."""
+        if not self._rows:
+            return
+        # HDF5 may write any dataset's new extent to disk before the next flush; flushing
+        # the frames first means a process killed mid-append never leaves provenance rows
+        # on disk for frames that are not (a SWMR reader trusts the provenance length).
+        self._file.flush()
+        start = int(self._provenance["source_frame"].shape[0])
+        rows = {name: np.concatenate([block[name] for block in self._rows])
+                for name in PROVENANCE_FIELDS}
+        n = len(rows["source_frame"])
+        self._append_attributes(start, n, self._attribute_rows)
         for name, values in rows.items():
             ds = self._provenance[name]
             ds.resize(start + n, axis=0)
             ds[start:] = values
         self._file.flush()
-        if n:
-            self.last_source_frame = int(rows["source_frame"][-1])
+        self._rows, self._attribute_rows, self._unflushed_since = [], [], None
 
     def _append_attributes(self, start: int, n: int,
                            attributes: Sequence[Mapping[str, float | str]]) -> None:
@@ -282,8 +375,11 @@ class FrameWriter:
     def close(self) -> None:
         """Flush and close; the file then holds exactly the frames appended."""
         if self._file.id.valid:
-            n = self.n_written
-            self._file.close()
+            try:
+                self.flush()
+            finally:
+                n = self.n_written
+                self._file.close()
             log.info("closed output %s (%d frames)", self.path, n)
 
     def __enter__(self) -> FrameWriter:
@@ -312,7 +408,8 @@ class RefinedWriter:
                                     "description": description})
                 group.create_dataset("data", shape=(0, *live.shape[1:]),
                                      maxshape=(None, *live.shape[1:]),
-                                     chunks=(1, *live.shape[1:]), dtype=live.dtype)
+                                     chunks=(1, *live.shape[1:]), dtype=live.dtype,
+                                     **filter_options(live))
                 _column(group, "model_version", np.int64)
             self._data = self._file["/entry/refined/data"]
             self._versions = self._file["/entry/refined/model_version"]
@@ -428,7 +525,8 @@ def open_for_append(path: Path, *, busy_raises: bool = False) -> h5py.File:
                 rows = refined if name.startswith("entry/refined/") else whole
                 copy = new.create_dataset(name, shape=(rows, *obj.shape[1:]),
                                           maxshape=obj.maxshape, chunks=obj.chunks,
-                                          dtype=obj.dtype, fillvalue=obj.fillvalue)
+                                          dtype=obj.dtype, fillvalue=obj.fillvalue,
+                                          **filter_options(obj))
                 for start in range(0, rows, 256):
                     copy[start : start + 256] = obj[start : min(start + 256, rows)]
                 copy.attrs.update(obj.attrs)

@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 class SeriesStart:
     """The first frame of ``series`` this run is about to be written: ``output`` is the
     file the source named for it, ``frame_shape`` and ``dtype`` are the raw frames',
-    ``notes`` what the output should record about how it is made (cold start), and
-    ``attribute_names`` the names of the numbers that came with the first frame."""
+    ``notes`` what the output should record about how it is made (cold start),
+    ``attribute_names`` the names of the numbers that came with the first frame, and
+    ``mean_count`` the first frame's mean over its measured pixels (a lossy codec's error
+    bound follows its noise)."""
 
     series: str
     output: Path
@@ -52,6 +54,7 @@ class SeriesStart:
     dtype: np.dtype
     notes: dict[str, str] = field(default_factory=dict)
     attribute_names: tuple[str, ...] = ()
+    mean_count: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,13 @@ class SinkChain:
         """Tell every sink a series ended."""
         for sink in self.sinks:
             self._call(sink, "end_series", end)
+
+    def tick(self) -> None:
+        """Once per round of the inference loop (at least every 0.25 s): sinks that have
+        a ``tick()`` method (the HDF5 output flushes by time) do their periodic work."""
+        for sink in self.sinks:
+            if hasattr(sink, "tick"):
+                self._call(sink, "tick")
 
     def close(self) -> None:
         """Close every sink; a failure of one does not keep the others open."""

@@ -6,12 +6,21 @@ intake (the daemon exits 1 and the directory source re-reads the frame at the ne
 an existing output it cannot resume refuses that series' frames (``output_unreadable``).
 While the output disk is (nearly) full it holds writing, and with it the queue and the
 source, until space returns; HDF5 never sees ENOSPC, which it could not survive.
+
+Frames are encoded (cast to the output dtype, compressed) by a pool of threads while the
+inference thread goes on with the next frames; encoded chunks are stored in order, from
+the inference thread, which alone touches the files. At most ``2 * encode_threads``
+frames wait to be stored, so memory stays bounded. Files are flushed at most
+``flush_seconds`` after a frame was stored (`tick`, every round of the inference loop).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +37,16 @@ from n2s_stream.writer import FrameWriter, OutputAccess, close_left_open, free_b
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Encoding:
+    """A frame whose chunk a pool thread is encoding, and what its provenance row says."""
+
+    writer: FrameWriter
+    chunk: Future
+    frame: Frame
+    meta: FrameMeta
+
+
 class Hdf5Sink:
     """Writes each series to its output file and keeps the ledger up to date."""
 
@@ -42,6 +61,9 @@ class Hdf5Sink:
         self._outputs = outputs or OutputAccess()  # shared with the refiner
         self._config_text = config_text
         self._writers: dict[str, FrameWriter] = {}
+        self._format = options.storage.output_format()
+        self._encoding: deque[_Encoding] = deque()
+        self._pool: ThreadPoolExecutor | None = None  # started with the first frame
 
     @classmethod
     def from_context(cls, context: SinkContext) -> Hdf5Sink:
@@ -63,13 +85,15 @@ class Hdf5Sink:
         """Open the series' output: resumed where an earlier run stopped, or new."""
         if start.series in self._writers:
             return
-        dtype = start.dtype if self.options.require_reconstructable else np.dtype("f4")
+        dtype = start.dtype if self.options.require_reconstructable else None
         path = self.state.output_for(start.series, start.output)
         existed = path.exists()
         try:
             with self._outputs.opening_live(path):
                 self._writers[start.series] = FrameWriter(
                     path, frame_shape=start.frame_shape, dtype=dtype,
+                    output_format=self._format, mean_count=start.mean_count,
+                    flush_seconds=self.options.flush_seconds,
                     config_text=self._config_text, source=start.series,
                     notes=start.notes or None, attribute_names=start.attribute_names,
                     resume=True)
@@ -80,9 +104,10 @@ class Hdf5Sink:
                               "away to write the series again") from exc
 
     def rows_written(self, series: str) -> int:
-        """Frames in the open output of ``series`` (an earlier run's included); 0 if none."""
+        """Frames of ``series`` that readers of its open output see (an earlier run's
+        included); 0 if none is open."""
         writer = self._writers.get(series)
-        return 0 if writer is None else writer.n_written
+        return 0 if writer is None else writer.n_flushed
 
     def frame_shape(self, series: str) -> tuple[int, int] | None:
         """Shape of the frames in the open output of ``series``."""
@@ -90,19 +115,44 @@ class Hdf5Sink:
         return None if writer is None else writer.frame_shape
 
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
-        """Append the frame and its provenance row, flushed: SWMR readers see it now."""
+        """Encode the frame (in the pool) and store it with its provenance row; readers
+        see it within ``flush_seconds``."""
         writer = self._writers[frame.series]
         self._wait_for_space(writer, denoised.nbytes)
+        writer.last_source_frame = frame.index  # taken: written before the series ends
         if self.options.require_reconstructable:
             denoised = to_source_dtype(denoised, frame.data.dtype)
-        writer.append(denoised[np.newaxis], source_frames=[frame.index],
-                      model_version=meta.version, t_received=frame.received_at,
-                      denoiser=meta.denoiser, t_source=frame.t_source,
-                      source_ids=[frame.source_id],
-                      attributes=[frame.attributes])
+        if not writer.format.direct:  # a lossy codec: HDF5 encodes, in order
+            self._store_encoded(wait=True)
+            writer.append(denoised[np.newaxis], **_row(frame, meta))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.options.encode_threads,
+                                            thread_name_prefix="encode")
+        self._encoding.append(_Encoding(writer, self._pool.submit(writer.format.encode,
+                                                                   denoised), frame, meta))
+        while len(self._encoding) > 2 * self.options.encode_threads:
+            self._store_next()
+        self._store_encoded(wait=False)
+
+    def tick(self) -> None:
+        """Store what the pool has encoded and flush the outputs that are due."""
+        self._store_encoded(wait=False)
+        for writer in self._writers.values():
+            writer.flush_if_due()
+
+    def _store_encoded(self, *, wait: bool) -> None:
+        """Store encoded frames, oldest first: those ready, or (``wait``) all of them."""
+        while self._encoding and (wait or self._encoding[0].chunk.done()):
+            self._store_next()
+
+    def _store_next(self) -> None:
+        job = self._encoding.popleft()
+        job.writer.append_chunks([job.chunk.result()], **_row(job.frame, job.meta))
 
     def end_series(self, end: SeriesEnd) -> None:
         """Close the series' output and note in the ledger whether it is complete."""
+        self._store_encoded(wait=True)
         writer = self._writers.pop(end.series, None)
         if writer is not None:
             writer.close()
@@ -119,7 +169,14 @@ class Hdf5Sink:
             self.state.record(end.series, output=end.output, written=0, finished=True)
 
     def close(self) -> None:
-        """Close every open output; their series stay unfinished in the ledger."""
+        """Store what is encoded, close every open output; their series stay unfinished
+        in the ledger."""
+        try:
+            self._store_encoded(wait=True)
+        finally:
+            self._encoding.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         for series in list(self._writers):
             writer = self._writers.pop(series)
             writer.close()
@@ -142,3 +199,11 @@ class Hdf5Sink:
         self.metrics.output_paused.set(0)
         log.info("space returned on the output disk (%.1f MiB free): writing again",
                  free / 2**20)
+
+
+def _row(frame: Frame, meta: FrameMeta) -> dict:
+    """The provenance row of one frame, as `FrameWriter.append` takes it."""
+    return {"source_frames": [frame.index], "model_version": meta.version,
+            "t_received": frame.received_at, "denoiser": meta.denoiser,
+            "t_source": frame.t_source, "source_ids": [frame.source_id],
+            "attributes": [frame.attributes]}

@@ -86,12 +86,14 @@ class TiledSink:
     required = False
 
     def __init__(self, options: TiledOptions, *, state: StateDir, metrics: Metrics,
-                 reconstructable: bool, rows_written: Callable[[str], int]) -> None:
+                 reconstructable: bool, rows_written: Callable[[str], int],
+                 output_dtype: str = "float32") -> None:
         if not options.uri:
             raise UsageError("the Tiled sink needs --tiled URI")
         _api_key(options)  # a key file that cannot be read is a usage error now, not later
         self.options, self.state, self.metrics = options, state, metrics
         self._reconstructable, self._rows_written = reconstructable, rows_written
+        self._output_dtype = np.dtype(output_dtype)
         self._registrations: dict[str, _Registration] = {}
         self._lock = threading.Lock()
         self._worker = _Registrar(self)
@@ -103,12 +105,13 @@ class TiledSink:
         """The daemon's Tiled sink; ``rows_written(series)``: frames in its output."""
         return cls(context.config.tiled, state=context.state, metrics=context.metrics,
                    reconstructable=context.config.output.require_reconstructable,
-                   rows_written=rows_written)
+                   rows_written=rows_written,
+                   output_dtype=context.config.output.storage.output_dtype)
 
     def open_series(self, start: SeriesStart) -> None:
         """Note what to register for the series (done by the registrar thread)."""
         output = self.state.output_for(start.series, start.output)
-        dtype = start.dtype if self._reconstructable else np.dtype("f4")
+        dtype = start.dtype if self._reconstructable else self._output_dtype
         registration = self._registration(
             start.notes, start.series, output, "denoised", start.frame_shape, dtype,
             extra={"series": start.series}, frames=self._rows_written(start.series),
@@ -117,7 +120,8 @@ class TiledSink:
             self._registrations[start.series] = registration
 
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
-        """Note the frames in the output (the HDF5 sink, called first, has flushed them)."""
+        """Note the frames that readers of the output see (the HDF5 sink, called first,
+        flushes them within ``flush_seconds``)."""
         rows = self._rows_written(frame.series)
         with self._lock:
             registration = self._registrations.get(frame.series)

@@ -1,0 +1,142 @@
+"""How denoised frames are stored: their dtype and the codec of their HDF5 chunks.
+
+Every codec is an HDF5 filter that hdf5plugin registers, so any h5py + hdf5plugin reader
+opens every output. The lossless codecs are encoded here, outside HDF5 (and outside its
+global lock, in the writer's thread pool), and stored as whole chunks with
+``write_direct_chunk``:
+
+- ``none``: the bytes as they are;
+- ``bslz4``: bitshuffle + LZ4 (filter 32008), what Eiger detectors write;
+- ``zstd``: Zstandard (filter 32015), a plain zstd frame per chunk.
+
+The lossy codecs (``sz3``, filter 32024; ``zfp``, filter 32013) are error-bounded: every
+pixel read back lies within an absolute bound of the value written. The bound is a
+fraction (``lossy_fraction``) of the Poisson standard deviation at the series' mean count,
+so the error added is far below the noise that denoising removed. They run inside HDF5's
+filter pipeline (they take float32 only).
+
+Pure functions and a frozen description: no files, no threads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import h5py
+import hdf5plugin
+import numpy as np
+import zstandard
+
+from n2s_stream.sources.codecs import bslz4_encode
+
+OutputDtype = Literal["float32", "float16"]
+Compression = Literal["none", "bslz4", "zstd", "sz3", "zfp"]
+COMPRESSIONS: tuple[str, ...] = ("none", "bslz4", "zstd", "sz3", "zfp")
+LOSSY = ("sz3", "zfp")
+ZSTD_LEVEL = 1
+"""Zstandard's fastest level: higher levels gain a few % on denoised frames at 2-4x the
+time (benchmarks/detector_scale.py)."""
+
+_zstd = threading.local()  # one compressor per thread: a ZstdCompressor is not thread-safe
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """The stored form of denoised frames: ``dtype`` (a numpy dtype name: float32 or
+    float16, or the source's integer type for reconstructable output) and
+    ``compression``; for the lossy codecs, ``lossy_fraction`` of the Poisson noise is the
+    largest error allowed."""
+
+    dtype: str = "float32"
+    compression: Compression = "none"
+    lossy_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"output compression must be one of {COMPRESSIONS}, "
+                             f"not {self.compression!r}")
+        if self.compression in LOSSY and np.dtype(self.dtype) != np.float32:
+            raise ValueError(f"output compression {self.compression} takes float32 frames, "
+                             f"not {self.dtype} (set output_dtype = \"float32\")")
+        if not 0 < self.lossy_fraction <= 1:
+            raise ValueError(f"lossy_fraction must be in (0, 1], not {self.lossy_fraction}")
+
+    @property
+    def lossy(self) -> bool:
+        """True for the error-bounded codecs, which run inside HDF5's filter pipeline."""
+        return self.compression in LOSSY
+
+    @property
+    def direct(self) -> bool:
+        """True when chunks are encoded here and stored whole (``write_direct_chunk``)."""
+        return not self.lossy
+
+    def error_bound(self, mean_count: float) -> float:
+        """The absolute error the lossy codecs may add: a fraction of the Poisson standard
+        deviation at ``mean_count`` (at least one count's)."""
+        return self.lossy_fraction * math.sqrt(max(mean_count, 1.0))
+
+    def dataset_options(self, mean_count: float = 1.0) -> dict:
+        """Keyword arguments of ``h5py.Group.create_dataset`` for frames in this format."""
+        options: dict = {"dtype": np.dtype(self.dtype)}
+        if self.compression == "bslz4":
+            options.update(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+        elif self.compression == "zstd":
+            options.update(hdf5plugin.Zstd(clevel=ZSTD_LEVEL))
+        elif self.compression == "sz3":
+            options.update(hdf5plugin.SZ3(absolute=self.error_bound(mean_count)))
+        elif self.compression == "zfp":
+            options.update(hdf5plugin.Zfp(accuracy=self.error_bound(mean_count)))
+        return options
+
+    def describe(self, mean_count: float = 1.0) -> str:
+        """One line for logs: dtype, codec and (lossy) the bound."""
+        text = f"{self.dtype}, {self.compression}"
+        if self.lossy:
+            text += f" (absolute error <= {self.error_bound(mean_count):.3g})"
+        return text
+
+    def encode(self, frame: np.ndarray) -> bytes | np.ndarray:
+        """One ``(H, W)`` frame (float32, detector units) as its stored chunk (bytes, or
+        the array itself for ``none``). Lossless codecs only (``direct``); releases the
+        GIL for most of its time. In float16, values beyond its range (65504) are inf."""
+        with np.errstate(over="ignore"):
+            stored = np.ascontiguousarray(frame, dtype=self.dtype)
+        if self.compression == "bslz4":
+            return bslz4_encode(stored)
+        if self.compression == "zstd":
+            compressor = getattr(_zstd, "compressor", None)
+            if compressor is None:
+                compressor = _zstd.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            return compressor.compress(stored)
+        if self.compression == "none":
+            return stored
+        raise ValueError(f"{self.compression} is encoded by HDF5, not here")
+
+
+FILTER_CODES = {32008: "bslz4", 32015: "zstd", 32024: "sz3", 32013: "zfp"}
+
+
+def format_of(dataset: h5py.Dataset) -> OutputFormat:
+    """The format of an existing frames dataset (an output resumed after a restart keeps
+    the format it was begun with); raises ValueError for one this writer cannot continue."""
+    plist = dataset.id.get_create_plist()
+    codes = [plist.get_filter(k)[0] for k in range(plist.get_nfilters())]
+    if len(codes) > 1 or (codes and codes[0] not in FILTER_CODES):
+        raise ValueError(f"frames stored with HDF5 filters {codes}, which this writer does "
+                         "not write")
+    compression = FILTER_CODES[codes[0]] if codes else "none"
+    return OutputFormat(dtype=dataset.dtype.name, compression=compression)
+
+
+def filter_options(dataset: h5py.Dataset) -> dict:
+    """``create_dataset`` keywords giving a new dataset exactly the filters of ``dataset``
+    (its lossy bound included)."""
+    plist = dataset.id.get_create_plist()
+    if plist.get_nfilters() == 0:
+        return {}
+    code, _, values, _ = plist.get_filter(0)
+    return {"compression": code, "compression_opts": tuple(values)}
