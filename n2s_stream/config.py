@@ -26,8 +26,8 @@ from n2s_stream.training import Objective
 __all__ = ["DaemonConfig", "DemoConfig", "DenoiseConfig", "MergeConfig", "SimulateConfig",
            "TrainConfig", "as_toml"]
 
-ENGINES = ("torch", "onnxruntime")  # what runs the daemon's forward passes
-Engine = Literal["torch", "onnxruntime"]
+ENGINES = ("torch", "onnxruntime", "passthrough")  # what runs the daemon's forward passes
+Engine = Literal["torch", "onnxruntime", "passthrough"]
 Normalize = Literal["none", "meanstd", "percentile"]
 ZmqProtocol = Literal["native", "dectris-stream1", "dectris-stream2"]
 
@@ -285,6 +285,8 @@ class DirectoryOptions:
     process_existing: bool = option(True, help="also process files already there at start")
     dataset: str | None = option(None, help="frame dataset (default: discovered as for "
                                             "train)", example="/entry/data/data")
+    decode_threads: int = option(2, min=1, help="threads that decode compressed frames "
+                                                "(bitshuffle-LZ4) while others are denoised")
 
 
 @dataclass(frozen=True)
@@ -403,8 +405,10 @@ class InferenceOptions:
     max_batch: int = option(0, min=0, help="frames per forward pass when they queue; 0 = 8 "
                                            "on CUDA, 1 on CPU")
     jinv: bool = option(False, help="J-invariant inference (grid_size**2 passes)")
-    engine: Engine = option("torch", help="torch, or onnxruntime: CPU forward passes by ONNX "
-                                          "Runtime (pip install 'n2s-stream[onnx]')")
+    engine: Engine = option("torch", help="torch; onnxruntime: CPU forward passes by ONNX "
+                                          "Runtime (pip install 'n2s-stream[onnx]'); "
+                                          "passthrough: frames written as they came, no "
+                                          "network (commissioning a data path)")
     compile: bool = option(False, help="torch.compile the inference model (~20 s per frame "
                                        "shape on 2 CPU cores)")
     onnx_reload_seconds: float = option(10.0, min=0, help="onnxruntime: take new weights (a "
@@ -418,8 +422,8 @@ class InferenceOptions:
                                                      "worker: no watchdog, exit 1")
 
     def __post_init__(self) -> None:
-        if self.engine == "onnxruntime" and self.compile:
-            raise UsageError("compile applies to the torch engine, not to onnxruntime")
+        if self.engine != "torch" and self.compile:
+            raise UsageError(f"compile applies to the torch engine, not to {self.engine}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from torch import nn
 
 from n2s_stream import __version__
+from n2s_stream.allocator import keep_freed_memory
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.calibration import Calibration
 from n2s_stream.coldstart import ColdStart, StartingNetwork
@@ -135,9 +136,14 @@ class Daemon:
         # denoiser then writes for good unless the shipped network beat it on the first
         # frame); a fan-out worker (model_from) has no trainer to measure it and waits for
         # the training worker's weights.
-        training = config.training.train and config.training.model_from is None
+        passthrough = config.inference.engine == "passthrough"
+        if passthrough:
+            log.info("engine passthrough: frames are written as they came, not denoised; "
+                     "training, the cold start and refinement are off")
+        training = (config.training.train and config.training.model_from is None
+                    and not passthrough)
         cold = (config.training.cold_start and checkpoint is None
-                and config.training.model_from is None)
+                and config.training.model_from is None and not passthrough)
         starting = (StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
                     if cold and pretrained else None)  # the shipped model is single-frame
         cold_start = ColdStart(active=cold, on_change=self._cold_start_changed,
@@ -149,10 +155,11 @@ class Daemon:
                                    stopping=self.stop_requested, preview=self.preview,
                                    buffer=buffer, val_buffer=val_buffer,
                                    cold_start=cold_start if cold else None)
-        sinks = make_sinks(sink_context, train=training)
+        sinks = make_sinks(sink_context, train=training,
+                           refine=config.refine.enabled and not passthrough)
         inference = self._inference_loop(device, store, cold_start if cold else None, sinks)
         refiner = None
-        if config.refine.enabled:
+        if config.refine.enabled and not passthrough:
             refiner = Refiner(
                 state.root / "refine", store=store, calibration=inference.calibration,
                 model=build_model(self._model_config).to(device), masker=self._masker,
@@ -259,6 +266,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+        keep_freed_memory()
         try:
             stages = self._start()
         except BaseException:

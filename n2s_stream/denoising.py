@@ -21,7 +21,7 @@ from torch import nn
 
 from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
+from n2s_stream.n2s.normalize import Normalizer, normalize_frame, valid_pixels
 from n2s_stream.training import autocast
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -59,9 +59,9 @@ def check_usable(data: np.ndarray, pixel_mask: np.ndarray | None = None) -> np.n
 
 
 def prepare(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer) -> Prepared:
-    """In-fill the unmeasured pixels of one ``(H, W)`` frame and normalise it."""
-    filled = fill_invalid(data[np.newaxis], valid[np.newaxis])
-    return Prepared(normalizer.forward(filled)[0], valid)
+    """In-fill the unmeasured pixels of one ``(H, W)`` frame and normalise it (the frame
+    stays in its integer type until here)."""
+    return Prepared(normalize_frame(data, valid, normalizer), valid)
 
 
 @torch.inference_mode()
@@ -82,7 +82,7 @@ def denoise_normalized(forward: Forward, masker: Masker, inputs: np.ndarray, *, 
 def restore_invalid(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Unmeasured pixels keep their source value (in place; returned)."""
     if not valid.all():
-        denoised[~valid] = raw[~valid]
+        np.copyto(denoised, raw, where=~valid, casting="unsafe")
     return denoised
 
 
@@ -120,9 +120,9 @@ def denoise_series(forward: Forward, masker: Masker, normalizer: Normalizer,
         valid = valid_pixels(frames, frames.dtype)
         if pixel_mask is not None:
             valid &= ~pixel_mask
-        normalized = normalizer.forward(fill_invalid(frames, valid))
         for k in range(len(frames)):
-            ready += window.push((start + k, frames[k], valid[k]), normalized[k])
+            normalized = normalize_frame(frames[k], valid[k], normalizer)
+            ready += window.push((start + k, frames[k], valid[k]), normalized)
         while len(ready) >= batch:
             yield run(ready[:batch])
             ready = ready[batch:]

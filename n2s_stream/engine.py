@@ -6,6 +6,9 @@ them (parameters are inputs of the compiled graph). ONNX Runtime needs a new exp
 weights (0.1 - 0.5 s of CPU): it runs in a background thread while frames go on through the
 current sessions, at most every ``onnx_reload_seconds``, and is swapped in between batches.
 The version `use` returns is always the one whose weights run.
+
+The ``passthrough`` engine returns each frame as it came (no network): the ceiling of the
+pipeline itself, and a way to commission a beamline's data path before denoising is on.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class Engine:
 
     def __call__(self, stacks: np.ndarray) -> np.ndarray:
         """The denoised centre frames ``(n, H, W)``, normalised."""
+        if self.options.engine == "passthrough":
+            return stacks if stacks.ndim == 3 else stacks[:, 0]  # channel 0: the frame
         with self.metrics.forward_seconds.time():
             return denoise_normalized(self.forward, self.masker, stacks,
                                       jinv=self.options.jinv, device=self.device)

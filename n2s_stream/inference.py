@@ -255,7 +255,8 @@ class InferenceLoop(BackgroundWorker):
         normalizer = snapshot.normalizer
         assert normalizer is not None  # set by the first frame's calibration
         for group in _runs_of_equal_shape(ready):
-            stacks = np.stack([stack for _, stack in group])  # (n, K, H, W), normalised
+            stacks = (group[0][1][np.newaxis] if len(group) == 1  # (n, K, H, W), normalised
+                      else np.stack([stack for _, stack in group]))
             denoiser, out = (self.cold_start.denoise(stacks, self.engine) if self.cold_start
                              else (NETWORK, self.engine(stacks)))
             for (pending, stack), image in zip(group, normalizer.inverse(out), strict=True):

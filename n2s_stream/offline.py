@@ -405,6 +405,9 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
         )
     device = resolve_device(config.device)
     check_engine(config.engine, device)
+    if config.engine == "passthrough":
+        raise UsageError("denoise: engine passthrough is the daemon's (it writes frames as "
+                         "they came); denoise runs the checkpoint with torch or onnxruntime")
     amp = amp_enabled(config.amp, device)
     model = use_fast_layout(checkpoint.build_model(device), device)
     if config.engine == "onnxruntime":

