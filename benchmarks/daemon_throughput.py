@@ -7,7 +7,7 @@ For each size, in one run:
    for the cores, and the daemon (training on) denoises it flat out: frames/s from the
    first to the last frame written, from the output's provenance (``t_written``);
 3. a detector then writes a second file at half that rate, and the latency from the
-   daemon reading a frame to its flush in the output (``t_written - t_received``) gives
+   daemon reading a frame to its write in the output (``t_written - t_received``) gives
    p50 / p99 while the trainer runs between frames;
 4. the daemon's peak resident memory (VmHWM) is read, the daemon is stopped with SIGTERM,
    and the bare forward pass is timed again: the ratio divides by the mean of the two.
@@ -63,13 +63,20 @@ def wait_for_written(port: int, count: int, daemon: subprocess.Popen, timeout: f
     raise TimeoutError(f"daemon wrote fewer than {count} frames in {timeout:.0f} s")
 
 
-def provenance(out_dir: Path, series: str) -> tuple[np.ndarray, np.ndarray]:
+def provenance(out_dir: Path, series: str, rows: int = 0,
+               timeout: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
     """``t_received`` and ``t_written`` of every frame of a series' output (read as an
-    SWMR reader: the daemon may still hold it open)."""
+    SWMR reader: the daemon may still hold it open), once it shows ``rows`` frames (they
+    are flushed within ``flush_seconds`` of being written)."""
     (path,) = out_dir.glob(f"{series}*.h5")
-    with h5py.File(path, "r", swmr=True) as output:
-        return (output["/entry/provenance/t_received"][()],
-                output["/entry/provenance/t_written"][()])
+    deadline = time.monotonic() + timeout
+    while True:
+        with h5py.File(path, "r", swmr=True) as output:
+            received = output["/entry/provenance/t_received"][()]
+            written = output["/entry/provenance/t_written"][()]
+        if len(written) >= rows or time.monotonic() > deadline:
+            return received, written
+        time.sleep(0.2)
 
 
 def measure_size(size: int, threads: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -100,7 +107,7 @@ def measure_size(size: int, threads: int, args: argparse.Namespace, tmp: Path) -
         stderr=daemon_log)
     try:
         flat_metrics = wait_for_written(port, flat_frames, daemon, timeout=600)
-        _, flat_written = provenance(out, "flat")
+        _, flat_written = provenance(out, "flat", flat_frames)
         flat_fps = (len(flat_written) - 1) / max(float(flat_written[-1] - flat_written[0]), 1e-9)
         own_forward_fps = flat_frames / flat_metrics["n2s_forward_seconds_sum"]
         rate = flat_fps / 2

@@ -168,16 +168,18 @@ class FrameWriter:
     def _attach_layout(self, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
         self._count = 0
         self._frames = self._file["/entry/data/data"]
+        if self._frames.dtype.kind == dtype.kind == "f":
+            dtype = self._frames.dtype  # float16 or float32: continued as begun (below)
         if self._frames.shape[1:] != frame_shape or self._frames.dtype != dtype:
             raise ValueError(
                 f"{self.path}: existing output holds {self._frames.shape[1:]} {self._frames.dtype}"
                 f" frames, not {frame_shape} {dtype}"
             )
         stored = format_of(self._frames)
-        if stored.compression != self.format.compression:
-            log.warning("%s: begun with compression %s; continued so (not %s)", self.path,
-                        stored.compression, self.format.compression)
-        self.format = replace(self.format, compression=stored.compression)
+        if (stored.dtype, stored.compression) != (self.format.dtype, self.format.compression):
+            log.warning("%s: begun as %s; continued so (not %s)", self.path,
+                        stored.describe(), self.format.describe())
+        self.format = replace(self.format, dtype=stored.dtype, compression=stored.compression)
         whole = whole_frames(self._file)
         group = self._file["/entry/provenance"]
         for name in OPTIONAL_FIELDS:

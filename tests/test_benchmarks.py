@@ -294,3 +294,26 @@ def test_cold_start_classical_runs(tmp_path):
     assert all(row["picked"] in ("network writes", "classical writes")
                for row in report["rows"][-2:])
     assert "shipped network" in stdout
+
+
+def test_detector_scale_runs(tmp_path):
+    out = tmp_path / "d.json"
+    stdout, report = run_benchmark(
+        "detector_scale.py", "--sizes", "96x80", "--frames", "10", "--network-frames", "2",
+        "--forward-seconds", "0.3", "--repeat", "1", out=out, timeout=600)
+    (size,) = report["rows"]
+    assert size["shape"] == [96, 80]
+    assert set(size["daemon"]) == {"passthrough", "passthrough_float32", "near_free",
+                                   "passthrough_live_swmr", "passthrough_stream2",
+                                   "default_network"}
+    assert all(row["frames"] >= 10 for name, row in size["daemon"].items()
+               if name != "default_network")
+    assert size["daemon"]["passthrough"]["output_dtype"] == "float16"
+    assert size["daemon"]["passthrough_float32"]["output_dtype"] == "float32"
+    formats = {(f["dtype"], f["compression"]): f for f in size["formats"]}
+    assert formats[("float32", "none")]["psnr_loss_db"] == 0
+    assert formats[("float32", "sz3")]["max_error"] <= formats[("float32", "sz3")][
+        "error_bound"] * 1.0001
+    assert set(size["stage_ms"]) >= {"read", "decode", "prepare", "forward_near_free",
+                                     "restore", "encode", "write", "forward_default"}
+    assert "passthrough / bare loop" in stdout and out.with_suffix(".png").exists()

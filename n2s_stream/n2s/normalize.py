@@ -141,9 +141,9 @@ def fill_invalid(frames: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _to_float32(data: np.ndarray) -> np.ndarray:
-    """A new float32 copy of ``data`` (torch's cast where it takes the dtype: several
-    times faster than numpy's for 16-bit integers)."""
-    if data.dtype.isnative and data.dtype in _TORCH_CASTS:
+    """A new float32 copy of ``data`` (torch's cast where it takes the array: several
+    times faster than numpy's for 16-bit integers; torch refuses read-only memory)."""
+    if data.dtype.isnative and data.dtype in _TORCH_CASTS and data.flags.writeable:
         return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float32, copy=True).numpy()
     return np.array(data, dtype=np.float32)
 

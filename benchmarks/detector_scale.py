@@ -1,0 +1,534 @@
+"""The daemon at detector sizes: EIGER2 4M (2162 x 2068) and 16M (4362 x 4148) frames.
+
+Frames are uint16 photon counts (a few per pixel: powder rings on a background, module gaps
+as the dtype's maximum), bitshuffle-LZ4, one chunk per frame, as an Eiger writes them.
+Everything below is measured in one run on this machine:
+
+1. its own limits: a memory copy, bitshuffle-LZ4 decoding alone and the output codec alone
+   (2 threads each);
+2. the bare loop: the same work as the daemon with ``--engine passthrough`` (read whole
+   chunks, decode, normalise, restore, encode, write whole chunks) in a plain loop with a
+   pool of 2 threads, and its I/O-only form (decode, cast, encode);
+3. the time of each stage for one frame on one thread (read, decode, prepare, forward of
+   the near-free and the default network, restore, encode, write);
+4. the daemon end to end (a subprocess, frames/s from its output's provenance ``t_written``,
+   peak RSS): a pre-written file with ``--engine passthrough``, the near-free network
+   (``--model dncnn --layers 2 --width 1``) and the default network (UNet 16, training on);
+   frames arriving live in a growing SWMR file and over a Dectris stream2 feed;
+5. every output format on a frame denoised by the shipped network: bytes per frame, write
+   rate, and PSNR against the simulator's truth (read back by plain h5py + hdf5plugin).
+
+Prints tables; writes ``benchmarks/results/detector_scale.json`` and ``.png``.
+
+    python benchmarks/detector_scale.py                                   # 4M and 16M
+    python benchmarks/detector_scale.py --sizes 1M --frames 40 --network-frames 0  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+import torch
+from common import (
+    N2S,
+    RESULTS,
+    bare_forward_fps,
+    free_port,
+    peak_rss_mb,
+    pyplot,
+    save_figure,
+    write_report,
+)
+
+from n2s_stream.allocator import keep_freed_memory
+from n2s_stream.config import DaemonConfig
+from n2s_stream.denoising import check_usable, denoise_normalized, restore_invalid
+from n2s_stream.metrics import scrape
+from n2s_stream.models import ModelConfig, build_model, use_fast_layout
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.normalize import fit_normalizer, normalize_frame
+from n2s_stream.output_format import OutputFormat
+from n2s_stream.pretrained import starting_model
+from n2s_stream.sources import protocols
+from n2s_stream.sources.codecs import bslz4_decode, bslz4_encode
+from n2s_stream.writer import FrameWriter
+
+SIZES = {"1M": (1062, 1028), "4M": (2162, 2068), "16M": (4362, 4148)}
+"""EIGER2 frame sizes, (height, width); ``HxW`` names any other."""
+
+
+def frame_shape(size: str) -> tuple[int, int]:
+    """``(height, width)`` of an EIGER2 size name or of ``HxW``."""
+    if size in SIZES:
+        return SIZES[size]
+    height, _, width = size.partition("x")
+    return int(height), int(width)
+DISTINCT = 8  # distinct noisy frames, repeated to make a series
+NEAR_FREE = ["--model", "dncnn", "--layers", "2", "--width", "1"]
+QUIET = ["--no-cold-start", "--no-pretrained", "--no-refine", "--no-train"]
+FORMATS = [OutputFormat("float32", "none"), OutputFormat("float32", "bslz4"),
+           OutputFormat("float32", "zstd"), OutputFormat("float16", "none"),
+           OutputFormat("float16", "bslz4"), OutputFormat("float16", "zstd"),
+           OutputFormat("float32", "sz3", 0.05), OutputFormat("float32", "zfp", 0.05),
+           OutputFormat("float32", "sz3", 0.1)]
+DEFAULT_OUTPUT = ["--output-dtype", "float16", "--output-compression", "bslz4"]
+
+
+# ---- the data -----------------------------------------------------------------------------
+def truth_frame(shape: tuple[int, int], mean_count: float) -> np.ndarray:
+    """Expected counts: powder rings on a falling background, mean ``mean_count``."""
+    height, width = shape
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = np.hypot(yy - 0.47 * height, xx - 0.52 * width)
+    image = 0.6 + 0.4 * np.exp(-r / (0.5 * height))
+    for radius in np.linspace(0.08, 0.45, 9) * height:
+        image += 3.0 * np.exp(-((r - radius) ** 2) / 8.0)
+    return (image * (mean_count / image.mean())).astype(np.float32)
+
+
+def noisy_frames(truth: np.ndarray, n: int, seed: int = 1) -> list[np.ndarray]:
+    """``n`` Poisson draws as uint16, module gaps (every 514 rows, the middle columns) set to
+    the dtype's maximum as an Eiger marks them."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        frame = np.minimum(rng.poisson(truth), 65534).astype(np.uint16)
+        frame[514::550, :] = 65535
+        frame[:, truth.shape[1] // 2 - 4 : truth.shape[1] // 2 + 4] = 65535
+        frames.append(frame)
+    return frames
+
+
+def create_input(path: Path, shape: tuple[int, int], *, swmr: bool = False) -> h5py.File:
+    """An empty areaDetector-style file: ``/entry/data/data`` uint16, bitshuffle-LZ4."""
+    file = h5py.File(path, "w", libver="latest")
+    file.create_dataset("/entry/data/data", shape=(0, *shape), maxshape=(None, *shape),
+                        chunks=(1, *shape), dtype="u2", **hdf5plugin.Bitshuffle(cname="lz4"))
+    if swmr:
+        file.swmr_mode = True
+    return file
+
+
+def write_prewritten(path: Path, chunks: list[bytes], shape: tuple[int, int], n: int) -> None:
+    """A finished file of ``n`` frames, the chunks repeated."""
+    with create_input(path, shape) as file:
+        ds = file["/entry/data/data"]
+        ds.resize(n, axis=0)
+        for index in range(n):
+            ds.id.write_direct_chunk((index, 0, 0), chunks[index % len(chunks)])
+
+
+def write_live(path: Path, size: str, n: int, mean_count: float) -> None:
+    """A detector writing ``n`` frames as fast as it can into a growing SWMR file (flushed
+    every frame); run in its own process (``--write-live``)."""
+    shape = frame_shape(size)
+    chunks = [bslz4_encode(f) for f in noisy_frames(truth_frame(shape, mean_count), DISTINCT)]
+    tmp = path.with_suffix(".part")
+    with create_input(tmp, shape, swmr=True) as file:
+        os.rename(tmp, path)
+        ds = file["/entry/data/data"]
+        for index in range(n):
+            ds.resize(index + 1, axis=0)
+            ds.id.write_direct_chunk((index, 0, 0), chunks[index % len(chunks)])
+            ds.flush()
+
+
+# ---- the machine and the bare loop --------------------------------------------------------
+def rate(work, items: list, threads: int) -> float:
+    """Items per second of ``work`` over ``items`` with a pool of ``threads``."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, items[:threads]))  # warm up
+        started = time.perf_counter()
+        list(pool.map(work, items))
+        return len(items) / (time.perf_counter() - started)
+
+
+def machine_limits(frames: list[np.ndarray], chunks: list[bytes], denoised: np.ndarray,
+                   output: OutputFormat, repeat: int) -> dict:
+    """Frames/s of a memory copy, of bitshuffle-LZ4 decoding and of the output codec
+    alone, 2 threads each."""
+    shape, dtype = frames[0].shape, frames[0].dtype
+    target = np.empty_like(denoised)
+    return {
+        "memcpy_float32": rate(lambda _: np.copyto(target, denoised), range(repeat * 4), 1),
+        "decode_bslz4": rate(lambda c: bslz4_decode(c, shape, dtype), chunks * repeat, 2),
+        "encode_output": rate(lambda _: output.encode(denoised), range(repeat * 2), 2),
+    }
+
+
+def bare_loop(path: Path, out: Path, n: int, output: OutputFormat, *, full: bool) -> float:
+    """Frames/s of a plain loop over a pre-written file: whole chunks read and written in
+    order on this thread, the per-frame work in a pool of 2 (``full``: decode, normalise,
+    restore, encode as the passthrough daemon does; else decode and encode only)."""
+    with h5py.File(path, "r") as source:
+        ds = source["/entry/data/data"]
+        shape, dtype = ds.shape[1:], ds.dtype
+        first = bslz4_decode(ds.id.read_direct_chunk((0, 0, 0))[1], shape, dtype)
+        normalizer = fit_normalizer(first[np.newaxis], mode="meanstd", scale_integers=True,
+                                    source_dtype=dtype, valid=(first != 65535)[np.newaxis])
+
+        def work(chunk: bytes) -> bytes | np.ndarray:
+            frame = bslz4_decode(chunk, shape, dtype)
+            if not full:
+                return output.encode(frame.astype(np.float32))
+            valid = check_usable(frame)
+            image = normalizer.inverse(normalize_frame(frame, valid, normalizer))
+            return output.encode(restore_invalid(image, frame, valid))
+
+        with h5py.File(out, "w", libver="latest") as sink, ThreadPoolExecutor(2) as pool:
+            frames = sink.create_dataset("data", shape=(n, *shape), chunks=(1, *shape),
+                                         **output.dataset_options())
+            started = time.perf_counter()
+            pending = []
+            for index in range(n):
+                pending.append(pool.submit(work, ds.id.read_direct_chunk((index, 0, 0))[1]))
+                if len(pending) > 4:
+                    frames.id.write_direct_chunk((index - 4, 0, 0), pending.pop(0).result())
+            for k, job in enumerate(pending):
+                frames.id.write_direct_chunk((n - len(pending) + k, 0, 0), job.result())
+            sink.flush()
+            return n / (time.perf_counter() - started)
+
+
+def stage_times(frame: np.ndarray, chunk: bytes, output: OutputFormat, path: Path,
+                default_network: bool) -> dict:
+    """Milliseconds of each stage for one frame on one thread (median of a few)."""
+    normalizer = fit_normalizer(frame[np.newaxis], mode="meanstd", scale_integers=True,
+                                source_dtype=frame.dtype, valid=(frame != 65535)[np.newaxis])
+    valid = check_usable(frame)
+    prepared = normalize_frame(frame, valid, normalizer)
+    near_free = use_fast_layout(build_model(ModelConfig("dncnn", width=1, layers=2)).eval(),
+                                torch.device("cpu"))
+    x = torch.from_numpy(prepared)[None, None]
+    encoded = output.encode(frame.astype(np.float32))
+    with h5py.File(path, "w", libver="latest") as file:
+        ds = file.create_dataset("data", shape=(64, *frame.shape), chunks=(1, *frame.shape),
+                                 **output.dataset_options())
+        slots = iter(range(64))
+        stages = {
+            "read": lambda: file.id,  # replaced below: reading needs a stored chunk
+            "decode": lambda: bslz4_decode(chunk, frame.shape, frame.dtype),
+            "prepare": lambda: normalize_frame(frame, check_usable(frame), normalizer),
+            "forward_near_free": lambda: near_free(x),
+            "restore": lambda: restore_invalid(normalizer.inverse(prepared), frame, valid),
+            "encode": lambda: output.encode(prepared),
+            "write": lambda: ds.id.write_direct_chunk((next(slots), 0, 0), encoded),
+        }
+        ds.id.write_direct_chunk((0, 0, 0), encoded)
+        stages["read"] = lambda: ds.id.read_direct_chunk((0, 0, 0))
+        times = {}
+        with torch.inference_mode():
+            for name, work in stages.items():
+                runs = []
+                for _ in range(5):
+                    started = time.perf_counter()
+                    work()
+                    runs.append(time.perf_counter() - started)
+                times[name] = 1e3 * float(np.median(runs))
+            if default_network:
+                default = use_fast_layout(
+                    build_model(DaemonConfig().network.model_config()).eval(),
+                    torch.device("cpu"))
+                default(x)
+                started = time.perf_counter()
+                default(x)
+                times["forward_default"] = 1e3 * (time.perf_counter() - started)
+    return times
+
+
+# ---- output formats -----------------------------------------------------------------------
+def shipped_denoise(frame: np.ndarray) -> np.ndarray:
+    """``frame`` denoised in one pass by the shipped starting network, as the daemon's
+    first frames are (float32 counts)."""
+    network = DaemonConfig().network
+    model_config, masker_config = network.model_config(), network.masker_config()
+    checkpoint = starting_model(model_config, masker_config)
+    assert checkpoint is not None, "the shipped model is part of the package"
+    model = build_model(model_config)
+    model.load_state_dict(checkpoint.state_dict)
+    model = use_fast_layout(model.eval(), torch.device("cpu"))
+    valid = check_usable(frame)
+    normalizer = fit_normalizer(frame[np.newaxis], mode="meanstd", scale_integers=True,
+                                source_dtype=frame.dtype, valid=valid[np.newaxis])
+    prepared = normalize_frame(frame, valid, normalizer)[np.newaxis]
+    out = denoise_normalized(model, Masker(masker_config), prepared, jinv=False,
+                             device=torch.device("cpu"))
+    return restore_invalid(normalizer.inverse(out[0]), frame, valid)
+
+
+def psnr(image: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
+    """PSNR over measured pixels, peak = the truth's maximum."""
+    error = (image[valid].astype(np.float64) - truth[valid]) ** 2
+    return float(10 * np.log10(truth.max() ** 2 / error.mean()))
+
+
+def output_formats(denoised: np.ndarray, truth: np.ndarray, valid: np.ndarray,
+                   mean_count: float, tmp: Path, n: int) -> list[dict]:
+    """Bytes per frame, write rate and PSNR on the truth of each output format."""
+    reference = psnr(denoised, truth, valid)
+    rows = []
+    for form in FORMATS:
+        path = tmp / f"format-{form.dtype}-{form.compression}-{form.lossy_fraction}.h5"
+        frames = np.repeat(denoised[np.newaxis], n, axis=0)
+        started = time.perf_counter()
+        with FrameWriter(path, frame_shape=denoised.shape, output_format=form,
+                         mean_count=mean_count) as writer:
+            for k in range(n):
+                writer.append(frames[k : k + 1], source_frames=[k], model_version=0,
+                              t_received=0.0)
+        seconds = (time.perf_counter() - started) / n
+        with h5py.File(path, "r") as file:  # a plain h5py + hdf5plugin reader
+            ds = file["/entry/data/data"]
+            stored = sum(ds.id.get_chunk_info(k).size for k in range(n)) / n
+            back = ds[0].astype(np.float32)
+        measured = valid & np.isfinite(back)
+        rows.append({
+            "dtype": form.dtype, "compression": form.compression,
+            "lossy_fraction": form.lossy_fraction if form.lossy else None,
+            "error_bound": form.error_bound(mean_count) if form.lossy else 0.0,
+            "bytes_per_frame": stored, "of_float32": stored / (denoised.size * 4),
+            "write_mpx_s": denoised.size / seconds / 1e6,
+            "max_error": float(np.abs(back[measured] - denoised[measured]).max()),
+            "psnr": psnr(back, truth, measured), "psnr_loss_db": reference - psnr(
+                back, truth, measured)})
+    return rows
+
+
+# ---- the daemon ---------------------------------------------------------------------------
+def run_daemon(args_in: list[str], flags: list[str], n: int, tmp: Path, name: str,
+               feed=None, timeout: float = 900) -> dict:
+    """Run the daemon until ``n`` frames are written; frames/s from its output's
+    provenance, peak RSS, forward passes. ``feed``: started once the daemon is ready."""
+    out, state, port = tmp / f"out-{name}", tmp / f"state-{name}", free_port()
+    log = (tmp / f"{name}.log").open("w")
+    daemon = subprocess.Popen([*N2S, *args_in, "--out", str(out), "--state-dir", str(state),
+                               "--metrics-port", str(port), *flags],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        metrics: dict = {}
+        while time.monotonic() < deadline:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"{name}: daemon exited with {daemon.returncode}")
+            try:
+                metrics = scrape(port)
+            except OSError:
+                time.sleep(0.5)
+                continue
+            if feed is not None:
+                feed()
+                feed = None
+            if metrics.get("n2s_frames_denoised_total", 0) >= n:
+                break
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"{name}: fewer than {n} frames written in {timeout} s")
+        rss = peak_rss_mb(daemon.pid)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=300)
+        log.close()
+    (path,) = out.rglob("*_n2s.h5")
+    with h5py.File(path, "r") as output:
+        written = output["/entry/provenance/t_written"][()]
+        received = output["/entry/provenance/t_received"][()]
+        dtype = str(output["/entry/data/data"].dtype)
+    fps = (len(written) - 1) / (written[-1] - written[0])
+    forward = metrics.get("n2s_forward_seconds_sum", 0.0)
+    forwards = metrics.get("n2s_forward_seconds_count", 0.0)
+    return {"frames": len(written), "fps": fps, "peak_rss_mb": rss, "output_dtype": dtype,
+            "latency_p50_s": float(np.median(written - received)),
+            "forward_fps_inside": forwards / forward if forward else None}
+
+
+def stream2_feed(endpoint: str, frames: list[np.ndarray], n: int) -> threading.Thread:
+    """A Dectris stream2 detector PUSHing ``n`` bitshuffle-LZ4 images (encoded before the
+    clock starts) from a thread, then the end message."""
+    import zmq
+
+    messages = [protocols.stream2_image(1, k, frames[k % len(frames)]) for k in range(n)]
+    ready = threading.Event()
+
+    def send() -> None:
+        context = zmq.Context()
+        sock = context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 60_000)
+        sock.bind(endpoint)
+        ready.set()
+        sock.send_multipart(protocols.stream2_start(1, frames[0].shape))
+        for message in messages:
+            sock.send_multipart(message)
+        sock.send_multipart(protocols.stream2_end(1))
+        sock.close()
+        context.term()
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    ready.wait()
+    return thread
+
+
+def measure_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
+    """Everything for one frame size."""
+    shape = frame_shape(size)
+    mpx = shape[0] * shape[1] / 1e6
+    tmp = tmp / size
+    tmp.mkdir()
+    truth = truth_frame(shape, args.mean_count)
+    frames = noisy_frames(truth, DISTINCT)
+    chunks = [bslz4_encode(f) for f in frames]
+    acq = tmp / "acq"
+    acq.mkdir()
+    write_prewritten(acq / "scan_0001.h5", chunks, shape, args.frames)
+    output = OutputFormat("float16", "bslz4")
+    valid = check_usable(frames[0])
+    denoised = shipped_denoise(frames[0]) if args.formats else frames[0].astype(np.float32)
+    print(f"{size}: {shape[0]}x{shape[1]}, raw {frames[0].nbytes / 1e6:.1f} MB, bitshuffle-LZ4 "
+          f"{np.mean([len(c) for c in chunks]) / 1e6:.2f} MB", flush=True)
+    result: dict = {"size": size, "shape": shape, "megapixels": mpx,
+                    "raw_mb": frames[0].nbytes / 1e6,
+                    "input_mb": float(np.mean([len(c) for c in chunks]) / 1e6)}
+    result["machine_fps"] = machine_limits(frames, chunks, denoised, output, args.repeat)
+    result["bare_fps"] = {
+        "full": bare_loop(acq / "scan_0001.h5", tmp / "bare.h5", args.frames, output,
+                          full=True),
+        "io_only": bare_loop(acq / "scan_0001.h5", tmp / "bare.h5", args.frames, output,
+                             full=False)}
+    result["stage_ms"] = stage_times(frames[0], chunks[0], output, tmp / "stages.h5",
+                                     default_network=args.network_frames > 0)
+    daemon_rows = {}
+    watch = ["--watch", str(acq)]
+    daemon_rows["passthrough"] = run_daemon(watch, ["--engine", "passthrough",
+                                                    *DEFAULT_OUTPUT, *QUIET],
+                                            args.frames, tmp, "passthrough")
+    daemon_rows["passthrough_float32"] = run_daemon(
+        watch, ["--engine", "passthrough", *QUIET], args.frames, tmp, "passthrough_f32")
+    daemon_rows["near_free"] = run_daemon(watch, [*NEAR_FREE, *DEFAULT_OUTPUT, *QUIET],
+                                          args.frames, tmp, "near_free")
+    live = tmp / "live"
+    live.mkdir()
+    daemon_rows["passthrough_live_swmr"] = run_daemon(
+        ["--watch", str(live)], ["--engine", "passthrough", *DEFAULT_OUTPUT, *QUIET],
+        args.frames, tmp, "live", feed=lambda: subprocess.Popen(
+            [sys.executable, __file__, "--write-live", str(live / "scan_0001.h5"),
+             "--sizes", size, "--frames", str(args.frames), "--mean-count",
+             str(args.mean_count)]))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    feeds: list[threading.Thread] = []
+    daemon_rows["passthrough_stream2"] = run_daemon(
+        ["--zmq", endpoint, "--zmq-protocol", "dectris-stream2"],
+        ["--engine", "passthrough", *DEFAULT_OUTPUT, *QUIET], args.frames, tmp, "stream2",
+        feed=lambda: feeds.append(stream2_feed(endpoint, frames, args.frames)))
+    if args.network_frames > 0:
+        result["bare_forward_default_fps"] = bare_forward_fps(
+            shape, torch.get_num_threads(), seconds=args.forward_seconds, min_passes=2)
+        daemon_rows["default_network"] = run_daemon(
+            watch, ["--no-cold-start", "--no-refine", *DEFAULT_OUTPUT], args.network_frames,
+            tmp, "default")
+        daemon_rows["default_network"]["of_bare_forward"] = (
+            daemon_rows["default_network"]["fps"] / result["bare_forward_default_fps"])
+    for row in daemon_rows.values():
+        row["mpx_s"] = row["fps"] * mpx
+    daemon_rows["passthrough"]["of_bare_full"] = (daemon_rows["passthrough"]["fps"]
+                                                  / result["bare_fps"]["full"])
+    daemon_rows["passthrough"]["of_bare_io_only"] = (daemon_rows["passthrough"]["fps"]
+                                                     / result["bare_fps"]["io_only"])
+    result["daemon"] = daemon_rows
+    if args.formats:
+        result["formats"] = output_formats(denoised, truth, valid,
+                                           float(np.mean(frames[0], where=valid)), tmp, 4)
+    return result
+
+
+def print_size(result: dict) -> None:
+    """The tables of one size."""
+    mpx = result["megapixels"]
+    print(f"\n{result['size']} ({result['shape'][0]}x{result['shape'][1]}, {mpx:.2f} Mpx)")
+    print(f"{'':34s} {'frames/s':>9s} {'Mpx/s':>8s}")
+    for name, fps in result["machine_fps"].items():
+        print(f"machine: {name:25s} {fps:9.1f} {fps * mpx:8.0f}")
+    for name, fps in result["bare_fps"].items():
+        print(f"bare loop: {name:23s} {fps:9.1f} {fps * mpx:8.0f}")
+    if "bare_forward_default_fps" in result:
+        fps = result["bare_forward_default_fps"]
+        print(f"bare forward: default network    {fps:9.2f} {fps * mpx:8.1f}")
+    for name, row in result["daemon"].items():
+        print(f"daemon: {name:26s} {row['fps']:9.2f} {row['mpx_s']:8.1f}   peak RSS "
+              f"{row['peak_rss_mb']:6.0f} MB, output {row['output_dtype']}")
+    row = result["daemon"]["passthrough"]
+    print(f"passthrough / bare loop: {row['of_bare_full']:.2f} (full), "
+          f"{row['of_bare_io_only']:.2f} (I/O only)")
+    if "default_network" in result["daemon"]:
+        print(f"default network / bare forward: "
+              f"{result['daemon']['default_network']['of_bare_forward']:.2f}")
+    print("stage ms/frame (one thread): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in result["stage_ms"].items()))
+    if "formats" in result:
+        print(f"\n{'dtype':8s} {'codec':6s} {'bound':>6s} {'MB/frame':>9s} {'of f32':>7s} "
+              f"{'write Mpx/s':>11s} {'PSNR':>7s} {'loss dB':>8s}")
+        for f in result["formats"]:
+            print(f"{f['dtype']:8s} {f['compression']:6s} {f['error_bound']:6.3f} "
+                  f"{f['bytes_per_frame'] / 1e6:9.2f} {f['of_float32']:7.3f} "
+                  f"{f['write_mpx_s']:11.0f} {f['psnr']:7.2f} {f['psnr_loss_db']:8.3f}")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Mpx/s of the machine, the bare loops and the daemon rows, per size."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        mpx = result["megapixels"]
+        bars = {**{f"machine {k}": v for k, v in result["machine_fps"].items()},
+                **{f"bare {k}": v for k, v in result["bare_fps"].items()},
+                **{f"daemon {k}": v["fps"] for k, v in result["daemon"].items()}}
+        ax.barh(list(bars), [v * mpx for v in bars.values()])
+        ax.set_xscale("log")
+        ax.set_xlabel("megapixels / s")
+        ax.set_title(f"{result['size']} frames, this machine")
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["4M", "16M"],
+                        help=f"{', '.join(SIZES)} (EIGER2) or HxW")
+    parser.add_argument("--frames", type=int, default=200, help="frames per daemon row")
+    parser.add_argument("--network-frames", type=int, default=6,
+                        help="frames of the default-network row (0: no such row)")
+    parser.add_argument("--forward-seconds", type=float, default=8.0)
+    parser.add_argument("--mean-count", type=float, default=2.0, help="photons per pixel")
+    parser.add_argument("--repeat", type=int, default=4, help="rounds of the machine limits")
+    parser.add_argument("--no-formats", dest="formats", action="store_false",
+                        help="skip the output-format table")
+    parser.add_argument("--write-live", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "detector_scale.json")
+    args = parser.parse_args()
+    if args.write_live:
+        write_live(args.write_live, args.sizes[0], args.frames, args.mean_count)
+        return
+    keep_freed_memory()  # as the daemon does
+    with tempfile.TemporaryDirectory(prefix="n2s-scale-") as tmp:
+        results = []
+        for size in args.sizes:
+            results.append(measure_size(size, args, Path(tmp)))
+            print_size(results[-1])
+    write_report(args.out, "detector_scale", args, results)
+    plot(results, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
