@@ -6,6 +6,11 @@ It knows no source and no sink by name: frames come off a queue, series bookkeep
 Bad frames are rejected with a reason and counted. Stopping drains the queue and every
 context window until the stop bound (``stop_by``); what is left then is counted, and a
 directory source reads it again at the next start.
+
+Frames are taken a few at a time (``PREPARE_AHEAD``) and prepared (valid pixels found,
+in-filled, normalised) by a pool of threads while this thread denoises and hands over the
+ones before: at detector sizes preparation costs as much as the I/O. Admission, context
+and the order of frames stay on this thread.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +33,7 @@ from n2s_stream.engine import Engine
 from n2s_stream.errors import OutputError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
+from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.series import Ready, SeriesTracker
 from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkChain
 from n2s_stream.snapshot import ModelStore, Snapshot
@@ -34,6 +41,9 @@ from n2s_stream.worker import BackgroundWorker
 from n2s_stream.writer import numeric_names
 
 log = logging.getLogger(__name__)
+
+PREPARE_AHEAD = 4
+"""Frames taken off the queue at once, to be prepared in parallel."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class InferenceLoop(BackgroundWorker):
         self.last_progress = time.monotonic()  # a loop round or a frame written
         self._abandon = threading.Event()
         self._working = threading.Event()
+        self._preparers: ThreadPoolExecutor | None = None  # started with the first frames
 
     @property
     def busy(self) -> bool:
@@ -124,6 +135,8 @@ class InferenceLoop(BackgroundWorker):
             log.error("writing failed: %s", exc)
             self._on_fatal(exc)
         finally:
+            if self._preparers is not None:
+                self._preparers.shutdown(wait=True)
             self.sinks.close()
             self.engine.close()
 
@@ -146,13 +159,14 @@ class InferenceLoop(BackgroundWorker):
 
     def _next_batch(self, *, wait: bool) -> list[Frame | SeriesEnd]:
         """The next queue item, plus the frames queued right behind it (up to
-        ``max_batch``): when frames pile up, one forward pass serves several. A series end
-        closes the batch, so order is kept."""
+        ``max_batch`` or ``PREPARE_AHEAD``): when frames pile up, they are prepared in
+        parallel and one forward pass serves several. A series end closes the batch, so
+        order is kept."""
         try:
             batch = [self.frames.get(timeout=0.25) if wait else self.frames.get_nowait()]
         except queue.Empty:
             return []
-        while isinstance(batch[-1], Frame) and len(batch) < self.max_batch:
+        while isinstance(batch[-1], Frame) and len(batch) < max(self.max_batch, PREPARE_AHEAD):
             try:
                 batch.append(self.frames.get_nowait())
             except queue.Empty:
@@ -190,6 +204,7 @@ class InferenceLoop(BackgroundWorker):
         """One snapshot for the whole batch; frames are written once their context is
         complete, series ends after their last frame; then the housekeeping."""
         snapshot = self.store.snapshot()
+        ahead = self._prepare_ahead(items, snapshot)
         ready: list[Ready] = []
         for item in items:
             if isinstance(item, SeriesEnd):
@@ -197,7 +212,7 @@ class InferenceLoop(BackgroundWorker):
                 ready = []
                 self._end(item, snapshot)
             else:
-                snapshot, released = self._take(item, snapshot)
+                snapshot, released = self._take(item, snapshot, ahead.get(id(item)))
                 ready += released
         self._write(ready, snapshot)
         self._write(self.series.waited_too_long(self.options.context_flush_seconds), snapshot)
@@ -212,12 +227,31 @@ class InferenceLoop(BackgroundWorker):
         self.sinks.end_series(end)
         self.series.closed(end)
 
-    def _take(self, frame: Frame, snapshot: Snapshot) -> tuple[Snapshot, list[Ready]]:
+    def _prepare_ahead(self, items: list[Frame | SeriesEnd],
+                       snapshot: Snapshot) -> dict[int, Future]:
+        """Start preparing the frames among ``items`` in the pool (once the first frame
+        has set the normaliser); keyed by ``id(frame)``."""
+        frames = [item for item in items if isinstance(item, Frame)]
+        normalizer = snapshot.normalizer
+        if normalizer is None or len(frames) < 2:
+            return {}
+        if self._preparers is None:
+            self._preparers = ThreadPoolExecutor(2, thread_name_prefix="prepare")
+        return {id(frame): self._preparers.submit(_prepared, frame, normalizer)
+                for frame in frames}
+
+    def _take(self, frame: Frame, snapshot: Snapshot,
+              ahead: Future | None = None) -> tuple[Snapshot, list[Ready]]:
         """Admit one frame and push it into its series' window; returns the snapshot (now
-        with a normaliser) and the frames whose context is complete."""
+        with a normaliser) and the frames whose context is complete. ``ahead``: the
+        frame's preparation, started in the pool."""
         before = self.series.seen(frame)
+        normalized = None
         try:
-            valid = check_usable(frame.data, frame.pixel_mask)
+            if ahead is not None:
+                valid, normalized = ahead.result()
+            else:
+                valid = check_usable(frame.data, frame.pixel_mask)
             snapshot = self.calibration.ready(snapshot, frame.data, valid)
             admitted = self.series.admit(
                 frame, before, open_series=lambda f: self._open_series(f, valid),
@@ -230,10 +264,10 @@ class InferenceLoop(BackgroundWorker):
             return snapshot, []
         if not admitted:
             return snapshot, []
-        assert snapshot.normalizer is not None
-        prepared = prepare(frame.data, valid, snapshot.normalizer)
-        return snapshot, self.series.push(frame.series, Pending(frame, valid),
-                                          prepared.normalized)
+        if normalized is None:
+            assert snapshot.normalizer is not None
+            normalized = prepare(frame.data, valid, snapshot.normalizer).normalized
+        return snapshot, self.series.push(frame.series, Pending(frame, valid), normalized)
 
     def _open_series(self, frame: Frame, valid: np.ndarray) -> None:
         notes = dict(frame.notes)
@@ -254,7 +288,7 @@ class InferenceLoop(BackgroundWorker):
         version = self.engine.use(snapshot)
         normalizer = snapshot.normalizer
         assert normalizer is not None  # set by the first frame's calibration
-        for group in _runs_of_equal_shape(ready):
+        for group in _runs_of_equal_shape(ready, self.max_batch):
             stacks = (group[0][1][np.newaxis] if len(group) == 1  # (n, K, H, W), normalised
                       else np.stack([stack for _, stack in group]))
             denoiser, out = (self.cold_start.denoise(stacks, self.engine) if self.cold_start
@@ -277,12 +311,20 @@ class InferenceLoop(BackgroundWorker):
         self.metrics.reject(reason)
 
 
-def _runs_of_equal_shape(ready: list[Ready]) -> Iterator[list[Ready]]:
-    """Consecutive frames of one shape, which one forward pass can take together."""
+def _prepared(frame: Frame, normalizer: Normalizer) -> tuple[np.ndarray, np.ndarray]:
+    """A frame's valid pixels and its normalised, in-filled image (raises `Unusable`)."""
+    valid = check_usable(frame.data, frame.pixel_mask)
+    return valid, prepare(frame.data, valid, normalizer).normalized
+
+
+def _runs_of_equal_shape(ready: list[Ready], limit: int) -> Iterator[list[Ready]]:
+    """Consecutive frames of one shape, at most ``limit``, which one forward pass can
+    take together."""
     start = 0
     while start < len(ready):
         stop = start + 1
-        while stop < len(ready) and ready[stop][1].shape == ready[start][1].shape:
+        while (stop < len(ready) and stop - start < limit
+               and ready[stop][1].shape == ready[start][1].shape):
             stop += 1
         yield ready[start:stop]
         start = stop
