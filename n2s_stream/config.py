@@ -400,6 +400,8 @@ class InferenceOptions:
     threads: int = option(0, min=0, help="torch intra-op threads; 0 = torch's choice")
     queue_size: int = option(64, min=1, help="frames waiting for inference; a full queue "
                                              "holds the source back")
+    queue_mb: int = option(256, min=1, help="... and at most this many MiB of them "
+                                            "(detector-sized frames)")
     drop_when_full: bool = option(False, help="drop frames (logged, counted) instead of "
                                               "holding the source back")
     max_batch: int = option(0, min=0, help="frames per forward pass when they queue; 0 = 8 "

@@ -104,6 +104,7 @@ class Daemon:
         self.stages: Stages | None = None
         self._signals = 0
         self.intake = Intake(size=config.inference.queue_size,
+                             max_bytes=config.inference.queue_mb * 2**20,
                              drop_when_full=config.inference.drop_when_full,
                              metrics=self.metrics, stopping=self.stop_requested)
         self._state: StateDir | None = None

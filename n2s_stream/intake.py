@@ -5,6 +5,9 @@ files, or on the detector's side of the socket) and the time waited is counted i
 ``n2s_source_blocked_seconds_total``. With ``drop_when_full`` a frame that finds the queue
 full is dropped, logged and counted as rejected (``dropped_queue_full``), and only there:
 the gap it leaves is not counted again as missing.
+
+The queue is bounded in frames and in bytes (``queue_size``, ``queue_mb``): 64 frames of
+256 x 256 are 8 MB, of an EIGER2 16M 2.3 GB. A frame always enters an empty queue.
 """
 
 from __future__ import annotations
@@ -21,12 +24,37 @@ from n2s_stream.series import DroppedFrames
 log = logging.getLogger(__name__)
 
 
+class FrameQueue(queue.Queue):
+    """A FIFO of frames and series ends, full at ``maxsize`` items or ``max_bytes`` of
+    frame data, whichever comes first."""
+
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def _qsize(self) -> int:  # queue.Queue's "full" and "empty" ask this, under its lock
+        count = len(self.queue)
+        return self.maxsize if count and self.bytes >= self.max_bytes else count
+
+    def _put(self, item: Frame | SeriesEnd) -> None:
+        super()._put(item)
+        if isinstance(item, Frame):
+            self.bytes += item.data.nbytes
+
+    def _get(self) -> Frame | SeriesEnd:
+        item = super()._get()
+        if isinstance(item, Frame):
+            self.bytes -= item.data.nbytes
+        return item
+
+
 class Intake:
     """Sources ``emit`` here (from their threads); the inference loop takes from ``queue``."""
 
     def __init__(self, *, size: int, drop_when_full: bool, metrics: Metrics,
-                 stopping: threading.Event) -> None:
-        self.queue: queue.Queue[Frame | SeriesEnd] = queue.Queue(maxsize=size)
+                 stopping: threading.Event, max_bytes: int = 2**62) -> None:
+        self.queue: queue.Queue[Frame | SeriesEnd] = FrameQueue(size, max_bytes)
         self.dropped = DroppedFrames()
         self._drop_when_full = drop_when_full
         self._metrics = metrics

@@ -241,3 +241,28 @@ def test_passthrough_daemon_writes_the_frames_as_they_came_in_float16_bslz4(tmp_
     measured = frames != 65535
     assert np.array_equal(out[measured], frames[measured].astype(np.float16))
     assert np.isinf(out[~measured]).all()  # 65535 is beyond float16: unmeasured reads inf
+
+
+def test_the_queue_is_full_at_its_byte_bound_and_always_takes_one_frame():
+    import queue
+    from pathlib import Path
+
+    from n2s_stream.frames import Frame, SeriesEnd
+    from n2s_stream.intake import FrameQueue
+
+    def frame(k: int) -> Frame:
+        return Frame("s", k, np.zeros((100, 100), np.uint16), 0.0, Path("o.h5"))  # 20 kB
+
+    frames = FrameQueue(maxsize=64, max_bytes=50_000)
+    big = Frame("s", 9, np.zeros((1000, 1000), np.uint16), 0.0, Path("o.h5"))  # 2 MB
+    frames.put_nowait(big)  # an empty queue takes any frame
+    assert frames.full()
+    assert frames.get_nowait() is big and frames.bytes == 0
+    frames.put_nowait(frame(0))
+    frames.put_nowait(frame(1))
+    frames.put_nowait(frame(2))  # 60 kB: now over the bound
+    with pytest.raises(queue.Full):
+        frames.put_nowait(frame(3))
+    assert [frames.get_nowait().index for _ in range(3)] == [0, 1, 2]
+    frames.put_nowait(SeriesEnd("s", 3, Path("o.h5")))
+    assert frames.bytes == 0 and frames.qsize() == 1
