@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow test-faults test-browser lint bench bench-full bench-context \
-	bench-soak bench-peers tiled-venv clean
+	bench-soak bench-peers bench-scale gpu-wheels tiled-venv clean
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,8 @@ bench: setup
 	$(PY) benchmarks/model_speed.py --sizes 256 512 --seconds 1 --out $(QUICK)/model_speed.json
 	$(PY) benchmarks/profile_model.py --sizes 256 --passes 10 --rounds 4 --round-seconds 1 \
 		--out $(QUICK)/profile_model.json
+	$(PY) benchmarks/detector_scale.py --sizes 1M --frames 60 --network-frames 2 \
+		--forward-seconds 2 --repeat 1 --precision-crop 256 --out $(QUICK)/detector_scale.json
 
 # The README's main tables, as committed under benchmarks/results/ (about 40 minutes).
 bench-full: setup
@@ -97,6 +99,20 @@ bench-peers: setup $(PEER_VENV)/.installed
 
 bench-soak: setup
 	$(PY) benchmarks/soak.py --minutes 10
+
+# Detector sizes (EIGER2 4M and 16M) end to end on this machine: about 10 minutes.
+bench-scale: setup
+	$(PY) benchmarks/detector_scale.py
+
+# Wheels of what the GPU machine lacks (it has torch and h5py, and cannot download), for
+# benchmarks/gpu_check.sh; the `device` tool carries .whl/ (64 MiB at most with the tree).
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		hdf5plugin==4.4.0 bitshuffle==0.5.2 lz4 pyzmq cbor2 watchdog
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) $(PEER_VENV) $(TILED_VENV) runs demo-output .pytest_cache

@@ -23,13 +23,44 @@ N2S = [sys.executable, "-m", "n2s_stream"]
 
 def write_report(out: Path, benchmark: str, settings: object, rows: list, **more: object) -> None:
     """The benchmark's JSON: its name, the machine, its settings (an argparse namespace),
-    its rows and anything else; then say where it went."""
+    its rows and anything else, with what produced it (`provenance`); then say where it
+    went."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": benchmark, "machine": platform.machine(),
-                               "cores": os.cpu_count(),
+                               "cores": os.cpu_count(), "provenance": provenance(),
                                "settings": vars(settings) | {"out": str(out)},
                                "rows": rows, **more}, indent=2, default=float))
     print(f"wrote {out}")
+
+
+def provenance() -> dict:
+    """What produced a result: the commit (and whether the tree had changes), the date,
+    the command, the CPU, and the versions of the packages that decide speed."""
+    import importlib.metadata
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+
+    versions = {}
+    for package in ("n2s-stream", "torch", "numpy", "h5py", "hdf5plugin", "bitshuffle",
+                    "zstandard", "onnxruntime"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
+                                                                  "--untracked-files=no")),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+            "python": platform.python_version(), "cpu": cpu, "versions": versions}
 
 
 def pyplot():

@@ -54,7 +54,12 @@ from common import (
 
 from n2s_stream.allocator import keep_freed_memory
 from n2s_stream.config import DaemonConfig
-from n2s_stream.denoising import check_usable, denoise_normalized, restore_invalid
+from n2s_stream.denoising import (
+    check_usable,
+    denoise_normalized,
+    inference_autocast,
+    restore_invalid,
+)
 from n2s_stream.metrics import scrape
 from n2s_stream.models import ModelConfig, build_model, use_fast_layout
 from n2s_stream.n2s.masking import Masker
@@ -249,23 +254,75 @@ def stage_times(frame: np.ndarray, chunk: bytes, output: OutputFormat, path: Pat
 
 
 # ---- output formats -----------------------------------------------------------------------
-def shipped_denoise(frame: np.ndarray) -> np.ndarray:
-    """``frame`` denoised in one pass by the shipped starting network, as the daemon's
-    first frames are (float32 counts)."""
+def shipped_network(device: torch.device) -> tuple[torch.nn.Module, Masker]:
+    """The shipped starting network (what the daemon writes its first frames with)."""
     network = DaemonConfig().network
     model_config, masker_config = network.model_config(), network.masker_config()
     checkpoint = starting_model(model_config, masker_config)
     assert checkpoint is not None, "the shipped model is part of the package"
     model = build_model(model_config)
     model.load_state_dict(checkpoint.state_dict)
-    model = use_fast_layout(model.eval(), torch.device("cpu"))
+    return use_fast_layout(model.eval().to(device), device), Masker(masker_config)
+
+
+def shipped_denoise(frame: np.ndarray, device: torch.device, precision: str = "float32",
+                    tile: int = 0) -> np.ndarray:
+    """``frame`` denoised in one pass by the shipped starting network, as the daemon's
+    first frames are (float32 counts)."""
+    model, masker = shipped_network(device)
     valid = check_usable(frame)
     normalizer = fit_normalizer(frame[np.newaxis], mode="meanstd", scale_integers=True,
                                 source_dtype=frame.dtype, valid=valid[np.newaxis])
     prepared = normalize_frame(frame, valid, normalizer)[np.newaxis]
-    out = denoise_normalized(model, Masker(masker_config), prepared, jinv=False,
-                             device=torch.device("cpu"))
+    out = denoise_normalized(model, masker, prepared, jinv=False, device=device,
+                             precision=precision, tile=tile)
     return restore_invalid(normalizer.inverse(out[0]), frame, valid)
+
+
+def precision_check(frame: np.ndarray, truth: np.ndarray, device: torch.device,
+                    crop: int) -> list[dict]:
+    """PSNR on the truth of the shipped network's output in each inference precision (and
+    tiled), against float32; on a CPU a ``crop`` of the frame (bfloat16 autocast is slow
+    there), on a GPU the whole frame."""
+    if device.type == "cpu" and crop:
+        frame, truth = frame[:crop, :crop], truth[:crop, :crop]
+    valid = check_usable(frame)
+    reference = None
+    rows = []
+    variants = [("float32", 0), ("float32", 512), ("bfloat16", 0)]
+    if device.type == "cuda":
+        variants.append(("float16", 0))
+    for precision, tile in variants:
+        started = time.perf_counter()
+        image = shipped_denoise(frame, device, precision, tile)
+        seconds = time.perf_counter() - started
+        score = psnr(image, truth, valid)
+        reference = score if reference is None else reference
+        rows.append({"precision": precision, "tile": tile, "psnr": score,
+                     "loss_db": reference - score, "seconds": seconds,
+                     "shape": list(frame.shape)})
+    return rows
+
+
+def device_forward_fps(shape: tuple[int, int], device: torch.device, seconds: float,
+                       precision: str = "float32") -> float:
+    """Frames/s of the default network's forward pass alone on ``device`` (one frame a
+    pass), synchronised, after a warm-up."""
+    if device.type == "cpu" and precision == "float32":
+        return bare_forward_fps(shape, torch.get_num_threads(), seconds=seconds, min_passes=2)
+    model, _ = shipped_network(device)
+    x = torch.randn(1, 1, *shape, device=device)
+    with torch.inference_mode(), inference_autocast(device, precision):
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or count < 2:
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            count += 1
+    return count / (time.perf_counter() - started)
 
 
 def psnr(image: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
@@ -394,7 +451,9 @@ def measure_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     write_prewritten(acq / "scan_0001.h5", chunks, shape, args.frames)
     output = OutputFormat("float16", "bslz4")
     valid = check_usable(frames[0])
-    denoised = shipped_denoise(frames[0]) if args.formats else frames[0].astype(np.float32)
+    device = torch.device(args.device)
+    denoised = (shipped_denoise(frames[0], device) if args.formats
+                else frames[0].astype(np.float32))
     print(f"{size}: {shape[0]}x{shape[1]}, raw {frames[0].nbytes / 1e6:.1f} MB, bitshuffle-LZ4 "
           f"{np.mean([len(c) for c in chunks]) / 1e6:.2f} MB", flush=True)
     result: dict = {"size": size, "shape": shape, "megapixels": mpx,
@@ -432,11 +491,11 @@ def measure_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
         ["--engine", "passthrough", *DEFAULT_OUTPUT, *QUIET], args.frames, tmp, "stream2",
         feed=lambda: feeds.append(stream2_feed(endpoint, frames, args.frames)))
     if args.network_frames > 0:
-        result["bare_forward_default_fps"] = bare_forward_fps(
-            shape, torch.get_num_threads(), seconds=args.forward_seconds, min_passes=2)
+        result["bare_forward_default_fps"] = device_forward_fps(shape, device,
+                                                                args.forward_seconds)
         daemon_rows["default_network"] = run_daemon(
-            watch, ["--no-cold-start", "--no-refine", *DEFAULT_OUTPUT], args.network_frames,
-            tmp, "default")
+            watch, ["--no-cold-start", "--no-refine", "--device", args.device,
+                    *DEFAULT_OUTPUT], args.network_frames, tmp, "default")
         daemon_rows["default_network"]["of_bare_forward"] = (
             daemon_rows["default_network"]["fps"] / result["bare_forward_default_fps"])
     for row in daemon_rows.values():
@@ -446,6 +505,8 @@ def measure_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     daemon_rows["passthrough"]["of_bare_io_only"] = (daemon_rows["passthrough"]["fps"]
                                                      / result["bare_fps"]["io_only"])
     result["daemon"] = daemon_rows
+    if args.precision_crop >= 0:
+        result["precision"] = precision_check(frames[0], truth, device, args.precision_crop)
     if args.formats:
         result["formats"] = output_formats(denoised, truth, valid,
                                            float(np.mean(frames[0], where=valid)), tmp, 4)
@@ -475,6 +536,10 @@ def print_size(result: dict) -> None:
               f"{result['daemon']['default_network']['of_bare_forward']:.2f}")
     print("stage ms/frame (one thread): " + ", ".join(
         f"{k} {v:.1f}" for k, v in result["stage_ms"].items()))
+    for row in result.get("precision", []):
+        print(f"inference {row['precision']:8s} tile {row['tile']:4d} on "
+              f"{row['shape'][0]}x{row['shape'][1]}: PSNR {row['psnr']:.2f} dB "
+              f"({-row['loss_db']:+.3f} dB against float32), {row['seconds']:.1f} s")
     if "formats" in result:
         print(f"\n{'dtype':8s} {'codec':6s} {'bound':>6s} {'MB/frame':>9s} {'of f32':>7s} "
               f"{'write Mpx/s':>11s} {'PSNR':>7s} {'loss dB':>8s}")
@@ -514,6 +579,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=4, help="rounds of the machine limits")
     parser.add_argument("--no-formats", dest="formats", action="store_false",
                         help="skip the output-format table")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check)")
+    parser.add_argument("--precision-crop", type=int, default=1024,
+                        help="side of the crop the precision check scores on a CPU "
+                             "(-1: no precision check)")
     parser.add_argument("--write-live", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "detector_scale.json")
     args = parser.parse_args()

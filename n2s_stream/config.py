@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from n2s_stream.denoising import Precision
 from n2s_stream.errors import UsageError
 from n2s_stream.models import ModelConfig
 from n2s_stream.n2s.masking import MaskerConfig
@@ -407,6 +408,14 @@ class InferenceOptions:
     max_batch: int = option(0, min=0, help="frames per forward pass when they queue; 0 = 8 "
                                            "on CUDA, 1 on CPU")
     jinv: bool = option(False, help="J-invariant inference (grid_size**2 passes)")
+    precision: Precision = option("float32", help="forward-pass arithmetic: float32, or "
+                                                  "autocast to float16 / bfloat16 (measure "
+                                                  "its quality first: detector_scale.py)")
+    tile: int = option(0, min=0, help="frames larger than this (pixels a side) go through "
+                                      "the network in overlapping tiles; 0 = whole frames")
+    tile_overlap: int = option(32, min=0, help="context pixels on each side of a tile (the "
+                                               "network's reach: results then equal a "
+                                               "whole-frame pass)")
     engine: Engine = option("torch", help="torch; onnxruntime: CPU forward passes by ONNX "
                                           "Runtime (pip install 'n2s-stream[onnx]'); "
                                           "passthrough: frames written as they came, no "
@@ -426,6 +435,9 @@ class InferenceOptions:
     def __post_init__(self) -> None:
         if self.engine != "torch" and self.compile:
             raise UsageError(f"compile applies to the torch engine, not to {self.engine}")
+        if self.tile and self.tile <= 2 * self.tile_overlap:
+            raise UsageError(f"tile {self.tile} must exceed twice tile_overlap "
+                             f"({self.tile_overlap})")
 
 
 @dataclass(frozen=True)

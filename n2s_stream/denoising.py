@@ -13,7 +13,10 @@ Frames go through the same four steps wherever they come from:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ from torch import nn
 from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, normalize_frame, valid_pixels
+from n2s_stream.n2s.tiling import tiled_forward
 from n2s_stream.training import autocast
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -64,18 +68,55 @@ def prepare(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer) -> Prep
     return Prepared(normalize_frame(data, valid, normalizer), valid)
 
 
+Precision = Literal["float32", "float16", "bfloat16"]
+PRECISIONS: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def inference_autocast(device: torch.device, precision: str,
+                       amp: bool = False) -> AbstractContextManager[object]:
+    """The forward pass's arithmetic: float32, or autocast to float16 / bfloat16 on the
+    device (``amp``: the offline tools' float16 on CUDA)."""
+    if precision in PRECISIONS:
+        return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+    return autocast(device, amp)
+
+
+class HostStaging:
+    """A page-locked host buffer that frames are copied into before they go to a CUDA
+    device, so the copy runs without a bounce buffer and does not block this thread
+    (``non_blocking``); it is reused while the input's shape stays the same."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def to_device(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``x`` on ``device``; through the pinned buffer when that is a CUDA device."""
+        if device.type != "cuda":
+            return x.to(device)
+        if self._buffer is None or self._buffer.shape != x.shape:
+            self._buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self._buffer.copy_(x)
+        return self._buffer.to(device, non_blocking=True)
+
+
 @torch.inference_mode()
 def denoise_normalized(forward: Forward, masker: Masker, inputs: np.ndarray, *, jinv: bool,
-                       device: torch.device, amp: bool = False) -> np.ndarray:
+                       device: torch.device, amp: bool = False, precision: str = "float32",
+                       tile: int = 0, overlap: int = 32,
+                       staging: HostStaging | None = None) -> np.ndarray:
     """Denoise normalised frames: ``(n, H, W)``, or ``(n, C, H, W)`` frames with their
-    temporal context; returns the ``(n, H, W)`` denoised centre frames, float32, on the host."""
+    temporal context; returns the ``(n, H, W)`` denoised centre frames, float32, on the host.
+    ``precision``: the forward pass's arithmetic; ``tile``: frames larger than this go
+    through the network in overlapping tiles (`tiling.py`)."""
     x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
     if x.ndim == 3:
         x = x.unsqueeze(1)
-    x = x.to(device, non_blocking=True)
-    with autocast(device, amp):
+    x = (staging or HostStaging()).to_device(x, device)
+    network = forward if tile <= 0 else partial(tiled_forward, forward, tile=tile,
+                                                overlap=overlap)
+    with inference_autocast(device, precision, amp):
         infer = masker.infer_full_image if jinv else masker.infer_single_pass
-        y = infer(x, forward)
+        y = infer(x, network)
     return y.float().squeeze(1).cpu().numpy()  # host sync
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from n2s_stream.config import InferenceOptions
-from n2s_stream.denoising import denoise_normalized
+from n2s_stream.denoising import HostStaging, denoise_normalized
 from n2s_stream.metrics import Metrics
 from n2s_stream.models import use_fast_layout
 from n2s_stream.n2s.masking import Masker
@@ -57,6 +57,7 @@ class Engine:
             self.forward = torch.compile(self.model)
         self.version = -1
         self._loaded_at = 0.0
+        self._staging = HostStaging()  # pinned host memory for a CUDA device
 
     def use(self, snapshot: Snapshot) -> int:
         """Run ``snapshot``'s weights from now on (ONNX: once exported); returns the
@@ -76,7 +77,10 @@ class Engine:
             return stacks if stacks.ndim == 3 else stacks[:, 0]  # channel 0: the frame
         with self.metrics.forward_seconds.time():
             return denoise_normalized(self.forward, self.masker, stacks,
-                                      jinv=self.options.jinv, device=self.device)
+                                      jinv=self.options.jinv, device=self.device,
+                                      precision=self.options.precision,
+                                      tile=self.options.tile, overlap=self.options.tile_overlap,
+                                      staging=self._staging)
 
     def close(self) -> None:
         """Wait for an ONNX export under way."""

@@ -29,7 +29,6 @@ import h5py
 import hdf5plugin
 import numpy as np
 import torch
-import zstandard
 
 from n2s_stream.sources.codecs import bslz4_encode
 
@@ -110,6 +109,8 @@ class OutputFormat:
         if self.compression == "zstd":
             compressor = getattr(_zstd, "compressor", None)
             if compressor is None:
+                import zstandard  # only where zstd is asked for
+
                 compressor = _zstd.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             return compressor.compress(stored)
         if self.compression == "none":

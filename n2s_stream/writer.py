@@ -20,8 +20,9 @@ Layout (DESIGN.md):
 Frames are stored in the `OutputFormat` asked for (dtype, codec): lossless chunks arrive
 encoded (``append_chunks``, stored whole with ``write_direct_chunk``), lossy ones go
 through HDF5's filter. Provenance rows are kept in memory and appended in blocks when the
-file is flushed: at most ``flush_seconds`` after a frame was appended (0: after every
-append), as areaDetector's NDFileHDF5 flushes every N frames. The file is in SWMR mode
+file is flushed: at most once per ``flush_seconds`` (0: after every append), so a frame
+that comes after a quiet spell is flushed at once and frames that come faster wait at
+most that long, as areaDetector's NDFileHDF5 flushes every N frames. The file is in SWMR mode
 from its first frame on, so a reader opened with ``swmr=True`` sees every frame within
 that bound, and a crash leaves only whole frames: a frame counts once its provenance row
 is in, and rows are flushed only after their frames. The object that opens a file is its
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import threading
@@ -138,7 +140,7 @@ class FrameWriter:
         self._columns: dict[str, str] = {}  # attribute name -> its column's name
         self._rows: list[dict[str, np.ndarray]] = []  # provenance not yet in the file
         self._attribute_rows: list[Mapping[str, float | str]] = []
-        self._unflushed_since: float | None = None  # when the oldest unflushed frame came
+        self._flushed_at = -math.inf  # monotonic time of the last flush
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             self._file = open_for_append(self.path)
@@ -317,15 +319,14 @@ class FrameWriter:
         self._attribute_rows += list(attributes) or [{}] * n
         self.last_source_frame = max(self.last_source_frame,
                                      int(self._rows[-1]["source_frame"][-1]))
-        if self._unflushed_since is None:
-            self._unflushed_since = time.monotonic()
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
-        """Flush if a frame has waited ``flush_seconds`` (call it now and then: the
-        daemon does on every round of its inference loop)."""
-        since = self._unflushed_since
-        if since is not None and time.monotonic() - since >= self.flush_seconds:
+        """Flush what is appended unless the last flush is less than ``flush_seconds`` old:
+        a frame after a quiet spell is visible at once, frames that come faster are
+        flushed together (call this now and then: the daemon does on every round of its
+        inference loop)."""
+        if self._rows and time.monotonic() - self._flushed_at >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -347,7 +348,8 @@ class FrameWriter:
             ds.resize(start + n, axis=0)
             ds[start:] = values
         self._file.flush()
-        self._rows, self._attribute_rows, self._unflushed_since = [], [], None
+        self._rows, self._attribute_rows = [], []
+        self._flushed_at = time.monotonic()
 
     def _append_attributes(self, start: int, n: int,
                            attributes: Sequence[Mapping[str, float | str]]) -> None:

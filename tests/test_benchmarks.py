@@ -316,4 +316,8 @@ def test_detector_scale_runs(tmp_path):
         "error_bound"] * 1.0001
     assert set(size["stage_ms"]) >= {"read", "decode", "prepare", "forward_near_free",
                                      "restore", "encode", "write", "forward_default"}
+    precision = {(r["precision"], r["tile"]): r for r in size["precision"]}
+    assert set(precision) == {("float32", 0), ("float32", 512), ("bfloat16", 0)}
+    assert precision[("float32", 0)]["loss_db"] == 0
+    assert report["provenance"]["commit"] and report["provenance"]["versions"]["torch"]
     assert "passthrough / bare loop" in stdout and out.with_suffix(".png").exists()

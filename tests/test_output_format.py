@@ -108,9 +108,10 @@ from n2s_stream.output_format import OutputFormat
 from n2s_stream.writer import FrameWriter
 writer = FrameWriter(sys.argv[1], frame_shape=(16, 16), flush_seconds=3600,
                      output_format=OutputFormat("float16", "bslz4"))
-for k in range(5):
+for k in range(5):                # frame 0 is flushed at once, 1-4 wait
     writer.append(np.full((1, 16, 16), k, np.float32), source_frames=[k], model_version=0,
                   t_received=0.0)
+assert writer.n_flushed == 1
 writer.flush()                    # frames 0-4 are whole
 for k in range(5, 9):             # frames 5-8 wait for the next flush
     writer.append(np.full((1, 16, 16), k, np.float32), source_frames=[k], model_version=0,
@@ -151,9 +152,12 @@ def test_a_swmr_reader_sees_frames_once_flushed(tmp_path):
 
     writer = FrameWriter(path, frame_shape=(8, 8), flush_seconds=3600)
     try:
-        writer.append(np.ones((3, 8, 8), np.float32), source_frames=[0, 1, 2],
+        writer.append(np.ones((1, 8, 8), np.float32), source_frames=[0], model_version=0,
+                      t_received=0.0)
+        assert visible() == 1  # the first frame after a quiet spell: flushed at once
+        writer.append(np.ones((2, 8, 8), np.float32), source_frames=[1, 2],
                       model_version=0, t_received=0.0)
-        assert writer.n_written == 3 and visible() == 0
+        assert writer.n_written == 3 and writer.n_flushed == 1 and visible() == 1
         writer.flush_seconds = 0.0
         writer.flush_if_due()
         assert visible() == 3 and writer.n_flushed == 3
