@@ -45,6 +45,8 @@ def _other_value(opt: Option) -> Any:
         return (Path("/x/a.h5"), Path("/x/b.h5"))
     kind = type(opt.default) if opt.default is not None else None
     text = str(opt.hint)
+    if opt.name == "tile":
+        return 256  # must exceed twice tile_overlap
     if kind is int or (kind is None and "int" in text):
         value = (opt.default or 0) + (2 if opt.name == "context_frames" else 1)
         return value if opt.maximum is None or value <= opt.maximum else value - 2
