@@ -142,11 +142,12 @@ class TrainConfig:
 class StorageOptions:
     """How denoised frames are stored (output_format.py): dtype and HDF5 codec."""
 
-    output_dtype: OutputDtype = option("float32", help="stored type of denoised frames: "
-                                                     "float32, or float16 (half the bytes)")
+    output_dtype: OutputDtype = option("float16", help="stored type of denoised frames: "
+                                                     "float16 (float32 for detectors whose "
+                                                     "counts exceed 65504), or float32")
     output_compression: Compression = option(
-        "none", help="HDF5 codec of denoised frames: none, bslz4, zstd (lossless), or sz3, "
-                     "zfp (lossy, error-bounded; float32 only)")
+        "bslz4", help="HDF5 codec of denoised frames: bslz4, zstd, none (lossless), or sz3, "
+                      "zfp (lossy, error-bounded; float32 only)")
     lossy_fraction: float = option(0.05, min=1e-6, max=1.0,
                                    help="sz3/zfp: largest error, as a fraction of the "
                                         "Poisson noise at the series' mean count")

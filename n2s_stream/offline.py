@@ -425,7 +425,8 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
         mean_count = float(checkpoint.normalizer.shift) if checkpoint.normalizer.mode == \
             "meanstd" else 1.0
         with FrameWriter(out_path, frame_shape=stack.frame_shape, dtype=out_dtype,
-                         output_format=config.storage.output_format(), mean_count=mean_count,
+                         output_format=config.storage.output_format().for_source(stack.dtype),
+                         mean_count=mean_count,
                          config_text=as_toml(config, "denoise"), source=str(config.h5)) as writer:
             bar = tqdm(total=len(stack), unit="frame", disable=not config.progress)
             for indices, denoised in denoise_series(

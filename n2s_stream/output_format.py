@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import h5py
@@ -50,8 +50,8 @@ class OutputFormat:
     ``compression``; for the lossy codecs, ``lossy_fraction`` of the Poisson noise is the
     largest error allowed."""
 
-    dtype: str = "float32"
-    compression: Compression = "none"
+    dtype: str = "float16"
+    compression: Compression = "bslz4"
     lossy_fraction: float = 0.05
 
     def __post_init__(self) -> None:
@@ -73,6 +73,17 @@ class OutputFormat:
     def direct(self) -> bool:
         """True when chunks are encoded here and stored whole (``write_direct_chunk``)."""
         return not self.lossy
+
+    def for_source(self, source_dtype: np.dtype) -> OutputFormat:
+        """This format for frames of ``source_dtype``: float16 only holds counts up to
+        65504, so a detector whose counts can exceed that (32-bit integers, floats) is
+        stored in float32. 16-bit counts fit, but for the last 31 below saturation and
+        the sentinel 65535, which read back +inf: still "not a measurement"."""
+        source = np.dtype(source_dtype)
+        if self.dtype == "float16" and not ((source.kind in "iu" and source.itemsize <= 2)
+                                            or source == np.float16):
+            return replace(self, dtype="float32")
+        return self
 
     def error_bound(self, mean_count: float) -> float:
         """The absolute error the lossy codecs may add: a fraction of the Poisson standard

@@ -132,7 +132,7 @@ class FrameWriter:
         resume: bool = False,
     ) -> None:
         self.path = Path(path)
-        self.format = output_format or OutputFormat()
+        self.format = output_format or OutputFormat("float32", "none")
         if dtype is not None:
             self.format = replace(self.format, dtype=np.dtype(dtype).name)
         self.flush_seconds = flush_seconds

@@ -13,7 +13,7 @@ import torch
 from daemon_helpers import write_stack
 
 from n2s_stream.checkpoint import load_checkpoint
-from n2s_stream.config import DenoiseConfig, TrainConfig
+from n2s_stream.config import DenoiseConfig, StorageOptions, TrainConfig
 from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.offline import denoise, resolve_output, train
 from n2s_stream.onnx_engine import check_engine
@@ -57,7 +57,7 @@ def test_denoising_raises_psnr(noisy_series, trained, tmp_path, jinv):
         assert handle["/entry/process/program"][()] == b"n2s-stream"
         assert b"jinv = " in handle["/entry/process/config"][()]
         assert handle["/entry/data/data"].chunks == (1, 64, 64)
-    assert denoised.dtype == np.float32 and denoised.shape == noisy.shape
+    assert denoised.dtype == np.float16 and denoised.shape == noisy.shape  # the default
     gain = psnr(clean, denoised, dose) - psnr(clean, noisy, dose)
     assert gain > 5.0, f"PSNR gain only {gain:.2f} dB"
     # counts stay counts: the mean level is preserved
@@ -222,7 +222,8 @@ def test_denoise_on_onnxruntime_writes_what_torch_writes(noisy_series, trained, 
     outputs = {}
     for engine in ("torch", "onnxruntime"):
         result = denoise(DenoiseConfig(h5=path, ckpt=trained.best, out=tmp_path / f"{engine}.h5",
-                                       device="cpu", batch=5, engine=engine, progress=False))
+                                       device="cpu", batch=5, engine=engine, progress=False,
+                                       storage=StorageOptions("float32", "none")))
         with h5py.File(result.out) as handle:
             outputs[engine] = handle["/entry/data/data"][()]
             assert b'engine = "' + engine.encode() in handle["/entry/process/config"][()]

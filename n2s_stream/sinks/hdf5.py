@@ -92,7 +92,8 @@ class Hdf5Sink:
             with self._outputs.opening_live(path):
                 self._writers[start.series] = FrameWriter(
                     path, frame_shape=start.frame_shape, dtype=dtype,
-                    output_format=self._format, mean_count=start.mean_count,
+                    output_format=self._format.for_source(start.dtype),
+                    mean_count=start.mean_count,
                     flush_seconds=self.options.flush_seconds,
                     config_text=self._config_text, source=start.series,
                     notes=start.notes or None, attribute_names=start.attribute_names,

@@ -34,6 +34,7 @@ from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
 from n2s_stream.names import file_safe
+from n2s_stream.output_format import OutputFormat
 from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
 from n2s_stream.state import StateDir
 from n2s_stream.worker import BackgroundWorker
@@ -111,7 +112,8 @@ class TiledSink:
     def open_series(self, start: SeriesStart) -> None:
         """Note what to register for the series (done by the registrar thread)."""
         output = self.state.output_for(start.series, start.output)
-        dtype = start.dtype if self._reconstructable else self._output_dtype
+        dtype = (start.dtype if self._reconstructable else
+                 np.dtype(OutputFormat(self._output_dtype.name).for_source(start.dtype).dtype))
         registration = self._registration(
             start.notes, start.series, output, "denoised", start.frame_shape, dtype,
             extra={"series": start.series}, frames=self._rows_written(start.series),
