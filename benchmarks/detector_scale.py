@@ -473,7 +473,8 @@ def measure_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                                                     *DEFAULT_OUTPUT, *QUIET],
                                             args.frames, tmp, "passthrough")
     daemon_rows["passthrough_float32"] = run_daemon(
-        watch, ["--engine", "passthrough", *QUIET], args.frames, tmp, "passthrough_f32")
+        watch, ["--engine", "passthrough", "--output-dtype", "float32", "--output-compression",
+                "none", *QUIET], args.frames, tmp, "passthrough_f32")
     daemon_rows["near_free"] = run_daemon(watch, [*NEAR_FREE, *DEFAULT_OUTPUT, *QUIET],
                                           args.frames, tmp, "near_free")
     live = tmp / "live"

@@ -136,7 +136,7 @@ class InferenceLoop(BackgroundWorker):
             self._on_fatal(exc)
         finally:
             if self._preparers is not None:
-                self._preparers.shutdown(wait=True)
+                self._preparers.shutdown(wait=True, cancel_futures=True)
             self.sinks.close()
             self.engine.close()
 
@@ -312,9 +312,15 @@ class InferenceLoop(BackgroundWorker):
 
 
 def _prepared(frame: Frame, normalizer: Normalizer) -> tuple[np.ndarray, np.ndarray]:
-    """A frame's valid pixels and its normalised, in-filled image (raises `Unusable`)."""
+    """A frame's valid pixels and its normalised, in-filled image. Raises `Unusable`,
+    also for a bug met by odd input (``internal_error``, logged): that frame alone is
+    refused."""
     valid = check_usable(frame.data, frame.pixel_mask)
-    return valid, prepare(frame.data, valid, normalizer).normalized
+    try:
+        return valid, prepare(frame.data, valid, normalizer).normalized
+    except Exception as exc:
+        log.exception("preparing frame %d of %s failed", frame.index, frame.series)
+        raise Unusable("internal_error", f"preparation failed: {exc}") from exc
 
 
 def _runs_of_equal_shape(ready: list[Ready], limit: int) -> Iterator[list[Ready]]:

@@ -33,6 +33,11 @@ class FrameQueue(queue.Queue):
         self.max_bytes = max_bytes
         self.bytes = 0
 
+    def qsize(self) -> int:
+        """Items waiting (``full()`` may say True with fewer, once the bytes are in)."""
+        with self.mutex:
+            return len(self.queue)
+
     def _qsize(self) -> int:  # queue.Queue's "full" and "empty" ask this, under its lock
         count = len(self.queue)
         return self.maxsize if count and self.bytes >= self.max_bytes else count

@@ -178,9 +178,8 @@ class FrameStack:
                 if mask:
                     return None
                 chunks.append(chunk)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise InputError(f"{self.path}:{segment.name}: cannot read frames {lo}-{hi - 1}: "
-                             f"{_first_line(exc)}", reason="read_error") from exc
+        except (OSError, RuntimeError, ValueError):
+            return None  # e.g. a chunk not stored yet in a growing file: h5py says what
         return chunks
 
     def _decode_with(self, segment: _Segment) -> Decoder:

@@ -272,8 +272,9 @@ class FrameWriter:
             return
         n = frames.shape[0]
         start = self.n_written
-        self._frames.resize(start + n, axis=0)
-        self._frames[start:] = frames
+        with self._undone_on_failure(start):
+            self._frames.resize(start + n, axis=0)
+            self._frames[start:] = frames
         self._add_rows(n, source_frames, model_version, t_received, denoiser, t_source,
                        source_ids, attributes)
 
@@ -293,11 +294,25 @@ class FrameWriter:
         chunk each, written whole)."""
         n = len(chunks)
         start = self.n_written
-        self._frames.resize(start + n, axis=0)
-        for k, chunk in enumerate(chunks):
-            self._frames.id.write_direct_chunk((start + k, 0, 0), chunk)
+        with self._undone_on_failure(start):
+            self._frames.resize(start + n, axis=0)
+            for k, chunk in enumerate(chunks):
+                self._frames.id.write_direct_chunk((start + k, 0, 0), chunk)
         self._add_rows(n, source_frames, model_version, t_received, denoiser, t_source,
                        source_ids, attributes)
+
+    @contextmanager
+    def _undone_on_failure(self, start: int) -> Iterator[None]:
+        """Frames that fail to be stored are cut off again, so that the next frame lands
+        where its provenance row says (best effort: the rows decide what is whole)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self._frames.resize(start, axis=0)
+            except Exception as exc:  # the file system is gone: the rows still decide
+                log.error("%s: could not cut back to %d frames: %s", self.path, start, exc)
+            raise
 
     def _add_rows(self, n: int, source_frames: np.ndarray | Sequence[int], model_version: int,
                   t_received: np.ndarray | float, denoiser: int,

@@ -20,6 +20,9 @@ import numpy as np
 from n2s_stream.metrics import scrape
 
 N2S = [sys.executable, "-m", "n2s_stream"]
+FLOAT32 = ("--output-dtype", "float32", "--output-compression", "none")
+"""Plain float32 output, for tests that compare what was written with float32 values or
+that fill a small disk (the default float16 + bitshuffle-LZ4 is ~3x smaller)."""
 STARTED: list[subprocess.Popen] = []
 """Every process started here; conftest kills what a failed test left running."""
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from n2s_stream.buffer import RollingBuffer
 from n2s_stream.calibration import Calibration
-from n2s_stream.config import InferenceOptions, NetworkOptions, OutputOptions
+from n2s_stream.config import InferenceOptions, NetworkOptions, OutputOptions, StorageOptions
 from n2s_stream.engine import Engine
 from n2s_stream.inference import InferenceLoop
 from n2s_stream.metrics import Metrics
@@ -38,7 +38,8 @@ def make_loop(state_dir: Path, frames: queue.Queue, *, model: nn.Module, store: 
         buffer = RollingBuffer(max_frames=8, max_bytes=2**20)
     if val_buffer is None:
         val_buffer = RollingBuffer(max_frames=8, max_bytes=2**20)
-    output = Hdf5Sink(OutputOptions(), state=StateDir(state_dir), metrics=metrics,
+    output = Hdf5Sink(OutputOptions(storage=StorageOptions("float32", "none")),
+                      state=StateDir(state_dir), metrics=metrics,
                       stopping=threading.Event(), config_text="")
     sinks = [output, TrainingTap(buffer, val_buffer), *extra_sinks]
     return InferenceLoop(

@@ -98,7 +98,7 @@ def test_a_lossy_codec_is_refused_where_it_cannot_be_stored():
     with pytest.raises(UsageError, match="lossless"):
         make(DenoiseConfig, require_reconstructable=True, output_compression="zfp")
     config = make(DaemonConfig, watch="/tmp", output_compression="zstd", flush_seconds=0.5)
-    assert config.output.storage.output_format() == OutputFormat("float32", "zstd")
+    assert config.output.storage.output_format() == OutputFormat("float16", "zstd")
     assert config.output.flush_seconds == 0.5
 
 
@@ -270,3 +270,46 @@ def test_the_queue_is_full_at_its_byte_bound_and_always_takes_one_frame():
     assert [frames.get_nowait().index for _ in range(3)] == [0, 1, 2]
     frames.put_nowait(SeriesEnd("s", 3, Path("o.h5")))
     assert frames.bytes == 0 and frames.qsize() == 1
+    frames.get_nowait()
+    for k in range(3):
+        frames.put_nowait(frame(k))
+    assert frames.full() and frames.qsize() == 3  # full by bytes; the metric says 3
+
+
+def test_a_frame_that_cannot_be_encoded_stops_storing_and_leaves_the_frames_before_it(
+        tmp_path, monkeypatch):
+    import threading
+    from pathlib import Path
+
+    from n2s_stream.config import OutputOptions
+    from n2s_stream.frames import Frame
+    from n2s_stream.metrics import Metrics
+    from n2s_stream.sinks import FrameMeta, SeriesStart
+    from n2s_stream.sinks.hdf5 import Hdf5Sink, StoreError
+    from n2s_stream.state import StateDir
+
+    real_encode = OutputFormat.encode
+
+    def encode(self, frame):
+        if frame[0, 0] == 3:
+            raise MemoryError("no room for frame 3")
+        return real_encode(self, frame)
+
+    monkeypatch.setattr(OutputFormat, "encode", encode)
+    from prometheus_client import CollectorRegistry
+
+    sink = Hdf5Sink(OutputOptions(out=tmp_path / "out"), state=StateDir(tmp_path / "state"),
+                    metrics=Metrics(CollectorRegistry()), stopping=threading.Event(),
+                    config_text="")
+    output = tmp_path / "out" / "s_n2s.h5"
+    sink.open_series(SeriesStart("s", output, (8, 8), np.dtype("u2")))
+    valid = np.ones((8, 8), bool)
+    with pytest.raises(StoreError, match="frame 3 could not be encoded"):
+        for k in range(8):
+            frame = Frame("s", k, np.full((8, 8), k, np.uint16), 0.0, Path("s_n2s.h5"))
+            sink.write(frame, np.full((8, 8), k, np.float32), FrameMeta(0, 0, valid, valid))
+        sink.close()
+    sink.close()  # as the inference loop does on its way out
+    frames, provenance = read_output(output)
+    assert np.array_equal(provenance["source_frame"], np.arange(3))
+    assert np.array_equal(frames[:, 0, 0], np.arange(3))

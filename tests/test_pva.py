@@ -13,7 +13,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from daemon_helpers import N2S, STARTED, DaemonProcess, free_port, read_output
+from daemon_helpers import FLOAT32, N2S, STARTED, DaemonProcess, free_port, read_output
 from pva_helpers import client_env, pva_env, pvapy_reader, scripted_server, server_env
 
 pytest.importorskip("p4p", reason="optional extra [pva] not installed")
@@ -46,7 +46,7 @@ def test_two_acquisitions_by_acquire_pv_with_gaps_served_back_as_a_pv(tmp_path):
     detector = _simulator(pv, env, "--frames", "25", "--series", "2", "--shape", "32x24",
                           "--rate", "25", "--codec", "bslz4", "--gap-every", "10",
                           "--acquire-pv", acquire, "--keep-counter", "--start-delay", "12")
-    daemon = DaemonProcess(tmp_path, "--pva", pv, "--pva-series-gap", "30",
+    daemon = DaemonProcess(tmp_path, *FLOAT32, "--pva", pv, "--pva-series-gap", "30",
                            "--pva-acquire-pv", acquire, "--no-cold-start",
                            "--pva-serve", served, env={**env, **server_env(serve_port)})
     daemon.wait_ready()

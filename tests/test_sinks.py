@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, start_writer
+from daemon_helpers import FLOAT32, DaemonProcess, start_writer
 from pipeline_helpers import make_loop
 from prometheus_client import CollectorRegistry
 
@@ -76,7 +76,7 @@ class BrokenViewer:
 def test_a_sink_declared_in_a_test_file_is_used_by_the_daemon_through_config(tmp_path):
     config = tmp_path / "n2s.toml"
     config.write_text('[daemon]\nsinks = ["test_sinks:RecordingSink"]\n')
-    daemon = DaemonProcess(tmp_path, "--config", str(config), "--no-cold-start",
+    daemon = DaemonProcess(tmp_path, *FLOAT32, "--config", str(config), "--no-cold-start",
                            env={"PYTHONPATH": str(TESTS)})
     daemon.wait_ready()
     assert "sink recorder from test_sinks:RecordingSink" in daemon.log()

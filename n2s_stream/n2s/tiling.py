@@ -4,8 +4,10 @@ the device's memory (a 16-megapixel frame through the default UNet needs several
 Each tile is the core it is responsible for plus ``overlap`` pixels of context on every
 side (clipped at the frame's edges); only the core of each output tile is kept. When the
 overlap covers the network's receptive field the result equals one pass over the whole
-frame (a fully convolutional network sees the same pixels), so ``overlap`` trades a little
-duplicated work for exactness. Pure torch: no I/O, no state.
+frame (a fully convolutional network sees the same pixels; for a UNet, tile starts must
+also fall on multiples of 2**depth, which a ``tile`` and ``overlap`` that are such
+multiples give), so ``overlap`` trades a little duplicated work for exactness. Pure torch:
+no I/O, no state.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ from n2s_stream.writer import FrameWriter, OutputAccess, close_left_open, free_b
 log = logging.getLogger(__name__)
 
 
+class StoreError(OSError):
+    """A frame could not be encoded for its output: like a disk error, it stops intake."""
+
+
 @dataclass
 class _Encoding:
     """A frame whose chunk a pool thread is encoding, and what its provenance row says."""
@@ -64,6 +68,7 @@ class Hdf5Sink:
         self._format = options.storage.output_format()
         self._encoding: deque[_Encoding] = deque()
         self._pool: ThreadPoolExecutor | None = None  # started with the first frame
+        self._failed = False  # a frame could not be stored: none after it is
 
     @classmethod
     def from_context(cls, context: SinkContext) -> Hdf5Sink:
@@ -148,16 +153,32 @@ class Hdf5Sink:
             self._store_next()
 
     def _store_next(self) -> None:
+        """Store the oldest encoded frame. If its encoding or storing fails, no frame
+        after it is stored either (rows must stay in source order): the error stops the
+        daemon (exit 1), the outputs keep every frame before it, and a restart resumes
+        there."""
         job = self._encoding.popleft()
-        job.writer.append_chunks([job.chunk.result()], **_row(job.frame, job.meta))
+        try:
+            job.writer.append_chunks([job.chunk.result()], **_row(job.frame, job.meta))
+        except Exception as exc:
+            dropped = 1 + len(self._encoding)
+            self._encoding.clear()
+            self._failed = True
+            if isinstance(exc, OSError):
+                raise
+            raise StoreError(f"{job.writer.path}: frame {job.frame.index} could not be "
+                             f"encoded ({exc}); it and {dropped - 1} after it were not "
+                             "stored") from exc
 
     def end_series(self, end: SeriesEnd) -> None:
         """Close the series' output and note in the ledger whether it is complete."""
         self._store_encoded(wait=True)
         writer = self._writers.pop(end.series, None)
         if writer is not None:
-            writer.close()
-            self._outputs.closed_live(writer.path)
+            try:
+                writer.close()
+            finally:
+                self._outputs.closed_live(writer.path)
             self.state.record(end.series, output=writer.path, written=writer.n_written,
                               finished=end.complete)
         elif end.complete:
@@ -170,20 +191,31 @@ class Hdf5Sink:
             self.state.record(end.series, output=end.output, written=0, finished=True)
 
     def close(self) -> None:
-        """Store what is encoded, close every open output; their series stay unfinished
-        in the ledger."""
+        """Store what is encoded (unless storing already failed), close every open
+        output, each even if another fails; their series stay unfinished in the ledger."""
+        errors: list[BaseException] = []
         try:
-            self._store_encoded(wait=True)
+            if not self._failed:
+                self._store_encoded(wait=True)
+        except Exception as exc:
+            errors.append(exc)
         finally:
             self._encoding.clear()
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown(wait=True, cancel_futures=True)
         for series in list(self._writers):
             writer = self._writers.pop(series)
-            writer.close()
-            self._outputs.closed_live(writer.path)
-            self.state.record(series, output=writer.path, written=writer.n_written,
-                              finished=False)
+            try:
+                writer.close()
+                self.state.record(series, output=writer.path, written=writer.n_written,
+                                  finished=False)
+            except Exception as exc:
+                log.error("closing %s failed: %s", writer.path, exc)
+                errors.append(exc)
+            finally:
+                self._outputs.closed_live(writer.path)
+        if errors:
+            raise errors[0]
 
     def _wait_for_space(self, writer: FrameWriter, nbytes: int) -> None:
         needed = int(self.options.min_free_mb * 2**20) + 4 * nbytes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, mounted_tmpfs, read_output, remount, start_writer
+from daemon_helpers import FLOAT32, DaemonProcess, mounted_tmpfs, read_output, remount, start_writer
 from fault_report import FaultFigure
 
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.faults
 
 
 def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, fault_figures):
-    daemon = DaemonProcess(tmp_path, "--min-free-mb", "1")
+    daemon = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
     daemon.wait_for("nearly full .* holding frames until space returns", timeout=60)
@@ -50,7 +50,7 @@ def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
     counted, and the next start, with room again, writes every frame exactly once."""
     import time
 
-    daemon = DaemonProcess(tmp_path, "--min-free-mb", "1", "--queue-size", "8")
+    daemon = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1", "--queue-size", "8")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
     daemon.wait_for("nearly full .* holding frames until space returns", timeout=60)
@@ -67,7 +67,7 @@ def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
     assert stop_seconds < 15, stop_seconds
     assert "accepted frames were not written" in log
     remount(small_disk, "size=32m")
-    again = DaemonProcess(tmp_path, "--min-free-mb", "1", name="restarted")
+    again = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1", name="restarted")
     again.wait_ready()
     again.wait_for("closed output .*scan_0001_n2s.h5 \\(200 frames\\)", timeout=120)
     assert again.terminate() == 0
