@@ -363,6 +363,26 @@ def output_formats(denoised: np.ndarray, truth: np.ndarray, valid: np.ndarray,
     return rows
 
 
+def float16_by_count(shape: tuple[int, int], counts: list[float],
+                     device: torch.device) -> list[dict]:
+    """What storing in float16 costs against float32, in PSNR on the truth, as the counts
+    per pixel grow (float16's steps grow with the value: 1 count at 1024-2048, 16 at
+    16384-32768)."""
+    rows = []
+    for mean_count in counts:
+        truth = truth_frame(shape, mean_count)
+        frame = np.random.default_rng(7).poisson(truth).astype(np.float32)
+        frame = np.minimum(frame, 65534).astype(np.uint16)
+        denoised = shipped_denoise(frame, device)
+        valid = np.ones(shape, bool)
+        half = denoised.astype(np.float16).astype(np.float32)
+        rows.append({"mean_count": mean_count, "max_count": float(truth.max()),
+                     "psnr_float32": psnr(denoised, truth, valid),
+                     "psnr_float16": psnr(half, truth, valid),
+                     "loss_db": psnr(denoised, truth, valid) - psnr(half, truth, valid)})
+    return rows
+
+
 # ---- the daemon ---------------------------------------------------------------------------
 def run_daemon(args_in: list[str], flags: list[str], n: int, tmp: Path, name: str,
                feed=None, timeout: float = 900) -> dict:
@@ -509,6 +529,8 @@ def measure_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     if args.precision_crop >= 0:
         result["precision"] = precision_check(frames[0], truth, device, args.precision_crop)
     if args.formats:
+        result["float16_by_count"] = float16_by_count(
+            (min(shape[0], 512), min(shape[1], 512)), [2, 20, 200, 2000, 10000], device)
         result["formats"] = output_formats(denoised, truth, valid,
                                            float(np.mean(frames[0], where=valid)), tmp, 4)
     return result
@@ -537,6 +559,10 @@ def print_size(result: dict) -> None:
               f"{result['daemon']['default_network']['of_bare_forward']:.2f}")
     print("stage ms/frame (one thread): " + ", ".join(
         f"{k} {v:.1f}" for k, v in result["stage_ms"].items()))
+    for row in result.get("float16_by_count", []):
+        print(f"float16 storage at mean {row['mean_count']:7.0f} counts (max "
+              f"{row['max_count']:7.0f}): PSNR {row['psnr_float16']:.2f} dB, "
+              f"{-row['loss_db']:+.3f} dB against float32")
     for row in result.get("precision", []):
         print(f"inference {row['precision']:8s} tile {row['tile']:4d} on "
               f"{row['shape'][0]}x{row['shape'][1]}: PSNR {row['psnr']:.2f} dB "

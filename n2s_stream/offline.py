@@ -386,9 +386,9 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
     """Denoise the stack ``config.h5`` with ``config.ckpt`` into a new output file.
 
     Reads, denoises and writes ``batch`` frames at a time, so memory does not grow with
-    the stack. Output is in the input's units, stored as ``config.storage`` says (float16
-    and bitshuffle-LZ4 by default), or in the input's dtype with ``require_reconstructable`` (refused unless
-    the normalisation inverts exactly).
+    the stack. Output is in the input's units, stored as ``config.storage`` says
+    (float16 and bitshuffle-LZ4 by default), or in the input's dtype with
+    ``require_reconstructable`` (refused unless the normalisation inverts exactly).
     """
     if config.h5 is None or config.ckpt is None:
         raise UsageError("denoise: --h5 and --ckpt are required")

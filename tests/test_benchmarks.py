@@ -316,6 +316,8 @@ def test_detector_scale_runs(tmp_path):
         "error_bound"] * 1.0001
     assert set(size["stage_ms"]) >= {"read", "decode", "prepare", "forward_near_free",
                                      "restore", "encode", "write", "forward_default"}
+    assert [r["mean_count"] for r in size["float16_by_count"]] == [2, 20, 200, 2000, 10000]
+    assert all(abs(r["loss_db"]) < 0.05 for r in size["float16_by_count"])
     precision = {(r["precision"], r["tile"]): r for r in size["precision"]}
     assert set(precision) == {("float32", 0), ("float32", 512), ("bfloat16", 0)}
     assert precision[("float32", 0)]["loss_db"] == 0
