@@ -4,6 +4,7 @@ checked on real files (and the daemon as a real subprocess)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -313,3 +314,22 @@ def test_a_frame_that_cannot_be_encoded_stops_storing_and_leaves_the_frames_befo
     frames, provenance = read_output(output)
     assert np.array_equal(provenance["source_frame"], np.arange(3))
     assert np.array_equal(frames[:, 0, 0], np.arange(3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_hdf5s_own_h5dump_reads_uncompressed_outputs(tmp_path, dtype):
+    """The readers table in the README: HDF5's own tools (Debian's hdf5-tools) open an
+    output stored without a codec, in either dtype."""
+    import shutil
+
+    if shutil.which("h5dump") is None:
+        pytest.skip("no h5dump (Debian: apt install hdf5-tools)")
+    frames = (np.arange(40, dtype=np.float32).reshape(2, 4, 5) / 4)
+    path = tmp_path / "out.h5"
+    _write(path, frames, OutputFormat(dtype, "none"))
+    dump = subprocess.run(["h5dump", "-d", "/entry/data/data", "-w", "0", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    block = dump.stdout.split("DATA {", 1)[1].split("}", 1)[0]
+    values = [float(v) for v in re.sub(r"\(\d+,\d+,\d+\):", "", block).split(",")]
+    assert np.array_equal(np.array(values, np.float32), frames.ravel())
