@@ -267,7 +267,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        keep_freed_memory()
+        keep_freed_memory()  # before the worker threads start (allocator.py)
         try:
             stages = self._start()
         except BaseException:
