@@ -46,7 +46,7 @@ test-browser: setup
 lint: setup
 	$(VENV)/bin/ruff check n2s_stream tests benchmarks
 
-# Every benchmark on small settings, in about 7 minutes on 2 cores, into
+# Every benchmark on small settings, in about 9 minutes on 2 cores, into
 # benchmarks/results/quick/: the README's "make bench" table comes from this.
 QUICK := benchmarks/results/quick
 bench: setup

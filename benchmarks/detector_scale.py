@@ -27,6 +27,7 @@ Prints tables; writes ``benchmarks/results/detector_scale.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -516,7 +517,8 @@ def measure_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                                                                 args.forward_seconds)
         daemon_rows["default_network"] = run_daemon(
             watch, ["--no-cold-start", "--no-refine", "--device", args.device,
-                    *DEFAULT_OUTPUT], args.network_frames, tmp, "default")
+                    *DEFAULT_OUTPUT, *args.network_flags.split()], args.network_frames, tmp,
+            "default")
         daemon_rows["default_network"]["of_bare_forward"] = (
             daemon_rows["default_network"]["fps"] / result["bare_forward_default_fps"])
     for row in daemon_rows.values():
@@ -576,6 +578,74 @@ def print_size(result: dict) -> None:
                   f"{f['write_mpx_s']:11.0f} {f['psnr']:7.2f} {f['psnr_loss_db']:8.3f}")
 
 
+DETECTOR_RATES = {"4M": [("EIGER2 4M at 100 frames/s", 100), ("EIGER2 4M at 560 frames/s", 560)],
+                  "16M": [("EIGER2 16M at 133 frames/s", 133)]}
+"""What the detectors deliver (frames/s), for the docs' table."""
+
+
+def markdown(report: dict) -> str:
+    """The README's tables from a report: what detectors deliver against what one process
+    sustains here, then each size's measurements."""
+    rows = report["rows"]
+    lines = ["| detector | delivers | one process here, passthrough / near-free network / "
+             "default network | processes at the passthrough rate |", "|---|---|---|---|"]
+    for result in rows:
+        daemon = result["daemon"]
+        for name, fps in DETECTOR_RATES.get(result["size"], []):
+            need = fps * result["megapixels"]
+            sustained = [daemon[k]["mpx_s"] for k in ("passthrough", "near_free",
+                                                       "default_network") if k in daemon]
+            lines.append(f"| {name} | {need:.0f} Mpx/s | "
+                         + " / ".join(f"{v:.1f}" for v in sustained) + " Mpx/s | "
+                         f"{int(np.ceil(need / daemon['passthrough']['mpx_s']))} |")
+    for result in rows:
+        mpx = result["megapixels"]
+        lines += ["", f"{result['size']} ({result['shape'][0]} x {result['shape'][1]}):", "",
+                  "| | frames/s | Mpx/s | peak RSS |", "|---|---|---|---|"]
+        for name, fps in result["machine_fps"].items():
+            threads = 1 if name.startswith("memcpy") else 2
+            lines.append(f"| machine: {name} ({threads} thread{'s' if threads > 1 else ''}) "
+                         f"| {fps:.1f} | {fps * mpx:.0f} | |")
+        for name, fps in result["bare_fps"].items():
+            lines.append(f"| bare loop: {name} | {fps:.1f} | {fps * mpx:.0f} | |")
+        if "bare_forward_default_fps" in result:
+            fps = result["bare_forward_default_fps"]
+            lines.append(f"| bare forward pass, default network | {fps:.3f} | "
+                         f"{fps * mpx:.2f} | |")
+        for name, row in result["daemon"].items():
+            lines.append(f"| daemon: {name} | {row['fps']:.2f} | {row['mpx_s']:.1f} | "
+                         f"{row['peak_rss_mb']:.0f} MB |")
+        passthrough = result["daemon"]["passthrough"]
+        ratio = (f"; default network / bare forward "
+                 f"{result['daemon']['default_network']['of_bare_forward']:.2f}"
+                 if "default_network" in result["daemon"] else "")
+        lines += ["", f"Passthrough / bare loop: {passthrough['of_bare_full']:.2f} (same "
+                      f"work), {passthrough['of_bare_io_only']:.2f} (I/O only){ratio}. "
+                      "Stage times, one frame on one thread (ms): " + ", ".join(
+                          f"{k} {v:.1f}" for k, v in result["stage_ms"].items()) + "."]
+    formats = next((r for r in rows if "formats" in r), None)
+    if formats is not None:
+        lines += ["", f"Output formats at {formats['size']} (a frame denoised by the shipped "
+                      "network; PSNR on the simulator's truth, read back by h5py + "
+                      "hdf5plugin):", "",
+                  "| dtype | codec | error bound (counts) | MB/frame | of float32 | "
+                  "write Mpx/s (1 thread) | PSNR | change against float32 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for f in formats["formats"]:
+            lines.append(f"| {f['dtype']} | {f['compression']} | {f['error_bound']:.3g} | "
+                         f"{f['bytes_per_frame'] / 1e6:.2f} | {f['of_float32']:.3f} | "
+                         f"{f['write_mpx_s']:.0f} | {f['psnr']:.2f} | "
+                         f"{-f['psnr_loss_db']:+.3f} dB |")
+        lines += ["", "float16 storage as the counts grow (512 x 512, shipped network): " +
+                  "; ".join(f"mean {r['mean_count']:.0f} counts (max {r['max_count']:.0f}) "
+                            f"{-r['loss_db']:+.4f} dB" for r in formats["float16_by_count"])
+                  + ". Inference precision (" + ", ".join(
+                      f"{r['precision']}{' tiles of ' + str(r['tile']) if r['tile'] else ''}"
+                      f" {-r['loss_db']:+.3f} dB" for r in formats["precision"])
+                  + f", on a {formats['precision'][0]['shape'][0]} crop, CPU)."]
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Mpx/s of the machine, the bare loops and the daemon rows, per size."""
     plt = pyplot()
@@ -602,6 +672,9 @@ def main() -> None:
     parser.add_argument("--network-frames", type=int, default=6,
                         help="frames of the default-network row (0: no such row)")
     parser.add_argument("--forward-seconds", type=float, default=8.0)
+    parser.add_argument("--network-flags", default="",
+                        help="more daemon options for the default-network row, e.g. "
+                             "\"--tile 1088\"")
     parser.add_argument("--mean-count", type=float, default=2.0, help="photons per pixel")
     parser.add_argument("--repeat", type=int, default=4, help="rounds of the machine limits")
     parser.add_argument("--no-formats", dest="formats", action="store_false",
@@ -611,10 +684,15 @@ def main() -> None:
                         help="side of the crop the precision check scores on a CPU "
                              "(-1: no precision check)")
     parser.add_argument("--write-live", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", type=Path, help="print the README's tables from this "
+                                                      "report and exit")
     parser.add_argument("--out", type=Path, default=RESULTS / "detector_scale.json")
     args = parser.parse_args()
     if args.write_live:
         write_live(args.write_live, args.sizes[0], args.frames, args.mean_count)
+        return
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
         return
     keep_freed_memory()  # as the daemon does
     with tempfile.TemporaryDirectory(prefix="n2s-scale-") as tmp:

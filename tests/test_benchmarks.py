@@ -323,3 +323,7 @@ def test_detector_scale_runs(tmp_path):
     assert precision[("float32", 0)]["loss_db"] == 0
     assert report["provenance"]["commit"] and report["provenance"]["versions"]["torch"]
     assert "passthrough / bare loop" in stdout and out.with_suffix(".png").exists()
+    tables = subprocess.run([sys.executable, str(BENCHMARKS / "detector_scale.py"),
+                             "--markdown", str(out)], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert "| daemon: passthrough |" in tables and "change against float32" in tables
