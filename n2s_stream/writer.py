@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -104,6 +104,34 @@ def attribute_column(name: str) -> str:
 def output_name(source: Path) -> str:
     """Name of the output file for a source file: ``scan_0001.h5`` → ``scan_0001_n2s.h5``."""
     return f"{source.stem}_n2s.h5"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the provenance rows of appended frames say: per frame (sequences) or for all
+    of them (scalars); ``attributes`` one mapping per frame, or none."""
+
+    source_frames: np.ndarray | Sequence[int]
+    model_version: int
+    t_received: np.ndarray | float
+    denoiser: int = 0
+    t_source: np.ndarray | float | None = None
+    source_ids: Sequence[int | None] | None = None
+    attributes: Sequence[Mapping[str, float | str]] = ()
+
+    def columns(self, n: int) -> dict[str, np.ndarray]:
+        """The ``n`` rows, one array per column of `PROVENANCE_FIELDS`."""
+        return {
+            "source_frame": np.asarray(self.source_frames, dtype=np.int64),
+            "model_version": np.full(n, self.model_version, dtype=np.int64),
+            "t_received": np.broadcast_to(np.asarray(self.t_received, dtype=np.float64), (n,)),
+            "t_written": np.full(n, time.time(), dtype=np.float64),
+            "denoiser": np.full(n, self.denoiser, dtype=np.uint8),
+            "t_source": np.broadcast_to(np.asarray(
+                np.nan if self.t_source is None else self.t_source, dtype=np.float64), (n,)),
+            "source_id": np.array([-1 if i is None else i
+                                   for i in (self.source_ids or [None] * n)], dtype=np.int64),
+        }
 
 
 class FrameWriter:
@@ -264,42 +292,26 @@ class FrameWriter:
         each: encoded here (lossless codecs) or by HDF5's filter (lossy). ``attributes``:
         one mapping per frame (or none), each name whose value is a number a column of
         its own. Flushed when due (``flush_seconds``)."""
+        rows = Provenance(source_frames, model_version, t_received, denoiser, t_source,
+                          source_ids, attributes)
         if self.format.direct:
-            self.append_chunks([self.format.encode(frame) for frame in frames],
-                               source_frames=source_frames, model_version=model_version,
-                               t_received=t_received, denoiser=denoiser, t_source=t_source,
-                               source_ids=source_ids, attributes=attributes)
+            self.append_chunks([self.format.encode(frame) for frame in frames], rows)
             return
-        n = frames.shape[0]
         start = self.n_written
         with self._undone_on_failure(start):
-            self._frames.resize(start + n, axis=0)
+            self._frames.resize(start + len(frames), axis=0)
             self._frames[start:] = frames
-        self._add_rows(n, source_frames, model_version, t_received, denoiser, t_source,
-                       source_ids, attributes)
+        self._add_rows(len(frames), rows)
 
-    def append_chunks(
-        self,
-        chunks: Sequence[bytes | np.ndarray],
-        *,
-        source_frames: np.ndarray | Sequence[int],
-        model_version: int,
-        t_received: np.ndarray | float,
-        denoiser: int = 0,
-        t_source: np.ndarray | float | None = None,
-        source_ids: Sequence[int | None] | None = None,
-        attributes: Sequence[Mapping[str, float | str]] = (),
-    ) -> None:
+    def append_chunks(self, chunks: Sequence[bytes | np.ndarray], rows: Provenance) -> None:
         """As `append`, for frames already encoded by ``self.format.encode`` (one stored
         chunk each, written whole)."""
-        n = len(chunks)
         start = self.n_written
         with self._undone_on_failure(start):
-            self._frames.resize(start + n, axis=0)
+            self._frames.resize(start + len(chunks), axis=0)
             for k, chunk in enumerate(chunks):
                 self._frames.id.write_direct_chunk((start + k, 0, 0), chunk)
-        self._add_rows(n, source_frames, model_version, t_received, denoiser, t_source,
-                       source_ids, attributes)
+        self._add_rows(len(chunks), rows)
 
     @contextmanager
     def _undone_on_failure(self, start: int) -> Iterator[None]:
@@ -314,24 +326,11 @@ class FrameWriter:
                 log.error("%s: could not cut back to %d frames: %s", self.path, start, exc)
             raise
 
-    def _add_rows(self, n: int, source_frames: np.ndarray | Sequence[int], model_version: int,
-                  t_received: np.ndarray | float, denoiser: int,
-                  t_source: np.ndarray | float | None, source_ids: Sequence[int | None] | None,
-                  attributes: Sequence[Mapping[str, float | str]]) -> None:
+    def _add_rows(self, n: int, rows: Provenance) -> None:
         if not n:
             return
-        self._rows.append({
-            "source_frame": np.asarray(source_frames, dtype=np.int64),
-            "model_version": np.full(n, model_version, dtype=np.int64),
-            "t_received": np.broadcast_to(np.asarray(t_received, dtype=np.float64), (n,)),
-            "t_written": np.full(n, time.time(), dtype=np.float64),
-            "denoiser": np.full(n, denoiser, dtype=np.uint8),
-            "t_source": np.broadcast_to(np.asarray(
-                np.nan if t_source is None else t_source, dtype=np.float64), (n,)),
-            "source_id": np.array([-1 if i is None else i for i in (source_ids or [None] * n)],
-                                  dtype=np.int64),
-        })
-        self._attribute_rows += list(attributes) or [{}] * n
+        self._rows.append(rows.columns(n))
+        self._attribute_rows += list(rows.attributes) or [{}] * n
         self.last_source_frame = max(self.last_source_frame,
                                      int(self._rows[-1]["source_frame"][-1]))
         self.flush_if_due()

@@ -32,7 +32,13 @@ from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
 from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkContext
 from n2s_stream.state import StateDir, last_written_source_frame
-from n2s_stream.writer import FrameWriter, OutputAccess, close_left_open, free_bytes
+from n2s_stream.writer import (
+    FrameWriter,
+    OutputAccess,
+    Provenance,
+    close_left_open,
+    free_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +136,7 @@ class Hdf5Sink:
             denoised = to_source_dtype(denoised, frame.data.dtype)
         if not writer.format.direct:  # a lossy codec: HDF5 encodes, in order
             self._store_encoded(wait=True)
-            writer.append(denoised[np.newaxis], **_row(frame, meta))
+            writer.append(denoised[np.newaxis], **vars(_row(frame, meta)))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.options.encode_threads,
@@ -159,7 +165,7 @@ class Hdf5Sink:
         there."""
         job = self._encoding.popleft()
         try:
-            job.writer.append_chunks([job.chunk.result()], **_row(job.frame, job.meta))
+            job.writer.append_chunks([job.chunk.result()], _row(job.frame, job.meta))
         except Exception as exc:
             dropped = 1 + len(self._encoding)
             self._encoding.clear()
@@ -234,9 +240,7 @@ class Hdf5Sink:
                  free / 2**20)
 
 
-def _row(frame: Frame, meta: FrameMeta) -> dict:
-    """The provenance row of one frame, as `FrameWriter.append` takes it."""
-    return {"source_frames": [frame.index], "model_version": meta.version,
-            "t_received": frame.received_at, "denoiser": meta.denoiser,
-            "t_source": frame.t_source, "source_ids": [frame.source_id],
-            "attributes": [frame.attributes]}
+def _row(frame: Frame, meta: FrameMeta) -> Provenance:
+    """The provenance row of one frame."""
+    return Provenance([frame.index], meta.version, frame.received_at, meta.denoiser,
+                      frame.t_source, [frame.source_id], [frame.attributes])
