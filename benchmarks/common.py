@@ -27,7 +27,7 @@ def write_report(out: Path, benchmark: str, settings: object, rows: list, **more
     went."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": benchmark, "machine": platform.machine(),
-                               "cores": os.cpu_count(), "provenance": provenance(),
+                               "cores": os.cpu_count(), "provenance": STARTED,
                                "settings": vars(settings) | {"out": str(out)},
                                "rows": rows, **more}, indent=2, default=float))
     print(f"wrote {out}")
@@ -35,7 +35,8 @@ def write_report(out: Path, benchmark: str, settings: object, rows: list, **more
 
 def provenance() -> dict:
     """What produced a result: the commit (and whether the tree had changes), the date,
-    the command, the CPU, and the versions of the packages that decide speed."""
+    the command, the CPU, and the versions of the packages that decide speed; as they were
+    when the benchmark started (`STARTED`)."""
     import importlib.metadata
     import subprocess
 
@@ -144,3 +145,8 @@ def calls_per_second(work: Callable[[], object], seconds: float, min_calls: int 
 def peak_rss_mb(pid: int) -> float:
     """The most resident memory a process has had so far (VmHWM), in MiB."""
     return proc_status(pid).get("VmHWM", float("nan")) / 1024
+
+
+STARTED = provenance()
+"""The provenance of this run, taken when the benchmark started (a later edit of the tree
+does not make it dirty)."""

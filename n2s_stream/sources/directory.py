@@ -54,7 +54,9 @@ _RETRY_REASONS = ("unreadable", "no_dataset", "not_hdf5", "missing", "read_error
 
 
 READ_BATCH = 16
-"""Frames read from a file at once."""
+"""Frames read from a file at once ..."""
+READ_BYTES = 64 * 2**20
+"""... and at most this many bytes of them (16 frames of an EIGER2 16M are 580 MB)."""
 
 
 def filesystem_type(path: Path, mounts: str | None = None) -> str:
@@ -291,7 +293,9 @@ class DirectorySource(BackgroundWorker):
                                                     swmr=stack.swmr)
             available = stack.refresh()
             if available > followed.position:
-                stop = min(available, followed.position + READ_BATCH)
+                frame_bytes = stack.dtype.itemsize * stack.frame_shape[0] * stack.frame_shape[1]
+                batch = max(1, min(READ_BATCH, READ_BYTES // frame_bytes))
+                stop = min(available, followed.position + batch)
                 frames = stack.read_list(followed.position, stop, self._decoders)
                 for data in frames:
                     frame = Frame(followed.series, followed.position, data, time.time(),
