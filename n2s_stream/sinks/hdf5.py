@@ -75,6 +75,7 @@ class Hdf5Sink:
         self._encoding: deque[_Encoding] = deque()
         self._pool: ThreadPoolExecutor | None = None  # started with the first frame
         self._failed = False  # a frame could not be stored: none after it is
+        self._closed_rows: dict[str, int] = {}  # frames of the outputs series ends closed
 
     @classmethod
     def from_context(cls, context: SinkContext) -> Hdf5Sink:
@@ -96,6 +97,7 @@ class Hdf5Sink:
         """Open the series' output: resumed where an earlier run stopped, or new."""
         if start.series in self._writers:
             return
+        self._closed_rows.pop(start.series, None)
         dtype = start.dtype if self.options.require_reconstructable else None
         path = self.state.output_for(start.series, start.output)
         existed = path.exists()
@@ -116,10 +118,10 @@ class Hdf5Sink:
                               "away to write the series again") from exc
 
     def rows_written(self, series: str) -> int:
-        """Frames of ``series`` that readers of its open output see (an earlier run's
-        included); 0 if none is open."""
+        """Frames of ``series`` that readers of its output see (an earlier run's
+        included): of the open output, or of the one its end just closed; else 0."""
         writer = self._writers.get(series)
-        return 0 if writer is None else writer.n_flushed
+        return self._closed_rows.get(series, 0) if writer is None else writer.n_flushed
 
     def frame_shape(self, series: str) -> tuple[int, int] | None:
         """Shape of the frames in the open output of ``series``."""
@@ -185,6 +187,7 @@ class Hdf5Sink:
                 writer.close()
             finally:
                 self._outputs.closed_live(writer.path)
+            self._closed_rows[end.series] = writer.n_written
             self.state.record(end.series, output=writer.path, written=writer.n_written,
                               finished=end.complete)
         elif end.complete:

@@ -132,10 +132,13 @@ class TiledSink:
                 registration.metadata["model_version"] = meta.version
 
     def end_series(self, end: SeriesEnd) -> None:
-        """Register the series' final shape now."""
+        """Register the series' final shape now (the HDF5 sink, called first, has closed
+        the output with every frame)."""
+        rows = self._rows_written(end.series)
         with self._lock:
             registration = self._registrations.get(end.series)
             if registration is not None:
+                registration.frames = max(registration.frames, rows)
                 registration.ended = True
         self._worker.wake()
 
