@@ -188,9 +188,10 @@ def load_factory(spec: str) -> SinkFactory:
     return factory
 
 
-def make_sinks(context: SinkContext, *, train: bool, refine: bool = True) -> list[Sink]:
+def make_sinks(context: SinkContext, *, train: bool, refine: bool) -> list[Sink]:
     """The sinks this config asks for, in the order they are called: the HDF5 output
-    first (required), the training tap (when training), the refiner's raw spool,
+    first (required), the training tap (when training), the refiner's raw spool (when
+    refining),
     republishing (ZeroMQ, PVA), the preview table, Tiled, then the configured extra
     sinks."""
     from n2s_stream.sinks.hdf5 import Hdf5Sink
@@ -205,7 +206,7 @@ def make_sinks(context: SinkContext, *, train: bool, refine: bool = True) -> lis
     sinks: list[Sink] = [output]
     if train:
         sinks.append(TrainingTap.from_context(context))
-    if config.refine.enabled and refine:
+    if refine:
         sinks.append(RawSpool.from_context(context))
     if config.zmq.out:
         sinks.append(ZmqRepublishSink.from_context(context))
@@ -215,7 +216,8 @@ def make_sinks(context: SinkContext, *, train: bool, refine: bool = True) -> lis
         sinks.append(PreviewSink.from_context(context))
     if config.tiled.uri:
         from n2s_stream.sinks.tiled import TiledSink  # needs the optional tiled client
-        sinks.append(TiledSink.from_context(context, rows_written=output.rows_written))
+        sinks.append(TiledSink.from_context(context, rows_written=output.rows_written,
+                                            stored_dtype=output.stored_dtype))
     for spec in config.output.sinks:
         sink = load_factory(spec)(context)
         if not isinstance(sink, Sink):

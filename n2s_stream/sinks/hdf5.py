@@ -123,6 +123,11 @@ class Hdf5Sink:
         writer = self._writers.get(series)
         return self._closed_rows.get(series, 0) if writer is None else writer.n_flushed
 
+    def stored_dtype(self, series: str) -> np.dtype:
+        """The dtype the open output of ``series`` stores its frames in (as begun, when
+        it was resumed)."""
+        return np.dtype(self._writers[series].format.dtype)
+
     def frame_shape(self, series: str) -> tuple[int, int] | None:
         """Shape of the frames in the open output of ``series``."""
         writer = self._writers.get(series)
@@ -138,7 +143,7 @@ class Hdf5Sink:
             denoised = to_source_dtype(denoised, frame.data.dtype)
         if not writer.format.direct:  # a lossy codec: HDF5 encodes, in order
             self._store_encoded(wait=True)
-            writer.append(denoised[np.newaxis], **vars(_row(frame, meta)))
+            writer.append_frames(denoised[np.newaxis], _row(frame, meta))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.options.encode_threads,

@@ -34,7 +34,6 @@ from n2s_stream.errors import UsageError
 from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.metrics import Metrics
 from n2s_stream.names import file_safe
-from n2s_stream.output_format import OutputFormat
 from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
 from n2s_stream.state import StateDir
 from n2s_stream.worker import BackgroundWorker
@@ -87,35 +86,33 @@ class TiledSink:
     required = False
 
     def __init__(self, options: TiledOptions, *, state: StateDir, metrics: Metrics,
-                 reconstructable: bool, rows_written: Callable[[str], int],
-                 output_dtype: str = "float32") -> None:
+                 rows_written: Callable[[str], int],
+                 stored_dtype: Callable[[str], np.dtype]) -> None:
         if not options.uri:
             raise UsageError("the Tiled sink needs --tiled URI")
         _api_key(options)  # a key file that cannot be read is a usage error now, not later
         self.options, self.state, self.metrics = options, state, metrics
-        self._reconstructable, self._rows_written = reconstructable, rows_written
-        self._output_dtype = np.dtype(output_dtype)
+        self._rows_written, self._stored_dtype = rows_written, stored_dtype
         self._registrations: dict[str, _Registration] = {}
         self._lock = threading.Lock()
         self._worker = _Registrar(self)
         self._worker.start()
 
     @classmethod
-    def from_context(cls, context: SinkContext, *,
-                     rows_written: Callable[[str], int]) -> TiledSink:
-        """The daemon's Tiled sink; ``rows_written(series)``: frames in its output."""
+    def from_context(cls, context: SinkContext, *, rows_written: Callable[[str], int],
+                     stored_dtype: Callable[[str], np.dtype]) -> TiledSink:
+        """The daemon's Tiled sink; ``rows_written(series)``: frames in its output,
+        ``stored_dtype(series)``: the type they are stored in (the HDF5 sink knows)."""
         return cls(context.config.tiled, state=context.state, metrics=context.metrics,
-                   reconstructable=context.config.output.require_reconstructable,
-                   rows_written=rows_written,
-                   output_dtype=context.config.output.storage.output_dtype)
+                   rows_written=rows_written, stored_dtype=stored_dtype)
 
     def open_series(self, start: SeriesStart) -> None:
-        """Note what to register for the series (done by the registrar thread)."""
+        """Note what to register for the series (done by the registrar thread; the HDF5
+        sink, called first, has opened its output)."""
         output = self.state.output_for(start.series, start.output)
-        dtype = (start.dtype if self._reconstructable else
-                 np.dtype(OutputFormat(self._output_dtype.name).for_source(start.dtype).dtype))
         registration = self._registration(
-            start.notes, start.series, output, "denoised", start.frame_shape, dtype,
+            start.notes, start.series, output, "denoised", start.frame_shape,
+            self._stored_dtype(start.series),
             extra={"series": start.series}, frames=self._rows_written(start.series),
             ident=start.series)
         with self._lock:
