@@ -202,8 +202,8 @@ def _run(command: str | None, args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"environment: unknown variable {unknown[0]} (no such option; "
                          "N2S_<OPTION> for the daemon, N2S_<COMMAND>_<OPTION> for a command)")
-    if command in (None, "train", "denoise", "demo"):
-        keep_freed_memory()  # frame-sized arrays come and go: see allocator.py
+    if command in ("train", "denoise"):
+        keep_freed_memory()  # frame-sized arrays come and go (the daemon's own run does too)
     if command is None:
         return _run_daemon(args)
     if command == "check-config":

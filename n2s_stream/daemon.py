@@ -145,6 +145,7 @@ class Daemon:
                     and not passthrough)
         cold = (config.training.cold_start and checkpoint is None
                 and config.training.model_from is None and not passthrough)
+        refining = config.refine.enabled and not passthrough
         starting = (StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
                     if cold and pretrained else None)  # the shipped model is single-frame
         cold_start = ColdStart(active=cold, on_change=self._cold_start_changed,
@@ -156,11 +157,10 @@ class Daemon:
                                    stopping=self.stop_requested, preview=self.preview,
                                    buffer=buffer, val_buffer=val_buffer,
                                    cold_start=cold_start if cold else None)
-        sinks = make_sinks(sink_context, train=training,
-                           refine=config.refine.enabled and not passthrough)
+        sinks = make_sinks(sink_context, train=training, refine=refining)
         inference = self._inference_loop(device, store, cold_start if cold else None, sinks)
         refiner = None
-        if config.refine.enabled and not passthrough:
+        if refining:
             refiner = Refiner(
                 state.root / "refine", store=store, calibration=inference.calibration,
                 model=build_model(self._model_config).to(device), masker=self._masker,

@@ -137,14 +137,21 @@ def _cast(frame: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(frame, dtype=dtype)
 
 
-FILTER_CODES = {32008: "bslz4", 32015: "zstd", 32024: "sz3", 32013: "zfp"}
+BITSHUFFLE_FILTER = 32008
+FILTER_CODES = {BITSHUFFLE_FILTER: "bslz4", 32015: "zstd", 32024: "sz3", 32013: "zfp"}
+
+
+def dataset_filters(dataset: h5py.Dataset) -> list[tuple[int, tuple[int, ...]]]:
+    """The HDF5 filters of ``dataset`` in pipeline order: ``(code, options)`` each."""
+    plist = dataset.id.get_create_plist()
+    return [(code, tuple(values)) for code, _, values, _ in
+            (plist.get_filter(k) for k in range(plist.get_nfilters()))]
 
 
 def format_of(dataset: h5py.Dataset) -> OutputFormat:
     """The format of an existing frames dataset (an output resumed after a restart keeps
     the format it was begun with); raises ValueError for one this writer cannot continue."""
-    plist = dataset.id.get_create_plist()
-    codes = [plist.get_filter(k)[0] for k in range(plist.get_nfilters())]
+    codes = [code for code, _ in dataset_filters(dataset)]
     if len(codes) > 1 or (codes and codes[0] not in FILTER_CODES):
         raise ValueError(f"frames stored with HDF5 filters {codes}, which this writer does "
                          "not write")
@@ -155,8 +162,8 @@ def format_of(dataset: h5py.Dataset) -> OutputFormat:
 def filter_options(dataset: h5py.Dataset) -> dict:
     """``create_dataset`` keywords giving a new dataset exactly the filters of ``dataset``
     (its lossy bound included)."""
-    plist = dataset.id.get_create_plist()
-    if plist.get_nfilters() == 0:
+    filters = dataset_filters(dataset)
+    if not filters:
         return {}
-    code, _, values, _ = plist.get_filter(0)
-    return {"compression": code, "compression_opts": tuple(values)}
+    code, values = filters[0]
+    return {"compression": code, "compression_opts": values}

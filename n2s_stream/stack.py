@@ -27,7 +27,8 @@ import numpy as np
 
 from n2s_stream.errors import InputError
 from n2s_stream.frames import MAX_FRAME_PIXELS
-from n2s_stream.sources.codecs import MessageError, bslz4_decode
+from n2s_stream.output_format import BITSHUFFLE_FILTER, dataset_filters
+from n2s_stream.sources.codecs import MessageError, bslz4_decode, raw_decode
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ EIGER_DATA_GROUP = "/entry/data"
 PIXEL_MASK_PATHS = ("/entry/instrument/detector/detectorSpecific/pixel_mask",
                     "/entry/instrument/detector/pixel_mask")
 _EIGER_LINK = re.compile(r"^data_\d{6}$")
-BITSHUFFLE_FILTER = 32008
 BITSHUFFLE_LZ4 = 2  # the filter's compression option (cd_values[4]) for LZ4
 # Bigger than h5py's 1 MiB default so that a whole chunk row of a large frame stays cached.
 CHUNK_CACHE_BYTES = 64 * 2**20
@@ -309,17 +309,10 @@ def _chunk_decoder(ds: h5py.Dataset) -> Decoder | None:
     if ds.ndim != 3 or ds.chunks != (1, *ds.shape[1:]) or ds.dtype.kind not in "iuf":
         return None
     shape, dtype = tuple(ds.shape[1:]), ds.dtype
-    plist = ds.id.get_create_plist()
-    filters = [plist.get_filter(k) for k in range(plist.get_nfilters())]
+    filters = dataset_filters(ds)
     if not filters:
-        expected = int(np.prod(shape)) * dtype.itemsize
-
-        def raw(chunk: bytes) -> np.ndarray:
-            if len(chunk) != expected:
-                raise MessageError(f"{len(chunk)} bytes, not {expected}", reason="corrupt")
-            return np.frombuffer(chunk, dtype=dtype).reshape(shape)
-        return raw
-    code, _, values, _ = filters[0]
+        return lambda chunk: raw_decode(chunk, shape, dtype)
+    code, values = filters[0]
     if len(filters) == 1 and code == BITSHUFFLE_FILTER and len(values) > 4 \
             and values[4] == BITSHUFFLE_LZ4:
         return lambda chunk: bslz4_decode(chunk, shape, dtype)

@@ -292,8 +292,11 @@ class FrameWriter:
         each: encoded here (lossless codecs) or by HDF5's filter (lossy). ``attributes``:
         one mapping per frame (or none), each name whose value is a number a column of
         its own. Flushed when due (``flush_seconds``)."""
-        rows = Provenance(source_frames, model_version, t_received, denoiser, t_source,
-                          source_ids, attributes)
+        self.append_frames(frames, Provenance(source_frames, model_version, t_received,
+                                              denoiser, t_source, source_ids, attributes))
+
+    def append_frames(self, frames: np.ndarray, rows: Provenance) -> None:
+        """As `append`, with the rows as one `Provenance`."""
         if self.format.direct:
             self.append_chunks([self.format.encode(frame) for frame in frames], rows)
             return

@@ -148,8 +148,8 @@ def normalize_frame(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer)
     shift, divisor = np.float32(normalizer.shift), np.float32(normalizer.divisor)
     out = data.astype(np.float32)  # numpy's cast: torch's is slower for 16-bit integers
     torch.from_numpy(out).sub_(float(shift)).div_(float(divisor))  # in place, vectorised
-    bad = np.flatnonzero(~valid) if not valid.all() else None
-    if bad is not None and bad.size:
+    if not valid.all():
+        bad = np.flatnonzero(~valid)
         flat = data.reshape(-1)
         kind = np.int64 if data.dtype.kind in "iu" else np.float64
         total = float(flat.sum(dtype=kind) - flat[bad].sum(dtype=kind))
