@@ -33,6 +33,11 @@ def write_report(out: Path, benchmark: str, settings: object, rows: list, **more
     print(f"wrote {out}")
 
 
+def with_provenance(report: dict) -> dict:
+    """``report`` with what produced it (`provenance`, as the benchmark started)."""
+    return {**report, "provenance": STARTED}
+
+
 def provenance() -> dict:
     """What produced a result: the commit (and whether the tree had changes), the date,
     the command, the CPU, and the versions of the packages that decide speed; as they were

@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from common import pyplot, save_figure
+from common import pyplot, save_figure, with_provenance
 from offline_quality import classical  # the same calibrated baselines
 from scipy.ndimage import map_coordinates
 from skimage import data as skdata
@@ -167,7 +167,7 @@ def main() -> None:
         "by_dose": by_dose, "by_drift": by_drift,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=float))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2, default=float))
     _plot(args, by_dose, by_drift, sweep_contexts)
     print(f"wrote {args.out}")
 

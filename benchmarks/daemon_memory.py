@@ -24,7 +24,16 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from common import N2S, RESULTS, bare_forward_fps, free_port, pyplot, rss_mb, save_figure
+from common import (
+    N2S,
+    RESULTS,
+    bare_forward_fps,
+    free_port,
+    pyplot,
+    rss_mb,
+    save_figure,
+    with_provenance,
+)
 
 from n2s_stream.metrics import scrape
 
@@ -133,7 +142,7 @@ def main() -> None:
         "samples": [{"t": t, "written": c, "rss_mib": r} for t, c, r in samples],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2))
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -45,7 +45,16 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from common import N2S, RESULTS, bare_forward_fps, free_port, peak_rss_mb, pyplot, save_figure
+from common import (
+    N2S,
+    RESULTS,
+    bare_forward_fps,
+    free_port,
+    peak_rss_mb,
+    pyplot,
+    save_figure,
+    with_provenance,
+)
 
 from n2s_stream.metrics import scrape
 
@@ -213,7 +222,7 @@ def main() -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
               "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2))
     plot(rows, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from common import N2S, RESULTS, free_port
+from common import N2S, RESULTS, free_port, with_provenance
 
 from n2s_stream import denoising
 from n2s_stream.config import DenoiseConfig
@@ -154,10 +154,10 @@ def main() -> None:
         print(f"{name:<22} {row['fps']:9.2f} {row['ratio_to_offline']:10.2f} "
               f"{row['forward_share']:10.0%} {row['train_steps']:12.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    args.out.write_text(json.dumps(with_provenance({
         "frames": args.frames, "shape": args.shape, "offline": offline, "daemons": rows,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch": torch.__version__}, indent=2) + "\n")
+        "torch": torch.__version__}), indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

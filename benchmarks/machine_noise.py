@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, daemon_model, pyplot, save_figure
+from common import RESULTS, daemon_model, pyplot, save_figure, with_provenance
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -97,10 +97,10 @@ def main() -> None:
         print(f"| {r['threads']} | {r['slices']} | {r['min']:.1f} | {r['p10']:.1f} | "
               f"{r['p50']:.1f} | {r['p90']:.1f} | {r['max']:.1f} | {r['max_over_min']:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    args.out.write_text(json.dumps(with_provenance({
         "benchmark": "machine_noise", "machine": platform.machine(),
         "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-        "slices": slices}, indent=2))
+        "slices": slices}), indent=2))
     plot(slices, args.out.with_suffix(".png"))
 
 

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from common import RESULTS, calls_per_second
+from common import RESULTS, calls_per_second, with_provenance
 from torch.utils.flop_counter import FlopCounterMode
 
 from n2s_stream.models import ModelConfig, build_model, count_parameters
@@ -117,11 +117,11 @@ def main() -> None:
             print(f"{size:6d} {variant:>14} {fps:9.2f} {r['gflop_per_frame']:12.2f} "
                   f"{r['gflops']:8.1f} {r['fraction_of_peak']:8.0%}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    args.out.write_text(json.dumps(with_provenance({
         "benchmark": "model_speed", "machine": platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "matmul_peak_gflops": peak, "model": config.to_dict(), "rows": rows,
-        "settings": vars(args) | {"out": str(args.out)}}, indent=2))
+        "settings": vars(args) | {"out": str(args.out)}}), indent=2))
     print(f"wrote {args.out}")
 
 

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 import torch
-from common import RESULTS
+from common import RESULTS, with_provenance
 from offline_quality import n2s, noisy_counts, photo_tiles
 
 from n2s_stream.config import NetworkOptions, TrainConfig
@@ -146,7 +146,7 @@ def main() -> None:
               "settings": vars(args), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=2)
+        json.dump(with_provenance(report), handle, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from common import with_provenance
 from skimage import data as skdata
 from skimage.color import rgb2gray
 from skimage.restoration import (
@@ -184,7 +185,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2))
     print(f"wrote {args.out}")
 
 

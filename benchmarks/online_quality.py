@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import torch
 import zmq
-from common import N2S, RESULTS, free_port, pyplot, save_figure
+from common import N2S, RESULTS, free_port, pyplot, save_figure, with_provenance
 from offline_quality import n2s, noisy_counts, photo_tiles  # same data, offline reference
 
 from n2s_stream.config import TrainConfig
@@ -140,7 +140,7 @@ def main() -> None:
         "cold_start_frames": int(sum(out["denoiser"].sum() for out in online["outputs"])),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=float))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2, default=float))
     _plot(args, curve, len(noisy))
     print(f"wrote {args.out}")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS
+from common import RESULTS, with_provenance
 from offline_quality import n2s, noisy_counts, photo_tiles
 
 from n2s_stream.config import TrainConfig
@@ -110,7 +110,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2))
     print(f"wrote {args.out}")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, calls_per_second, daemon_model
+from common import RESULTS, calls_per_second, daemon_model, with_provenance
 from torch.profiler import ProfilerActivity, profile
 
 from n2s_stream.config import TrainConfig
@@ -133,7 +133,7 @@ def main() -> None:
     for name, values in ratios.items():
         print(f"  {name:>36}: " + " ".join(f"{v:6.2f}" for v in values))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2))
     print(f"wrote {args.out}")
 
 

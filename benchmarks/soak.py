@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import N2S, RESULTS, free_port, proc_status, pyplot, save_figure
+from common import N2S, RESULTS, free_port, proc_status, pyplot, save_figure, with_provenance
 
 from n2s_stream.metrics import scrape
 
@@ -120,7 +120,7 @@ def main() -> None:
     }
     if args.trace:
         report["trace"] = trace_report(trace_path)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(with_provenance(report), indent=2))
     _plot(args, times, rss, fds, threads)
     print(f"wrote {args.out}")
 

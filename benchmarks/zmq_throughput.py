@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+from common import with_provenance
 
 from n2s_stream.config import ZmqOptions
 from n2s_stream.frames import Frame
@@ -168,10 +169,10 @@ def main() -> None:
         f"{r['workers']} worker(s) x {r['threads_each']} threads {r['fps']:.1f} frames/s"
         for r in scaling))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "zmq_throughput",
+    args.out.write_text(json.dumps(with_provenance({"benchmark": "zmq_throughput",
                                     "machine": platform.machine(), "rows": rows,
                                     "fan_out": scaling,
-                                    "settings": vars(args) | {"out": str(args.out)}},
+                                    "settings": vars(args) | {"out": str(args.out)}}),
                                    indent=2))
     print(f"wrote {args.out}")
 
