@@ -52,37 +52,54 @@ def tv_split_bregman(image: np.ndarray, smoothing: float) -> np.ndarray:
 
 def anscombe_grids(normalizer: Normalizer) -> Grids:
     """The daemon's grids applied in the Anscombe domain of the counts (unit noise)."""
+
     def in_anscombe(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         def denoise(image: np.ndarray, **params: float) -> np.ndarray:
             counts = np.maximum(normalizer.inverse(image.astype(np.float32)), 0.0)
             y = np.maximum(function(2.0 * np.sqrt(counts + 0.375), **params), 0.8)
-            back = ((y / 2) ** 2 - 1 / 8 + np.sqrt(1.5) / (4 * y) - 11 / (8 * y**2)
-                    + 5 * np.sqrt(1.5) / (8 * y**3))  # Makitalo-Foi closed-form inverse
+            back = (
+                (y / 2) ** 2
+                - 1 / 8
+                + np.sqrt(1.5) / (4 * y)
+                - 11 / (8 * y**2)
+                + 5 * np.sqrt(1.5) / (8 * y**3)
+            )  # Makitalo-Foi closed-form inverse
             return normalizer.forward(back.astype(np.float32))
+
         return denoise
-    return {"tv_anscombe": (in_anscombe(denoise_tv_chambolle),
-                            {"weight": list(np.geomspace(0.05, 10.0, 9))}),
-            "wavelet_anscombe": (in_anscombe(partial(denoise_wavelet, rescale_sigma=True)),
-                                 {"sigma": list(np.geomspace(0.06, 6.0, 9))})}
+
+    return {
+        "tv_anscombe": (
+            in_anscombe(denoise_tv_chambolle),
+            {"weight": list(np.geomspace(0.05, 10.0, 9))},
+        ),
+        "wavelet_anscombe": (
+            in_anscombe(partial(denoise_wavelet, rescale_sigma=True)),
+            {"sigma": list(np.geomspace(0.06, 6.0, 9))},
+        ),
+    }
 
 
 CANDIDATES: dict[str, Callable[[Normalizer], Grids]] = {
     "daemon: chambolle|wavelet": lambda _: GRIDS,
-    "bregman|wavelet": lambda _: {"tv": (tv_split_bregman,
-                                         {"smoothing": list(np.geomspace(0.02, 4.0, 9))}),
-                                  "wavelet": GRIDS["wavelet"]},
+    "bregman|wavelet": lambda _: {
+        "tv": (tv_split_bregman, {"smoothing": list(np.geomspace(0.02, 4.0, 9))}),
+        "wavelet": GRIDS["wavelet"],
+    },
     "anscombe chambolle|wavelet": anscombe_grids,
 }
 
 
 def daemon_normalizer(noisy: np.ndarray) -> Normalizer:
     """The normaliser the daemon fits on the first (uint16) frame with its defaults."""
-    return NetworkOptions().fit_normalizer(noisy[:1].astype(np.uint16),
-                                           source_dtype=np.dtype(np.uint16))
+    return NetworkOptions().fit_normalizer(
+        noisy[:1].astype(np.uint16), source_dtype=np.dtype(np.uint16)
+    )
 
 
-def classical_frames(noisy: np.ndarray, grids: Grids,
-                     normalizer: Normalizer) -> tuple[np.ndarray, str, float, float]:
+def classical_frames(
+    noisy: np.ndarray, grids: Grids, normalizer: Normalizer
+) -> tuple[np.ndarray, str, float, float]:
     """The frames denoised as the cold start would with ``grids``: what it picked, the
     calibration's seconds and the seconds per frame."""
     normalized = normalizer.forward(noisy.astype(np.uint16).astype(np.float32))
@@ -94,13 +111,16 @@ def classical_frames(noisy: np.ndarray, grids: Grids,
     return out, denoiser.describe(), calibration, (time.perf_counter() - started) / len(noisy)
 
 
-SHIPPED_NETWORKS = {"noise2self": "shipped network",
-                    "neighbor2neighbor": "shipped network, no blind spot"}
+SHIPPED_NETWORKS = {
+    "noise2self": "shipped network",
+    "neighbor2neighbor": "shipped network, no blind spot",
+}
 """The shipped starting model of each training objective, and its row's label."""
 
 
-def shipped_network(noisy: np.ndarray, normalizer: Normalizer,
-                    objective: Objective) -> tuple[np.ndarray, str]:
+def shipped_network(
+    noisy: np.ndarray, normalizer: Normalizer, objective: Objective
+) -> tuple[np.ndarray, str]:
     """The shipped model for ``objective``: its frames (single pass) and whether the
     daemon's first-frame score lets it write frame 0 (``network writes``) or the classical
     denoiser (``classical writes``)."""
@@ -110,8 +130,9 @@ def shipped_network(noisy: np.ndarray, normalizer: Normalizer,
     assert shipped is not None, "no shipped model fits the default options"
     model = build_model(network.model_config())
     model.load_state_dict(shipped.state_dict)
-    cold = ColdStart(active=True, on_change=lambda *_: None,
-                     starting=StartingNetwork(model, masker, VAL_CROP))
+    cold = ColdStart(
+        active=True, on_change=lambda *_: None, starting=StartingNetwork(model, masker, VAL_CROP)
+    )
     cold.denoiser_for(normalizer.forward(noisy[:1].astype(np.uint16).astype(np.float32))[0])
     out = denoise_counts(model, masker, normalizer, noisy, jinv=False, device=torch.device("cpu"))
     return out, "classical writes" if cold.active else "network writes"
@@ -127,33 +148,58 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "cold_start_classical.json")
     args = parser.parse_args()
     clean = drifting_scan(args.frames, args.size, args.drift)
-    print(f"first {args.frames} frames of first_pass ({args.size}x{args.size}, "
-          f"{args.drift:g} px/frame); PSNR margin over finely calibrated TV, dB")
-    print(f"{'peak':>5} {'candidate':>30} {'mean':>6} {'worst':>6} {'at':>3} "
-          f"{'calib s':>7} {'s/frame':>7}  picked")
+    print(
+        f"first {args.frames} frames of first_pass ({args.size}x{args.size}, "
+        f"{args.drift:g} px/frame); PSNR margin over finely calibrated TV, dB"
+    )
+    print(
+        f"{'peak':>5} {'candidate':>30} {'mean':>6} {'worst':>6} {'at':>3} "
+        f"{'calib s':>7} {'s/frame':>7}  picked"
+    )
     rows = []
     for dose in args.doses:
         noisy = noisy_counts(clean, dose)
         truth, reference = clean * dose, calibrated_tv(noisy, dose)
         normalizer = daemon_normalizer(noisy)
         for label, grids in CANDIDATES.items():
-            out, picked, calibration, per_frame = classical_frames(noisy, grids(normalizer),
-                                                                   normalizer)
-            rows.append({"dose": dose, "candidate": label, "picked": picked,
-                         "margins": frame_margins(truth, out, reference, args.frames, dose),
-                         "calibration_seconds": calibration, "seconds_per_frame": per_frame})
+            out, picked, calibration, per_frame = classical_frames(
+                noisy, grids(normalizer), normalizer
+            )
+            rows.append(
+                {
+                    "dose": dose,
+                    "candidate": label,
+                    "picked": picked,
+                    "margins": frame_margins(truth, out, reference, args.frames, dose),
+                    "calibration_seconds": calibration,
+                    "seconds_per_frame": per_frame,
+                }
+            )
         for objective, label in SHIPPED_NETWORKS.items():
             out, picked = shipped_network(noisy, normalizer, objective)
-            rows.append({"dose": dose, "candidate": label, "picked": picked,
-                         "margins": frame_margins(truth, out, reference, args.frames, dose),
-                         "calibration_seconds": None, "seconds_per_frame": None})
-        for row in rows[-len(CANDIDATES) - len(SHIPPED_NETWORKS):]:
+            rows.append(
+                {
+                    "dose": dose,
+                    "candidate": label,
+                    "picked": picked,
+                    "margins": frame_margins(truth, out, reference, args.frames, dose),
+                    "calibration_seconds": None,
+                    "seconds_per_frame": None,
+                }
+            )
+        for row in rows[-len(CANDIDATES) - len(SHIPPED_NETWORKS) :]:
             margins = row["margins"]
             worst = int(np.argmin(margins))
-            timing = ("" if row["seconds_per_frame"] is None else
-                      f"{row['calibration_seconds']:7.2f} {row['seconds_per_frame']:7.3f}")
-            print(f"{dose:5g} {row['candidate']:>30} {np.mean(margins):+6.2f} "
-                  f"{margins[worst]:+6.2f} {worst:3d} {timing:>15}  {row['picked']}", flush=True)
+            timing = (
+                ""
+                if row["seconds_per_frame"] is None
+                else f"{row['calibration_seconds']:7.2f} {row['seconds_per_frame']:7.3f}"
+            )
+            print(
+                f"{dose:5g} {row['candidate']:>30} {np.mean(margins):+6.2f} "
+                f"{margins[worst]:+6.2f} {worst:3d} {timing:>15}  {row['picked']}",
+                flush=True,
+            )
     write_report(args.out, "cold_start_classical", args, rows)
 
 

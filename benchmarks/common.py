@@ -26,10 +26,21 @@ def write_report(out: Path, benchmark: str, settings: object, rows: list, **more
     its rows and anything else, with what produced it (`provenance`); then say where it
     went."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": benchmark, "machine": platform.machine(),
-                               "cores": os.cpu_count(), "provenance": STARTED,
-                               "settings": vars(settings) | {"out": str(out)},
-                               "rows": rows, **more}, indent=2, default=float))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": benchmark,
+                "machine": platform.machine(),
+                "cores": os.cpu_count(),
+                "provenance": STARTED,
+                "settings": vars(settings) | {"out": str(out)},
+                "rows": rows,
+                **more,
+            },
+            indent=2,
+            default=float,
+        )
+    )
     print(f"wrote {out}")
 
 
@@ -47,26 +58,52 @@ def provenance() -> dict:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).parent).stdout.strip()
+            return subprocess.run(
+                ["git", *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
         except OSError:
             return ""
 
     versions = {}
-    for package in ("n2s-stream", "torch", "numpy", "h5py", "hdf5plugin", "bitshuffle",
-                    "zstandard", "onnxruntime"):
+    for package in (
+        "n2s-stream",
+        "torch",
+        "numpy",
+        "h5py",
+        "hdf5plugin",
+        "bitshuffle",
+        "zstandard",
+        "onnxruntime",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
-                                                                  "--untracked-files=no")),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-            "python": platform.python_version(), "cpu": cpu, "versions": versions}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "versions": versions,
+    }
 
 
 def pyplot():
@@ -112,9 +149,15 @@ def rss_mb(pid: int) -> float:
     return proc_status(pid).get("VmRSS", float("nan")) / 1024
 
 
-def bare_forward_fps(shape: tuple[int, int], threads: int, seconds: float = 5.0,
-                     batch: int = 1, compile: bool = False, min_passes: int = 1,
-                     engine: str = "torch") -> float:
+def bare_forward_fps(
+    shape: tuple[int, int],
+    threads: int,
+    seconds: float = 5.0,
+    batch: int = 1,
+    compile: bool = False,
+    min_passes: int = 1,
+    engine: str = "torch",
+) -> float:
     """Frames/s of the default model's forward pass alone, ``batch`` frames per pass, in
     the layout the daemon uses (channels_last on CPU; compiled as the daemon's with
     ``compile``; through ONNX Runtime as the daemon's with ``engine="onnxruntime"``), timed

@@ -54,38 +54,67 @@ def drifting_series(n: int, size: int, drift: float, seed: int = 0) -> np.ndarra
     span = step * (n - 1)
     start = np.array([image.shape[0] / 2, image.shape[1] / 2]) - size / 2 - span / 2
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
-    frames = [map_coordinates(image, [rows + start[0] + k * step[0], cols + start[1] + k * step[1]],
-                              order=1, mode="reflect") for k in range(n)]
+    frames = [
+        map_coordinates(
+            image,
+            [rows + start[0] + k * step[0], cols + start[1] + k * step[1]],
+            order=1,
+            mode="reflect",
+        )
+        for k in range(n)
+    ]
     return np.stack(frames).astype(np.float32)
 
 
-def train_and_denoise(noisy: np.ndarray, clean: np.ndarray, dose: float, *, context: int,
-                      residual: bool, budget: float, args: argparse.Namespace,
-                      register: bool = False) -> dict:
+def train_and_denoise(
+    noisy: np.ndarray,
+    clean: np.ndarray,
+    dose: float,
+    *,
+    context: int,
+    residual: bool,
+    budget: float,
+    args: argparse.Namespace,
+    register: bool = False,
+) -> dict:
     """Train on the noisy series for ``budget`` s; PSNR and frames/s of both inferences
     (``register``: neighbours shifted onto the centre frame, ``--register-context``)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "series.h5"
         with h5py.File(source, "w") as handle:
             handle["/data"] = noisy.astype(np.uint16)
-        config = make(TrainConfig, h5=source, device="cpu", context_frames=context,
-                             residual=residual, register_context=register,
-                             patch=args.patch, batch=args.batch, epochs=100_000,
-                             steps_per_epoch=50, max_seconds=budget, lr=args.lr,
-                             out_dir=Path(tmp) / "runs", progress=False, seed=args.seed)
+        config = make(
+            TrainConfig,
+            h5=source,
+            device="cpu",
+            context_frames=context,
+            residual=residual,
+            register_context=register,
+            patch=args.patch,
+            batch=args.batch,
+            epochs=100_000,
+            steps_per_epoch=50,
+            max_seconds=budget,
+            lr=args.lr,
+            out_dir=Path(tmp) / "runs",
+            progress=False,
+            seed=args.seed,
+        )
         result = train(config)
         checkpoint = load_checkpoint(result.last)
     model = checkpoint.build_model("cpu").eval()
     masker = Masker(checkpoint.masker_config)
-    row = {"context": context, "residual": residual, "register": register,
-           "steps": checkpoint.step}
+    row = {"context": context, "residual": residual, "register": register, "steps": checkpoint.step}
     for mode, jinv in (("single_pass", False), ("jinv", True)):
         started = time.perf_counter()
-        denoised = denoise_counts(model, masker, checkpoint.normalizer, noisy, jinv=jinv,
-                                  device=torch.device("cpu"))
+        denoised = denoise_counts(
+            model, masker, checkpoint.normalizer, noisy, jinv=jinv, device=torch.device("cpu")
+        )
         seconds = time.perf_counter() - started
-        row[mode] = {"psnr": psnr(clean * dose, denoised, data_range=dose),
-                     "fps": len(noisy) / seconds}
+        row[mode] = {
+            "psnr": psnr(clean * dose, denoised, data_range=dose),
+            "fps": len(noisy) / seconds,
+        }
     return row
 
 
@@ -118,23 +147,39 @@ def main() -> None:
     clean, noisy = series(args.dose, args.drift)
     baselines = classical(noisy, clean, args.dose)
     noisy_psnr = psnr(clean * args.dose, noisy, data_range=args.dose)
-    rows = [train_and_denoise(noisy, clean, args.dose, context=k, residual=residual,
-                              budget=args.budget, args=args)
-            for k in args.contexts for residual in (False, True)]
-    print(f"dose {args.dose:g}, drift {args.drift:g} px/frame, {args.frames} frames "
-          f"{args.size}x{args.size}, {args.budget:g} s CPU training each ({args.threads} threads)")
-    print(f"noisy {noisy_psnr:.2f} dB; calibrated classical: " + ", ".join(
-        f"{name} {baselines[name]['psnr']:.2f}" for name in ("wavelet", "tv", "nl_means")))
-    print(f"{'K':>2} {'residual':>8} {'steps':>6} {'single-pass dB':>15} {'fps':>6} "
-          f"{'J-inv dB':>9} {'fps':>6}")
+    rows = [
+        train_and_denoise(
+            noisy, clean, args.dose, context=k, residual=residual, budget=args.budget, args=args
+        )
+        for k in args.contexts
+        for residual in (False, True)
+    ]
+    print(
+        f"dose {args.dose:g}, drift {args.drift:g} px/frame, {args.frames} frames "
+        f"{args.size}x{args.size}, {args.budget:g} s CPU training each ({args.threads} threads)"
+    )
+    print(
+        f"noisy {noisy_psnr:.2f} dB; calibrated classical: "
+        + ", ".join(
+            f"{name} {baselines[name]['psnr']:.2f}" for name in ("wavelet", "tv", "nl_means")
+        )
+    )
+    print(
+        f"{'K':>2} {'residual':>8} {'steps':>6} {'single-pass dB':>15} {'fps':>6} "
+        f"{'J-inv dB':>9} {'fps':>6}"
+    )
     for r in rows:
-        print(f"{r['context']:>2} {r['residual']!s:>8} {r['steps']:>6} "
-              f"{r['single_pass']['psnr']:>15.2f} {r['single_pass']['fps']:>6.0f} "
-              f"{r['jinv']['psnr']:>9.2f} {r['jinv']['fps']:>6.0f}")
+        print(
+            f"{r['context']:>2} {r['residual']!s:>8} {r['steps']:>6} "
+            f"{r['single_pass']['psnr']:>15.2f} {r['single_pass']['fps']:>6.0f} "
+            f"{r['jinv']['psnr']:>9.2f} {r['jinv']['fps']:>6.0f}"
+        )
     best = max(rows, key=lambda r: max(r["single_pass"]["psnr"], r["jinv"]["psnr"]))
     best_mode = "jinv" if best["jinv"]["psnr"] >= best["single_pass"]["psnr"] else "single_pass"
-    print(f"best: K={best['context']} residual={best['residual']} {best_mode} "
-          f"{best[best_mode]['psnr']:.2f} dB")
+    print(
+        f"best: K={best['context']} residual={best['residual']} {best_mode} "
+        f"{best[best_mode]['psnr']:.2f} dB"
+    )
 
     sweep_contexts = [1, max(args.contexts)] if max(args.contexts) > 1 else [1]
     if 3 in args.contexts:
@@ -145,26 +190,43 @@ def main() -> None:
         for value in points:
             sweep_clean, sweep_noisy, dose = make(value)
             for k in sweep_contexts:
-                r = train_and_denoise(sweep_noisy, sweep_clean, dose, context=k,
-                                      residual=best["residual"], budget=args.sweep_budget,
-                                      args=args)
-                out.append({"value": value, "context": k, "psnr": r[best_mode]["psnr"],
-                            "noisy": psnr(sweep_clean * dose, sweep_noisy, data_range=dose)})
+                r = train_and_denoise(
+                    sweep_noisy,
+                    sweep_clean,
+                    dose,
+                    context=k,
+                    residual=best["residual"],
+                    budget=args.sweep_budget,
+                    args=args,
+                )
+                out.append(
+                    {
+                        "value": value,
+                        "context": k,
+                        "psnr": r[best_mode]["psnr"],
+                        "noisy": psnr(sweep_clean * dose, sweep_noisy, data_range=dose),
+                    }
+                )
         return out
 
     by_dose = sweep(args.doses, lambda d: (*series(d, args.drift), d))
     by_drift = sweep(args.drifts, lambda v: (*series(args.dose, v), args.dose))
-    for title, table, unit in (("dose", by_dose, "peak counts"),
-                               ("drift", by_drift, "px/frame")):
-        print(f"{title} ({unit}), {best_mode}, residual={best['residual']}, "
-              f"{args.sweep_budget:g} s each: " + "; ".join(
-                  f"{t['value']:g}: K={t['context']} {t['psnr']:.2f}" for t in table))
+    for title, table, unit in (("dose", by_dose, "peak counts"), ("drift", by_drift, "px/frame")):
+        print(
+            f"{title} ({unit}), {best_mode}, residual={best['residual']}, "
+            f"{args.sweep_budget:g} s each: "
+            + "; ".join(f"{t['value']:g}: K={t['context']} {t['psnr']:.2f}" for t in table)
+        )
     report = {
-        "benchmark": "context_quality", "machine": f"{platform.machine()}, {args.threads} threads",
-        "settings": vars(args) | {"out": str(args.out)}, "noisy_psnr": noisy_psnr,
-        "classical": {k: v for k, v in baselines.items()}, "rows": rows,
+        "benchmark": "context_quality",
+        "machine": f"{platform.machine()}, {args.threads} threads",
+        "settings": vars(args) | {"out": str(args.out)},
+        "noisy_psnr": noisy_psnr,
+        "classical": {k: v for k, v in baselines.items()},
+        "rows": rows,
         "best": {"context": best["context"], "residual": best["residual"], "mode": best_mode},
-        "by_dose": by_dose, "by_drift": by_drift,
+        "by_dose": by_dose,
+        "by_drift": by_drift,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(with_provenance(report), indent=2, default=float))
@@ -177,8 +239,10 @@ def _plot(args, by_dose: list[dict], by_drift: list[dict], contexts: list[int]) 
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, table, label, log in ((axes[0], by_dose, "dose (peak counts)", True),
-                                  (axes[1], by_drift, "drift (pixels/frame)", True)):
+    for ax, table, label, log in (
+        (axes[0], by_dose, "dose (peak counts)", True),
+        (axes[1], by_drift, "drift (pixels/frame)", True),
+    ):
         for k in contexts:
             points = [(t["value"], t["psnr"]) for t in table if t["context"] == k]
             ax.plot(*zip(*points, strict=True), marker="o", label=f"K={k}")

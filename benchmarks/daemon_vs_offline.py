@@ -57,10 +57,28 @@ def run_daemon(acq: Path, work: Path, n_frames: int, extra: list[str]) -> dict:
     port = free_port()
     log = open(work / "daemon.log", "w")  # noqa: SIM115 (closed below)
     daemon = subprocess.Popen(
-        [*N2S, "--watch", str(acq), "--out", str(work / "out"), "--state-dir",
-         str(work / "state"), "--device", "cpu", "--metrics-port", str(port),
-         "--no-cold-start", "--settle-seconds", "1", "--log-level", "WARNING", *extra],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            *N2S,
+            "--watch",
+            str(acq),
+            "--out",
+            str(work / "out"),
+            "--state-dir",
+            str(work / "state"),
+            "--device",
+            "cpu",
+            "--metrics-port",
+            str(port),
+            "--no-cold-start",
+            "--settle-seconds",
+            "1",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 1800
         metrics: dict = {}
@@ -82,9 +100,12 @@ def run_daemon(acq: Path, work: Path, n_frames: int, extra: list[str]) -> dict:
     assert frames.tolist() == list(range(n_frames)), "every frame once, in order"
     seconds = float(written[-1] - written[0])
     forward = metrics["n2s_forward_seconds_sum"] * (n_frames - 1) / n_frames
-    return {"fps": (n_frames - 1) / seconds, "seconds": seconds,
-            "forward_share": forward / seconds,
-            "train_steps": metrics.get("n2s_train_steps_total", 0.0)}
+    return {
+        "fps": (n_frames - 1) / seconds,
+        "seconds": seconds,
+        "forward_share": forward / seconds,
+        "train_steps": metrics.get("n2s_train_steps_total", 0.0),
+    }
 
 
 def run_offline(source: Path, checkpoint: Path, out: Path) -> dict:
@@ -103,13 +124,17 @@ def run_offline(source: Path, checkpoint: Path, out: Path) -> dict:
     try:
         out.unlink(missing_ok=True)
         started = time.perf_counter()
-        result = denoise(make(DenoiseConfig, h5=source, ckpt=checkpoint, out=out,
-                              device="cpu", progress=False))
+        result = denoise(
+            make(DenoiseConfig, h5=source, ckpt=checkpoint, out=out, device="cpu", progress=False)
+        )
         seconds = time.perf_counter() - started
     finally:
         denoising.denoise_normalized = inner
-    return {"fps": result.n_frames / seconds, "seconds": seconds,
-            "forward_share": spent[0] / seconds}
+    return {
+        "fps": result.n_frames / seconds,
+        "seconds": seconds,
+        "forward_share": spent[0] / seconds,
+    }
 
 
 def main() -> None:
@@ -124,8 +149,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         acq = tmp_path / "acq"
-        subprocess.run([*N2S, "simulate", "--dir", str(acq), "--frames", str(args.frames),
-                        "--shape", args.shape, "--log-level", "WARNING"], check=True)
+        subprocess.run(
+            [
+                *N2S,
+                "simulate",
+                "--dir",
+                str(acq),
+                "--frames",
+                str(args.frames),
+                "--shape",
+                args.shape,
+                "--log-level",
+                "WARNING",
+            ],
+            check=True,
+        )
         source = acq / "scan_0001.h5"
         first = None
         offline_runs = []
@@ -140,24 +178,41 @@ def main() -> None:
             print(f"{name}: {rows[name]['fps']:.2f} frames/s", flush=True)
         assert first is not None
         offline_runs.append(run_offline(source, first.path, tmp_path / "offline.h5"))
-    offline = {key: float(np.mean([run[key] for run in offline_runs]))
-               for key in offline_runs[0]}
+    offline = {key: float(np.mean([run[key] for run in offline_runs])) for key in offline_runs[0]}
     offline["runs_fps"] = [run["fps"] for run in offline_runs]
-    print(f"\n{args.frames} frames {args.shape}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    print(f"{'run':<22} {'frames/s':>9} {'/ offline':>10} {'in forward':>11} "
-          f"{'train steps':>12}")
-    print(f"{'offline denoise':<22} {offline['fps']:9.2f} {1.0:10.2f} "
-          f"{offline['forward_share']:10.0%} {'':>12}")
+    print(
+        f"\n{args.frames} frames {args.shape}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print(f"{'run':<22} {'frames/s':>9} {'/ offline':>10} {'in forward':>11} {'train steps':>12}")
+    print(
+        f"{'offline denoise':<22} {offline['fps']:9.2f} {1.0:10.2f} "
+        f"{offline['forward_share']:10.0%} {'':>12}"
+    )
     for name, row in rows.items():
         row["ratio_to_offline"] = row["fps"] / offline["fps"]
-        print(f"{name:<22} {row['fps']:9.2f} {row['ratio_to_offline']:10.2f} "
-              f"{row['forward_share']:10.0%} {row['train_steps']:12.0f}")
+        print(
+            f"{name:<22} {row['fps']:9.2f} {row['ratio_to_offline']:10.2f} "
+            f"{row['forward_share']:10.0%} {row['train_steps']:12.0f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(with_provenance({
-        "frames": args.frames, "shape": args.shape, "offline": offline, "daemons": rows,
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch": torch.__version__}), indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            with_provenance(
+                {
+                    "frames": args.frames,
+                    "shape": args.shape,
+                    "offline": offline,
+                    "daemons": rows,
+                    "machine": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(),
+                    "torch": torch.__version__,
+                }
+            ),
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -57,9 +57,29 @@ STRIP = ("astronaut", "gravel", "coffee", "grass", "camera", "coins", "moon")
 assert not set(STRIP) & set(PRETRAINING_IMAGES), "scored images must be unseen in pretraining"
 
 
-BUNDLED = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins",
-           "colorwheel", "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
-           "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text")
+BUNDLED = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "shepp_logan_phantom",
+    "text",
+)
 """scikit-image's grey or RGB images that ship in its wheel (no download)."""
 
 
@@ -79,8 +99,11 @@ def strip_problem(strip: tuple[str, ...]) -> str | None:
     if repeated:
         return f"{repeated} named more than once"
     seen = [bundled(name) for name in PRETRAINING_IMAGES]
-    trained = [name for name, image in zip(strip, map(bundled, strip), strict=True)
-               if any(np.array_equal(image, other) for other in seen)]
+    trained = [
+        name
+        for name, image in zip(strip, map(bundled, strip), strict=True)
+        if any(np.array_equal(image, other) for other in seen)
+    ]
     if trained:
         return f"{trained} are in the shipped models' training set"
     return None
@@ -96,28 +119,35 @@ def photo_strip(height: int, width: int, strip: tuple[str, ...] = STRIP) -> np.n
         image = rgb2gray(image) if image.ndim == 3 else image / 255.0
         image = zoom(image.astype(np.float64), height / image.shape[0], order=1)
         left = max((image.shape[1] - width) // 2, 0)
-        parts.append(image[:, left:left + width])
+        parts.append(image[:, left : left + width])
     return np.concatenate(parts, axis=1)
 
 
-def drifting_scan(n: int, size: int, drift: float, strip: tuple[str, ...] = STRIP
-                  ) -> np.ndarray:
+def drifting_scan(n: int, size: int, drift: float, strip: tuple[str, ...] = STRIP) -> np.ndarray:
     """``(n, size, size)`` crops of the strip from a window moving ``drift`` pixels per frame
     to the right (a little down too), from the start of the strip, reflected at its end;
     values in [0, 1]."""
     image = photo_strip(2 * size, size, strip)
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
-    frames = [map_coordinates(image, [rows + size / 2 + 0.2 * drift * k, cols + drift * k],
-                              order=1, mode="reflect") for k in range(n)]
+    frames = [
+        map_coordinates(
+            image, [rows + size / 2 + 0.2 * drift * k, cols + drift * k], order=1, mode="reflect"
+        )
+        for k in range(n)
+    ]
     return np.clip(np.stack(frames), 0, 1).astype(np.float32)
 
 
 def write_growing(path: Path, frames: np.ndarray, rate: float) -> None:
     """Write ``frames`` as an areaDetector file does: SWMR, one frame at a time, flushed."""
     with h5py.File(path, "w", libver="latest") as handle:
-        data = handle.create_dataset("/entry/data/data", shape=(0, *frames.shape[1:]),
-                                     maxshape=(None, *frames.shape[1:]),
-                                     chunks=(1, *frames.shape[1:]), dtype=np.uint16)
+        data = handle.create_dataset(
+            "/entry/data/data",
+            shape=(0, *frames.shape[1:]),
+            maxshape=(None, *frames.shape[1:]),
+            chunks=(1, *frames.shape[1:]),
+            dtype=np.uint16,
+        )
         handle.swmr_mode = True
         started = time.monotonic()
         for k, frame in enumerate(frames):
@@ -127,22 +157,40 @@ def write_growing(path: Path, frames: np.ndarray, rate: float) -> None:
             time.sleep(max(0.0, started + (k + 1) / rate - time.monotonic()))
 
 
-def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path,
-                     extra: tuple[str, ...] = ()) -> dict:
+def live_and_refined(
+    noisy: np.ndarray, args: argparse.Namespace, tmp: Path, extra: tuple[str, ...] = ()
+) -> dict:
     """Run the daemon (with ``extra`` options) on the scan as it is written; return what
     it wrote live and refined, and its final weights."""
     acq, out, state, port = tmp / "acq", tmp / "out", tmp / "state", free_port()
     acq.mkdir()
     daemon = subprocess.Popen(
-        [*N2S, "--watch", str(acq), "--out", str(out), "--state-dir", str(state),
-         "--metrics-port", str(port), "--device", "cpu", "--log-level", "WARNING",
-         "--settle-seconds", "2", *extra])
+        [
+            *N2S,
+            "--watch",
+            str(acq),
+            "--out",
+            str(out),
+            "--state-dir",
+            str(state),
+            "--metrics-port",
+            str(port),
+            "--device",
+            "cpu",
+            "--log-level",
+            "WARNING",
+            "--settle-seconds",
+            "2",
+            *extra,
+        ]
+    )
     try:
         while not scrape(port):
             time.sleep(0.2)
         started = time.monotonic()
-        writer = threading.Thread(target=write_growing,
-                                  args=(acq / "scan_0001.h5", noisy, args.rate))
+        writer = threading.Thread(
+            target=write_growing, args=(acq / "scan_0001.h5", noisy, args.rate)
+        )
         writer.start()
         writer.join()
         scan_seconds = time.monotonic() - started
@@ -157,8 +205,9 @@ def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path,
                 continue
             try:
                 with h5py.File(output, "r", swmr=True) as handle:
-                    ready = ("/entry/refined/data" in handle
-                             and handle["/entry/refined/data"].shape[0] == len(noisy))
+                    ready = "/entry/refined/data" in handle and handle["/entry/refined/data"].shape[
+                        0
+                    ] == len(noisy)
                     if ready:
                         refined = handle["/entry/refined/data"][()]
             except OSError:
@@ -170,9 +219,14 @@ def live_and_refined(noisy: np.ndarray, args: argparse.Namespace, tmp: Path,
     with h5py.File(output, "r") as handle:
         live = handle["/entry/data/data"][()]
         denoiser = handle["/entry/provenance/denoiser"][()]
-    return {"live": live, "refined": refined, "denoiser": denoiser,
-            "checkpoint": newest_checkpoint(state / "checkpoints"),
-            "scan_seconds": scan_seconds, "refine_seconds": refine_seconds}
+    return {
+        "live": live,
+        "refined": refined,
+        "denoiser": denoiser,
+        "checkpoint": newest_checkpoint(state / "checkpoints"),
+        "scan_seconds": scan_seconds,
+        "refine_seconds": refine_seconds,
+    }
 
 
 def calibrated_tv(noisy: np.ndarray, dose: float) -> np.ndarray:
@@ -183,17 +237,26 @@ def calibrated_tv(noisy: np.ndarray, dose: float) -> np.ndarray:
     return np.stack([calibrated(frame) for frame in scaled]) * dose
 
 
-def offline(noisy: np.ndarray, seconds: float, tmp: Path, *, pretrained: bool = False,
-            **options: object) -> np.ndarray:
+def offline(
+    noisy: np.ndarray, seconds: float, tmp: Path, *, pretrained: bool = False, **options: object
+) -> np.ndarray:
     """``n2s-stream train`` with its defaults (``--pretrained``: from the shipped model; other
     ``options`` of `TrainConfig` by name) on the whole scan for ``seconds``; the last weights
     denoise the scan (single pass)."""
     source = tmp / "scan.h5"
     with h5py.File(source, "w") as handle:
         handle["/data"] = noisy.astype(np.uint16)
-    config = make(TrainConfig, h5=source, device="cpu", epochs=100_000, max_seconds=seconds,
-                  out_dir=tmp / f"runs{int(pretrained)}", pretrained=pretrained,
-                  progress=False, **options)
+    config = make(
+        TrainConfig,
+        h5=source,
+        device="cpu",
+        epochs=100_000,
+        max_seconds=seconds,
+        out_dir=tmp / f"runs{int(pretrained)}",
+        pretrained=pretrained,
+        progress=False,
+        **options,
+    )
     checkpoint = load_checkpoint(train(config).last)
     return final_weights(checkpoint, noisy)
 
@@ -202,9 +265,19 @@ def final_weights(checkpoint: Checkpoint, noisy: np.ndarray) -> np.ndarray:
     """The checkpoint's weights over the whole scan, single pass, no augmentation."""
     model = checkpoint.build_model("cpu")
     masker = Masker(checkpoint.masker_config)
-    return np.concatenate([
-        denoise_counts(model, masker, checkpoint.normalizer, noisy[k : k + 16], jinv=False,
-                       device=torch.device("cpu")) for k in range(0, len(noisy), 16)])
+    return np.concatenate(
+        [
+            denoise_counts(
+                model,
+                masker,
+                checkpoint.normalizer,
+                noisy[k : k + 16],
+                jinv=False,
+                device=torch.device("cpu"),
+            )
+            for k in range(0, len(noisy), 16)
+        ]
+    )
 
 
 def final_unblinded(checkpoint: Checkpoint, noisy: np.ndarray) -> dict[str, np.ndarray]:
@@ -213,30 +286,44 @@ def final_unblinded(checkpoint: Checkpoint, noisy: np.ndarray) -> dict[str, np.n
     prior spread per frame, and from the 15x15 neighbours)."""
     model = checkpoint.build_model("cpu")
     masker = Masker(checkpoint.masker_config)
-    jinv = np.concatenate([
-        denoise_counts(model, masker, checkpoint.normalizer, noisy[k : k + 16], jinv=True,
-                       device=torch.device("cpu")) for k in range(0, len(noisy), 16)])
+    jinv = np.concatenate(
+        [
+            denoise_counts(
+                model,
+                masker,
+                checkpoint.normalizer,
+                noisy[k : k + 16],
+                jinv=True,
+                device=torch.device("cpu"),
+            )
+            for k in range(0, len(noisy), 16)
+        ]
+    )
     gain, offset = noise_model(jinv, noisy)
-    return {"final_jinv": jinv,
-            "final_unblind": unblind(jinv, noisy, gain=gain, offset=offset),
-            "final_unblind15": unblind(jinv, noisy, gain=gain, offset=offset, window=15)}
+    return {
+        "final_jinv": jinv,
+        "final_unblind": unblind(jinv, noisy, gain=gain, offset=offset),
+        "final_unblind15": unblind(jinv, noisy, gain=gain, offset=offset, window=15),
+    }
 
 
-def scores(truth: np.ndarray, stack: np.ndarray | None, first: int,
-           dose: float) -> dict | None:
+def scores(truth: np.ndarray, stack: np.ndarray | None, first: int, dose: float) -> dict | None:
     """PSNR of ``stack`` over the scan and over its ``first`` frames (None: no stack)."""
     if stack is None:
         return None
-    return {"mean": psnr(truth, stack, data_range=dose),
-            "first_10s": psnr(truth[:first], stack[:first], data_range=dose)}
+    return {
+        "mean": psnr(truth, stack, data_range=dose),
+        "first_10s": psnr(truth[:first], stack[:first], data_range=dose),
+    }
 
 
 SECTION_COLUMNS = ("tv", "offline", "offline_shipped", "live", "refined")
 """What the per-image lines print."""
 
 
-def image_sections(n: int, size: int, drift: float, strip: tuple[str, ...] = STRIP
-                   ) -> dict[str, np.ndarray]:
+def image_sections(
+    n: int, size: int, drift: float, strip: tuple[str, ...] = STRIP
+) -> dict[str, np.ndarray]:
     """The frame indices of each strip image that holds the window's centre column (the
     scan reflects at the strip's end, as `drifting_scan` does), in order of first visit:
     scores per photograph or texture, not only over the whole scan."""
@@ -248,20 +335,32 @@ def image_sections(n: int, size: int, drift: float, strip: tuple[str, ...] = STR
     return {strip[i]: np.flatnonzero(owner == i) for i in order}
 
 
-def section_scores(truth: np.ndarray, stacks: dict[str, np.ndarray | None],
-                   sections: dict[str, np.ndarray], dose: float) -> dict[str, dict[str, float]]:
+def section_scores(
+    truth: np.ndarray,
+    stacks: dict[str, np.ndarray | None],
+    sections: dict[str, np.ndarray],
+    dose: float,
+) -> dict[str, dict[str, float]]:
     """Mean PSNR of each stack over each image's frames (None stacks left out)."""
-    return {image: {name: psnr(truth[frames], stack[frames], data_range=dose)
-                    for name, stack in stacks.items() if stack is not None}
-            for image, frames in sections.items()}
+    return {
+        image: {
+            name: psnr(truth[frames], stack[frames], data_range=dose)
+            for name, stack in stacks.items()
+            if stack is not None
+        }
+        for image, frames in sections.items()
+    }
 
 
-def frame_margins(truth: np.ndarray, stack: np.ndarray, reference: np.ndarray,
-                  first: int, dose: float) -> list[float]:
+def frame_margins(
+    truth: np.ndarray, stack: np.ndarray, reference: np.ndarray, first: int, dose: float
+) -> list[float]:
     """Per-frame PSNR of ``stack`` minus ``reference`` over the ``first`` frames: "never
     below the classical denoiser" is a claim about every frame, not the mean."""
-    return [psnr(truth[k], stack[k], data_range=dose)
-            - psnr(truth[k], reference[k], data_range=dose) for k in range(min(first, len(stack)))]
+    return [
+        psnr(truth[k], stack[k], data_range=dose) - psnr(truth[k], reference[k], data_range=dose)
+        for k in range(min(first, len(stack)))
+    ]
 
 
 def parse_args() -> argparse.Namespace:
@@ -274,28 +373,44 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drifts", type=float, nargs="+", default=[3.0, 1.0])
     parser.add_argument("--refine-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "first_pass.json")
-    parser.add_argument("--strip", nargs="+", default=list(STRIP), metavar="IMAGE",
-                        help="scikit-image images side by side that the window drifts over "
-                             "(reflected at the end), e.g. --strip gravel grass; never one "
-                             "the shipped models were trained on")
-    parser.add_argument("--unblind", action="store_true",
-                        help="also score the un-blind lever on the final weights (J-invariant "
-                             "inference, then the posterior mean with the pixel)")
-    parser.add_argument("--variants", nargs="*", default=[], metavar="LABEL=OPTIONS",
-                        help="also run the daemon with these options (A/B in the same run), "
-                             "e.g. 'recent32=--recent-frames 32'")
+    parser.add_argument(
+        "--strip",
+        nargs="+",
+        default=list(STRIP),
+        metavar="IMAGE",
+        help="scikit-image images side by side that the window drifts over "
+        "(reflected at the end), e.g. --strip gravel grass; never one "
+        "the shipped models were trained on",
+    )
+    parser.add_argument(
+        "--unblind",
+        action="store_true",
+        help="also score the un-blind lever on the final weights (J-invariant "
+        "inference, then the posterior mean with the pixel)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        metavar="LABEL=OPTIONS",
+        help="also run the daemon with these options (A/B in the same run), "
+        "e.g. 'recent32=--recent-frames 32'",
+    )
     args = parser.parse_args()
     args.strip = tuple(args.strip)
     problem = strip_problem(args.strip)
     if problem:
         parser.error(f"--strip: {problem}")
-    args.variants = {label: tuple(options.split()) for label, _, options
-                     in (v.partition("=") for v in args.variants)}
+    args.variants = {
+        label: tuple(options.split())
+        for label, _, options in (v.partition("=") for v in args.variants)
+    }
     return args
 
 
-def score_row(args: argparse.Namespace, clean: np.ndarray, dose: float, drift: float,
-              first: int) -> dict:
+def score_row(
+    args: argparse.Namespace, clean: np.ndarray, dose: float, drift: float, first: int
+) -> dict:
     """One dose and drift: the daemon (and each variant) on the noisy scan, the references,
     and the scores of each over the scan, its first frames and each strip image."""
     noisy = noisy_counts(clean, dose)
@@ -304,25 +419,34 @@ def score_row(args: argparse.Namespace, clean: np.ndarray, dose: float, drift: f
     for label, extra in args.variants.items():
         with tempfile.TemporaryDirectory() as tmp:
             other = live_and_refined(noisy, args, Path(tmp), extra)
-        lever[label] = {name: scores(truth, other[name], first, dose)
-                        for name in ("live", "refined")}
+        lever[label] = {
+            name: scores(truth, other[name], first, dose) for name in ("live", "refined")
+        }
         lever[label]["classical_frames"] = int(np.sum(other["denoiser"] == 1))
     with tempfile.TemporaryDirectory() as tmp:
         run = live_and_refined(noisy, args, Path(tmp))
-        stacks = {"noisy": noisy, "tv": calibrated_tv(noisy, dose),
-                  "offline": offline(noisy, run["scan_seconds"], Path(tmp)),
-                  "offline_shipped": offline(noisy, run["scan_seconds"], Path(tmp),
-                                             pretrained=True),
-                  "live": run["live"], "refined": run["refined"], "final_no_tta": None}
+        stacks = {
+            "noisy": noisy,
+            "tv": calibrated_tv(noisy, dose),
+            "offline": offline(noisy, run["scan_seconds"], Path(tmp)),
+            "offline_shipped": offline(noisy, run["scan_seconds"], Path(tmp), pretrained=True),
+            "live": run["live"],
+            "refined": run["refined"],
+            "final_no_tta": None,
+        }
         if run["checkpoint"] is None:  # the daemon published no trained weights
             print("no checkpoint: the daemon trained too little to publish", flush=True)
         else:
             stacks["final_no_tta"] = final_weights(run["checkpoint"], noisy)
             if args.unblind:
                 stacks |= final_unblinded(run["checkpoint"], noisy)
-    row: dict = {"dose": dose, "drift": drift, "scan_seconds": run["scan_seconds"],
-                 "refine_seconds": run["refine_seconds"],
-                 "classical_frames": int(np.sum(run["denoiser"] == 1))}
+    row: dict = {
+        "dose": dose,
+        "drift": drift,
+        "scan_seconds": run["scan_seconds"],
+        "refine_seconds": run["refine_seconds"],
+        "classical_frames": int(np.sum(run["denoiser"] == 1)),
+    }
     row |= {name: scores(truth, stack, first, dose) for name, stack in stacks.items()}
     row["live_tv_frames_10s"] = frame_margins(truth, stacks["live"], stacks["tv"], first, dose)
     row["variants"] = lever
@@ -334,37 +458,55 @@ def score_row(args: argparse.Namespace, clean: np.ndarray, dose: float, drift: f
 
 def print_row(row: dict, columns: tuple[str, ...]) -> None:
     """One table line, then a line per strip image and per variant."""
-    cells = " ".join(f"{'-':>15}" if row.get(c) is None
-                     else f"{row[c]['mean']:7.2f} ({row[c]['first_10s']:5.2f})" for c in columns)
+    cells = " ".join(
+        f"{'-':>15}"
+        if row.get(c) is None
+        else f"{row[c]['mean']:7.2f} ({row[c]['first_10s']:5.2f})"
+        for c in columns
+    )
     refined = row["refined"]["mean"] - row["offline"]["mean"] if row["refined"] else np.nan
-    print(f"{row['dose']:5g} {row['drift']:5g} {cells} "
-          f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
-          f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f} "
-          f"{min(row['live_tv_frames_10s'], default=np.nan):6.2f}", flush=True)
+    print(
+        f"{row['dose']:5g} {row['drift']:5g} {cells} "
+        f"{row['live']['mean'] - row['offline']['mean']:8.2f} {refined:8.2f} "
+        f"{row['live']['first_10s'] - row['tv']['first_10s']:7.2f} "
+        f"{min(row['live_tv_frames_10s'], default=np.nan):6.2f}",
+        flush=True,
+    )
     for image, (start, length) in row["sections"].items():
         by = row["by_image"][image]
-        print(f"{'':11} {image:>15} ({length} frames from {start}): "
-              + ", ".join(f"{c} {by[c]:.2f}" for c in SECTION_COLUMNS if c in by), flush=True)
+        print(
+            f"{'':11} {image:>15} ({length} frames from {start}): "
+            + ", ".join(f"{c} {by[c]:.2f}" for c in SECTION_COLUMNS if c in by),
+            flush=True,
+        )
     for label, result in row["variants"].items():
-        print(f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
-              f"({result['live']['first_10s']:.2f}), "
-              f"{result['live']['mean'] - row['offline']['mean']:+.2f} vs offline, "
-              f"{result['live']['mean'] - row['live']['mean']:+.2f} vs default"
-              + ("" if result["refined"] is None
-                 else f"; refined {result['refined']['mean']:.2f}")
-              + f"; {result['classical_frames']} classical frames", flush=True)
+        print(
+            f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
+            f"({result['live']['first_10s']:.2f}), "
+            f"{result['live']['mean'] - row['offline']['mean']:+.2f} vs offline, "
+            f"{result['live']['mean'] - row['live']['mean']:+.2f} vs default"
+            + ("" if result["refined"] is None else f"; refined {result['refined']['mean']:.2f}")
+            + f"; {result['classical_frames']} classical frames",
+            flush=True,
+        )
 
 
 def main() -> None:
     """Every dose and drift: print the table, write the JSON."""
     args = parse_args()
     first = max(1, int(10 * args.rate))
-    print(f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
-          f"mean PSNR dB (first 10 s = {first} frames)")
+    print(
+        f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
+        f"mean PSNR dB (first 10 s = {first} frames)"
+    )
     columns = ("noisy", "tv", "offline", "offline_shipped", "live", "refined", "final_no_tta") + (
-        ("final_jinv", "final_unblind", "final_unblind15") if args.unblind else ())
-    print(f"{'peak':>5} {'drift':>5} " + " ".join(f"{c:>15}" for c in columns)
-          + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7} {'worst':>6}")
+        ("final_jinv", "final_unblind", "final_unblind15") if args.unblind else ()
+    )
+    print(
+        f"{'peak':>5} {'drift':>5} "
+        + " ".join(f"{c:>15}" for c in columns)
+        + f" {'live-off':>8} {'ref-off':>8} {'10s-tv':>7} {'worst':>6}"
+    )
     rows = []
     for drift in args.drifts:
         clean = drifting_scan(args.frames, args.size, drift, args.strip)

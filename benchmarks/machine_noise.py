@@ -49,8 +49,14 @@ def timed_slices(size: int, seconds: float, slice_seconds: float) -> list[dict]:
             elapsed = time.perf_counter() - started
             user1, sys1 = cpu_seconds()
             busy = (user1 - user0) + (sys1 - sys0)
-            slices.append({"threads": threads, "t": round(started, 3), "fps": count / elapsed,
-                           "system_share": (sys1 - sys0) / busy if busy else 0.0})
+            slices.append(
+                {
+                    "threads": threads,
+                    "t": round(started, 3),
+                    "fps": count / elapsed,
+                    "system_share": (sys1 - sys0) / busy if busy else 0.0,
+                }
+            )
     return slices
 
 
@@ -58,9 +64,16 @@ def summary(slices: list[dict], threads: int) -> dict:
     """Percentiles of frames/s over the slices run with ``threads`` threads."""
     fps = np.array([s["fps"] for s in slices if s["threads"] == threads])
     p10, p50, p90 = np.percentile(fps, [10, 50, 90])
-    return {"threads": threads, "slices": int(fps.size), "min": float(fps.min()),
-            "p10": float(p10), "p50": float(p50), "p90": float(p90), "max": float(fps.max()),
-            "max_over_min": float(fps.max() / fps.min())}
+    return {
+        "threads": threads,
+        "slices": int(fps.size),
+        "min": float(fps.min()),
+        "p10": float(p10),
+        "p50": float(p50),
+        "p90": float(p90),
+        "max": float(fps.max()),
+        "max_over_min": float(fps.max() / fps.min()),
+    }
 
 
 def plot(slices: list[dict], path: Path) -> None:
@@ -72,8 +85,12 @@ def plot(slices: list[dict], path: Path) -> None:
     t0 = slices[0]["t"]
     for threads in (1, 2):
         chosen = [s for s in slices if s["threads"] == threads]
-        ax.plot([s["t"] - t0 for s in chosen], [s["fps"] for s in chosen], ".-",
-                label=f"{threads} thread{'s' * (threads > 1)}")
+        ax.plot(
+            [s["t"] - t0 for s in chosen],
+            [s["fps"] for s in chosen],
+            ".-",
+            label=f"{threads} thread{'s' * (threads > 1)}",
+        )
     ax.set_xlabel("seconds")
     ax.set_ylabel("forward frames/s")
     ax.legend()
@@ -89,18 +106,32 @@ def main() -> None:
     args = parser.parse_args()
     slices = timed_slices(args.size, args.seconds, args.slice_seconds)
     rows = [summary(slices, threads) for threads in (1, 2)]
-    print(f"forward frames/s of the default UNet, {args.size}x{args.size}, "
-          f"{args.slice_seconds:g} s slices over {args.seconds:g} s, one process")
+    print(
+        f"forward frames/s of the default UNet, {args.size}x{args.size}, "
+        f"{args.slice_seconds:g} s slices over {args.seconds:g} s, one process"
+    )
     print("| threads | slices | min | p10 | p50 | p90 | max | max / min |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['threads']} | {r['slices']} | {r['min']:.1f} | {r['p10']:.1f} | "
-              f"{r['p50']:.1f} | {r['p90']:.1f} | {r['max']:.1f} | {r['max_over_min']:.2f} |")
+        print(
+            f"| {r['threads']} | {r['slices']} | {r['min']:.1f} | {r['p10']:.1f} | "
+            f"{r['p50']:.1f} | {r['p90']:.1f} | {r['max']:.1f} | {r['max_over_min']:.2f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(with_provenance({
-        "benchmark": "machine_noise", "machine": platform.machine(),
-        "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-        "slices": slices}), indent=2))
+    args.out.write_text(
+        json.dumps(
+            with_provenance(
+                {
+                    "benchmark": "machine_noise",
+                    "machine": platform.machine(),
+                    "settings": {k: str(v) for k, v in vars(args).items()},
+                    "rows": rows,
+                    "slices": slices,
+                }
+            ),
+            indent=2,
+        )
+    )
     plot(slices, args.out.with_suffix(".png"))
 
 

@@ -53,13 +53,11 @@ def onnxruntime_fps(model: torch.nn.Module, size: int, seconds: float) -> float:
     x = torch.randn(1, 1, size, size)
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/model.onnx"
-        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"],
-                          dynamo=False)
+        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(path, options,
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {"x": x.numpy()}
     with torch.inference_mode():
         expected = model(x).numpy()
@@ -79,8 +77,7 @@ def frames_per_second(model: torch.nn.Module, size: int, variant: str, seconds: 
         x = x.contiguous(memory_format=torch.channels_last)
     if variant == "compiled":  # torch.compile (inductor); compiling is not timed
         model = torch.compile(model)
-    context = (torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16"
-               else nullcontext())
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else nullcontext()
     with torch.inference_mode(), context:
         model(x)
         return calls_per_second(lambda: model(x), seconds)
@@ -90,8 +87,11 @@ def main() -> None:
     """Measure and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    parser.add_argument("--variants", nargs="+",
-                        default=["float32", "channels_last", "bf16", "compiled", "onnxruntime"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["float32", "channels_last", "bf16", "compiled", "onnxruntime"],
+    )
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "model_speed.json")
     args = parser.parse_args()
@@ -101,27 +101,53 @@ def main() -> None:
     config = ModelConfig()
     model = build_model(config).eval()
     peak = matmul_peak_gflops()
-    print(f"default UNet ({count_parameters(model)} parameters), {torch.get_num_threads()} "
-          f"threads; float32 matmul peak {peak:.1f} GFLOP/s")
-    print(f"{'size':>6} {'variant':>14} {'frames/s':>9} {'GFLOP/frame':>12} {'GFLOP/s':>8} "
-          f"{'of peak':>8}")
+    print(
+        f"default UNet ({count_parameters(model)} parameters), {torch.get_num_threads()} "
+        f"threads; float32 matmul peak {peak:.1f} GFLOP/s"
+    )
+    print(
+        f"{'size':>6} {'variant':>14} {'frames/s':>9} {'GFLOP/frame':>12} {'GFLOP/s':>8} "
+        f"{'of peak':>8}"
+    )
     rows = []
     for size in args.sizes:
         flops = forward_flops(model, size)
         for variant in args.variants:
             fps = frames_per_second(build_model(config).eval(), size, variant, args.seconds)
-            rows.append({"size": size, "variant": variant, "fps": fps,
-                         "gflop_per_frame": flops / 1e9, "gflops": fps * flops / 1e9,
-                         "fraction_of_peak": fps * flops / 1e9 / peak})
+            rows.append(
+                {
+                    "size": size,
+                    "variant": variant,
+                    "fps": fps,
+                    "gflop_per_frame": flops / 1e9,
+                    "gflops": fps * flops / 1e9,
+                    "fraction_of_peak": fps * flops / 1e9 / peak,
+                }
+            )
             r = rows[-1]
-            print(f"{size:6d} {variant:>14} {fps:9.2f} {r['gflop_per_frame']:12.2f} "
-                  f"{r['gflops']:8.1f} {r['fraction_of_peak']:8.0%}", flush=True)
+            print(
+                f"{size:6d} {variant:>14} {fps:9.2f} {r['gflop_per_frame']:12.2f} "
+                f"{r['gflops']:8.1f} {r['fraction_of_peak']:8.0%}",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(with_provenance({
-        "benchmark": "model_speed", "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "matmul_peak_gflops": peak, "model": config.to_dict(), "rows": rows,
-        "settings": vars(args) | {"out": str(args.out)}}), indent=2))
+    args.out.write_text(
+        json.dumps(
+            with_provenance(
+                {
+                    "benchmark": "model_speed",
+                    "machine": platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "matmul_peak_gflops": peak,
+                    "model": config.to_dict(),
+                    "rows": rows,
+                    "settings": vars(args) | {"out": str(args.out)},
+                }
+            ),
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

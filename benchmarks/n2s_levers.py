@@ -47,12 +47,15 @@ from n2s_stream.training import make_optimizer, train_step
 
 def score(clean: np.ndarray, estimate: np.ndarray, dose: float) -> dict[str, float]:
     """PSNR and SSIM of an estimate of ``clean * dose``."""
-    return {"psnr": psnr(clean * dose, estimate, data_range=dose),
-            "ssim": mean_ssim(clean * dose, estimate, data_range=dose)}
+    return {
+        "psnr": psnr(clean * dose, estimate, data_range=dose),
+        "ssim": mean_ssim(clean * dose, estimate, data_range=dose),
+    }
 
 
-def unblinded(jinv: np.ndarray, noisy: np.ndarray, clean: np.ndarray,
-              dose: float) -> dict[str, dict]:
+def unblinded(
+    jinv: np.ndarray, noisy: np.ndarray, clean: np.ndarray, dose: float
+) -> dict[str, dict]:
     """The un-blind step on a J-invariant stack: per-frame and local (15 px) prior."""
     gain, offset = noise_model(jinv, noisy)
     out = {"noise_model": {"gain": gain, "offset": offset}}
@@ -61,12 +64,14 @@ def unblinded(jinv: np.ndarray, noisy: np.ndarray, clean: np.ndarray,
     return out
 
 
-def neighbor2neighbor(noisy: np.ndarray, clean: np.ndarray, dose: float,
-                      args: argparse.Namespace) -> dict:
+def neighbor2neighbor(
+    noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namespace
+) -> dict:
     """Train the default UNet (no mask channel) the Neighbor2Neighbor way on the noisy stack
     for ``budget`` seconds, normalised as the daemon does; score single-pass inference."""
-    normalizer = NetworkOptions().fit_normalizer(noisy.astype(np.uint16),
-                                                 source_dtype=np.dtype(np.uint16))
+    normalizer = NetworkOptions().fit_normalizer(
+        noisy.astype(np.uint16), source_dtype=np.dtype(np.uint16)
+    )
     frames = normalizer.forward(noisy.astype(np.uint16).astype(np.float32))
     torch.manual_seed(0)
     model = build_model(ModelConfig(width=args.width, depth=args.depth))
@@ -76,21 +81,35 @@ def neighbor2neighbor(noisy: np.ndarray, clean: np.ndarray, dose: float,
     n, height, width = frames.shape
     started, steps = time.perf_counter(), 0
     while time.perf_counter() - started < args.budget:
-        k, top, left = (rng.integers(n, size=args.batch),
-                        rng.integers(height - args.patch + 1, size=args.batch),
-                        rng.integers(width - args.patch + 1, size=args.batch))
-        batch = torch.from_numpy(np.stack([
-            frames[i, y : y + args.patch, x : x + args.patch]
-            for i, y, x in zip(k, top, left, strict=True)]))[:, None]
+        k, top, left = (
+            rng.integers(n, size=args.batch),
+            rng.integers(height - args.patch + 1, size=args.batch),
+            rng.integers(width - args.patch + 1, size=args.batch),
+        )
+        batch = torch.from_numpy(
+            np.stack(
+                [
+                    frames[i, y : y + args.patch, x : x + args.patch]
+                    for i, y, x in zip(k, top, left, strict=True)
+                ]
+            )
+        )[:, None]
         train_step(model, optimizer, masker, batch, rng=rng, objective="neighbor2neighbor")
         steps += 1
     seconds = time.perf_counter() - started
     model.eval()
     with torch.inference_mode():
-        out = np.concatenate([model(torch.from_numpy(frames[k : k + 16])[:, None])[:, 0].numpy()
-                              for k in range(0, n, 16)])
-    return {"train_seconds": seconds, "steps": steps,
-            "single_pass": score(clean, normalizer.inverse(out), dose)}
+        out = np.concatenate(
+            [
+                model(torch.from_numpy(frames[k : k + 16])[:, None])[:, 0].numpy()
+                for k in range(0, n, 16)
+            ]
+        )
+    return {
+        "train_seconds": seconds,
+        "steps": steps,
+        "single_pass": score(clean, normalizer.inverse(out), dose),
+    }
 
 
 def main() -> None:
@@ -105,9 +124,15 @@ def main() -> None:
     parser.add_argument("--out", type=str, default=str(RESULTS / "n2s_levers.json"))
     args = parser.parse_args()
     defaults = TrainConfig()
-    train_args = argparse.Namespace(budget=args.budget, width=defaults.network.width,
-                                    depth=defaults.network.depth, patch=defaults.patch,
-                                    batch=defaults.batch, lr=defaults.lr, residual=False)
+    train_args = argparse.Namespace(
+        budget=args.budget,
+        width=defaults.network.width,
+        depth=defaults.network.depth,
+        patch=defaults.patch,
+        batch=defaults.batch,
+        lr=defaults.lr,
+        residual=False,
+    )
     clean = photo_tiles(args.tile, args.tiles)
     rows = []
     for dose in args.doses:
@@ -122,28 +147,43 @@ def main() -> None:
         if args.n2n:
             row["n2n"] = neighbor2neighbor(noisy, clean, dose, train_args)
         rows.append(row)
-        print(f"peak {dose:g}: " + ", ".join(
-            f"grid {g}: {r['single_pass']['psnr']:.2f}" for g, r in row["grids"].items())
+        print(
+            f"peak {dose:g}: "
+            + ", ".join(
+                f"grid {g}: {r['single_pass']['psnr']:.2f}" for g, r in row["grids"].items()
+            )
             + f"; grid {args.grids[0]} jinv {row['grids'][args.grids[0]]['jinv']['psnr']:.2f}"
             f", un-blind {row['unblind_frame']['psnr']:.2f} / {row['unblind_local15']['psnr']:.2f}"
-            + (f"; Neighbor2Neighbor {row['n2n']['single_pass']['psnr']:.2f} "
-               f"({row['n2n']['steps']} steps against grid {args.grids[0]}'s "
-               f"{row['grids'][args.grids[0]]['steps']})" if args.n2n else ""),
-            flush=True)
+            + (
+                f"; Neighbor2Neighbor {row['n2n']['single_pass']['psnr']:.2f} "
+                f"({row['n2n']['steps']} steps against grid {args.grids[0]}'s "
+                f"{row['grids'][args.grids[0]]['steps']})"
+                if args.n2n
+                else ""
+            ),
+            flush=True,
+        )
     first = args.grids[0]
-    print(f"\n{'peak':>5} | {'noisy':>6} | "
-          + " | ".join(f"grid {g} single-pass" for g in args.grids)
-          + f" | grid {first} J-inv | + un-blind (frame) | + un-blind (15 px) | gain fitted")
+    print(
+        f"\n{'peak':>5} | {'noisy':>6} | "
+        + " | ".join(f"grid {g} single-pass" for g in args.grids)
+        + f" | grid {first} J-inv | + un-blind (frame) | + un-blind (15 px) | gain fitted"
+    )
     for row in rows:
         grids = row["grids"]
-        print(f"{row['dose']:5g} | {row['noisy']['psnr']:6.2f} | "
-              + " | ".join(f"{grids[g]['single_pass']['psnr']:18.2f}" for g in args.grids)
-              + f" | {grids[first]['jinv']['psnr']:11.2f} | {row['unblind_frame']['psnr']:18.2f}"
-              f" | {row['unblind_local15']['psnr']:18.2f} | {row['noise_model']['gain']:.2f}")
-    report = {"benchmark": "n2s_levers",
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "frames": f"{len(clean)} tiles {args.tile}x{args.tile} (offline_quality)",
-              "settings": vars(args), "rows": rows}
+        print(
+            f"{row['dose']:5g} | {row['noisy']['psnr']:6.2f} | "
+            + " | ".join(f"{grids[g]['single_pass']['psnr']:18.2f}" for g in args.grids)
+            + f" | {grids[first]['jinv']['psnr']:11.2f} | {row['unblind_frame']['psnr']:18.2f}"
+            f" | {row['unblind_local15']['psnr']:18.2f} | {row['noise_model']['gain']:.2f}"
+        )
+    report = {
+        "benchmark": "n2s_levers",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "frames": f"{len(clean)} tiles {args.tile}x{args.tile} (offline_quality)",
+        "settings": vars(args),
+        "rows": rows,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(with_provenance(report), handle, indent=2)

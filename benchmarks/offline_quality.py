@@ -78,11 +78,15 @@ def classical(noisy: np.ndarray, clean: np.ndarray, dose: float) -> dict[str, di
     scaled = noisy / dose  # [0, 1]-ish, the range the skimage parameter grids assume
     mosaic = np.block([[scaled[0], scaled[1]], [scaled[2], scaled[3]]])
     grids = {
-        "wavelet": (partial(denoise_wavelet, rescale_sigma=True),
-                    {"sigma": list(np.linspace(0.02, 0.6, 12))}),
+        "wavelet": (
+            partial(denoise_wavelet, rescale_sigma=True),
+            {"sigma": list(np.linspace(0.02, 0.6, 12))},
+        ),
         "tv": (denoise_tv_chambolle, {"weight": list(np.geomspace(0.01, 1.0, 14))}),
-        "nl_means": (partial(denoise_nl_means, patch_size=5, patch_distance=6, fast_mode=True),
-                     {"h": list(np.geomspace(0.02, 1.0, 10))}),
+        "nl_means": (
+            partial(denoise_nl_means, patch_size=5, patch_distance=6, fast_mode=True),
+            {"h": list(np.geomspace(0.02, 1.0, 10))},
+        ),
     }
     results = {}
     for name, (function, grid) in grids.items():
@@ -104,8 +108,14 @@ def classical(noisy: np.ndarray, clean: np.ndarray, dose: float) -> dict[str, di
     return results
 
 
-def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namespace,
-        denoised_out: dict[str, np.ndarray] | None = None, grid_size: int = 4) -> dict:
+def n2s(
+    noisy: np.ndarray,
+    clean: np.ndarray,
+    dose: float,
+    args: argparse.Namespace,
+    denoised_out: dict[str, np.ndarray] | None = None,
+    grid_size: int = 4,
+) -> dict:
     """Train our UNet on the noisy stack for ``budget`` seconds, then denoise it both ways
     (the denoised stacks go into ``denoised_out`` by mode, when given)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,9 +125,19 @@ def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namesp
             handle["/data"] = noisy.astype(np.uint16 if integral else np.float32)
         config = make(
             TrainConfig,
-            h5=source, device="cpu", width=args.width, depth=args.depth, patch=args.patch,
-            batch=args.batch, epochs=1000, steps_per_epoch=50, max_seconds=args.budget,
-            lr=args.lr, out_dir=Path(tmp) / "runs", progress=False, residual=args.residual,
+            h5=source,
+            device="cpu",
+            width=args.width,
+            depth=args.depth,
+            patch=args.patch,
+            batch=args.batch,
+            epochs=1000,
+            steps_per_epoch=50,
+            max_seconds=args.budget,
+            lr=args.lr,
+            out_dir=Path(tmp) / "runs",
+            progress=False,
+            residual=args.residual,
             grid_size=grid_size,
         )
         started = time.perf_counter()
@@ -129,11 +149,19 @@ def n2s(noisy: np.ndarray, clean: np.ndarray, dose: float, args: argparse.Namesp
     out = {"train_seconds": seconds, "steps": checkpoint.step}
     for mode, jinv in (("single_pass", False), ("jinv", True)):
         started = time.perf_counter()
-        denoised = np.concatenate([
-            denoise_counts(model, masker, checkpoint.normalizer, noisy[k : k + 16],
-                           jinv=jinv, device=torch.device("cpu"))
-            for k in range(0, len(noisy), 16)
-        ])
+        denoised = np.concatenate(
+            [
+                denoise_counts(
+                    model,
+                    masker,
+                    checkpoint.normalizer,
+                    noisy[k : k + 16],
+                    jinv=jinv,
+                    device=torch.device("cpu"),
+                )
+                for k in range(0, len(noisy), 16)
+            ]
+        )
         if denoised_out is not None:
             denoised_out[mode] = denoised
         out[mode] = {
@@ -149,8 +177,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--doses", type=float, nargs="+", default=[5.0, 20.0, 100.0])
     parser.add_argument("--budget", type=float, default=90.0, help="N2S training seconds/dose")
-    parser.add_argument("--read-noise", type=float, default=0.0,
-                        help="Gaussian read noise added to the Poisson counts (std, counts)")
+    parser.add_argument(
+        "--read-noise",
+        type=float,
+        default=0.0,
+        help="Gaussian read noise added to the Poisson counts (std, counts)",
+    )
     parser.add_argument("--tiles", type=int, default=48)
     parser.add_argument("--tile", type=int, default=128)
     defaults = TrainConfig()
@@ -168,9 +200,12 @@ def main() -> None:
     for dose in args.doses:
         noisy = noisy_counts(clean, dose, args.read_noise)
         row = {
-            "dose": dose, "read_noise": args.read_noise,
-            "noisy": {"psnr": psnr(clean * dose, noisy, data_range=dose),
-                      "ssim": mean_ssim(clean * dose, noisy, data_range=dose)},
+            "dose": dose,
+            "read_noise": args.read_noise,
+            "noisy": {
+                "psnr": psnr(clean * dose, noisy, data_range=dose),
+                "ssim": mean_ssim(clean * dose, noisy, data_range=dose),
+            },
             "classical": classical(noisy, clean, dose),
             "n2s": n2s(noisy, clean, dose, args),
         }
@@ -179,7 +214,7 @@ def main() -> None:
     report = {
         "benchmark": "offline_quality",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                   f"torch threads, torch {torch.__version__}",
+        f"torch threads, torch {torch.__version__}",
         "frames": f"{len(clean)} tiles {args.tile}x{args.tile} from skimage.data {IMAGES}",
         "settings": vars(args) | {"out": str(args.out)},
         "rows": rows,
@@ -192,9 +227,11 @@ def main() -> None:
 def print_row(row: dict, header: bool) -> None:
     """One table line per dose: PSNR (dB) / SSIM of each method."""
     if header:
-        print(f"{'dose':>5} {'read':>4} | {'noisy':>12} | {'wavelet':>12} | {'TV':>12} | "
-              f"{'NL-means':>12} | "
-              f"{'N2S single':>12} | {'N2S J-inv':>12} | {'N2S - best classical':>20} | train")
+        print(
+            f"{'dose':>5} {'read':>4} | {'noisy':>12} | {'wavelet':>12} | {'TV':>12} | "
+            f"{'NL-means':>12} | "
+            f"{'N2S single':>12} | {'N2S J-inv':>12} | {'N2S - best classical':>20} | train"
+        )
     c, n = row["classical"], row["n2s"]
     best_classical = max(c[k]["psnr"] for k in ("wavelet", "tv", "nl_means"))
     best_n2s = max(n["single_pass"]["psnr"], n["jinv"]["psnr"])
@@ -202,11 +239,14 @@ def print_row(row: dict, header: bool) -> None:
     def cell(result: dict) -> str:
         return f"{result['psnr']:5.2f}/{result['ssim']:.3f}"
 
-    print(f"{row['dose']:5g} {row['read_noise']:4g} | {cell(row['noisy']):>12} | "
-          f"{cell(c['wavelet']):>12} | "
-          f"{cell(c['tv']):>12} | {cell(c['nl_means']):>12} | {cell(n['single_pass']):>12} | "
-          f"{cell(n['jinv']):>12} | {best_n2s - best_classical:+19.2f}dB | "
-          f"{n['train_seconds']:.0f}s/{n['steps']} steps", flush=True)
+    print(
+        f"{row['dose']:5g} {row['read_noise']:4g} | {cell(row['noisy']):>12} | "
+        f"{cell(c['wavelet']):>12} | "
+        f"{cell(c['tv']):>12} | {cell(c['nl_means']):>12} | {cell(n['single_pass']):>12} | "
+        f"{cell(n['jinv']):>12} | {best_n2s - best_classical:+19.2f}dB | "
+        f"{n['train_seconds']:.0f}s/{n['steps']} steps",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ from n2s_stream.sources import protocols
 from n2s_stream.state import newest_checkpoint
 
 
-def stream_through_daemon(noisy: np.ndarray, args: argparse.Namespace, tmp: Path,
-                          extra: tuple[str, ...] = ()) -> dict:
+def stream_through_daemon(
+    noisy: np.ndarray, args: argparse.Namespace, tmp: Path, extra: tuple[str, ...] = ()
+) -> dict:
     """Send the stack ``passes`` times to a daemon (``extra`` arguments); return its
     outputs and final weights."""
     endpoint, port = f"tcp://127.0.0.1:{free_port()}", free_port()
@@ -49,9 +50,25 @@ def stream_through_daemon(noisy: np.ndarray, args: argparse.Namespace, tmp: Path
     push.setsockopt(zmq.LINGER, 10_000)
     push.bind(endpoint)
     daemon = subprocess.Popen(
-        [*N2S, "--zmq", endpoint, "--out", str(tmp / "out"), "--state-dir", str(tmp / "state"),
-         "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
-         "--log-level", "WARNING", *extra])
+        [
+            *N2S,
+            "--zmq",
+            endpoint,
+            "--out",
+            str(tmp / "out"),
+            "--state-dir",
+            str(tmp / "state"),
+            "--metrics-port",
+            str(port),
+            "--device",
+            "cpu",
+            "--threads",
+            str(args.threads),
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
+    )
     try:
         while not scrape(port):
             time.sleep(0.2)
@@ -75,11 +92,18 @@ def stream_through_daemon(noisy: np.ndarray, args: argparse.Namespace, tmp: Path
     outputs = []
     for k in range(1, args.passes + 1):
         with h5py.File(tmp / "out" / f"pass{k}_n2s.h5", "r") as handle:
-            outputs.append({"frames": handle["/entry/data/data"][()],
-                            "denoiser": handle["/entry/provenance/denoiser"][()]})
-    return {"outputs": outputs, "checkpoint": newest_checkpoint(tmp / "state" / "checkpoints"),
-            "train_steps": metrics.get("n2s_train_steps_total", 0.0),
-            "seconds": time.monotonic() - started}
+            outputs.append(
+                {
+                    "frames": handle["/entry/data/data"][()],
+                    "denoiser": handle["/entry/provenance/denoiser"][()],
+                }
+            )
+    return {
+        "outputs": outputs,
+        "checkpoint": newest_checkpoint(tmp / "state" / "checkpoints"),
+        "train_steps": metrics.get("n2s_train_steps_total", 0.0),
+        "seconds": time.monotonic() - started,
+    }
 
 
 def main() -> None:
@@ -95,10 +119,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "online_quality.json")
     args = parser.parse_args()
     defaults = TrainConfig()
-    offline_args = argparse.Namespace(width=defaults.network.width, depth=defaults.network.depth,
-                                      patch=defaults.patch, batch=defaults.batch,
-                                      lr=defaults.lr, residual=False,
-                                      budget=args.offline_budget)
+    offline_args = argparse.Namespace(
+        width=defaults.network.width,
+        depth=defaults.network.depth,
+        patch=defaults.patch,
+        batch=defaults.batch,
+        lr=defaults.lr,
+        residual=False,
+        budget=args.offline_budget,
+    )
     clean = photo_tiles(args.tile, args.tiles)
     noisy = noisy_counts(clean, args.dose)
     truth = clean * args.dose
@@ -109,20 +138,34 @@ def main() -> None:
     passes = [psnr(truth, out["frames"], args.dose) for out in online["outputs"]]
     checkpoint = online["checkpoint"]
     model = checkpoint.build_model("cpu").eval()
-    reapplied = psnr(truth, denoise_counts(model, Masker(checkpoint.masker_config),
-                                           checkpoint.normalizer, noisy, jinv=False,
-                                           device=torch.device("cpu")), args.dose)
+    reapplied = psnr(
+        truth,
+        denoise_counts(
+            model,
+            Masker(checkpoint.masker_config),
+            checkpoint.normalizer,
+            noisy,
+            jinv=False,
+            device=torch.device("cpu"),
+        ),
+        args.dose,
+    )
     # per frame, online minus offline on the same tile: the tiles' content cancels out
     reference = offline_frames["single_pass"]
-    curve = [psnr(truth[i : i + 1], out["frames"][i : i + 1], args.dose)
-             - psnr(truth[i : i + 1], reference[i : i + 1], args.dose)
-             for out in online["outputs"] for i in range(len(noisy))]
+    curve = [
+        psnr(truth[i : i + 1], out["frames"][i : i + 1], args.dose)
+        - psnr(truth[i : i + 1], reference[i : i + 1], args.dose)
+        for out in online["outputs"]
+        for i in range(len(noisy))
+    ]
     offline_db = offline["single_pass"]["psnr"]
     noisy_db = psnr(truth, noisy, args.dose)
-    print(f"{len(noisy)} tiles {args.tile}x{args.tile}, peak {args.dose:g} counts; daemon at "
-          f"{args.rate:g} frames/s, {args.passes} passes ({online['seconds']:.0f} s, "
-          f"{online['train_steps']:.0f} online training steps); offline "
-          f"{args.offline_budget:g} s ({offline['steps']} steps); {args.threads} threads")
+    print(
+        f"{len(noisy)} tiles {args.tile}x{args.tile}, peak {args.dose:g} counts; daemon at "
+        f"{args.rate:g} frames/s, {args.passes} passes ({online['seconds']:.0f} s, "
+        f"{online['train_steps']:.0f} online training steps); offline "
+        f"{args.offline_budget:g} s ({offline['steps']} steps); {args.threads} threads"
+    )
     print(f"{'':>24} {'PSNR dB':>8} {'vs offline':>10}")
     print(f"{'noisy':>24} {noisy_db:8.2f}")
     print(f"{'offline N2S':>24} {offline_db:8.2f}")
@@ -132,11 +175,16 @@ def main() -> None:
         print(f"{f'online, pass {k} (live)':>24} {value:8.2f} {value - offline_db:+10.2f}{note}")
     print(f"{'online final, re-applied':>24} {reapplied:8.2f} {reapplied - offline_db:+10.2f}")
     report = {
-        "benchmark": "online_quality", "machine": f"{platform.machine()}, {args.threads} threads",
-        "settings": vars(args) | {"out": str(args.out)}, "noisy_psnr": noisy_db,
-        "offline_psnr": offline_db, "offline_steps": offline["steps"],
-        "online_pass_psnr": passes, "online_reapplied_psnr": reapplied,
-        "online_train_steps": online["train_steps"], "curve_psnr": curve,
+        "benchmark": "online_quality",
+        "machine": f"{platform.machine()}, {args.threads} threads",
+        "settings": vars(args) | {"out": str(args.out)},
+        "noisy_psnr": noisy_db,
+        "offline_psnr": offline_db,
+        "offline_steps": offline["steps"],
+        "online_pass_psnr": passes,
+        "online_reapplied_psnr": reapplied,
+        "online_train_steps": online["train_steps"],
+        "curve_psnr": curve,
         "cold_start_frames": int(sum(out["denoiser"].sum() for out in online["outputs"])),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

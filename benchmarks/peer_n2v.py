@@ -47,27 +47,35 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-def train_and_denoise(noisy: np.ndarray, budget: float, patch: int, batch: int,
-                      work_dir: Path, n2v2: bool = False) -> tuple[np.ndarray, dict]:
+def train_and_denoise(
+    noisy: np.ndarray, budget: float, patch: int, batch: int, work_dir: Path, n2v2: bool = False
+) -> tuple[np.ndarray, dict]:
     """N2V (or N2V2) as its documentation sets it up for a 2-D stack (``axes="SYX"``),
     trained for ``budget`` seconds, then applied to the whole stack."""
     config = create_n2v_config(
-        experiment_name="peer_n2v2" if n2v2 else "peer_n2v", data_type="array", axes="SYX",
-        patch_size=[patch, patch], batch_size=batch, num_epochs=10_000, use_n2v2=n2v2,
+        experiment_name="peer_n2v2" if n2v2 else "peer_n2v",
+        data_type="array",
+        axes="SYX",
+        patch_size=[patch, patch],
+        batch_size=batch,
+        num_epochs=10_000,
+        use_n2v2=n2v2,
     )
     stop = StopAfter(budget)
-    careamist = CAREamist(config, work_dir=work_dir, callbacks=[stop],
-                          enable_progress_bar=False)
+    careamist = CAREamist(config, work_dir=work_dir, callbacks=[stop], enable_progress_bar=False)
     started = time.perf_counter()
     careamist.train(train_data=noisy)
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     predictions, _ = careamist.predict(noisy, axes="SYX", batch_size=16)
-    denoised = np.concatenate([np.asarray(p).reshape(-1, *noisy.shape[-2:])
-                               for p in predictions])
-    facts = {"train_seconds": train_seconds, "steps": stop.steps,
-             "predict_seconds": time.perf_counter() - started,
-             "patch": patch, "batch": batch}
+    denoised = np.concatenate([np.asarray(p).reshape(-1, *noisy.shape[-2:]) for p in predictions])
+    facts = {
+        "train_seconds": train_seconds,
+        "steps": stop.steps,
+        "predict_seconds": time.perf_counter() - started,
+        "patch": patch,
+        "batch": batch,
+    }
     return denoised.astype(np.float32), facts
 
 
@@ -92,16 +100,31 @@ def main() -> None:
             for name, noisy in stacks.items():
                 key = f"{variant}__{name}"
                 denoised[key], facts[key] = train_and_denoise(
-                    noisy.astype(np.float32), args.budget, args.patch, args.batch,
-                    Path(tmp) / key, n2v2=variant == "n2v2")
-                print(f"{key}: {facts[key]['steps']} steps in "
-                      f"{facts[key]['train_seconds']:.0f} s", flush=True)
+                    noisy.astype(np.float32),
+                    args.budget,
+                    args.patch,
+                    args.batch,
+                    Path(tmp) / key,
+                    n2v2=variant == "n2v2",
+                )
+                print(
+                    f"{key}: {facts[key]['steps']} steps in {facts[key]['train_seconds']:.0f} s",
+                    flush=True,
+                )
     np.savez(args.out, **denoised)
     import careamics
 
-    args.out.with_suffix(".json").write_text(json.dumps({
-        "careamics": careamics.__version__, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "stacks": facts}, indent=2))
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "careamics": careamics.__version__,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "stacks": facts,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

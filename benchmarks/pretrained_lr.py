@@ -34,15 +34,22 @@ def main() -> None:
     parser.add_argument("--drift", type=float, default=3.0)
     parser.add_argument("--doses", type=float, nargs="+", default=[5.0, 20.0, 100.0])
     parser.add_argument("--seconds", type=float, default=80.0, help="training time per run")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-3, 3e-4],
-                        help="peak learning rates from the shipped model")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[3e-3, 1e-3, 3e-4],
+        help="peak learning rates from the shipped model",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrained_lr.json")
     args = parser.parse_args()
     scratch_lr = make(TrainConfig).lr
     clean = drifting_scan(args.frames, args.size, args.drift)
     columns = ["tv", f"scratch lr {scratch_lr:g}"] + [f"shipped lr {lr:g}" for lr in args.lrs]
-    print(f"{args.frames} frames {args.size}x{args.size}, drift {args.drift:g} px/frame, "
-          f"{args.seconds:g} s of training each; mean PSNR dB")
+    print(
+        f"{args.frames} frames {args.size}x{args.size}, drift {args.drift:g} px/frame, "
+        f"{args.seconds:g} s of training each; mean PSNR dB"
+    )
     print(f"{'peak':>5} {'noisy':>7} " + " ".join(f"{c:>18}" for c in columns))
     rows = []
     for dose in args.doses:
@@ -53,13 +60,17 @@ def main() -> None:
             stacks[columns[1]] = offline(noisy, args.seconds, Path(tmp))
         for lr, column in zip(args.lrs, columns[2:], strict=True):
             with tempfile.TemporaryDirectory() as tmp:
-                stacks[column] = offline(noisy, args.seconds, Path(tmp), pretrained=True,
-                                         pretrained_lr=lr)
-        row = {"dose": dose} | {name: psnr(truth, stack, data_range=dose)
-                                for name, stack in stacks.items()}
+                stacks[column] = offline(
+                    noisy, args.seconds, Path(tmp), pretrained=True, pretrained_lr=lr
+                )
+        row = {"dose": dose} | {
+            name: psnr(truth, stack, data_range=dose) for name, stack in stacks.items()
+        }
         rows.append(row)
-        print(f"{dose:5g} {row['noisy']:7.2f} " + " ".join(f"{row[c]:18.2f}" for c in columns),
-              flush=True)
+        print(
+            f"{dose:5g} {row['noisy']:7.2f} " + " ".join(f"{row[c]:18.2f}" for c in columns),
+            flush=True,
+        )
     write_report(args.out, "pretrained_lr", args, rows)
 
 

@@ -40,11 +40,17 @@ def main() -> None:
     args.passes = 1
     clean = photo_tiles(args.tile, args.tiles)
     first = max(1, int(10 * args.rate))
-    print(f"{len(clean)} tiles {args.tile}x{args.tile} once at {args.rate:g} frames/s; PSNR dB "
-          f"of what the daemon wrote (first 10 s = {first} frames)")
-    print(f"{'peak':>5} {'noisy':>6} " + " ".join(
-        f"{name + ' first 10 s':>24} {name + ' all':>17} {'classical':>9}"
-        for name, _ in VARIANTS))
+    print(
+        f"{len(clean)} tiles {args.tile}x{args.tile} once at {args.rate:g} frames/s; PSNR dB "
+        f"of what the daemon wrote (first 10 s = {first} frames)"
+    )
+    print(
+        f"{'peak':>5} {'noisy':>6} "
+        + " ".join(
+            f"{name + ' first 10 s':>24} {name + ' all':>17} {'classical':>9}"
+            for name, _ in VARIANTS
+        )
+    )
     rows = []
     for dose in args.doses:
         noisy = noisy_counts(clean, dose)
@@ -56,11 +62,18 @@ def main() -> None:
             row[name] = {
                 "first_10s": psnr(clean[:first] * dose, written[:first], data_range=dose),
                 "all": psnr(clean * dose, written, data_range=dose),
-                "classical_frames": int(np.sum(output["denoiser"] == 1))}
+                "classical_frames": int(np.sum(output["denoiser"] == 1)),
+            }
         rows.append(row)
-        print(f"{dose:5g} {row['noisy']:6.2f} " + " ".join(
-            f"{row[name]['first_10s']:24.2f} {row[name]['all']:17.2f} "
-            f"{row[name]['classical_frames']:9d}" for name, _ in VARIANTS), flush=True)
+        print(
+            f"{dose:5g} {row['noisy']:6.2f} "
+            + " ".join(
+                f"{row[name]['first_10s']:24.2f} {row[name]['all']:17.2f} "
+                f"{row[name]['classical_frames']:9d}"
+                for name, _ in VARIANTS
+            ),
+            flush=True,
+        )
     write_report(args.out, "pretrained_start", args, rows)
 
 

@@ -47,9 +47,13 @@ def top_operators(work: Callable[[], object], passes: int, top: int) -> dict:
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return {"seconds_per_call": seconds, "operators": [
-        {"name": e.key, "share": e.self_cpu_time_total / total, "calls": e.count // passes}
-        for e in events[:top]]}
+    return {
+        "seconds_per_call": seconds,
+        "operators": [
+            {"name": e.key, "share": e.self_cpu_time_total / total, "calls": e.count // passes}
+            for e in events[:top]
+        ],
+    }
 
 
 def inference_work(size: int) -> Callable[[], object]:
@@ -60,11 +64,15 @@ def inference_work(size: int) -> Callable[[], object]:
     def work() -> torch.Tensor:
         with torch.inference_mode():
             return model(x)
+
     return work
 
 
-TRAINING_VARIANTS = {"contiguous": (False, False), "channels_last": (True, False),
-                     "channels_last+fused_adam": (True, True)}
+TRAINING_VARIANTS = {
+    "contiguous": (False, False),
+    "channels_last": (True, False),
+    "channels_last+fused_adam": (True, True),
+}
 
 
 def training_work(batch: int, patch: int, variant: str) -> Callable[[], object]:
@@ -103,28 +111,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "profile_model.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report: dict = {"benchmark": "profile_model",
-                    "machine": f"{platform.machine()}, {args.threads} torch threads, "
-                               f"torch {torch.__version__}",
-                    "settings": vars(args) | {"out": str(args.out)}, "inference": {}}
+    report: dict = {
+        "benchmark": "profile_model",
+        "machine": f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}",
+        "settings": vars(args) | {"out": str(args.out)},
+        "inference": {},
+    }
     for size in args.sizes:
         passes = max(2, args.passes * 256 * 256 // (size * size))
         report["inference"][size] = top_operators(inference_work(size), passes, args.top)
         print_operators(f"inference, {size}x{size} frame", report["inference"][size])
-    layouts = {variant: training_work(args.batch, args.patch, variant)
-               for variant in TRAINING_VARIANTS}
+    layouts = {
+        variant: training_work(args.batch, args.patch, variant) for variant in TRAINING_VARIANTS
+    }
     report["training"] = {}
     for layout, work in layouts.items():
         report["training"][layout] = top_operators(work, args.passes, args.top)
-        print_operators(f"training step, batch {args.batch} of {args.patch}x{args.patch}, "
-                        f"{layout}", report["training"][layout])
+        print_operators(
+            f"training step, batch {args.batch} of {args.patch}x{args.patch}, {layout}",
+            report["training"][layout],
+        )
     rates: dict[str, list[float]] = {layout: [] for layout in layouts}
     for _ in range(args.rounds):
         for layout, work in layouts.items():
             rates[layout].append(calls_per_second(work, args.round_seconds))
-    ratios = {f"{variant} / contiguous": [v / c for c, v in
-                                          zip(rates["contiguous"], values, strict=True)]
-              for variant, values in rates.items() if variant != "contiguous"}
+    ratios = {
+        f"{variant} / contiguous": [v / c for c, v in zip(rates["contiguous"], values, strict=True)]
+        for variant, values in rates.items()
+        if variant != "contiguous"
+    }
     report["training_steps_per_second"] = rates
     report["training_ratios"] = ratios
     print(f"\ntraining steps/s in {args.rounds} alternating rounds of {args.round_seconds:g} s:")

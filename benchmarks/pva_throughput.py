@@ -38,8 +38,9 @@ RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
 
 
-def serve(pv: str, size: int, codec: str, seconds: float, env: dict[str, str],
-          rate: float = 0.0) -> None:
+def serve(
+    pv: str, size: int, codec: str, seconds: float, env: dict[str, str], rate: float = 0.0
+) -> None:
     """Post pre-encoded frames on ``pv`` for ``seconds``, at ``rate`` frames/s or as fast as
     possible (0); a process of its own."""
     os.environ.update(env)
@@ -66,11 +67,13 @@ def serve(pv: str, size: int, codec: str, seconds: float, env: dict[str, str],
         time.sleep(1.0)
 
 
-def _server(pv: str, size: int, codec: str, seconds: float, port: int,
-            rate: float = 0.0) -> multiprocessing.process.BaseProcess:
+def _server(
+    pv: str, size: int, codec: str, seconds: float, port: int, rate: float = 0.0
+) -> multiprocessing.process.BaseProcess:
     env = loopback_server_env(port, free_port())
     process = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(pv, size, codec, seconds, env, rate))
+        target=serve, args=(pv, size, codec, seconds, env, rate)
+    )
     process.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # listening before the client starts
@@ -102,9 +105,13 @@ def source_only(size: int, codec: str, seconds: float) -> dict[str, float]:
         return True
 
     with tempfile.TemporaryDirectory() as tmp:
-        source = PvaSource(PvaOptions(pv=pv, queue_size=4, series_gap=60), out_root=Path(tmp),
-                           state_dir=Path(tmp), emit=emit,
-                           reject=lambda reason, message: print(reason, message))
+        source = PvaSource(
+            PvaOptions(pv=pv, queue_size=4, series_gap=60),
+            out_root=Path(tmp),
+            state_dir=Path(tmp),
+            emit=emit,
+            reject=lambda reason, message: print(reason, message),
+        )
         source.start()
         server.join(timeout=seconds + 30)
         source.stop()
@@ -114,8 +121,9 @@ def source_only(size: int, codec: str, seconds: float) -> dict[str, float]:
     return {"fps": fps, "dropped": 1 - len(ids) / (ids[-1] - ids[0] + 1)}
 
 
-def end_to_end(size: int, codec: str, seconds: float, rate: float,
-               warm_up: float) -> dict[str, float]:
+def end_to_end(
+    size: int, codec: str, seconds: float, rate: float, warm_up: float
+) -> dict[str, float]:
     """Frames/s written by the daemon (training on) following a server that offers
     ``rate`` frames/s (a saturated one on the same cores would starve the daemon; a real
     IOC runs elsewhere), and the share PVA dropped; measured after ``warm_up`` s, once the
@@ -125,10 +133,26 @@ def end_to_end(size: int, codec: str, seconds: float, rate: float,
     metrics_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         daemon = subprocess.Popen(
-            [*N2S, "--pva", pv, "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
-             "--metrics-port", str(metrics_port), "--device", "cpu", "--log-level",
-             "ERROR", "--pva-series-gap", "60", "--no-cold-start"],
-            env={**os.environ, **_client_env(port)})
+            [
+                *N2S,
+                "--pva",
+                pv,
+                "--out",
+                f"{tmp}/out",
+                "--state-dir",
+                f"{tmp}/state",
+                "--metrics-port",
+                str(metrics_port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "ERROR",
+                "--pva-series-gap",
+                "60",
+                "--no-cold-start",
+            ],
+            env={**os.environ, **_client_env(port)},
+        )
         deadline = time.monotonic() + 300
         while not scrape(metrics_port).get("n2s_frames_denoised_total"):
             if time.monotonic() > deadline or daemon.poll() is not None:
@@ -159,29 +183,39 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=["none", "bslz4"])
     parser.add_argument("--seconds", type=float, default=10.0, help="source-only window")
     parser.add_argument("--e2e-seconds", type=float, default=30.0, help="end-to-end window")
-    parser.add_argument("--e2e-rate", type=float, default=10.0,
-                        help="frames/s the server offers end to end")
-    parser.add_argument("--warm-up", type=float, default=10.0,
-                        help="seconds end to end before measuring")
+    parser.add_argument(
+        "--e2e-rate", type=float, default=10.0, help="frames/s the server offers end to end"
+    )
+    parser.add_argument(
+        "--warm-up", type=float, default=10.0, help="seconds end to end before measuring"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "pva_throughput.json")
     args = parser.parse_args()
     rows = []
-    print(f"{'size':>6} {'codec':>6} {'source fps':>11} {'source MB/s':>12} {'dropped':>8} "
-          f"{'end-to-end fps':>15} {'dropped':>8}   (end to end: {args.e2e_rate:g} frames/s "
-          "offered)")
+    print(
+        f"{'size':>6} {'codec':>6} {'source fps':>11} {'source MB/s':>12} {'dropped':>8} "
+        f"{'end-to-end fps':>15} {'dropped':>8}   (end to end: {args.e2e_rate:g} frames/s "
+        "offered)"
+    )
     for size in args.sizes:
         for codec in args.codecs:
             source = source_only(size, codec, args.seconds)
-            e2e = end_to_end(size, codec, args.e2e_seconds, args.e2e_rate,
-                             args.warm_up)
-            row = {"size": size, "codec": codec, "source_fps": source["fps"],
-                   "source_mb_s": source["fps"] * size * size * 2 / 1e6,
-                   "source_dropped": source["dropped"], "end_to_end_fps": e2e["fps"],
-                   "end_to_end_dropped": e2e["dropped"]}
+            e2e = end_to_end(size, codec, args.e2e_seconds, args.e2e_rate, args.warm_up)
+            row = {
+                "size": size,
+                "codec": codec,
+                "source_fps": source["fps"],
+                "source_mb_s": source["fps"] * size * size * 2 / 1e6,
+                "source_dropped": source["dropped"],
+                "end_to_end_fps": e2e["fps"],
+                "end_to_end_dropped": e2e["dropped"],
+            }
             rows.append(row)
-            print(f"{size:6d} {codec:>6} {row['source_fps']:11.0f} {row['source_mb_s']:12.0f} "
-                  f"{source['dropped']:8.0%} {e2e['fps']:15.1f} {e2e['dropped']:8.0%}",
-                  flush=True)
+            print(
+                f"{size:6d} {codec:>6} {row['source_fps']:11.0f} {row['source_mb_s']:12.0f} "
+                f"{source['dropped']:8.0%} {e2e['fps']:15.1f} {e2e['dropped']:8.0%}",
+                flush=True,
+            )
     write_report(args.out, "pva_throughput", args, rows)
 
 

@@ -29,8 +29,9 @@ VARIANTS = (("K=1", 1, False), ("K=3", 3, False), ("K=3 registered", 3, True))
 
 def scenes(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
     """``(name, clean frames)``: each drift speed, then a scene that jumps half-way."""
-    out = [(f"drift {d:g} px/frame", drifting_series(args.frames, args.size, d))
-           for d in args.drifts]
+    out = [
+        (f"drift {d:g} px/frame", drifting_series(args.frames, args.size, d)) for d in args.drifts
+    ]
     half = drifting_series(args.frames, args.size, args.drifts[-1])
     jump = np.concatenate([half[: args.frames // 2], half[args.frames // 2 :, ::-1, ::-1]])
     return [*out, (f"drift {args.drifts[-1]:g}, jump half-way", jump)]
@@ -52,23 +53,38 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "registered_context.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"dose {args.dose:g}, {args.frames} frames {args.size}x{args.size}, {args.budget:g} s "
-          f"CPU training each ({args.threads} threads), single-pass PSNR (dB)")
-    print(f"{'scene':>28} {'noisy':>6} " + " ".join(f"{name:>15}" for name, _, _ in VARIANTS)
-          + f" {'registered - K=1':>17}")
+    print(
+        f"dose {args.dose:g}, {args.frames} frames {args.size}x{args.size}, {args.budget:g} s "
+        f"CPU training each ({args.threads} threads), single-pass PSNR (dB)"
+    )
+    print(
+        f"{'scene':>28} {'noisy':>6} "
+        + " ".join(f"{name:>15}" for name, _, _ in VARIANTS)
+        + f" {'registered - K=1':>17}"
+    )
     rows = []
     for name, clean in scenes(args):
-        noisy = np.random.default_rng(args.seed + 1).poisson(clean * args.dose).astype(
-            np.float32)
+        noisy = np.random.default_rng(args.seed + 1).poisson(clean * args.dose).astype(np.float32)
         row = {"scene": name, "noisy": psnr(clean * args.dose, noisy, data_range=args.dose)}
         for label, context, register in VARIANTS:
-            result = train_and_denoise(noisy, clean, args.dose, context=context, residual=False,
-                                       budget=args.budget, args=args, register=register)
+            result = train_and_denoise(
+                noisy,
+                clean,
+                args.dose,
+                context=context,
+                residual=False,
+                budget=args.budget,
+                args=args,
+                register=register,
+            )
             row[label] = result["single_pass"]["psnr"]
         rows.append(row)
-        print(f"{name:>28} {row['noisy']:6.2f} "
-              + " ".join(f"{row[label]:15.2f}" for label, _, _ in VARIANTS)
-              + f" {row['K=3 registered'] - row['K=1']:+17.2f}", flush=True)
+        print(
+            f"{name:>28} {row['noisy']:6.2f} "
+            + " ".join(f"{row[label]:15.2f}" for label, _, _ in VARIANTS)
+            + f" {row['K=3 registered'] - row['K=1']:+17.2f}",
+            flush=True,
+        )
     write_report(args.out, "registered_context", args, rows)
 
 

@@ -38,8 +38,11 @@ from n2s_stream.metrics import scrape
 def process_sample(pid: int) -> tuple[float, int, int]:
     """(RSS MiB, open file descriptors, threads) of a running process."""
     status = proc_status(pid)
-    return (status.get("VmRSS", float("nan")) / 1024, len(os.listdir(f"/proc/{pid}/fd")),
-            status.get("Threads", 0))
+    return (
+        status.get("VmRSS", float("nan")) / 1024,
+        len(os.listdir(f"/proc/{pid}/fd")),
+        status.get("Threads", 0),
+    )
 
 
 def main() -> None:
@@ -50,32 +53,65 @@ def main() -> None:
     parser.add_argument("--shape", default="32x32")
     parser.add_argument("--series-frames", type=int, default=100, help="frames per series")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--trace", action="store_true",
-                        help="run the daemon under traced_daemon.py (slower Python)")
+    parser.add_argument(
+        "--trace", action="store_true", help="run the daemon under traced_daemon.py (slower Python)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     trace_path = args.out.with_suffix(".trace.jsonl")
     trace_path.unlink(missing_ok=True)
-    launcher = ([sys.executable, str(Path(__file__).with_name("traced_daemon.py"))]
-                if args.trace else N2S)
+    launcher = (
+        [sys.executable, str(Path(__file__).with_name("traced_daemon.py"))] if args.trace else N2S
+    )
     n_series = max(1, round(args.minutes * 60 * args.rate / args.series_frames))
     sent = n_series * args.series_frames
     port, endpoint = free_port(), f"tcp://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as tmp:
         daemon = subprocess.Popen(
-            [*launcher, "--zmq", endpoint, "--out", f"{tmp}/out", "--state-dir", f"{tmp}/state",
-             "--metrics-port", str(port), "--device", "cpu", "--threads", str(args.threads),
-             "--checkpoint-every", "10", "--log-level", "WARNING"],
-            env=os.environ | {"TRACED_DAEMON_OUT": str(trace_path)})
+            [
+                *launcher,
+                "--zmq",
+                endpoint,
+                "--out",
+                f"{tmp}/out",
+                "--state-dir",
+                f"{tmp}/state",
+                "--metrics-port",
+                str(port),
+                "--device",
+                "cpu",
+                "--threads",
+                str(args.threads),
+                "--checkpoint-every",
+                "10",
+                "--log-level",
+                "WARNING",
+            ],
+            env=os.environ | {"TRACED_DAEMON_OUT": str(trace_path)},
+        )
         while not scrape(port):
             if daemon.poll() is not None:
                 raise SystemExit(f"the daemon exited with status {daemon.returncode}")
             time.sleep(0.2)
         detector = subprocess.Popen(
-            [*N2S, "simulate", "--zmq-bind", endpoint, "--frames", str(args.series_frames),
-             "--series", str(n_series), "--shape", args.shape, "--rate", str(args.rate),
-             "--log-level", "WARNING"])
+            [
+                *N2S,
+                "simulate",
+                "--zmq-bind",
+                endpoint,
+                "--frames",
+                str(args.series_frames),
+                "--series",
+                str(n_series),
+                "--shape",
+                args.shape,
+                "--rate",
+                str(args.rate),
+                "--log-level",
+                "WARNING",
+            ]
+        )
         samples = []  # (seconds, frames written, rss MiB, fds, threads)
         started = time.monotonic()
         written = 0.0
@@ -97,26 +133,46 @@ def main() -> None:
     for k in np.linspace(0, len(times) - 1, min(11, len(times))).astype(int):
         print(f"{times[k]:8.0f} {counts[k]:8.0f} {rss[k]:8.1f} {fds[k]:5d} {threads[k]:8d}")
     rejected = sum(v for k, v in metrics.items() if k.startswith("n2s_frames_rejected_total"))
-    print(f"{sent} frames in {n_series} series ({args.shape}) in {elapsed:.0f} s "
-          f"({written / elapsed:.0f} frames/s); written {written:.0f}, rejected {rejected:.0f}, "
-          f"missing {metrics.get('n2s_frames_missing_total', 0):.0f}; {outputs} output files; "
-          f"daemon exit {status}")
-    print(f"second half: RSS {rss[half].min():.1f}-{rss[half].max():.1f} MiB, slope "
-          f"{slope_per_hour:+.1f} ± {slope_error:.1f} MiB/hour (95 %); "
-          f"fds {fds[half].min()}-{fds[half].max()}; "
-          f"threads {threads[half].min()}-{threads[half].max()}; "
-          f"train steps {metrics.get('n2s_train_steps_total', 0):.0f}")
+    print(
+        f"{sent} frames in {n_series} series ({args.shape}) in {elapsed:.0f} s "
+        f"({written / elapsed:.0f} frames/s); written {written:.0f}, rejected {rejected:.0f}, "
+        f"missing {metrics.get('n2s_frames_missing_total', 0):.0f}; {outputs} output files; "
+        f"daemon exit {status}"
+    )
+    print(
+        f"second half: RSS {rss[half].min():.1f}-{rss[half].max():.1f} MiB, slope "
+        f"{slope_per_hour:+.1f} ± {slope_error:.1f} MiB/hour (95 %); "
+        f"fds {fds[half].min()}-{fds[half].max()}; "
+        f"threads {threads[half].min()}-{threads[half].max()}; "
+        f"train steps {metrics.get('n2s_train_steps_total', 0):.0f}"
+    )
     report = {
-        "benchmark": "soak", "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-        "settings": vars(args) | {"out": str(args.out)}, "frames_sent": sent,
-        "frames_written": written, "series": n_series, "output_files": outputs,
-        "seconds": elapsed, "daemon_exit": status,
-        "rss_slope_mib_per_hour": slope_per_hour, "rss_slope_95ci": slope_error,
-        "second_half": {"rss_mib": [float(rss[half].min()), float(rss[half].max())],
-                        "fds": [int(fds[half].min()), int(fds[half].max())],
-                        "threads": [int(threads[half].min()), int(threads[half].max())]},
-        "samples": [{"t": float(t), "written": float(c), "rss_mib": float(r), "fds": int(f),
-                     "threads": int(h)} for t, c, r, f, h in samples],
+        "benchmark": "soak",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "settings": vars(args) | {"out": str(args.out)},
+        "frames_sent": sent,
+        "frames_written": written,
+        "series": n_series,
+        "output_files": outputs,
+        "seconds": elapsed,
+        "daemon_exit": status,
+        "rss_slope_mib_per_hour": slope_per_hour,
+        "rss_slope_95ci": slope_error,
+        "second_half": {
+            "rss_mib": [float(rss[half].min()), float(rss[half].max())],
+            "fds": [int(fds[half].min()), int(fds[half].max())],
+            "threads": [int(threads[half].min()), int(threads[half].max())],
+        },
+        "samples": [
+            {
+                "t": float(t),
+                "written": float(c),
+                "rss_mib": float(r),
+                "fds": int(f),
+                "threads": int(h),
+            }
+            for t, c, r, f, h in samples
+        ],
     }
     if args.trace:
         report["trace"] = trace_report(trace_path)
@@ -128,8 +184,7 @@ def main() -> None:
 def trace_report(path: Path) -> dict:
     """Print and return each traced memory figure's range and slope over the second half,
     and the source lines that grew most by the end (see traced_daemon.py)."""
-    samples = ([json.loads(line) for line in path.read_text().splitlines()]
-               if path.exists() else [])
+    samples = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     if not samples:
         print("memory trace: no sample (a run shorter than TRACED_DAEMON_EVERY)")
         return {"samples": 0}
@@ -139,19 +194,31 @@ def trace_report(path: Path) -> dict:
     for name in ("python_mib", "malloc_in_use_mib", "malloc_free_mib", "mmap_mib"):
         values = np.array([s.get(name, float("nan")) for s in samples])
         slope, error = rss_slope(times[half], values[half])
-        figures[name] = {"first": float(values[0]), "last": float(values[-1]),
-                         "slope_mib_per_hour": slope, "slope_95ci": error}
-        print(f"{name:>18}: {values[0]:8.1f} -> {values[-1]:8.1f} MiB, second-half slope "
-              f"{slope:+.2f} ± {error:.2f} MiB/hour")
+        figures[name] = {
+            "first": float(values[0]),
+            "last": float(values[-1]),
+            "slope_mib_per_hour": slope,
+            "slope_95ci": error,
+        }
+        print(
+            f"{name:>18}: {values[0]:8.1f} -> {values[-1]:8.1f} MiB, second-half slope "
+            f"{slope:+.2f} ± {error:.2f} MiB/hour"
+        )
     first, last = samples[0]["objects"], samples[-1]["objects"]
     objects = {name: [first.get(name, 0), count] for name, count in last.items()}
-    print("live objects, first -> last sample: "
-          + ", ".join(f"{name} {a} -> {b}" for name, (a, b) in objects.items()))
+    print(
+        "live objects, first -> last sample: "
+        + ", ".join(f"{name} {a} -> {b}" for name, (a, b) in objects.items())
+    )
     print("grew most since the first sample:")
     for stat in samples[-1]["growth"]:
         print(f"  {stat['kib']:+9.1f} KiB {stat['count']:+7d} blocks  {stat['where']}")
-    return {"samples": len(samples), "figures": figures, "objects": objects,
-            "growth": samples[-1]["growth"]}
+    return {
+        "samples": len(samples),
+        "figures": figures,
+        "objects": objects,
+        "growth": samples[-1]["growth"],
+    }
 
 
 def rss_slope(times: np.ndarray, rss: np.ndarray) -> tuple[float, float]:
@@ -167,14 +234,16 @@ def _plot(args, times, rss, fds, threads) -> None:
     if plt is None:
         return
     fig, axes = plt.subplots(3, 1, figsize=(6, 6), sharex=True)
-    for ax, values, label in zip(axes, (rss, fds, threads),
-                                 ("RSS (MiB)", "open fds", "threads"), strict=True):
+    for ax, values, label in zip(
+        axes, (rss, fds, threads), ("RSS (MiB)", "open fds", "threads"), strict=True
+    ):
         ax.plot(times, values)
         ax.set_ylabel(label)
         ax.set_ylim(0, max(values.max() * 1.2, 1))
     axes[-1].set_xlabel("seconds")
-    axes[0].set_title(f"soak: {args.rate:g} frames/s of {args.shape}, "
-                      f"{args.series_frames} frames per series")
+    axes[0].set_title(
+        f"soak: {args.rate:g} frames/s of {args.shape}, {args.series_frames} frames per series"
+    )
     save_figure(fig, args.out.with_suffix(".png"))
 
 

@@ -35,9 +35,21 @@ MIB = 1024 * 1024
 class MallInfo2(ctypes.Structure):
     """glibc's ``struct mallinfo2`` (glibc >= 2.33), every field a ``size_t``."""
 
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-        "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def malloc_figures() -> dict[str, float]:
@@ -48,8 +60,11 @@ def malloc_figures() -> dict[str, float]:
     except (OSError, AttributeError):
         return {}
     info = libc.mallinfo2()
-    return {"malloc_in_use_mib": info.uordblks / MIB, "malloc_free_mib": info.fordblks / MIB,
-            "mmap_mib": info.hblkhd / MIB}
+    return {
+        "malloc_in_use_mib": info.uordblks / MIB,
+        "malloc_free_mib": info.fordblks / MIB,
+        "mmap_mib": info.hblkhd / MIB,
+    }
 
 
 def object_counts(top: int = 12) -> dict[str, int]:
@@ -65,7 +80,8 @@ def sample_forever(path: str, every: float) -> None:
     while True:
         time.sleep(every)
         snapshot = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(False, tracemalloc.__file__)])
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
         baseline = baseline or snapshot
         growth = snapshot.compare_to(baseline, "lineno")[:8]
         record = {
@@ -73,8 +89,14 @@ def sample_forever(path: str, every: float) -> None:
             "python_mib": tracemalloc.get_traced_memory()[0] / MIB,
             **malloc_figures(),
             "objects": object_counts(),
-            "growth": [{"where": str(stat.traceback[0]), "kib": stat.size_diff / 1024,
-                        "count": stat.count_diff} for stat in growth],
+            "growth": [
+                {
+                    "where": str(stat.traceback[0]),
+                    "kib": stat.size_diff / 1024,
+                    "count": stat.count_diff,
+                }
+                for stat in growth
+            ],
         }
         with open(path, "a") as out:
             out.write(json.dumps(record) + "\n")
@@ -82,7 +104,10 @@ def sample_forever(path: str, every: float) -> None:
 
 if __name__ == "__main__":
     tracemalloc.start(1)
-    threading.Thread(target=sample_forever, daemon=True, name="memory-trace",
-                     args=(os.environ["TRACED_DAEMON_OUT"],
-                           float(os.environ.get("TRACED_DAEMON_EVERY", "30")))).start()
+    threading.Thread(
+        target=sample_forever,
+        daemon=True,
+        name="memory-trace",
+        args=(os.environ["TRACED_DAEMON_OUT"], float(os.environ.get("TRACED_DAEMON_EVERY", "30"))),
+    ).start()
     sys.exit(main(sys.argv[1:]))

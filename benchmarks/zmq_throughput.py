@@ -50,8 +50,9 @@ def free_port() -> int:
 def messages(protocol: str, size: int, n: int) -> list[list[bytes]]:
     """A whole series as the detector would send it (header, images, end)."""
     rng = np.random.default_rng(0)
-    frames = [poisson_frames(rng.random((size, size), np.float32), 20.0, rng)
-              for _ in range(min(n, 8))]
+    frames = [
+        poisson_frames(rng.random((size, size), np.float32), 20.0, rng) for _ in range(min(n, 8))
+    ]
     if protocol == "native":
         body = [p.native_frame("bench", k, frames[k % len(frames)], "bslz4") for k in range(n)]
         return [*body, p.native_end("bench")]
@@ -82,8 +83,12 @@ def source_only(protocol: str, series: list[list[bytes]], n: int) -> float:
                 got.set()
         return True
 
-    source = ZmqSource(ZmqOptions(endpoint=endpoint, protocol=protocol), out_root=Path("."),
-                       emit=emit, reject=lambda reason, message: print(reason, message))
+    source = ZmqSource(
+        ZmqOptions(endpoint=endpoint, protocol=protocol),
+        out_root=Path("."),
+        emit=emit,
+        reject=lambda reason, message: print(reason, message),
+    )
     source.start()
     for message in series:
         push.send_multipart(message)
@@ -95,8 +100,9 @@ def source_only(protocol: str, series: list[list[bytes]], n: int) -> float:
     return (n - 1) / elapsed
 
 
-def end_to_end(protocol: str, series: list[list[bytes]], n: int,
-               workers: int = 1) -> dict[str, float]:
+def end_to_end(
+    protocol: str, series: list[list[bytes]], n: int, workers: int = 1
+) -> dict[str, float]:
     """Frames/s written by ``workers`` daemon processes PULLing one feed (ZeroMQ deals the
     frames round-robin): the first trains, the others adopt its checkpoints (fan-out as
     the README describes); the machine's cores are split between them."""
@@ -112,10 +118,30 @@ def end_to_end(protocol: str, series: list[list[bytes]], n: int,
             follow = ["--model-from", f"{tmp}/w0/state"] if k else ["--checkpoint-every", "5"]
             if workers > 1:
                 follow.append("--shared-feed")
-            daemons.append(subprocess.Popen(
-                [*N2S, "--zmq", endpoint, "--zmq-protocol", protocol, "--out", f"{tmp}/w{k}/out",
-                 "--state-dir", f"{tmp}/w{k}/state", "--metrics-port", str(port), "--device",
-                 "cpu", "--threads", str(threads), "--log-level", "WARNING", *follow]))
+            daemons.append(
+                subprocess.Popen(
+                    [
+                        *N2S,
+                        "--zmq",
+                        endpoint,
+                        "--zmq-protocol",
+                        protocol,
+                        "--out",
+                        f"{tmp}/w{k}/out",
+                        "--state-dir",
+                        f"{tmp}/w{k}/state",
+                        "--metrics-port",
+                        str(port),
+                        "--device",
+                        "cpu",
+                        "--threads",
+                        str(threads),
+                        "--log-level",
+                        "WARNING",
+                        *follow,
+                    ]
+                )
+            )
             ports.append(port)
         for port in ports:
             while not scrape(port):
@@ -143,37 +169,68 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--frames", type=int, default=400, help="frames for source-only")
     parser.add_argument("--e2e-frames", type=int, default=100, help="frames end to end")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                        help="fan-out: daemon processes PULLing one feed (native, first size)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="fan-out: daemon processes PULLing one feed (native, first size)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "zmq_throughput.json")
     args = parser.parse_args()
     rows = []
-    print(f"{'size':>6} {'protocol':>16} {'source fps':>11} {'source MB/s':>12} "
-          f"{'end-to-end fps':>15}")
+    print(
+        f"{'size':>6} {'protocol':>16} {'source fps':>11} {'source MB/s':>12} "
+        f"{'end-to-end fps':>15}"
+    )
     for size in args.sizes:
         for protocol in p.PROTOCOLS:
             fps = source_only(protocol, messages(protocol, size, args.frames), args.frames)
-            e2e = end_to_end(protocol, messages(protocol, size, args.e2e_frames),
-                             args.e2e_frames) if protocol == "native" else None
-            row = {"size": size, "protocol": protocol, "source_fps": fps,
-                   "source_mb_s": fps * size * size * 2 / 1e6,
-                   "end_to_end_fps": e2e["fps"] if e2e else None}
+            e2e = (
+                end_to_end(protocol, messages(protocol, size, args.e2e_frames), args.e2e_frames)
+                if protocol == "native"
+                else None
+            )
+            row = {
+                "size": size,
+                "protocol": protocol,
+                "source_fps": fps,
+                "source_mb_s": fps * size * size * 2 / 1e6,
+                "end_to_end_fps": e2e["fps"] if e2e else None,
+            }
             rows.append(row)
             e2e_text = f"{row['end_to_end_fps']:15.1f}" if e2e else f"{'-':>15}"
-            print(f"{size:6d} {protocol:>16} {fps:11.0f} {row['source_mb_s']:12.0f} {e2e_text}",
-                  flush=True)
+            print(
+                f"{size:6d} {protocol:>16} {fps:11.0f} {row['source_mb_s']:12.0f} {e2e_text}",
+                flush=True,
+            )
     size = args.sizes[0]
-    scaling = [end_to_end("native", messages("native", size, args.e2e_frames), args.e2e_frames,
-                          workers) for workers in args.workers]
-    print(f"fan-out, native {size}x{size}, {os.cpu_count()} cores shared: " + "; ".join(
-        f"{r['workers']} worker(s) x {r['threads_each']} threads {r['fps']:.1f} frames/s"
-        for r in scaling))
+    scaling = [
+        end_to_end("native", messages("native", size, args.e2e_frames), args.e2e_frames, workers)
+        for workers in args.workers
+    ]
+    print(
+        f"fan-out, native {size}x{size}, {os.cpu_count()} cores shared: "
+        + "; ".join(
+            f"{r['workers']} worker(s) x {r['threads_each']} threads {r['fps']:.1f} frames/s"
+            for r in scaling
+        )
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(with_provenance({"benchmark": "zmq_throughput",
-                                    "machine": platform.machine(), "rows": rows,
-                                    "fan_out": scaling,
-                                    "settings": vars(args) | {"out": str(args.out)}}),
-                                   indent=2))
+    args.out.write_text(
+        json.dumps(
+            with_provenance(
+                {
+                    "benchmark": "zmq_throughput",
+                    "machine": platform.machine(),
+                    "rows": rows,
+                    "fan_out": scaling,
+                    "settings": vars(args) | {"out": str(args.out)},
+                }
+            ),
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

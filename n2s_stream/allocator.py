@@ -32,9 +32,11 @@ def keep_freed_memory() -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
-        done = libc.mallopt(M_MMAP_THRESHOLD, HEAP_LIMIT) == 1 and \
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_LIMIT) == 1 and \
-            libc.mallopt(M_ARENA_MAX, 1) == 1
+        done = (
+            libc.mallopt(M_MMAP_THRESHOLD, HEAP_LIMIT) == 1
+            and libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_LIMIT) == 1
+            and libc.mallopt(M_ARENA_MAX, 1) == 1
+        )
     except (OSError, AttributeError):
         done = False
     if not done:

@@ -34,8 +34,9 @@ class RollingBuffer:
         with self._lock:
             self._frames.append((frame, valid))
             self._bytes += size
-            while self._frames and (len(self._frames) > self.max_frames
-                                    or self._bytes > self.max_bytes):
+            while self._frames and (
+                len(self._frames) > self.max_frames or self._bytes > self.max_bytes
+            ):
                 old, old_valid = self._frames.popleft()
                 self._bytes -= old.nbytes + (0 if old_valid is None else old_valid.nbytes)
 

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 class Calibration:
     """Completes a snapshot with what only the first frame can tell."""
 
-    def __init__(self, store: ModelStore, network: NetworkOptions,
-                 cold_start: ColdStart | None) -> None:
+    def __init__(
+        self, store: ModelStore, network: NetworkOptions, cold_start: ColdStart | None
+    ) -> None:
         self.store, self.network, self.cold_start = store, network, cold_start
 
     def ready(self, snapshot: Snapshot, data: np.ndarray, valid: np.ndarray) -> Snapshot:
@@ -31,8 +32,9 @@ class Calibration:
             snapshot = replace(snapshot, normalizer=self.normalizer_for(data, valid))
         if self.cold_start is not None and self.cold_start.classical is None:
             assert snapshot.normalizer is not None
-            image = snapshot.normalizer.forward(fill_invalid(data[np.newaxis],
-                                                             valid[np.newaxis]))[0]
+            image = snapshot.normalizer.forward(fill_invalid(data[np.newaxis], valid[np.newaxis]))[
+                0
+            ]
             self.cold_start.denoiser_for(image)
         return snapshot
 
@@ -40,8 +42,9 @@ class Calibration:
         """The daemon's normaliser: fitted on ``data`` and published unless one is set
         (the first wins); the inference loop's first frame, or the refiner's after a
         restart without a checkpoint."""
-        fitted = self.network.fit_normalizer(data[np.newaxis], source_dtype=data.dtype,
-                                             valid=valid[np.newaxis])
+        fitted = self.network.fit_normalizer(
+            data[np.newaxis], source_dtype=data.dtype, valid=valid[np.newaxis]
+        )
         normalizer = self.store.adopt_normalizer(fitted)
         if normalizer is fitted:
             log.info("normalisation fitted on the first frame: %s", fitted.describe())

@@ -111,7 +111,7 @@ def save_checkpoint(
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch reports a short write (disk full) as
-        _remove_partial(tmp)                # RuntimeError: callers see one error type
+        _remove_partial(tmp)  # RuntimeError: callers see one error type
         if isinstance(exc, OSError):
             raise
         raise OSError(errno.EIO, f"writing {path} failed: {exc}") from exc

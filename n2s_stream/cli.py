@@ -41,25 +41,37 @@ log = logging.getLogger("n2s_stream")
 COMMANDS: dict[str, tuple[type, str]] = {
     "train": (TrainConfig, "train a denoiser on a noisy HDF5 stack (self-supervised)"),
     "denoise": (DenoiseConfig, "denoise an HDF5 stack with a trained checkpoint"),
-    "simulate": (SimulateConfig, "test detector: write noisy frames (truth kept aside) or "
-                                 "send them over ZeroMQ"),
+    "simulate": (
+        SimulateConfig,
+        "test detector: write noisy frames (truth kept aside) or send them over ZeroMQ",
+    ),
     "demo": (DemoConfig, "simulate a detector and watch denoising quality improve"),
     "merge": (MergeConfig, "join the shards of a fanned-out series (virtual dataset)"),
 }
 """Each command's config class (its TOML table is ``[<command>]``) and summary."""
 
-TABLES: dict[str | None, type] = {None: DaemonConfig,
-                                  **{name: cls for name, (cls, _) in COMMANDS.items()}}
+TABLES: dict[str | None, type] = {
+    None: DaemonConfig,
+    **{name: cls for name, (cls, _) in COMMANDS.items()},
+}
 """Config class by command (None: the daemon), for the environment check."""
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _common(parser: argparse.ArgumentParser, *, log_level: str) -> None:
-    parser.add_argument("--config", type=Path, help="TOML file; its table for this command "
-                                                    "([daemon], [train], ...) is read")
-    parser.add_argument("--log-level", default=log_level, type=str.upper, choices=LOG_LEVELS,
-                        help=f"(default {log_level})")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file; its table for this command ([daemon], [train], ...) is read",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=log_level,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help=f"(default {log_level})",
+    )
 
 
 def command_parser(command: str, prog: str = "n2s-stream") -> argparse.ArgumentParser:
@@ -72,13 +84,17 @@ def command_parser(command: str, prog: str = "n2s-stream") -> argparse.ArgumentP
 
 
 def _check_config_parser(prog: str = "n2s-stream") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{prog} check-config",
-                                     description="validate a config file and print it "
-                                                 "resolved, or print the commented template")
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} check-config",
+        description="validate a config file and print it resolved, or print the commented template",
+    )
     parser.add_argument("file", type=Path, nargs="?")
-    parser.add_argument("--template", action="store_true",
-                        help="print every option of every command at its default, commented "
-                             "(what config/n2s-stream.toml holds)")
+    parser.add_argument(
+        "--template",
+        action="store_true",
+        help="print every option of every command at its default, commented "
+        "(what config/n2s-stream.toml holds)",
+    )
     parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
     return parser
 
@@ -88,10 +104,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="n2s-stream",
         description="Self-supervised (Noise2Self) denoising of detector frames. Without a "
-                    "command, runs the streaming daemon. Commands: "
-                    + "; ".join(f"{name}: {summary}" for name, (_, summary) in COMMANDS.items())
-                    + "; check-config: validate a config file. `n2s-stream COMMAND --help` "
-                      "lists a command's options.",
+        "command, runs the streaming daemon. Commands: "
+        + "; ".join(f"{name}: {summary}" for name, (_, summary) in COMMANDS.items())
+        + "; check-config: validate a config file. `n2s-stream COMMAND --help` "
+        "lists a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"n2s-stream {__version__}")
     group = parser.add_argument_group("daemon (n2s-stream --watch DIR | --zmq ENDPOINT ...)")
@@ -134,8 +150,13 @@ def _check_config(path: Path) -> None:
 def _run_daemon(args: argparse.Namespace) -> int:
     from n2s_stream.daemon import Daemon
 
-    config = layered(DaemonConfig, None, config_file=args.config,
-                     cli=cli_layer(args, DaemonConfig), table="daemon")
+    config = layered(
+        DaemonConfig,
+        None,
+        config_file=args.config,
+        cli=cli_layer(args, DaemonConfig),
+        table="daemon",
+    )
     return Daemon(config).run()
 
 
@@ -168,8 +189,12 @@ def _simulate(config: SimulateConfig) -> None:
 def _demo(config: DemoConfig) -> None:
     from n2s_stream.demo import run_demo
 
-    run_demo(config.dir, seconds=config.seconds, context_frames=config.context_frames,
-             source=config.source)
+    run_demo(
+        config.dir,
+        seconds=config.seconds,
+        context_frames=config.context_frames,
+        source=config.source,
+    )
 
 
 def _merge(config: MergeConfig) -> None:
@@ -178,12 +203,17 @@ def _merge(config: MergeConfig) -> None:
     if config.out is None:
         raise UsageError("merge: --out FILE is required")
     result = merge_shards(list(config.shards), config.out)
-    print(f"{result.out}: {result.n_frames} frames from {len(config.shards)} shards"
-          + (f", missing {result.missing}" if result.missing else ""))
+    print(
+        f"{result.out}: {result.n_frames} frames from {len(config.shards)} shards"
+        + (f", missing {result.missing}" if result.missing else "")
+    )
 
 
 RUNNERS: dict[str, Callable[[Any], None]] = {
-    "train": _train, "denoise": _denoise, "simulate": _simulate, "demo": _demo,
+    "train": _train,
+    "denoise": _denoise,
+    "simulate": _simulate,
+    "demo": _demo,
     "merge": _merge,
 }
 
@@ -200,8 +230,10 @@ def _parse(argv: list[str]) -> tuple[str | None, argparse.Namespace]:
 def _run(command: str | None, args: argparse.Namespace) -> int:
     unknown = unknown_env(TABLES)
     if unknown:
-        raise UsageError(f"environment: unknown variable {unknown[0]} (no such option; "
-                         "N2S_<OPTION> for the daemon, N2S_<COMMAND>_<OPTION> for a command)")
+        raise UsageError(
+            f"environment: unknown variable {unknown[0]} (no such option; "
+            "N2S_<OPTION> for the daemon, N2S_<COMMAND>_<OPTION> for a command)"
+        )
     if command in ("train", "denoise"):
         keep_freed_memory()  # frame-sized arrays come and go (the daemon's own run does too)
     if command is None:
@@ -223,8 +255,10 @@ def _run(command: str | None, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``n2s-stream``; returns the exit status."""
     command, args = _parse(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     name = f"n2s-stream {command}" if command else "n2s-stream"
     try:
         return _run(command, args)

@@ -36,8 +36,10 @@ Grids = dict[str, tuple[Callable[..., np.ndarray], dict[str, list[float]]]]
 # Parameter grids in normalised units (frames have about unit spread after normalising).
 GRIDS: Grids = {
     "tv": (denoise_tv_chambolle, {"weight": list(np.geomspace(0.02, 4.0, 9))}),
-    "wavelet": (partial(denoise_wavelet, rescale_sigma=True),
-                {"sigma": list(np.geomspace(0.03, 3.0, 9))}),
+    "wavelet": (
+        partial(denoise_wavelet, rescale_sigma=True),
+        {"sigma": list(np.geomspace(0.03, 3.0, 9))},
+    ),
 }
 CALIBRATION_CROP = 256
 """Side of the central crop the classical denoiser is calibrated on (about 0.2 s at 256). A
@@ -74,12 +76,12 @@ def calibrate_classical(image: np.ndarray, grids: Grids | None = None) -> Classi
     crop = image[top : top + CALIBRATION_CROP, left : left + CALIBRATION_CROP].astype(np.float64)
     best: ClassicalDenoiser | None = None
     for name, (function, grid) in (GRIDS if grids is None else grids).items():
-        _, (params, losses) = calibrate_denoiser(crop, function, grid, stride=4,
-                                                 extra_output=True)
+        _, (params, losses) = calibrate_denoiser(crop, function, grid, stride=4, extra_output=True)
         k = int(np.argmin(losses))
         if best is None or losses[k] < best.calibration_loss:
-            best = ClassicalDenoiser(name, {key: float(v) for key, v in params[k].items()},
-                                     float(losses[k]), function)
+            best = ClassicalDenoiser(
+                name, {key: float(v) for key, v in params[k].items()}, float(losses[k]), function
+            )
     assert best is not None
     return best
 
@@ -126,8 +128,13 @@ class ColdStart:
     """Which denoiser writes frames now; shared by the inference thread (asks, calibrates
     on the first frame) and the trainer (compares losses at each model publication)."""
 
-    def __init__(self, *, active: bool, on_change: Callable[[bool, float, float], None],
-                 starting: StartingNetwork | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        active: bool,
+        on_change: Callable[[bool, float, float], None],
+        starting: StartingNetwork | None = None,
+    ) -> None:
         self._active = active
         self._on_change = on_change  # (active, classical loss, network loss) -> metrics
         self._lock = threading.Lock()
@@ -147,20 +154,27 @@ class ColdStart:
             classical = self.classical
             if classical is None:
                 classical = self.classical = calibrate_classical(frame)
-                log.info("cold start: %s writes frames until the network's held-out loss "
-                         "beats its %.4g", classical.describe(), classical.calibration_loss)
+                log.info(
+                    "cold start: %s writes frames until the network's held-out loss beats its %.4g",
+                    classical.describe(),
+                    classical.calibration_loss,
+                )
         if self._starting is not None and self._active:
             starting, self._starting = self._starting, None
             try:
                 loss_of = starting.loss_of(frame)
                 self.compare(loss_of(starting.model), loss_of)
             except (RuntimeError, ValueError) as exc:  # e.g. out of device memory
-                log.warning("cold start: the starting network could not be scored on the "
-                            "first frame (%s); the classical denoiser writes", exc)
+                log.warning(
+                    "cold start: the starting network could not be scored on the "
+                    "first frame (%s); the classical denoiser writes",
+                    exc,
+                )
         return classical
 
-    def denoise(self, stacks: np.ndarray,
-                network: Callable[[np.ndarray], np.ndarray]) -> tuple[int, np.ndarray]:
+    def denoise(
+        self, stacks: np.ndarray, network: Callable[[np.ndarray], np.ndarray]
+    ) -> tuple[int, np.ndarray]:
         """Which denoiser writes now (``CLASSICAL`` while active, else ``NETWORK``) and its
         ``(n, H, W)`` result for normalised ``(n, K, H, W)`` stacks (the classical one sees
         the centre frame only)."""
@@ -179,6 +193,11 @@ class ColdStart:
         classical_loss = loss_of(ClassicalModule(classical))
         if network_loss < classical_loss:
             self._active = False
-            log.info("cold start over: network held-out loss %.4g < %.4g of %s; the network "
-                     "writes from now on", network_loss, classical_loss, classical.describe())
+            log.info(
+                "cold start over: network held-out loss %.4g < %.4g of %s; the network "
+                "writes from now on",
+                network_loss,
+                classical_loss,
+                classical.describe(),
+            )
         self._on_change(self._active, classical_loss, network_loss)

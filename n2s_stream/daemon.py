@@ -73,14 +73,16 @@ class Stages:
     server: MetricsServer | None
 
 
-def serve_metrics(service: ServiceOptions, metrics: Metrics,
-                  preview: Preview) -> MetricsServer | None:
+def serve_metrics(
+    service: ServiceOptions, metrics: Metrics, preview: Preview
+) -> MetricsServer | None:
     """The HTTP port: Prometheus ``/metrics`` and the preview page (none with port -1)."""
     if service.metrics_port < 0:
         return None
     app = preview_app(preview, make_wsgi_app(metrics.registry))
-    return MetricsServer(metrics.registry, port=service.metrics_port,
-                         addr=service.metrics_addr, app=app)
+    return MetricsServer(
+        metrics.registry, port=service.metrics_port, addr=service.metrics_addr, app=app
+    )
 
 
 class Daemon:
@@ -88,25 +90,33 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig, *, registry: CollectorRegistry = REGISTRY) -> None:
         if len(config.sources_given()) != 1:
-            raise UsageError("give exactly one source to follow: --watch DIR, --zmq "
-                             "ENDPOINT, --pva PVNAME or --bluesky ENDPOINT")
+            raise UsageError(
+                "give exactly one source to follow: --watch DIR, --zmq "
+                "ENDPOINT, --pva PVNAME or --bluesky ENDPOINT"
+            )
         if config.pva.serve and config.pva.serve == config.pva.pv:
-            raise UsageError(f"--pva-serve {config.pva.serve} is the PV followed: the daemon "
-                             "would denoise its own output")
+            raise UsageError(
+                f"--pva-serve {config.pva.serve} is the PV followed: the daemon "
+                "would denoise its own output"
+            )
         self.config = config
         self.metrics = Metrics(registry)
-        self.metrics.build.info({"version": __version__, "source": config.source or "",
-                                 "following": config.following()})
+        self.metrics.build.info(
+            {"version": __version__, "source": config.source or "", "following": config.following()}
+        )
         self.stop_requested = threading.Event()
         self.failure: BaseException | None = None
         self.notifier = Notifier()
         self.preview = Preview()
         self.stages: Stages | None = None
         self._signals = 0
-        self.intake = Intake(size=config.inference.queue_size,
-                             max_bytes=config.inference.queue_mb * 2**20,
-                             drop_when_full=config.inference.drop_when_full,
-                             metrics=self.metrics, stopping=self.stop_requested)
+        self.intake = Intake(
+            size=config.inference.queue_size,
+            max_bytes=config.inference.queue_mb * 2**20,
+            drop_when_full=config.inference.drop_when_full,
+            metrics=self.metrics,
+            stopping=self.stop_requested,
+        )
         self._state: StateDir | None = None
         self._masker = Masker(config.network.masker_config())  # a checkpoint's replace them
         self._model_config = config.network.model_config()
@@ -118,20 +128,25 @@ class Daemon:
             torch.set_num_threads(config.inference.threads)
         device = resolve_device(config.inference.device)
         check_engine(config.inference.engine, device)
-        state = self._state = StateDir(config.service.state_dir,
-                                       on_write_error=self.metrics.state_write_errors.inc,
-                                       claim=True)
+        state = self._state = StateDir(
+            config.service.state_dir, on_write_error=self.metrics.state_write_errors.inc, claim=True
+        )
         self.metrics.unwritten_at_last_stop.set(state.last_stop_unwritten())
-        checkpoint = state.starting_checkpoint(model_from=config.training.model_from,
-                                               ckpt=config.training.ckpt)
+        checkpoint = state.starting_checkpoint(
+            model_from=config.training.model_from, ckpt=config.training.ckpt
+        )
         if checkpoint is not None:
             self._model_config = checkpoint.model_config
             self._masker = Masker(checkpoint.masker_config)
         torch.manual_seed(config.training.seed)
-        train_model, pretrained = ((checkpoint.build_model(device), False) if checkpoint
-                                   else self._new_model(device))
-        store = ModelStore(copy_state(train_model), checkpoint.version if checkpoint else 0,
-                           checkpoint.normalizer if checkpoint else None)
+        train_model, pretrained = (
+            (checkpoint.build_model(device), False) if checkpoint else self._new_model(device)
+        )
+        store = ModelStore(
+            copy_state(train_model),
+            checkpoint.version if checkpoint else 0,
+            checkpoint.normalizer if checkpoint else None,
+        )
         self.metrics.model_version.set(store.version)
         # Only a network without a checkpoint starts cold (without training, the classical
         # denoiser then writes for good unless the shipped network beat it on the first
@@ -139,59 +154,105 @@ class Daemon:
         # the training worker's weights.
         passthrough = config.inference.engine == "passthrough"
         if passthrough:
-            log.info("engine passthrough: frames are written as they came, not denoised; "
-                     "training, the cold start and refinement are off")
-        training = (config.training.train and config.training.model_from is None
-                    and not passthrough)
-        cold = (config.training.cold_start and checkpoint is None
-                and config.training.model_from is None and not passthrough)
+            log.info(
+                "engine passthrough: frames are written as they came, not denoised; "
+                "training, the cold start and refinement are off"
+            )
+        training = config.training.train and config.training.model_from is None and not passthrough
+        cold = (
+            config.training.cold_start
+            and checkpoint is None
+            and config.training.model_from is None
+            and not passthrough
+        )
         refining = config.refine.enabled and not passthrough
-        starting = (StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
-                    if cold and pretrained else None)  # the shipped model is single-frame
-        cold_start = ColdStart(active=cold, on_change=self._cold_start_changed,
-                               starting=starting)
-        buffer = RollingBuffer(max_frames=config.training.buffer_frames,
-                               max_bytes=config.training.buffer_mb * 2**20)
+        starting = (
+            StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
+            if cold and pretrained
+            else None
+        )  # the shipped model is single-frame
+        cold_start = ColdStart(active=cold, on_change=self._cold_start_changed, starting=starting)
+        buffer = RollingBuffer(
+            max_frames=config.training.buffer_frames, max_bytes=config.training.buffer_mb * 2**20
+        )
         val_buffer = RollingBuffer(max_frames=VAL_FRAMES, max_bytes=64 * 2**20)
-        sink_context = SinkContext(config=config, metrics=self.metrics, state=state,
-                                   stopping=self.stop_requested, preview=self.preview,
-                                   buffer=buffer, val_buffer=val_buffer,
-                                   cold_start=cold_start if cold else None)
+        sink_context = SinkContext(
+            config=config,
+            metrics=self.metrics,
+            state=state,
+            stopping=self.stop_requested,
+            preview=self.preview,
+            buffer=buffer,
+            val_buffer=val_buffer,
+            cold_start=cold_start if cold else None,
+        )
         sinks = make_sinks(sink_context, train=training, refine=refining)
         inference = self._inference_loop(device, store, cold_start if cold else None, sinks)
         refiner = None
         if refining:
             refiner = Refiner(
-                state.root / "refine", store=store, calibration=inference.calibration,
-                model=build_model(self._model_config).to(device), masker=self._masker,
-                device=device, options=config.refine, jinv=config.inference.jinv,
+                state.root / "refine",
+                store=store,
+                calibration=inference.calibration,
+                model=build_model(self._model_config).to(device),
+                masker=self._masker,
+                device=device,
+                options=config.refine,
+                jinv=config.inference.jinv,
                 min_free_mb=config.output.min_free_mb,
                 idle=lambda: not inference.busy and self.intake.queue.empty(),
-                network_writes=lambda: not cold_start.active, metrics=self.metrics,
+                network_writes=lambda: not cold_start.active,
+                metrics=self.metrics,
                 outputs=sink_context.outputs,
-                on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)])
+                on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)],
+            )
         trainer = None
         if training:
             trainer = OnlineTrainer(
-                model=train_model, masker=self._masker, buffer=buffer, val_buffer=val_buffer,
-                store=store, metrics=self.metrics, device=device, options=config.training,
-                busy=lambda: (inference.busy or not self.intake.queue.empty()
-                              or (refiner is not None and refiner.busy)),
+                model=train_model,
+                masker=self._masker,
+                buffer=buffer,
+                val_buffer=val_buffer,
+                store=store,
+                metrics=self.metrics,
+                device=device,
+                options=config.training,
+                busy=lambda: (
+                    inference.busy
+                    or not self.intake.queue.empty()
+                    or (refiner is not None and refiner.busy)
+                ),
                 save=self._save_checkpoint,
                 optimizer_state=checkpoint.optimizer_state if checkpoint else None,
                 step=checkpoint.step if checkpoint else 0,
-                cold_start=cold_start if cold else None, score_start=pretrained)
+                cold_start=cold_start if cold else None,
+                score_start=pretrained,
+            )
         follower = None
         if config.training.model_from is not None:
             follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
-        source = make_source(config, SourceContext(
-            emit=self.intake.emit, reject=self.intake.reject,
-            start_position=state.start_position,
-            headers=state.series_headers, ignore=(config.service.state_dir,),
-            dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
-            refused=self.intake.dropped.add))
-        stages = Stages(source, inference, follower, trainer, refiner, store, cold_start,
-                        serve_metrics(config.service, self.metrics, self.preview))
+        source = make_source(
+            config,
+            SourceContext(
+                emit=self.intake.emit,
+                reject=self.intake.reject,
+                start_position=state.start_position,
+                headers=state.series_headers,
+                ignore=(config.service.state_dir,),
+                dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
+                refused=self.intake.dropped.add,
+            ),
+        )
+        stages = Stages(
+            source,
+            inference,
+            follower,
+            trainer,
+            refiner,
+            store,
+            cold_start,
+            serve_metrics(config.service, self.metrics, self.preview),
+        )
         self.stages = stages
         for worker in (inference, trainer, refiner, follower, source):
             if worker is not None:
@@ -203,38 +264,56 @@ class Daemon:
         network options (``pretrained``), else random weights; and whether it is the
         shipped one."""
         model = build_model(self._model_config)
-        shipped = (starting_model(self._model_config, self._masker.config,
-                                  self.config.training.objective)
-                   if self.config.training.pretrained else None)
+        shipped = (
+            starting_model(self._model_config, self._masker.config, self.config.training.objective)
+            if self.config.training.pretrained
+            else None
+        )
         if shipped is not None:
             model.load_state_dict(shipped.state_dict)
             log.info("network starts from the shipped pretrained model %s", shipped.path)
         elif self.config.training.pretrained:
-            log.info("no shipped pretrained model fits these network options: the "
-                     "network starts from random weights")
+            log.info(
+                "no shipped pretrained model fits these network options: the "
+                "network starts from random weights"
+            )
         return model.to(device), shipped is not None
 
-    def _inference_loop(self, device: torch.device, store: ModelStore,
-                        cold_start: ColdStart | None, sinks: list) -> InferenceLoop:
+    def _inference_loop(
+        self, device: torch.device, store: ModelStore, cold_start: ColdStart | None, sinks: list
+    ) -> InferenceLoop:
         config = self.config
         output = next(sink for sink in sinks if isinstance(sink, Hdf5Sink))
-        engine = Engine(build_model(self._model_config).to(device), self._masker,
-                        device=device, options=config.inference, metrics=self.metrics)
-        series = SeriesTracker(self._masker.config, self.metrics,
-                               last_written=output.last_written,
-                               count_gaps=not config.zmq.shared_feed,
-                               dropped=self.intake.dropped)
+        engine = Engine(
+            build_model(self._model_config).to(device),
+            self._masker,
+            device=device,
+            options=config.inference,
+            metrics=self.metrics,
+        )
+        series = SeriesTracker(
+            self._masker.config,
+            self.metrics,
+            last_written=output.last_written,
+            count_gaps=not config.zmq.shared_feed,
+            dropped=self.intake.dropped,
+        )
         return InferenceLoop(
-            frames=self.intake.queue, engine=engine, series=series,
-            sinks=SinkChain(sinks, self.metrics), store=store,
+            frames=self.intake.queue,
+            engine=engine,
+            series=series,
+            sinks=SinkChain(sinks, self.metrics),
+            store=store,
             calibration=Calibration(store, config.network, cold_start),
-            cold_start=cold_start, options=config.inference,
-            max_batch=max_batch(config.inference, device), metrics=self.metrics,
-            on_fatal=self._fatal)
+            cold_start=cold_start,
+            options=config.inference,
+            max_batch=max_batch(config.inference, device),
+            metrics=self.metrics,
+            on_fatal=self._fatal,
+        )
 
     # ---- callbacks from the stages ------------------------------------------------------
-    def _cold_start_changed(self, active: bool, classical_loss: float,
-                            network_loss: float) -> None:
+    def _cold_start_changed(self, active: bool, classical_loss: float, network_loss: float) -> None:
         self.metrics.cold_start_active.set(int(active))
         self.metrics.classical_selfsup_loss.set(classical_loss)
         if math.isfinite(network_loss):  # the pair on the dashboard, from the first frame on
@@ -244,15 +323,21 @@ class Daemon:
         self.failure = exc
         self.stop_requested.set()
 
-    def _save_checkpoint(self, weights: StateDict, optimizer: torch.optim.Optimizer,
-                         step: int, version: int) -> None:
+    def _save_checkpoint(
+        self, weights: StateDict, optimizer: torch.optim.Optimizer, step: int, version: int
+    ) -> None:
         assert self.stages is not None and self._state is not None
         normalizer = self.stages.store.snapshot().normalizer
         if normalizer is not None:  # else nothing seen yet: nothing learnt worth keeping
             self._state.save_checkpoint(
-                model=weights, optimizer=optimizer, step=step, version=version,
-                model_config=self._model_config, masker_config=self._masker.config,
-                normalizer=normalizer)
+                model=weights,
+                optimizer=optimizer,
+                step=step,
+                version=version,
+                model_config=self._model_config,
+                masker_config=self._masker.config,
+                normalizer=normalizer,
+            )
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -275,8 +360,7 @@ class Daemon:
             raise
         following = self.config.following()
         self.notifier.notify("READY=1", f"STATUS=following {following}")
-        log.info("n2s-stream ready: following %s, writing to %s", following,
-                 self.config.output.out)
+        log.info("n2s-stream ready: following %s, writing to %s", following, self.config.output.out)
         self._loop(stages)
         self.notifier.notify("STOPPING=1")
         self._shutdown()
@@ -287,31 +371,44 @@ class Daemon:
         return 0
 
     def _loop(self, stages: Stages) -> None:
-        workers = {"source": stages.source, "inference": stages.inference,
-                   "trainer": stages.trainer, "refiner": stages.refiner,
-                   "follower": stages.follower,
-                   "http": stages.server}
+        workers = {
+            "source": stages.source,
+            "inference": stages.inference,
+            "trainer": stages.trainer,
+            "refiner": stages.refiner,
+            "follower": stages.follower,
+            "http": stages.server,
+        }
         heartbeat = Heartbeat(
-            metrics=self.metrics, notifier=self.notifier, preview=self.preview,
+            metrics=self.metrics,
+            notifier=self.notifier,
+            preview=self.preview,
             workers={name: worker for name, worker in workers.items() if worker is not None},
-            required=REQUIRED_WORKERS, written=lambda: stages.inference.written,
-            status=lambda: self._status(stages))
+            required=REQUIRED_WORKERS,
+            written=lambda: stages.inference.written,
+            status=lambda: self._status(stages),
+        )
         while not self.stop_requested.wait(0.25):
             dead = heartbeat.beat()
             if dead and not self.stop_requested.is_set():  # not a worker ending as asked
-                self._fatal(RuntimeError(f"the {dead} worker died (see the log above); "
-                                         "stopping so that systemd restarts the daemon"))
+                self._fatal(
+                    RuntimeError(
+                        f"the {dead} worker died (see the log above); "
+                        "stopping so that systemd restarts the daemon"
+                    )
+                )
 
     def _status(self, stages: Stages) -> dict[str, object]:
         """The status lines of the preview page and systemd."""
         following = self.config.following()
-        return {"source": f"{following} ({'following' if stages.source.alive else 'stopped'})",
-                "model version": stages.store.version,
-                "denoiser": ("classical (cold start)" if stages.cold_start.active
-                             else "network"),
-                "training": self._training_status(stages),
-                "frames written": stages.inference.written,
-                "queue": self.intake.queue.qsize()}
+        return {
+            "source": f"{following} ({'following' if stages.source.alive else 'stopped'})",
+            "model version": stages.store.version,
+            "denoiser": ("classical (cold start)" if stages.cold_start.active else "network"),
+            "training": self._training_status(stages),
+            "frames written": stages.inference.written,
+            "queue": self.intake.queue.qsize(),
+        }
 
     def _training_status(self, stages: Stages) -> str:
         trainer = stages.trainer

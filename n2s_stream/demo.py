@@ -53,19 +53,21 @@ class _Classical:
     def __init__(self, first_frame: np.ndarray) -> None:
         # the demo runs the daemon with its defaults
         self.normalizer: Normalizer = NetworkOptions().fit_normalizer(
-            first_frame[np.newaxis], source_dtype=first_frame.dtype)
+            first_frame[np.newaxis], source_dtype=first_frame.dtype
+        )
         self.denoiser: ClassicalDenoiser = calibrate_classical(
-            self.normalizer.forward(first_frame[np.newaxis].astype(np.float32))[0])
+            self.normalizer.forward(first_frame[np.newaxis].astype(np.float32))[0]
+        )
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """Denoised ``(n, H, W)`` frames, in counts."""
         normalized = self.normalizer.forward(frames.astype(np.float32))
-        return self.normalizer.inverse(np.stack([self.denoiser(image)
-                                                 for image in normalized]))
+        return self.normalizer.inverse(np.stack([self.denoiser(image) for image in normalized]))
 
 
-def _newest_quality(output: Path, source: Path, truth: np.ndarray,
-                    classical: _Classical | None = None) -> tuple[float, float, float, int]:
+def _newest_quality(
+    output: Path, source: Path, truth: np.ndarray, classical: _Classical | None = None
+) -> tuple[float, float, float, int]:
     """PSNR of the newest denoised frames, of the same noisy frames and of the classical
     denoiser on them (with ``classical``), and the count written."""
     try:
@@ -81,13 +83,13 @@ def _newest_quality(output: Path, source: Path, truth: np.ndarray,
         return float("nan"), float("nan"), float("nan"), 0
     noisy = noisy[index - index[0]]
     clean = truth[index] * DEMO_DOSE
-    classical_db = (float("nan") if classical is None
-                    else psnr(clean, classical(noisy), DEMO_DOSE))
+    classical_db = float("nan") if classical is None else psnr(clean, classical(noisy), DEMO_DOSE)
     return psnr(clean, noisy, DEMO_DOSE), psnr(clean, denoised, DEMO_DOSE), classical_db, n
 
 
-def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
-             source: str = "directory") -> None:
+def run_demo(
+    work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1, source: str = "directory"
+) -> None:
     """Run simulator and daemon for about ``seconds`` and print quality as it improves.
 
     With ``context_frames`` K > 1 a second daemon, seeing K frames at a time, follows the
@@ -103,29 +105,58 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
     command = [sys.executable, "-m", "n2s_stream"]
     variants = [("n2s", "", [])]
     if context_frames > 1:
-        variants.append((f"K={context_frames}", f"_k{context_frames}",
-                         ["--context-frames", str(context_frames)]))
+        variants.append(
+            (
+                f"K={context_frames}",
+                f"_k{context_frames}",
+                ["--context-frames", str(context_frames)],
+            )
+        )
     feed = _Feed(source, acq, name)
-    simulator = [*command, "simulate", *feed.simulator_args, "--frames", str(frames),
-                 "--rate", str(DEMO_RATE), "--shape", DEMO_SHAPE, "--dose", str(DEMO_DOSE),
-                 "--name", name, "--log-level", "WARNING"]
+    simulator = [
+        *command,
+        "simulate",
+        *feed.simulator_args,
+        "--frames",
+        str(frames),
+        "--rate",
+        str(DEMO_RATE),
+        "--shape",
+        DEMO_SHAPE,
+        "--dose",
+        str(DEMO_DOSE),
+        "--name",
+        name,
+        "--log-level",
+        "WARNING",
+    ]
     # a PV must be up before its clients start (they retry a refused name server only every
     # 10 s); a file is followed from its first frame whenever the daemon starts
     detector = subprocess.Popen(simulator, stdout=subprocess.DEVNULL, env=feed.env(None))
-    daemons = [_start_daemon(command, work_dir, suffix, [*feed.daemon_args(suffix), *extra],
-                             feed.env(suffix)) for _, suffix, extra in variants]
+    daemons = [
+        _start_daemon(
+            command, work_dir, suffix, [*feed.daemon_args(suffix), *extra], feed.env(suffix)
+        )
+        for _, suffix, extra in variants
+    ]
     series_names = [feed.series_name for _ in daemons]
     source_path = feed.recorded
-    print(f"detector: {frames} frames {DEMO_SHAPE} at {DEMO_RATE:g}/s, Poisson dose "
-          f"{DEMO_DOSE:g} counts -> {feed.describe()}")
+    print(
+        f"detector: {frames} frames {DEMO_SHAPE} at {DEMO_RATE:g}/s, Poisson dose "
+        f"{DEMO_DOSE:g} counts -> {feed.describe()}"
+    )
     for (label, suffix, extra), daemon in zip(variants, daemons, strict=True):
-        print(f"daemon {label}: n2s-stream {' '.join(feed.daemon_args(suffix))} --out "
-              f"{daemon.out} {' '.join(extra)} (log: {daemon.log_path}; live preview: "
-              f"http://127.0.0.1:{daemon.port}/)")
+        print(
+            f"daemon {label}: n2s-stream {' '.join(feed.daemon_args(suffix))} --out "
+            f"{daemon.out} {' '.join(extra)} (log: {daemon.log_path}; live preview: "
+            f"http://127.0.0.1:{daemon.port}/)"
+        )
     psnr_columns = " ".join(f"{'PSNR ' + label:>9}" for label, _, _ in variants)
-    print(f"{'elapsed':>7} {'in':>5} {'out':>5} {'model':>5} {'PSNR noisy':>10} "
-          f"{'classical':>9} {psnr_columns} {'n2s-classical':>13} {'self-sup val loss':>17} "
-          f"{'denoiser':>9}")
+    print(
+        f"{'elapsed':>7} {'in':>5} {'out':>5} {'model':>5} {'PSNR noisy':>10} "
+        f"{'classical':>9} {psnr_columns} {'n2s-classical':>13} {'self-sup val loss':>17} "
+        f"{'denoiser':>9}"
+    )
     started = time.monotonic()
     truth, classical = None, None
     try:
@@ -136,26 +167,30 @@ def run_demo(work_dir: Path, *, seconds: float = 60.0, context_frames: int = 1,
                     truth = handle["clean"][()]
             if classical is None and truth is not None:
                 classical = _classical_for(source_path)
-            series_names = [name or feed.find_series(daemon.out)
-                            for name, daemon in zip(series_names, daemons, strict=True)]
-            scores = _print_row(daemons, series_names, source_path, truth, classical,
-                                time.monotonic() - started)
+            series_names = [
+                name or feed.find_series(daemon.out)
+                for name, daemon in zip(series_names, daemons, strict=True)
+            ]
+            scores = _print_row(
+                daemons, series_names, source_path, truth, classical, time.monotonic() - started
+            )
             if detector.poll() is not None and all(s[-1] >= frames for s in scores):
                 break
             if any(d.process.poll() is not None for d in daemons):
                 print("a daemon stopped unexpectedly; see its log")
                 break
         if truth is not None and all(d.process.poll() is None for d in daemons):
-            _print_refined(daemons, variants, series_names, source_path, truth, classical,
-                           frames)
+            _print_refined(daemons, variants, series_names, source_path, truth, classical, frames)
     finally:
         detector.terminate()
         for daemon in daemons:
             daemon.stop()
         detector.wait(timeout=30)
     statuses = ", ".join(str(d.process.returncode) for d in daemons)
-    print(f"denoised series: {daemons[0].out / f'{series_names[0]}_n2s.h5'} (raw: {source_path});"
-          f" the daemon stopped with status {statuses}")
+    print(
+        f"denoised series: {daemons[0].out / f'{series_names[0]}_n2s.h5'} (raw: {source_path});"
+        f" the daemon stopped with status {statuses}"
+    )
 
 
 def _classical_for(source: Path) -> _Classical | None:
@@ -169,41 +204,62 @@ def _classical_for(source: Path) -> _Classical | None:
         return None  # not there yet: the next row tries again
 
 
-def _print_row(daemons: list[_DemoDaemon], names: list[str | None], source: Path,
-               truth: np.ndarray | None, classical: _Classical | None,
-               elapsed: float) -> list[tuple[float, float, float, int]]:
+def _print_row(
+    daemons: list[_DemoDaemon],
+    names: list[str | None],
+    source: Path,
+    truth: np.ndarray | None,
+    classical: _Classical | None,
+    elapsed: float,
+) -> list[tuple[float, float, float, int]]:
     """One line of the demo's table (PSNR of each daemon's newest frames against the
     truth, of the classical denoiser on the first daemon's, the first daemon's metrics);
     returns each daemon's (noisy dB, dB, classical dB, written)."""
     metrics = scrape(daemons[0].port)
-    scores = [_newest_quality(d.out / f"{name}_n2s.h5", source, truth,
-                              classical if k == 0 else None)
-              if truth is not None and name else (np.nan, np.nan, np.nan, 0)
-              for k, (name, d) in enumerate(zip(names, daemons, strict=True))]
+    scores = [
+        _newest_quality(d.out / f"{name}_n2s.h5", source, truth, classical if k == 0 else None)
+        if truth is not None and name
+        else (np.nan, np.nan, np.nan, 0)
+        for k, (name, d) in enumerate(zip(names, daemons, strict=True))
+    ]
     noisy_db, denoised_db, classical_db, written = scores[0]
     received = metrics.get("n2s_frames_received_total", 0)
     version = metrics.get("n2s_model_version", 0)
     val_loss = metrics.get("n2s_selfsup_val_loss", 0.0)  # 0 until the first score
     loss_text = f"{val_loss:17.4f}" if val_loss else f"{'-':>17}"
-    denoiser = ("-" if not written  # the daemon is starting, or nothing written yet
-                else "classical" if metrics.get("n2s_cold_start_active") else "network")
+    denoiser = (
+        "-"
+        if not written  # the daemon is starting, or nothing written yet
+        else "classical"
+        if metrics.get("n2s_cold_start_active")
+        else "network"
+    )
     columns = " ".join(_decibels(db, 9) for _, db, _, _ in scores)
     margin = denoised_db - classical_db
     margin_text = f"{margin:+11.2f}dB" if np.isfinite(margin) else f"{'-':>13}"
-    print(f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} "
-          f"{_decibels(noisy_db, 10)} {_decibels(classical_db, 9)} {columns} {margin_text} "
-          f"{loss_text} {denoiser:>9}", flush=True)
+    print(
+        f"{elapsed:6.0f}s {received:5.0f} {written:5d} {version:5.0f} "
+        f"{_decibels(noisy_db, 10)} {_decibels(classical_db, 9)} {columns} {margin_text} "
+        f"{loss_text} {denoiser:>9}",
+        flush=True,
+    )
     return scores
 
 
-def _print_refined(daemons: list[_DemoDaemon], variants: list, names: list[str | None],
-                   source: Path, truth: np.ndarray, classical: _Classical | None, frames: int,
-                   timeout: float = 120.0) -> None:
+def _print_refined(
+    daemons: list[_DemoDaemon],
+    variants: list,
+    names: list[str | None],
+    source: Path,
+    truth: np.ndarray,
+    classical: _Classical | None,
+    frames: int,
+    timeout: float = 120.0,
+) -> None:
     """Once the series has ended: wait for each daemon's refined frames (the whole series
     denoised again with its newest model) and print the whole series' PSNR: noisy,
     classical, live and refined."""
-    print("series ended; waiting for the refined output (the whole series again, newest "
-          "model)")
+    print("series ended; waiting for the refined output (the whole series again, newest model)")
     deadline = time.monotonic() + timeout
     for (label, _, _), daemon, name in zip(variants, daemons, names, strict=True):
         output = daemon.out / f"{name}_n2s.h5"
@@ -228,9 +284,12 @@ def _print_refined(daemons: list[_DemoDaemon], variants: list, names: list[str |
         clean = truth[index] * DEMO_DOSE
         scores = [psnr(clean, stack, DEMO_DOSE) for stack in (noisy, live, refined)]
         classical_db = np.nan if classical is None else psnr(clean, classical(noisy), DEMO_DOSE)
-        print(f"whole series, {label}: noisy {scores[0]:.2f} dB, classical {classical_db:.2f} "
-              f"dB, live {scores[1]:.2f} dB, refined {scores[2]:.2f} dB (model version "
-              f"{version})", flush=True)
+        print(
+            f"whole series, {label}: noisy {scores[0]:.2f} dB, classical {classical_db:.2f} "
+            f"dB, live {scores[1]:.2f} dB, refined {scores[2]:.2f} dB (model version "
+            f"{version})",
+            flush=True,
+        )
 
 
 def _decibels(value: float, width: int) -> str:
@@ -242,8 +301,13 @@ class _DemoDaemon:
     """One daemon process of the demo, with its output folder, log and metrics port."""
 
     def __init__(self, process: subprocess.Popen, out: Path, log_path: Path, log, port: int):
-        self.process, self.out, self.log_path, self._log, self.port = (process, out, log_path,
-                                                                      log, port)
+        self.process, self.out, self.log_path, self._log, self.port = (
+            process,
+            out,
+            log_path,
+            log,
+            port,
+        )
 
     def stop(self) -> None:
         """SIGTERM and wait for the drain."""
@@ -280,8 +344,11 @@ class _Feed:
         if self.source != "pva":
             return dict(os.environ)
         port = self._ports.setdefault(suffix, _free_port())
-        return {**os.environ, **loopback_client_env(self._ports[None], _free_port()),
-                **loopback_server_env(port, _free_port())}
+        return {
+            **os.environ,
+            **loopback_client_env(self._ports[None], _free_port()),
+            **loopback_server_env(port, _free_port()),
+        }
 
     @property
     def recorded(self) -> Path:
@@ -301,19 +368,39 @@ class _Feed:
     def describe(self) -> str:
         """Where the frames go, for the first line of the demo."""
         if self.source == "pva":
-            return (f"PV {self.pv} (EPICS_PVA_NAME_SERVERS=127.0.0.1:{self._ports[None]}; "
-                    f"kept in {self.recorded})")
+            return (
+                f"PV {self.pv} (EPICS_PVA_NAME_SERVERS=127.0.0.1:{self._ports[None]}; "
+                f"kept in {self.recorded})"
+            )
         return str(self.recorded)
 
 
-def _start_daemon(command: list[str], work_dir: Path, suffix: str, args: list[str],
-                  env: dict[str, str]) -> _DemoDaemon:
+def _start_daemon(
+    command: list[str], work_dir: Path, suffix: str, args: list[str], env: dict[str, str]
+) -> _DemoDaemon:
     out, state = work_dir / f"out{suffix}", work_dir / f"state{suffix}"
     port = _free_port()
     log_path = work_dir / f"daemon{suffix}.log"
     log = open(log_path, "w")  # noqa: SIM115 (closed by _DemoDaemon.stop)
     process = subprocess.Popen(
-        [*command, *args, "--out", str(out), "--state-dir", str(state),
-         "--metrics-port", str(port), "--device", "cpu", "--publish-every", "25",
-         "--settle-seconds", "3"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            *command,
+            *args,
+            "--out",
+            str(out),
+            "--state-dir",
+            str(state),
+            "--metrics-port",
+            str(port),
+            "--device",
+            "cpu",
+            "--publish-every",
+            "25",
+            "--settle-seconds",
+            "3",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     return _DemoDaemon(process, out, log_path, log, port)

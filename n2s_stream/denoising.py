@@ -72,8 +72,9 @@ Precision = Literal["float32", "float16", "bfloat16"]
 PRECISIONS: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def inference_autocast(device: torch.device, precision: str,
-                       amp: bool = False) -> AbstractContextManager[object]:
+def inference_autocast(
+    device: torch.device, precision: str, amp: bool = False
+) -> AbstractContextManager[object]:
     """The forward pass's arithmetic: float32, or autocast to float16 / bfloat16 on the
     device (``amp``: the offline tools' float16 on CUDA)."""
     if precision in PRECISIONS:
@@ -100,10 +101,19 @@ class HostStaging:
 
 
 @torch.inference_mode()
-def denoise_normalized(forward: Forward, masker: Masker, inputs: np.ndarray, *, jinv: bool,
-                       device: torch.device, amp: bool = False, precision: str = "float32",
-                       tile: int = 0, overlap: int = 32,
-                       staging: HostStaging | None = None) -> np.ndarray:
+def denoise_normalized(
+    forward: Forward,
+    masker: Masker,
+    inputs: np.ndarray,
+    *,
+    jinv: bool,
+    device: torch.device,
+    amp: bool = False,
+    precision: str = "float32",
+    tile: int = 0,
+    overlap: int = 32,
+    staging: HostStaging | None = None,
+) -> np.ndarray:
     """Denoise normalised frames: ``(n, H, W)``, or ``(n, C, H, W)`` frames with their
     temporal context; returns the ``(n, H, W)`` denoised centre frames, float32, on the host.
     ``precision``: the forward pass's arithmetic; ``tile``: frames larger than this go
@@ -112,8 +122,7 @@ def denoise_normalized(forward: Forward, masker: Masker, inputs: np.ndarray, *, 
     if x.ndim == 3:
         x = x.unsqueeze(1)
     x = (staging or HostStaging()).to_device(x, device)
-    network = forward if tile <= 0 else partial(tiled_forward, forward, tile=tile,
-                                                overlap=overlap)
+    network = forward if tile <= 0 else partial(tiled_forward, forward, tile=tile, overlap=overlap)
     with inference_autocast(device, precision, amp):
         infer = masker.infer_full_image if jinv else masker.infer_single_pass
         y = infer(x, network)
@@ -136,23 +145,32 @@ def to_source_dtype(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return frames.astype(dtype)
 
 
-def denoise_series(forward: Forward, masker: Masker, normalizer: Normalizer,
-                   chunks: Iterable[tuple[int, np.ndarray]], *, jinv: bool,
-                   device: torch.device, batch: int = 8, amp: bool = False,
-                   pixel_mask: np.ndarray | None = None,
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def denoise_series(
+    forward: Forward,
+    masker: Masker,
+    normalizer: Normalizer,
+    chunks: Iterable[tuple[int, np.ndarray]],
+    *,
+    jinv: bool,
+    device: torch.device,
+    batch: int = 8,
+    amp: bool = False,
+    pixel_mask: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Denoise one series read in ``(first index, (n, H, W) frames)`` chunks, in order;
     yields ``(indices, denoised frames)`` in detector units, float32, ``batch`` at a time.
     Offline, frames with NaN/inf are denoised from their in-filled pixels (the daemon
     refuses them: see ``check_usable``)."""
     window: ContextWindow[tuple[int, np.ndarray, np.ndarray]] = ContextWindow(
-        masker.config.context_frames, masker.config.causal, masker.config.register)
+        masker.config.context_frames, masker.config.causal, masker.config.register
+    )
     ready: list[tuple[tuple[int, np.ndarray, np.ndarray], np.ndarray]] = []
 
     def run(items) -> tuple[np.ndarray, np.ndarray]:
         stacks = np.stack([stack for _, stack in items])
-        denoised = normalizer.inverse(denoise_normalized(forward, masker, stacks, jinv=jinv,
-                                                         device=device, amp=amp))
+        denoised = normalizer.inverse(
+            denoise_normalized(forward, masker, stacks, jinv=jinv, device=device, amp=amp)
+        )
         for k, ((_, raw, valid), _) in enumerate(items):
             restore_invalid(denoised[k], raw, valid)
         return np.array([index for (index, _, _), _ in items]), denoised
@@ -172,13 +190,31 @@ def denoise_series(forward: Forward, masker: Masker, normalizer: Normalizer,
         yield run(ready[first : first + batch])
 
 
-def denoise_counts(model: nn.Module, masker: Masker, normalizer: Normalizer,
-                   frames: np.ndarray, *, jinv: bool, device: torch.device,
-                   amp: bool = False, pixel_mask: np.ndarray | None = None) -> np.ndarray:
+def denoise_counts(
+    model: nn.Module,
+    masker: Masker,
+    normalizer: Normalizer,
+    frames: np.ndarray,
+    *,
+    jinv: bool,
+    device: torch.device,
+    amp: bool = False,
+    pixel_mask: np.ndarray | None = None,
+) -> np.ndarray:
     """Denoise the ``(n, H, W)`` frames of one series (in order) held in memory; returns
     float32 in detector units. See :func:`denoise_series`."""
-    parts = [out for _, out in denoise_series(model, masker, normalizer, [(0, frames)],
-                                              jinv=jinv, device=device,
-                                              batch=max(len(frames), 1), amp=amp,
-                                              pixel_mask=pixel_mask)]
+    parts = [
+        out
+        for _, out in denoise_series(
+            model,
+            masker,
+            normalizer,
+            [(0, frames)],
+            jinv=jinv,
+            device=device,
+            batch=max(len(frames), 1),
+            amp=amp,
+            pixel_mask=pixel_mask,
+        )
+    ]
     return np.concatenate(parts) if parts else np.empty((0, *frames.shape[1:]), np.float32)

@@ -44,8 +44,15 @@ def max_batch(options: InferenceOptions, device: torch.device) -> int:
 class Engine:
     """Denoises normalised ``(n, K, H, W)`` stacks with the newest weights it was given."""
 
-    def __init__(self, model: nn.Module, masker: Masker, *, device: torch.device,
-                 options: InferenceOptions, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        masker: Masker,
+        *,
+        device: torch.device,
+        options: InferenceOptions,
+        metrics: Metrics,
+    ) -> None:
         self.model = use_fast_layout(model, device)
         self.masker, self.device, self.options, self.metrics = masker, device, options, metrics
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
@@ -76,11 +83,17 @@ class Engine:
         if self.options.engine == "passthrough":
             return stacks if stacks.ndim == 3 else stacks[:, 0]  # channel 0: the frame
         with self.metrics.forward_seconds.time():
-            return denoise_normalized(self.forward, self.masker, stacks,
-                                      jinv=self.options.jinv, device=self.device,
-                                      precision=self.options.precision,
-                                      tile=self.options.tile, overlap=self.options.tile_overlap,
-                                      staging=self._staging)
+            return denoise_normalized(
+                self.forward,
+                self.masker,
+                stacks,
+                jinv=self.options.jinv,
+                device=self.device,
+                precision=self.options.precision,
+                tile=self.options.tile,
+                overlap=self.options.tile_overlap,
+                staging=self._staging,
+            )
 
     def close(self) -> None:
         """Wait for an ONNX export under way."""
@@ -92,8 +105,11 @@ class Engine:
         exported = self._onnx.finished_export()
         if exported is not None:
             self._now_using(exported)
-        if (snapshot.version != self.version and not self._onnx.exporting and
-                time.monotonic() - self._loaded_at >= self.options.onnx_reload_seconds):
+        if (
+            snapshot.version != self.version
+            and not self._onnx.exporting
+            and time.monotonic() - self._loaded_at >= self.options.onnx_reload_seconds
+        ):
             self._onnx.start_export(snapshot.weights, snapshot.version)
             self._loaded_at = time.monotonic()
 

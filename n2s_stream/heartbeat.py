@@ -31,9 +31,17 @@ class Heartbeat:
     sets ``n2s_worker_up`` for every worker; the watchdog is fed only while every
     required worker is alive."""
 
-    def __init__(self, *, metrics: Metrics, notifier: Notifier, preview: Preview,
-                 workers: Mapping[str, Worker], required: tuple[str, ...],
-                 written: Callable[[], int], status: Callable[[], dict[str, object]]) -> None:
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        notifier: Notifier,
+        preview: Preview,
+        workers: Mapping[str, Worker],
+        required: tuple[str, ...],
+        written: Callable[[], int],
+        status: Callable[[], dict[str, object]],
+    ) -> None:
         self.metrics, self.notifier, self.preview = metrics, notifier, preview
         self.workers, self.required = dict(workers), required
         self._written, self._status = written, status
@@ -59,9 +67,11 @@ class Heartbeat:
             self._last_ping = now
         if now - self._last_status >= STATUS_SECONDS:
             status = self._status()
-            self.notifier.notify(f"STATUS={written} frames written, model version "
-                                 f"{status['model version']}, queue {status['queue']}, "
-                                 f"training {status['training']}")
+            self.notifier.notify(
+                f"STATUS={written} frames written, model version "
+                f"{status['model version']}, queue {status['queue']}, "
+                f"training {status['training']}"
+            )
             self._last_status = now
         return dead
 
@@ -75,8 +85,13 @@ class Heartbeat:
                 continue
             if name not in self._reported:
                 self._reported.add(name)
-                log.error("worker %s is down%s", name, "" if name in self.required else
-                          " (not required: the daemon goes on without it)")
+                log.error(
+                    "worker %s is down%s",
+                    name,
+                    ""
+                    if name in self.required
+                    else " (not required: the daemon goes on without it)",
+                )
             if name in self.required and dead is None:
                 dead = name
         return dead
@@ -85,8 +100,14 @@ class Heartbeat:
         """A point for the preview page's plots, and its status lines."""
         value = self.metrics.registry.get_sample_value
         self.preview.sample(
-            {"fps": fps, "latency_s": self._latency.mean_since_last(),
-             "selfsup_val_loss": value("n2s_selfsup_val_loss") or float("nan"),
-             "train_loss": value("n2s_train_loss") or float("nan")},
-            {**self._status(),
-             "output": "paused: disk nearly full" if value("n2s_output_paused") else "writing"})
+            {
+                "fps": fps,
+                "latency_s": self._latency.mean_since_last(),
+                "selfsup_val_loss": value("n2s_selfsup_val_loss") or float("nan"),
+                "train_loss": value("n2s_train_loss") or float("nan"),
+            },
+            {
+                **self._status(),
+                "output": "paused: disk nearly full" if value("n2s_output_paused") else "writing",
+            },
+        )

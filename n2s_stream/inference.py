@@ -57,10 +57,21 @@ class Pending:
 class InferenceLoop(BackgroundWorker):
     """The one thread that denoises and hands frames to the sinks."""
 
-    def __init__(self, *, frames: queue.Queue, engine: Engine, series: SeriesTracker,
-                 sinks: SinkChain, store: ModelStore, calibration: Calibration,
-                 cold_start: ColdStart | None, options: InferenceOptions, max_batch: int,
-                 metrics: Metrics, on_fatal: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        *,
+        frames: queue.Queue,
+        engine: Engine,
+        series: SeriesTracker,
+        sinks: SinkChain,
+        store: ModelStore,
+        calibration: Calibration,
+        cold_start: ColdStart | None,
+        options: InferenceOptions,
+        max_batch: int,
+        metrics: Metrics,
+        on_fatal: Callable[[BaseException], None],
+    ) -> None:
         super().__init__("inference", join_timeout=120.0)
         self.frames, self.engine, self.series, self.sinks = frames, engine, series, sinks
         self.store, self.calibration, self.cold_start = store, calibration, cold_start
@@ -104,13 +115,16 @@ class InferenceLoop(BackgroundWorker):
         self._stopping.set()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
-            log.warning("stop bound reached while frames were still being written; "
-                        "abandoning the rest")
+            log.warning(
+                "stop bound reached while frames were still being written; abandoning the rest"
+            )
             self._abandon.set()
             self._thread.join(timeout=grace)
             if self._thread.is_alive():
-                log.error("inference is stuck (a forward pass or a write that does not "
-                          "return); leaving it behind")
+                log.error(
+                    "inference is stuck (a forward pass or a write that does not "
+                    "return); leaving it behind"
+                )
         self.unwritten = self._count_unwritten()
 
     def _run(self) -> None:
@@ -152,8 +166,11 @@ class InferenceLoop(BackgroundWorker):
                 break
         unwritten = self.taken - self._accounted() - self.lost
         if unwritten > 0:
-            log.warning("%d accepted frames were not written (a directory source reads them "
-                        "again at the next start; a feed's are lost)", unwritten)
+            log.warning(
+                "%d accepted frames were not written (a directory source reads them "
+                "again at the next start; a feed's are lost)",
+                unwritten,
+            )
             self.metrics.frames_unwritten_at_stop.inc(unwritten)
         return max(unwritten, 0)
 
@@ -191,8 +208,10 @@ class InferenceLoop(BackgroundWorker):
         except (OSError, Abandoned):
             raise
         except Exception:
-            log.exception("inference failed on frames %s",
-                          ", ".join(f"{f.series}:{f.index}" for f in frames) or "(held ones)")
+            log.exception(
+                "inference failed on frames %s",
+                ", ".join(f"{f.series}:{f.index}" for f in frames) or "(held ones)",
+            )
             for series in {f.series for f in frames}:
                 self.series.drop_held(series)  # what its window held is lost with this batch
             done = self._accounted() - done_before
@@ -217,8 +236,11 @@ class InferenceLoop(BackgroundWorker):
         self._write(ready, snapshot)
         self._write(self.series.waited_too_long(self.options.context_flush_seconds), snapshot)
         for series in self.series.idle(self.options.series_idle_close):
-            log.info("series %s: no frame for %g s; its output is closed (it resumes if "
-                     "frames come)", series, self.options.series_idle_close)
+            log.info(
+                "series %s: no frame for %g s; its output is closed (it resumes if frames come)",
+                series,
+                self.options.series_idle_close,
+            )
             self._end(self.series.idle_end(series), snapshot)
 
     def _end(self, end: SeriesEnd, snapshot: Snapshot) -> None:
@@ -227,8 +249,9 @@ class InferenceLoop(BackgroundWorker):
         self.sinks.end_series(end)
         self.series.closed(end)
 
-    def _prepare_ahead(self, items: list[Frame | SeriesEnd],
-                       snapshot: Snapshot) -> dict[int, Future]:
+    def _prepare_ahead(
+        self, items: list[Frame | SeriesEnd], snapshot: Snapshot
+    ) -> dict[int, Future]:
         """Start preparing the frames among ``items`` in the pool (once the first frame
         has set the normaliser); keyed by ``id(frame)``."""
         frames = [item for item in items if isinstance(item, Frame)]
@@ -237,11 +260,11 @@ class InferenceLoop(BackgroundWorker):
             return {}
         if self._preparers is None:
             self._preparers = ThreadPoolExecutor(2, thread_name_prefix="prepare")
-        return {id(frame): self._preparers.submit(_prepared, frame, normalizer)
-                for frame in frames}
+        return {id(frame): self._preparers.submit(_prepared, frame, normalizer) for frame in frames}
 
-    def _take(self, frame: Frame, snapshot: Snapshot,
-              ahead: Future | None = None) -> tuple[Snapshot, list[Ready]]:
+    def _take(
+        self, frame: Frame, snapshot: Snapshot, ahead: Future | None = None
+    ) -> tuple[Snapshot, list[Ready]]:
         """Admit one frame and push it into its series' window; returns the snapshot (now
         with a normaliser) and the frames whose context is complete. ``ahead``: the
         frame's preparation, started in the pool."""
@@ -254,8 +277,11 @@ class InferenceLoop(BackgroundWorker):
                 valid = check_usable(frame.data, frame.pixel_mask)
             snapshot = self.calibration.ready(snapshot, frame.data, valid)
             admitted = self.series.admit(
-                frame, before, open_series=lambda f: self._open_series(f, valid),
-                reject=lambda reason, why: self._reject(frame, reason, why))
+                frame,
+                before,
+                open_series=lambda f: self._open_series(f, valid),
+                reject=lambda reason, why: self._reject(frame, reason, why),
+            )
         except Unusable as exc:
             self._reject(frame, exc.reason, str(exc))
             return snapshot, []
@@ -274,9 +300,17 @@ class InferenceLoop(BackgroundWorker):
         if self.cold_start is not None and self.cold_start.classical is not None:
             notes["cold_start"] = self.cold_start.classical.describe()
         mean_count = float(np.mean(frame.data, where=valid, dtype=np.float64))
-        self.sinks.open_series(SeriesStart(frame.series, frame.output, frame.data.shape,
-                                           frame.data.dtype, notes,
-                                           numeric_names(frame.attributes), mean_count))
+        self.sinks.open_series(
+            SeriesStart(
+                frame.series,
+                frame.output,
+                frame.data.shape,
+                frame.data.dtype,
+                notes,
+                numeric_names(frame.attributes),
+                mean_count,
+            )
+        )
 
     def _write(self, ready: list[Ready], snapshot: Snapshot) -> None:
         """Denoise ready frames (one forward pass per run of equal shapes) and hand each
@@ -289,10 +323,16 @@ class InferenceLoop(BackgroundWorker):
         normalizer = snapshot.normalizer
         assert normalizer is not None  # set by the first frame's calibration
         for group in _runs_of_equal_shape(ready, self.max_batch):
-            stacks = (group[0][1][np.newaxis] if len(group) == 1  # (n, K, H, W), normalised
-                      else np.stack([stack for _, stack in group]))
-            denoiser, out = (self.cold_start.denoise(stacks, self.engine) if self.cold_start
-                             else (NETWORK, self.engine(stacks)))
+            stacks = (
+                group[0][1][np.newaxis]
+                if len(group) == 1  # (n, K, H, W), normalised
+                else np.stack([stack for _, stack in group])
+            )
+            denoiser, out = (
+                self.cold_start.denoise(stacks, self.engine)
+                if self.cold_start
+                else (NETWORK, self.engine(stacks))
+            )
             for (pending, stack), image in zip(group, normalizer.inverse(out), strict=True):
                 if self._abandon.is_set():
                     raise Abandoned("stop bound reached")
@@ -306,8 +346,7 @@ class InferenceLoop(BackgroundWorker):
 
     def _reject(self, frame: Frame, reason: str, why: str) -> None:
         self.refused += 1
-        log.warning("rejected (%s): frame %d of %s: %s", reason, frame.index, frame.series,
-                    why)
+        log.warning("rejected (%s): frame %d of %s: %s", reason, frame.index, frame.series, why)
         self.metrics.reject(reason)
 
 
@@ -329,8 +368,11 @@ def _runs_of_equal_shape(ready: list[Ready], limit: int) -> Iterator[list[Ready]
     start = 0
     while start < len(ready):
         stop = start + 1
-        while (stop < len(ready) and stop - start < limit
-               and ready[stop][1].shape == ready[start][1].shape):
+        while (
+            stop < len(ready)
+            and stop - start < limit
+            and ready[stop][1].shape == ready[start][1].shape
+        ):
             stop += 1
         yield ready[start:stop]
         start = stop

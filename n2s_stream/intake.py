@@ -57,8 +57,15 @@ class FrameQueue(queue.Queue):
 class Intake:
     """Sources ``emit`` here (from their threads); the inference loop takes from ``queue``."""
 
-    def __init__(self, *, size: int, drop_when_full: bool, metrics: Metrics,
-                 stopping: threading.Event, max_bytes: int = 2**62) -> None:
+    def __init__(
+        self,
+        *,
+        size: int,
+        drop_when_full: bool,
+        metrics: Metrics,
+        stopping: threading.Event,
+        max_bytes: int = 2**62,
+    ) -> None:
         self.queue: queue.Queue[Frame | SeriesEnd] = FrameQueue(size, max_bytes)
         self.dropped = DroppedFrames()
         self._drop_when_full = drop_when_full
@@ -95,5 +102,8 @@ class Intake:
             self.queue.put_nowait(frame)
         except queue.Full:
             self.dropped.add(frame.series, frame.index)
-            self.reject("dropped_queue_full", f"frame {frame.index} of {frame.series} dropped: "
-                        "inference queue full (drop_when_full)")
+            self.reject(
+                "dropped_queue_full",
+                f"frame {frame.index} of {frame.series} dropped: "
+                "inference queue full (drop_when_full)",
+            )

@@ -50,12 +50,13 @@ def merge_shards(shards: list[Path], out: Path) -> MergeResult:
     shapes = {(shape, np.dtype(dtype).str) for _, shape, dtype, _ in indexes}
     if len(shapes) != 1:
         raise UsageError(f"merge: shards disagree on frame shape or dtype: {sorted(shapes)}")
-    (frame_shape, dtype_str), = shapes
+    ((frame_shape, dtype_str),) = shapes
     everything = np.concatenate([frames for frames, *_ in indexes])
     values, counts = np.unique(everything, return_counts=True)
     if (counts > 1).any():
-        raise UsageError(f"merge: source frames {values[counts > 1][:10].tolist()} are in more"
-                         " than one shard")
+        raise UsageError(
+            f"merge: source frames {values[counts > 1][:10].tolist()} are in more than one shard"
+        )
     n_frames = int(values.max()) + 1 if len(values) else 0
     layout = h5py.VirtualLayout(shape=(n_frames, *frame_shape), dtype=np.dtype(dtype_str))
     owner = np.full(n_frames, -1, dtype=np.int64)
@@ -64,8 +65,7 @@ def merge_shards(shards: list[Path], out: Path) -> MergeResult:
     for number, (shard, (frames, _, _, whole)) in enumerate(zip(shards, indexes, strict=True)):
         # Relative names: HDF5 looks for them beside the merged file, so the set can move.
         name = os.path.relpath(Path(shard).resolve(), out.resolve().parent)
-        source = h5py.VirtualSource(name, "/entry/data/data",
-                                    shape=(whole, *frame_shape))
+        source = h5py.VirtualSource(name, "/entry/data/data", shape=(whole, *frame_shape))
         for row, frame in enumerate(frames):
             layout[int(frame)] = source[row]
             owner[int(frame)] = number
@@ -81,6 +81,7 @@ def merge_shards(shards: list[Path], out: Path) -> MergeResult:
         provenance["shard"] = owner
         provenance["shards"] = [str(s) for s in shards]
     missing = np.flatnonzero(owner < 0).tolist()
-    log.info("merged %d shards into %s: %d frames, %d missing", len(shards), out, n_frames,
-             len(missing))
+    log.info(
+        "merged %d shards into %s: %d frames, %d missing", len(shards), out, n_frames, len(missing)
+    )
     return MergeResult(out, n_frames, missing)

@@ -46,90 +46,142 @@ class Metrics:
     def _declare_flow(self, registry: CollectorRegistry) -> None:
         """Frames in and out, and how long they take."""
         self.frames_received = Counter(
-            "n2s_frames_received", "Frames read from sources", registry=registry)
+            "n2s_frames_received", "Frames read from sources", registry=registry
+        )
         self.frames_denoised = Counter(
-            "n2s_frames_denoised", "Denoised frames written to output files", registry=registry)
+            "n2s_frames_denoised", "Denoised frames written to output files", registry=registry
+        )
         self.frames_rejected = Counter(
-            "n2s_frames_rejected", "Frames or files refused, by reason", ["reason"],
-            registry=registry)
+            "n2s_frames_rejected",
+            "Frames or files refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
         self.frames_missing = Counter(
-            "n2s_frames_missing", "Gaps in a series' frame numbers", registry=registry)
+            "n2s_frames_missing", "Gaps in a series' frame numbers", registry=registry
+        )
         self.frame_latency = Histogram(
-            "n2s_frame_latency_seconds", "Time from a frame's arrival to its being written",
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "n2s_frame_latency_seconds",
+            "Time from a frame's arrival to its being written",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.forward_seconds = Histogram(
-            "n2s_forward_seconds", "Time of one forward pass of the network (one batch of "
+            "n2s_forward_seconds",
+            "Time of one forward pass of the network (one batch of "
             "frames, host to host): the model's share of each frame's time",
-            buckets=FORWARD_BUCKETS, registry=registry)
+            buckets=FORWARD_BUCKETS,
+            registry=registry,
+        )
         self.queue_depth = Gauge(
-            "n2s_queue_depth", "Frames waiting for inference", registry=registry)
+            "n2s_queue_depth", "Frames waiting for inference", registry=registry
+        )
         self.frames_refined = Counter(
-            "n2s_refined_frames", "Frames of finished series denoised again with the newest "
-            "model into /entry/refined/data", registry=registry)
+            "n2s_refined_frames",
+            "Frames of finished series denoised again with the newest "
+            "model into /entry/refined/data",
+            registry=registry,
+        )
         self.tiled_errors = Counter(
-            "n2s_tiled_errors", "Registrations in Tiled that failed (server down or "
-            "refusing); retried", registry=registry)
+            "n2s_tiled_errors",
+            "Registrations in Tiled that failed (server down or refusing); retried",
+            registry=registry,
+        )
         self.refine_errors = Counter(
-            "n2s_refine_errors", "Series whose refinement failed (spool set aside, see log)",
-            registry=registry)
+            "n2s_refine_errors",
+            "Series whose refinement failed (spool set aside, see log)",
+            registry=registry,
+        )
         self.refine_pending = Gauge(
-            "n2s_refine_pending_series", "Finished series waiting to be refined",
-            registry=registry)
+            "n2s_refine_pending_series", "Finished series waiting to be refined", registry=registry
+        )
         self.frames_per_second = Gauge(
-            "n2s_frames_per_second", "Frames written per second (recent average)",
-            registry=registry)
+            "n2s_frames_per_second", "Frames written per second (recent average)", registry=registry
+        )
 
     def _declare_training(self, registry: CollectorRegistry) -> None:
         """Online training and the model it publishes."""
-        self.train_steps = Counter(
-            "n2s_train_steps", "Online training steps", registry=registry)
+        self.train_steps = Counter("n2s_train_steps", "Online training steps", registry=registry)
         self.train_rollbacks = Counter(
-            "n2s_train_rollbacks", "Training steps undone (NaN/inf or diverging loss)",
-            registry=registry)
+            "n2s_train_rollbacks",
+            "Training steps undone (NaN/inf or diverging loss)",
+            registry=registry,
+        )
         self.train_loss = Gauge(
-            "n2s_train_loss", "Self-supervised training loss (mean since last publish)",
-            registry=registry)
+            "n2s_train_loss",
+            "Self-supervised training loss (mean since last publish)",
+            registry=registry,
+        )
         self.selfsup_val_loss = Gauge(
-            "n2s_selfsup_val_loss", "Masked loss on held-out frames (no ground truth needed)",
-            registry=registry)
+            "n2s_selfsup_val_loss",
+            "Masked loss on held-out frames (no ground truth needed)",
+            registry=registry,
+        )
         self.cold_start_active = Gauge(
-            "n2s_cold_start_active", "1 while the calibrated classical denoiser writes frames "
-            "(the network has not yet beaten its held-out loss)", registry=registry)
+            "n2s_cold_start_active",
+            "1 while the calibrated classical denoiser writes frames "
+            "(the network has not yet beaten its held-out loss)",
+            registry=registry,
+        )
         self.classical_selfsup_loss = Gauge(
-            "n2s_classical_selfsup_loss", "Held-out masked loss of the cold-start classical "
-            "denoiser, on the frames and masks of n2s_selfsup_val_loss", registry=registry)
+            "n2s_classical_selfsup_loss",
+            "Held-out masked loss of the cold-start classical "
+            "denoiser, on the frames and masks of n2s_selfsup_val_loss",
+            registry=registry,
+        )
         self.model_version = Gauge(
-            "n2s_model_version", "Version of the weights used for inference", registry=registry)
+            "n2s_model_version", "Version of the weights used for inference", registry=registry
+        )
 
     def _declare_operations(self, registry: CollectorRegistry) -> None:
         """What operators and alert rules watch: disk, state dir, workers, outputs."""
         self.state_write_errors = Counter(
-            "n2s_state_write_errors", "Checkpoint or ledger writes to the state dir that failed",
-            registry=registry)
+            "n2s_state_write_errors",
+            "Checkpoint or ledger writes to the state dir that failed",
+            registry=registry,
+        )
         self.source_blocked = Counter(
-            "n2s_source_blocked_seconds", "Time sources waited on a full queue (backpressure)",
-            registry=registry)
+            "n2s_source_blocked_seconds",
+            "Time sources waited on a full queue (backpressure)",
+            registry=registry,
+        )
         self.output_paused = Gauge(
-            "n2s_output_paused", "1 while writing is held back because the output disk is"
-            " (nearly) full", registry=registry)
+            "n2s_output_paused",
+            "1 while writing is held back because the output disk is (nearly) full",
+            registry=registry,
+        )
         self.sink_errors = Counter(
-            "n2s_sink_errors", "Failures of sinks that are not required (viewers, "
+            "n2s_sink_errors",
+            "Failures of sinks that are not required (viewers, "
             "republishing, the training tap) or of closing any sink, by sink",
-            ["sink"], registry=registry)
+            ["sink"],
+            registry=registry,
+        )
         self.frames_unwritten_at_stop = Counter(
-            "n2s_frames_unwritten_at_stop", "Accepted frames not written because the stop "
+            "n2s_frames_unwritten_at_stop",
+            "Accepted frames not written because the stop "
             "bound passed (or the daemon stopped during a disk-full pause); a directory "
-            "source reads them again at the next start", registry=registry)
+            "source reads them again at the next start",
+            registry=registry,
+        )
         self.unwritten_at_last_stop = Gauge(
-            "n2s_frames_unwritten_at_last_stop", "Accepted frames the previous stop left "
-            "unwritten (read from the state dir at start)", registry=registry)
+            "n2s_frames_unwritten_at_last_stop",
+            "Accepted frames the previous stop left unwritten (read from the state dir at start)",
+            registry=registry,
+        )
         self.worker_up = Gauge(
-            "n2s_worker_up", "1 while the worker thread runs: source, inference, trainer, "
-            "follower, http", ["worker"], registry=registry)
+            "n2s_worker_up",
+            "1 while the worker thread runs: source, inference, trainer, follower, http",
+            ["worker"],
+            registry=registry,
+        )
         self.output_dropped = Counter(
-            "n2s_output_dropped", "Messages an output could not send without blocking the "
-            "pipeline (nobody reading, or reading too slowly), by output", ["output"],
-            registry=registry)
+            "n2s_output_dropped",
+            "Messages an output could not send without blocking the "
+            "pipeline (nobody reading, or reading too slowly), by output",
+            ["output"],
+            registry=registry,
+        )
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count ``count`` rejected frames or files under ``reason``."""
@@ -145,22 +197,37 @@ class MetricsServer:
     """The daemon's HTTP endpoint: Prometheus ``/metrics`` and, when given, the preview
     ``app`` around it; loopback unless an address is configured."""
 
-    def __init__(self, registry: CollectorRegistry, *, port: int, addr: str = "127.0.0.1",
-                 app: Callable[..., Iterable[bytes]] | None = None) -> None:
-        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
-                                    flags=socket.AI_PASSIVE)[0][0]
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        port: int,
+        addr: str = "127.0.0.1",
+        app: Callable[..., Iterable[bytes]] | None = None,
+    ) -> None:
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ][0]
 
         class Server(ThreadingWSGIServer):
             address_family = family
 
-        self._server = make_server(addr, port, app or make_wsgi_app(registry),
-                                   server_class=Server, handler_class=_QuietHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
-                                        daemon=True)
+        self._server = make_server(
+            addr,
+            port,
+            app or make_wsgi_app(registry),
+            server_class=Server,
+            handler_class=_QuietHandler,
+        )
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         self._thread.start()
         self.port = self._server.server_port
-        log.info("metrics on http://%s:%d/metrics%s", addr, self.port,
-                 "" if app is None else f", live preview on http://{addr}:{self.port}/")
+        log.info(
+            "metrics on http://%s:%d/metrics%s",
+            addr,
+            self.port,
+            "" if app is None else f", live preview on http://{addr}:{self.port}/",
+        )
 
     @property
     def alive(self) -> bool:

@@ -111,8 +111,11 @@ def train(
         if on_epoch is not None:
             on_epoch(report, run.model)
         if config.early_stop_patience and epochs_without_gain >= config.early_stop_patience:
-            log.info("early stop: no gain above %g for %d epochs",
-                     config.early_stop_min_delta, epochs_without_gain)
+            log.info(
+                "early stop: no gain above %g for %d epochs",
+                config.early_stop_min_delta,
+                epochs_without_gain,
+            )
             result.stopped_early = True
             break
         if run.out_of_time():
@@ -133,8 +136,7 @@ class _OfflineRun:
         torch.manual_seed(config.seed)
         self.data = _load_training_data(config, self.rng, self.device)
         self.model_config = config.network.model_config()
-        self.model = use_fast_layout(build_model(self.model_config).to(self.device),
-                                     self.device)
+        self.model = use_fast_layout(build_model(self.model_config).to(self.device), self.device)
         self.masker = Masker(config.network.masker_config())
         self.start_version, shipped = _maybe_resume(config, self.model)
         self.peak_lr = config.pretrained_lr if shipped else config.lr
@@ -146,16 +148,30 @@ class _OfflineRun:
         self.rollbacks = 0
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         n, _, height, width = self.data.train.shape
-        patch_pixels = (height * width if config.patch <= 0
-                        else min(config.patch, height) * min(config.patch, width))
+        patch_pixels = (
+            height * width
+            if config.patch <= 0
+            else min(config.patch, height) * min(config.patch, width)
+        )
         self.steps_per_epoch = config.steps_per_epoch or max(
-            1, math.ceil(n * height * width / (config.batch * patch_pixels)))
+            1, math.ceil(n * height * width / (config.batch * patch_pixels))
+        )
         self.total_steps = self.steps_per_epoch * config.epochs
         self.step = 0
         self.started = time.monotonic()
-        log.info("training %s (%d parameters) on %d frames %dx%d from %s: %d epochs x %d "
-                 "steps, device %s", config.network.model, count_parameters(self.model), n,
-                 height, width, config.h5, config.epochs, self.steps_per_epoch, self.device)
+        log.info(
+            "training %s (%d parameters) on %d frames %dx%d from %s: %d epochs x %d "
+            "steps, device %s",
+            config.network.model,
+            count_parameters(self.model),
+            n,
+            height,
+            width,
+            config.h5,
+            config.epochs,
+            self.steps_per_epoch,
+            self.device,
+        )
 
     def out_of_time(self) -> bool:
         """True once the time budget (``max_seconds``) is spent."""
@@ -168,8 +184,13 @@ class _OfflineRun:
         step is undone (`LossWatch`) and left out of the epoch's training loss."""
         config = self.config
         loss_sum, steps, attempted, lr = 0.0, 0, 0, self.peak_lr
-        for _ in tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
-                      unit="step", leave=False, disable=not config.progress):
+        for _ in tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="step",
+            leave=False,
+            disable=not config.progress,
+        ):
             progress = self.step / self.total_steps
             if config.max_seconds > 0:
                 if self.out_of_time():
@@ -190,13 +211,22 @@ class _OfflineRun:
             self.candidate = (copy_state(self.model), epoch)
         val_loss = None
         if self.data.val is not None:
-            val_loss = masked_validation_loss(self.model, self.masker, self.data.val,
-                                              valid=self.data.val_valid, amp=self.amp)
-        report = EpochReport(epoch, self.step, train_loss, val_loss, lr,
-                             time.monotonic() - self.started)
-        log.info("epoch %d/%d: train %s loss %.5f, val masked loss %s, lr %.2e, %.1fs",
-                 epoch, config.epochs, TRAIN_LOSS_NAMES[config.objective], train_loss,
-                 "n/a" if val_loss is None else f"{val_loss:.5f}", lr, report.elapsed)
+            val_loss = masked_validation_loss(
+                self.model, self.masker, self.data.val, valid=self.data.val_valid, amp=self.amp
+            )
+        report = EpochReport(
+            epoch, self.step, train_loss, val_loss, lr, time.monotonic() - self.started
+        )
+        log.info(
+            "epoch %d/%d: train %s loss %.5f, val masked loss %s, lr %.2e, %.1fs",
+            epoch,
+            config.epochs,
+            TRAIN_LOSS_NAMES[config.objective],
+            train_loss,
+            "n/a" if val_loss is None else f"{val_loss:.5f}",
+            lr,
+            report.elapsed,
+        )
         return report
 
     def _checked_step(self, lr: float) -> float | None:
@@ -221,21 +251,38 @@ class _OfflineRun:
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        patches, valid = sample_patches(self.data.train, self.data.train_valid,
-                                        batch=config.batch, patch=config.patch, rng=self.rng)
+        patches, valid = sample_patches(
+            self.data.train,
+            self.data.train_valid,
+            batch=config.batch,
+            patch=config.patch,
+            rng=self.rng,
+        )
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
-        loss = train_step(self.model, self.optimizer, self.masker, batch, rng=self.rng,
-                          objective=config.objective, valid=valid_t, scaler=self.scaler,
-                          amp=self.amp)
+        loss = train_step(
+            self.model,
+            self.optimizer,
+            self.masker,
+            batch,
+            rng=self.rng,
+            objective=config.objective,
+            valid=valid_t,
+            scaler=self.scaler,
+            amp=self.amp,
+        )
         self.step += 1
         return float(loss)
 
     def _roll_back(self, reason: str) -> None:
         """Undo a diverging step: the weights of the last finished epoch (or the start)
         and a fresh Adam, as the daemon's trainer does."""
-        log.warning("training step %d: %s; rolling back to the weights after epoch %d",
-                    self.step, reason, self.good_epoch)
+        log.warning(
+            "training step %d: %s; rolling back to the weights after epoch %d",
+            self.step,
+            reason,
+            self.good_epoch,
+        )
         self.model.load_state_dict(self.good)
         self.candidate = None  # unconfirmed, and the weights after it were damaged
         self.optimizer = make_optimizer(self.model, self.peak_lr)
@@ -244,11 +291,21 @@ class _OfflineRun:
     def save(self, path: Path, epoch: int, report: EpochReport) -> None:
         """A checkpoint of the model now (its version counts steps)."""
         save_checkpoint(
-            path, model=self.model, model_config=self.model_config,
-            masker_config=self.masker.config, normalizer=self.data.normalizer,
-            optimizer=self.optimizer, step=self.step, version=self.start_version + self.step,
-            extra={"epoch": epoch, "train_loss": report.train_loss,
-                   "val_loss": report.val_loss, "config": as_toml(self.config, "train")})
+            path,
+            model=self.model,
+            model_config=self.model_config,
+            masker_config=self.masker.config,
+            normalizer=self.data.normalizer,
+            optimizer=self.optimizer,
+            step=self.step,
+            version=self.start_version + self.step,
+            extra={
+                "epoch": epoch,
+                "train_loss": report.train_loss,
+                "val_loss": report.val_loss,
+                "config": as_toml(self.config, "train"),
+            },
+        )
 
 
 TRAIN_LOSS_NAMES = {"noise2self": "masked", "neighbor2neighbor": "sub-image"}
@@ -271,15 +328,21 @@ def _maybe_resume(config: TrainConfig, model: nn.Module) -> tuple[int, bool]:
 def _load_shipped(config: TrainConfig, model: nn.Module) -> bool:
     """Start ``model`` from the shipped model for the objective, as the daemon does; False
     where none fits the network options."""
-    shipped = starting_model(config.network.model_config(), config.network.masker_config(),
-                             config.objective)
+    shipped = starting_model(
+        config.network.model_config(), config.network.masker_config(), config.objective
+    )
     if shipped is None:
-        log.info("no shipped pretrained model fits these network options: training starts "
-                 "from random weights")
+        log.info(
+            "no shipped pretrained model fits these network options: training starts "
+            "from random weights"
+        )
         return False
     model.load_state_dict(shipped.state_dict)
-    log.info("starting from the shipped pretrained model %s (peak learning rate %.1e)",
-             shipped.path, config.pretrained_lr)
+    log.info(
+        "starting from the shipped pretrained model %s (peak learning rate %.1e)",
+        shipped.path,
+        config.pretrained_lr,
+    )
     return True
 
 
@@ -294,8 +357,17 @@ def _load_training_data(
         if n == 0:
             raise InputError(f"{stack.path}: the stack holds no frames", reason="empty")
         centres = _spread_indices(n, config.max_samples)
-        needed = sorted({*centres, *(j for c in centres for j in context_indices(
-            c, n, offsets, masker_config.causal) if j is not None)})
+        needed = sorted(
+            {
+                *centres,
+                *(
+                    j
+                    for c in centres
+                    for j in context_indices(c, n, offsets, masker_config.causal)
+                    if j is not None
+                ),
+            }
+        )
         frames = _read_frames(stack, needed)
         source_dtype = stack.dtype
         pixel_mask = stack.pixel_mask
@@ -306,8 +378,12 @@ def _load_training_data(
     normalized = normalizer.forward(fill_invalid(frames, valid))
     row = {index: k for k, index in enumerate(needed)}
     by_index = _ByIndex(normalized, row, n)
-    stacks = np.stack([context_stack(by_index, c, offsets, masker_config.causal,
-                                     masker_config.register) for c in centres])
+    stacks = np.stack(
+        [
+            context_stack(by_index, c, offsets, masker_config.causal, masker_config.register)
+            for c in centres
+        ]
+    )
     centre_valid = valid[[row[c] for c in centres]]
     valid_f = None if centre_valid.all() else centre_valid.astype(np.float32)
     order = rng.permutation(len(stacks))
@@ -323,7 +399,9 @@ def _load_training_data(
     return _Data(
         train=stacks[train_idx],
         train_valid=None if valid_f is None else valid_f[train_idx],
-        val=val, val_valid=val_valid, normalizer=normalizer,
+        val=val,
+        val_valid=val_valid,
+        normalizer=normalizer,
     )
 
 
@@ -395,8 +473,10 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
     checkpoint = load_checkpoint(config.ckpt)
     recorded = checkpoint.masker_config.context_frames
     if config.context_frames is not None and config.context_frames != recorded:
-        raise UsageError(f"denoise: --context-frames {config.context_frames} does not match "
-                         f"{config.ckpt}, trained with {recorded} (the checkpoint decides)")
+        raise UsageError(
+            f"denoise: --context-frames {config.context_frames} does not match "
+            f"{config.ckpt}, trained with {recorded} (the checkpoint decides)"
+        )
     if config.require_reconstructable and not checkpoint.normalizer.is_exact:
         raise CheckpointError(
             f"{config.ckpt}: --require-reconstructable needs a normalisation that inverts"
@@ -406,8 +486,10 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
     device = resolve_device(config.device)
     check_engine(config.engine, device)
     if config.engine == "passthrough":
-        raise UsageError("denoise: engine passthrough is the daemon's (it writes frames as "
-                         "they came); denoise runs the checkpoint with torch or onnxruntime")
+        raise UsageError(
+            "denoise: engine passthrough is the daemon's (it writes frames as "
+            "they came); denoise runs the checkpoint with torch or onnxruntime"
+        )
     amp = amp_enabled(config.amp, device)
     model = use_fast_layout(checkpoint.build_model(device), device)
     if config.engine == "onnxruntime":
@@ -419,24 +501,48 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
 
     with open_stack(config.h5, config.dataset) as stack:
         out_dtype = stack.dtype if config.require_reconstructable else None
-        log.info("denoising %s (%d frames %dx%d, %s) with %s version %d -> %s",
-                 config.h5, len(stack), *stack.frame_shape, stack.dtype, config.ckpt,
-                 checkpoint.version, out_path)
-        mean_count = float(checkpoint.normalizer.shift) if checkpoint.normalizer.mode == \
-            "meanstd" else 1.0
-        with FrameWriter(out_path, frame_shape=stack.frame_shape, dtype=out_dtype,
-                         output_format=config.storage.output_format().for_source(stack.dtype),
-                         mean_count=mean_count,
-                         config_text=as_toml(config, "denoise"), source=str(config.h5)) as writer:
+        log.info(
+            "denoising %s (%d frames %dx%d, %s) with %s version %d -> %s",
+            config.h5,
+            len(stack),
+            *stack.frame_shape,
+            stack.dtype,
+            config.ckpt,
+            checkpoint.version,
+            out_path,
+        )
+        mean_count = (
+            float(checkpoint.normalizer.shift) if checkpoint.normalizer.mode == "meanstd" else 1.0
+        )
+        with FrameWriter(
+            out_path,
+            frame_shape=stack.frame_shape,
+            dtype=out_dtype,
+            output_format=config.storage.output_format().for_source(stack.dtype),
+            mean_count=mean_count,
+            config_text=as_toml(config, "denoise"),
+            source=str(config.h5),
+        ) as writer:
             bar = tqdm(total=len(stack), unit="frame", disable=not config.progress)
             for indices, denoised in denoise_series(
-                    model, masker, checkpoint.normalizer, stack.iter_chunks(config.batch),
-                    jinv=config.jinv, device=device, batch=config.batch, amp=amp,
-                    pixel_mask=stack.pixel_mask):
+                model,
+                masker,
+                checkpoint.normalizer,
+                stack.iter_chunks(config.batch),
+                jinv=config.jinv,
+                device=device,
+                batch=config.batch,
+                amp=amp,
+                pixel_mask=stack.pixel_mask,
+            ):
                 if config.require_reconstructable:
                     denoised = to_source_dtype(denoised, stack.dtype)
-                writer.append(denoised, source_frames=indices,
-                              model_version=checkpoint.version, t_received=time.time())
+                writer.append(
+                    denoised,
+                    source_frames=indices,
+                    model_version=checkpoint.version,
+                    t_received=time.time(),
+                )
                 bar.update(len(indices))
             bar.close()
             n_written = writer.n_written

@@ -54,16 +54,18 @@ def require_onnxruntime() -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
-        raise UsageError("engine onnxruntime needs the optional extra: "
-                         "pip install 'n2s-stream[onnx]'") from exc
+        raise UsageError(
+            "engine onnxruntime needs the optional extra: pip install 'n2s-stream[onnx]'"
+        ) from exc
 
 
 class OnnxRuntimeModel:
     """Called like the torch model (``(N, C, H, W)`` tensor in, tensor out, on the CPU);
     runs ONNX Runtime sessions exported from ``model``'s current weights."""
 
-    def __init__(self, model: nn.Module, threads: int,
-                 fixed_shape_max_pixels: int = FIXED_SHAPE_MAX_PIXELS) -> None:
+    def __init__(
+        self, model: nn.Module, threads: int, fixed_shape_max_pixels: int = FIXED_SHAPE_MAX_PIXELS
+    ) -> None:
         require_onnxruntime()
         self.model, self.threads = model, threads
         self.fixed_shape_max_pixels = fixed_shape_max_pixels
@@ -127,8 +129,7 @@ class OnnxRuntimeModel:
         ``None`` as batch size)."""
         if height * width <= self.fixed_shape_max_pixels:
             return (n, channels, height, width)
-        return (None, channels, TRACE_BASE + height % TRACE_BASE,
-                TRACE_BASE + width % TRACE_BASE)
+        return (None, channels, TRACE_BASE + height % TRACE_BASE, TRACE_BASE + width % TRACE_BASE)
 
     def _session(self, model: nn.Module, shape: tuple):
         """An ONNX Runtime session of ``model`` for inputs of ``shape`` (see
@@ -145,9 +146,15 @@ class OnnxRuntimeModel:
         with self._export_lock, warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(model.eval(), (example,), graph, input_names=["x"],
-                              output_names=["y"], dynamo=False,
-                              dynamic_axes=None if n else {"x": free, "y": free})
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                graph,
+                input_names=["x"],
+                output_names=["y"],
+                dynamo=False,
+                dynamic_axes=None if n else {"x": free, "y": free},
+            )
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -157,5 +164,6 @@ class OnnxRuntimeModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
         log.debug("exported the model to ONNX for input shape %s", shape)
-        return onnxruntime.InferenceSession(graph.getvalue(), options,
-                                            providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(
+            graph.getvalue(), options, providers=["CPUExecutionProvider"]
+        )

@@ -34,14 +34,27 @@ else:  # pragma: no cover
 T = TypeVar("T")
 
 
-def option(default: Any = MISSING, *, help: str, name: str | None = None,
-           min: float | None = None, max: float | None = None,
-           positional: bool = False, example: Any = None) -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    name: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    positional: bool = False,
+    example: Any = None,
+) -> Any:
     """A config field: its default, help text, optional bounds, a flat name when the
     field's own name (with its section's prefix) is not what users type, and an example
     value for the config template when it has no default."""
-    metadata = {"help": help, "name": name, "min": min, "max": max, "positional": positional,
-                "example": example}
+    metadata = {
+        "help": help,
+        "name": name,
+        "min": min,
+        "max": max,
+        "positional": positional,
+        "example": example,
+    }
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -90,28 +103,43 @@ class Option:
         return get_origin(_strip_optional(self.hint)) is tuple
 
 
-def options_of(cls: type, *, prefix: str = "", path: tuple[str, ...] = (),
-               section_doc: str = "") -> list[Option]:
+def options_of(
+    cls: type, *, prefix: str = "", path: tuple[str, ...] = (), section_doc: str = ""
+) -> list[Option]:
     """Every option of ``cls``, sections flattened, in declaration order."""
     hints = get_type_hints(cls)
     found: list[Option] = []
     for f in dataclasses.fields(cls):
         if f.metadata.get("section"):
             inner = hints[f.name]
-            found += options_of(inner, prefix=prefix + f.metadata.get("prefix", ""),
-                                path=(*path, f.name),
-                                section_doc=(inner.__doc__ or "").strip().split("\n")[0])
+            found += options_of(
+                inner,
+                prefix=prefix + f.metadata.get("prefix", ""),
+                path=(*path, f.name),
+                section_doc=(inner.__doc__ or "").strip().split("\n")[0],
+            )
             continue
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with option()")
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else None)
-        found.append(Option(
-            name=f.metadata["name"] or prefix + f.name, path=(*path, f.name),
-            hint=hints[f.name], default=default, help=f.metadata["help"],
-            minimum=f.metadata["min"], maximum=f.metadata["max"],
-            positional=f.metadata["positional"], example=f.metadata["example"],
-            section=section_doc))
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else None)
+        )
+        found.append(
+            Option(
+                name=f.metadata["name"] or prefix + f.name,
+                path=(*path, f.name),
+                hint=hints[f.name],
+                default=default,
+                help=f.metadata["help"],
+                minimum=f.metadata["min"],
+                maximum=f.metadata["max"],
+                positional=f.metadata["positional"],
+                example=f.metadata["example"],
+                section=section_doc,
+            )
+        )
     return found
 
 
@@ -160,13 +188,13 @@ def coerce(value: Any, opt: Option, where: str) -> Any:
         if get_origin(base) is tuple:
             item = get_args(base)[0]
             items = value.split(",") if isinstance(value, str) else list(value)
-            result: Any = tuple(_scalar(v.strip() if isinstance(v, str) else v, item)
-                                for v in items if v != "")
+            result: Any = tuple(
+                _scalar(v.strip() if isinstance(v, str) else v, item) for v in items if v != ""
+            )
         else:
             result = _scalar(value, base)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: invalid value {value!r} (expected {_describe(base)})"
-                         ) from exc
+        raise UsageError(f"{where}: invalid value {value!r} (expected {_describe(base)})") from exc
     choices = opt.choices
     if choices is not None and result not in choices:
         raise UsageError(f"{where}: {result!r} is not one of {', '.join(map(str, choices))}")
@@ -235,23 +263,50 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type) -> None:
     for opt in options_of(cls):
         help_text = _help(opt)
         if opt.positional:
-            parser.add_argument(opt.name, nargs="*" if opt.is_list else None,
-                                type=str, help=help_text, default=argparse.SUPPRESS)
+            parser.add_argument(
+                opt.name,
+                nargs="*" if opt.is_list else None,
+                type=str,
+                help=help_text,
+                default=argparse.SUPPRESS,
+            )
         elif opt.is_bool and opt.name.startswith("no_"):
             # a negative switch (--no-scale-integers): no --no-no-... twin
-            parser.add_argument(opt.flag, dest=opt.name, action="store_const", const=True,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                opt.flag,
+                dest=opt.name,
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         elif opt.is_bool:
-            parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                opt.flag,
+                dest=opt.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         elif opt.is_list:
-            parser.add_argument(opt.flag, dest=opt.name, action="append", type=str,
-                                default=argparse.SUPPRESS, metavar="VALUE",
-                                help=help_text + " (repeat the flag for more)")
+            parser.add_argument(
+                opt.flag,
+                dest=opt.name,
+                action="append",
+                type=str,
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                help=help_text + " (repeat the flag for more)",
+            )
         else:
-            parser.add_argument(opt.flag, dest=opt.name, type=str,
-                                default=argparse.SUPPRESS, metavar=_metavar(opt),
-                                help=help_text)
+            parser.add_argument(
+                opt.flag,
+                dest=opt.name,
+                type=str,
+                default=argparse.SUPPRESS,
+                metavar=_metavar(opt),
+                help=help_text,
+            )
 
 
 def _help(opt: Option) -> str:
@@ -280,23 +335,31 @@ def env_prefix(command: str | None) -> str:
     return "N2S_" if command is None else f"N2S_{command.upper().replace('-', '_')}_"
 
 
-def env_layer(cls: type, command: str | None,
-              environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def env_layer(
+    cls: type, command: str | None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The options of ``cls`` given as environment variables."""
     environ = os.environ if environ is None else environ
     prefix = env_prefix(command)
     names = {o.name for o in options_of(cls)}
-    return {key[len(prefix):].lower(): value for key, value in environ.items()
-            if key.startswith(prefix) and key[len(prefix):].lower() in names}
+    return {
+        key[len(prefix) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(prefix) and key[len(prefix) :].lower() in names
+    }
 
 
-def unknown_env(commands: Mapping[str | None, type],
-                environ: Mapping[str, str] | None = None) -> list[str]:
+def unknown_env(
+    commands: Mapping[str | None, type], environ: Mapping[str, str] | None = None
+) -> list[str]:
     """``N2S_*`` variables that name no option of any command (a typo would otherwise
     be ignored without a word, as an unknown TOML key is not)."""
     environ = os.environ if environ is None else environ
-    known = {env_prefix(command) + o.name.upper()
-             for command, cls in commands.items() for o in options_of(cls)}
+    known = {
+        env_prefix(command) + o.name.upper()
+        for command, cls in commands.items()
+        for o in options_of(cls)
+    }
     return sorted(key for key in environ if key.startswith("N2S_") and key not in known)
 
 
@@ -322,13 +385,20 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
 
-def layered(cls: type[T], command: str | None, *, config_file: Path | None,
-            cli: Mapping[str, Any], table: str | None = None) -> T:
+def layered(
+    cls: type[T],
+    command: str | None,
+    *,
+    config_file: Path | None,
+    cli: Mapping[str, Any],
+    table: str | None = None,
+) -> T:
     """Defaults < ``[table]`` of the config file < environment < command line."""
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if config_file is not None:
-        layers.append((str(config_file), read_toml_table(config_file, table or command
-                                                          or "daemon")))
+        layers.append(
+            (str(config_file), read_toml_table(config_file, table or command or "daemon"))
+        )
     layers.append(("environment", env_layer(cls, command)))
     layers.append(("command line", cli))
     return build(cls, layers)

@@ -56,11 +56,14 @@ class OutputFormat:
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"output compression must be one of {COMPRESSIONS}, "
-                             f"not {self.compression!r}")
+            raise ValueError(
+                f"output compression must be one of {COMPRESSIONS}, not {self.compression!r}"
+            )
         if self.compression in LOSSY and np.dtype(self.dtype) != np.float32:
-            raise ValueError(f"output compression {self.compression} takes float32 frames, "
-                             f"not {self.dtype} (set output_dtype = \"float32\")")
+            raise ValueError(
+                f"output compression {self.compression} takes float32 frames, "
+                f'not {self.dtype} (set output_dtype = "float32")'
+            )
         if not 0 < self.lossy_fraction <= 1:
             raise ValueError(f"lossy_fraction must be in (0, 1], not {self.lossy_fraction}")
 
@@ -80,8 +83,9 @@ class OutputFormat:
         stored in float32. 16-bit counts fit, but for the last 31 below saturation and
         the sentinel 65535, which read back +inf: still "not a measurement"."""
         source = np.dtype(source_dtype)
-        if self.dtype == "float16" and not ((source.kind in "iu" and source.itemsize <= 2)
-                                            or source == np.float16):
+        if self.dtype == "float16" and not (
+            (source.kind in "iu" and source.itemsize <= 2) or source == np.float16
+        ):
             return replace(self, dtype="float32")
         return self
 
@@ -144,8 +148,10 @@ FILTER_CODES = {BITSHUFFLE_FILTER: "bslz4", 32015: "zstd", 32024: "sz3", 32013: 
 def dataset_filters(dataset: h5py.Dataset) -> list[tuple[int, tuple[int, ...]]]:
     """The HDF5 filters of ``dataset`` in pipeline order: ``(code, options)`` each."""
     plist = dataset.id.get_create_plist()
-    return [(code, tuple(values)) for code, _, values, _ in
-            (plist.get_filter(k) for k in range(plist.get_nfilters()))]
+    return [
+        (code, tuple(values))
+        for code, _, values, _ in (plist.get_filter(k) for k in range(plist.get_nfilters()))
+    ]
 
 
 def format_of(dataset: h5py.Dataset) -> OutputFormat:
@@ -153,8 +159,9 @@ def format_of(dataset: h5py.Dataset) -> OutputFormat:
     the format it was begun with); raises ValueError for one this writer cannot continue."""
     codes = [code for code, _ in dataset_filters(dataset)]
     if len(codes) > 1 or (codes and codes[0] not in FILTER_CODES):
-        raise ValueError(f"frames stored with HDF5 filters {codes}, which this writer does "
-                         "not write")
+        raise ValueError(
+            f"frames stored with HDF5 filters {codes}, which this writer does not write"
+        )
     compression = FILTER_CODES[codes[0]] if codes else "none"
     return OutputFormat(dtype=dataset.dtype.name, compression=compression)
 

@@ -87,8 +87,10 @@ class Preview:
     def status(self) -> dict[str, Any]:
         """Everything the page shows except the images, as JSON-ready data."""
         with self._lock:
-            series = {name: {"frame": latest.index, "age_s": time.time() - latest.at}
-                      for name, latest in sorted(self._latest.items())}
+            series = {
+                name: {"frame": latest.index, "age_s": time.time() - latest.at}
+                for name, latest in sorted(self._latest.items())
+            }
             return {"state": self._state, "series": series, "history": list(self._history)}
 
     def png(self, series: str, kind: str) -> bytes | None:
@@ -109,8 +111,13 @@ def preview_app(preview: Preview, metrics_app: Callable[..., Iterable[bytes]]):
     def app(environ: dict[str, Any], start: Start) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
-            return _reply(start, "405 Method Not Allowed", "text/plain", b"read-only\n",
-                          [("Allow", "GET, HEAD")])
+            return _reply(
+                start,
+                "405 Method Not Allowed",
+                "text/plain",
+                b"read-only\n",
+                [("Allow", "GET, HEAD")],
+            )
         if path == "/metrics":
             return metrics_app(environ, start)
         if path in ("/", "/index.html"):
@@ -142,10 +149,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _reply(start: Start, status: str, kind: str, body: bytes,
-           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
-    start(status, [("Content-Type", kind), ("Content-Length", str(len(body))),
-                   ("Cache-Control", "no-store"), *(headers or [])])
+def _reply(
+    start: Start, status: str, kind: str, body: bytes, headers: list[tuple[str, str]] | None = None
+) -> list[bytes]:
+    start(
+        status,
+        [
+            ("Content-Type", kind),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            *(headers or []),
+        ],
+    )
     return [body]
 
 

@@ -20,7 +20,11 @@ def mean_ssim(truth: np.ndarray, estimate: np.ndarray, data_range: float | None 
     truth = np.asarray(truth, dtype=np.float64).reshape(-1, *truth.shape[-2:])
     estimate = np.asarray(estimate, dtype=np.float64).reshape(truth.shape)
     data_range = float(truth.max() - truth.min()) if data_range is None else data_range
-    return float(np.mean([
-        structural_similarity(t, e, data_range=data_range) for t, e in zip(truth, estimate,
-                                                                           strict=True)
-    ]))
+    return float(
+        np.mean(
+            [
+                structural_similarity(t, e, data_range=data_range)
+                for t, e in zip(truth, estimate, strict=True)
+            ]
+        )
+    )

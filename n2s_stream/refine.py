@@ -62,12 +62,24 @@ class NotRefinable(Exception):
 class Refiner(BackgroundWorker):
     """Refines the spooled series one by one, whenever the daemon is idle."""
 
-    def __init__(self, root: Path, *, store: ModelStore, calibration: Calibration,
-                 model: nn.Module, masker: Masker, device: torch.device,
-                 options: RefineOptions, jinv: bool, min_free_mb: float,
-                 idle: Callable[[], bool], network_writes: Callable[[], bool],
-                 metrics: Metrics, outputs: OutputAccess | None = None,
-                 on_published: Sequence[Callable[[Path], None]] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        store: ModelStore,
+        calibration: Calibration,
+        model: nn.Module,
+        masker: Masker,
+        device: torch.device,
+        options: RefineOptions,
+        jinv: bool,
+        min_free_mb: float,
+        idle: Callable[[], bool],
+        network_writes: Callable[[], bool],
+        metrics: Metrics,
+        outputs: OutputAccess | None = None,
+        on_published: Sequence[Callable[[Path], None]] = (),
+    ) -> None:
         super().__init__("refiner")
         self.root, self.store, self.model, self.masker = root, store, model, masker
         self.calibration = calibration
@@ -102,8 +114,11 @@ class Refiner(BackgroundWorker):
 
     def _may_refine(self, spool: Path) -> bool:
         if not self._network_writes():
-            self._say_once("cold", "refining waits: the cold-start classical denoiser still "
-                                   "writes (the network has not measured better yet)")
+            self._say_once(
+                "cold",
+                "refining waits: the cold-start classical denoiser still "
+                "writes (the network has not measured better yet)",
+            )
             return False
         return self._quiet()
 
@@ -178,8 +193,9 @@ class Refiner(BackgroundWorker):
             spool_path.unlink()
             self._tell_listeners(output)
 
-    def _refine_into_spool(self, spool: h5py.File, rows: np.ndarray, refined_rows: int,
-                           output: Path) -> bool:
+    def _refine_into_spool(
+        self, spool: h5py.File, rows: np.ndarray, refined_rows: int, output: Path
+    ) -> bool:
         """Refine the output's rows that the spool holds (``rows``: its source frames, in
         order; ``refined_rows``: those the output holds refined already) and has not
         refined yet; True once it holds them all."""
@@ -192,16 +208,19 @@ class Refiner(BackgroundWorker):
         snapshot = self.store.snapshot()
         if snapshot.normalizer is None:  # a restart without a checkpoint, no frame yet
             first = spool["raw"][0]
-            valid = check_usable(first, spool["pixel_mask"][()] if "pixel_mask" in spool
-                                 else None)
-            snapshot = replace(snapshot, normalizer=self.calibration.normalizer_for(first,
-                                                                                    valid))
+            valid = check_usable(first, spool["pixel_mask"][()] if "pixel_mask" in spool else None)
+            snapshot = replace(snapshot, normalizer=self.calibration.normalizer_for(first, valid))
         self.model.load_state_dict(snapshot.weights)
         self.model.eval()
         begun = time.monotonic()
-        log.info("refining %s from frame %d of %d%s with model version %d", output, start,
-                 len(rows), "" if stop_row == len(rows) else f" (up to {stop_row})",
-                 snapshot.version)
+        log.info(
+            "refining %s from frame %d of %d%s with model version %d",
+            output,
+            start,
+            len(rows),
+            "" if stop_row == len(rows) else f" (up to {stop_row})",
+            snapshot.version,
+        )
         raw = spool["raw"]
         mask = spool["pixel_mask"][()] if "pixel_mask" in spool else None
         first = max(first_row, start - (self.masker.config.context_frames - 1))
@@ -211,9 +230,16 @@ class Refiner(BackgroundWorker):
                 take = [position[int(s)] for s in rows[row : min(row + READ_BATCH, stop_row)]]
                 yield row, np.stack([raw[k] for k in take])
 
-        frames = denoise_series(augmented(self.model, self.options.tta), self.masker,
-                                snapshot.normalizer, chunks(), jinv=self.jinv,
-                                device=self.device, batch=1, pixel_mask=mask)
+        frames = denoise_series(
+            augmented(self.model, self.options.tta),
+            self.masker,
+            snapshot.normalizer,
+            chunks(),
+            jinv=self.jinv,
+            device=self.device,
+            batch=1,
+            pixel_mask=mask,
+        )
         while True:
             if not self._wait_until_quiet():
                 return False
@@ -225,19 +251,25 @@ class Refiner(BackgroundWorker):
             finally:
                 self._busy = False
             keep = row_indices >= start
-            if keep.any() and not self._wait_for_space(Path(spool.filename),
-                                                       denoised[keep].nbytes):
+            if keep.any() and not self._wait_for_space(Path(spool.filename), denoised[keep].nbytes):
                 return False
             if keep.any():
                 n = refined.shape[0]
-                for ds, values in ((refined, denoised[keep]),
-                                   (versions, np.full(int(keep.sum()), snapshot.version))):
+                for ds, values in (
+                    (refined, denoised[keep]),
+                    (versions, np.full(int(keep.sum()), snapshot.version)),
+                ):
                     ds.resize(n + len(values), axis=0)
                     ds[n:] = values
                 spool.flush()
                 self.metrics.frames_refined.inc(int(keep.sum()))
-        log.info("refined %s: %d frames with model version %d in %.1f s", output,
-                 stop_row - start, snapshot.version, time.monotonic() - begun)
+        log.info(
+            "refined %s: %d frames with model version %d in %.1f s",
+            output,
+            stop_row - start,
+            snapshot.version,
+            time.monotonic() - begun,
+        )
         return True
 
     def _publish(self, spool_path: Path, output: Path) -> bool:
@@ -254,8 +286,9 @@ class Refiner(BackgroundWorker):
                         raise FileBusy(f"{output}: its series writes to it again")
                     writer = RefinedWriter(output, description=self._description())
                 except FileBusy:
-                    self._say_once(f"busy {output}", f"refined frames of {output} wait: it "
-                                                      "is open for writing")
+                    self._say_once(
+                        f"busy {output}", f"refined frames of {output} wait: it is open for writing"
+                    )
                     self._stopping.wait(5.0)
                     return False
                 try:
@@ -273,8 +306,7 @@ class Refiner(BackgroundWorker):
             try:
                 listener(output)
             except Exception:
-                log.exception("telling %s of the refined frames of %s failed", listener,
-                              output)
+                log.exception("telling %s of the refined frames of %s failed", listener, output)
 
     def _wait_for_space(self, file: Path, nbytes: int) -> bool:
         """Hold refined frames while the disk of ``file`` (the spool, the output) would
@@ -288,8 +320,10 @@ class Refiner(BackgroundWorker):
         return True
 
     def _description(self) -> str:
-        return (f"the series denoised again after it ended, with the newest network, "
-                f"averaged over {self.options.tta} orientations of each frame")
+        return (
+            f"the series denoised again after it ended, with the newest network, "
+            f"averaged over {self.options.tta} orientations of each frame"
+        )
 
     def _say_once(self, key: str, message: str) -> None:
         if key not in self._said:
@@ -314,29 +348,34 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
-def _append_refined(writer: RefinedWriter, refined: h5py.Dataset, versions: h5py.Dataset,
-                    first_row: int) -> None:
+def _append_refined(
+    writer: RefinedWriter, refined: h5py.Dataset, versions: h5py.Dataset, first_row: int
+) -> None:
     """Append the spool's refined frames (output rows from ``first_row`` on) that the
     output does not hold yet; `NotRefinable` if rows before them were never refined."""
     if writer.n_done < first_row:
-        raise NotRefinable(f"frames {writer.n_done}-{first_row - 1} of {writer.path} were "
-                           "not refined (their spool was dropped or set aside)")
+        raise NotRefinable(
+            f"frames {writer.n_done}-{first_row - 1} of {writer.path} were "
+            "not refined (their spool was dropped or set aside)"
+        )
     stop_row = min(first_row + refined.shape[0], writer.n_live)
     for row in range(writer.n_done, stop_row, 32):
         stop = min(row + 32, stop_row)
-        writer.append(to_source_dtype(refined[row - first_row : stop - first_row], writer.dtype),
-                      versions[row - first_row : stop - first_row])
+        writer.append(
+            to_source_dtype(refined[row - first_row : stop - first_row], writer.dtype),
+            versions[row - first_row : stop - first_row],
+        )
 
 
 def _first_row(rows: np.ndarray, position: dict[int, int], refined_rows: int) -> int:
     """The first output row a spool is to refine: the first it holds, after those the
     output holds refined already."""
-    return next((row for row in range(refined_rows, len(rows)) if int(rows[row]) in position),
-                refined_rows)
+    return next(
+        (row for row in range(refined_rows, len(rows)) if int(rows[row]) in position), refined_rows
+    )
 
 
-def _rows_held(spool: h5py.File, rows: np.ndarray,
-               position: dict[int, int]) -> tuple[int, int]:
+def _rows_held(spool: h5py.File, rows: np.ndarray, position: dict[int, int]) -> tuple[int, int]:
     """The output rows this spool refines: from ``refined_from`` on, as long as it holds
     their raw frames (a series that resumed after it went idle has a spool for each part).
     `NotRefinable` if it holds none of them (and some are left to refine)."""
@@ -345,26 +384,37 @@ def _rows_held(spool: h5py.File, rows: np.ndarray,
     while stop_row < len(rows) and int(rows[stop_row]) in position:
         stop_row += 1
     if stop_row == first_row and first_row < len(rows):
-        raise NotRefinable(f"the raw frame of its row {first_row} (source frame "
-                           f"{int(rows[first_row])}) was not kept")
+        raise NotRefinable(
+            f"the raw frame of its row {first_row} (source frame "
+            f"{int(rows[first_row])}) was not kept"
+        )
     held_later = sum(int(s) in position for s in rows[stop_row:])
     if held_later:
-        log.warning("%s: rows from %d on are not refined: the raw frame of row %d was not "
-                    "kept", spool.attrs["output"], stop_row, stop_row)
+        log.warning(
+            "%s: rows from %d on are not refined: the raw frame of row %d was not kept",
+            spool.attrs["output"],
+            stop_row,
+            stop_row,
+        )
     return first_row, stop_row
 
 
-def _refined_datasets(spool: h5py.File,
-                      refined_rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+def _refined_datasets(spool: h5py.File, refined_rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
     """The spool's growing ``refined`` frames and ``refined_version`` column (created on
     first use, before SWMR mode, for the output's rows from ``refined_rows`` on: those not
     refined yet); then SWMR mode, so a kill leaves whole frames."""
     if "refined" not in spool:
         shape = spool["raw"].shape[1:]
-        spool.create_dataset("refined", shape=(0, *shape), maxshape=(None, *shape),
-                             chunks=(1, *shape), dtype=np.float32)
-        spool.create_dataset("refined_version", shape=(0,), maxshape=(None,), chunks=(1024,),
-                             dtype=np.int64)
+        spool.create_dataset(
+            "refined",
+            shape=(0, *shape),
+            maxshape=(None, *shape),
+            chunks=(1, *shape),
+            dtype=np.float32,
+        )
+        spool.create_dataset(
+            "refined_version", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64
+        )
         spool.attrs["refined_from"] = refined_rows
     elif "refined_from" not in spool.attrs:  # a spool of an earlier version: from row 0
         spool.attrs["refined_from"] = 0

@@ -72,9 +72,15 @@ class SeriesTracker:
     those the daemon dropped itself.
     """
 
-    def __init__(self, masker: MaskerConfig, metrics: Metrics, *,
-                 last_written: Callable[[str, Path], int], count_gaps: bool = True,
-                 dropped: DroppedFrames | None = None) -> None:
+    def __init__(
+        self,
+        masker: MaskerConfig,
+        metrics: Metrics,
+        *,
+        last_written: Callable[[str, Path], int],
+        count_gaps: bool = True,
+        dropped: DroppedFrames | None = None,
+    ) -> None:
         self._masker, self._metrics = masker, metrics
         self._last_written = last_written
         self._count_gaps = count_gaps
@@ -85,8 +91,9 @@ class SeriesTracker:
     def _state(self, series: str, output: Path) -> _Series:
         state = self._series.get(series)
         if state is None:
-            window = ContextWindow(self._masker.context_frames, self._masker.causal,
-                                   self._masker.register)
+            window = ContextWindow(
+                self._masker.context_frames, self._masker.causal, self._masker.register
+            )
             state = self._series[series] = _Series(window, output)
         return state
 
@@ -99,8 +106,14 @@ class SeriesTracker:
         state.last_frame_at = time.monotonic()
         return before
 
-    def admit(self, frame: Frame, before: int, *, open_series: Callable[[Frame], None],
-              reject: Callable[[str, str], None]) -> bool:
+    def admit(
+        self,
+        frame: Frame,
+        before: int,
+        *,
+        open_series: Callable[[Frame], None],
+        reject: Callable[[str, str], None],
+    ) -> bool:
         """True if ``frame`` is to be denoised now: its series is opened (``open_series``)
         on its first frame of this run; a shape change is refused, a frame already written
         skipped, and the frames between the last one taken and this one counted missing."""
@@ -111,16 +124,14 @@ class SeriesTracker:
             before = max(before, self._last_written(frame.series, frame.output))
             state.last = max(state.last, before)
         if frame.data.shape != state.shape:
-            reject("shape_change", f"shape {frame.data.shape} in a series of {state.shape} "
-                                   "frames")
+            reject("shape_change", f"shape {frame.data.shape} in a series of {state.shape} frames")
             return False
         if frame.index <= before:
             log.debug("frame %d of %s already written; skipped", frame.index, frame.series)
             self.skipped += 1
             return False
         if frame.index > before + 1:
-            self._missing(frame.series, before + 1, frame.index - 1,
-                          f"before frame {frame.index}")
+            self._missing(frame.series, before + 1, frame.index - 1, f"before frame {frame.index}")
         return True
 
     def push(self, series: str, item: Any, network_input: np.ndarray) -> list[Ready]:
@@ -137,8 +148,12 @@ class SeriesTracker:
         if end.sender_count:
             last = max(state.last if state else -1, self._last_written(end.series, end.output))
             if end.n_frames - 1 > last:
-                self._missing(end.series, last + 1, end.n_frames - 1,
-                              f"before the end of the series (frame {end.n_frames})")
+                self._missing(
+                    end.series,
+                    last + 1,
+                    end.n_frames - 1,
+                    f"before the end of the series (frame {end.n_frames})",
+                )
         return ready
 
     def closed(self, end: SeriesEnd) -> None:
@@ -168,8 +183,11 @@ class SeriesTracker:
         if seconds <= 0:
             return []
         now = time.monotonic()
-        return [name for name, state in self._series.items()
-                if not state.idle and now - state.last_frame_at > seconds]
+        return [
+            name
+            for name, state in self._series.items()
+            if not state.idle and now - state.last_frame_at > seconds
+        ]
 
     def flush_all(self) -> list[Ready]:
         """Every frame still waiting for context (the daemon stops: all are written)."""

@@ -32,8 +32,9 @@ def scene_canvas(height: int, width: int, seed: int = 0) -> np.ndarray:
     for _ in range(max(8, height * width // 1500)):
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         sigma = rng.uniform(1.5, 8.0)
-        canvas += rng.uniform(0.2, 0.8) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2)
-                                                 / (2 * sigma**2))
+        canvas += rng.uniform(0.2, 0.8) * np.exp(
+            -((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)
+        )
     for _ in range(max(2, height * width // 20000)):
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         radius, thickness = rng.uniform(6, 30), rng.uniform(1.0, 2.5)
@@ -93,15 +94,22 @@ def simulate(config: SimulateConfig) -> Path:
     main = out_dir / (config.name + ("_master.h5" if config.layout == "eiger" else ".h5"))
     write_truth(truth_path(main), clean, config.dose)
     data_file = out_dir / f"{config.name}_data_000001.h5" if config.layout == "eiger" else main
-    dataset_path = {"areadetector": "/entry/data/data", "eiger": "/entry/data/data",
-                    "plain": "/data"}[config.layout]
+    dataset_path = {
+        "areadetector": "/entry/data/data",
+        "eiger": "/entry/data/data",
+        "plain": "/data",
+    }[config.layout]
     if config.layout == "eiger":
         _write_eiger_master(main, data_file.name, shape)
     compression = hdf5plugin.Bitshuffle(nelems=0, cname="lz4") if config.layout == "eiger" else {}
     with h5py.File(data_file, "w", libver="latest") as handle:
         ds = handle.create_dataset(
-            dataset_path, shape=(0, *shape), maxshape=(None, *shape),
-            chunks=(1, *shape), dtype=np.uint16, **compression,
+            dataset_path,
+            shape=(0, *shape),
+            maxshape=(None, *shape),
+            chunks=(1, *shape),
+            dtype=np.uint16,
+            **compression,
         )
         handle.swmr_mode = True
         period = 1.0 / config.rate if config.rate > 0 else 0.0
@@ -115,8 +123,9 @@ def simulate(config: SimulateConfig) -> Path:
             ds.flush()
             if period:
                 time.sleep(max(0.0, started + (k + 1) * period - time.monotonic()))
-    log.info("simulated %d frames %dx%d (dose %g) into %s", config.frames, *shape,
-             config.dose, main)
+    log.info(
+        "simulated %d frames %dx%d (dose %g) into %s", config.frames, *shape, config.dose, main
+    )
     return main
 
 
@@ -135,8 +144,12 @@ class _ServedRecord:
             self._file = h5py.File(self.path, "w", libver="latest")
             shape = self._clean.shape[1:]
             self._data = self._file.create_dataset(
-                "/entry/data/data", shape=(0, *shape), maxshape=(None, *shape),
-                chunks=(1, *shape), dtype=np.uint16)
+                "/entry/data/data",
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                chunks=(1, *shape),
+                dtype=np.uint16,
+            )
             self._file.swmr_mode = True
         return self
 
@@ -219,8 +232,9 @@ def simulate_zmq(config: SimulateConfig) -> int:
     finally:
         sock.close()
         context.term()
-    log.info("sent %d frames in %d series over %s (%s)", sent, config.series,
-             endpoint, config.protocol)
+    log.info(
+        "sent %d frames in %d series over %s (%s)", sent, config.series, endpoint, config.protocol
+    )
     return sent
 
 
@@ -254,8 +268,11 @@ def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
     served, unique_id = 0, 0
     conf = server_conf(dict(os.environ))
     with Server(providers=[providers], conf=conf or None, useenv=True):
-        log.info("serving %s over PVAccess (%s)", config.pva_serve,
-                 "loopback" if conf else "interfaces from EPICS_PVAS_INTF_ADDR_LIST")
+        log.info(
+            "serving %s over PVAccess (%s)",
+            config.pva_serve,
+            "loopback" if conf else "interfaces from EPICS_PVAS_INTF_ADDR_LIST",
+        )
         time.sleep(config.start_delay)
         for k in range(config.first_series, config.first_series + config.series):
             if k > config.first_series and config.acquire_pv:
@@ -270,8 +287,7 @@ def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
                     if config.gap_every and (index + 1) % config.gap_every == 0:
                         unique_id += 1  # this number is never sent: a gap
                     frame = poisson_frames(clean[index], config.dose, rng)
-                    pv.post(encode(frame, unique_id, timestamp=time.time(),
-                                   codec=config.codec))
+                    pv.post(encode(frame, unique_id, timestamp=time.time(), codec=config.codec))
                     record.append(frame)
                     served, sent = served + 1, sent + 1
                     if period:

@@ -37,8 +37,9 @@ def copy_state(model: nn.Module) -> StateDict:
 class ModelStore:
     """The newest snapshot; safe across threads (a lock around one reference)."""
 
-    def __init__(self, weights: StateDict, version: int,
-                 normalizer: Normalizer | None = None) -> None:
+    def __init__(
+        self, weights: StateDict, version: int, normalizer: Normalizer | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._snapshot = Snapshot(version, weights, normalizer)
 
@@ -47,14 +48,14 @@ class ModelStore:
         with self._lock:
             return self._snapshot
 
-    def publish(self, weights: StateDict, version: int,
-                normalizer: Normalizer | None = None) -> None:
+    def publish(
+        self, weights: StateDict, version: int, normalizer: Normalizer | None = None
+    ) -> None:
         """Make ``weights`` (a private copy) the current weights. The normaliser is fixed
         once set (frames in context windows and the training buffer were normalised with
         it); one that comes with the weights (a checkpoint) is adopted only if none is."""
         with self._lock:
-            self._snapshot = Snapshot(version, weights,
-                                      self._snapshot.normalizer or normalizer)
+            self._snapshot = Snapshot(version, weights, self._snapshot.normalizer or normalizer)
 
     def adopt_normalizer(self, normalizer: Normalizer) -> Normalizer:
         """Set the normaliser if none is set yet; returns the one in force (the first

@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATASETS = ("/entry/data/data", "/data", "/X")
 EIGER_DATA_GROUP = "/entry/data"
-PIXEL_MASK_PATHS = ("/entry/instrument/detector/detectorSpecific/pixel_mask",
-                    "/entry/instrument/detector/pixel_mask")
+PIXEL_MASK_PATHS = (
+    "/entry/instrument/detector/detectorSpecific/pixel_mask",
+    "/entry/instrument/detector/pixel_mask",
+)
 _EIGER_LINK = re.compile(r"^data_\d{6}$")
 BITSHUFFLE_LZ4 = 2  # the filter's compression option (cd_values[4]) for LZ4
 # Bigger than h5py's 1 MiB default so that a whole chunk row of a large frame stays cached.
@@ -97,8 +99,13 @@ class FrameStack:
                 mask = np.asarray(self._file[name][()]) != 0
                 if mask.shape == self.frame_shape:
                     return mask if mask.any() else None
-                log.warning("%s:%s: pixel mask shape %s does not match frames %s; ignored",
-                            self.path, name, mask.shape, self.frame_shape)
+                log.warning(
+                    "%s:%s: pixel mask shape %s does not match frames %s; ignored",
+                    self.path,
+                    name,
+                    mask.shape,
+                    self.frame_shape,
+                )
         return None
 
     @property
@@ -114,8 +121,10 @@ class FrameStack:
                 try:
                     segment.dataset.refresh()
                 except (OSError, RuntimeError) as exc:
-                    raise InputError(f"{self.path}:{segment.name}: refresh failed: "
-                                     f"{_first_line(exc)}", reason="read_error") from exc
+                    raise InputError(
+                        f"{self.path}:{segment.name}: refresh failed: {_first_line(exc)}",
+                        reason="read_error",
+                    ) from exc
         return len(self)
 
     def __len__(self) -> int:
@@ -147,8 +156,7 @@ class FrameStack:
             out[k] = self.read(int(index), int(index) + 1)[0]
         return out
 
-    def read_list(self, start: int, stop: int, pool: Executor | None = None
-                  ) -> list[np.ndarray]:
+    def read_list(self, start: int, stop: int, pool: Executor | None = None) -> list[np.ndarray]:
         """Frames ``start:stop`` as a list of ``(H, W)`` arrays in the source dtype; whole
         stored chunks are decoded by ``pool`` (in parallel) where the layout allows."""
         stop = min(stop, len(self))
@@ -190,8 +198,11 @@ class FrameStack:
             try:
                 return decoder(chunk)
             except MessageError as exc:
-                raise InputError(f"{self.path}:{segment.name}: a stored frame does not "
-                                 f"decode: {exc}", reason="read_error") from exc
+                raise InputError(
+                    f"{self.path}:{segment.name}: a stored frame does not decode: {exc}",
+                    reason="read_error",
+                ) from exc
+
         return decode
 
     def iter_chunks(self, frames_per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -248,9 +259,7 @@ def _open_file(path: Path, *, swmr: bool) -> h5py.File:
         ) from exc
 
 
-def _find_segments(
-    file: h5py.File, path: Path, dataset: str | None
-) -> tuple[str, list[_Segment]]:
+def _find_segments(file: h5py.File, path: Path, dataset: str | None) -> tuple[str, list[_Segment]]:
     if dataset is not None:
         if dataset not in file:
             raise InputError(f"{path}: no dataset {dataset!r}", reason="no_dataset")
@@ -298,8 +307,11 @@ def _segment(file: h5py.File, path: Path, name: str) -> _Segment:
     if min(ds.shape[-2:]) < 1:
         raise InputError(f"{path}:{name}: empty frames, shape {ds.shape}", reason="empty")
     if ds.shape[-2] * ds.shape[-1] > MAX_FRAME_PIXELS:
-        raise InputError(f"{path}:{name}: frames of {ds.shape[-2]}x{ds.shape[-1]} exceed "
-                         f"{MAX_FRAME_PIXELS} pixels", reason="too_large")
+        raise InputError(
+            f"{path}:{name}: frames of {ds.shape[-2]}x{ds.shape[-1]} exceed "
+            f"{MAX_FRAME_PIXELS} pixels",
+            reason="too_large",
+        )
     return _Segment(name, ds, _chunk_decoder(ds))
 
 
@@ -313,7 +325,11 @@ def _chunk_decoder(ds: h5py.Dataset) -> Decoder | None:
     if not filters:
         return lambda chunk: raw_decode(chunk, shape, dtype)
     code, values = filters[0]
-    if len(filters) == 1 and code == BITSHUFFLE_FILTER and len(values) > 4 \
-            and values[4] == BITSHUFFLE_LZ4:
+    if (
+        len(filters) == 1
+        and code == BITSHUFFLE_FILTER
+        and len(values) > 4
+        and values[4] == BITSHUFFLE_LZ4
+    ):
         return lambda chunk: bslz4_decode(chunk, shape, dtype)
     return None

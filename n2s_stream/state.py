@@ -64,8 +64,11 @@ def last_provenance_row(output: Path) -> dict[str, float] | None:
             if not whole:
                 return None
             provenance = handle["/entry/provenance"]
-            return {name: float(column[whole - 1]) for name, column in provenance.items()
-                    if isinstance(column, h5py.Dataset)}
+            return {
+                name: float(column[whole - 1])
+                for name, column in provenance.items()
+                if isinstance(column, h5py.Dataset)
+            }
     except (OSError, KeyError) as exc:
         raise OutputError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 
@@ -108,8 +111,11 @@ class SeriesHeaders(MutableMapping):
     def __setitem__(self, series: str, mask: np.ndarray | None) -> None:
         self._cache[series] = mask
         tmp = self._path(series).with_suffix(".tmp.npz")
-        np.savez(tmp, has_mask=mask is not None,
-                 mask=mask if mask is not None else np.zeros((0, 0), bool))
+        np.savez(
+            tmp,
+            has_mask=mask is not None,
+            mask=mask if mask is not None else np.zeros((0, 0), bool),
+        )
         os.replace(tmp, self._path(series))
 
     def __delitem__(self, series: str) -> None:
@@ -172,8 +178,7 @@ class SeriesLedger:
 
     def record(self, series: str, *, output: Path, written: int, finished: bool) -> None:
         """Note where a series stands and append it to the journal."""
-        entry = {"series": series, "output": str(output), "written": written,
-                 "finished": finished}
+        entry = {"series": series, "output": str(output), "written": written, "finished": finished}
         with self._lock:
             self._apply(entry)
             try:
@@ -199,8 +204,11 @@ class SeriesLedger:
             self._finished.add(series)
         else:
             self._finished.discard(series)
-            self._open[series] = {"output": str(entry["output"]),
-                                  "written": int(entry.get("written", 0)), "finished": False}
+            self._open[series] = {
+                "output": str(entry["output"]),
+                "written": int(entry.get("written", 0)),
+                "finished": False,
+            }
 
     def _rewrite(self) -> None:
         lines = [json.dumps({"series": name, "finished": True}) for name in sorted(self._finished)]
@@ -220,16 +228,23 @@ class SeriesLedger:
             for line in journal:
                 try:
                     entry = json.loads(line)
-                    if isinstance(entry, dict) and "series" in entry and (
-                            entry.get("finished") or "output" in entry):
+                    if (
+                        isinstance(entry, dict)
+                        and "series" in entry
+                        and (entry.get("finished") or "output" in entry)
+                    ):
                         entries.append(entry)
                         continue
                 except ValueError:
                     pass
                 unreadable += 1
         if unreadable:
-            log.warning("%s: %d unreadable line(s) skipped (a write cut short by a crash); "
-                        "the outputs tell where those series stand", self.path, unreadable)
+            log.warning(
+                "%s: %d unreadable line(s) skipped (a write cut short by a crash); "
+                "the outputs tell where those series stand",
+                self.path,
+                unreadable,
+            )
         return entries
 
     @staticmethod
@@ -247,8 +262,9 @@ class SeriesLedger:
 class StateDir:
     """Checkpoints and ledger under one directory, created if needed."""
 
-    def __init__(self, root: Path, on_write_error: Callable[[], None] = lambda: None, *,
-                 claim: bool = False) -> None:
+    def __init__(
+        self, root: Path, on_write_error: Callable[[], None] = lambda: None, *, claim: bool = False
+    ) -> None:
         self.root = Path(root)
         self._on_write_error = on_write_error
         self.checkpoints = self.root / "checkpoints"
@@ -279,8 +295,10 @@ class StateDir:
         except OSError as exc:
             os.close(handle)
             holder = path.read_text().strip() or "?"
-            raise UsageError(f"{self.root}: state directory in use by another n2s-stream "
-                             f"(pid {holder}); give each daemon its own --state-dir") from exc
+            raise UsageError(
+                f"{self.root}: state directory in use by another n2s-stream "
+                f"(pid {holder}); give each daemon its own --state-dir"
+            ) from exc
         path.write_text(f"{os.getpid()}\n")
         self._lock_fd = handle  # kept open: the lock lives as long as this descriptor
 
@@ -320,24 +338,27 @@ class StateDir:
 
     def write_failed(self, what: str, exc: OSError) -> None:
         """Log and count a failed write to the state dir; the daemon carries on."""
-        log.error("cannot write %s: %s (denoising goes on; restart point not updated)",
-                  what, exc.strerror or exc)
+        log.error(
+            "cannot write %s: %s (denoising goes on; restart point not updated)",
+            what,
+            exc.strerror or exc,
+        )
         self._on_write_error()
 
     def note_last_stop(self, unwritten: int) -> None:
         """Remember how many accepted frames the stop left unwritten, so that the next
         start can export it (a counter set just before exit is rarely scraped)."""
         try:
-            atomic_write_text(self.root / "last_stop.json",
-                              json.dumps({"unwritten_frames": unwritten}) + "\n")
+            atomic_write_text(
+                self.root / "last_stop.json", json.dumps({"unwritten_frames": unwritten}) + "\n"
+            )
         except OSError as exc:
             self.write_failed("last_stop.json", exc)
 
     def last_stop_unwritten(self) -> int:
         """What the previous stop left unwritten (0 if unknown)."""
         try:
-            return int(json.loads((self.root / "last_stop.json").read_text())
-                       ["unwritten_frames"])
+            return int(json.loads((self.root / "last_stop.json").read_text())["unwritten_frames"])
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
@@ -350,25 +371,40 @@ class StateDir:
         for old in sorted(self.checkpoints.glob("ckpt_v*.pt"))[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
 
-    def save_checkpoint(self, *, model: nn.Module | StateDict,
-                        optimizer: torch.optim.Optimizer,
-                        step: int, version: int, model_config: ModelConfig,
-                        masker_config: MaskerConfig, normalizer: Normalizer) -> None:
+    def save_checkpoint(
+        self,
+        *,
+        model: nn.Module | StateDict,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        version: int,
+        model_config: ModelConfig,
+        masker_config: MaskerConfig,
+        normalizer: Normalizer,
+    ) -> None:
         """Write the checkpoint of ``version`` and keep the newest few; a failed write is
         logged and counted, not fatal (training goes on, the next interval tries again)."""
         path = self.checkpoint_path(version)
         try:
-            save_checkpoint(path, model=model, model_config=model_config,
-                            masker_config=masker_config, normalizer=normalizer,
-                            optimizer=optimizer, step=step, version=version)
+            save_checkpoint(
+                path,
+                model=model,
+                model_config=model_config,
+                masker_config=masker_config,
+                normalizer=normalizer,
+                optimizer=optimizer,
+                step=step,
+                version=version,
+            )
             self.prune_checkpoints()
         except OSError as exc:
             self.write_failed(f"checkpoint {path}", exc)
             return
         log.info("checkpoint %s (step %d)", path, step)
 
-    def starting_checkpoint(self, *, model_from: Path | None,
-                            ckpt: Path | None) -> Checkpoint | None:
+    def starting_checkpoint(
+        self, *, model_from: Path | None, ckpt: Path | None
+    ) -> Checkpoint | None:
         """Where the daemon's model starts: this state dir's newest checkpoint, else the
         training worker's (fan-out, ``model_from``), else the offline ``ckpt``; None:
         from scratch."""
@@ -376,8 +412,12 @@ class StateDir:
         if checkpoint is None and model_from is not None:
             checkpoint = newest_checkpoint(model_from / "checkpoints")
         if checkpoint is not None:
-            log.info("resuming from %s (version %d, step %d)", checkpoint.path,
-                     checkpoint.version, checkpoint.step)
+            log.info(
+                "resuming from %s (version %d, step %d)",
+                checkpoint.path,
+                checkpoint.version,
+                checkpoint.step,
+            )
         elif ckpt is not None:
             checkpoint = load_checkpoint(ckpt)
             log.info("starting from offline model %s (version %d)", ckpt, checkpoint.version)

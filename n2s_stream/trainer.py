@@ -77,8 +77,9 @@ class OnlineTrainer(BackgroundWorker):
         self._busy, self._save = busy, save
         self.val_crop = VAL_CROP
         self.optimizer = make_optimizer(self.model, options.lr)
-        self._average = (weight_average(self.model, options.average_steps)
-                         if options.average_steps > 1 else None)
+        self._average = (
+            weight_average(self.model, options.average_steps) if options.average_steps > 1 else None
+        )
         if optimizer_state:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
@@ -99,8 +100,11 @@ class OnlineTrainer(BackgroundWorker):
             while not self._stopping.is_set():  # stop(): the step finishes, a checkpoint follows
                 if self._starting_model_unscored():
                     self._publish(math.nan)  # a pretrained start may beat classical at once
-                if (len(self.buffer) < MIN_FRAMES or self._busy()
-                        or (self.score_start and not self._scored_start)):
+                if (
+                    len(self.buffer) < MIN_FRAMES
+                    or self._busy()
+                    or (self.score_start and not self._scored_start)
+                ):
                     self._stopping.wait(0.01)  # inference first
                     continue
                 loss = self._step()
@@ -114,9 +118,11 @@ class OnlineTrainer(BackgroundWorker):
                     last_save = time.monotonic()
         except Exception as exc:  # policy: inference goes on with the last weights, visibly
             self.error = exc
-            log.exception("online trainer failed: training stopped, inference goes on with "
-                          "model version %d (n2s_worker_up{worker=\"trainer\"} 0)",
-                          self.store.version)
+            log.exception(
+                "online trainer failed: training stopped, inference goes on with "
+                'model version %d (n2s_worker_up{worker="trainer"} 0)',
+                self.store.version,
+            )
             return
         self._save_published()
 
@@ -152,12 +158,25 @@ class OnlineTrainer(BackgroundWorker):
         return True
 
     def _step(self) -> float | None:
-        patches, valid = self.buffer.sample(batch=self.options.batch, patch=self.options.patch,
-                                            rng=self._rng, recent=self.options.recent_frames)
+        patches, valid = self.buffer.sample(
+            batch=self.options.batch,
+            patch=self.options.patch,
+            rng=self._rng,
+            recent=self.options.recent_frames,
+        )
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
-        loss = float(train_step(self.model, self.optimizer, self.masker, batch, rng=self._rng,
-                                objective=self.options.objective, valid=valid_t))  # host sync
+        loss = float(
+            train_step(
+                self.model,
+                self.optimizer,
+                self.masker,
+                batch,
+                rng=self._rng,
+                objective=self.options.objective,
+                valid=valid_t,
+            )
+        )  # host sync
         self.step += 1
         self.metrics.train_steps.inc()
         if self._loss_watch.diverging(loss):
@@ -171,8 +190,12 @@ class OnlineTrainer(BackgroundWorker):
         """Return the trained and the averaged weights to the last published version: a
         step's loss is measured before its update, so a bad update has already entered the
         average by the time the next step finds it."""
-        log.warning("training step %d: %s; rolling back to version %d", self.step, reason,
-                    self.store.version)
+        log.warning(
+            "training step %d: %s; rolling back to version %d",
+            self.step,
+            reason,
+            self.store.version,
+        )
         self.model.load_state_dict(self._good)
         if self._average is not None and self._good_average is not None:
             self._average.load_state_dict(self._good_average)
@@ -198,8 +221,9 @@ class OnlineTrainer(BackgroundWorker):
             frames = torch.from_numpy(crops).to(self.device)
 
             def loss_of(model: nn.Module) -> float:
-                return masked_validation_loss(model, self.masker, frames, batch=1,
-                                              before_chunk=self._wait_while_busy)
+                return masked_validation_loss(
+                    model, self.masker, frames, batch=1, before_chunk=self._wait_while_busy
+                )
 
             val_loss = loss_of(self.published_model)
             self.metrics.selfsup_val_loss.set(val_loss)
@@ -211,8 +235,7 @@ class OnlineTrainer(BackgroundWorker):
         self._published = True
         if val_loss is not None and self.cold_start is not None and self.cold_start.active:
             self.cold_start.compare(val_loss, loss_of)
-        log.debug("published model version %d (step %d, loss %.4g)", version, self.step,
-                  train_loss)
+        log.debug("published model version %d (step %d, loss %.4g)", version, self.step, train_loss)
 
 
 class CheckpointFollower(BackgroundWorker):

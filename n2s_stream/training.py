@@ -69,8 +69,9 @@ class LossWatch:
 
     def diverging(self, loss: float) -> bool:
         """True for a loss that calls for a rollback; any other joins the recent level."""
-        if not math.isfinite(loss) or (self.recent is not None
-                                       and loss > DIVERGENCE_FACTOR * self.recent):
+        if not math.isfinite(loss) or (
+            self.recent is not None and loss > DIVERGENCE_FACTOR * self.recent
+        ):
             return True
         self.recent = loss if self.recent is None else 0.98 * self.recent + 0.02 * loss
         return False
@@ -104,8 +105,10 @@ def weight_average(model: nn.Module, steps: int) -> AveragedModel:
     mean), so a fresh start does not drag the starting weights along for ``steps`` steps.
     Buffers (batch-norm statistics) follow the trained model as they are.
     """
-    def lerp(averaged: list[torch.Tensor], current: list[torch.Tensor],
-             n_averaged: torch.Tensor) -> None:
+
+    def lerp(
+        averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor
+    ) -> None:
         torch._foreach_lerp_(averaged, current, max(1.0 / steps, 1.0 / (int(n_averaged) + 1)))
 
     return AveragedModel(model, multi_avg_fn=lerp, use_buffers=False)
@@ -137,8 +140,9 @@ def sample_patches(
     valid_crops = None if valid is None else np.empty((batch, 1, ph, pw), dtype=np.float32)
     for b in range(batch):
         k = rng.integers(n)
-        crop, valid_crop = random_crop(frames[k], None if valid is None else valid[k],
-                                       (ph, pw), rng)
+        crop, valid_crop = random_crop(
+            frames[k], None if valid is None else valid[k], (ph, pw), rng
+        )
         crops[b] = crop
         if valid_crops is not None:
             valid_crops[b, 0] = valid_crop
@@ -146,7 +150,9 @@ def sample_patches(
 
 
 def random_crop(
-    image: np.ndarray, valid: np.ndarray | None, size: tuple[int, int],
+    image: np.ndarray,
+    valid: np.ndarray | None,
+    size: tuple[int, int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A random ``size`` window of ``image`` (``(H, W)`` or ``(C, H, W)``, every channel
@@ -204,12 +210,12 @@ def self_supervised_loss(
         valid = None if valid is None else even_crop(valid)
         size = (batch.shape[0], 1, batch.shape[-2] // 2, batch.shape[-1] // 2)
         choice = torch.from_numpy(rng.integers(len(NEIGHBOUR_PAIRS), size=size))
+
         def single_pass(x: torch.Tensor) -> torch.Tensor:  # + a zero mask channel if any
             return masker.infer_single_pass(x, model)
 
         with autocast(batch.device, amp):
-            return neighbor2neighbor_loss(single_pass, batch, choice.to(batch.device),
-                                          valid=valid)
+            return neighbor2neighbor_loss(single_pass, batch, choice.to(batch.device), valid=valid)
     if objective != "noise2self":
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     # hide one grid phase of each centre frame: net_input (B, C[+1], H, W), mask (B,1,H,W)
@@ -240,8 +246,9 @@ def train_step(
     ``objective`` and ``rng``: see `self_supervised_loss`.
     """
     model.train()
-    loss = self_supervised_loss(model, masker, batch, rng=rng, objective=objective,
-                                valid=valid, amp=amp)
+    loss = self_supervised_loss(
+        model, masker, batch, rng=rng, objective=objective, valid=valid, amp=amp
+    )
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()

@@ -40,8 +40,11 @@ class BackgroundWorker:
         if self._thread.is_alive():
             self._thread.join(timeout=self._join_timeout)
             if self._thread.is_alive():
-                log.error("%s did not stop within %.0f s; leaving it behind", self.name,
-                          self._join_timeout)
+                log.error(
+                    "%s did not stop within %.0f s; leaving it behind",
+                    self.name,
+                    self._join_timeout,
+                )
 
     def _guarded_run(self) -> None:
         try:

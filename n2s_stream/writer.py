@@ -72,8 +72,11 @@ def whole_frames(file: h5py.File) -> int:
     """Frames of an output file that are complete: a frame counts once its data and every
     provenance row are in (they are written and flushed in that order)."""
     provenance = file["/entry/provenance"]
-    lengths = [provenance[name].shape[0] for name in PROVENANCE_FIELDS
-               if name not in OPTIONAL_FIELDS or name in provenance]
+    lengths = [
+        provenance[name].shape[0]
+        for name in PROVENANCE_FIELDS
+        if name not in OPTIONAL_FIELDS or name in provenance
+    ]
     return min(file["/entry/data/data"].shape[0], *lengths)
 
 
@@ -127,10 +130,13 @@ class Provenance:
             "t_received": np.broadcast_to(np.asarray(self.t_received, dtype=np.float64), (n,)),
             "t_written": np.full(n, time.time(), dtype=np.float64),
             "denoiser": np.full(n, self.denoiser, dtype=np.uint8),
-            "t_source": np.broadcast_to(np.asarray(
-                np.nan if self.t_source is None else self.t_source, dtype=np.float64), (n,)),
-            "source_id": np.array([-1 if i is None else i
-                                   for i in (self.source_ids or [None] * n)], dtype=np.int64),
+            "t_source": np.broadcast_to(
+                np.asarray(np.nan if self.t_source is None else self.t_source, dtype=np.float64),
+                (n,),
+            ),
+            "source_id": np.array(
+                [-1 if i is None else i for i in (self.source_ids or [None] * n)], dtype=np.int64
+            ),
         }
 
 
@@ -178,22 +184,30 @@ class FrameWriter:
             except BaseException:
                 self._file.close()
                 raise
-            self.last_source_frame = (int(self._provenance["source_frame"][self.n_written - 1])
-                                      if self.n_written else -1)
-            log.info("resumed output %s: %d frames (%s), last source frame %d", self.path,
-                     self.n_written, self.format.describe(), self.last_source_frame)
+            self.last_source_frame = (
+                int(self._provenance["source_frame"][self.n_written - 1]) if self.n_written else -1
+            )
+            log.info(
+                "resumed output %s: %d frames (%s), last source frame %d",
+                self.path,
+                self.n_written,
+                self.format.describe(),
+                self.last_source_frame,
+            )
             return
         self._file = h5py.File(self.path, "w", libver="latest")
         try:
-            self._create_layout(tuple(frame_shape), mean_count, config_text, source,
-                                notes or {}, attribute_names)
+            self._create_layout(
+                tuple(frame_shape), mean_count, config_text, source, notes or {}, attribute_names
+            )
             self._file.swmr_mode = True
         except BaseException:
             self._file.close()
             raise
         self.last_source_frame = -1
-        log.info("opened output %s (%dx%d %s)", self.path, *frame_shape,
-                 self.format.describe(mean_count))
+        log.info(
+            "opened output %s (%dx%d %s)", self.path, *frame_shape, self.format.describe(mean_count)
+        )
 
     def _attach_layout(self, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
         self._count = 0
@@ -207,8 +221,12 @@ class FrameWriter:
             )
         stored = format_of(self._frames)
         if (stored.dtype, stored.compression) != (self.format.dtype, self.format.compression):
-            log.warning("%s: begun as %s; continued so (not %s)", self.path,
-                        stored.describe(), self.format.describe())
+            log.warning(
+                "%s: begun as %s; continued so (not %s)",
+                self.path,
+                stored.describe(),
+                self.format.describe(),
+            )
         self.format = replace(self.format, dtype=stored.dtype, compression=stored.compression)
         whole = whole_frames(self._file)
         group = self._file["/entry/provenance"]
@@ -222,8 +240,13 @@ class FrameWriter:
                 ds.resize(whole, axis=0)  # attribute columns may be short: NaN-filled
 
     def _create_layout(
-        self, frame_shape: tuple[int, int], mean_count: float, config_text: str, source: str,
-        notes: dict[str, str], attribute_names: Sequence[str],
+        self,
+        frame_shape: tuple[int, int],
+        mean_count: float,
+        config_text: str,
+        source: str,
+        notes: dict[str, str],
+        attribute_names: Sequence[str],
     ) -> None:
         self._count = 0
         entry = self._file.create_group("entry")
@@ -231,23 +254,35 @@ class FrameWriter:
         data = entry.create_group("data")
         data.attrs.update({"NX_class": "NXdata", "signal": "data"})
         self._frames = data.create_dataset(
-            "data", shape=(0, *frame_shape), maxshape=(None, *frame_shape),
-            chunks=(1, *frame_shape), **self.format.dataset_options(mean_count),
+            "data",
+            shape=(0, *frame_shape),
+            maxshape=(None, *frame_shape),
+            chunks=(1, *frame_shape),
+            **self.format.dataset_options(mean_count),
         )
         provenance = entry.create_group("provenance")
         provenance.attrs["NX_class"] = "NXcollection"
-        self._provenance = {name: _column(provenance, name, kind)
-                            for name, kind in PROVENANCE_FIELDS.items()}
+        self._provenance = {
+            name: _column(provenance, name, kind) for name, kind in PROVENANCE_FIELDS.items()
+        }
         columns = sorted({attribute_column(name) for name in attribute_names})
         if len(columns) > MAX_ATTRIBUTES:
-            log.warning("%s: %d attribute names; the first %d (by name) are kept", self.path,
-                        len(columns), MAX_ATTRIBUTES)
+            log.warning(
+                "%s: %d attribute names; the first %d (by name) are kept",
+                self.path,
+                len(columns),
+                MAX_ATTRIBUTES,
+            )
         attributes = provenance.create_group("attributes") if columns else None
-        self._attributes = {name: _column(attributes, name, np.float64)
-                            for name in columns[:MAX_ATTRIBUTES]} if attributes else {}
+        self._attributes = (
+            {name: _column(attributes, name, np.float64) for name in columns[:MAX_ATTRIBUTES]}
+            if attributes
+            else {}
+        )
         self._provenance["denoiser"].attrs["meaning"] = (
             "0: the network (weights of model_version); 1: the calibrated classical denoiser "
-            "of /entry/process/cold_start, used until the network measured better")
+            "of /entry/process/cold_start, used until the network measured better"
+        )
         process = entry.create_group("process")
         process.attrs["NX_class"] = "NXprocess"
         process["program"] = "n2s-stream"
@@ -292,8 +327,12 @@ class FrameWriter:
         each: encoded here (lossless codecs) or by HDF5's filter (lossy). ``attributes``:
         one mapping per frame (or none), each name whose value is a number a column of
         its own. Flushed when due (``flush_seconds``)."""
-        self.append_frames(frames, Provenance(source_frames, model_version, t_received,
-                                              denoiser, t_source, source_ids, attributes))
+        self.append_frames(
+            frames,
+            Provenance(
+                source_frames, model_version, t_received, denoiser, t_source, source_ids, attributes
+            ),
+        )
 
     def append_frames(self, frames: np.ndarray, rows: Provenance) -> None:
         """As `append`, with the rows as one `Provenance`."""
@@ -334,8 +373,9 @@ class FrameWriter:
             return
         self._rows.append(rows.columns(n))
         self._attribute_rows += list(rows.attributes) or [{}] * n
-        self.last_source_frame = max(self.last_source_frame,
-                                     int(self._rows[-1]["source_frame"][-1]))
+        self.last_source_frame = max(
+            self.last_source_frame, int(self._rows[-1]["source_frame"][-1])
+        )
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
@@ -356,8 +396,10 @@ class FrameWriter:
         # on disk for frames that are not (a SWMR reader trusts the provenance length).
         self._file.flush()
         start = int(self._provenance["source_frame"].shape[0])
-        rows = {name: np.concatenate([block[name] for block in self._rows])
-                for name in PROVENANCE_FIELDS}
+        rows = {
+            name: np.concatenate([block[name] for block in self._rows])
+            for name in PROVENANCE_FIELDS
+        }
         n = len(rows["source_frame"])
         self._append_attributes(start, n, self._attribute_rows)
         for name, values in rows.items():
@@ -368,8 +410,9 @@ class FrameWriter:
         self._rows, self._attribute_rows = [], []
         self._flushed_at = time.monotonic()
 
-    def _append_attributes(self, start: int, n: int,
-                           attributes: Sequence[Mapping[str, float | str]]) -> None:
+    def _append_attributes(
+        self, start: int, n: int, attributes: Sequence[Mapping[str, float | str]]
+    ) -> None:
         """Grow every attribute column by ``n`` rows (NaN where a frame lacks the name).
         SWMR allows no new datasets once writing began: names that the series' first
         frame did not have are logged once and not kept."""
@@ -389,8 +432,11 @@ class FrameWriter:
             ds[start:] = values[name]
         unknown -= self._unkept
         if unknown:
-            log.warning("%s: attributes %s were not on the series' first frame; not kept",
-                        self.path, ", ".join(sorted(unknown)))
+            log.warning(
+                "%s: attributes %s were not on the series' first frame; not kept",
+                self.path,
+                ", ".join(sorted(unknown)),
+            )
             self._unkept |= unknown
 
     def close(self) -> None:
@@ -425,12 +471,17 @@ class RefinedWriter:
             self.source_frames = self._file["/entry/provenance/source_frame"][: self.n_live]
             if "/entry/refined" not in self._file:
                 group = self._file["/entry"].create_group("refined")
-                group.attrs.update({"NX_class": "NXdata", "signal": "data",
-                                    "description": description})
-                group.create_dataset("data", shape=(0, *live.shape[1:]),
-                                     maxshape=(None, *live.shape[1:]),
-                                     chunks=(1, *live.shape[1:]), dtype=live.dtype,
-                                     **filter_options(live))
+                group.attrs.update(
+                    {"NX_class": "NXdata", "signal": "data", "description": description}
+                )
+                group.create_dataset(
+                    "data",
+                    shape=(0, *live.shape[1:]),
+                    maxshape=(None, *live.shape[1:]),
+                    chunks=(1, *live.shape[1:]),
+                    dtype=live.dtype,
+                    **filter_options(live),
+                )
                 _column(group, "model_version", np.int64)
             self._data = self._file["/entry/refined/data"]
             self._versions = self._file["/entry/refined/model_version"]
@@ -468,8 +519,9 @@ class RefinedWriter:
 def _column(group: h5py.Group, name: str, dtype: type, *, length: int = 0) -> h5py.Dataset:
     """A growing provenance column; unknown values read NaN (floats) or -1 (source_id)."""
     fill = np.nan if np.dtype(dtype).kind == "f" else (-1 if name == "source_id" else 0)
-    return group.create_dataset(name, shape=(length,), maxshape=(None,), chunks=(1024,),
-                                dtype=dtype, fillvalue=fill)
+    return group.create_dataset(
+        name, shape=(length,), maxshape=(None,), chunks=(1024,), dtype=dtype, fillvalue=fill
+    )
 
 
 def close_left_open(path: Path) -> None:
@@ -529,13 +581,11 @@ def open_for_append(path: Path, *, busy_raises: bool = False) -> h5py.File:
     try:
         if clear_write_flags(path):
             file = h5py.File(path, "a", libver="latest")
-            log.warning("%s: left open by a stopped writer; its write flags were cleared",
-                        path)
+            log.warning("%s: left open by a stopped writer; its write flags were cleared", path)
             return file
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0]
-    log.warning("%s: cannot be opened for appending (%s); rewriting its whole frames",
-                path, reason)
+    log.warning("%s: cannot be opened for appending (%s); rewriting its whole frames", path, reason)
     tmp = path.with_name(path.name + ".recovering")
     with h5py.File(path, "r", swmr=True) as old, h5py.File(tmp, "w", libver="latest") as new:
         whole, refined = whole_frames(old), whole_refined(old)
@@ -544,10 +594,15 @@ def open_for_append(path: Path, *, busy_raises: bool = False) -> h5py.File:
                 new.require_group(name).attrs.update(obj.attrs)
             elif obj.maxshape and obj.maxshape[0] is None:
                 rows = refined if name.startswith("entry/refined/") else whole
-                copy = new.create_dataset(name, shape=(rows, *obj.shape[1:]),
-                                          maxshape=obj.maxshape, chunks=obj.chunks,
-                                          dtype=obj.dtype, fillvalue=obj.fillvalue,
-                                          **filter_options(obj))
+                copy = new.create_dataset(
+                    name,
+                    shape=(rows, *obj.shape[1:]),
+                    maxshape=obj.maxshape,
+                    chunks=obj.chunks,
+                    dtype=obj.dtype,
+                    fillvalue=obj.fillvalue,
+                    **filter_options(obj),
+                )
                 for start in range(0, rows, 256):
                     copy[start : start + 256] = obj[start : min(start + 256, rows)]
                 copy.attrs.update(obj.attrs)

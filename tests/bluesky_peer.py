@@ -60,6 +60,7 @@ class Evil:
 
 def aborted_count(detector, frames: int, after: int):
     """``count`` that fails after ``after`` frames (exit_status "fail")."""
+
     def failing():
         yield from bps.null()
         raise RuntimeError("the sample moved: aborting the scan")
@@ -80,35 +81,54 @@ def legacy_run(publish, directory: Path, points: int, per_point: int) -> dict:
     height, width = 48, 64
     bundle = compose_run(metadata={"plan_name": "count", "scan_id": 41, "num_points": points})
     publish("start", bundle.start_doc)
-    descriptor = bundle.compose_descriptor(name="primary", data_keys={
-        "adsim_image": {"source": "PV:13SIM1:image1:ArrayData", "dtype": "array",
-                        "shape": [height, width], "external": "FILESTORE:"},
-        "adsim_stats_total": {"source": "PV:13SIM1:Stats1:Total_RBV", "dtype": "number",
-                              "shape": []}})
+    descriptor = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "adsim_image": {
+                "source": "PV:13SIM1:image1:ArrayData",
+                "dtype": "array",
+                "shape": [height, width],
+                "external": "FILESTORE:",
+            },
+            "adsim_stats_total": {
+                "source": "PV:13SIM1:Stats1:Total_RBV",
+                "dtype": "number",
+                "shape": [],
+            },
+        },
+    )
     publish("descriptor", descriptor.descriptor_doc)
     path = directory / f"{uuid.uuid4()}.h5"
-    resource = bundle.compose_resource(spec="AD_HDF5", root=str(directory),
-                                       resource_path=path.name,
-                                       resource_kwargs={"frame_per_point": per_point})
+    resource = bundle.compose_resource(
+        spec="AD_HDF5",
+        root=str(directory),
+        resource_path=path.name,
+        resource_kwargs={"frame_per_point": per_point},
+    )
     publish("resource", resource.resource_doc)
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[:height, :width]
     with h5py.File(path, "w", libver="latest") as file:
-        frames = file.create_dataset("/entry/data/data", shape=(0, height, width),
-                                     maxshape=(None, height, width), dtype="u2",
-                                     chunks=(1, height, width))
+        frames = file.create_dataset(
+            "/entry/data/data",
+            shape=(0, height, width),
+            maxshape=(None, height, width),
+            dtype="u2",
+            chunks=(1, height, width),
+        )
         file.swmr_mode = True
         for point in range(points):
             clean = 20 + 15 * np.sin((xx + 2 * point) / 6.0) * np.cos(yy / 5.0)
             frames.resize(frames.shape[0] + per_point, axis=0)
-            frames[-per_point:] = rng.poisson(np.clip(clean, 0, None), (per_point, height,
-                                                                         width))
+            frames[-per_point:] = rng.poisson(np.clip(clean, 0, None), (per_point, height, width))
             frames.flush()
             datum = resource.compose_datum(datum_kwargs={"point_number": point})
             event = descriptor.compose_event(
                 data={"adsim_image": datum["datum_id"], "adsim_stats_total": float(point)},
                 timestamps={"adsim_image": time.time(), "adsim_stats_total": time.time()},
-                filled={"adsim_image": False}, seq_num=point + 1)
+                filled={"adsim_image": False},
+                seq_num=point + 1,
+            )
             if point < points // 2:
                 publish("datum", datum)
                 publish("event", event)
@@ -118,8 +138,13 @@ def legacy_run(publish, directory: Path, points: int, per_point: int) -> dict:
             time.sleep(0.05)
     stop = bundle.compose_stop(exit_status="success")
     publish("stop", stop)
-    return {"uid": bundle.start_doc["uid"], "scan_id": 41, "exit_status": "success",
-            "file": str(path), "published": 4 + 2 * points}
+    return {
+        "uid": bundle.start_doc["uid"],
+        "scan_id": 41,
+        "exit_status": "success",
+        "file": str(path),
+        "published": 4 + 2 * points,
+    }
 
 
 def main() -> None:
@@ -135,8 +160,9 @@ def main() -> None:
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.legacy:
-        publishers = [Publisher(args.proxy, serializer=SERIALIZERS[name])
-                      for name in args.serializers]
+        publishers = [
+            Publisher(args.proxy, serializer=SERIALIZERS[name]) for name in args.serializers
+        ]
         time.sleep(1.5)  # PUB to SUB: a subscription takes a moment to reach the publisher
 
         def publish(name: str, doc: dict) -> None:
@@ -173,9 +199,18 @@ def main() -> None:
         exit_status = "fail"
     files = sorted(args.dir.glob("*.h5"), key=lambda p: p.stat().st_mtime)
     time.sleep(0.5)  # let the publishers' last messages leave
-    print(json.dumps({"uid": starts[-1]["uid"], "scan_id": starts[-1].get("scan_id"),
-                      "exit_status": exit_status, "file": str(files[-1]),
-                      "published": published["count"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "uid": starts[-1]["uid"],
+                "scan_id": starts[-1].get("scan_id"),
+                "exit_status": exit_status,
+                "file": str(files[-1]),
+                "published": published["count"],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def no_leaked_threads():
     yield
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()
-                  and not t.daemon]
+        leaked = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+        ]
         if not leaked:
             return
         time.sleep(0.05)

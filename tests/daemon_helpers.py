@@ -39,20 +39,43 @@ def reap() -> None:
 class DaemonProcess:
     """``n2s-stream --watch`` as a subprocess, its log in a file, its metrics scraped."""
 
-    def __init__(self, tmp: Path, *extra: str, env: dict | None = None, name: str = "daemon",
-                 prefix: list[str] | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        *extra: str,
+        env: dict | None = None,
+        name: str = "daemon",
+        prefix: list[str] | None = None,
+    ):
         tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / f"{name}.log"
         self.watch, self.out, self.state = tmp / "acq", tmp / "out", tmp / "state"
         self.watch.mkdir(exist_ok=True)
-        source = ([] if {"--zmq", "--pva", "--bluesky"} & set(extra)
-                  else ["--watch", str(self.watch)])
-        args = [*(prefix or []), *N2S, *source, "--out", str(self.out), "--state-dir",
-                str(self.state), "--device", "cpu", "--metrics-port", "0",
-                "--settle-seconds", "2", "--threads", "1", *extra]
+        source = (
+            [] if {"--zmq", "--pva", "--bluesky"} & set(extra) else ["--watch", str(self.watch)]
+        )
+        args = [
+            *(prefix or []),
+            *N2S,
+            *source,
+            "--out",
+            str(self.out),
+            "--state-dir",
+            str(self.state),
+            "--device",
+            "cpu",
+            "--metrics-port",
+            "0",
+            "--settle-seconds",
+            "2",
+            "--threads",
+            "1",
+            *extra,
+        ]
         self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in wait())
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         STARTED.append(self.proc)
         self.port: int | None = None
 
@@ -101,13 +124,39 @@ class DaemonProcess:
             self._log.close()
 
 
-def start_writer(directory: Path, *, frames: int, rate: float, shape: str = "48x48",
-                 name: str = "scan_0001", layout: str = "areadetector",
-                 seed: int = 0) -> subprocess.Popen:
+def start_writer(
+    directory: Path,
+    *,
+    frames: int,
+    rate: float,
+    shape: str = "48x48",
+    name: str = "scan_0001",
+    layout: str = "areadetector",
+    seed: int = 0,
+) -> subprocess.Popen:
     """A detector writing a growing SWMR file, as a separate process."""
-    proc = subprocess.Popen([*N2S, "simulate", "--dir", str(directory), "--frames", str(frames),
-                             "--rate", str(rate), "--shape", shape, "--name", name,
-                             "--layout", layout, "--seed", str(seed), "--log-level", "WARNING"])
+    proc = subprocess.Popen(
+        [
+            *N2S,
+            "simulate",
+            "--dir",
+            str(directory),
+            "--frames",
+            str(frames),
+            "--rate",
+            str(rate),
+            "--shape",
+            shape,
+            "--name",
+            name,
+            "--layout",
+            layout,
+            "--seed",
+            str(seed),
+            "--log-level",
+            "WARNING",
+        ]
+    )
     STARTED.append(proc)
     return proc
 
@@ -117,10 +166,14 @@ def without_root_file_access() -> list[str] | None:
     let root read any file, so that file permissions apply to it; None if unavailable."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         return None
-    probe = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
-                            "true"], capture_output=True)
-    return None if probe.returncode else ["setpriv", "--bounding-set",
-                                          "-dac_override,-dac_read_search"]
+    probe = subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "true"], capture_output=True
+    )
+    return (
+        None
+        if probe.returncode
+        else ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    )
 
 
 @contextmanager
@@ -132,8 +185,11 @@ def mounted_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
     mount_point.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
@@ -157,9 +213,14 @@ def free_port() -> int:
 def read_output(path: Path):
     """``(frames, provenance dict)`` of an output file."""
     with h5py.File(path, "r") as handle:
-        return (handle["/entry/data/data"][()],
-                {k: v[()] for k, v in handle["/entry/provenance"].items()
-                 if isinstance(v, h5py.Dataset)})
+        return (
+            handle["/entry/data/data"][()],
+            {
+                k: v[()]
+                for k, v in handle["/entry/provenance"].items()
+                if isinstance(v, h5py.Dataset)
+            },
+        )
 
 
 def write_stack(path: Path, frames: np.ndarray, dataset: str = "/data", **kwargs) -> Path:

@@ -24,11 +24,20 @@ from n2s_stream.sinks.training_tap import TrainingTap
 from n2s_stream.snapshot import ModelStore
 
 
-def make_loop(state_dir: Path, frames: queue.Queue, *, model: nn.Module, store: ModelStore,
-              metrics: Metrics, masker: Masker | None = None,
-              options: InferenceOptions | None = None, max_batch: int = 1,
-              buffer: RollingBuffer | None = None, val_buffer: RollingBuffer | None = None,
-              extra_sinks: tuple[Sink, ...] = ()) -> InferenceLoop:
+def make_loop(
+    state_dir: Path,
+    frames: queue.Queue,
+    *,
+    model: nn.Module,
+    store: ModelStore,
+    metrics: Metrics,
+    masker: Masker | None = None,
+    options: InferenceOptions | None = None,
+    max_batch: int = 1,
+    buffer: RollingBuffer | None = None,
+    val_buffer: RollingBuffer | None = None,
+    extra_sinks: tuple[Sink, ...] = (),
+) -> InferenceLoop:
     """An `InferenceLoop` over ``frames`` writing outputs as the daemon does."""
     from n2s_stream.state import StateDir
 
@@ -38,14 +47,24 @@ def make_loop(state_dir: Path, frames: queue.Queue, *, model: nn.Module, store: 
         buffer = RollingBuffer(max_frames=8, max_bytes=2**20)
     if val_buffer is None:
         val_buffer = RollingBuffer(max_frames=8, max_bytes=2**20)
-    output = Hdf5Sink(OutputOptions(storage=StorageOptions("float32", "none")),
-                      state=StateDir(state_dir), metrics=metrics,
-                      stopping=threading.Event(), config_text="")
+    output = Hdf5Sink(
+        OutputOptions(storage=StorageOptions("float32", "none")),
+        state=StateDir(state_dir),
+        metrics=metrics,
+        stopping=threading.Event(),
+        config_text="",
+    )
     sinks = [output, TrainingTap(buffer, val_buffer), *extra_sinks]
     return InferenceLoop(
-        frames=frames, store=store, metrics=metrics, options=options, max_batch=max_batch,
-        engine=Engine(model, masker, device=torch.device("cpu"), options=options,
-                      metrics=metrics),
+        frames=frames,
+        store=store,
+        metrics=metrics,
+        options=options,
+        max_batch=max_batch,
+        engine=Engine(model, masker, device=torch.device("cpu"), options=options, metrics=metrics),
         series=SeriesTracker(masker.config, metrics, last_written=output.last_written),
-        sinks=SinkChain(sinks, metrics), calibration=Calibration(store, NetworkOptions(), None),
-        cold_start=None, on_fatal=lambda exc: None)
+        sinks=SinkChain(sinks, metrics),
+        calibration=Calibration(store, NetworkOptions(), None),
+        cold_start=None,
+        on_fatal=lambda exc: None,
+    )

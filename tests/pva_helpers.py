@@ -36,25 +36,32 @@ def pva_env() -> tuple[dict[str, str], int]:
     return {**client_env(port), **server_env(port)}, port
 
 
-def scripted_server(pv: str, steps: list[dict], env: dict[str, str],
-                    log: Path) -> subprocess.Popen:
+def scripted_server(pv: str, steps: list[dict], env: dict[str, str], log: Path) -> subprocess.Popen:
     """A PVA server process posting ``steps`` on NTNDArray ``pv`` (see pva_script.py)."""
     script = log.with_suffix(".json")
     script.write_text(json.dumps(steps))
     with open(log, "w") as handle:
-        proc = subprocess.Popen([sys.executable, str(HERE / "pva_script.py"), pv, str(script)],
-                                stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "pva_script.py"), pv, str(script)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
     STARTED.append(proc)
     return proc
 
 
-def pvapy_reader(pv: str, frames: int, out: Path, env: dict[str, str],
-                 timeout: float = 120) -> subprocess.Popen:
+def pvapy_reader(
+    pv: str, frames: int, out: Path, env: dict[str, str], timeout: float = 120
+) -> subprocess.Popen:
     """pvapy (EPICS pvAccessCPP, its own wheel) monitoring ``pv`` until it has ``frames``
     updates or ``timeout`` s pass; saves them to ``out`` (see pvapy_read.py)."""
-    proc = subprocess.Popen([sys.executable, str(HERE / "pvapy_read.py"), pv, str(frames),
-                             str(out), str(timeout)], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "pvapy_read.py"), pv, str(frames), str(out), str(timeout)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     STARTED.append(proc)
     return proc

@@ -26,8 +26,9 @@ def value_of(step: dict):
     rng = np.random.default_rng(step["id"])
     frame = rng.poisson(step.get("value", 30), shape).astype(step.get("dtype", "uint16"))
     codec = step.get("codec", "none")
-    value = encode(frame, step["id"], timestamp=time.time(),
-                   codec="none" if codec == "jpeg" else codec)
+    value = encode(
+        frame, step["id"], timestamp=time.time(), codec="none" if codec == "jpeg" else codec
+    )
     if codec == "jpeg":
         jpeg = np.frombuffer(b"\xff\xd8\xff\xe0" + bytes(60), dtype=np.uint8)
         value["value"] = ("ubyteValue", jpeg)
@@ -44,7 +45,7 @@ def main(pv_name: str, script_path: str) -> None:
     pv = SharedPV(initial=value_of(frames[0]))
     with Server(providers=[{pv_name: pv}]):
         print("serving", pv_name, flush=True)
-        for step in steps[steps.index(frames[0]) + 1:]:
+        for step in steps[steps.index(frames[0]) + 1 :]:
             if "sleep" in step:
                 time.sleep(step["sleep"])
             else:

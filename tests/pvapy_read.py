@@ -33,9 +33,13 @@ def main(pv_name: str, wanted: str, out: str, timeout: str) -> None:
     print("monitoring", pv_name, flush=True)
     done.wait(float(timeout))
     channel.stopMonitor()
-    np.savez(out, frames=np.array(frames), ids=np.array(ids, dtype=np.int64),
-             version=np.array([a.get("N2SModelVersion", -1) for a in attributes]),
-             denoiser=np.array([a.get("N2SDenoiser", -1) for a in attributes]))
+    np.savez(
+        out,
+        frames=np.array(frames),
+        ids=np.array(ids, dtype=np.int64),
+        version=np.array([a.get("N2SModelVersion", -1) for a in attributes]),
+        denoiser=np.array([a.get("N2SDenoiser", -1) for a in attributes]),
+    )
     print("saved", len(frames), flush=True)
     time.sleep(0.1)
 

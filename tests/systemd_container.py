@@ -42,14 +42,22 @@ def root_tree(target: Path) -> None:
         build = CACHE / f"bookworm-build-{os.getpid()}"
         shutil.rmtree(build, ignore_errors=True)
         made = subprocess.run(
-            ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm",
-             str(build), "http://deb.debian.org/debian"], capture_output=True, text=True,
-            timeout=900)
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={PACKAGES}",
+                "bookworm",
+                str(build),
+                "http://deb.debian.org/debian",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if made.returncode != 0:
             raise ContainerUnavailable(f"debootstrap failed: {made.stderr[-300:]}")
         shutil.rmtree(build / "var/cache/apt/archives", ignore_errors=True)
-        subprocess.run(["tar", "-C", str(build), "-cf", str(TARBALL) + ".tmp", "."],
-                       check=True)
+        subprocess.run(["tar", "-C", str(build), "-cf", str(TARBALL) + ".tmp", "."], check=True)
         os.replace(str(TARBALL) + ".tmp", TARBALL)
         shutil.rmtree(build, ignore_errors=True)
     target.mkdir(parents=True, exist_ok=True)
@@ -64,10 +72,22 @@ class Container:
         self.log_path = root.parent / "container.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.nspawn = subprocess.Popen(
-            ["systemd-nspawn", "-D", str(root), "-b", "-M", f"n2s-test-{os.getpid()}",
-             "--register=no",
-             "--keep-unit", "-q", *(f"--bind-ro={bind}" for bind in read_only_binds)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                "systemd-nspawn",
+                "-D",
+                str(root),
+                "-b",
+                "-M",
+                f"n2s-test-{os.getpid()}",
+                "--register=no",
+                "--keep-unit",
+                "-q",
+                *(f"--bind-ro={bind}" for bind in read_only_binds),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             self.pid = self._init_pid()
             self._wait_running()
@@ -102,11 +122,16 @@ class Container:
         """What the container printed (its boot messages)."""
         return self.log_path.read_text(errors="replace")
 
-    def run(self, *command: str, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(
+        self, *command: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         """Run ``command`` inside the container (all its namespaces)."""
-        proc = subprocess.run(["nsenter", "-t", str(self.pid), "-a", *command],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-a", *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{command}: {proc.returncode}\n{proc.stdout}{proc.stderr}")
         return proc
@@ -118,8 +143,7 @@ class Container:
 
     def journal(self, unit: str) -> str:
         """The unit's journal so far."""
-        return self.run("journalctl", "-u", unit, "--no-pager", "-o", "cat",
-                        check=False).stdout
+        return self.run("journalctl", "-u", unit, "--no-pager", "-o", "cat", check=False).stdout
 
     def stop(self) -> None:
         """Power off, and clean what nspawn leaves on a host without systemd."""
@@ -147,8 +171,10 @@ def _is_container_init(pid: int) -> bool:
     child still shares ours)."""
     try:
         own = os.readlink("/proc/self/ns/pid")
-        return (os.readlink(f"/proc/{pid}/ns/pid") != own
-                and Path(f"/proc/{pid}/comm").read_text().strip() == "systemd")
+        return (
+            os.readlink(f"/proc/{pid}/ns/pid") != own
+            and Path(f"/proc/{pid}/comm").read_text().strip() == "systemd"
+        )
     except OSError:
         return False
 

@@ -38,23 +38,34 @@ def test_documents_decode_from_json_and_msgpack_and_pickles_are_refused_unread(t
     with pytest.raises(MessageError) as refused:
         decode_message(b" start " + pickle.dumps(Evil()))
     assert refused.value.reason == "pickle" and not marker.exists()
-    for message, reason in ((b"no spaces", "undecodable"), (b" bogus {}", "undecodable"),
-                            (b" start \x00\x01", "undecodable"), (b" start {", "undecodable"),
-                            (b" start [1, 2]", "undecodable"),
-                            (b' start {"scan_id": 1}', "bad_document"),
-                            (b" stream_datum {}", "bad_document")):
+    for message, reason in (
+        (b"no spaces", "undecodable"),
+        (b" bogus {}", "undecodable"),
+        (b" start \x00\x01", "undecodable"),
+        (b" start {", "undecodable"),
+        (b" start [1, 2]", "undecodable"),
+        (b' start {"scan_id": 1}', "bad_document"),
+        (b" stream_datum {}", "bad_document"),
+    ):
         with pytest.raises(MessageError) as error:
             decode_message(message)
         assert error.value.reason == reason, message
 
 
 def test_stream_resources_and_series_names():
-    resource = {"uid": "r1", "data_key": "det", "mimetype": "application/x-hdf5",
-                "uri": "file://localhost/data/bl1/a%20b.h5",
-                "parameters": {"dataset": "/entry/data/data", "chunk_shape": [1, 4, 4]}}
+    resource = {
+        "uid": "r1",
+        "data_key": "det",
+        "mimetype": "application/x-hdf5",
+        "uri": "file://localhost/data/bl1/a%20b.h5",
+        "parameters": {"dataset": "/entry/data/data", "chunk_shape": [1, 4, 4]},
+    }
     stream = frame_stream(resource, "run1", 2)
-    assert (stream.path, stream.dataset, stream.multiplier) == ("/data/bl1/a b.h5",
-                                                                "/entry/data/data", 2)
+    assert (stream.path, stream.dataset, stream.multiplier) == (
+        "/data/bl1/a b.h5",
+        "/entry/data/data",
+        2,
+    )
     for change in ({"mimetype": "application/x-tiff"}, {"uri": "http://host/x.h5"}):
         with pytest.raises(MessageError):
             frame_stream({**resource, **change}, "run1", 1)
@@ -73,16 +84,23 @@ def _proxy() -> tuple[str, str]:
     """A real bluesky 0MQ proxy on loopback; returns its input and output addresses."""
     proxy_in, proxy_out = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
     command = Path(sys.executable).parent / "bluesky-0MQ-proxy"
-    proc = subprocess.Popen([str(command), "--in-address", proxy_in, "--out-address", proxy_out],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(command), "--in-address", proxy_in, "--out-address", proxy_out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     STARTED.append(proc)
     return proxy_in, proxy_out
 
 
 def _scan(proxy_in: str, data: Path, *args: str) -> dict:
     """Run the peer experiment; returns what it reports."""
-    done = subprocess.run([sys.executable, str(PEER), "--proxy", proxy_in, "--dir", str(data),
-                           *args], capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, str(PEER), "--proxy", proxy_in, "--dir", str(data), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -93,8 +111,9 @@ def _following_daemon(tmp_path: Path) -> tuple[DaemonProcess, str, str, Path]:
     _bluesky_ready()
     proxy_in, proxy_out = _proxy()
     data = tmp_path / "detector"
-    daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
-                           "--no-refine")
+    daemon = DaemonProcess(
+        tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data), "--no-refine"
+    )
     daemon.wait_ready()
     daemon.wait_for("following Bluesky documents")
     return daemon, proxy_in, proxy_out, data
@@ -104,13 +123,23 @@ def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
     daemon, proxy_in, _, data = _following_daemon(tmp_path)
     marker = tmp_path / "unpickled"
     # each document twice: JSON (followed) and pickle, bluesky's default (refused unread)
-    run = _scan(proxy_in, data, "--frames", "12", "--serializers", "json", "pickle",
-                "--evil-pickle", str(marker))
+    run = _scan(
+        proxy_in,
+        data,
+        "--frames",
+        "12",
+        "--serializers",
+        "json",
+        "pickle",
+        "--evil-pickle",
+        str(marker),
+    )
     series = f"scan{run['scan_id']}_{run['uid'][:8]}_bdet"
     daemon.wait_for(f"closed output .*{series}_n2s.h5 \\(12 frames\\)", timeout=120)
     # a second run, msgpack, that fails after 5 frames: its series ends with those
-    failed = _scan(proxy_in, data, "--frames", "12", "--serializers", "msgpack",
-                   "--abort-after", "5")
+    failed = _scan(
+        proxy_in, data, "--frames", "12", "--serializers", "msgpack", "--abort-after", "5"
+    )
     assert failed["exit_status"] == "fail"
     failed_series = f"scan{failed['scan_id']}_{failed['uid'][:8]}_bdet"
     daemon.wait_for(f"closed output .*{failed_series}_n2s.h5 \\(5 frames\\)", timeout=120)
@@ -139,8 +168,14 @@ def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
 def test_paths_outside_the_allowed_root_are_refused(tmp_path):
     _bluesky_ready()
     proxy_in, proxy_out = _proxy()
-    daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root",
-                           str(tmp_path / "elsewhere"), "--no-refine")
+    daemon = DaemonProcess(
+        tmp_path,
+        "--bluesky",
+        proxy_out,
+        "--bluesky-root",
+        str(tmp_path / "elsewhere"),
+        "--no-refine",
+    )
     daemon.wait_ready()
     daemon.wait_for("following Bluesky documents")
     _scan(proxy_in, tmp_path / "detector", "--frames", "3", "--serializers", "json")
@@ -162,9 +197,22 @@ def test_a_restart_mid_run_continues_its_series(tmp_path):
     daemon = DaemonProcess(tmp_path, *args)
     daemon.wait_ready()
     daemon.wait_for("following Bluesky documents")
-    peer = subprocess.Popen([sys.executable, str(PEER), "--proxy", proxy_in, "--dir", str(data),
-                             "--frames", "90", "--serializers", "json"],
-                            stdout=subprocess.PIPE, text=True)
+    peer = subprocess.Popen(
+        [
+            sys.executable,
+            str(PEER),
+            "--proxy",
+            proxy_in,
+            "--dir",
+            str(data),
+            "--frames",
+            "90",
+            "--serializers",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     STARTED.append(peer)
     daemon.wait_for(r"opened output", timeout=120)
     # early in the scan: the restart (a few seconds) must find most of it still to come
@@ -203,8 +251,9 @@ def test_an_older_area_detectors_resource_and_datums_are_followed(tmp_path):
     assert np.array_equal(provenance["source_id"], np.repeat(np.arange(1, 11), 2))
     # the run's record is kept until its series is written; the next start forgets it
     assert len(list((daemon.state / "bluesky").iterdir())) == 1
-    again = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
-                          "--no-refine", name="again")
+    again = DaemonProcess(
+        tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data), "--no-refine", name="again"
+    )
     again.wait_ready()
     again.wait_for("following Bluesky documents")
     assert again.terminate() == 0

@@ -46,13 +46,17 @@ def _stop_sources():
         SOURCES.pop().stop()
 
 
-def _source(tmp_path, recorder: Recorder, start_position=lambda series, output: 0,
-            **options) -> BlueskySource:
-    source = BlueskySource(BlueskyOptions(endpoint="tcp://127.0.0.1:9", root=tmp_path / "det",
-                                          **options),
-                           out_root=tmp_path / "out", state_dir=tmp_path / "state",
-                           emit=recorder.emit, reject=recorder.reject,
-                           start_position=start_position)
+def _source(
+    tmp_path, recorder: Recorder, start_position=lambda series, output: 0, **options
+) -> BlueskySource:
+    source = BlueskySource(
+        BlueskyOptions(endpoint="tcp://127.0.0.1:9", root=tmp_path / "det", **options),
+        out_root=tmp_path / "out",
+        state_dir=tmp_path / "state",
+        emit=recorder.emit,
+        reject=recorder.reject,
+        start_position=start_position,
+    )
     SOURCES.append(source)
     return source
 
@@ -60,22 +64,34 @@ def _source(tmp_path, recorder: Recorder, start_position=lambda series, output: 
 def _detector_file(path, frames: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w", libver="latest") as handle:
-        handle["/entry/data/data"] = np.arange(frames * 16, dtype=np.uint16).reshape(
-            frames, 4, 4)
+        handle["/entry/data/data"] = np.arange(frames * 16, dtype=np.uint16).reshape(frames, 4, 4)
 
 
 def _stream_resource(uid: str, path) -> dict:
-    return {"uid": uid, "run_start": RUN, "data_key": "det", "mimetype": "application/x-hdf5",
-            "uri": f"file://localhost{path}", "parameters": {"dataset": "/entry/data/data",
-                                                             "chunk_shape": [1, 4, 4]}}
+    return {
+        "uid": uid,
+        "run_start": RUN,
+        "data_key": "det",
+        "mimetype": "application/x-hdf5",
+        "uri": f"file://localhost{path}",
+        "parameters": {"dataset": "/entry/data/data", "chunk_shape": [1, 4, 4]},
+    }
 
 
 def _start(source: BlueskySource) -> None:
     source._handle("start", {"uid": RUN, "scan_id": 5})
-    source._handle("descriptor", {"uid": "d1", "run_start": RUN, "data_keys": {
-        "det": {"shape": [1, 4, 4], "external": "STREAM:"},
-        "img": {"shape": [4, 4], "external": "FILESTORE:"},
-        "tif": {"shape": [4, 4], "external": "FILESTORE:"}}})
+    source._handle(
+        "descriptor",
+        {
+            "uid": "d1",
+            "run_start": RUN,
+            "data_keys": {
+                "det": {"shape": [1, 4, 4], "external": "STREAM:"},
+                "img": {"shape": [4, 4], "external": "FILESTORE:"},
+                "tif": {"shape": [4, 4], "external": "FILESTORE:"},
+            },
+        },
+    )
 
 
 def test_frames_announced_but_missing_at_runstop_are_counted_and_files_get_series(tmp_path):
@@ -88,10 +104,22 @@ def test_frames_announced_but_missing_at_runstop_are_counted_and_files_get_serie
     for _ in range(2):  # a second Publisher sends every document again: followed once
         source._handle("stream_resource", _stream_resource("r1", first))
     source._handle("stream_resource", _stream_resource("r2", second))  # a second file
-    source._handle("stream_datum", {"stream_resource": "r1", "indices": {"start": 0, "stop": 6},
-                                    "seq_nums": {"start": 1, "stop": 7}})
-    source._handle("stream_datum", {"stream_resource": "r2", "indices": {"start": 0, "stop": 2},
-                                    "seq_nums": {"start": 1, "stop": 3}})
+    source._handle(
+        "stream_datum",
+        {
+            "stream_resource": "r1",
+            "indices": {"start": 0, "stop": 6},
+            "seq_nums": {"start": 1, "stop": 7},
+        },
+    )
+    source._handle(
+        "stream_datum",
+        {
+            "stream_resource": "r2",
+            "indices": {"start": 0, "stop": 2},
+            "seq_nums": {"start": 1, "stop": 3},
+        },
+    )
     source._handle("stop", {"run_start": RUN, "exit_status": "success"})
     series = "scan5_01234567_det"
     assert recorder.frames(series) == [0, 1, 2, 3]  # all the file holds of the 6 announced
@@ -107,24 +135,45 @@ def test_an_older_detector_continues_after_a_restart_and_a_bad_key_does_not_stop
     _start(source)
     path = tmp_path / "det" / "old.h5"
     _detector_file(path, 6)
-    source._handle("resource", {"uid": "res", "run_start": RUN, "spec": "AD_HDF5",
-                                "root": str(tmp_path / "det"), "resource_path": "old.h5",
-                                "resource_kwargs": {"frame_per_point": 2}})
-    source._handle("resource", {"uid": "tiff", "run_start": RUN, "spec": "AD_TIFF",
-                                "root": "/", "resource_path": "x", "resource_kwargs": {}})
-    source._handle("datum", {"datum_id": "res/0", "resource": "res",
-                             "datum_kwargs": {"point_number": 0}})
-    source._handle("datum", {"datum_id": "tiff/0", "resource": "tiff", "datum_kwargs": {
-        "point_number": 0}})
-    source._handle("event", {"descriptor": "d1", "seq_num": 1,
-                             "data": {"img": "res/0", "tif": "tiff/0"}})
+    source._handle(
+        "resource",
+        {
+            "uid": "res",
+            "run_start": RUN,
+            "spec": "AD_HDF5",
+            "root": str(tmp_path / "det"),
+            "resource_path": "old.h5",
+            "resource_kwargs": {"frame_per_point": 2},
+        },
+    )
+    source._handle(
+        "resource",
+        {
+            "uid": "tiff",
+            "run_start": RUN,
+            "spec": "AD_TIFF",
+            "root": "/",
+            "resource_path": "x",
+            "resource_kwargs": {},
+        },
+    )
+    source._handle(
+        "datum", {"datum_id": "res/0", "resource": "res", "datum_kwargs": {"point_number": 0}}
+    )
+    source._handle(
+        "datum", {"datum_id": "tiff/0", "resource": "tiff", "datum_kwargs": {"point_number": 0}}
+    )
+    source._handle(
+        "event", {"descriptor": "d1", "seq_num": 1, "data": {"img": "res/0", "tif": "tiff/0"}}
+    )
     assert recorder.frames("scan5_01234567_img") == [0, 1]
     assert [reason for reason, _ in recorder.rejected] == ["unsupported"]  # the TIFF key
     # the daemon restarts: the next event of the same descriptor finds its stream again
     again = Recorder()
     restarted = _source(tmp_path, again, start_position=lambda series, output: 2)
-    restarted._handle("datum", {"datum_id": "res/1", "resource": "res",
-                                "datum_kwargs": {"point_number": 1}})
+    restarted._handle(
+        "datum", {"datum_id": "res/1", "resource": "res", "datum_kwargs": {"point_number": 1}}
+    )
     restarted._handle("event", {"descriptor": "d1", "seq_num": 2, "data": {"img": "res/1"}})
     assert again.frames("scan5_01234567_img") == [2, 3]
     frames = [i for i in again.items if isinstance(i, Frame)]

@@ -17,8 +17,15 @@ from n2s_stream.n2s.normalize import Normalizer
 def _save(path, config=None):
     config = config or ModelConfig(width=4, depth=1)
     model = build_model(config)
-    return save_checkpoint(path, model=model, model_config=config, masker_config=MaskerConfig(),
-                           normalizer=Normalizer("meanstd", 3.0, 2.0), step=7, version=7), model
+    return save_checkpoint(
+        path,
+        model=model,
+        model_config=config,
+        masker_config=MaskerConfig(),
+        normalizer=Normalizer("meanstd", 3.0, 2.0),
+        step=7,
+        version=7,
+    ), model
 
 
 def test_round_trip(tmp_path):

@@ -48,8 +48,11 @@ def _first_frame_decision(weights: dict[str, torch.Tensor] | None) -> tuple[bool
     if weights is not None:
         model.load_state_dict(weights)
     changes: list = []
-    cold = ColdStart(active=True, on_change=lambda *change: changes.append(change),
-                     starting=StartingNetwork(model, masker, crop=256))
+    cold = ColdStart(
+        active=True,
+        on_change=lambda *change: changes.append(change),
+        starting=StartingNetwork(model, masker, crop=256),
+    )
     cold.denoiser_for((noisy - noisy.mean()) / noisy.std())
     cold.denoiser_for((noisy - noisy.mean()) / noisy.std())  # scored once only
     return cold.active, changes
@@ -83,8 +86,11 @@ def test_a_starting_network_that_cannot_be_scored_leaves_the_classical_denoiser(
     network = NetworkOptions()
     failing = _Failing()
     failing.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
-    cold = ColdStart(active=True, on_change=lambda *_: None,
-                     starting=StartingNetwork(failing, Masker(network.masker_config()), 64))
+    cold = ColdStart(
+        active=True,
+        on_change=lambda *_: None,
+        starting=StartingNetwork(failing, Masker(network.masker_config()), 64),
+    )
     image = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
     assert cold.denoiser_for(image).name in ("tv", "wavelet")
     assert cold.active and "could not be scored on the first frame" in caplog.text
@@ -146,5 +152,7 @@ def test_daemon_switches_once_from_classical_to_network(tmp_path):
         clean = handle["clean"][()] * dose
     with h5py.File(daemon.watch / "scan_0001.h5") as handle:
         noisy = handle["/entry/data/data"][()].astype(np.float32)
-    assert psnr(clean[classical], frames[classical], dose) > \
-        psnr(clean[classical], noisy[classical], dose) + 5.0
+    assert (
+        psnr(clean[classical], frames[classical], dose)
+        > psnr(clean[classical], noisy[classical], dose) + 5.0
+    )

@@ -28,24 +28,36 @@ def test_default_config_is_the_generated_template_of_every_option():
     so it documents every option of every command at its default."""
     text = (CONFIG / "n2s-stream.toml").read_text()
     assert text == config_template(), "regenerate: n2s-stream check-config --template"
-    for table, cls in (("daemon", DaemonConfig), ("train", TrainConfig),
-                       ("denoise", DenoiseConfig)):
+    for table, cls in (
+        ("daemon", DaemonConfig),
+        ("train", TrainConfig),
+        ("denoise", DenoiseConfig),
+    ):
         names = {o.name for o in options_of(cls) if not o.positional}
         assert names == _table_keys(text, table), table
 
 
 def test_check_config(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "n2s_stream", "check-config",
-                         str(CONFIG / "n2s-stream.toml")], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "n2s_stream", "check-config", str(CONFIG / "n2s-stream.toml")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[daemon]\nwatch = '/acq'\nmetrics_prot = 9000\n")
-    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "check-config", str(bad)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "n2s_stream", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "unknown option 'metrics_prot'" in proc.stderr
     bad.write_text("[daemon]\nqueue_size = 'many'\n")
-    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "check-config", str(bad)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "n2s_stream", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "queue_size" in proc.stderr
 
 

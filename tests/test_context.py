@@ -72,8 +72,9 @@ def test_context_keeps_training_and_inference_j_invariant(causal):
     """d output[J] / d centre[J] == 0, while the neighbours' same pixels do reach it."""
     torch.manual_seed(0)
     masker = Masker(MaskerConfig(grid_size=4, context_frames=3, causal=causal))
-    model = build_model(ModelConfig(in_channels=masker.config.in_channels, width=8, depth=2,
-                                    residual=True)).double()
+    model = build_model(
+        ModelConfig(in_channels=masker.config.in_channels, width=8, depth=2, residual=True)
+    ).double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
     net_input, mask = masker.mask(x, 5)
     assert net_input.shape == (2, 3, 16, 16)
@@ -100,8 +101,17 @@ def test_inference_worker_never_mixes_series(tmp_path):
     frames.put(SeriesEnd("b", 4, tmp_path / "b_n2s.h5"))
     metrics = Metrics(CollectorRegistry())
     store = ModelStore(copy_state(model), 1)
-    worker = make_loop(tmp_path / "st", frames, model=model, store=store, metrics=metrics,
-                       masker=masker, max_batch=3, buffer=buffer, val_buffer=buffer)
+    worker = make_loop(
+        tmp_path / "st",
+        frames,
+        model=model,
+        store=store,
+        metrics=metrics,
+        masker=masker,
+        max_batch=3,
+        buffer=buffer,
+        val_buffer=buffer,
+    )
     worker.start()
     worker.stop()
     stacks = buffer.snapshot()
@@ -119,14 +129,27 @@ def test_inference_worker_never_mixes_series(tmp_path):
 
 def test_offline_context_is_recorded_and_used_by_denoise(tmp_path, noisy_series):
     path, clean, dose = noisy_series
-    result = train(make(TrainConfig, h5=path, device="cpu", context_frames=3, epochs=2,
-                               steps_per_epoch=40, out_dir=tmp_path / "run", progress=False,
-                               max_samples=12))
+    result = train(
+        make(
+            TrainConfig,
+            h5=path,
+            device="cpu",
+            context_frames=3,
+            epochs=2,
+            steps_per_epoch=40,
+            out_dir=tmp_path / "run",
+            progress=False,
+            max_samples=12,
+        )
+    )
     raw = torch.load(result.last, weights_only=True)
     assert raw["masker_config"]["context_frames"] == 3
     assert raw["model_config"]["in_channels"] == 3
-    out = denoise(DenoiseConfig(h5=path, ckpt=result.last, out=tmp_path / "d.h5",
-                                device="cpu", batch=5, progress=False))
+    out = denoise(
+        DenoiseConfig(
+            h5=path, ckpt=result.last, out=tmp_path / "d.h5", device="cpu", batch=5, progress=False
+        )
+    )
     assert out.n_frames == 24
     with h5py.File(out.out) as handle:
         denoised = handle["/entry/data/data"][()]
@@ -142,8 +165,12 @@ def _drifting(n: int, step: tuple[float, float], size: int = 96) -> np.ndarray:
 
     scene = ndimage.gaussian_filter(np.random.default_rng(3).random((size, size)), 3.0)
     scene = (scene - scene.mean()) / scene.std()
-    return np.stack([ndimage.shift(scene, (-k * step[0], -k * step[1]), order=3,
-                                   mode="reflect") for k in range(n)]).astype(np.float32)
+    return np.stack(
+        [
+            ndimage.shift(scene, (-k * step[0], -k * step[1]), order=3, mode="reflect")
+            for k in range(n)
+        ]
+    ).astype(np.float32)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -196,14 +223,16 @@ def test_registered_context_keeps_inference_j_invariant_end_to_end(causal):
     centre = 2 if not causal else 4
     stack = context_stack(frames, centre, context_offsets(3, causal), causal, register=True)
     masker = Masker(MaskerConfig(grid_size=4, context_frames=3, causal=causal))
-    model = build_model(ModelConfig(in_channels=masker.config.in_channels, width=8, depth=2,
-                                    residual=True)).double()
+    model = build_model(
+        ModelConfig(in_channels=masker.config.in_channels, width=8, depth=2, residual=True)
+    ).double()
     centre_t = torch.tensor(stack[None, :1], dtype=torch.float64, requires_grad=True)
     neighbours_t = torch.tensor(stack[None, 1:], dtype=torch.float64, requires_grad=True)
     out = masker.infer_full_image(torch.cat([centre_t, neighbours_t], 1), model)
     for row, col in [(5, 7), (16, 16), (30, 2)]:
         grad_centre, grad_neighbours = torch.autograd.grad(
-            out[0, 0, row, col], (centre_t, neighbours_t), retain_graph=True)
+            out[0, 0, row, col], (centre_t, neighbours_t), retain_graph=True
+        )
         assert grad_centre[0, 0, row, col] == 0.0
         assert grad_centre.abs().sum() > 0  # the centre frame's other pixels are seen
         assert grad_neighbours[0, :, row, col].abs().sum() > 0

@@ -41,8 +41,7 @@ def _follow_output(path: str, queue, seconds: float) -> None:
 def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     n_frames, dose = 80, 20.0
     # from random weights, without cold start: the first frames show the untrained network
-    daemon = DaemonProcess(tmp_path, "--publish-every", "20", "--no-cold-start",
-                           "--no-pretrained")
+    daemon = DaemonProcess(tmp_path, "--publish-every", "20", "--no-cold-start", "--no-pretrained")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=n_frames, rate=8, seed=1)
     output = daemon.out / "scan_0001_n2s.h5"
@@ -95,8 +94,9 @@ def test_sd_notify_messages_arrive(tmp_path):
     sock.bind(str(notify))
     sock.settimeout(30)
     try:
-        daemon = DaemonProcess(tmp_path, env={"NOTIFY_SOCKET": str(notify),
-                                              "WATCHDOG_USEC": "1000000"})
+        daemon = DaemonProcess(
+            tmp_path, env={"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "1000000"}
+        )
         messages = []
         while not any("WATCHDOG=1" in m for m in messages):
             messages.append(sock.recv(4096).decode())
@@ -111,14 +111,31 @@ def test_sd_notify_messages_arrive(tmp_path):
 def test_usage_errors(tmp_path):
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "--watch", str(tmp_path / "no"),
-                           "--state-dir", str(tmp_path / "s"), "--metrics-port", "-1"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2s_stream",
+            "--watch",
+            str(tmp_path / "no"),
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--metrics-port",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     # a config error (DESIGN: exit 2), in one line
     assert proc.returncode == 2 and "watch directory does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "--metrics-port", "-1"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "n2s_stream", "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "--watch" in proc.stderr
 
 
@@ -145,9 +162,14 @@ def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
     assert frames[:, :16].max() < 1000  # the rest is denoised counts
 
 
-@pytest.mark.parametrize("engine", [pytest.param(["--compile"], marks=pytest.mark.slow),
-                                    ["--engine", "onnxruntime", "--onnx-reload-seconds", "1"]],
-                         ids=["torch.compile", "onnxruntime"])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param(["--compile"], marks=pytest.mark.slow),
+        ["--engine", "onnxruntime", "--onnx-reload-seconds", "1"],
+    ],
+    ids=["torch.compile", "onnxruntime"],
+)
 def test_faster_engines_write_the_same_series(tmp_path, engine):
     """--compile (torch.compile) and --engine onnxruntime: the daemon compiles or exports
     on the first frame and writes every frame once; the weights it swaps in as training
@@ -182,8 +204,17 @@ def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp
     checkpoint records them."""
     from n2s_stream.state import newest_checkpoint
 
-    daemon = DaemonProcess(tmp_path, "--context-frames", "3", "--grid-size", "3",
-                           "--mask-as-input", "--no-cold-start", "--publish-every", "5")
+    daemon = DaemonProcess(
+        tmp_path,
+        "--context-frames",
+        "3",
+        "--grid-size",
+        "3",
+        "--mask-as-input",
+        "--no-cold-start",
+        "--publish-every",
+        "5",
+    )
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=20, rate=20, shape="32x32")
     assert writer.wait(timeout=60) == 0
@@ -195,8 +226,11 @@ def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp
     assert metrics["n2s_train_steps_total"] > 0
     checkpoint = newest_checkpoint(daemon.state / "checkpoints")
     assert checkpoint is not None
-    assert (checkpoint.masker_config.context_frames, checkpoint.masker_config.grid_size,
-            checkpoint.masker_config.mask_as_input) == (3, 3, True)
+    assert (
+        checkpoint.masker_config.context_frames,
+        checkpoint.masker_config.grid_size,
+        checkpoint.masker_config.mask_as_input,
+    ) == (3, 3, True)
     assert checkpoint.model_config.in_channels == 4
 
 

@@ -32,12 +32,25 @@ def test_queued_frames_are_batched_in_order_once(tmp_path):
         return Frame("s", index, data, time.time(), out)
 
     nan_frame = Frame("s", 5, np.full((16, 16), np.nan, np.float32), time.time(), out)
-    for item in [frame(0), frame(1), frame(1), frame(2), frame(4), nan_frame, frame(6),
-                 SeriesEnd("s", 7, out)]:
+    for item in [
+        frame(0),
+        frame(1),
+        frame(1),
+        frame(2),
+        frame(4),
+        nan_frame,
+        frame(6),
+        SeriesEnd("s", 7, out),
+    ]:
         frames.put(item)
-    worker = make_loop(tmp_path / "state", frames,
-                       model=build_model(ModelConfig(width=4, depth=1)),
-                       store=ModelStore(copy_state(model), 3), metrics=metrics, max_batch=4)
+    worker = make_loop(
+        tmp_path / "state",
+        frames,
+        model=build_model(ModelConfig(width=4, depth=1)),
+        store=ModelStore(copy_state(model), 3),
+        metrics=metrics,
+        max_batch=4,
+    )
     worker.start()
     worker.stop()
     with h5py.File(out, "r") as handle:
@@ -69,8 +82,13 @@ def test_worker_is_busy_while_denoising_so_training_waits(tmp_path):
     frames: queue.Queue = queue.Queue()
     metrics = Metrics(CollectorRegistry())
     out = tmp_path / "s_n2s.h5"
-    worker = make_loop(tmp_path / "state", frames, model=model,
-                       store=ModelStore(copy_state(model), 0), metrics=metrics)
+    worker = make_loop(
+        tmp_path / "state",
+        frames,
+        model=model,
+        store=ModelStore(copy_state(model), 0),
+        metrics=metrics,
+    )
     model.worker = worker
     assert not worker.busy
     worker.start()
@@ -87,8 +105,7 @@ def test_worker_is_busy_while_denoising_so_training_waits(tmp_path):
 
 
 @pytest.mark.parametrize("reload_seconds", [3600.0, 0.0])
-def test_onnxruntime_swaps_new_weights_in_without_mislabelling_a_frame(
-        tmp_path, reload_seconds):
+def test_onnxruntime_swaps_new_weights_in_without_mislabelling_a_frame(tmp_path, reload_seconds):
     """New weights are exported in the background and taken at most every
     ``onnx_reload_seconds``; each frame's recorded version is the one that made it (the
     same input gives one output per version)."""
@@ -98,11 +115,14 @@ def test_onnxruntime_swaps_new_weights_in_without_mislabelling_a_frame(
     frames: queue.Queue = queue.Queue()
     metrics = Metrics(CollectorRegistry())
     out = tmp_path / "s_n2s.h5"
-    worker = make_loop(tmp_path / "state", frames,
-                       model=build_model(ModelConfig(width=4, depth=1)), store=store,
-                       metrics=metrics,
-                       options=InferenceOptions(engine="onnxruntime",
-                                                onnx_reload_seconds=reload_seconds))
+    worker = make_loop(
+        tmp_path / "state",
+        frames,
+        model=build_model(ModelConfig(width=4, depth=1)),
+        store=store,
+        metrics=metrics,
+        options=InferenceOptions(engine="onnxruntime", onnx_reload_seconds=reload_seconds),
+    )
     data = np.random.default_rng(0).poisson(10, (16, 16)).astype(np.uint16)
     denoised = lambda: metrics.registry.get_sample_value("n2s_frames_denoised_total")  # noqa: E731
     worker.start()
@@ -126,8 +146,7 @@ def test_onnxruntime_swaps_new_weights_in_without_mislabelling_a_frame(
         made = outputs[versions == version]
         np.testing.assert_allclose(made, made[:1].repeat(len(made), 0), atol=1e-4)
     if not reload_seconds:
-        assert not np.allclose(outputs[versions == 0][0], outputs[versions == 1][0],
-                               atol=1e-3)
+        assert not np.allclose(outputs[versions == 0][0], outputs[versions == 1][0], atol=1e-3)
 
 
 def test_an_idle_series_resumes_without_counting_anything_twice(tmp_path):
@@ -137,9 +156,14 @@ def test_an_idle_series_resumes_without_counting_anything_twice(tmp_path):
     frames: queue.Queue = queue.Queue()
     metrics = Metrics(CollectorRegistry())
     out = tmp_path / "s_n2s.h5"
-    loop = make_loop(tmp_path / "state", frames, model=model, metrics=metrics,
-                     store=ModelStore(copy_state(model), 0),
-                     options=InferenceOptions(series_idle_close=0.5))
+    loop = make_loop(
+        tmp_path / "state",
+        frames,
+        model=model,
+        metrics=metrics,
+        store=ModelStore(copy_state(model), 0),
+        options=InferenceOptions(series_idle_close=0.5),
+    )
 
     def frame(index):
         return Frame("s", index, np.full((16, 16), 5 + index, np.uint16), time.time(), out)
@@ -175,8 +199,13 @@ def test_an_output_that_cannot_be_resumed_refuses_its_series_only(tmp_path):
     for index in range(3):
         for series, out in (("a", broken), ("b", good)):
             frames.put(Frame(series, index, np.full((16, 16), 9, np.uint16), time.time(), out))
-    loop = make_loop(tmp_path / "state", frames, model=model, metrics=metrics,
-                     store=ModelStore(copy_state(model), 0))
+    loop = make_loop(
+        tmp_path / "state",
+        frames,
+        model=model,
+        metrics=metrics,
+        store=ModelStore(copy_state(model), 0),
+    )
     loop.start()
     loop.stop()
     value = metrics.registry.get_sample_value

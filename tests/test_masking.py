@@ -38,8 +38,16 @@ def test_training_output_at_masked_pixels_ignores_their_input(mode, mask_as_inpu
     """d output[J] / d input[J] == 0 for the hidden set J: the loss cannot learn identity."""
     torch.manual_seed(0)
     masker = Masker(MaskerConfig(grid_size=4, mode=mode, mask_as_input=mask_as_input))
-    model = build_model(ModelConfig(name=name, in_channels=1 + masker.extra_channels,
-                                    width=8, depth=2, layers=4, residual=True)).double()
+    model = build_model(
+        ModelConfig(
+            name=name,
+            in_channels=1 + masker.extra_channels,
+            width=8,
+            depth=2,
+            layers=4,
+            residual=True,
+        )
+    ).double()
     x = torch.randn(2, 1, 16, 16, dtype=torch.float64, requires_grad=True)
     for phase in (0, 7, torch.tensor([3, 12])):
         net_input, mask = masker.mask(x, phase)

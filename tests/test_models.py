@@ -8,10 +8,15 @@ import torch
 from n2s_stream.models import ModelConfig, build_model, count_parameters
 
 
-@pytest.mark.parametrize("config", [
-    ModelConfig(width=8, depth=3), ModelConfig(width=8, depth=0),
-    ModelConfig(name="dncnn", width=8, layers=5), ModelConfig(in_channels=2, width=8, depth=2),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(width=8, depth=3),
+        ModelConfig(width=8, depth=0),
+        ModelConfig(name="dncnn", width=8, layers=5),
+        ModelConfig(in_channels=2, width=8, depth=2),
+    ],
+)
 @pytest.mark.parametrize("shape", [(16, 16), (37, 50), (8, 9)])
 def test_output_shape_matches_input(config, shape):
     model = build_model(config)

@@ -19,17 +19,25 @@ FRAME = np.random.default_rng(0).poisson(30, (24, 40)).astype(np.uint16)  # (H, 
 USHORT = 6  # pvData ScalarType of uint16
 
 
-def _value(frame=FRAME, codec="", payload=None, parameters=USHORT, unique_id=7,
-           uncompressed=None, colour_mode=None):
+def _value(
+    frame=FRAME,
+    codec="",
+    payload=None,
+    parameters=USHORT,
+    unique_id=7,
+    uncompressed=None,
+    colour_mode=None,
+):
     """An NTNDArray as NDPluginPva sends it: dimension[0] is x."""
     value = NTNDArray().wrap(frame)
     value["uniqueId"] = unique_id
     value["dataTimeStamp.secondsPastEpoch"] = 1_700_000_000
     value["dataTimeStamp.nanoseconds"] = 500_000_000
-    value["attribute"] = [{"name": "Exposure", "value": 0.25},
-                          {"name": "Label", "value": "not a number"},
-                          *([{"name": "ColorMode", "value": colour_mode}]
-                            if colour_mode is not None else [])]
+    value["attribute"] = [
+        {"name": "Exposure", "value": 0.25},
+        {"name": "Label", "value": "not a number"},
+        *([{"name": "ColorMode", "value": colour_mode}] if colour_mode is not None else []),
+    ]
     if codec:
         value["value"] = ("ubyteValue", np.frombuffer(payload, dtype=np.uint8))
         value["codec.name"] = codec
@@ -50,14 +58,18 @@ def _bitshuffle_plain(frame):
     return bitshuffle.compress_lz4(frame, 0).tobytes()
 
 
-@pytest.mark.parametrize("codec, payload", [
-    ("", None),
-    ("lz4", lz4.block.compress(FRAME.tobytes(), store_size=False)),
-    ("bslz4", bslz4_encode(FRAME)),  # with the HDF5-filter header
-    ("bslz4", None),  # without it (filled below)
-    ("zlib", zlib.compress(FRAME.tobytes())),
-    ("blosc", None),
-], ids=["none", "lz4", "bslz4-header", "bslz4-plain", "zlib", "blosc"])
+@pytest.mark.parametrize(
+    "codec, payload",
+    [
+        ("", None),
+        ("lz4", lz4.block.compress(FRAME.tobytes(), store_size=False)),
+        ("bslz4", bslz4_encode(FRAME)),  # with the HDF5-filter header
+        ("bslz4", None),  # without it (filled below)
+        ("zlib", zlib.compress(FRAME.tobytes())),
+        ("blosc", None),
+    ],
+    ids=["none", "lz4", "bslz4-header", "bslz4-plain", "zlib", "blosc"],
+)
 def test_every_codec_gives_the_frame_back(codec, payload, request):
     if request.node.callspec.id == "bslz4-plain":
         payload = _bitshuffle_plain(FRAME)
@@ -70,17 +82,20 @@ def test_every_codec_gives_the_frame_back(codec, payload, request):
     assert frame.attributes == {"Exposure": 0.25, "Label": "not a number"}
 
 
-@pytest.mark.parametrize("kwargs, reason", [
-    ({"codec": "jpeg", "payload": b"\xff\xd8\xff"}, "lossy_codec"),
-    ({"codec": "lz5", "payload": b"x"}, "unknown_encoding"),
-    ({"codec": "lz4", "payload": b"\x00" * 10, "uncompressed": 10**9}, "size_mismatch"),
-    ({"codec": "lz4", "payload": b"\x00" * 10, "parameters": 42}, "dtype"),
-    ({"codec": "zlib", "payload": b"not zlib"}, "corrupt"),
-    ({"frame": np.zeros((8, 8, 3), np.uint8)}, "color"),
-    ({"colour_mode": 1}, "color"),  # Bayer: 2-D, but not monochrome
-    ({"frame": np.zeros(16, np.uint16)}, "rank"),
-], ids=["jpeg", "unknown", "declared-size", "type-code", "corrupt", "colour", "bayer",
-        "rank"])
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"codec": "jpeg", "payload": b"\xff\xd8\xff"}, "lossy_codec"),
+        ({"codec": "lz5", "payload": b"x"}, "unknown_encoding"),
+        ({"codec": "lz4", "payload": b"\x00" * 10, "uncompressed": 10**9}, "size_mismatch"),
+        ({"codec": "lz4", "payload": b"\x00" * 10, "parameters": 42}, "dtype"),
+        ({"codec": "zlib", "payload": b"not zlib"}, "corrupt"),
+        ({"frame": np.zeros((8, 8, 3), np.uint8)}, "color"),
+        ({"colour_mode": 1}, "color"),  # Bayer: 2-D, but not monochrome
+        ({"frame": np.zeros(16, np.uint16)}, "rank"),
+    ],
+    ids=["jpeg", "unknown", "declared-size", "type-code", "corrupt", "colour", "bayer", "rank"],
+)
 def test_what_cannot_be_denoised_is_refused_with_its_reason(kwargs, reason):
     with pytest.raises(MessageError) as caught:
         decode(_value(**kwargs))
@@ -101,11 +116,20 @@ def test_encode_is_what_decode_reads(codec):
     if codec == "blosc":
         pytest.importorskip("blosc")
     for frame in (FRAME, FRAME.astype(np.float32) / 7):
-        value = encode(frame, 12, timestamp=1_700_000_000.25, codec=codec,
-                       attributes={"Exposure": 0.5, "N2SModelVersion": 3, "Sample": "Si"})
+        value = encode(
+            frame,
+            12,
+            timestamp=1_700_000_000.25,
+            codec=codec,
+            attributes={"Exposure": 0.5, "N2SModelVersion": 3, "Sample": "Si"},
+        )
         got = decode(value)
         assert got.data.dtype == frame.dtype
         np.testing.assert_array_equal(got.data, frame)
         assert got.unique_id == 12 and got.timestamp == pytest.approx(1_700_000_000.25)
-        assert got.attributes == {"ColorMode": 0, "Exposure": 0.5, "N2SModelVersion": 3,
-                                  "Sample": "Si"}
+        assert got.attributes == {
+            "ColorMode": 0,
+            "Exposure": 0.5,
+            "N2SModelVersion": 3,
+            "Sample": "Si",
+        }

@@ -29,8 +29,18 @@ def trained(noisy_series, tmp_path_factory):
     """A tiny UNet trained for a few seconds on the shared noisy series."""
     path, _, _ = noisy_series
     out_dir = tmp_path_factory.mktemp("runs")
-    result = train(make(TrainConfig, h5=path, epochs=6, steps_per_epoch=40, val_frac=0.15,
-                               save_best=True, out_dir=out_dir, **TINY))
+    result = train(
+        make(
+            TrainConfig,
+            h5=path,
+            epochs=6,
+            steps_per_epoch=40,
+            val_frac=0.15,
+            save_best=True,
+            out_dir=out_dir,
+            **TINY,
+        )
+    )
     return result
 
 
@@ -46,14 +56,25 @@ def test_training_writes_checkpoints_and_reports_losses(trained):
 @pytest.mark.parametrize("jinv", [False, True])
 def test_denoising_raises_psnr(noisy_series, trained, tmp_path, jinv):
     path, clean, dose = noisy_series
-    result = denoise(DenoiseConfig(h5=path, ckpt=trained.best, out=tmp_path / "o.h5",
-                                   device="cpu", batch=5, jinv=jinv, progress=False))
+    result = denoise(
+        DenoiseConfig(
+            h5=path,
+            ckpt=trained.best,
+            out=tmp_path / "o.h5",
+            device="cpu",
+            batch=5,
+            jinv=jinv,
+            progress=False,
+        )
+    )
     with h5py.File(path) as handle:
         noisy = handle["/data"][()].astype(np.float32)
     with h5py.File(result.out) as handle:
         denoised = handle["/entry/data/data"][()]
-        provenance = {k: handle[f"/entry/provenance/{k}"][()] for k in
-                      ("source_frame", "model_version", "t_received", "t_written")}
+        provenance = {
+            k: handle[f"/entry/provenance/{k}"][()]
+            for k in ("source_frame", "model_version", "t_received", "t_written")
+        }
         assert handle["/entry/process/program"][()] == b"n2s-stream"
         assert b"jinv = " in handle["/entry/process/config"][()]
         assert handle["/entry/data/data"].chunks == (1, 64, 64)
@@ -74,10 +95,28 @@ def test_require_reconstructable_round_trips_counts(tmp_path):
     frames = rng.poisson(20, size=(8, 32, 32)).astype(np.uint16)
     frames[:, 3, 4] = np.iinfo(np.uint16).max  # a dead pixel: kept as is
     src = write_stack(tmp_path / "flat.h5", frames, "/entry/data/data")
-    result = train(make(TrainConfig, h5=src, epochs=4, steps_per_epoch=30, normalize="none",
-                               no_scale_integers=True, out_dir=tmp_path / "r", **TINY))
-    out = denoise(DenoiseConfig(h5=src, ckpt=result.last, out=tmp_path / "den",
-                                device="cpu", require_reconstructable=True, progress=False))
+    result = train(
+        make(
+            TrainConfig,
+            h5=src,
+            epochs=4,
+            steps_per_epoch=30,
+            normalize="none",
+            no_scale_integers=True,
+            out_dir=tmp_path / "r",
+            **TINY,
+        )
+    )
+    out = denoise(
+        DenoiseConfig(
+            h5=src,
+            ckpt=result.last,
+            out=tmp_path / "den",
+            device="cpu",
+            require_reconstructable=True,
+            progress=False,
+        )
+    )
     assert out.out == tmp_path / "den" / "flat_n2s.h5"
     with h5py.File(out.out) as handle:
         denoised = handle["/entry/data/data"][()]
@@ -91,20 +130,40 @@ def test_require_reconstructable_round_trips_counts(tmp_path):
 def test_require_reconstructable_refuses_inexact_checkpoint(trained, noisy_series, tmp_path):
     path, _, _ = noisy_series
     with pytest.raises(CheckpointError, match=r"inverts exactly.*--normalize none"):
-        denoise(DenoiseConfig(h5=path, ckpt=trained.last, out=tmp_path / "x.h5",
-                              require_reconstructable=True, device="cpu", progress=False))
+        denoise(
+            DenoiseConfig(
+                h5=path,
+                ckpt=trained.last,
+                out=tmp_path / "x.h5",
+                require_reconstructable=True,
+                device="cpu",
+                progress=False,
+            )
+        )
 
 
 def test_neighbor2neighbor_training_raises_psnr(noisy_series, tmp_path):
     """The other objective, same data and steps as `trained`: single-pass denoising of a
     network without a blind spot gains as much."""
     path, clean, dose = noisy_series
-    result = train(make(TrainConfig, h5=path, epochs=6, steps_per_epoch=40,
-                        objective="neighbor2neighbor", out_dir=tmp_path / "r", **TINY))
+    result = train(
+        make(
+            TrainConfig,
+            h5=path,
+            epochs=6,
+            steps_per_epoch=40,
+            objective="neighbor2neighbor",
+            out_dir=tmp_path / "r",
+            **TINY,
+        )
+    )
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
     assert 'objective = "neighbor2neighbor"' in load_checkpoint(result.last).extra["config"]
-    out = denoise(DenoiseConfig(h5=path, ckpt=result.last, out=tmp_path / "o.h5",
-                                device="cpu", batch=5, progress=False))
+    out = denoise(
+        DenoiseConfig(
+            h5=path, ckpt=result.last, out=tmp_path / "o.h5", device="cpu", batch=5, progress=False
+        )
+    )
     with h5py.File(path) as handle:
         noisy = handle["/data"][()].astype(np.float32)
     with h5py.File(out.out) as handle:
@@ -124,18 +183,35 @@ def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplo
     common = dict(h5=path, epochs=1, steps_per_epoch=5, device="cpu", progress=False)
     gains = {}
     for pretrained in (True, False):
-        result = train(make(TrainConfig, pretrained=pretrained, out_dir=tmp_path / str(pretrained),
-                            **common))
-        out = denoise(DenoiseConfig(h5=path, ckpt=result.last, out=tmp_path / f"{pretrained}.h5",
-                                    device="cpu", progress=False))
+        result = train(
+            make(TrainConfig, pretrained=pretrained, out_dir=tmp_path / str(pretrained), **common)
+        )
+        out = denoise(
+            DenoiseConfig(
+                h5=path,
+                ckpt=result.last,
+                out=tmp_path / f"{pretrained}.h5",
+                device="cpu",
+                progress=False,
+            )
+        )
         with h5py.File(out.out) as handle:
             gains[pretrained] = psnr(clean, handle["/entry/data/data"][()], dose) - psnr(
-                clean, noisy, dose)
+                clean, noisy, dose
+            )
     assert f"starting from the shipped pretrained model {DEFAULT}" in caplog.text
     assert gains[True] > 5.0 and gains[True] > gains[False] + 3.0, gains
     # from the shipped model the peak learning rate is pretrained_lr, not lr
-    unchanged = train(make(TrainConfig, pretrained=True, pretrained_lr=0.0, lr=3e-3,
-                           out_dir=tmp_path / "lr0", **common))
+    unchanged = train(
+        make(
+            TrainConfig,
+            pretrained=True,
+            pretrained_lr=0.0,
+            lr=3e-3,
+            out_dir=tmp_path / "lr0",
+            **common,
+        )
+    )
     weights, shipped = load_checkpoint(unchanged.last), load_checkpoint(DEFAULT)
     assert all(torch.equal(weights.state_dict[k], v) for k, v in shipped.state_dict.items())
     train(make(TrainConfig, pretrained=True, out_dir=tmp_path / "w12", **{**common, **TINY}))
@@ -149,8 +225,17 @@ def test_a_diverging_step_is_rolled_back(noisy_series, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     path, _, _ = noisy_series
     for steps in (20, 21):  # epochs ending on a rolled-back step and on a kept one
-        result = train(make(TrainConfig, h5=path, epochs=3, steps_per_epoch=steps, lr=50.0,
-                            out_dir=tmp_path / str(steps), **TINY))
+        result = train(
+            make(
+                TrainConfig,
+                h5=path,
+                epochs=3,
+                steps_per_epoch=steps,
+                lr=50.0,
+                out_dir=tmp_path / str(steps),
+                **TINY,
+            )
+        )
         assert result.rollbacks > 0 and len(result.epochs) == 3
         weights = load_checkpoint(result.last).state_dict
         assert all(torch.isfinite(w).all() for w in weights.values())
@@ -160,31 +245,79 @@ def test_a_diverging_step_is_rolled_back(noisy_series, tmp_path, caplog):
 
 def test_early_stopping_and_max_seconds(noisy_series, tmp_path):
     path, _, _ = noisy_series
-    stopped = train(make(TrainConfig, h5=path, epochs=50, steps_per_epoch=5, val_frac=0.2,
-                                early_stop_patience=1, early_stop_min_delta=10.0,
-                                out_dir=tmp_path / "a", **TINY))
+    stopped = train(
+        make(
+            TrainConfig,
+            h5=path,
+            epochs=50,
+            steps_per_epoch=5,
+            val_frac=0.2,
+            early_stop_patience=1,
+            early_stop_min_delta=10.0,
+            out_dir=tmp_path / "a",
+            **TINY,
+        )
+    )
     assert stopped.stopped_early and len(stopped.epochs) == 2
-    timed = train(make(TrainConfig, h5=path, epochs=1000, steps_per_epoch=5, max_seconds=2.0,
-                              out_dir=tmp_path / "b", **TINY))
+    timed = train(
+        make(
+            TrainConfig,
+            h5=path,
+            epochs=1000,
+            steps_per_epoch=5,
+            max_seconds=2.0,
+            out_dir=tmp_path / "b",
+            **TINY,
+        )
+    )
     assert len(timed.epochs) < 1000 and timed.epochs[-1].elapsed < 10
 
 
 def test_full_frame_and_dncnn_and_mask_channel(noisy_series, tmp_path):
     path, _, _ = noisy_series
-    config = make(TrainConfig, h5=path, epochs=1, steps_per_epoch=3, patch=0, batch=2,
-                         model="dncnn", layers=4, mask_as_input=True,
-                         out_dir=tmp_path / "r", device="cpu", width=8, progress=False)
+    config = make(
+        TrainConfig,
+        h5=path,
+        epochs=1,
+        steps_per_epoch=3,
+        patch=0,
+        batch=2,
+        model="dncnn",
+        layers=4,
+        mask_as_input=True,
+        out_dir=tmp_path / "r",
+        device="cpu",
+        width=8,
+        progress=False,
+    )
     result = train(config)
-    out = denoise(DenoiseConfig(h5=path, ckpt=result.last, out=tmp_path / "o.h5",
-                                device="cpu", jinv=True, progress=False))
+    out = denoise(
+        DenoiseConfig(
+            h5=path,
+            ckpt=result.last,
+            out=tmp_path / "o.h5",
+            device="cpu",
+            jinv=True,
+            progress=False,
+        )
+    )
     assert out.n_frames == 24
 
 
 def test_resume_from_other_architecture_is_refused(trained, noisy_series, tmp_path):
     path, _, _ = noisy_series
     with pytest.raises(CheckpointError, match="checkpoint is for model"):
-        train(make(TrainConfig, h5=path, ckpt=trained.last, epochs=1, steps_per_epoch=1,
-                          out_dir=tmp_path, **{**TINY, "width": 16}))
+        train(
+            make(
+                TrainConfig,
+                h5=path,
+                ckpt=trained.last,
+                epochs=1,
+                steps_per_epoch=1,
+                out_dir=tmp_path,
+                **{**TINY, "width": 16},
+            )
+        )
 
 
 def test_output_naming():
@@ -205,11 +338,16 @@ def test_output_is_readable_with_swmr_while_open(tmp_path):
     path = tmp_path / "live.h5"
     with FrameWriter(path, frame_shape=(4, 4)) as writer:
         for k in range(3):
-            writer.append(np.full((1, 4, 4), k, np.float32), source_frames=[k],
-                          model_version=1, t_received=0.0)
+            writer.append(
+                np.full((1, 4, 4), k, np.float32),
+                source_frames=[k],
+                model_version=1,
+                t_received=0.0,
+            )
         queue = multiprocessing.get_context("spawn").Queue()
         reader = multiprocessing.get_context("spawn").Process(
-            target=_swmr_reader, args=(str(path), queue))
+            target=_swmr_reader, args=(str(path), queue)
+        )
         reader.start()
         seen = queue.get(timeout=60)
         reader.join(timeout=30)
@@ -221,9 +359,18 @@ def test_denoise_on_onnxruntime_writes_what_torch_writes(noisy_series, trained, 
     path, _, _ = noisy_series
     outputs = {}
     for engine in ("torch", "onnxruntime"):
-        result = denoise(DenoiseConfig(h5=path, ckpt=trained.best, out=tmp_path / f"{engine}.h5",
-                                       device="cpu", batch=5, engine=engine, progress=False,
-                                       storage=StorageOptions("float32", "none")))
+        result = denoise(
+            DenoiseConfig(
+                h5=path,
+                ckpt=trained.best,
+                out=tmp_path / f"{engine}.h5",
+                device="cpu",
+                batch=5,
+                engine=engine,
+                progress=False,
+                storage=StorageOptions("float32", "none"),
+            )
+        )
         with h5py.File(result.out) as handle:
             outputs[engine] = handle["/entry/data/data"][()]
             assert b'engine = "' + engine.encode() in handle["/entry/process/config"][()]

@@ -19,8 +19,9 @@ pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
 @pytest.mark.parametrize(("shape", "channels"), [((32, 32), 1), ((30, 37), 1), ((24, 40), 3)])
 def test_matches_the_torch_model_and_follows_new_weights(shape, channels, graphs):
     model = build_model(ModelConfig(in_channels=channels, width=8, depth=2)).eval()
-    engine = OnnxRuntimeModel(model, threads=1,
-                              fixed_shape_max_pixels=10**6 if graphs == "fixed shape" else 0)
+    engine = OnnxRuntimeModel(
+        model, threads=1, fixed_shape_max_pixels=10**6 if graphs == "fixed shape" else 0
+    )
     x = torch.randn(2, channels, *shape)
     with torch.inference_mode():
         expected = model(x)

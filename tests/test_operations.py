@@ -26,8 +26,22 @@ def test_a_tee_nobody_reads_never_stalls_the_daemon(tmp_path):
     tee = f"tcp://127.0.0.1:{free_port()}"
     daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-tee", tee, "--no-cold-start")
     daemon.wait_ready()
-    detector = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "60",
-                                 "--shape", "32x32", "--rate", "60", "--log-level", "WARNING"])
+    detector = subprocess.Popen(
+        [
+            *N2S,
+            "simulate",
+            "--zmq-bind",
+            endpoint,
+            "--frames",
+            "60",
+            "--shape",
+            "32x32",
+            "--rate",
+            "60",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     STARTED.append(detector)
     daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(60 frames\\)", timeout=90)
     assert detector.wait(timeout=60) == 0
@@ -58,9 +72,18 @@ def running_daemon(tmp_path):
     """A real daemon in this process (so a test can break one of its workers), following a
     directory that a detector process fills."""
     (tmp_path / "acq").mkdir()
-    config = make(DaemonConfig, watch=tmp_path / "acq", out=tmp_path / "out",
-                  state_dir=tmp_path / "state", device="cpu", metrics_port=0, threads=1,
-                  cold_start=False, publish_every=5, settle_seconds=2)
+    config = make(
+        DaemonConfig,
+        watch=tmp_path / "acq",
+        out=tmp_path / "out",
+        state_dir=tmp_path / "state",
+        device="cpu",
+        metrics_port=0,
+        threads=1,
+        cold_start=False,
+        publish_every=5,
+        settle_seconds=2,
+    )
     daemon = Daemon(config, registry=CollectorRegistry())
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(daemon.run()))
@@ -87,8 +110,9 @@ def test_a_trainer_that_raises_is_visible_and_inference_goes_on(running_daemon, 
     assert value("n2s_worker_up", {"worker": "inference"}) == 1
     assert value("n2s_worker_up", {"worker": "source"}) == 1
     port = stages.server.port
-    _wait(lambda: "STOPPED" in json.loads(_get(port, "/status.json"))["state"]["training"],
-          seconds=10)
+    _wait(
+        lambda: "STOPPED" in json.loads(_get(port, "/status.json"))["state"]["training"], seconds=10
+    )
     state = json.loads(_get(port, "/status.json"))["state"]
     assert "simulated trainer bug" in state["training"]
     assert 'n2s_worker_up{worker="trainer"} 0.0' in _get(port, "/metrics")
@@ -158,8 +182,22 @@ def _stalled_detector(tmp_path):
 def _vanished_feed(tmp_path):
     """A ZeroMQ detector killed mid-series: the daemon's socket waits for a peer."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    detector = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "400",
-                                 "--shape", "32x32", "--rate", "40", "--log-level", "WARNING"])
+    detector = subprocess.Popen(
+        [
+            *N2S,
+            "simulate",
+            "--zmq-bind",
+            endpoint,
+            "--frames",
+            "400",
+            "--shape",
+            "32x32",
+            "--rate",
+            "40",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     STARTED.append(detector)
     daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--no-cold-start")
     daemon.wait_ready()
@@ -212,8 +250,16 @@ def _slow_viewers(tmp_path):
 def _onnx_export_running(tmp_path):
     """ONNX Runtime engine re-exporting new weights all the time while frames flow."""
     pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
-    daemon = DaemonProcess(tmp_path, "--no-cold-start", "--engine", "onnxruntime",
-                           "--onnx-reload-seconds", "0", "--publish-every", "1")
+    daemon = DaemonProcess(
+        tmp_path,
+        "--no-cold-start",
+        "--engine",
+        "onnxruntime",
+        "--onnx-reload-seconds",
+        "0",
+        "--publish-every",
+        "1",
+    )
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=400, rate=40, shape="128x128")
     _wait(lambda: daemon.scrape().get("n2s_model_version", 0) >= 3, seconds=120)
@@ -224,10 +270,22 @@ SLOW = pytest.mark.slow  # a minute or two each on 2 cores: make test-slow
 
 
 @pytest.mark.parametrize(
-    "state", [_stalled_detector, _vanished_feed, pytest.param(_training_mid_step, marks=SLOW),
-              _slow_viewers, pytest.param(_onnx_export_running, marks=SLOW)],
-    ids=["detector stalled mid-file", "feed vanished", "training mid-step", "slow viewers",
-         "ONNX export running"])
+    "state",
+    [
+        _stalled_detector,
+        _vanished_feed,
+        pytest.param(_training_mid_step, marks=SLOW),
+        _slow_viewers,
+        pytest.param(_onnx_export_running, marks=SLOW),
+    ],
+    ids=[
+        "detector stalled mid-file",
+        "feed vanished",
+        "training mid-step",
+        "slow viewers",
+        "ONNX export running",
+    ],
+)
 def test_sigterm_stops_promptly_in_each_state(tmp_path, state):
     daemon, other = state(tmp_path)
     started = time.monotonic()
@@ -259,9 +317,19 @@ def test_a_hung_inference_thread_counts_as_dead(tmp_path):
     """Alive but stuck: after stall_seconds without progress the inference worker is down,
     the watchdog stops, and the daemon stops itself (status 1) within its stop bound."""
     (tmp_path / "acq").mkdir()
-    config = make(DaemonConfig, watch=tmp_path / "acq", out=tmp_path / "out",
-                  state_dir=tmp_path / "state", device="cpu", metrics_port=0, threads=1,
-                  cold_start=False, settle_seconds=2, stall_seconds=2, stop_timeout=2)
+    config = make(
+        DaemonConfig,
+        watch=tmp_path / "acq",
+        out=tmp_path / "out",
+        state_dir=tmp_path / "state",
+        device="cpu",
+        metrics_port=0,
+        threads=1,
+        cold_start=False,
+        settle_seconds=2,
+        stall_seconds=2,
+        stop_timeout=2,
+    )
     daemon = Daemon(config, registry=CollectorRegistry())
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(daemon.run()))

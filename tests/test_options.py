@@ -132,8 +132,19 @@ def test_help_lists_every_option_once_without_double_negatives():
 def test_flat_names_are_unique_and_the_toml_keys_of_earlier_versions():
     names = [o.name for o in options_of(DaemonConfig)]
     assert len(names) == len(set(names))
-    for kept in ("watch", "zmq", "zmq_protocol", "zmq_tee", "shared_feed", "state_dir",
-                 "metrics_port", "no_scale_integers", "queue_size", "drop_when_full", "ckpt"):
+    for kept in (
+        "watch",
+        "zmq",
+        "zmq_protocol",
+        "zmq_tee",
+        "shared_feed",
+        "state_dir",
+        "metrics_port",
+        "no_scale_integers",
+        "queue_size",
+        "drop_when_full",
+        "ckpt",
+    ):
         assert kept in names
 
 
@@ -147,27 +158,39 @@ def test_bounds_and_choices_are_refused_with_source_and_name():
     for command in (DaemonConfig, TrainConfig):  # a mask channel with nothing hidden
         with pytest.raises(UsageError, match="neighbor2neighbor hides no pixels"):
             build(command, [("cli", {"objective": "neighbor2neighbor", "mask_as_input": True})])
-    config = build(DaemonConfig, [("a", {"zmq": "tcp://h:1", "queue_size": 8}),
-                                  ("b", {"queue_size": 9})])  # later layers win
+    config = build(
+        DaemonConfig, [("a", {"zmq": "tcp://h:1", "queue_size": 8}), ("b", {"queue_size": 9})]
+    )  # later layers win
     assert config.zmq.endpoint == "tcp://h:1" and config.inference.queue_size == 9
     assert dict(values(config))  # every option has a value
 
 
 def test_unknown_environment_variable_is_refused():
-    assert unknown_env(TABLES, {"N2S_WATCH": "/a", "N2S_TRAIN_EPOCHS": "3",
-                                "N2S_WATHC": "/a", "OTHER": "1"}) == ["N2S_WATHC"]
+    assert unknown_env(
+        TABLES, {"N2S_WATCH": "/a", "N2S_TRAIN_EPOCHS": "3", "N2S_WATHC": "/a", "OTHER": "1"}
+    ) == ["N2S_WATHC"]
     env = {**os.environ, "N2S_METRICS_PROT": "9000"}
-    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "check-config", "--template"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "n2s_stream", "check-config", "--template"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "n2s-stream check-config: error: environment: unknown variable N2S_METRICS_PROT (no "
-        "such option; N2S_<OPTION> for the daemon, N2S_<COMMAND>_<OPTION> for a command)"]
+        "such option; N2S_<OPTION> for the daemon, N2S_<COMMAND>_<OPTION> for a command)"
+    ]
 
 
 def test_a_subcommand_error_prints_that_subcommands_usage():
-    proc = subprocess.run([sys.executable, "-m", "n2s_stream", "denoise", "--colour", "red"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "n2s_stream", "denoise", "--colour", "red"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("usage: n2s-stream denoise")
     assert "--watch" not in proc.stderr  # not the daemon's whole usage

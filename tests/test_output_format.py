@@ -35,15 +35,23 @@ def _denoised_like(shape=(96, 80), mean=3.0, seed=0) -> np.ndarray:
 
 
 def _write(path, frames, form, **kwargs) -> None:
-    with FrameWriter(path, frame_shape=frames.shape[1:], output_format=form,
-                     mean_count=3.0, **kwargs) as writer:
-        writer.append(frames, source_frames=np.arange(len(frames)), model_version=2,
-                      t_received=0.0)
+    with FrameWriter(
+        path, frame_shape=frames.shape[1:], output_format=form, mean_count=3.0, **kwargs
+    ) as writer:
+        writer.append(frames, source_frames=np.arange(len(frames)), model_version=2, t_received=0.0)
 
 
-@pytest.mark.parametrize("dtype,compression", [
-    ("float32", "none"), ("float32", "bslz4"), ("float32", "zstd"),
-    ("float16", "none"), ("float16", "bslz4"), ("float16", "zstd")])
+@pytest.mark.parametrize(
+    "dtype,compression",
+    [
+        ("float32", "none"),
+        ("float32", "bslz4"),
+        ("float32", "zstd"),
+        ("float16", "none"),
+        ("float16", "bslz4"),
+        ("float16", "zstd"),
+    ],
+)
 def test_lossless_formats_read_back_exactly_in_a_plain_reader(tmp_path, dtype, compression):
     frames = np.stack([_denoised_like(seed=k) for k in range(3)])
     frames[0, 0, 0] = 70000.0  # beyond float16's range
@@ -124,17 +132,23 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_frames_flushed_by_time_and_a_kill_keeps_whole_frames_only(tmp_path):
     path = tmp_path / "out.h5"
-    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr
     assert proc.stdout.split() == ["9", "5"]
     # the restart's writer: cut back to the whole frames, continued after them
-    with FrameWriter(path, frame_shape=(16, 16), resume=True,
-                     output_format=OutputFormat("float32", "none")) as writer:
+    with FrameWriter(
+        path, frame_shape=(16, 16), resume=True, output_format=OutputFormat("float32", "none")
+    ) as writer:
         assert writer.n_written == 5 and writer.last_source_frame == 4
         assert writer.format == OutputFormat("float16", "bslz4")  # as it was begun
-        writer.append(np.full((1, 16, 16), 5, np.float32), source_frames=[5],
-                      model_version=1, t_received=0.0)
+        writer.append(
+            np.full((1, 16, 16), 5, np.float32), source_frames=[5], model_version=1, t_received=0.0
+        )
     frames, provenance = read_output(path)
     assert np.array_equal(provenance["source_frame"], np.arange(6))
     assert np.array_equal(frames[:, 0, 0], np.arange(6))
@@ -142,22 +156,31 @@ def test_frames_flushed_by_time_and_a_kill_keeps_whole_frames_only(tmp_path):
 
 def test_a_swmr_reader_sees_frames_once_flushed(tmp_path):
     path = tmp_path / "out.h5"
-    reader = ("import h5py, sys\n"
-              "with h5py.File(sys.argv[1], 'r', swmr=True) as f:\n"
-              "    print(f['/entry/provenance/source_frame'].shape[0])\n")
+    reader = (
+        "import h5py, sys\n"
+        "with h5py.File(sys.argv[1], 'r', swmr=True) as f:\n"
+        "    print(f['/entry/provenance/source_frame'].shape[0])\n"
+    )
 
     def visible() -> int:
-        out = subprocess.run([sys.executable, "-c", reader, str(path)], capture_output=True,
-                             text=True, timeout=60, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", reader, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         return int(out.stdout)
 
     writer = FrameWriter(path, frame_shape=(8, 8), flush_seconds=3600)
     try:
-        writer.append(np.ones((1, 8, 8), np.float32), source_frames=[0], model_version=0,
-                      t_received=0.0)
+        writer.append(
+            np.ones((1, 8, 8), np.float32), source_frames=[0], model_version=0, t_received=0.0
+        )
         assert visible() == 1  # the first frame after a quiet spell: flushed at once
-        writer.append(np.ones((2, 8, 8), np.float32), source_frames=[1, 2],
-                      model_version=0, t_received=0.0)
+        writer.append(
+            np.ones((2, 8, 8), np.float32), source_frames=[1, 2], model_version=0, t_received=0.0
+        )
         assert writer.n_written == 3 and writer.n_flushed == 1 and visible() == 1
         writer.flush_seconds = 0.0
         writer.flush_if_due()
@@ -168,9 +191,13 @@ def test_a_swmr_reader_sees_frames_once_flushed(tmp_path):
 
 def _bslz4_file(path, frames, **options):
     with h5py.File(path, "w") as file:
-        ds = file.create_dataset("/entry/data/data", shape=frames.shape,
-                                 chunks=(1, *frames.shape[1:]), dtype=frames.dtype,
-                                 **options)
+        ds = file.create_dataset(
+            "/entry/data/data",
+            shape=frames.shape,
+            chunks=(1, *frames.shape[1:]),
+            dtype=frames.dtype,
+            **options,
+        )
         for k, frame in enumerate(frames):
             if options:
                 ds[k] = frame
@@ -178,8 +205,9 @@ def _bslz4_file(path, frames, **options):
                 ds.id.write_direct_chunk((k, 0, 0), frame.tobytes())
 
 
-@pytest.mark.parametrize("options", [
-    {}, dict(hdf5plugin.Bitshuffle(cname="lz4")), {"compression": "gzip"}])
+@pytest.mark.parametrize(
+    "options", [{}, dict(hdf5plugin.Bitshuffle(cname="lz4")), {"compression": "gzip"}]
+)
 def test_whole_chunks_decoded_in_a_pool_equal_what_h5py_reads(tmp_path, options):
     rng = np.random.default_rng(3)
     frames = rng.poisson(2.0, (7, 40, 36)).astype(np.uint16)
@@ -196,8 +224,13 @@ def test_a_chunk_that_does_not_decode_is_a_read_error_naming_the_file(tmp_path):
     frames = np.ones((2, 32, 32), np.uint16)
     path = tmp_path / "in.h5"
     with h5py.File(path, "w") as file:
-        ds = file.create_dataset("/entry/data/data", shape=frames.shape, chunks=(1, 32, 32),
-                                 dtype="u2", **hdf5plugin.Bitshuffle(cname="lz4"))
+        ds = file.create_dataset(
+            "/entry/data/data",
+            shape=frames.shape,
+            chunks=(1, 32, 32),
+            dtype="u2",
+            **hdf5plugin.Bitshuffle(cname="lz4"),
+        )
         ds.id.write_direct_chunk((0, 0, 0), bslz4_encode(frames[0]))
         ds.id.write_direct_chunk((1, 0, 0), bslz4_encode(frames[1])[:20])  # cut short
     with open_stack(path) as stack:
@@ -218,8 +251,7 @@ def test_one_pass_normalisation_equals_fill_then_forward(dtype):
     assert np.array_equal(normalize_frame(data, valid, normalizer), expected)
     assert np.array_equal(data, before)  # the source frame is left as it came
     image = expected.copy()
-    assert np.array_equal(normalizer.inverse(image), expected * np.float32(1.4)
-                          + np.float32(2.0))
+    assert np.array_equal(normalizer.inverse(image), expected * np.float32(1.4) + np.float32(2.0))
     assert np.array_equal(image, expected)
 
 
@@ -227,11 +259,25 @@ def test_passthrough_daemon_writes_the_frames_as_they_came_in_float16_bslz4(tmp_
     rng = np.random.default_rng(5)
     frames = rng.poisson(3.0, (12, 40, 48)).astype(np.uint16)
     frames[:, :, 20] = 65535  # a module gap, as an Eiger marks it
-    daemon = DaemonProcess(tmp_path, "--engine", "passthrough", "--output-dtype", "float16",
-                           "--output-compression", "bslz4", "--flush-seconds", "0.5")
+    daemon = DaemonProcess(
+        tmp_path,
+        "--engine",
+        "passthrough",
+        "--output-dtype",
+        "float16",
+        "--output-compression",
+        "bslz4",
+        "--flush-seconds",
+        "0.5",
+    )
     daemon.wait_ready()
-    write_stack(daemon.watch / "scan_0001.h5", frames, dataset="/entry/data/data",
-                chunks=(1, 40, 48), **hdf5plugin.Bitshuffle(cname="lz4"))
+    write_stack(
+        daemon.watch / "scan_0001.h5",
+        frames,
+        dataset="/entry/data/data",
+        chunks=(1, 40, 48),
+        **hdf5plugin.Bitshuffle(cname="lz4"),
+    )
     daemon.wait_for(r"closed output .* \(12 frames\)", timeout=120)
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
@@ -278,7 +324,8 @@ def test_the_queue_is_full_at_its_byte_bound_and_always_takes_one_frame():
 
 
 def test_a_frame_that_cannot_be_encoded_stops_storing_and_leaves_the_frames_before_it(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     import threading
     from pathlib import Path
 
@@ -299,9 +346,13 @@ def test_a_frame_that_cannot_be_encoded_stops_storing_and_leaves_the_frames_befo
     monkeypatch.setattr(OutputFormat, "encode", encode)
     from prometheus_client import CollectorRegistry
 
-    sink = Hdf5Sink(OutputOptions(out=tmp_path / "out"), state=StateDir(tmp_path / "state"),
-                    metrics=Metrics(CollectorRegistry()), stopping=threading.Event(),
-                    config_text="")
+    sink = Hdf5Sink(
+        OutputOptions(out=tmp_path / "out"),
+        state=StateDir(tmp_path / "state"),
+        metrics=Metrics(CollectorRegistry()),
+        stopping=threading.Event(),
+        config_text="",
+    )
     output = tmp_path / "out" / "s_n2s.h5"
     sink.open_series(SeriesStart("s", output, (8, 8), np.dtype("u2")))
     valid = np.ones((8, 8), bool)
@@ -324,11 +375,15 @@ def test_hdf5s_own_h5dump_reads_uncompressed_outputs(tmp_path, dtype):
 
     if shutil.which("h5dump") is None:
         pytest.skip("no h5dump (Debian: apt install hdf5-tools)")
-    frames = (np.arange(40, dtype=np.float32).reshape(2, 4, 5) / 4)
+    frames = np.arange(40, dtype=np.float32).reshape(2, 4, 5) / 4
     path = tmp_path / "out.h5"
     _write(path, frames, OutputFormat(dtype, "none"))
-    dump = subprocess.run(["h5dump", "-d", "/entry/data/data", "-w", "0", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    dump = subprocess.run(
+        ["h5dump", "-d", "/entry/data/data", "-w", "0", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dump.returncode == 0, dump.stderr
     block = dump.stdout.split("DATA {", 1)[1].split("}", 1)[0]
     values = [float(v) for v in re.sub(r"\(\d+,\d+,\d+\):", "", block).split(",")]

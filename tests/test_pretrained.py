@@ -30,8 +30,7 @@ def test_shipped_model_loads_safely_and_fits_only_the_default_network():
     assert starting_model(model, masker) is not None
     assert starting_model(model, replace(masker, causal=True)) is not None  # K=1: same
     assert starting_model(replace(model, width=8), masker) is None
-    assert starting_model(replace(model, in_channels=3),
-                          replace(masker, context_frames=3)) is None
+    assert starting_model(replace(model, in_channels=3), replace(masker, context_frames=3)) is None
 
 
 @pytest.mark.skipif(not SHIPPED["neighbor2neighbor"].exists(), reason="no shipped model")
@@ -52,15 +51,20 @@ def test_each_objective_starts_from_its_own_shipped_model():
 
 def _train(tmp_path, name: str, *args: str, timeout: float = 600) -> dict[str, torch.Tensor]:
     out = tmp_path / name
-    subprocess.run([sys.executable, "-m", "n2s_stream.pretrained", "--out", str(out), *args],
-                   check=True, capture_output=True, timeout=timeout)
+    subprocess.run(
+        [sys.executable, "-m", "n2s_stream.pretrained", "--out", str(out), *args],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     return load_checkpoint(out).state_dict
 
 
 @pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
 def test_training_script_is_deterministic(tmp_path, objective):
-    first, second = (_train(tmp_path, f"{k}.pt", "--steps", "3", "--objective", objective)
-                     for k in (1, 2))
+    first, second = (
+        _train(tmp_path, f"{k}.pt", "--steps", "3", "--objective", objective) for k in (1, 2)
+    )
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
@@ -70,8 +74,9 @@ def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
     path = SHIPPED[objective]
     settings = load_checkpoint(path).extra["pretrained"]
     recorded = ("steps", "seed", "batch", "patch", "lr", "min_dose", "max_dose", "objective")
-    options = [item for key in recorded
-               for item in (f"--{key.replace('_', '-')}", str(settings[key]))]
+    options = [
+        item for key in recorded for item in (f"--{key.replace('_', '-')}", str(settings[key]))
+    ]
     again = _train(tmp_path, "again.pt", *options, timeout=2400)
     shipped = load_checkpoint(path).state_dict
     for key, value in shipped.items():

@@ -90,18 +90,35 @@ def test_page_renders_and_updates_in_headless_chromium(tmp_path):
     time.sleep(2.5)
     # no background networking: this machine's network is closed, and the page needs none
     proc = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'ud'}",
-         "--virtual-time-budget=6000", "--dump-dom", f"http://127.0.0.1:{daemon.port}/"],
-        capture_output=True, text=True, timeout=120)
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'ud'}",
+            "--virtual-time-budget=6000",
+            "--dump-dom",
+            f"http://127.0.0.1:{daemon.port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     writer.kill()
     writer.wait(timeout=30)
     assert daemon.terminate() == 0
     dom = proc.stdout
     assert "n2s-stream live preview" in dom, proc.stderr[-2000:]
-    loads = {kind: int(m) for kind, m in re.findall(
-        r'id="img-(raw|denoised)-scan_0001"[^>]*data-loads="(\d+)"', dom)}
+    loads = {
+        kind: int(m)
+        for kind, m in re.findall(r'id="img-(raw|denoised)-scan_0001"[^>]*data-loads="(\d+)"', dom)
+    }
     # both images decoded (a broken image never fires "load") and were replaced by newer ones
     assert loads.get("raw", 0) >= 2 and loads.get("denoised", 0) >= 2, dom[-3000:]
     assert re.search(r"frames written: [1-9]", dom)

@@ -23,15 +23,26 @@ from n2s_stream.sources import protocols
 CONFIG = Path(__file__).parent.parent / "config"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 pytestmark = pytest.mark.skipif(
-    not (PROMETHEUS and PROMTOOL), reason="no prometheus (Debian: apt install prometheus)")
+    not (PROMETHEUS and PROMTOOL), reason="no prometheus (Debian: apt install prometheus)"
+)
 
 
 def test_alert_rules_pass_promtool_check_and_unit_tests():
-    check = subprocess.run([PROMTOOL, "check", "rules", "prometheus-alerts.yaml"],
-                           cwd=CONFIG, capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [PROMTOOL, "check", "rules", "prometheus-alerts.yaml"],
+        cwd=CONFIG,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0 and "SUCCESS: 13 rules found" in check.stdout, check.stdout
-    unit = subprocess.run([PROMTOOL, "test", "rules", "prometheus-alerts.test.yaml"],
-                          cwd=CONFIG, capture_output=True, text=True, timeout=60)
+    unit = subprocess.run(
+        [PROMTOOL, "test", "rules", "prometheus-alerts.test.yaml"],
+        cwd=CONFIG,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
 
 
@@ -41,9 +52,11 @@ def _prometheus_config(target_port: int) -> str:
     job = job.replace("127.0.0.1:9750", f"127.0.0.1:{target_port}")
     job = job.replace("scrape_interval: 5s", "scrape_interval: 1s")
     indented = "\n".join("  " + line for line in job.splitlines() if not line.startswith("#"))
-    return (f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files: [\"{CONFIG / 'prometheus-alerts.yaml'}\"]\n"
-            f"scrape_configs:\n{indented}\n")
+    return (
+        f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f'rule_files: ["{CONFIG / "prometheus-alerts.yaml"}"]\n'
+        f"scrape_configs:\n{indented}\n"
+    )
 
 
 def _query(port: int, expr: str) -> list[dict]:
@@ -77,8 +90,11 @@ def _feed(endpoint: str) -> None:
     rng = np.random.default_rng(0)
     try:
         for index in (0, 1, 2, 4):
-            push.send_multipart(protocols.native_frame(
-                "scan_0001", index, rng.poisson(20, (32, 32)).astype(np.uint16)))
+            push.send_multipart(
+                protocols.native_frame(
+                    "scan_0001", index, rng.poisson(20, (32, 32)).astype(np.uint16)
+                )
+            )
         push.send_multipart([b"not json"])
         push.send_multipart(protocols.native_end("scan_0001", 5))
     finally:
@@ -88,27 +104,40 @@ def _feed(endpoint: str) -> None:
 
 def test_dashboard_and_alert_expressions_return_data_from_a_real_prometheus(tmp_path):
     endpoint, tee = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = DaemonProcess(tmp_path / "d", "--zmq", endpoint, "--zmq-tee", tee,
-                           "--publish-every", "5")
+    daemon = DaemonProcess(
+        tmp_path / "d", "--zmq", endpoint, "--zmq-tee", tee, "--publish-every", "5"
+    )
     daemon.wait_ready()
     prom_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(_prometheus_config(daemon.port))
-    check = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        [PROMTOOL, "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     prometheus = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))  # noqa: SIM115
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),  # noqa: SIM115 (closed with the process)
+    )
     STARTED.append(prometheus)
     try:
         _wait(lambda: _up(prom_port), seconds=60)  # scraped before the frames: increase()
-        _feed(endpoint)                             # sees the counters move
+        _feed(endpoint)  # sees the counters move
         daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(4 frames\\)", timeout=90)
-        _wait(lambda: _query(prom_port, 'n2s_frames_denoised_total{job="n2s-stream"}')
-              and float(_query(prom_port, 'n2s_frames_denoised_total')[0]["value"][1]) == 4,
-              seconds=60)
+        _wait(
+            lambda: (
+                _query(prom_port, 'n2s_frames_denoised_total{job="n2s-stream"}')
+                and float(_query(prom_port, "n2s_frames_denoised_total")[0]["value"][1]) == 4
+            ),
+            seconds=60,
+        )
         time.sleep(5)  # a few more scrapes: rate() over [1m] needs two points at least
         checked = (_check_dashboard(prom_port), _check_alerts(prom_port))
     finally:
@@ -116,8 +145,7 @@ def test_dashboard_and_alert_expressions_return_data_from_a_real_prometheus(tmp_
         prometheus.wait(timeout=30)
         status = daemon.terminate()
     assert status == 0, daemon.log()[-2000:]
-    print(f"expressions checked against Prometheus: dashboard {checked[0]}, alerts "
-          f"{checked[1]}")
+    print(f"expressions checked against Prometheus: dashboard {checked[0]}, alerts {checked[1]}")
     assert checked == (21, 13)
 
 
@@ -131,8 +159,11 @@ def _check_dashboard(port: int) -> int:
             result = _query(port, expr)
             assert result, f"{panel['title']}: {expr} returned no data"
             kept = re.search(r"by \(([^)]*)\)", expr)
-            expected = ({"instance", "job"} if kept is None else
-                        {name.strip() for name in kept.group(1).split(",")} - {"le"})
+            expected = (
+                {"instance", "job"}
+                if kept is None
+                else {name.strip() for name in kept.group(1).split(",")} - {"le"}
+            )
             for series in result:
                 assert expected <= set(series["metric"]), (expr, series["metric"])
             count += 1
@@ -152,8 +183,15 @@ def _check_alerts(port: int) -> int:
             for series in result:
                 assert {"job", "instance"} <= set(series["metric"]), series["metric"]
                 if name == "n2s_worker_up":
-                    assert series["metric"]["worker"] in {"source", "inference", "trainer",
-                                                          "refiner", "http"}
-    _wait(lambda: _query(port, 'ALERTS{alertname="N2SFramesMissing", alertstate="firing"}'),
-          seconds=30)  # the gap fed in raises its alert on the real server
+                    assert series["metric"]["worker"] in {
+                        "source",
+                        "inference",
+                        "trainer",
+                        "refiner",
+                        "http",
+                    }
+    _wait(
+        lambda: _query(port, 'ALERTS{alertname="N2SFramesMissing", alertstate="firing"}'),
+        seconds=30,
+    )  # the gap fed in raises its alert on the real server
     return len(exprs)

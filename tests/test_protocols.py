@@ -68,8 +68,14 @@ def test_stream2_round_trip(compression):
 
 
 def _native_header(**changes):
-    header = {"htype": "n2s-frame-1", "series": "s", "frame": 0, "dtype": "<u2",
-              "shape": [48, 64], "encoding": "raw"} | changes
+    header = {
+        "htype": "n2s-frame-1",
+        "series": "s",
+        "frame": 0,
+        "dtype": "<u2",
+        "shape": [48, 64],
+        "encoding": "raw",
+    } | changes
     return json.dumps(header).encode()
 
 
@@ -91,15 +97,21 @@ GARBAGE = [
     ("native", [_native_header(series="a/b"), b"x"], "bad_series_name"),
     ("native", [_native_header(series="café"), b"x"], "bad_series_name"),
     ("native", [_native_header(encoding="bslz4"), b"\x00" * 40], "size_mismatch"),
-    ("native", [_native_header(encoding="bslz4"),
-                bslz4_encode(FRAME16)[:12] + b"\xff" * 50], "corrupt"),
+    (
+        "native",
+        [_native_header(encoding="bslz4"), bslz4_encode(FRAME16)[:12] + b"\xff" * 50],
+        "corrupt",
+    ),
     ("dectris-stream1", p.stream1_image(4, 0, FRAME16), "image_before_header"),
     ("dectris-stream1", [b'{"htype": "dimage-1.0", "series": "x", "frame": 0}'], "bad_header"),
     ("dectris-stream1", [b'{"htype": "dzzz"}'], "unknown_htype"),
     ("dectris-stream2", [b"\xff\xfe junk"], "bad_cbor"),
     ("dectris-stream2", [cbor2.dumps([1, 2])], "bad_cbor"),
-    ("dectris-stream2", [cbor2.dumps({"type": "image", "series_id": 1, "image_id": 0})],
-     "image_before_header"),
+    (
+        "dectris-stream2",
+        [cbor2.dumps({"type": "image", "series_id": 1, "image_id": 0})],
+        "image_before_header",
+    ),
     ("dectris-stream2", [cbor2.dumps({"type": "nope", "series_id": 1})], "unknown_htype"),
 ]
 

@@ -22,8 +22,10 @@ pytest.importorskip("p4p", reason="optional extra [pva] not installed")
 def _simulator(pv: str, env: dict, *args: str) -> subprocess.Popen:
     """The detector: up first, its PV holding a stale frame (pvxs clients retry a refused
     name server only every 10 s, so the server must be there when the daemon starts)."""
-    proc = subprocess.Popen([*N2S, "simulate", "--pva-serve", pv, "--log-level", "WARNING",
-                             *args], env={**os.environ, **env})
+    proc = subprocess.Popen(
+        [*N2S, "simulate", "--pva-serve", pv, "--log-level", "WARNING", *args],
+        env={**os.environ, **env},
+    )
     STARTED.append(proc)
     return proc
 
@@ -40,15 +42,45 @@ def test_two_acquisitions_by_acquire_pv_with_gaps_served_back_as_a_pv(tmp_path):
     """The counter runs on between acquisitions: the Acquire PV alone separates them."""
     pytest.importorskip("pvaccess", reason="pvapy (the second client) not installed")
     env, _ = pva_env()
-    pv, served, acquire = (f"N2STEST:{os.getpid()}:{name}"
-                           for name in ("Image", "Denoised", "Acquire"))
+    pv, served, acquire = (
+        f"N2STEST:{os.getpid()}:{name}" for name in ("Image", "Denoised", "Acquire")
+    )
     serve_port = free_port()
-    detector = _simulator(pv, env, "--frames", "25", "--series", "2", "--shape", "32x24",
-                          "--rate", "25", "--codec", "bslz4", "--gap-every", "10",
-                          "--acquire-pv", acquire, "--keep-counter", "--start-delay", "12")
-    daemon = DaemonProcess(tmp_path, *FLOAT32, "--pva", pv, "--pva-series-gap", "30",
-                           "--pva-acquire-pv", acquire, "--no-cold-start",
-                           "--pva-serve", served, env={**env, **server_env(serve_port)})
+    detector = _simulator(
+        pv,
+        env,
+        "--frames",
+        "25",
+        "--series",
+        "2",
+        "--shape",
+        "32x24",
+        "--rate",
+        "25",
+        "--codec",
+        "bslz4",
+        "--gap-every",
+        "10",
+        "--acquire-pv",
+        acquire,
+        "--keep-counter",
+        "--start-delay",
+        "12",
+    )
+    daemon = DaemonProcess(
+        tmp_path,
+        *FLOAT32,
+        "--pva",
+        pv,
+        "--pva-series-gap",
+        "30",
+        "--pva-acquire-pv",
+        acquire,
+        "--no-cold-start",
+        "--pva-serve",
+        served,
+        env={**env, **server_env(serve_port)},
+    )
     daemon.wait_ready()
     reader = pvapy_reader(served, 50, tmp_path / "served.npz", client_env(serve_port))
     opened = daemon.wait_for(r"series (\S+) started at uniqueId 1\b", timeout=60)
@@ -84,8 +116,9 @@ def test_two_acquisitions_by_acquire_pv_with_gaps_served_back_as_a_pv(tmp_path):
 
     got = np.load(tmp_path / "served.npz")  # what a second, independent client saw
     assert len(got["ids"]) == 50
-    for (frames, provenance), half, base in zip(written, (slice(0, 25), slice(25, 50)),
-                                                (1, 28), strict=True):
+    for (frames, provenance), half, base in zip(
+        written, (slice(0, 25), slice(25, 50)), (1, 28), strict=True
+    ):
         assert (got["ids"][half] - base).tolist() == sent
         np.testing.assert_array_equal(got["frames"][half], frames)
         assert got["version"][half].tolist() == provenance["model_version"].tolist()
@@ -101,15 +134,28 @@ def test_jpeg_refused_counter_reset_and_a_burst_beyond_the_monitor_queue(tmp_pat
     env, _ = pva_env()
     pv = f"N2STEST:{os.getpid()}:Script"
     paced = [{"sleep": 0.1}]
-    steps = ([_frame(900)] + [{"sleep": 12}]  # stale value, then time for the daemon
-             + [s for k in range(1, 11) for s in (
-                 _frame(k, codec="jpeg" if k == 7 else "lz4"), *paced)]
-             + [{"sleep": 1.0}]
-             + [s for k in range(1, 4) for s in (_frame(k), *paced)]  # the counter reset
-             + [_frame(k, shape=[64, 64]) for k in range(4, 204)])  # new shape: a burst
+    steps = (
+        [_frame(900)]
+        + [{"sleep": 12}]  # stale value, then time for the daemon
+        + [s for k in range(1, 11) for s in (_frame(k, codec="jpeg" if k == 7 else "lz4"), *paced)]
+        + [{"sleep": 1.0}]
+        + [s for k in range(1, 4) for s in (_frame(k), *paced)]  # the counter reset
+        + [_frame(k, shape=[64, 64]) for k in range(4, 204)]
+    )  # new shape: a burst
     ioc = scripted_server(pv, steps, env, tmp_path / "ioc.log")
-    daemon = DaemonProcess(tmp_path, "--pva", pv, "--pva-series-gap", "4", "--no-cold-start",
-                           "--pva-queue-size", "2", "--queue-size", "2", env=env)
+    daemon = DaemonProcess(
+        tmp_path,
+        "--pva",
+        pv,
+        "--pva-series-gap",
+        "4",
+        "--no-cold-start",
+        "--pva-queue-size",
+        "2",
+        "--queue-size",
+        "2",
+        env=env,
+    )
     daemon.wait_ready()
     assert ioc.wait(timeout=120) == 0, (tmp_path / "ioc.log").read_text()
     daemon.wait_for(r"series \S+ ended after \d+ frames \(no frames", timeout=60)
@@ -117,8 +163,9 @@ def test_jpeg_refused_counter_reset_and_a_burst_beyond_the_monitor_queue(tmp_pat
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
 
-    first, reset, burst = (read_output(path)[1]["source_frame"]
-                           for path in sorted(daemon.out.glob("*_n2s.h5")))
+    first, reset, burst = (
+        read_output(path)[1]["source_frame"] for path in sorted(daemon.out.glob("*_n2s.h5"))
+    )
     assert first.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9]  # uniqueId 7 was the JPEG one
     assert reset.tolist() == [0, 1, 2]  # uniqueId went back to 1: a new acquisition
     assert metrics['n2s_frames_rejected_total{reason="lossy_codec"}'] == 1
@@ -133,8 +180,9 @@ def test_jpeg_refused_counter_reset_and_a_burst_beyond_the_monitor_queue(tmp_pat
 def test_killed_mid_series_the_restart_continues_the_file(tmp_path):
     env, _ = pva_env()
     pv = f"N2STEST:{os.getpid()}:Restart"
-    detector = _simulator(pv, env, "--frames", "150", "--shape", "32x32", "--rate", "10",
-                          "--start-delay", "12")
+    detector = _simulator(
+        pv, env, "--frames", "150", "--shape", "32x32", "--rate", "10", "--start-delay", "12"
+    )
     args = ("--pva", pv, "--pva-series-gap", "3", "--no-cold-start")
     daemon = DaemonProcess(tmp_path, *args, env=env)
     daemon.wait_ready()
@@ -142,8 +190,9 @@ def test_killed_mid_series_the_restart_continues_the_file(tmp_path):
     daemon.kill()
     restarted = DaemonProcess(tmp_path, *args, env=env, name="restarted")
     restarted.wait_ready()
-    restarted.wait_for(r"continues series (\S+) \(written to uniqueId (\d+)\) after a restart",
-                       timeout=60)
+    restarted.wait_for(
+        r"continues series (\S+) \(written to uniqueId (\d+)\) after a restart", timeout=60
+    )
     assert detector.wait(timeout=120) == 0
     restarted.wait_for(r"closed output .*\(\d+ frames\)", timeout=60)
     metrics = restarted.scrape()
@@ -161,23 +210,32 @@ def test_killed_mid_series_the_restart_continues_the_file(tmp_path):
 def test_daemon_reconnects_when_the_ioc_restarts(tmp_path):
     env, _ = pva_env()
     pv = f"N2STEST:{os.getpid()}:Reboot"
-    first = [_frame(900), {"sleep": 12}, *(s for k in range(1, 6) for s in (_frame(k),
-                                                                             {"sleep": 0.1}))]
+    first = [
+        _frame(900),
+        {"sleep": 12},
+        *(s for k in range(1, 6) for s in (_frame(k), {"sleep": 0.1})),
+    ]
     ioc = scripted_server(pv, first, env, tmp_path / "ioc1.log")
-    daemon = DaemonProcess(tmp_path, "--pva", pv, "--pva-series-gap", "30", "--no-cold-start",
-                           env=env)
+    daemon = DaemonProcess(
+        tmp_path, "--pva", pv, "--pva-series-gap", "30", "--no-cold-start", env=env
+    )
     daemon.wait_ready()
     assert ioc.wait(timeout=60) == 0
     daemon.wait_for(r"Disconnected; waiting for it to come back", timeout=30)
     # the IOC is back: its PV holds the last frame it had (stale), then a new acquisition
-    second = [_frame(5), {"sleep": 15}, *(s for k in range(1, 4) for s in (_frame(k),
-                                                                            {"sleep": 0.1}))]
+    second = [
+        _frame(5),
+        {"sleep": 15},
+        *(s for k in range(1, 4) for s in (_frame(k), {"sleep": 0.1})),
+    ]
     rebooted = scripted_server(pv, second, env, tmp_path / "ioc2.log")
     assert rebooted.wait(timeout=60) == 0
     daemon.wait_for(r"(started at uniqueId 1\b[\s\S]*){2}", timeout=60)
     metrics = _wait_denoised(daemon, 8)
     assert daemon.terminate() == 0, daemon.log()[-2000:]
-    before, after = (read_output(path)[1]["source_frame"].tolist()
-                     for path in sorted(daemon.out.glob("*_n2s.h5")))
+    before, after = (
+        read_output(path)[1]["source_frame"].tolist()
+        for path in sorted(daemon.out.glob("*_n2s.h5"))
+    )
     assert before == [0, 1, 2, 3, 4] and after == [0, 1, 2]  # the stale 5 not written again
     assert metrics["n2s_frames_received_total"] == 8

@@ -16,23 +16,61 @@ from daemon_helpers import STARTED, DaemonProcess, free_port, read_output
 
 pytest.importorskip("p4p", reason="optional extra [pva] not installed")
 SIM = str(Path(sys.executable).with_name("pvapy-ad-sim-server"))  # beside this Python
-pytestmark = [pytest.mark.slow, pytest.mark.interop,
-              pytest.mark.skipif(not Path(SIM).exists(), reason="pvapy not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.interop,
+    pytest.mark.skipif(not Path(SIM).exists(), reason="pvapy not installed"),
+]
 
 
 def test_daemon_follows_pvapy_ad_sim_server(tmp_path):
     udp = free_port()  # pvAccessCPP takes its TCP port itself; search finds it by UDP
-    env = {"EPICS_PVA_ADDR_LIST": "127.0.0.1", "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-           "EPICS_PVA_BROADCAST_PORT": str(udp), "EPICS_PVAS_BROADCAST_PORT": str(udp),
-           "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVA_NAME_SERVERS": ""}
+    env = {
+        "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_BROADCAST_PORT": str(udp),
+        "EPICS_PVAS_BROADCAST_PORT": str(udp),
+        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVA_NAME_SERVERS": "",
+    }
     pv = f"N2SINTEROP:{os.getpid()}:Image"
-    daemon = DaemonProcess(tmp_path, "--pva", pv, "--pva-series-gap", "3", "--no-cold-start",
-                           env=env)
+    daemon = DaemonProcess(
+        tmp_path, "--pva", pv, "--pva-series-gap", "3", "--no-cold-start", env=env
+    )
     daemon.wait_ready()
     simulator = subprocess.Popen(
-        [SIM, "-cn", pv, "-nx", "64", "-ny", "48", "-dt", "uint16", "-mn", "0", "-mx", "200",
-         "-fps", "20", "-nf", "60", "-rt", "6", "-std", "3", "-shd", "1", "-dc", "-rp", "0"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        [
+            SIM,
+            "-cn",
+            pv,
+            "-nx",
+            "64",
+            "-ny",
+            "48",
+            "-dt",
+            "uint16",
+            "-mn",
+            "0",
+            "-mx",
+            "200",
+            "-fps",
+            "20",
+            "-nf",
+            "60",
+            "-rt",
+            "6",
+            "-std",
+            "3",
+            "-shd",
+            "1",
+            "-dc",
+            "-rp",
+            "0",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     STARTED.append(simulator)
     assert simulator.wait(timeout=60) == 0
     daemon.wait_for(r"closed output .*\(\d+ frames\)", timeout=60)

@@ -126,22 +126,33 @@ def test_refined_frames_wait_while_their_output_is_open_for_live_writing(tmp_pat
     output, access = tmp_path / "scan_n2s.h5", OutputAccess()
     with access.opening_live(output):
         live = FrameWriter(output, frame_shape=(8, 8))
-    live.append(np.ones((4, 8, 8), np.float32), source_frames=np.arange(4), model_version=1,
-                t_received=0.0)
+    live.append(
+        np.ones((4, 8, 8), np.float32), source_frames=np.arange(4), model_version=1, t_received=0.0
+    )
     spool = tmp_path / "refine" / "scan-0123456789.ready.h5"
     spool.parent.mkdir()
     with h5py.File(spool, "w") as handle:
         handle["refined"] = np.full((4, 8, 8), 2.0, np.float32)
         handle["refined_version"] = np.full(4, 5)
         handle.attrs.update({"refined_from": 0, "output": str(output)})
-    refiner = Refiner(spool.parent, store=None, calibration=None, model=None,  # type: ignore[arg-type]
-                      masker=None, device=torch.device("cpu"), options=RefineOptions(),
-                      jinv=False, min_free_mb=0, idle=lambda: True, network_writes=lambda: True,
-                      metrics=Metrics(CollectorRegistry()), outputs=access)
+    refiner = Refiner(
+        spool.parent,
+        store=None,
+        calibration=None,
+        model=None,  # type: ignore[arg-type]
+        masker=None,
+        device=torch.device("cpu"),
+        options=RefineOptions(),
+        jinv=False,
+        min_free_mb=0,
+        idle=lambda: True,
+        network_writes=lambda: True,
+        metrics=Metrics(CollectorRegistry()),
+        outputs=access,
+    )
     refiner._stopping.set()  # its waits return at once
     assert not refiner._publish(spool, output)  # open for live writing: not touched
-    live.append(np.ones((1, 8, 8), np.float32), source_frames=[4], model_version=1,
-                t_received=0.0)
+    live.append(np.ones((1, 8, 8), np.float32), source_frames=[4], model_version=1, t_received=0.0)
     live.close()
     access.closed_live(output)
     assert refiner._publish(spool, output)
@@ -226,11 +237,26 @@ def test_refining_resumes_after_kill_9(tmp_path):
 
 def test_a_feed_is_refined_from_its_spooled_frames(tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    detector = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "16",
-                                 "--shape", "32x40", "--rate", "40", "--log-level", "WARNING"])
+    detector = subprocess.Popen(
+        [
+            *N2S,
+            "simulate",
+            "--zmq-bind",
+            endpoint,
+            "--frames",
+            "16",
+            "--shape",
+            "32x40",
+            "--rate",
+            "40",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     STARTED.append(detector)
-    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--refine-idle-seconds", "0.5",
-                           "--refine-tta", "4")
+    daemon = DaemonProcess(
+        tmp_path, "--zmq", endpoint, "--refine-idle-seconds", "0.5", "--refine-tta", "4"
+    )
     daemon.wait_ready()
     daemon.wait_for("wrote 16 refined frames", timeout=120)
     assert detector.wait(timeout=60) == 0
@@ -246,8 +272,7 @@ def test_a_feed_is_refined_from_its_spooled_frames(tmp_path):
 def _series(spool: RawSpool, series: str, n: int, output: Path, *, end: bool = True) -> None:
     frame = np.zeros((16, 16), np.uint16)  # 512 bytes a frame
     for index in range(n):
-        spool.write(Frame(series, index, frame + index, 0.0, output), frame.astype("f4"),
-                    None)  # type: ignore[arg-type]  (the spool reads no metadata)
+        spool.write(Frame(series, index, frame + index, 0.0, output), frame.astype("f4"), None)  # type: ignore[arg-type]  (the spool reads no metadata)
     if end:
         spool.end_series(SeriesEnd(series, n, output))
 
@@ -257,8 +282,16 @@ def test_a_series_that_went_idle_is_refined_and_its_later_frames_after_it(tmp_pa
     detector = zmq.Context.instance().socket(zmq.PUSH)
     detector.setsockopt(zmq.LINGER, 0)
     detector.bind(endpoint)
-    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--series-idle-close", "1",
-                           "--refine-idle-seconds", "0.5", "--no-cold-start")
+    daemon = DaemonProcess(
+        tmp_path,
+        "--zmq",
+        endpoint,
+        "--series-idle-close",
+        "1",
+        "--refine-idle-seconds",
+        "0.5",
+        "--no-cold-start",
+    )
     daemon.wait_ready()
     frames = np.random.default_rng(5).poisson(20, (20, 32, 40)).astype(np.uint16)
     for index in range(12):
@@ -296,8 +329,7 @@ def test_spools_stay_within_their_cap_dropping_unended_ones_first(tmp_path):
     _series(spool, "c", 20, tmp_path / "c_n2s.h5")  # ready to be refined
     _series(spool, "d", 40, tmp_path / "d_n2s.h5")  # 35 KB: a (oldest) goes, then b
     names = sorted(p.name.split("-")[0] for p in spool.root.iterdir())
-    assert names == ["c", "d"] and all(p.name.endswith(READY_SUFFIX)
-                                       for p in spool.root.iterdir())
+    assert names == ["c", "d"] and all(p.name.endswith(READY_SUFFIX) for p in spool.root.iterdir())
     assert sum(p.stat().st_size for p in spool.root.iterdir()) <= 80 * 1024
     # spools waiting to be refined are kept: a series that does not fit is not refined
     _series(spool, "e", 60, tmp_path / "e_n2s.h5")
@@ -312,8 +344,7 @@ def test_a_series_that_resumes_after_going_idle_gets_a_spool_for_its_new_frames(
     spool.end_series(SeriesEnd("a", 5, output, complete=False))  # went idle: refined now
     frame = np.zeros((16, 16), np.uint16)
     for index in range(5, 8):  # it resumes
-        spool.write(Frame("a", index, frame, 0.0, output), frame,
-                    None)  # type: ignore[arg-type]
+        spool.write(Frame("a", index, frame, 0.0, output), frame, None)  # type: ignore[arg-type]
     spool.end_series(SeriesEnd("a", 8, output))
     ready = sorted(spool.root.glob("*" + READY_SUFFIX), key=lambda p: len(p.name))
     assert len(ready) == 2 and ready[1].name == ready[0].name.replace(".ready", "-2.ready")

@@ -43,8 +43,13 @@ class RecordingSink:
         self._note(event="open", series=start.series, shape=list(start.frame_shape))
 
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
-        self._note(event="frame", series=frame.series, index=frame.index,
-                   version=meta.version, total=float(denoised.astype(np.float64).sum()))
+        self._note(
+            event="frame",
+            series=frame.series,
+            index=frame.index,
+            version=meta.version,
+            total=float(denoised.astype(np.float64).sum()),
+        )
 
     def end_series(self, end: SeriesEnd) -> None:
         self._note(event="end", series=end.series, complete=end.complete)
@@ -76,16 +81,21 @@ class BrokenViewer:
 def test_a_sink_declared_in_a_test_file_is_used_by_the_daemon_through_config(tmp_path):
     config = tmp_path / "n2s.toml"
     config.write_text('[daemon]\nsinks = ["test_sinks:RecordingSink"]\n')
-    daemon = DaemonProcess(tmp_path, *FLOAT32, "--config", str(config), "--no-cold-start",
-                           env={"PYTHONPATH": str(TESTS)})
+    daemon = DaemonProcess(
+        tmp_path,
+        *FLOAT32,
+        "--config",
+        str(config),
+        "--no-cold-start",
+        env={"PYTHONPATH": str(TESTS)},
+    )
     daemon.wait_ready()
     assert "sink recorder from test_sinks:RecordingSink" in daemon.log()
     writer = start_writer(daemon.watch, frames=12, rate=20, shape="32x32")
     assert writer.wait(timeout=60) == 0
     daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(12 frames\\)", timeout=60)
     assert daemon.terminate() == 0, daemon.log()[-2000:]
-    events = [json.loads(line) for line in (daemon.out / "recorded.jsonl").read_text()
-              .splitlines()]
+    events = [json.loads(line) for line in (daemon.out / "recorded.jsonl").read_text().splitlines()]
     assert events[0] == {"event": "open", "series": "scan_0001", "shape": [32, 32]}
     frames = [e for e in events if e["event"] == "frame"]
     assert [e["index"] for e in frames] == list(range(12))
@@ -93,8 +103,9 @@ def test_a_sink_declared_in_a_test_file_is_used_by_the_daemon_through_config(tmp
         data = handle["/entry/data/data"][()]
         versions = handle["/entry/provenance/model_version"][()]
     # the recorder saw exactly what the HDF5 sink wrote, frame for frame
-    np.testing.assert_allclose([e["total"] for e in frames],
-                               data.astype(np.float64).sum(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(
+        [e["total"] for e in frames], data.astype(np.float64).sum(axis=(1, 2)), rtol=1e-6
+    )
     assert [e["version"] for e in frames] == versions.tolist()
     assert {"event": "end", "series": "scan_0001", "complete": True} in events
     assert events[-1] == {"event": "close"}
@@ -108,8 +119,14 @@ def test_a_failing_viewer_is_counted_and_the_files_are_still_written(tmp_path):
     for index in range(5):
         frames.put(Frame("s", index, np.full((16, 16), 7 + index, np.uint16), time.time(), out))
     frames.put(SeriesEnd("s", 5, out))
-    loop = make_loop(tmp_path / "state", frames, model=model, metrics=metrics,
-                     store=ModelStore(copy_state(model), 0), extra_sinks=(BrokenViewer(),))
+    loop = make_loop(
+        tmp_path / "state",
+        frames,
+        model=model,
+        metrics=metrics,
+        store=ModelStore(copy_state(model), 0),
+        extra_sinks=(BrokenViewer(),),
+    )
     loop.start()
     loop.stop()
     with h5py.File(out) as handle:
@@ -119,21 +136,40 @@ def test_a_failing_viewer_is_counted_and_the_files_are_still_written(tmp_path):
     assert value("n2s_sink_errors_total", {"sink": "broken_viewer"}) == 5
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_colon", "is not 'module:factory'"),
-    ("test_sinks:Nothing", "cannot load"),
-    ("test_sinks:TESTS", "is not callable"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_colon", "is not 'module:factory'"),
+        ("test_sinks:Nothing", "cannot load"),
+        ("test_sinks:TESTS", "is not callable"),
+    ],
+)
 def test_a_bad_sink_spec_is_a_one_line_usage_error(tmp_path, spec, message):
     import os
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "n2s_stream", "--watch", str(tmp_path), "--state-dir",
-         str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--metrics-port", "-1",
-         "--sinks", spec], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(TESTS)})
+        [
+            sys.executable,
+            "-m",
+            "n2s_stream",
+            "--watch",
+            str(tmp_path),
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--out",
+            str(tmp_path / "o"),
+            "--metrics-port",
+            "-1",
+            "--sinks",
+            spec,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -144,4 +180,6 @@ def test_served_pva_binds_loopback_unless_the_environment_says_otherwise():
     assert server_conf({}) == LOOPBACK
     assert server_conf({"EPICS_PVAS_INTF_ADDR_LIST": "10.0.0.5"}) == {}  # the facility's
     assert server_conf({"EPICS_PVAS_BEACON_ADDR_LIST": "10.0.0.255"}) == {
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO"}
+        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    }

@@ -40,16 +40,18 @@ def test_frames_are_never_mixed_under_concurrent_publishes(tmp_path):
     frames: queue.Queue = queue.Queue()
     out = tmp_path / "s_n2s.h5"
     n_frames = 150
-    loop = make_loop(tmp_path / "state", frames, model=Constant(), store=store,
-                     metrics=metrics, max_batch=4)
+    loop = make_loop(
+        tmp_path / "state", frames, model=Constant(), store=store, metrics=metrics, max_batch=4
+    )
     stop = threading.Event()
 
     def publish() -> None:  # as fast as it can, as a trainer and a follower would
         version = 0
         while not stop.is_set():
             version += 1
-            store.publish(_weights(version), version,
-                          Normalizer("meanstd", 1e6, 1e3))  # refused: one is already set
+            store.publish(
+                _weights(version), version, Normalizer("meanstd", 1e6, 1e3)
+            )  # refused: one is already set
             time.sleep(0.0005)
 
     loop.start()
@@ -60,8 +62,7 @@ def test_frames_are_never_mixed_under_concurrent_publishes(tmp_path):
     publisher = threading.Thread(target=publish)
     publisher.start()
     for index in range(1, n_frames):
-        frames.put(Frame("s", index, rng.poisson(50, (16, 16)).astype(np.uint16), time.time(),
-                         out))
+        frames.put(Frame("s", index, rng.poisson(50, (16, 16)).astype(np.uint16), time.time(), out))
         if index % 10 == 0:
             time.sleep(0.01)
     frames.put(SeriesEnd("s", n_frames, out))

@@ -70,12 +70,17 @@ def test_bitshuffle_lz4_eiger_master_with_two_data_files(tmp_path):
     """An Eiger filewriter series: master links data_000001/2, bitshuffle-LZ4 chunks."""
     for k, part in ((1, FRAMES[:4]), (2, FRAMES[4:])):
         with h5py.File(tmp_path / f"s_data_00000{k}.h5", "w") as handle:
-            handle.create_dataset("/entry/data/data", data=part, chunks=(1, 5, 7),
-                                  **hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+            handle.create_dataset(
+                "/entry/data/data",
+                data=part,
+                chunks=(1, 5, 7),
+                **hdf5plugin.Bitshuffle(nelems=0, cname="lz4"),
+            )
     with h5py.File(tmp_path / "s_master.h5", "w") as handle:
         for k in (1, 2):
             handle[f"/entry/data/data_00000{k}"] = h5py.ExternalLink(
-                f"s_data_00000{k}.h5", "/entry/data/data")
+                f"s_data_00000{k}.h5", "/entry/data/data"
+            )
     with h5py.File(tmp_path / "s_data_000001.h5", "r") as handle:
         assert "32008" in handle["/entry/data/data"]._filters  # really bitshuffle
     with open_stack(tmp_path / "s_master.h5") as stack:
@@ -120,8 +125,12 @@ def test_truncated_file(tmp_path):
 
 def test_truncated_data_is_a_read_error_naming_frames(tmp_path):
     path = tmp_path / "chunked.h5"
-    write_stack(path, np.random.default_rng(0).integers(0, 1000, (40, 64, 64), np.uint16),
-                chunks=(1, 64, 64), compression="gzip")
+    write_stack(
+        path,
+        np.random.default_rng(0).integers(0, 1000, (40, 64, 64), np.uint16),
+        chunks=(1, 64, 64),
+        compression="gzip",
+    )
     # Zero the tail of the file: metadata intact, late chunks corrupt.
     size = path.stat().st_size
     with open(path, "r+b") as handle:
@@ -156,11 +165,14 @@ def test_unreadable_permissions(tmp_path):
         if shutil.which("setpriv") is None:
             pytest.skip("root reads any file and setpriv is not available")
         prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
-    code = ("import sys; from n2s_stream.stack import open_stack\n"
-            "try:\n    open_stack(sys.argv[1])\n"
-            "except Exception as exc:\n    print(exc.reason, '|', exc)\n")
-    proc = subprocess.run([*prefix, sys.executable, "-c", code, str(path)],
-                          capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys; from n2s_stream.stack import open_stack\n"
+        "try:\n    open_stack(sys.argv[1])\n"
+        "except Exception as exc:\n    print(exc.reason, '|', exc)\n"
+    )
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.stdout.strip() == f"unreadable | {path}: permission denied", proc.stderr
 
 
@@ -168,8 +180,9 @@ def test_eiger_pixel_mask_is_read(tmp_path):
     with h5py.File(tmp_path / "p_data_000001.h5", "w") as handle:
         handle["/entry/data/data"] = FRAMES
     with h5py.File(tmp_path / "p_master.h5", "w") as handle:
-        handle["/entry/data/data_000001"] = h5py.ExternalLink("p_data_000001.h5",
-                                                             "/entry/data/data")
+        handle["/entry/data/data_000001"] = h5py.ExternalLink(
+            "p_data_000001.h5", "/entry/data/data"
+        )
         mask = np.zeros((5, 7), np.uint32)
         mask[2, 3] = 1
         handle["/entry/instrument/detector/detectorSpecific/pixel_mask"] = mask

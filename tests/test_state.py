@@ -24,9 +24,15 @@ from n2s_stream.writer import FrameWriter, close_left_open
 
 def _save(state: StateDir, version: int) -> None:
     config = ModelConfig(width=4, depth=1)
-    save_checkpoint(state.checkpoint_path(version), model=build_model(config),
-                    model_config=config, masker_config=MaskerConfig(),
-                    normalizer=Normalizer(), version=version, step=version * 10)
+    save_checkpoint(
+        state.checkpoint_path(version),
+        model=build_model(config),
+        model_config=config,
+        masker_config=MaskerConfig(),
+        normalizer=Normalizer(),
+        version=version,
+        step=version * 10,
+    )
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -35,7 +41,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
         _save(state, version)
     state.prune_checkpoints()
     assert [p.name for p in sorted(state.checkpoints.glob("*.pt"))] == [
-        "ckpt_v00000002.pt", "ckpt_v00000003.pt", "ckpt_v00000004.pt"]
+        "ckpt_v00000002.pt",
+        "ckpt_v00000003.pt",
+        "ckpt_v00000004.pt",
+    ]
     state.checkpoint_path(4).write_bytes(b"half a checkpoint")
     assert state.latest_checkpoint().version == 3
 
@@ -81,7 +90,11 @@ def test_output_left_open_by_a_killed_writer_is_made_readable(tmp_path):
     """A run killed after writing every frame of a series leaves its output flagged "open
     for write"; the next run, with nothing new to write, clears that and keeps the frames."""
     output = tmp_path / "s_n2s.h5"
-    killed = subprocess.run([sys.executable, "-c", f"""
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import os, numpy as np
 from n2s_stream.writer import FrameWriter
 writer = FrameWriter({str(output)!r}, frame_shape=(8, 8))
@@ -89,7 +102,10 @@ for k in range(3):
     writer.append(np.full((1, 8, 8), k, np.float32), source_frames=[k], model_version=0,
                   t_received=0.0)
 os.kill(os.getpid(), 9)
-"""], timeout=60)
+""",
+        ],
+        timeout=60,
+    )
     assert killed.returncode == -9
     with pytest.raises(OSError, match="already open for write"):
         h5py.File(output, "r")
@@ -120,14 +136,34 @@ def test_ledger_appends_a_line_per_change_and_compacts_at_start(tmp_path):
 def test_ledger_skips_a_torn_last_line_and_reads_the_old_format(tmp_path):
     root = tmp_path / "state"
     root.mkdir()
-    (root / "ledger.json").write_text(json.dumps({"series": {
-        "old": {"output": str(tmp_path / "old_n2s.h5"), "written": 4, "finished": True},
-        "open": {"output": str(tmp_path / "open_n2s.h5"), "written": 2, "finished": False}}}))
+    (root / "ledger.json").write_text(
+        json.dumps(
+            {
+                "series": {
+                    "old": {"output": str(tmp_path / "old_n2s.h5"), "written": 4, "finished": True},
+                    "open": {
+                        "output": str(tmp_path / "open_n2s.h5"),
+                        "written": 2,
+                        "finished": False,
+                    },
+                }
+            }
+        )
+    )
     (root / "ledger.jsonl").write_text(
-        json.dumps({"series": "new", "output": str(tmp_path / "new_n2s.h5"), "written": 1,
-                    "finished": False}) + "\n"
-        + json.dumps({"series": "odd", "output": "x", "written": "many"}) + "\n"
-        + '{"series": "torn", "outp')
+        json.dumps(
+            {
+                "series": "new",
+                "output": str(tmp_path / "new_n2s.h5"),
+                "written": 1,
+                "finished": False,
+            }
+        )
+        + "\n"
+        + json.dumps({"series": "odd", "output": "x", "written": "many"})
+        + "\n"
+        + '{"series": "torn", "outp'
+    )
     state = StateDir(root)
     assert not (root / "ledger.json").exists()  # migrated into the journal
     assert state.ledger.entry("old") == {"finished": True}
@@ -157,15 +193,25 @@ def test_output_keeps_detector_time_and_attributes_and_resumes_an_older_layout(t
     datasets); an output of an earlier version, without ``t_source``, still resumes."""
     output = tmp_path / "s_n2s.h5"
     with FrameWriter(output, frame_shape=(4, 4), attribute_names=["Temp", "a/b"]) as writer:
-        writer.append(np.zeros((2, 4, 4), np.float32), source_frames=[0, 1], model_version=0,
-                      t_received=9.0, t_source=[5.0, 6.0],
-                      attributes=[{"Temp": 1.0, "Label": "x"},
-                                  {"Temp": 2.0, "a/b": 3.0, "Late": 4.0}])
+        writer.append(
+            np.zeros((2, 4, 4), np.float32),
+            source_frames=[0, 1],
+            model_version=0,
+            t_received=9.0,
+            t_source=[5.0, 6.0],
+            attributes=[{"Temp": 1.0, "Label": "x"}, {"Temp": 2.0, "a/b": 3.0, "Late": 4.0}],
+        )
     with h5py.File(output, "a") as handle:  # as an earlier version wrote it
         del handle["/entry/provenance/t_source"]
     with FrameWriter(output, frame_shape=(4, 4), resume=True) as writer:
-        writer.append(np.zeros((1, 4, 4), np.float32), source_frames=[2], model_version=1,
-                      t_received=9.0, t_source=7.0, attributes=[{"Temp": 4.0}])
+        writer.append(
+            np.zeros((1, 4, 4), np.float32),
+            source_frames=[2],
+            model_version=1,
+            t_received=9.0,
+            t_source=7.0,
+            attributes=[{"Temp": 4.0}],
+        )
     with h5py.File(output, "r") as handle:
         provenance = handle["/entry/provenance"]
         assert provenance["source_frame"][()].tolist() == [0, 1, 2]

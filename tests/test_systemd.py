@@ -35,26 +35,45 @@ def test_unit_contract(name):
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-@pytest.mark.parametrize("name,instance", [("n2s-stream.service", "n2s-stream.service"),
-                                           ("n2s-stream@.service", "n2s-stream@eiger1.service")])
+@pytest.mark.parametrize(
+    "name,instance",
+    [
+        ("n2s-stream.service", "n2s-stream.service"),
+        ("n2s-stream@.service", "n2s-stream@eiger1.service"),
+    ],
+)
 def test_systemd_analyze_verify(tmp_path, name, instance):
     executable = Path(sys.executable).with_name("n2s-stream")
-    text = (UNITS / name).read_text().replace("/opt/n2s-stream/.venv/bin/n2s-stream",
-                                              str(executable))
+    text = (
+        (UNITS / name).read_text().replace("/opt/n2s-stream/.venv/bin/n2s-stream", str(executable))
+    )
     (tmp_path / instance).write_text(text)
-    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / instance)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / instance)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-@pytest.mark.parametrize("name,instance", [("n2s-stream.service", "n2s-stream.service"),
-                                           ("n2s-stream@.service", "n2s-stream@eiger1.service")])
+@pytest.mark.parametrize(
+    "name,instance",
+    [
+        ("n2s-stream.service", "n2s-stream.service"),
+        ("n2s-stream@.service", "n2s-stream@eiger1.service"),
+    ],
+)
 def test_sandbox_exposure_score(tmp_path, name, instance):
     """systemd's own rating of the sandbox (0 = locked down, 10 = exposed); README quotes it."""
     (tmp_path / instance).write_text((UNITS / name).read_text())
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
-                           str(tmp_path / instance)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(tmp_path / instance)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     if found is None and "offline" in proc.stderr:
         pytest.skip("this systemd-analyze cannot rate unit files offline")

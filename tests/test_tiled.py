@@ -43,10 +43,23 @@ TILED_PYTHON = ROOT / ".venv-tiled" / "bin" / "python"
 
 def _tiled_server(tmp: Path, readable: Path, api_key: str, port: int) -> subprocess.Popen:
     """A real Tiled server on 127.0.0.1:``port`` serving files under ``readable``."""
-    proc = subprocess.Popen([str(TILED_PYTHON), str(ROOT / "tests" / "tiled_server.py"),
-                             "--dir", str(tmp), "--readable", str(readable), "--api-key",
-                             api_key, "--port", str(port)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(TILED_PYTHON),
+            str(ROOT / "tests" / "tiled_server.py"),
+            "--dir",
+            str(tmp),
+            "--readable",
+            str(readable),
+            "--api-key",
+            api_key,
+            "--port",
+            str(port),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     STARTED.append(proc)
     assert proc.stdout is not None and proc.stdout.readline().startswith("http://127.0.0.1")
     return proc
@@ -59,10 +72,22 @@ def test_outputs_are_registered_in_tiled_and_an_outage_is_retried(tmp_path):
     proxy_in, proxy_out = _proxy()
     data, port, key = tmp_path / "detector", free_port(), secrets.token_hex(8)
     uri = f"http://127.0.0.1:{port}/api/v1"
-    daemon = DaemonProcess(tmp_path, "--bluesky", proxy_out, "--bluesky-root", str(data),
-                           "--refine-idle-seconds", "0.5", "--refine-tta", "2",
-                           "--tiled", uri, "--tiled-update-seconds", "0.5",
-                           env={"TILED_API_KEY": key})
+    daemon = DaemonProcess(
+        tmp_path,
+        "--bluesky",
+        proxy_out,
+        "--bluesky-root",
+        str(data),
+        "--refine-idle-seconds",
+        "0.5",
+        "--refine-tta",
+        "2",
+        "--tiled",
+        uri,
+        "--tiled-update-seconds",
+        "0.5",
+        env={"TILED_API_KEY": key},
+    )
     daemon.wait_ready()
     daemon.wait_for("following Bluesky documents")
     # Tiled is down: the run is denoised all the same, and the failures are counted
@@ -77,9 +102,13 @@ def test_outputs_are_registered_in_tiled_and_an_outage_is_retried(tmp_path):
         daemon.wait_for(f"registered .*{series}_n2s.h5 in Tiled", timeout=60)
         # read back by the Tiled client in a process of its own (its HTTP client leaves
         # worker threads behind), polling until the registered shape is final
-        read = subprocess.run([sys.executable, "-c", READ_BACK, uri, run["uid"],
-                               str(tmp_path / "read.npy")], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "TILED_API_KEY": key})
+        read = subprocess.run(
+            [sys.executable, "-c", READ_BACK, uri, run["uid"], str(tmp_path / "read.npy")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TILED_API_KEY": key},
+        )
         assert read.returncode == 0, read.stderr[-2000:]
         seen = json.loads(read.stdout.strip().splitlines()[-1])
     finally:
@@ -108,9 +137,11 @@ def test_a_second_output_of_a_run_gets_a_key_of_its_own():
         return SimpleNamespace(metadata={"output": output})
 
     container = {"bdet_denoised": node("/out/a_n2s.h5"), "bdet_denoised_2": node("/out/b.h5")}
-    mine = _Registration("run", "bdet_denoised", "/out/x.h5", (4, 4), "<u2",
-                         {"output": "/out/a_n2s.h5"})
+    mine = _Registration(
+        "run", "bdet_denoised", "/out/x.h5", (4, 4), "<u2", {"output": "/out/a_n2s.h5"}
+    )
     assert _free_key(container, mine) == "bdet_denoised"  # its own: updated
-    other = _Registration("run", "bdet_denoised", "/out/y.h5", (4, 4), "<u2",
-                          {"output": "/out/c_n2s.h5"})
+    other = _Registration(
+        "run", "bdet_denoised", "/out/y.h5", (4, 4), "<u2", {"output": "/out/c_n2s.h5"}
+    )
     assert _free_key(container, other) == "bdet_denoised_3"

@@ -50,10 +50,8 @@ def test_denoise_normalized_tiles_and_casts_as_asked():
     frames = np.random.default_rng(0).normal(size=(2, 40, 44)).astype(np.float32)
     cpu = torch.device("cpu")
     whole = denoise_normalized(model, masker, frames, jinv=False, device=cpu)
-    tiled = denoise_normalized(model, masker, frames, jinv=False, device=cpu, tile=24,
-                               overlap=4)
+    tiled = denoise_normalized(model, masker, frames, jinv=False, device=cpu, tile=24, overlap=4)
     assert np.allclose(tiled, whole, atol=1e-5)
-    bf16 = denoise_normalized(model, masker, frames, jinv=False, device=cpu,
-                              precision="bfloat16")
+    bf16 = denoise_normalized(model, masker, frames, jinv=False, device=cpu, precision="bfloat16")
     assert bf16.dtype == np.float32 and not np.array_equal(bf16, whole)
     assert np.abs(bf16 - whole).max() < 0.05 * np.abs(whole).max()  # bfloat16: ~3 digits

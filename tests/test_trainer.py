@@ -33,12 +33,19 @@ def _trainer(buffer, *, busy=lambda: False, publish_every=5, objective="noise2se
     store = ModelStore(copy_state(model), 0)
     saved = []
     trainer = OnlineTrainer(
-        model=model, masker=Masker(), buffer=buffer, val_buffer=RollingBuffer(
-            max_frames=2, max_bytes=2**20), store=store, metrics=metrics,
-        options=TrainingOptions(patch=16, batch=2, publish_every=publish_every,
-                                objective=objective),
-        device=torch.device("cpu"), busy=busy,
-        save=lambda m, o, step, version: saved.append((step, version)))
+        model=model,
+        masker=Masker(),
+        buffer=buffer,
+        val_buffer=RollingBuffer(max_frames=2, max_bytes=2**20),
+        store=store,
+        metrics=metrics,
+        options=TrainingOptions(
+            patch=16, batch=2, publish_every=publish_every, objective=objective
+        ),
+        device=torch.device("cpu"),
+        busy=busy,
+        save=lambda m, o, step, version: saved.append((step, version)),
+    )
     return trainer, store, metrics, saved
 
 
@@ -56,8 +63,11 @@ def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
         buffer.add(np.random.default_rng(0).normal(size=(24, 24)).astype(np.float32))
     sub_image_losses = []
     loss = training.neighbor2neighbor_loss
-    monkeypatch.setattr(training, "neighbor2neighbor_loss",
-                        lambda *a, **k: sub_image_losses.append(1) or loss(*a, **k))
+    monkeypatch.setattr(
+        training,
+        "neighbor2neighbor_loss",
+        lambda *a, **k: sub_image_losses.append(1) or loss(*a, **k),
+    )
     trainer, store, metrics, saved = _trainer(buffer, objective=objective)
     trainer.start()
     assert _wait(lambda: store.version >= 2)
@@ -86,8 +96,7 @@ def test_non_finite_loss_rolls_back_to_the_last_good_weights():
     trainer, store, metrics, _ = _trainer(buffer)
     good = {k: v.clone() for k, v in store.snapshot().weights.items()}
     trainer.start()
-    assert _wait(lambda: (metrics.registry.get_sample_value("n2s_train_rollbacks_total") or 0)
-                 >= 3)
+    assert _wait(lambda: (metrics.registry.get_sample_value("n2s_train_rollbacks_total") or 0) >= 3)
     trainer.stop()
     assert store.version == 0  # nothing bad was published
     for name, value in trainer.model.state_dict().items():
@@ -112,8 +121,10 @@ def test_held_out_frames_are_scored_on_their_central_crop():
     assert store.version == 1
     val = metrics.selfsup_val_loss._value.get()
     expected = masked_validation_loss(
-        trainer.model, trainer.masker,
-        torch.from_numpy(np.ascontiguousarray(center_crop(trainer.val_buffer.snapshot(), 32))))
+        trainer.model,
+        trainer.masker,
+        torch.from_numpy(np.ascontiguousarray(center_crop(trainer.val_buffer.snapshot(), 32))),
+    )
     assert val == pytest.approx(expected)
 
 
@@ -130,9 +141,10 @@ def test_training_layout_and_fused_adam_give_the_plain_steps():
     masker = Masker()
     batch = torch.rand(4, 1, 16, 16)
     for _ in range(3):
-        losses = [float(train_step(model, optimizer, masker, batch,
-                                   rng=np.random.default_rng(0)))
-                  for model, optimizer in zip((plain, fast), optimizers, strict=True)]
+        losses = [
+            float(train_step(model, optimizer, masker, batch, rng=np.random.default_rng(0)))
+            for model, optimizer in zip((plain, fast), optimizers, strict=True)
+        ]
         assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     for name, weight in plain.state_dict().items():
         torch.testing.assert_close(fast.state_dict()[name], weight, rtol=1e-4, atol=1e-5)
@@ -165,8 +177,9 @@ def test_published_and_saved_weights_are_the_average_not_the_last_step():
     publish = store.publish
 
     def watched_publish(weights, version, normalizer=None):
-        at_publication.append((weights, copy_state(trainer.published_model),
-                               copy_state(trainer.model)))
+        at_publication.append(
+            (weights, copy_state(trainer.published_model), copy_state(trainer.model))
+        )
         publish(weights, version, normalizer)
 
     store.publish = watched_publish

@@ -17,20 +17,39 @@ from n2s_stream.sources import protocols as p
 
 def _frames_in(path):
     with h5py.File(path, "r") as handle:
-        return (handle["/entry/data/data"][()],
-                handle["/entry/provenance/source_frame"][()])
+        return (handle["/entry/data/data"][()], handle["/entry/provenance/source_frame"][()])
 
 
-@pytest.mark.parametrize("protocol,names", [
-    ("native", ["scan_0001", "scan_0002"]),
-    ("dectris-stream1", ["series_000001", "series_000002"]),
-    ("dectris-stream2", ["series_000001", "series_000002"]),
-])
+@pytest.mark.parametrize(
+    "protocol,names",
+    [
+        ("native", ["scan_0001", "scan_0002"]),
+        ("dectris-stream1", ["series_000001", "series_000002"]),
+        ("dectris-stream2", ["series_000001", "series_000002"]),
+    ],
+)
 def test_each_protocol_two_series_exactly_once(tmp_path, protocol, names):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    detector = subprocess.Popen([*N2S, "simulate", "--zmq-bind", endpoint, "--protocol",
-                                 protocol, "--frames", "12", "--series", "2", "--shape",
-                                 "32x40", "--rate", "60", "--log-level", "WARNING"])
+    detector = subprocess.Popen(
+        [
+            *N2S,
+            "simulate",
+            "--zmq-bind",
+            endpoint,
+            "--protocol",
+            protocol,
+            "--frames",
+            "12",
+            "--series",
+            "2",
+            "--shape",
+            "32x40",
+            "--rate",
+            "60",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     STARTED.append(detector)
     daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol", protocol)
     daemon.wait_ready()
@@ -54,12 +73,28 @@ def test_series_number_reused_after_end_gets_a_new_file(tmp_path):
     daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol", "dectris-stream1")
     daemon.wait_ready()
     for run in range(2):
-        proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--protocol",
-                               "dectris-stream1", "--frames", "4", "--shape", "16x16",
-                               "--log-level", "WARNING"], timeout=60)
+        proc = subprocess.run(
+            [
+                *N2S,
+                "simulate",
+                "--zmq-bind",
+                endpoint,
+                "--protocol",
+                "dectris-stream1",
+                "--frames",
+                "4",
+                "--shape",
+                "16x16",
+                "--log-level",
+                "WARNING",
+            ],
+            timeout=60,
+        )
         assert proc.returncode == 0
-        daemon.wait_for("closed output .*series_000001" + ("_r2" if run else "") +
-                        "_n2s.h5 \\(4 frames\\)", timeout=60)
+        daemon.wait_for(
+            "closed output .*series_000001" + ("_r2" if run else "") + "_n2s.h5 \\(4 frames\\)",
+            timeout=60,
+        )
         time.sleep(0.5)
     assert daemon.terminate() == 0
     assert _frames_in(daemon.out / "series_000001_n2s.h5")[1].tolist() == [0, 1, 2, 3]
@@ -106,14 +141,32 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
     """Two daemons PULL one feed (ZeroMQ round-robins the frames); each writes its shard;
     `merge` presents them as one stack in frame order."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    workers = [DaemonProcess(tmp_path / name, "--zmq", endpoint, "--series-idle-close", "1",
-                             "--shared-feed") for name in ("a", "b")]
+    workers = [
+        DaemonProcess(
+            tmp_path / name, "--zmq", endpoint, "--series-idle-close", "1", "--shared-feed"
+        )
+        for name in ("a", "b")
+    ]
     for worker in workers:
         worker.wait_ready()
     time.sleep(0.5)  # both connected, so the feed is shared
-    proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "40",
-                           "--shape", "24x24", "--rate", "80", "--log-level", "WARNING"],
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            *N2S,
+            "simulate",
+            "--zmq-bind",
+            endpoint,
+            "--frames",
+            "40",
+            "--shape",
+            "24x24",
+            "--rate",
+            "80",
+            "--log-level",
+            "WARNING",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -132,8 +185,12 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
         assert worker.terminate() == 0
     shards = [w.out / "scan_0001_n2s.h5" for w in workers]
     merged = tmp_path / "merged" / "scan_0001.h5"
-    proc = subprocess.run([*N2S, "merge", *map(str, shards), "--out", str(merged)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*N2S, "merge", *map(str, shards), "--out", str(merged)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "40 frames from 2 shards" in proc.stdout and "missing" not in proc.stdout
     with h5py.File(merged, "r") as handle:
@@ -158,8 +215,9 @@ def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
     mask[8] = 1
     frames = [np.full((16, 20), 5 + k, np.uint16) for k in range(6)]
     try:
-        first = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol", "dectris-stream1",
-                              name="first")
+        first = DaemonProcess(
+            tmp_path, "--zmq", endpoint, "--zmq-protocol", "dectris-stream1", name="first"
+        )
         first.wait_ready()
         push.send_multipart(p.stream1_header(7, mask))
         for k in range(3):
@@ -169,8 +227,9 @@ def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert first.terminate() == 0
-        second = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol",
-                               "dectris-stream1", name="second")
+        second = DaemonProcess(
+            tmp_path, "--zmq", endpoint, "--zmq-protocol", "dectris-stream1", name="second"
+        )
         second.wait_ready()
         for k in range(2, 6):  # frame 2 again: the detector resent it
             push.send_multipart(p.stream1_image(7, k, frames[k]))
@@ -190,11 +249,25 @@ def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
 
 def test_drop_policy_counts_what_it_drops(tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--queue-size", "1",
-                           "--drop-when-full", "--max-batch", "1")
+    daemon = DaemonProcess(
+        tmp_path, "--zmq", endpoint, "--queue-size", "1", "--drop-when-full", "--max-batch", "1"
+    )
     daemon.wait_ready()
-    proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "60",
-                           "--shape", "256x256", "--log-level", "WARNING"], timeout=120)
+    proc = subprocess.run(
+        [
+            *N2S,
+            "simulate",
+            "--zmq-bind",
+            endpoint,
+            "--frames",
+            "60",
+            "--shape",
+            "256x256",
+            "--log-level",
+            "WARNING",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0
     daemon.wait_for("closed output .*scan_0001_n2s.h5", timeout=60)
     metrics = daemon.scrape()
@@ -212,11 +285,26 @@ def test_detector_restart_is_followed_by_reconnecting(tmp_path):
     daemon = DaemonProcess(tmp_path, "--zmq", endpoint)
     daemon.wait_ready()
     for run in range(2):
-        proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "5",
-                               "--shape", "16x16", "--log-level", "WARNING"], timeout=60)
+        proc = subprocess.run(
+            [
+                *N2S,
+                "simulate",
+                "--zmq-bind",
+                endpoint,
+                "--frames",
+                "5",
+                "--shape",
+                "16x16",
+                "--log-level",
+                "WARNING",
+            ],
+            timeout=60,
+        )
         assert proc.returncode == 0
-        daemon.wait_for("closed output .*scan_0001" + ("_r2" if run else "") +
-                        "_n2s.h5 \\(5 frames\\)", timeout=60)
+        daemon.wait_for(
+            "closed output .*scan_0001" + ("_r2" if run else "") + "_n2s.h5 \\(5 frames\\)",
+            timeout=60,
+        )
     assert daemon.terminate() == 0
 
 
@@ -224,16 +312,46 @@ def test_inference_worker_adopts_the_training_workers_checkpoints(tmp_path):
     """Fan-out with one model: worker a trains and checkpoints, worker b only infers with
     a's newest checkpoint (shared state dir)."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    trainer = DaemonProcess(tmp_path / "a", "--zmq", endpoint, "--checkpoint-every", "0.5",
-                            "--publish-every", "10", "--series-idle-close", "1")
+    trainer = DaemonProcess(
+        tmp_path / "a",
+        "--zmq",
+        endpoint,
+        "--checkpoint-every",
+        "0.5",
+        "--publish-every",
+        "10",
+        "--series-idle-close",
+        "1",
+    )
     trainer.wait_ready()
-    follower = DaemonProcess(tmp_path / "b", "--zmq", endpoint, "--model-from",
-                             str(tmp_path / "a" / "state"), "--series-idle-close", "1")
+    follower = DaemonProcess(
+        tmp_path / "b",
+        "--zmq",
+        endpoint,
+        "--model-from",
+        str(tmp_path / "a" / "state"),
+        "--series-idle-close",
+        "1",
+    )
     follower.wait_ready()
     time.sleep(0.5)
-    proc = subprocess.run([*N2S, "simulate", "--zmq-bind", endpoint, "--frames", "80",
-                           "--shape", "32x32", "--rate", "15", "--log-level", "WARNING"],
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            *N2S,
+            "simulate",
+            "--zmq-bind",
+            endpoint,
+            "--frames",
+            "80",
+            "--shape",
+            "32x32",
+            "--rate",
+            "15",
+            "--log-level",
+            "WARNING",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0
     for worker in (trainer, follower):
         worker.wait_for("closed output .*scan_0001_n2s.h5", timeout=30)
@@ -251,8 +369,9 @@ def test_sub_socket_follows_a_publishing_detector(tmp_path):
     context = zmq.Context()
     pub = context.socket(zmq.PUB)
     pub.bind(endpoint)
-    daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-socket", "sub",
-                           "--zmq-protocol", "dectris-stream2")
+    daemon = DaemonProcess(
+        tmp_path, "--zmq", endpoint, "--zmq-socket", "sub", "--zmq-protocol", "dectris-stream2"
+    )
     try:
         daemon.wait_ready()
         time.sleep(1.0)  # a SUB sees only what is published after it joined

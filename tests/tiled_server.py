@@ -24,8 +24,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     args.readable.mkdir(parents=True, exist_ok=True)
-    with SimpleTiledServer(directory=args.dir, api_key=args.api_key, port=args.port,
-                           readable_storage=[args.readable]) as server:
+    with SimpleTiledServer(
+        directory=args.dir, api_key=args.api_key, port=args.port, readable_storage=[args.readable]
+    ) as server:
         print(server.uri.split("?")[0], flush=True)
         sys.stdin.read()
 

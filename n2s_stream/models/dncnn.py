@@ -19,8 +19,9 @@ class DnCNN(nn.Module):
             nn.ReLU(inplace=True),
         ]
         for _ in range(config.layers - 2):
-            layers.append(nn.Conv2d(config.width, config.width, 3, padding=1,
-                                    bias=not config.batch_norm))
+            layers.append(
+                nn.Conv2d(config.width, config.width, 3, padding=1, bias=not config.batch_norm)
+            )
             if config.batch_norm:
                 layers.append(nn.BatchNorm2d(config.width))
             layers.append(nn.ReLU(inplace=True))

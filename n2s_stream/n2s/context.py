@@ -43,8 +43,9 @@ def context_offsets(frames: int, causal: bool) -> list[int]:
     return [sign * d for d in range(1, frames // 2 + 1) for sign in (-1, 1)]
 
 
-def context_indices(centre: int, n_frames: int, offsets: Sequence[int],
-                    causal: bool) -> list[int | None]:
+def context_indices(
+    centre: int, n_frames: int, offsets: Sequence[int], causal: bool
+) -> list[int | None]:
     """Frame index used for each neighbour channel of frame ``centre`` in a series of
     ``n_frames`` frames (None: no frame, the channel is zero-filled)."""
     chosen: list[int | None] = []
@@ -56,8 +57,13 @@ def context_indices(centre: int, n_frames: int, offsets: Sequence[int],
     return chosen
 
 
-def context_stack(frames: Sequence[np.ndarray], centre: int, offsets: Sequence[int],
-                  causal: bool, register: bool = False) -> np.ndarray:
+def context_stack(
+    frames: Sequence[np.ndarray],
+    centre: int,
+    offsets: Sequence[int],
+    causal: bool,
+    register: bool = False,
+) -> np.ndarray:
     """``(1 + len(offsets), H, W)`` network input of frame ``centre`` of ``frames``
     (``register``: neighbours shifted onto the centre frame's view)."""
     image = frames[centre]

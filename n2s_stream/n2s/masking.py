@@ -107,9 +107,7 @@ class Masker:
         """Input channels the model needs beyond the image (1 when the mask is an input)."""
         return 1 if self.config.mask_as_input else 0
 
-    def mask(
-        self, x: torch.Tensor, i: int | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask(self, x: torch.Tensor, i: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(net_input, mask)`` for phase ``i`` (int, or one phase per sample).
 
         Only channel 0, the centre frame, is masked; context channels pass unchanged.

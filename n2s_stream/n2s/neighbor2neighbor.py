@@ -19,8 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-NEIGHBOUR_PAIRS = torch.tensor([[0, 1], [1, 0], [0, 2], [2, 0], [1, 3], [3, 1], [2, 3],
-                                [3, 2]])
+NEIGHBOUR_PAIRS = torch.tensor([[0, 1], [1, 0], [0, 2], [2, 0], [1, 3], [3, 1], [2, 3], [3, 2]])
 """Ordered pairs of adjacent pixels of a 2x2 cell, the cell read row by row."""
 
 GAMMA = 2.0

@@ -41,15 +41,18 @@ def estimate_shift(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
     ``reference``; sub-pixel (to 0.1 px); from the central `ESTIMATE_SIZE` square (the
     motion is taken as one shift for the whole frame)."""
     crop = _central(reference.shape)
-    shift, _, _ = phase_cross_correlation(_tapered(reference[crop]), _tapered(moving[crop]),
-                                          upsample_factor=10, normalization=None)
+    shift, _, _ = phase_cross_correlation(
+        _tapered(reference[crop]), _tapered(moving[crop]), upsample_factor=10, normalization=None
+    )
     return np.asarray(shift, dtype=np.float64)
 
 
 def _central(shape: tuple[int, ...]) -> tuple[slice, ...]:
     """The central `ESTIMATE_SIZE` square of a frame (all of a smaller one)."""
-    return tuple(slice(max(0, (n - ESTIMATE_SIZE) // 2), max(0, (n - ESTIMATE_SIZE) // 2)
-                       + ESTIMATE_SIZE) for n in shape)
+    return tuple(
+        slice(max(0, (n - ESTIMATE_SIZE) // 2), max(0, (n - ESTIMATE_SIZE) // 2) + ESTIMATE_SIZE)
+        for n in shape
+    )
 
 
 def _tapered(image: np.ndarray) -> np.ndarray:
@@ -64,8 +67,7 @@ def shift_image(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return ndimage.shift(image, shift, order=1, mode="nearest").astype(np.float32)
 
 
-def register_neighbours(neighbours: Mapping[int, np.ndarray],
-                        centre: int) -> dict[int, np.ndarray]:
+def register_neighbours(neighbours: Mapping[int, np.ndarray], centre: int) -> dict[int, np.ndarray]:
     """``neighbours`` (frame index -> image, never the centre frame) shifted onto frame
     ``centre``: the per-frame motion comes from the two neighbours nearest the centre; if
     there are fewer than two, or the motion is below `MIN_SHIFT`, or shifting does not make
@@ -82,11 +84,14 @@ def register_neighbours(neighbours: Mapping[int, np.ndarray],
         return unchanged
     moved = shift_image(neighbours[second], step * (second - first))
     agreement = _agreement(neighbours[first], moved)
-    if agreement < MIN_AGREEMENT or agreement < _agreement(
-            neighbours[first], neighbours[second]) + MIN_GAIN:
+    if (
+        agreement < MIN_AGREEMENT
+        or agreement < _agreement(neighbours[first], neighbours[second]) + MIN_GAIN
+    ):
         return unchanged
-    return {index: shift_image(image, step * (index - centre))
-            for index, image in neighbours.items()}
+    return {
+        index: shift_image(image, step * (index - centre)) for index, image in neighbours.items()
+    }
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -40,8 +40,14 @@ def noise_model(blind: np.ndarray, noisy: np.ndarray, *, bins: int = 16) -> tupl
     return max(float(gain), 1e-6), max(float(offset), 0.0)
 
 
-def unblind(blind: np.ndarray, noisy: np.ndarray, *, gain: float, offset: float = 0.0,
-            window: int | None = None) -> np.ndarray:
+def unblind(
+    blind: np.ndarray,
+    noisy: np.ndarray,
+    *,
+    gain: float,
+    offset: float = 0.0,
+    window: int | None = None,
+) -> np.ndarray:
     """The posterior mean of each pixel given its blind-spot prediction and its own noisy
     value (see the module docstring). The prediction's uncertainty is estimated per frame,
     or with ``window``, from the square of that side around each pixel."""

@@ -28,15 +28,27 @@ SHIPPED: dict[str, Path] = {
 }
 """The shipped starting model for each training objective (``training.OBJECTIVES``)."""
 
-IMAGES = ("text", "brick", "page", "chelsea", "rocket", "immunohistochemistry",
-          "hubble_deep_field", "clock", "cell", "retina", "microaneurysms")
+IMAGES = (
+    "text",
+    "brick",
+    "page",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "clock",
+    "cell",
+    "retina",
+    "microaneurysms",
+)
 """scikit-image's bundled images the shipped models are trained on (no download); the
 benchmarks score on camera, astronaut, coins, moon, coffee and the fine textures gravel and
 grass, which are left out."""
 
 
-def starting_model(model: ModelConfig, masker: MaskerConfig,
-                   objective: Objective = "noise2self") -> Checkpoint | None:
+def starting_model(
+    model: ModelConfig, masker: MaskerConfig, objective: Objective = "noise2self"
+) -> Checkpoint | None:
     """The shipped model for ``objective`` when it fits ``model`` and ``masker`` exactly
     (else None: the network starts from random weights)."""
     path = SHIPPED.get(objective)
@@ -45,8 +57,9 @@ def starting_model(model: ModelConfig, masker: MaskerConfig,
     checkpoint = load_checkpoint(path)  # weights_only: never unpickles objects
     single = replace(masker, causal=False, register=False)  # no neighbours: no difference
     if objective == "neighbor2neighbor":  # trained unmasked: the grid does not matter
-        single = replace(single, grid_size=checkpoint.masker_config.grid_size,
-                         mode=checkpoint.masker_config.mode)
+        single = replace(
+            single, grid_size=checkpoint.masker_config.grid_size, mode=checkpoint.masker_config.mode
+        )
     if checkpoint.model_config != model or checkpoint.masker_config != single:
         return None
     return checkpoint

@@ -53,8 +53,13 @@ def training_images() -> list[np.ndarray]:
     return images
 
 
-def batch(images: list[np.ndarray], rng: np.random.Generator, size: int, patch: int,
-          doses: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    images: list[np.ndarray],
+    rng: np.random.Generator,
+    size: int,
+    patch: int,
+    doses: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(noisy, clean)`` patches ``(size, 1, patch, patch)``, both normalised by the noisy
     patch's source image statistics at its dose."""
     noisy, clean = [], []
@@ -65,12 +70,16 @@ def batch(images: list[np.ndarray], rng: np.random.Generator, size: int, patch: 
         dose = float(np.exp(rng.uniform(np.log(doses[0]), np.log(doses[1]))))
         crop = image[top : top + patch, left : left + patch] * dose
         counts = rng.poisson(crop).astype(np.float32)
-        mean, spread = float(image.mean() * dose), float(np.sqrt(
-            image.var() * dose**2 + image.mean() * dose)) or 1.0  # as for the whole frame
+        mean, spread = (
+            float(image.mean() * dose),
+            float(np.sqrt(image.var() * dose**2 + image.mean() * dose)) or 1.0,
+        )  # as for the whole frame
         noisy.append((counts - mean) / spread)
         clean.append((crop - mean) / spread)
-    return (torch.from_numpy(np.stack(noisy)[:, None]),
-            torch.from_numpy(np.stack(clean)[:, None].astype(np.float32)))
+    return (
+        torch.from_numpy(np.stack(noisy)[:, None]),
+        torch.from_numpy(np.stack(clean)[:, None].astype(np.float32)),
+    )
 
 
 def main() -> None:
@@ -83,11 +92,16 @@ def main() -> None:
     parser.add_argument("--min-dose", type=float, default=2.0)
     parser.add_argument("--max-dose", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--objective", choices=OBJECTIVES, default="noise2self",
-                        help="the online objective the model starts: noise2self (blind spot, "
-                             "the default file) or neighbor2neighbor (no blind spot)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default: the shipped file for the objective")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="noise2self",
+        help="the online objective the model starts: noise2self (blind spot, "
+        "the default file) or neighbor2neighbor (no blind spot)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: the shipped file for the objective"
+    )
     args = parser.parse_args()
     args.out = args.out or SHIPPED[args.objective]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -114,13 +128,27 @@ def main() -> None:
         schedule.step()
         if step % 200 == 0 or step == args.steps:
             log.info("step %d/%d: loss against clean %.4f", step, args.steps, loss.item())
-    save_checkpoint(args.out, model=model, model_config=model_config,
-                    masker_config=masker_config, normalizer=Normalizer(), version=0,
-                    step=args.steps, extra={"pretrained": {
-                        "script": "python -m n2s_stream.pretrained",
-                        **{k: (str(v) if isinstance(v, Path) else v)
-                           for k, v in vars(args).items() if k != "out"},
-                        "images": list(IMAGES), "torch": str(torch.__version__)}})
+    save_checkpoint(
+        args.out,
+        model=model,
+        model_config=model_config,
+        masker_config=masker_config,
+        normalizer=Normalizer(),
+        version=0,
+        step=args.steps,
+        extra={
+            "pretrained": {
+                "script": "python -m n2s_stream.pretrained",
+                **{
+                    k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in vars(args).items()
+                    if k != "out"
+                },
+                "images": list(IMAGES),
+                "torch": str(torch.__version__),
+            }
+        },
+    )
     log.info("wrote %s", args.out)
 
 

@@ -216,13 +216,19 @@ def make_sinks(context: SinkContext, *, train: bool, refine: bool) -> list[Sink]
         sinks.append(PreviewSink.from_context(context))
     if config.tiled.uri:
         from n2s_stream.sinks.tiled import TiledSink  # needs the optional tiled client
-        sinks.append(TiledSink.from_context(context, rows_written=output.rows_written,
-                                            stored_dtype=output.stored_dtype))
+
+        sinks.append(
+            TiledSink.from_context(
+                context, rows_written=output.rows_written, stored_dtype=output.stored_dtype
+            )
+        )
     for spec in config.output.sinks:
         sink = load_factory(spec)(context)
         if not isinstance(sink, Sink):
-            raise UsageError(f"sinks: {spec!r} made {sink!r}, which is not a Sink "
-                             "(open_series, write, end_series, close, name, required)")
+            raise UsageError(
+                f"sinks: {spec!r} made {sink!r}, which is not a Sink "
+                "(open_series, write, end_series, close, name, required)"
+            )
         log.info("sink %s from %s", sink.name, spec)
         sinks.append(sink)
     return sinks

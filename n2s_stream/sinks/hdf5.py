@@ -63,9 +63,16 @@ class Hdf5Sink:
     name = "hdf5"
     required = True
 
-    def __init__(self, options: OutputOptions, *, state: StateDir, metrics: Metrics,
-                 stopping: threading.Event, config_text: str,
-                 outputs: OutputAccess | None = None) -> None:
+    def __init__(
+        self,
+        options: OutputOptions,
+        *,
+        state: StateDir,
+        metrics: Metrics,
+        stopping: threading.Event,
+        config_text: str,
+        outputs: OutputAccess | None = None,
+    ) -> None:
         self.options, self.state, self.metrics = options, state, metrics
         self._stopping = stopping
         self._outputs = outputs or OutputAccess()  # shared with the refiner
@@ -80,9 +87,14 @@ class Hdf5Sink:
     @classmethod
     def from_context(cls, context: SinkContext) -> Hdf5Sink:
         """The daemon's output sink."""
-        return cls(context.config.output, state=context.state, metrics=context.metrics,
-                   stopping=context.stopping, config_text=as_toml(context.config, "daemon"),
-                   outputs=context.outputs)
+        return cls(
+            context.config.output,
+            state=context.state,
+            metrics=context.metrics,
+            stopping=context.stopping,
+            config_text=as_toml(context.config, "daemon"),
+            outputs=context.outputs,
+        )
 
     def last_written(self, series: str, output: Path) -> int:
         """The newest source frame of ``series`` already in its output (this run's or an
@@ -104,18 +116,25 @@ class Hdf5Sink:
         try:
             with self._outputs.opening_live(path):
                 self._writers[start.series] = FrameWriter(
-                    path, frame_shape=start.frame_shape, dtype=dtype,
+                    path,
+                    frame_shape=start.frame_shape,
+                    dtype=dtype,
                     output_format=self._format.for_source(start.dtype),
                     mean_count=start.mean_count,
                     flush_seconds=self.options.flush_seconds,
-                    config_text=self._config_text, source=start.series,
-                    notes=start.notes or None, attribute_names=start.attribute_names,
-                    resume=True)
+                    config_text=self._config_text,
+                    source=start.series,
+                    notes=start.notes or None,
+                    attribute_names=start.attribute_names,
+                    resume=True,
+                )
         except (OSError, KeyError, ValueError) as exc:
             if not existed:
                 raise  # a new file that cannot be made: the disk, not the file
-            raise OutputError(f"{path}: existing output cannot be resumed ({exc}); move it "
-                              "away to write the series again") from exc
+            raise OutputError(
+                f"{path}: existing output cannot be resumed ({exc}); move it "
+                "away to write the series again"
+            ) from exc
 
     def rows_written(self, series: str) -> int:
         """Frames of ``series`` that readers of its output see (an earlier run's
@@ -146,10 +165,12 @@ class Hdf5Sink:
             writer.append_frames(denoised[np.newaxis], _row(frame, meta))
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.options.encode_threads,
-                                            thread_name_prefix="encode")
-        self._encoding.append(_Encoding(writer, self._pool.submit(writer.format.encode,
-                                                                   denoised), frame, meta))
+            self._pool = ThreadPoolExecutor(
+                self.options.encode_threads, thread_name_prefix="encode"
+            )
+        self._encoding.append(
+            _Encoding(writer, self._pool.submit(writer.format.encode, denoised), frame, meta)
+        )
         while len(self._encoding) > 2 * self.options.encode_threads:
             self._store_next()
         self._store_encoded(wait=False)
@@ -179,9 +200,11 @@ class Hdf5Sink:
             self._failed = True
             if isinstance(exc, OSError):
                 raise
-            raise StoreError(f"{job.writer.path}: frame {job.frame.index} could not be "
-                             f"encoded ({exc}); it and {dropped - 1} after it were not "
-                             "stored") from exc
+            raise StoreError(
+                f"{job.writer.path}: frame {job.frame.index} could not be "
+                f"encoded ({exc}); it and {dropped - 1} after it were not "
+                "stored"
+            ) from exc
 
     def end_series(self, end: SeriesEnd) -> None:
         """Close the series' output and note in the ledger whether it is complete."""
@@ -193,15 +216,17 @@ class Hdf5Sink:
             finally:
                 self._outputs.closed_live(writer.path)
             self._closed_rows[end.series] = writer.n_written
-            self.state.record(end.series, output=writer.path, written=writer.n_written,
-                              finished=end.complete)
+            self.state.record(
+                end.series, output=writer.path, written=writer.n_written, finished=end.complete
+            )
         elif end.complete:
             output = self.state.output_for(end.series, end.output)
             with self._outputs.opening_briefly(output) as free:
                 if free and output.exists():
                     close_left_open(output)
-            log.info("series %s ended with nothing new to write (an earlier run wrote it)",
-                     end.series)
+            log.info(
+                "series %s ended with nothing new to write (an earlier run wrote it)", end.series
+            )
             self.state.record(end.series, output=end.output, written=0, finished=True)
 
     def close(self) -> None:
@@ -221,8 +246,9 @@ class Hdf5Sink:
             writer = self._writers.pop(series)
             try:
                 writer.close()
-                self.state.record(series, output=writer.path, written=writer.n_written,
-                                  finished=False)
+                self.state.record(
+                    series, output=writer.path, written=writer.n_written, finished=False
+                )
             except Exception as exc:
                 log.error("closing %s failed: %s", writer.path, exc)
                 errors.append(exc)
@@ -236,19 +262,30 @@ class Hdf5Sink:
         free = free_bytes(writer.path.parent)
         if free >= needed:
             return
-        log.error("output disk of %s nearly full (%.1f MiB free, %.1f MiB needed): holding "
-                  "frames until space returns", writer.path, free / 2**20, needed / 2**20)
+        log.error(
+            "output disk of %s nearly full (%.1f MiB free, %.1f MiB needed): holding "
+            "frames until space returns",
+            writer.path,
+            free / 2**20,
+            needed / 2**20,
+        )
         self.metrics.output_paused.set(1)
         while free < needed:
             if self._stopping.wait(1.0):
                 raise Abandoned(f"stopping while the output disk of {writer.path} is full")
             free = free_bytes(writer.path.parent)
         self.metrics.output_paused.set(0)
-        log.info("space returned on the output disk (%.1f MiB free): writing again",
-                 free / 2**20)
+        log.info("space returned on the output disk (%.1f MiB free): writing again", free / 2**20)
 
 
 def _row(frame: Frame, meta: FrameMeta) -> Provenance:
     """The provenance row of one frame."""
-    return Provenance([frame.index], meta.version, frame.received_at, meta.denoiser,
-                      frame.t_source, [frame.source_id], [frame.attributes])
+    return Provenance(
+        [frame.index],
+        meta.version,
+        frame.received_at,
+        meta.denoiser,
+        frame.t_source,
+        [frame.source_id],
+        [frame.attributes],
+    )

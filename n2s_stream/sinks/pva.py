@@ -24,9 +24,11 @@ from n2s_stream.sources.ntndarray import encode
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-            "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1"}
+LOOPBACK = {
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+}
 """Server settings used where the environment sets none: serve this host only."""
 
 
@@ -34,16 +36,23 @@ def loopback_client_env(server_port: int, broadcast_port: int) -> dict[str, str]
     """EPICS client settings that find PVs only at the name server on 127.0.0.1
     ``server_port`` (UDP search between processes on one host is fragile): the demo's,
     the benchmarks' and the tests' daemons and clients."""
-    return {"EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{server_port}",
-            "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "",
-            "EPICS_PVA_BROADCAST_PORT": str(broadcast_port)}
+    return {
+        "EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{server_port}",
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_ADDR_LIST": "",
+        "EPICS_PVA_BROADCAST_PORT": str(broadcast_port),
+    }
 
 
 def loopback_server_env(port: int, broadcast_port: int) -> dict[str, str]:
     """EPICS server settings: 127.0.0.1, TCP ``port``, no beacons beyond this host."""
-    return {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
-            "EPICS_PVAS_BROADCAST_PORT": str(broadcast_port),
-            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_BEACON_ADDR_LIST": ""}
+    return {
+        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVAS_SERVER_PORT": str(port),
+        "EPICS_PVAS_BROADCAST_PORT": str(broadcast_port),
+        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_PVAS_BEACON_ADDR_LIST": "",
+    }
 
 
 def server_conf(environ: dict[str, str]) -> dict[str, str]:
@@ -64,15 +73,19 @@ class PvaServeSink:
             from p4p.server import Server
             from p4p.server.thread import SharedPV
         except ImportError as exc:
-            raise UsageError("--pva-serve needs the optional extra: pip install "
-                             "'n2s-stream[pva]'") from exc
+            raise UsageError(
+                "--pva-serve needs the optional extra: pip install 'n2s-stream[pva]'"
+            ) from exc
         self.pv, self.codec = pv, codec
         self._shared: Any = SharedPV()  # no value (clients wait) until the first frame
         conf = server_conf(dict(os.environ))
-        self._server: Any = Server(providers=[{pv: self._shared}], conf=conf or None,
-                                   useenv=True)
-        log.info("serving denoised frames as PV %s (codec %s; %s)", pv, codec,
-                 "loopback" if conf else "interfaces from EPICS_PVAS_INTF_ADDR_LIST")
+        self._server: Any = Server(providers=[{pv: self._shared}], conf=conf or None, useenv=True)
+        log.info(
+            "serving denoised frames as PV %s (codec %s; %s)",
+            pv,
+            codec,
+            "loopback" if conf else "interfaces from EPICS_PVAS_INTF_ADDR_LIST",
+        )
 
     @classmethod
     def from_context(cls, context: SinkContext) -> PvaServeSink:
@@ -87,11 +100,17 @@ class PvaServeSink:
     def write(self, frame: Frame, denoised: np.ndarray, meta: FrameMeta) -> None:
         """Publish one denoised frame (viewers too slow for it miss it)."""
         attributes: dict[str, float | int | str] = {
-            **frame.attributes, "N2SModelVersion": meta.version, "N2SDenoiser": meta.denoiser}
-        value = encode(denoised.astype(np.float32, copy=False),
-                       frame.index + 1 if frame.source_id is None else frame.source_id,
-                       timestamp=frame.t_source or frame.received_at, codec=self.codec,
-                       attributes=attributes)
+            **frame.attributes,
+            "N2SModelVersion": meta.version,
+            "N2SDenoiser": meta.denoiser,
+        }
+        value = encode(
+            denoised.astype(np.float32, copy=False),
+            frame.index + 1 if frame.source_id is None else frame.source_id,
+            timestamp=frame.t_source or frame.received_at,
+            codec=self.codec,
+            attributes=attributes,
+        )
         if self._shared.isOpen():
             self._shared.post(value)
         else:

@@ -76,12 +76,16 @@ class _Spool:
         else:
             self.file = h5py.File(path, "w", libver="latest")
             shape = frame.data.shape
-            self.raw = self.file.create_dataset("raw", shape=(0, *shape),
-                                                maxshape=(None, *shape), chunks=(1, *shape),
-                                                dtype=frame.data.dtype)
-            self.index = self.file.create_dataset("source_frame", shape=(0,),
-                                                  maxshape=(None,), chunks=(1024,),
-                                                  dtype=np.int64)
+            self.raw = self.file.create_dataset(
+                "raw",
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                chunks=(1, *shape),
+                dtype=frame.data.dtype,
+            )
+            self.index = self.file.create_dataset(
+                "source_frame", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64
+            )
             if frame.pixel_mask is not None:
                 self.file["pixel_mask"] = frame.pixel_mask
             self.file.attrs.update({"series": frame.series, "output": str(output)})
@@ -106,8 +110,9 @@ class RawSpool:
     name = "refine_spool"
     required = False  # losing the spool loses the refinement, never a live frame
 
-    def __init__(self, root: Path, *, state: StateDir, max_bytes: int,
-                 reserve_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, *, state: StateDir, max_bytes: int, reserve_bytes: int = 0
+    ) -> None:
         self.root, self.state = root, state
         self.max_bytes, self.reserve_bytes = max_bytes, reserve_bytes
         self.root.mkdir(parents=True, exist_ok=True)
@@ -119,9 +124,12 @@ class RawSpool:
     @classmethod
     def from_context(cls, context: SinkContext) -> RawSpool:
         """The daemon's spool, under ``state_dir/refine``."""
-        return cls(context.state.root / "refine", state=context.state,
-                   max_bytes=int(context.config.refine.max_gb * 2**30),
-                   reserve_bytes=int(2 * context.config.output.min_free_mb * 2**20))
+        return cls(
+            context.state.root / "refine",
+            state=context.state,
+            max_bytes=int(context.config.refine.max_gb * 2**30),
+            reserve_bytes=int(2 * context.config.output.min_free_mb * 2**20),
+        )
 
     def open_series(self, start: SeriesStart) -> None:
         """Note where the series' output is; its spool opens with its first frame."""
@@ -132,14 +140,15 @@ class RawSpool:
         if frame.series in self._given_up:
             return
         if not self._room_for(frame.data.nbytes, self._open.get(frame.series)):
-            self._give_up(frame.series, "no room in state_dir/refine (refine_max_gb, "
-                                        "or the disk's free space)")
+            self._give_up(
+                frame.series,
+                "no room in state_dir/refine (refine_max_gb, or the disk's free space)",
+            )
             return
         spool = self._open.get(frame.series)
         if spool is None:
             output = self._output_of(frame.series, frame.output)
-            path = (self._spool_of(frame.series)
-                    or self._path_for(spool_name(frame.series, output)))
+            path = self._spool_of(frame.series) or self._path_for(spool_name(frame.series, output))
             spool = self._open[frame.series] = _Spool(path, frame, output)
             self._used = self._usage()
         try:
@@ -165,9 +174,12 @@ class RawSpool:
             path = found
         self._used = self._usage()
         path.rename(path.with_name(path.stem + READY_SUFFIX))
-        log.info("series %s: %s ready to be refined%s", end.series, path.name,
-                 "" if end.complete else " (it went idle: frames that come later are "
-                                         "refined after it)")
+        log.info(
+            "series %s: %s ready to be refined%s",
+            end.series,
+            path.name,
+            "" if end.complete else " (it went idle: frames that come later are refined after it)",
+        )
 
     def close(self) -> None:
         """Close every spool; unfinished series keep theirs for the next run."""
@@ -179,8 +191,10 @@ class RawSpool:
         already ended (it resumed after it went idle)."""
         for n in range(1, 10_000):
             stem = name if n == 1 else f"{name}-{n}"
-            if not any((self.root / f"{stem}{suffix}").exists()
-                       for suffix in (".h5", READY_SUFFIX, FAILED_SUFFIX)):
+            if not any(
+                (self.root / f"{stem}{suffix}").exists()
+                for suffix in (".h5", READY_SUFFIX, FAILED_SUFFIX)
+            ):
                 return self.root / f"{stem}.h5"
         raise OSError(f"{name}: too many spools")
 
@@ -232,15 +246,20 @@ class RawSpool:
             except OSError:
                 continue
             self._used -= size
-            log.warning("dropped the spool %s to make room for newer series: its series "
-                        "will not be refined", path.name)
+            log.warning(
+                "dropped the spool %s to make room for newer series: its series "
+                "will not be refined",
+                path.name,
+            )
             if self._fits(nbytes):
                 return True
         return False
 
     def _fits(self, nbytes: int) -> bool:
-        return (self._used + nbytes <= self.max_bytes
-                and free_bytes(self.root) >= self.reserve_bytes + nbytes)
+        return (
+            self._used + nbytes <= self.max_bytes
+            and free_bytes(self.root) >= self.reserve_bytes + nbytes
+        )
 
     def _give_up(self, series: str, why: str) -> None:
         log.warning("series %s will not be refined: %s", series, why)

@@ -69,9 +69,11 @@ def run_identity(notes: dict[str, str], series: str) -> tuple[str, dict[str, Any
     start = json.loads(notes["bluesky_start"]) if "bluesky_start" in notes else None
     if start is None:
         return file_safe(series), {"series": series}
-    return file_safe(str(start["uid"])), {"parent_uid": start["uid"],
-                                          "scan_id": start.get("scan_id"),
-                                          "plan_name": start.get("plan_name")}
+    return file_safe(str(start["uid"])), {
+        "parent_uid": start["uid"],
+        "scan_id": start.get("scan_id"),
+        "plan_name": start.get("plan_name"),
+    }
 
 
 def array_key(data_key: str | None, kind: str) -> str:
@@ -85,9 +87,15 @@ class TiledSink:
     name = "tiled"
     required = False
 
-    def __init__(self, options: TiledOptions, *, state: StateDir, metrics: Metrics,
-                 rows_written: Callable[[str], int],
-                 stored_dtype: Callable[[str], np.dtype]) -> None:
+    def __init__(
+        self,
+        options: TiledOptions,
+        *,
+        state: StateDir,
+        metrics: Metrics,
+        rows_written: Callable[[str], int],
+        stored_dtype: Callable[[str], np.dtype],
+    ) -> None:
         if not options.uri:
             raise UsageError("the Tiled sink needs --tiled URI")
         _api_key(options)  # a key file that cannot be read is a usage error now, not later
@@ -99,22 +107,38 @@ class TiledSink:
         self._worker.start()
 
     @classmethod
-    def from_context(cls, context: SinkContext, *, rows_written: Callable[[str], int],
-                     stored_dtype: Callable[[str], np.dtype]) -> TiledSink:
+    def from_context(
+        cls,
+        context: SinkContext,
+        *,
+        rows_written: Callable[[str], int],
+        stored_dtype: Callable[[str], np.dtype],
+    ) -> TiledSink:
         """The daemon's Tiled sink; ``rows_written(series)``: frames in its output,
         ``stored_dtype(series)``: the type they are stored in (the HDF5 sink knows)."""
-        return cls(context.config.tiled, state=context.state, metrics=context.metrics,
-                   rows_written=rows_written, stored_dtype=stored_dtype)
+        return cls(
+            context.config.tiled,
+            state=context.state,
+            metrics=context.metrics,
+            rows_written=rows_written,
+            stored_dtype=stored_dtype,
+        )
 
     def open_series(self, start: SeriesStart) -> None:
         """Note what to register for the series (done by the registrar thread; the HDF5
         sink, called first, has opened its output)."""
         output = self.state.output_for(start.series, start.output)
         registration = self._registration(
-            start.notes, start.series, output, "denoised", start.frame_shape,
+            start.notes,
+            start.series,
+            output,
+            "denoised",
+            start.frame_shape,
             self._stored_dtype(start.series),
-            extra={"series": start.series}, frames=self._rows_written(start.series),
-            ident=start.series)
+            extra={"series": start.series},
+            frames=self._rows_written(start.series),
+            ident=start.series,
+        )
         with self._lock:
             self._registrations[start.series] = registration
 
@@ -143,15 +167,27 @@ class TiledSink:
         """Register the refined frames the refiner has just appended to ``output``."""
         try:
             with h5py.File(output, "r", swmr=True) as file:
-                notes = {key: _text(value[()]) for key, value in file["/entry/process"].items()
-                         if key.startswith("bluesky_")}
+                notes = {
+                    key: _text(value[()])
+                    for key, value in file["/entry/process"].items()
+                    if key.startswith("bluesky_")
+                }
                 refined = file["/entry/refined/data"]
                 frames, frame_shape, dtype = refined.shape[0], refined.shape[1:], refined.dtype
             series = output.name.removesuffix(".h5").removesuffix("_n2s")
             registration = self._registration(
-                notes, series, output, "refined", frame_shape, dtype, extra={"refined": True},
-                frames=int(frames), ended=True, dataset="/entry/refined/data",
-                ident=f"{output}#refined")
+                notes,
+                series,
+                output,
+                "refined",
+                frame_shape,
+                dtype,
+                extra={"refined": True},
+                frames=int(frames),
+                ended=True,
+                dataset="/entry/refined/data",
+                ident=f"{output}#refined",
+            )
         except (OSError, KeyError, ValueError) as exc:
             self.metrics.tiled_errors.inc()
             log.warning("Tiled: cannot read the refined frames of %s (%s)", output, exc)
@@ -168,11 +204,16 @@ class TiledSink:
     def pending(self) -> list[_Registration]:
         """Registrations the server does not show as they are (a copy of each)."""
         with self._lock:
-            out = [_Registration(**{**vars(r), "metadata": dict(r.metadata)})
-                   for r in self._registrations.values()
-                   if r.registered != r.frames and r.frames > 0]
-            for series in [s for s, r in self._registrations.items()
-                           if r.ended and (r.registered == r.frames or r.frames == 0)]:
+            out = [
+                _Registration(**{**vars(r), "metadata": dict(r.metadata)})
+                for r in self._registrations.values()
+                if r.registered != r.frames and r.frames > 0
+            ]
+            for series in [
+                s
+                for s, r in self._registrations.items()
+                if r.ended and (r.registered == r.frames or r.frames == 0)
+            ]:
                 del self._registrations[series]
             return out
 
@@ -194,24 +235,49 @@ class TiledSink:
                 return 0
             registration.failures += 1
             if registration.ended and registration.failures >= GIVE_UP:
-                log.error("Tiled: giving up registering %s %s after %d refusals",
-                          registration.path, registration.dataset, registration.failures)
+                log.error(
+                    "Tiled: giving up registering %s %s after %d refusals",
+                    registration.path,
+                    registration.dataset,
+                    registration.failures,
+                )
                 del self._registrations[ident]
             return registration.failures
 
-    def _registration(self, notes: dict[str, str], series: str, output: Path, kind: str,
-                      frame_shape: tuple[int, ...], dtype: Any, *, extra: dict[str, Any],
-                      **fields: Any) -> _Registration:
+    def _registration(
+        self,
+        notes: dict[str, str],
+        series: str,
+        output: Path,
+        kind: str,
+        frame_shape: tuple[int, ...],
+        dtype: Any,
+        *,
+        extra: dict[str, Any],
+        **fields: Any,
+    ) -> _Registration:
         """What to show of ``output``'s ``kind`` frames (denoised or refined): the array
         ``<data_key>_<kind>`` in its run's container, with the run's metadata and ours
         (plus ``extra``); ``fields`` set the registration's other fields."""
         container, metadata = run_identity(notes, series)
         data_key = notes.get("bluesky_data_key")
-        metadata.update({"data_key": data_key, "program": f"n2s-stream {__version__}",
-                         "output": str(output), **extra})
-        return _Registration(container, array_key(data_key, kind), self._server_path(output),
-                             tuple(int(side) for side in frame_shape), np.dtype(dtype).str,
-                             metadata, **fields)
+        metadata.update(
+            {
+                "data_key": data_key,
+                "program": f"n2s-stream {__version__}",
+                "output": str(output),
+                **extra,
+            }
+        )
+        return _Registration(
+            container,
+            array_key(data_key, kind),
+            self._server_path(output),
+            tuple(int(side) for side in frame_shape),
+            np.dtype(dtype).str,
+            metadata,
+            **fields,
+        )
 
     def _server_path(self, output: Path) -> str:
         """The output's path as the server sees it (``tiled_path_map`` LOCAL=SERVER)."""
@@ -261,23 +327,36 @@ class _Registrar(BackgroundWorker):
                 self._client = None
                 if _unreachable(exc):  # the server is down: no use trying the others now
                     if not self._down:
-                        log.warning("Tiled %s: cannot register %s (%s); retrying",
-                                    _shown(self.sink.options.uri), registration.path, exc)
+                        log.warning(
+                            "Tiled %s: cannot register %s (%s); retrying",
+                            _shown(self.sink.options.uri),
+                            registration.path,
+                            exc,
+                        )
                     self._down = True
                     return
                 if self.sink.failed(registration.ident) == 1:
-                    log.warning("Tiled %s: cannot register %s %s as %s/%s (%s); retrying",
-                                _shown(self.sink.options.uri), registration.path,
-                                registration.dataset, registration.container,
-                                registration.key, exc)
+                    log.warning(
+                        "Tiled %s: cannot register %s %s as %s/%s (%s); retrying",
+                        _shown(self.sink.options.uri),
+                        registration.path,
+                        registration.dataset,
+                        registration.container,
+                        registration.key,
+                        exc,
+                    )
                 continue
             if self._down:
                 log.info("Tiled %s answers again", _shown(self.sink.options.uri))
                 self._down = False
             if registration.failures:
-                log.info("Tiled %s: %s/%s registered after %d failed tries",
-                         _shown(self.sink.options.uri), registration.container,
-                         registration.key, registration.failures)
+                log.info(
+                    "Tiled %s: %s/%s registered after %d failed tries",
+                    _shown(self.sink.options.uri),
+                    registration.container,
+                    registration.key,
+                    registration.failures,
+                )
 
     def _connect(self) -> Any:
         from tiled.client import from_uri
@@ -295,22 +374,31 @@ class _Registrar(BackgroundWorker):
         if registration.container in client:
             container = client[registration.container]
         else:
-            container = client.create_container(key=registration.container,
-                                                metadata=_container_metadata(registration))
+            container = client.create_container(
+                key=registration.container, metadata=_container_metadata(registration)
+            )
         source = _data_source(registration)
         metadata = {k: v for k, v in registration.metadata.items() if v is not None}
         key = registration.key if registration.resolved else _free_key(container, registration)
         if key not in container:
             container.new(StructureFamily.array, [source], key=key, metadata=metadata)
-            log.info("registered %s in Tiled as %s/%s (%d frames)", registration.path,
-                     registration.container, key, registration.frames)
+            log.info(
+                "registered %s in Tiled as %s/%s (%d frames)",
+                registration.path,
+                registration.container,
+                key,
+                registration.frames,
+            )
         else:
             node = container[key]
             source.id = node.data_sources()[0].id
             # grow the registered shape: Tiled serves only what the structure says
-            handle_error(node.context.http_client.put(
-                node.uri.replace("/metadata/", "/data_source/", 1),
-                content=safe_json_dump({"data_source": source})))
+            handle_error(
+                node.context.http_client.put(
+                    node.uri.replace("/metadata/", "/data_source/", 1),
+                    content=safe_json_dump({"data_source": source}),
+                )
+            )
             node.update_metadata(metadata=metadata)
         self.sink.registered(registration.ident, key, registration.frames)
 
@@ -339,13 +427,24 @@ def _data_source(registration: _Registration) -> Any:
     n = registration.frames
     h, w = registration.frame_shape
     return DataSource(
-        structure_family=StructureFamily.array, mimetype="application/x-hdf5",
-        structure=ArrayStructure(data_type=BuiltinDtype.from_numpy_dtype(
-            np.dtype(registration.dtype)), shape=(n, h, w), chunks=((1,) * n, (h,), (w,))),
+        structure_family=StructureFamily.array,
+        mimetype="application/x-hdf5",
+        structure=ArrayStructure(
+            data_type=BuiltinDtype.from_numpy_dtype(np.dtype(registration.dtype)),
+            shape=(n, h, w),
+            chunks=((1,) * n, (h,), (w,)),
+        ),
         parameters={"dataset": registration.dataset, "swmr": True},
-        assets=[Asset(data_uri=f"file://localhost{registration.path}", is_directory=False,
-                      parameter="data_uris", num=0)],
-        management=Management.external)
+        assets=[
+            Asset(
+                data_uri=f"file://localhost{registration.path}",
+                is_directory=False,
+                parameter="data_uris",
+                num=0,
+            )
+        ],
+        management=Management.external,
+    )
 
 
 def _shown(uri: str) -> str:

@@ -23,9 +23,13 @@ class TrainingTap:
     name = "training_tap"
     required = False
 
-    def __init__(self, buffer: RollingBuffer, val_buffer: RollingBuffer,
-                 val_every: int = VAL_EVERY,
-                 early: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        buffer: RollingBuffer,
+        val_buffer: RollingBuffer,
+        val_every: int = VAL_EVERY,
+        early: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.buffer, self.val_buffer, self.val_every = buffer, val_buffer, val_every
         self._early = early  # True while the held-out set should grow faster
         self._seen = 0
@@ -34,8 +38,9 @@ class TrainingTap:
     def from_context(cls, context: SinkContext) -> TrainingTap:
         """The daemon's buffers."""
         cold = context.cold_start
-        return cls(context.buffer, context.val_buffer,
-                   early=lambda: cold is not None and cold.active)
+        return cls(
+            context.buffer, context.val_buffer, early=lambda: cold is not None and cold.active
+        )
 
     def open_series(self, start: SeriesStart) -> None:
         """Series do not matter to training: it learns from the newest frames."""

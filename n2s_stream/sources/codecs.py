@@ -41,11 +41,16 @@ def bslz4_decode(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.nda
     nbytes, block_bytes = _BSLZ4_HEADER.unpack_from(blob)
     expected = int(np.prod(shape)) * dtype.itemsize
     if nbytes != expected:
-        raise MessageError(f"bslz4 payload holds {nbytes} bytes, shape {shape} {dtype} needs "
-                           f"{expected}", reason="size_mismatch")
+        raise MessageError(
+            f"bslz4 payload holds {nbytes} bytes, shape {shape} {dtype} needs {expected}",
+            reason="size_mismatch",
+        )
     if block_bytes % dtype.itemsize:
-        raise MessageError(f"bslz4 block size {block_bytes} is not a multiple of the element"
-                           f" size {dtype.itemsize}", reason="corrupt")
+        raise MessageError(
+            f"bslz4 block size {block_bytes} is not a multiple of the element"
+            f" size {dtype.itemsize}",
+            reason="corrupt",
+        )
     data = np.frombuffer(blob, dtype=np.uint8, offset=_BSLZ4_HEADER.size)
     try:
         return bitshuffle.decompress_lz4(data, tuple(shape), dtype, block_bytes // dtype.itemsize)
@@ -62,16 +67,20 @@ def lz4_hdf5_decode(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.
     total, block = _BSLZ4_HEADER.unpack_from(blob)
     expected = int(np.prod(shape)) * dtype.itemsize
     if total != expected or block <= 0:
-        raise MessageError(f"lz4 payload holds {total} bytes (blocks of {block}), shape "
-                           f"{tuple(shape)} {dtype} needs {expected}", reason="size_mismatch")
+        raise MessageError(
+            f"lz4 payload holds {total} bytes (blocks of {block}), shape "
+            f"{tuple(shape)} {dtype} needs {expected}",
+            reason="size_mismatch",
+        )
     out, offset = bytearray(), _BSLZ4_HEADER.size
     try:
         while len(out) < total:
             (size,) = struct.unpack_from(">I", blob, offset)
             chunk = blob[offset + 4 : offset + 4 + size]
             wanted = min(block, total - len(out))
-            out += chunk if size == wanted else lz4.block.decompress(
-                chunk, uncompressed_size=wanted)
+            out += (
+                chunk if size == wanted else lz4.block.decompress(chunk, uncompressed_size=wanted)
+            )
             offset += 4 + size
     except (struct.error, lz4.block.LZ4BlockError) as exc:
         raise MessageError(f"lz4 payload does not decompress: {exc}", reason="corrupt") from exc
@@ -104,13 +113,16 @@ def raw_decode(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarr
     dtype = np.dtype(dtype)
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(blob) != expected:
-        raise MessageError(f"{len(blob)} bytes for shape {tuple(shape)} {dtype} (needs "
-                           f"{expected})", reason="size_mismatch")
+        raise MessageError(
+            f"{len(blob)} bytes for shape {tuple(shape)} {dtype} (needs {expected})",
+            reason="size_mismatch",
+        )
     return np.frombuffer(blob, dtype=dtype).reshape(shape)
 
 
-def decode_payload(blob: bytes, encoding: str, shape: tuple[int, ...],
-                   dtype: np.dtype) -> np.ndarray:
+def decode_payload(
+    blob: bytes, encoding: str, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
     """Decode ``blob`` given one of `ENCODINGS`."""
     if encoding == "raw":
         return raw_decode(blob, shape, dtype)

@@ -35,8 +35,19 @@ from n2s_stream.writer import output_name
 log = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "gpfs", "lustre", "cifs", "smb3", "smbfs", "beegfs",
-                       "ceph", "fuse.sshfs", "9p")
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "gpfs",
+    "lustre",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "beegfs",
+    "ceph",
+    "fuse.sshfs",
+    "9p",
+)
 _EIGER_DATA_FILE = re.compile(r"_data_\d{6}$")
 _SCAN_NUMBER = re.compile(r"^(.*?)(\d+)$")
 
@@ -49,6 +60,8 @@ def series_successor(earlier: Path, later: Path) -> bool:
     a = _SCAN_NUMBER.match(earlier.stem.removesuffix("_master"))
     b = _SCAN_NUMBER.match(later.stem.removesuffix("_master"))
     return bool(a and b and a.group(1) == b.group(1) and int(b.group(2)) > int(a.group(2)))
+
+
 # Reasons for which a young file is retried: it may still be being created.
 _RETRY_REASONS = ("unreadable", "no_dataset", "not_hdf5", "missing", "read_error")
 
@@ -125,8 +138,9 @@ def _is_utf8(path: Path) -> bool:
 class DirectorySource(BackgroundWorker):
     """Emits the frames of every HDF5 series under ``options.root``, each exactly once."""
 
-    def __init__(self, options: DirectoryOptions, *, out_root: Path,
-                 context: SourceContext) -> None:
+    def __init__(
+        self, options: DirectoryOptions, *, out_root: Path, context: SourceContext
+    ) -> None:
         super().__init__("directory-source")
         if options.root is None:
             raise UsageError("the directory source needs --watch DIR")
@@ -154,12 +168,14 @@ class DirectorySource(BackgroundWorker):
             raise UsageError(f"{self._root}: watch directory does not exist")
         interval = self.config.poll or 1.0
         self._observer = PollingObserver(timeout=interval) if self.polling else Observer()
-        self._decoders = ThreadPoolExecutor(self.config.decode_threads,
-                                            thread_name_prefix="decode")
+        self._decoders = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
         self._observer.schedule(self._events, str(self._root), recursive=True)
         self._observer.start()
-        log.info("watching %s (%s)", self._root,
-                 f"polling every {interval:g}s" if self.polling else "inotify")
+        log.info(
+            "watching %s (%s)",
+            self._root,
+            f"polling every {interval:g}s" if self.polling else "inotify",
+        )
         if self.config.process_existing:
             for path in sorted(self._root.rglob("*")):
                 if path.is_file():
@@ -274,8 +290,14 @@ class DirectorySource(BackgroundWorker):
             self._finish(followed)
             return False
         followed.position = start
-        log.info("opened %s: %d frames %dx%d %s, resuming at frame %d", followed.path,
-                 len(followed.stack), *followed.stack.frame_shape, followed.stack.dtype, start)
+        log.info(
+            "opened %s: %d frames %dx%d %s, resuming at frame %d",
+            followed.path,
+            len(followed.stack),
+            *followed.stack.frame_shape,
+            followed.stack.dtype,
+            start,
+        )
         return True
 
     def _follow(self, followed: _Followed) -> bool:
@@ -289,8 +311,9 @@ class DirectorySource(BackgroundWorker):
                 # A plain file shows growth only when re-opened; a master file may gain
                 # links to new data files.
                 stack.close()
-                stack = followed.stack = open_stack(followed.path, self.config.dataset,
-                                                    swmr=stack.swmr)
+                stack = followed.stack = open_stack(
+                    followed.path, self.config.dataset, swmr=stack.swmr
+                )
             available = stack.refresh()
             if available > followed.position:
                 frame_bytes = stack.dtype.itemsize * stack.frame_shape[0] * stack.frame_shape[1]
@@ -298,8 +321,14 @@ class DirectorySource(BackgroundWorker):
                 stop = min(available, followed.position + batch)
                 frames = stack.read_list(followed.position, stop, self._decoders)
                 for data in frames:
-                    frame = Frame(followed.series, followed.position, data, time.time(),
-                                  followed.output, stack.pixel_mask)
+                    frame = Frame(
+                        followed.series,
+                        followed.position,
+                        data,
+                        time.time(),
+                        followed.output,
+                        stack.pixel_mask,
+                    )
                     if not self._emit(frame):
                         return False
                     followed.position += 1

@@ -30,8 +30,18 @@ from n2s_stream.sources.codecs import (
     raw_decode,
 )
 
-SCALAR_TYPES = {1: "i1", 2: "i2", 3: "i4", 4: "i8", 5: "u1", 6: "u2", 7: "u4", 8: "u8",
-                9: "f4", 10: "f8"}
+SCALAR_TYPES = {
+    1: "i1",
+    2: "i2",
+    3: "i4",
+    4: "i8",
+    5: "u1",
+    6: "u2",
+    7: "u4",
+    8: "u8",
+    9: "f4",
+    10: "f8",
+}
 """pvData ScalarType code -> numpy dtype (0 is pvBoolean, which areaDetector never sends)."""
 
 SCALAR_CODES = {np.dtype(name): code for code, name in SCALAR_TYPES.items()}
@@ -58,12 +68,15 @@ def decode(value: Any) -> NDArrayFrame:
     shape = frame_shape([int(d["size"]) for d in value["dimension"]])
     attributes = scalar_attributes(value)
     if attributes.get("ColorMode", 0) != 0:  # NDColorMode: 0 mono, 1 Bayer, 2-4 RGB
-        raise MessageError(f"ColorMode {attributes['ColorMode']:g}: only monochrome frames "
-                           "are denoised", reason="color")
+        raise MessageError(
+            f"ColorMode {attributes['ColorMode']:g}: only monochrome frames are denoised",
+            reason="color",
+        )
     codec = str(value["codec"]["name"] or "")
     if codec in LOSSY_CODECS:
-        raise MessageError(f"codec {codec}: lossy compression changed the noise; refused",
-                           reason="lossy_codec")
+        raise MessageError(
+            f"codec {codec}: lossy compression changed the noise; refused", reason="lossy_codec"
+        )
     if codec not in CODECS:
         raise MessageError(f"unknown codec {codec!r}", reason="unknown_encoding")
     array = np.asarray(value["value"])  # the union's selected member, typed by p4p
@@ -73,18 +86,28 @@ def decode(value: Any) -> NDArrayFrame:
         data = raw_decode(np.ascontiguousarray(array).tobytes(), shape, array.dtype)
     else:
         if array.dtype != np.uint8:
-            raise MessageError(f"codec {codec}: compressed bytes must be ubyteValue, not "
-                               f"{array.dtype}", reason="corrupt")
+            raise MessageError(
+                f"codec {codec}: compressed bytes must be ubyteValue, not {array.dtype}",
+                reason="corrupt",
+            )
         data = _decompress(codec, value, array, shape)
     stamp = value["dataTimeStamp"]
     return NDArrayFrame(
-        unique_id=int(value["uniqueId"]), data=data,
+        unique_id=int(value["uniqueId"]),
+        data=data,
         timestamp=float(stamp["secondsPastEpoch"]) + 1e-9 * float(stamp["nanoseconds"]),
-        attributes=attributes)
+        attributes=attributes,
+    )
 
 
-def encode(frame: np.ndarray, unique_id: int, *, timestamp: float, codec: str = "none",
-           attributes: Mapping[str, float | int | str] | None = None) -> Any:
+def encode(
+    frame: np.ndarray,
+    unique_id: int,
+    *,
+    timestamp: float,
+    codec: str = "none",
+    attributes: Mapping[str, float | int | str] | None = None,
+) -> Any:
     """``frame`` ``(H, W)`` as an NTNDArray p4p value, as NDPluginPva publishes it
     (``dimension[0]`` is x), with ``uniqueId``, ``dataTimeStamp`` and NDAttributes, its
     bytes compressed by ``codec`` (none, lz4, bslz4, zlib, blosc) as NDPluginCodec does."""
@@ -131,17 +154,16 @@ def frame_shape(sizes: list[int]) -> tuple[int, int]:
     """``(H, W)`` from NTNDArray dimensions ``[x, y]``; colour (3 dimensions with one of
     size 3) and other ranks are refused, and so are frames over 8192x8192."""
     if len(sizes) == 3 and 3 in sizes:
-        raise MessageError(f"colour frame {sizes}: only monochrome frames are denoised",
-                           reason="color")
+        raise MessageError(
+            f"colour frame {sizes}: only monochrome frames are denoised", reason="color"
+        )
     if len(sizes) != 2:
-        raise MessageError(f"{len(sizes)} dimensions {sizes}: expected 2 (x, y)",
-                           reason="rank")
+        raise MessageError(f"{len(sizes)} dimensions {sizes}: expected 2 (x, y)", reason="rank")
     width, height = sizes
     if width < 1 or height < 1:
         raise MessageError(f"empty frame {sizes}", reason="empty")
     if width * height > MAX_FRAME_PIXELS:
-        raise MessageError(f"frame {width}x{height} is larger than 8192x8192",
-                           reason="too_large")
+        raise MessageError(f"frame {width}x{height} is larger than 8192x8192", reason="too_large")
     return height, width
 
 
@@ -153,7 +175,7 @@ def scalar_attributes(value: Any) -> dict[str, float | str]:
     """The NDAttributes whose value is a number (as float) or a string, at most
     `MAX_ATTRIBUTES` of them (arrays and booleans are left out)."""
     found: dict[str, float | str] = {}
-    for attribute in value["attribute"][:4 * MAX_ATTRIBUTES]:
+    for attribute in value["attribute"][: 4 * MAX_ATTRIBUTES]:
         if len(found) == MAX_ATTRIBUTES:
             break
         item = attribute["value"]
@@ -166,19 +188,20 @@ def scalar_attributes(value: Any) -> dict[str, float | str]:
     return found
 
 
-def _decompress(codec: str, value: Any, payload: np.ndarray,
-                shape: tuple[int, int]) -> np.ndarray:
+def _decompress(codec: str, value: Any, payload: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Decompress ``payload`` (the ubyte array) after checking the declared sizes."""
     code = _scalar_code(value["codec"]["parameters"])
     dtype = np.dtype(SCALAR_TYPES.get(code, "")) if code in SCALAR_TYPES else None
     if dtype is None:
-        raise MessageError(f"codec {codec}: original type code {code!r} unknown",
-                           reason="dtype")
+        raise MessageError(f"codec {codec}: original type code {code!r} unknown", reason="dtype")
     expected = shape[0] * shape[1] * dtype.itemsize
     declared = int(value["uncompressedSize"])
     if declared != expected:
-        raise MessageError(f"codec {codec}: uncompressedSize {declared} but {shape[1]}x"
-                           f"{shape[0]} {dtype} needs {expected}", reason="size_mismatch")
+        raise MessageError(
+            f"codec {codec}: uncompressedSize {declared} but {shape[1]}x"
+            f"{shape[0]} {dtype} needs {expected}",
+            reason="size_mismatch",
+        )
     blob = payload.tobytes()
     if codec == "lz4":
         return lz4_decode(blob, shape, dtype)
@@ -188,8 +211,9 @@ def _decompress(codec: str, value: Any, payload: np.ndarray,
         try:
             raw = zlib.decompressobj().decompress(blob, expected + 1)
         except zlib.error as exc:
-            raise MessageError(f"zlib payload does not decompress: {exc}",
-                               reason="corrupt") from exc
+            raise MessageError(
+                f"zlib payload does not decompress: {exc}", reason="corrupt"
+            ) from exc
         return raw_decode(raw, shape, dtype)
     return _blosc(blob, shape, dtype)
 
@@ -213,8 +237,7 @@ def _bslz4(blob: bytes, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     try:
         return bitshuffle.decompress_lz4(data, shape, dtype, 0)
     except (RuntimeError, ValueError) as exc:
-        raise MessageError(f"bslz4 payload does not decompress: {exc}",
-                           reason="corrupt") from exc
+        raise MessageError(f"bslz4 payload does not decompress: {exc}", reason="corrupt") from exc
 
 
 def _blosc(blob: bytes, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
@@ -223,15 +246,17 @@ def _blosc(blob: bytes, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     try:
         import blosc
     except ImportError as exc:
-        raise MessageError("codec blosc needs the blosc package (pip install "
-                           "'n2s-stream[pva]')", reason="unknown_encoding") from exc
+        raise MessageError(
+            "codec blosc needs the blosc package (pip install 'n2s-stream[pva]')",
+            reason="unknown_encoding",
+        ) from exc
     expected = shape[0] * shape[1] * dtype.itemsize
     if len(blob) < 16 or int.from_bytes(blob[4:8], "little") != expected:
-        raise MessageError("blosc frame does not hold the declared frame size",
-                           reason="size_mismatch")
+        raise MessageError(
+            "blosc frame does not hold the declared frame size", reason="size_mismatch"
+        )
     try:
         raw = blosc.decompress(blob)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise MessageError(f"blosc payload does not decompress: {exc}",
-                           reason="corrupt") from exc
+        raise MessageError(f"blosc payload does not decompress: {exc}", reason="corrupt") from exc
     return raw_decode(raw, shape, dtype)

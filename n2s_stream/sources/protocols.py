@@ -63,19 +63,24 @@ Event = Image | End
 def check_series_name(name: Any) -> str:
     """A series name that is safe as a file name (no path, no traversal)."""
     if not isinstance(name, str) or not _SERIES_NAME.fullmatch(name):
-        raise MessageError(f"series name {name!r} is not a plain file name",
-                           reason="bad_series_name")
+        raise MessageError(
+            f"series name {name!r} is not a plain file name", reason="bad_series_name"
+        )
     return name
 
 
 def _frame_shape(shape: Any, *, xy: bool = False) -> tuple[int, int]:
-    if (not isinstance(shape, list | tuple) or len(shape) != 2
-            or not all(isinstance(v, int) and v > 0 for v in shape)):
+    if (
+        not isinstance(shape, list | tuple)
+        or len(shape) != 2
+        or not all(isinstance(v, int) and v > 0 for v in shape)
+    ):
         raise MessageError(f"shape {shape!r} is not two positive integers", reason="shape")
     height, width = (shape[1], shape[0]) if xy else (shape[0], shape[1])
     if height * width > MAX_FRAME_PIXELS:
-        raise MessageError(f"declared shape {shape} exceeds {MAX_FRAME_PIXELS} pixels",
-                           reason="too_large")
+        raise MessageError(
+            f"declared shape {shape} exceeds {MAX_FRAME_PIXELS} pixels", reason="too_large"
+        )
     return height, width
 
 
@@ -106,8 +111,9 @@ def _one_line(exc: BaseException) -> str:
 def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = header.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise MessageError(f"header field {key!r} missing or of the wrong type ({value!r})",
-                           reason="bad_header")
+        raise MessageError(
+            f"header field {key!r} missing or of the wrong type ({value!r})", reason="bad_header"
+        )
     return value
 
 
@@ -123,10 +129,12 @@ class NativeDecoder:
         htype = header.get("htype")
         if htype == "n2s-end-1":
             total = header.get("frames")
-            if total is not None and (not isinstance(total, int) or isinstance(total, bool)
-                                      or total < 0):
-                raise MessageError(f"end message frame count {total!r} is not a count",
-                                   reason="bad_header")
+            if total is not None and (
+                not isinstance(total, int) or isinstance(total, bool) or total < 0
+            ):
+                raise MessageError(
+                    f"end message frame count {total!r} is not a count", reason="bad_header"
+                )
             return [End(check_series_name(header.get("series")), total)]
         if htype != "n2s-frame-1":
             raise MessageError(f"unknown htype {htype!r}", reason="unknown_htype")
@@ -135,16 +143,17 @@ class NativeDecoder:
         if index < 0:
             raise MessageError(f"frame number {index} < 0", reason="bad_header")
         if len(parts) != 2:
-            raise MessageError(f"series {series} frame {index}: {len(parts)} parts, expected 2",
-                               reason="truncated")
+            raise MessageError(
+                f"series {series} frame {index}: {len(parts)} parts, expected 2", reason="truncated"
+            )
         shape = _frame_shape(header.get("shape"))
-        data = decode_payload(parts[1], header.get("encoding", "raw"), shape,
-                              _dtype(header.get("dtype")))
+        data = decode_payload(
+            parts[1], header.get("encoding", "raw"), shape, _dtype(header.get("dtype"))
+        )
         return [Image(series, index, data)]
 
 
-def native_frame(series: str, index: int, frame: np.ndarray,
-                 encoding: str = "raw") -> list[bytes]:
+def native_frame(series: str, index: int, frame: np.ndarray, encoding: str = "raw") -> list[bytes]:
     """The two parts of a native frame message."""
     if encoding not in ENCODINGS:
         raise ValueError(encoding)
@@ -154,8 +163,14 @@ def native_frame(series: str, index: int, frame: np.ndarray,
         payload = lz4.block.compress(frame.tobytes(), store_size=False)
     else:
         payload = frame.tobytes()
-    header = {"htype": "n2s-frame-1", "series": series, "frame": index,
-              "dtype": frame.dtype.str, "shape": list(frame.shape), "encoding": encoding}
+    header = {
+        "htype": "n2s-frame-1",
+        "series": series,
+        "frame": index,
+        "dtype": frame.dtype.str,
+        "shape": list(frame.shape),
+        "encoding": encoding,
+    }
     return [json.dumps(header).encode(), payload]
 
 
@@ -168,15 +183,22 @@ def native_end(series: str, total: int | None = None) -> list[bytes]:
 
 
 # ---- Dectris stream v1 -----------------------------------------------------------------
-_STREAM1_ENCODINGS = {"bs32-lz4<": "bslz4", "bs16-lz4<": "bslz4", "bs8-lz4<": "bslz4",
-                      "lz4<": "lz4", "<": "raw", "": "raw"}
+_STREAM1_ENCODINGS = {
+    "bs32-lz4<": "bslz4",
+    "bs16-lz4<": "bslz4",
+    "bs8-lz4<": "bslz4",
+    "lz4<": "lz4",
+    "<": "raw",
+    "": "raw",
+}
 
 
 def stream1_series(series_id: Any) -> str:
     """File-safe name of a Dectris series id."""
     if not isinstance(series_id, int) or isinstance(series_id, bool) or series_id < 0:
-        raise MessageError(f"series id {series_id!r} is not a non-negative integer",
-                           reason="bad_header")
+        raise MessageError(
+            f"series id {series_id!r} is not a non-negative integer", reason="bad_header"
+        )
     return f"series_{series_id:06d}"
 
 
@@ -222,17 +244,22 @@ class Stream1Decoder:
         series = stream1_series(header.get("series"))
         index = _field(header, "frame", int)
         if series not in self.masks:
-            raise MessageError(f"{series} frame {index}: image before the series header",
-                               reason="image_before_header")
+            raise MessageError(
+                f"{series} frame {index}: image before the series header",
+                reason="image_before_header",
+            )
         if len(parts) < 3:
-            raise MessageError(f"{series} frame {index}: {len(parts)} parts, expected 4",
-                               reason="truncated")
+            raise MessageError(
+                f"{series} frame {index}: {len(parts)} parts, expected 4", reason="truncated"
+            )
         info = _json(parts[1], "dimage_d part")
         shape = _frame_shape(info.get("shape"), xy=True)
         encoding = _STREAM1_ENCODINGS.get(info.get("encoding", ""))
         if encoding is None:
-            raise MessageError(f"{series} frame {index}: unknown encoding "
-                               f"{info.get('encoding')!r}", reason="unknown_encoding")
+            raise MessageError(
+                f"{series} frame {index}: unknown encoding {info.get('encoding')!r}",
+                reason="unknown_encoding",
+            )
         data = decode_payload(parts[2], encoding, shape, _dtype(info.get("type")))
         return Image(series, index, data, self.masks[series])
 
@@ -240,13 +267,18 @@ class Stream1Decoder:
 def stream1_header(series_id: int, pixel_mask: np.ndarray | None = None) -> list[bytes]:
     """A ``dheader-1.0`` message (detail "all" when a mask is given, else "basic")."""
     detail = "all" if pixel_mask is not None else "basic"
-    parts = [json.dumps({"htype": "dheader-1.0", "series": series_id,
-                         "header_detail": detail}).encode(),
-             json.dumps({"description": "n2s-stream simulated Eiger"}).encode()]
+    parts = [
+        json.dumps({"htype": "dheader-1.0", "series": series_id, "header_detail": detail}).encode(),
+        json.dumps({"description": "n2s-stream simulated Eiger"}).encode(),
+    ]
     if pixel_mask is not None:
         mask = np.ascontiguousarray(pixel_mask, dtype="<u4")
-        parts += [json.dumps({"htype": "dpixelmask-1.0", "shape": list(mask.shape[::-1]),
-                              "type": "uint32"}).encode(), mask.tobytes()]
+        parts += [
+            json.dumps(
+                {"htype": "dpixelmask-1.0", "shape": list(mask.shape[::-1]), "type": "uint32"}
+            ).encode(),
+            mask.tobytes(),
+        ]
     return parts
 
 
@@ -255,14 +287,22 @@ def stream1_image(series_id: int, index: int, frame: np.ndarray) -> list[bytes]:
     bits = frame.dtype.itemsize * 8
     payload = bslz4_encode(frame)
     return [
-        json.dumps({"htype": "dimage-1.0", "series": series_id, "frame": index,
-                    "hash": ""}).encode(),
-        json.dumps({"htype": "dimage_d-1.0", "shape": list(frame.shape[::-1]),
-                    "type": frame.dtype.name, "encoding": f"bs{bits}-lz4<",
-                    "size": len(payload)}).encode(),
+        json.dumps(
+            {"htype": "dimage-1.0", "series": series_id, "frame": index, "hash": ""}
+        ).encode(),
+        json.dumps(
+            {
+                "htype": "dimage_d-1.0",
+                "shape": list(frame.shape[::-1]),
+                "type": frame.dtype.name,
+                "encoding": f"bs{bits}-lz4<",
+                "size": len(payload),
+            }
+        ).encode(),
         payload,
-        json.dumps({"htype": "dconfig-1.0", "start_time": 0, "stop_time": 0,
-                    "real_time": 0}).encode(),
+        json.dumps(
+            {"htype": "dconfig-1.0", "start_time": 0, "stop_time": 0, "real_time": 0}
+        ).encode(),
     ]
 
 
@@ -272,10 +312,29 @@ def stream1_end(series_id: int) -> list[bytes]:
 
 
 # ---- Dectris stream2 (CBOR) ------------------------------------------------------------
-_TYPED_ARRAY_TAGS = {64: "|u1", 65: ">u2", 66: ">u4", 67: ">u8", 68: "|u1", 69: "<u2",
-                     70: "<u4", 71: "<u8", 72: "|i1", 73: ">i2", 74: ">i4", 75: ">i8",
-                     77: "<i2", 78: "<i4", 79: "<i8", 80: ">f2", 81: ">f4", 82: ">f8",
-                     84: "<f2", 85: "<f4", 86: "<f8"}
+_TYPED_ARRAY_TAGS = {
+    64: "|u1",
+    65: ">u2",
+    66: ">u4",
+    67: ">u8",
+    68: "|u1",
+    69: "<u2",
+    70: "<u4",
+    71: "<u8",
+    72: "|i1",
+    73: ">i2",
+    74: ">i4",
+    75: ">i8",
+    77: "<i2",
+    78: "<i4",
+    79: "<i8",
+    80: ">f2",
+    81: ">f4",
+    82: ">f8",
+    84: "<f2",
+    85: "<f4",
+    86: "<f8",
+}
 _TAG_FOR_DTYPE = {np.dtype(v).str: k for k, v in _TYPED_ARRAY_TAGS.items() if k != 68}
 MULTI_DIM_TAG, COMPRESSION_TAG = 40, 56500
 
@@ -307,6 +366,7 @@ def _compressed(value: Any, *_: Any) -> _Compressed:
 def _typed(tag: int) -> Any:
     def decode(value: Any, *_: Any) -> _Typed:
         return _Typed(np.dtype(_TYPED_ARRAY_TAGS[tag]), value)
+
     return decode
 
 
@@ -316,8 +376,11 @@ def _multi_dim(value: Any, *_: Any) -> _MultiDim:
 
 
 # cbor2 decodes typed arrays itself, but not when compressed: take these tags over.
-_SEMANTIC_DECODERS = {COMPRESSION_TAG: _compressed, MULTI_DIM_TAG: _multi_dim,
-                      **{tag: _typed(tag) for tag in _TYPED_ARRAY_TAGS}}
+_SEMANTIC_DECODERS = {
+    COMPRESSION_TAG: _compressed,
+    MULTI_DIM_TAG: _multi_dim,
+    **{tag: _typed(tag) for tag in _TYPED_ARRAY_TAGS},
+}
 
 
 def _stream2_array(value: Any, what: str) -> np.ndarray:
@@ -331,8 +394,10 @@ def _stream2_array(value: Any, what: str) -> np.ndarray:
         if content.algorithm == "lz4":
             return lz4_hdf5_decode(content.data, shape, dtype)
         if content.algorithm != "bslz4":
-            raise MessageError(f"{what}: compression {content.algorithm!r} not supported",
-                               reason="unknown_encoding")
+            raise MessageError(
+                f"{what}: compression {content.algorithm!r} not supported",
+                reason="unknown_encoding",
+            )
         return decode_payload(content.data, "bslz4", shape, dtype)
     if not isinstance(content, bytes):
         raise MessageError(f"{what}: typed array content is not bytes", reason="bad_cbor")
@@ -352,8 +417,9 @@ class Stream2Decoder:
             try:
                 message = cbor2.loads(bytes(part), semantic_decoders=_SEMANTIC_DECODERS)
             except (cbor2.CBORDecodeError, ValueError, TypeError, EOFError) as exc:
-                raise MessageError(f"not a CBOR message: {_one_line(exc)}",
-                                   reason="bad_cbor") from exc
+                raise MessageError(
+                    f"not a CBOR message: {_one_line(exc)}", reason="bad_cbor"
+                ) from exc
             if not isinstance(message, Mapping):
                 raise MessageError("CBOR message is not a map", reason="bad_cbor")
             event = self._message(message)
@@ -373,12 +439,13 @@ class Stream2Decoder:
         if kind == "image":
             index = _field(message, "image_id", int)
             if series not in self.masks:
-                raise MessageError(f"{series} image {index}: image before the start message",
-                                   reason="image_before_header")
+                raise MessageError(
+                    f"{series} image {index}: image before the start message",
+                    reason="image_before_header",
+                )
             channels = message.get("data")
             if not isinstance(channels, Mapping) or not channels:
-                raise MessageError(f"{series} image {index}: no data channels",
-                                   reason="bad_cbor")
+                raise MessageError(f"{series} image {index}: no data channels", reason="bad_cbor")
             data = _stream2_array(next(iter(channels.values())), f"{series} image {index}")
             return Image(series, index, data, self.masks[series])
         if kind == "end":
@@ -392,31 +459,39 @@ def _stream2_typed(array: np.ndarray, compress: str | None) -> cbor2.CBORTag:
     tag = _TAG_FOR_DTYPE[array.dtype.str]
     content: Any = array.tobytes()
     if compress == "bslz4":
-        content = cbor2.CBORTag(COMPRESSION_TAG, ["bslz4", array.itemsize,
-                                                  bslz4_encode(array)])
+        content = cbor2.CBORTag(COMPRESSION_TAG, ["bslz4", array.itemsize, bslz4_encode(array)])
     elif compress == "lz4":
-        content = cbor2.CBORTag(COMPRESSION_TAG, ["lz4", array.itemsize,
-                                                  lz4_hdf5_encode(array)])
+        content = cbor2.CBORTag(COMPRESSION_TAG, ["lz4", array.itemsize, lz4_hdf5_encode(array)])
     return cbor2.CBORTag(MULTI_DIM_TAG, [list(array.shape), cbor2.CBORTag(tag, content)])
 
 
-def stream2_start(series_id: int, shape: tuple[int, int],
-                  pixel_mask: np.ndarray | None = None) -> list[bytes]:
+def stream2_start(
+    series_id: int, shape: tuple[int, int], pixel_mask: np.ndarray | None = None
+) -> list[bytes]:
     """A stream2 ``start`` message."""
-    message: dict[str, Any] = {"type": "start", "series_id": series_id,
-                               "series_unique_id": f"sim-{series_id}",
-                               "image_size_x": shape[1], "image_size_y": shape[0]}
+    message: dict[str, Any] = {
+        "type": "start",
+        "series_id": series_id,
+        "series_unique_id": f"sim-{series_id}",
+        "image_size_x": shape[1],
+        "image_size_y": shape[0],
+    }
     if pixel_mask is not None:
         mask = np.asarray(pixel_mask, dtype="<u4")
         message["pixel_mask"] = {"threshold_1": _stream2_typed(mask, compress=None)}
     return [cbor2.dumps(cbor2.CBORTag(55799, message))]
 
 
-def stream2_image(series_id: int, index: int, frame: np.ndarray,
-                  compression: str = "bslz4") -> list[bytes]:
+def stream2_image(
+    series_id: int, index: int, frame: np.ndarray, compression: str = "bslz4"
+) -> list[bytes]:
     """A stream2 ``image`` message, payload ``bslz4``, ``lz4`` or uncompressed (None)."""
-    message = {"type": "image", "series_id": series_id, "image_id": index,
-               "data": {"threshold_1": _stream2_typed(frame, compress=compression)}}
+    message = {
+        "type": "image",
+        "series_id": series_id,
+        "image_id": index,
+        "data": {"threshold_1": _stream2_typed(frame, compress=compression)},
+    }
     return [cbor2.dumps(cbor2.CBORTag(55799, message))]
 
 

@@ -74,34 +74,54 @@ class _Series:
     @classmethod
     def first(cls, name: str, frame: NDArrayFrame) -> _Series:
         """A series that ``frame`` opens."""
-        return cls(name, frame.unique_id, frame.data.shape, frame.data.dtype.str,
-                   frame.unique_id - 1, last_at=time.monotonic())
+        return cls(
+            name,
+            frame.unique_id,
+            frame.data.shape,
+            frame.data.dtype.str,
+            frame.unique_id - 1,
+            last_at=time.monotonic(),
+        )
 
     def continues(self, frame: NDArrayFrame) -> bool:
         """False when ``frame`` starts a new acquisition."""
-        return (frame.unique_id > self.last_id and frame.data.shape == self.shape
-                and frame.data.dtype == np.dtype(self.dtype))
+        return (
+            frame.unique_id > self.last_id
+            and frame.data.shape == self.shape
+            and frame.data.dtype == np.dtype(self.dtype)
+        )
 
     def took(self, frame: NDArrayFrame) -> None:
         """Note ``frame`` as this series' newest."""
-        self.last_id, self.frames, self.last_at = (frame.unique_id, self.frames + 1,
-                                                   time.monotonic())
+        self.last_id, self.frames, self.last_at = (
+            frame.unique_id,
+            self.frames + 1,
+            time.monotonic(),
+        )
 
 
 class PvaSource(BackgroundWorker):
     """Emits the frames of one NTNDArray PV; one output file per acquisition."""
 
-    def __init__(self, options: PvaOptions, *, out_root: Path, state_dir: Path, emit: Emit,
-                 reject: Reject, refused: Callable[[str, int], None] = lambda s, i: None,
-                 ) -> None:
+    def __init__(
+        self,
+        options: PvaOptions,
+        *,
+        out_root: Path,
+        state_dir: Path,
+        emit: Emit,
+        reject: Reject,
+        refused: Callable[[str, int], None] = lambda s, i: None,
+    ) -> None:
         super().__init__("pva-source")
         if options.pv is None:
             raise UsageError("the PVA source needs --pva PVNAME")
         try:
             from p4p.client.thread import Context
         except ImportError as exc:
-            raise UsageError("--pva needs the optional extra: pip install "
-                             "'n2s-stream[pva]'") from exc
+            raise UsageError(
+                "--pva needs the optional extra: pip install 'n2s-stream[pva]'"
+            ) from exc
         self.options, self.out_root = options, out_root
         self._record = state_dir / "pva" / f"{pv_file_name(options.pv)}.json"
         self._emit, self._reject, self._refused = emit, reject, refused
@@ -117,20 +137,31 @@ class PvaSource(BackgroundWorker):
     @classmethod
     def from_config(cls, config: DaemonConfig, context: SourceContext) -> PvaSource:
         """The source ``--pva`` selects."""
-        return cls(config.pva, out_root=config.output.out,
-                   state_dir=config.service.state_dir, emit=context.emit,
-                   reject=context.reject, refused=context.refused)
+        return cls(
+            config.pva,
+            out_root=config.output.out,
+            state_dir=config.service.state_dir,
+            emit=context.emit,
+            reject=context.reject,
+            refused=context.refused,
+        )
 
     def start(self) -> None:
         """Subscribe (p4p reconnects by itself when the IOC restarts), then watch for
         acquisitions that went quiet."""
         request = f"record[queueSize={self.options.queue_size}]"
-        self._subscriptions.append(self._context.monitor(
-            self.options.pv, self._update, request=request, notify_disconnect=True))
+        self._subscriptions.append(
+            self._context.monitor(
+                self.options.pv, self._update, request=request, notify_disconnect=True
+            )
+        )
         log.info("following PV %s over PVAccess (%s)", self.options.pv, request)
         if self.options.acquire_pv:
-            self._subscriptions.append(self._context.monitor(
-                self.options.acquire_pv, self._acquire, notify_disconnect=True))
+            self._subscriptions.append(
+                self._context.monitor(
+                    self.options.acquire_pv, self._acquire, notify_disconnect=True
+                )
+            )
             log.info("series follow %s", self.options.acquire_pv)
         super().start()
 
@@ -147,22 +178,24 @@ class PvaSource(BackgroundWorker):
             with self._lock:  # not while a frame is being handed over: see _take
                 series = self._series
                 if series is not None and time.monotonic() - series.last_at > gap:
-                    self._end_series(f"no frames for {gap:g} s" + (
-                        " after Acquire went to 0" if gap == ACQUIRE_DRAIN else ""))
+                    self._end_series(
+                        f"no frames for {gap:g} s"
+                        + (" after Acquire went to 0" if gap == ACQUIRE_DRAIN else "")
+                    )
 
     def _acquire(self, value: Any) -> None:
         """An update of the Acquire PV (in p4p's thread): 1 opens a series, 0 ends it."""
         try:
             if isinstance(value, Exception):
-                log.warning("PV %s: %s (%s)", self.options.acquire_pv, type(value).__name__,
-                            value)
+                log.warning("PV %s: %s (%s)", self.options.acquire_pv, type(value).__name__, value)
                 self._acquiring = None  # unknown: series end by the gap alone
                 return
             field = value["value"]  # a number (NTScalar) or a choice (NTEnum: QSRV's bo)
             acquiring = bool(field["index"] if hasattr(field, "keys") else field)
             log.info("PV %s: %d", self.options.acquire_pv, acquiring)
-            stamp = (float(value["timeStamp.secondsPastEpoch"])
-                     + 1e-9 * float(value["timeStamp.nanoseconds"]))
+            stamp = float(value["timeStamp.secondsPastEpoch"]) + 1e-9 * float(
+                value["timeStamp.nanoseconds"]
+            )
             with self._lock:
                 was, self._acquiring = self._acquiring, acquiring
                 if acquiring and was is False and self._series is not None:
@@ -179,22 +212,29 @@ class PvaSource(BackgroundWorker):
             self._handle(value)
         except Exception as exc:
             log.exception("PV %s: update not handled", self.options.pv)
-            self._reject("internal_error", f"PV {self.options.pv}: {type(exc).__name__}: "
-                                           f"{exc}")
+            self._reject("internal_error", f"PV {self.options.pv}: {type(exc).__name__}: {exc}")
 
     def _handle(self, value: Any) -> None:
         if isinstance(value, Exception):
             level = logging.WARNING if self._connected else logging.INFO
-            log.log(level, "PV %s: %s; waiting for it%s", self.options.pv,
-                    type(value).__name__, " to come back" if self._connected else "")
+            log.log(
+                level,
+                "PV %s: %s; waiting for it%s",
+                self.options.pv,
+                type(value).__name__,
+                " to come back" if self._connected else "",
+            )
             self._stale = True
             return
         self._connected = True
         if self._stale:
             self._stale = False
-            log.info("PV %s: connected; its current value (uniqueId %s) is the previous "
-                     "acquisition's and is not denoised", self.options.pv,
-                     value["uniqueId"])
+            log.info(
+                "PV %s: connected; its current value (uniqueId %s) is the previous "
+                "acquisition's and is not denoised",
+                self.options.pv,
+                value["uniqueId"],
+            )
             return
         try:
             frame = decode(value)
@@ -221,20 +261,34 @@ class PvaSource(BackgroundWorker):
                 self._end_series(f"{self.options.acquire_pv} went to 1: a new acquisition")
                 series = None
             elif not series.continues(frame):
-                self._end_series(f"uniqueId {frame.unique_id} after {series.last_id}, or a "
-                                 "new shape or type: a new acquisition")
+                self._end_series(
+                    f"uniqueId {frame.unique_id} after {series.last_id}, or a "
+                    "new shape or type: a new acquisition"
+                )
                 series = None
             if series is None:
                 series = _Series.first(series_name(self.options.pv, time.time()), frame)
-                log.info("PV %s: series %s started at uniqueId %d", self.options.pv,
-                         series.name, frame.unique_id)
+                log.info(
+                    "PV %s: series %s started at uniqueId %d",
+                    self.options.pv,
+                    series.name,
+                    frame.unique_id,
+                )
                 self._remember(series)
             self._series = series
             series.took(frame)
-            self._emit(Frame(series.name, frame.unique_id - series.base, frame.data,
-                             time.time(), self._output(series.name),
-                             source_id=frame.unique_id, t_source=frame.timestamp or None,
-                             attributes=frame.attributes))
+            self._emit(
+                Frame(
+                    series.name,
+                    frame.unique_id - series.base,
+                    frame.data,
+                    time.time(),
+                    self._output(series.name),
+                    source_id=frame.unique_id,
+                    t_source=frame.timestamp or None,
+                    attributes=frame.attributes,
+                )
+            )
             series.last_at = time.monotonic()
 
     def _resumed(self, frame: NDArrayFrame) -> _Series | None:
@@ -246,8 +300,7 @@ class PvaSource(BackgroundWorker):
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            log.warning("%s: unreadable (%s); not continuing an earlier series", self._record,
-                        exc)
+            log.warning("%s: unreadable (%s); not continuing an earlier series", self._record, exc)
             return None
         try:
             row = last_provenance_row(self._output(series.name))
@@ -257,14 +310,23 @@ class PvaSource(BackgroundWorker):
         if row is not None:
             series.last_id = series.base + int(row["source_frame"])
         if row is not None and series.continues(frame) and self._soon_after(row, frame, series):
-            log.info("PV %s: uniqueId %d continues series %s (written to uniqueId %d) after a "
-                     "restart", self.options.pv, frame.unique_id, series.name, series.last_id)
+            log.info(
+                "PV %s: uniqueId %d continues series %s (written to uniqueId %d) after a restart",
+                self.options.pv,
+                frame.unique_id,
+                series.name,
+                series.last_id,
+            )
             series.last_at = time.monotonic()
             return series
-        self._emit(SeriesEnd(series.name, series.last_id - series.base + 1,
-                             self._output(series.name)))
-        log.info("series %s left by an earlier run ended (uniqueId %d does not continue it)",
-                 series.name, frame.unique_id)
+        self._emit(
+            SeriesEnd(series.name, series.last_id - series.base + 1, self._output(series.name))
+        )
+        log.info(
+            "series %s left by an earlier run ended (uniqueId %d does not continue it)",
+            series.name,
+            frame.unique_id,
+        )
         self._forget()
         return None
 
@@ -283,16 +345,20 @@ class PvaSource(BackgroundWorker):
                 return
             log.info("series %s ended after %d frames (%s)", series.name, series.frames, why)
             self._forget()
-            self._emit(SeriesEnd(series.name, series.last_id - series.base + 1,
-                                 self._output(series.name)))
+            self._emit(
+                SeriesEnd(series.name, series.last_id - series.base + 1, self._output(series.name))
+            )
 
     def _remember(self, series: _Series) -> None:
         try:
             self._record.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self._record, json.dumps(asdict(series)))
         except OSError as exc:
-            log.warning("%s: cannot remember the open series (%s); a restart will start a "
-                        "new one", self._record, exc)
+            log.warning(
+                "%s: cannot remember the open series (%s); a restart will start a new one",
+                self._record,
+                exc,
+            )
 
     def _forget(self) -> None:
         try:

@@ -36,9 +36,16 @@ such a message never reaches us, so it cannot be counted, only the disconnect lo
 class ZmqSource(BackgroundWorker):
     """Emits the frames of a ZeroMQ feed; one output file per series."""
 
-    def __init__(self, options: ZmqOptions, *, out_root: Path, emit: Emit, reject: Reject,
-                 headers: MutableMapping[str, np.ndarray | None] | None = None,
-                 dropped: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        options: ZmqOptions,
+        *,
+        out_root: Path,
+        emit: Emit,
+        reject: Reject,
+        headers: MutableMapping[str, np.ndarray | None] | None = None,
+        dropped: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__("zmq-source")
         if options.endpoint is None:
             raise UsageError("the ZeroMQ source needs --zmq ENDPOINT")
@@ -73,14 +80,21 @@ class ZmqSource(BackgroundWorker):
     @classmethod
     def from_config(cls, config: DaemonConfig, context: SourceContext) -> ZmqSource:
         """The source ``--zmq`` selects."""
-        return cls(config.zmq, out_root=config.output.out, emit=context.emit,
-                   reject=context.reject, headers=context.headers, dropped=context.dropped)
+        return cls(
+            config.zmq,
+            out_root=config.output.out,
+            emit=context.emit,
+            reject=context.reject,
+            headers=context.headers,
+            dropped=context.dropped,
+        )
 
     def start(self) -> None:
         """Connect and start reading."""
         self._socket.connect(self.endpoint)
-        log.info("following %s (%s, %s)", self.endpoint, self.config.protocol,
-                 self.config.socket.upper())
+        log.info(
+            "following %s (%s, %s)", self.endpoint, self.config.protocol, self.config.socket.upper()
+        )
         super().start()
 
     def stop(self) -> None:
@@ -109,8 +123,11 @@ class ZmqSource(BackgroundWorker):
                 self._forward_to_tee(parts)
             size = sum(len(part) for part in parts)
             if size > self._max_bytes:
-                self._reject("too_large", f"{self.endpoint}: message of {size} bytes "
-                             f"exceeds zmq_max_message_mb ({self.config.max_message_mb} MiB)")
+                self._reject(
+                    "too_large",
+                    f"{self.endpoint}: message of {size} bytes "
+                    f"exceeds zmq_max_message_mb ({self.config.max_message_mb} MiB)",
+                )
                 continue
             try:
                 events = self._decoder.decode(parts)
@@ -133,9 +150,11 @@ class ZmqSource(BackgroundWorker):
         except zmq.Again:
             self._dropped("zmq_tee")
             if not self._tee_dropping:
-                log.warning("%s: nobody takes the tee's messages (reader down or slow): "
-                            "dropping them, counted in n2s_output_dropped_total",
-                            self.config.tee)
+                log.warning(
+                    "%s: nobody takes the tee's messages (reader down or slow): "
+                    "dropping them, counted in n2s_output_dropped_total",
+                    self.config.tee,
+                )
             self._tee_dropping = True
             return
         if self._tee_dropping:
@@ -144,9 +163,12 @@ class ZmqSource(BackgroundWorker):
 
     def _log_disconnect(self) -> None:
         event = recv_monitor_message(self._monitor)
-        log.warning("%s: detector disconnected (it stopped, or sent a message over %d MiB, "
-                    "which ZeroMQ refuses); reconnecting", self.endpoint,
-                    HARD_LIMIT_FACTOR * self.config.max_message_mb)
+        log.warning(
+            "%s: detector disconnected (it stopped, or sent a message over %d MiB, "
+            "which ZeroMQ refuses); reconnecting",
+            self.endpoint,
+            HARD_LIMIT_FACTOR * self.config.max_message_mb,
+        )
         log.debug("monitor event %s", event)
 
     def _output(self, series: str) -> Path:
@@ -155,14 +177,27 @@ class ZmqSource(BackgroundWorker):
     def _forward(self, event: Image | End, received: float) -> bool:
         if isinstance(event, End):
             n = self._frames_in.pop(event.series, 0)
-            log.info("series %s ended after %d frames (%s sent)", event.series, n,
-                     "?" if event.total is None else event.total)
+            log.info(
+                "series %s ended after %d frames (%s sent)",
+                event.series,
+                n,
+                "?" if event.total is None else event.total,
+            )
             if event.total is None:
                 return self._emit(SeriesEnd(event.series, n, self._output(event.series)))
-            return self._emit(SeriesEnd(event.series, event.total, self._output(event.series),
-                                        sender_count=True))
+            return self._emit(
+                SeriesEnd(event.series, event.total, self._output(event.series), sender_count=True)
+            )
         if event.series not in self._frames_in:
             log.info("series %s started", event.series)
         self._frames_in[event.series] = self._frames_in.get(event.series, 0) + 1
-        return self._emit(Frame(event.series, event.index, event.data, received,
-                                self._output(event.series), event.pixel_mask))
+        return self._emit(
+            Frame(
+                event.series,
+                event.index,
+                event.data,
+                received,
+                self._output(event.series),
+                event.pixel_mask,
+            )
+        )

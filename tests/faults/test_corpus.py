@@ -46,8 +46,9 @@ def _group_not_dataset(path: Path) -> None:
 
 def _huge_declared_shape(path: Path) -> None:  # 20 GB declared, a few kB on disk
     with h5py.File(path, "w") as handle:
-        handle.create_dataset("/data", shape=(2, 100_000, 100_000), dtype="u2",
-                              chunks=(1, 256, 256))
+        handle.create_dataset(
+            "/data", shape=(2, 100_000, 100_000), dtype="u2", chunks=(1, 256, 256)
+        )
 
 
 def _nan_and_inf(path: Path) -> None:
@@ -98,12 +99,15 @@ FILE_CASES: list[tuple[str, Callable[[Path], None], str, int]] = [
     ("empty_frames.h5", lambda f: _stack(f, np.zeros((3, 0, 16), np.uint16)), "empty", 1),
     ("huge_shape.h5", _huge_declared_shape, "too_large", 1),
     ("nan_frames.h5", _nan_and_inf, "nan", 2),
-    ("sentinel_only.h5", lambda f: _stack(f, np.full((3, 16, 16), 65535, np.uint16)),
-     "no_valid_pixels", 3),
+    (
+        "sentinel_only.h5",
+        lambda f: _stack(f, np.full((3, 16, 16), 65535, np.uint16)),
+        "no_valid_pixels",
+        3,
+    ),
     ("corrupt_chunk.h5", _corrupt_chunk, "read_error", 1),
     ("mixed_master.h5", lambda f: _eiger_master(f, [(32, 32), (16, 16)]), "shape", 1),
-    ("dangling_master.h5", lambda f: _eiger_master(f, [(32, 32)], dangling=True),
-     "missing", 1),
+    ("dangling_master.h5", lambda f: _eiger_master(f, [(32, 32)], dangling=True), "missing", 1),
     ("escape.h5", _escaping_link, "path_escape", 1),
     (os.fsdecode(b"latin1_\xe9t\xe9.h5"), lambda f: _stack(f, GOOD), "bad_name", 1),
 ]
@@ -134,18 +138,24 @@ def test_bad_files_each_refused_with_its_reason(tmp_path, fault_figures):
     assert daemon.terminate() == 0
     for name, _, reason, _ in cases:
         stem = Path(name).stem
-        said = [line for line in log.splitlines() if f"rejected ({reason}): " in line
-                and (ascii(stem)[1:-1] in line or stem in line)]
+        said = [
+            line
+            for line in log.splitlines()
+            if f"rejected ({reason}): " in line and (ascii(stem)[1:-1] in line or stem in line)
+        ]
         assert said, f"{name}: no one-line refusal with reason {reason}"
     good = read_output(daemon.out / "good_n2s.h5")[1]["source_frame"]
     assert good.tolist() == list(range(6))
     # what was good in a bad file was still denoised: nan_frames minus its 2 bad frames
-    assert read_output(daemon.out / "nan_frames_n2s.h5")[1]["source_frame"].tolist() == \
-        [0, 2, 3, 5]
+    assert read_output(daemon.out / "nan_frames_n2s.h5")[1]["source_frame"].tolist() == [0, 2, 3, 5]
     assert "Traceback" not in log
-    fault_figures.append(FaultFigure(f"bad-input corpus: {len(cases)} HDF5 files",
-                                     len(cases), _refused_as_expected(cases,
-                                                                           rejected)))
+    fault_figures.append(
+        FaultFigure(
+            f"bad-input corpus: {len(cases)} HDF5 files",
+            len(cases),
+            _refused_as_expected(cases, rejected),
+        )
+    )
 
 
 # ---- ZeroMQ messages (native protocol) -------------------------------------------------
@@ -154,8 +164,15 @@ FRAME = np.arange(24 * 24, dtype=np.uint16).reshape(24, 24)
 
 def _native(payload: bytes | None = None, **header) -> list[bytes]:
     """A native frame message of series "bad", with header fields overridden."""
-    fields = {"htype": "n2s-frame-1", "series": "bad", "frame": 0, "dtype": "<u2",
-              "shape": [24, 24], "encoding": "raw", **header}
+    fields = {
+        "htype": "n2s-frame-1",
+        "series": "bad",
+        "frame": 0,
+        "dtype": "<u2",
+        "shape": [24, 24],
+        "encoding": "raw",
+        **header,
+    }
     parts = [json.dumps(fields).encode()]
     return parts + ([] if payload is None else [payload])
 
@@ -179,33 +196,40 @@ MESSAGE_CASES: list[tuple[str, list[list[bytes]], str]] = [
     ("payload too short", [_native(FRAME.tobytes()[:100])], "size_mismatch"),
     ("payload too long", [_native(FRAME.tobytes() * 2)], "size_mismatch"),
     ("path traversal in series", [p.native_frame("../escape", 0, FRAME)], "bad_series_name"),
-    ("absolute path as series", [p.native_frame("/etc/passwd", 0, FRAME)],
-     "bad_series_name"),
-    ("non-ASCII series name", [_native(FRAME.tobytes(), series="sc\u00e9ne")],
-     "bad_series_name"),
-    ("unpaired surrogate in series", [[b'{"htype": "n2s-frame-1", "series": "s\\udcff"}',
-                                       b"x"]], "bad_series_name"),
+    ("absolute path as series", [p.native_frame("/etc/passwd", 0, FRAME)], "bad_series_name"),
+    ("non-ASCII series name", [_native(FRAME.tobytes(), series="sc\u00e9ne")], "bad_series_name"),
+    (
+        "unpaired surrogate in series",
+        [[b'{"htype": "n2s-frame-1", "series": "s\\udcff"}', b"x"]],
+        "bad_series_name",
+    ),
     ("series not a string", [_native(FRAME.tobytes(), series=17)], "bad_series_name"),
     ("huge declared shape", [_native(b"x", shape=[100_000, 100_000])], "too_large"),
     ("zero-size frame", [_native(b"", shape=[0, 24])], "shape"),
     ("wrong rank", [_native(FRAME.tobytes(), shape=[1, 24, 24])], "shape"),
     ("negative frame number", [_native(FRAME.tobytes(), frame=-1)], "bad_header"),
     ("frame number as text", [_native(FRAME.tobytes(), frame="7")], "bad_header"),
-    ("bad end-of-series count", [[b'{"htype": "n2s-end-1", "series": "bad", "frames": -1}']],
-     "bad_header"),
+    (
+        "bad end-of-series count",
+        [[b'{"htype": "n2s-end-1", "series": "bad", "frames": -1}']],
+        "bad_header",
+    ),
     ("string dtype", [_native(FRAME.tobytes(), dtype="<U8")], "dtype"),
     ("unknown dtype", [_native(FRAME.tobytes(), dtype="pixels")], "dtype"),
     ("corrupt lz4", [_native(b"\xff" * 64, encoding="lz4")], "corrupt"),
-    ("bslz4 shorter than its header", [_native(b"\x00" * 4, encoding="bslz4")],
-     "truncated"),
-    ("oversized message (> zmq_max_message_mb)", [_native(b"\x00" * (2 << 20))],
-     "too_large"),
+    ("bslz4 shorter than its header", [_native(b"\x00" * 4, encoding="bslz4")], "truncated"),
+    ("oversized message (> zmq_max_message_mb)", [_native(b"\x00" * (2 << 20))], "too_large"),
     ("NaN in a float frame", [_float_frame_with_nan()], "nan"),
-    ("sentinel-only frame", [p.native_frame("dead", 0, np.full((24, 24), 65535, np.uint16))],
-     "no_valid_pixels"),
-    ("frame shape changes within a series",
-     [p.native_frame("mixed", 0, FRAME), p.native_frame("mixed", 1, FRAME[:16, :16])],
-     "shape_change"),
+    (
+        "sentinel-only frame",
+        [p.native_frame("dead", 0, np.full((24, 24), 65535, np.uint16))],
+        "no_valid_pixels",
+    ),
+    (
+        "frame shape changes within a series",
+        [p.native_frame("mixed", 0, FRAME), p.native_frame("mixed", 1, FRAME[:16, :16])],
+        "shape_change",
+    ),
 ]
 
 
@@ -236,23 +260,29 @@ def test_bad_messages_each_refused_with_its_reason(tmp_path, fault_figures):
     finally:
         push.close()
         context.term()
-    assert read_output(daemon.out / "good_n2s.h5")[1]["source_frame"].tolist() == [0, 1, 2,
-                                                                                   3, 4]
+    assert read_output(daemon.out / "good_n2s.h5")[1]["source_frame"].tolist() == [0, 1, 2, 3, 4]
     assert metrics["n2s_frames_missing_total"] == 0
     assert sorted(p.name for p in daemon.out.iterdir()) == ["good_n2s.h5", "mixed_n2s.h5"]
     assert not list(tmp_path.rglob("escape*")) and not list(tmp_path.rglob("passwd*"))
     assert "Traceback" not in log
-    fault_figures.append(FaultFigure(f"bad-input corpus: {len(MESSAGE_CASES)} ZeroMQ messages",
-                                     len(MESSAGE_CASES), refused))
+    fault_figures.append(
+        FaultFigure(
+            f"bad-input corpus: {len(MESSAGE_CASES)} ZeroMQ messages", len(MESSAGE_CASES), refused
+        )
+    )
 
 
-def _wait_for_rejections(daemon: DaemonProcess, expected: dict[str, float], *,
-                         timeout: float, what: str = "") -> dict[str, float]:
+def _wait_for_rejections(
+    daemon: DaemonProcess, expected: dict[str, float], *, timeout: float, what: str = ""
+) -> dict[str, float]:
     """Scrape until ``n2s_frames_rejected_total`` by reason equals ``expected``."""
     deadline = time.monotonic() + timeout
     while True:
-        rejected = {k.split('"')[1]: v for k, v in daemon.scrape().items()
-                    if k.startswith("n2s_frames_rejected_total")}
+        rejected = {
+            k.split('"')[1]: v
+            for k, v in daemon.scrape().items()
+            if k.startswith("n2s_frames_rejected_total")
+        }
         if rejected == expected or time.monotonic() > deadline:
             break
         time.sleep(0.1)

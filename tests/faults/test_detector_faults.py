@@ -30,9 +30,16 @@ def test_detector_writer_killed_mid_file(tmp_path, fault_figures):
     with h5py.File(daemon.watch / "scan_0001.h5", "r", swmr=True) as handle:
         flushed = handle["/entry/data/data"].shape[0]
     written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
-    fault_figures.append(FaultFigure("detector writer SIGKILLed mid-file", 1,
-                                     int(n == flushed), sent=flushed, written=len(written),
-                                     lost_silently=flushed - len(set(written.tolist()))))
+    fault_figures.append(
+        FaultFigure(
+            "detector writer SIGKILLed mid-file",
+            1,
+            int(n == flushed),
+            sent=flushed,
+            written=len(written),
+            lost_silently=flushed - len(set(written.tolist())),
+        )
+    )
     assert 5 < n == flushed < 500
     assert np.array_equal(written, np.arange(n))
 
@@ -54,8 +61,11 @@ def test_source_file_deleted_while_read(tmp_path, fault_figures):
     daemon.wait_for(r"closed output .*scan_0002_n2s.h5 \(10 frames\)", timeout=60)
     assert daemon.terminate() == 0
     index = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
-    fault_figures.append(FaultFigure("source file deleted while read", 1,
-                                     int(np.array_equal(index, np.arange(len(index))))))
+    fault_figures.append(
+        FaultFigure(
+            "source file deleted while read", 1, int(np.array_equal(index, np.arange(len(index))))
+        )
+    )
     assert len(index) > 0 and np.array_equal(index, np.arange(len(index)))
 
 
@@ -74,7 +84,13 @@ def test_source_file_renamed_while_read(tmp_path, fault_figures):
     assert daemon.terminate() == 0
     written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
     assert sorted(p.name for p in daemon.out.iterdir()) == ["scan_0001_n2s.h5"]
-    fault_figures.append(FaultFigure("source file renamed while read", 1,
-                                     int(np.array_equal(written, np.arange(150))), sent=150,
-                                     written=len(set(written.tolist()))))
+    fault_figures.append(
+        FaultFigure(
+            "source file renamed while read",
+            1,
+            int(np.array_equal(written, np.arange(150))),
+            sent=150,
+            written=len(set(written.tolist())),
+        )
+    )
     assert np.array_equal(written, np.arange(150))

@@ -35,16 +35,23 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, 
     assert daemon.terminate() == 0
     frames, provenance = read_output(small_disk / "scan_0001_n2s.h5")
     written = provenance["source_frame"]
-    fault_figures.append(FaultFigure("output disk full, then space returns", 1,
-                                     int(np.array_equal(written, np.arange(200))), sent=200,
-                                     written=len(set(written.tolist())),
-                                     lost_silently=200 - len(set(written.tolist()))))
+    fault_figures.append(
+        FaultFigure(
+            "output disk full, then space returns",
+            1,
+            int(np.array_equal(written, np.arange(200))),
+            sent=200,
+            written=len(set(written.tolist())),
+            lost_silently=200 - len(set(written.tolist())),
+        )
+    )
     assert np.array_equal(written, np.arange(200))
     assert np.isfinite(frames).all()
 
 
 def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
-        tmp_path, small_disk, fault_figures):
+    tmp_path, small_disk, fault_figures
+):
     """The disk is full, the queue is full behind it, the source waits on the queue: SIGTERM
     still ends the daemon at once (exit 0), the frames it accepted but could not write are
     counted, and the next start, with room again, writes every frame exactly once."""
@@ -73,8 +80,14 @@ def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
     assert again.terminate() == 0
     _, provenance = read_output(small_disk / "scan_0001_n2s.h5")
     written = provenance["source_frame"]
-    fault_figures.append(FaultFigure(
-        f"SIGTERM in a disk-full pause, queue full (stopped in {stop_seconds:.1f} s)", 1,
-        int(np.array_equal(written, np.arange(200))), sent=200,
-        written=len(set(written.tolist())), lost_silently=200 - len(set(written.tolist()))))
+    fault_figures.append(
+        FaultFigure(
+            f"SIGTERM in a disk-full pause, queue full (stopped in {stop_seconds:.1f} s)",
+            1,
+            int(np.array_equal(written, np.arange(200))),
+            sent=200,
+            written=len(set(written.tolist())),
+            lost_silently=200 - len(set(written.tolist())),
+        )
+    )
     assert np.array_equal(written, np.arange(200))

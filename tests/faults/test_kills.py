@@ -26,8 +26,10 @@ from n2s_stream.sources import protocols
 pytestmark = pytest.mark.faults
 
 OUTPUT = "scan_0001_n2s.h5"
-GAP = re.compile(r"scan_0001: (\d+) frames missing before (?:the end of the series \()?"
-                 r"frame (\d+)")
+GAP = re.compile(
+    r"scan_0001: (\d+) frames missing before (?:the end of the series \()?"
+    r"frame (\d+)"
+)
 
 
 class HeldBackFeed:
@@ -84,8 +86,7 @@ def _assert_whole_frames(output: Path) -> None:
 def _reported_missing(tmp_path: Path) -> set[int]:
     """Frame numbers the daemons logged as gaps, over every run."""
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
-    return {i for n, before in GAP.findall(logs) for i in range(int(before) - int(n),
-                                                                   int(before))}
+    return {i for n, before in GAP.findall(logs) for i in range(int(before) - int(n), int(before))}
 
 
 def _kill_runs(tmp_path: Path, trials: int, seed: int, *extra: str) -> None:
@@ -116,8 +117,7 @@ def _check_restart_after_the_series(tmp_path: Path, n_frames: int, *extra: str) 
     assert read_output(tmp_path / "out" / OUTPUT)[0].shape[0] == n_frames
 
 
-def directory_trials(tmp_path: Path, figures, *, trials: int, n_frames: int,
-                     seed: int) -> None:
+def directory_trials(tmp_path: Path, figures, *, trials: int, n_frames: int, seed: int) -> None:
     """Kills while a detector writes a growing SWMR file: nothing may go missing."""
     (tmp_path / "acq").mkdir()
     writer = start_writer(tmp_path / "acq", frames=n_frames, rate=15, seed=2)
@@ -126,13 +126,15 @@ def directory_trials(tmp_path: Path, figures, *, trials: int, n_frames: int,
     daemon = DaemonProcess(tmp_path, name="final")
     daemon.wait_ready()
     # killed runs may already have written every frame without marking the series done
-    daemon.wait_for(f"closed output .*{OUTPUT}|series scan_0001 already complete"
-                    "|series scan_0001 ended with nothing new", timeout=120)
+    daemon.wait_for(
+        f"closed output .*{OUTPUT}|series scan_0001 already complete"
+        "|series scan_0001 ended with nothing new",
+        timeout=120,
+    )
     assert daemon.terminate() == 0
     frames, provenance = read_output(tmp_path / "out" / OUTPUT)
     written = provenance["source_frame"]
-    figures.append(_figure("directory (SWMR file), SIGKILL", trials, n_frames, written,
-                           set()))
+    figures.append(_figure("directory (SWMR file), SIGKILL", trials, n_frames, written, set()))
     assert np.array_equal(written, np.arange(n_frames))
     assert frames.shape[0] == n_frames and np.isfinite(frames).all()
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
@@ -156,8 +158,7 @@ def zmq_trials(tmp_path: Path, figures, *, trials: int, n_frames: int, seed: int
     frames, provenance = read_output(tmp_path / "out" / OUTPUT)
     written = provenance["source_frame"]
     missing = _reported_missing(tmp_path)
-    figures.append(_figure("ZeroMQ PUSH/PULL feed, SIGKILL", trials, n_frames, written,
-                           missing))
+    figures.append(_figure("ZeroMQ PUSH/PULL feed, SIGKILL", trials, n_frames, written, missing))
     assert (np.diff(written) > 0).all(), "a frame written twice or out of order"
     assert frames.shape[0] == written.size and np.isfinite(frames).all()
     assert not missing & set(written.tolist()), "a written frame was reported missing"
@@ -165,13 +166,19 @@ def zmq_trials(tmp_path: Path, figures, *, trials: int, n_frames: int, seed: int
     _check_restart_after_the_series(tmp_path, written.size, *feed)
 
 
-def _figure(scenario: str, trials: int, n_frames: int, written: np.ndarray,
-            missing: set[int]):
+def _figure(scenario: str, trials: int, n_frames: int, written: np.ndarray, missing: set[int]):
     unique = set(written.tolist())
     lost = set(range(n_frames)) - unique - missing
-    return FaultFigure(scenario, trials, trials if not lost else 0, sent=n_frames,
-                       written=len(unique), reported_missing=len(missing),
-                       lost_silently=len(lost), duplicated=written.size - len(unique))
+    return FaultFigure(
+        scenario,
+        trials,
+        trials if not lost else 0,
+        sent=n_frames,
+        written=len(unique),
+        reported_missing=len(missing),
+        lost_silently=len(lost),
+        duplicated=written.size - len(unique),
+    )
 
 
 def test_directory_kill_9_three_trials(tmp_path, fault_figures):

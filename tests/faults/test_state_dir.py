@@ -48,10 +48,16 @@ def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
         assert daemon.terminate() == 0
         log = daemon.log()
     written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
-    fault_figures.append(FaultFigure("state dir read-only at run time", 1,
-                                     int(np.array_equal(written, np.arange(300))), sent=300,
-                                     written=len(set(written.tolist())),
-                                     lost_silently=300 - len(set(written.tolist()))))
+    fault_figures.append(
+        FaultFigure(
+            "state dir read-only at run time",
+            1,
+            int(np.array_equal(written, np.arange(300))),
+            sent=300,
+            written=len(set(written.tolist())),
+            lost_silently=300 - len(set(written.tolist())),
+        )
+    )
     assert np.array_equal(written, np.arange(300))
     assert "Traceback" not in log
 
@@ -85,9 +91,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, fault_fi
 def test_read_only_state_dir_is_a_clear_startup_error(tmp_path):
     with mounted_tmpfs(tmp_path / "state", "ro,size=1m") as state:
         (tmp_path / "acq").mkdir()
-        proc = subprocess.run([*N2S, "--watch", str(tmp_path / "acq"), "--state-dir",
-                               str(state), "--metrics-port", "-1"],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [
+                *N2S,
+                "--watch",
+                str(tmp_path / "acq"),
+                "--state-dir",
+                str(state),
+                "--metrics-port",
+                "-1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert proc.returncode == 2, proc.stderr
     assert "state directory is not writable" in proc.stderr
     assert "Traceback" not in proc.stderr

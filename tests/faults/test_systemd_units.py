@@ -34,8 +34,11 @@ from n2s_stream.sources import protocols
 
 PROJECT = Path(__file__).resolve().parents[2]
 UNIT = "n2s-stream.service"
-pytestmark = [pytest.mark.faults, pytest.mark.systemd,
-              pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.systemd,
+    pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools())),
+]
 
 # Shorter than the shipped 60 s and 180 s so a test can wait for them; a drop-in, as an
 # admin would add one: the units themselves are the shipped files.
@@ -64,8 +67,7 @@ def test_the_shipped_units_under_a_real_systemd(tmp_path):
         booted = time.monotonic() - started
         for step in STEPS:
             step(machine)
-    print(f"container booted in {booted:.1f} s, all checks in "
-          f"{time.monotonic() - started:.1f} s")
+    print(f"container booted in {booted:.1f} s, all checks in {time.monotonic() - started:.1f} s")
 
 
 @contextlib.contextmanager
@@ -82,18 +84,21 @@ def _machine(tmp_path: Path):
         (units / f"{name}.d").mkdir()
         (units / f"{name}.d" / "test.conf").write_text(DROP_IN)
     (root / "etc/sysusers.d").mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT / "systemd/sysusers-n2s-stream.conf",
-                root / "etc/sysusers.d/n2s-stream.conf")
+    shutil.copy(
+        PROJECT / "systemd/sysusers-n2s-stream.conf", root / "etc/sysusers.d/n2s-stream.conf"
+    )
     ports = {"main": free_port(), "zmq1": free_port(), "feed": free_port()}
     (root / "etc/n2s-stream").mkdir()
     (root / "etc/n2s-stream/n2s-stream.toml").write_text(
         '[daemon]\nwatch = "/data/acq"\nout = "/data/denoised"\n'
         'state_dir = "/var/lib/n2s-stream"\ndevice = "cpu"\nthreads = 1\n'
-        f'metrics_port = {ports["main"]}\nsettle_seconds = 2\npublish_every = 5\n'
-        'checkpoint_every = 5\n')
+        f"metrics_port = {ports['main']}\nsettle_seconds = 2\npublish_every = 5\n"
+        "checkpoint_every = 5\n"
+    )
     (root / "etc/n2s-stream/zmq1.toml").write_text(
         f'[daemon]\nzmq = "tcp://127.0.0.1:{ports["feed"]}"\nout = "/data/denoised/zmq1"\n'
-        f'device = "cpu"\nthreads = 1\nmetrics_port = {ports["zmq1"]}\n')
+        f'device = "cpu"\nthreads = 1\nmetrics_port = {ports["zmq1"]}\n'
+    )
     for folder in ("data/acq", "data/denoised/zmq1"):
         (root / folder).mkdir(parents=True)
     (root / "root").chmod(0o755)  # the venv's Python may live under the host's /root
@@ -102,15 +107,18 @@ def _machine(tmp_path: Path):
     # own entry point names the clone's path, which PrivateTmp= hides when it is in /tmp).
     launcher = root / "opt/n2s-stream/.venv/bin/n2s-stream"
     launcher.parent.mkdir(parents=True)
-    launcher.write_text("#!/bin/sh\nexport PYTHONPATH=/opt/n2s-stream-src\n"
-                        'exec /opt/n2s-stream-src/.venv/bin/python -m n2s_stream "$@"\n')
+    launcher.write_text(
+        "#!/bin/sh\nexport PYTHONPATH=/opt/n2s-stream-src\n"
+        'exec /opt/n2s-stream-src/.venv/bin/python -m n2s_stream "$@"\n'
+    )
     launcher.chmod(0o755)
     # The service user must read the checkout: a clone made in `mktemp -d` is mode 0700.
     project_mode = PROJECT.stat().st_mode & 0o7777
     PROJECT.chmod(project_mode | 0o055)
     try:
-        container = Container(root, read_only_binds=[
-            f"{PROJECT}:/opt/n2s-stream-src", *python_binds()])
+        container = Container(
+            root, read_only_binds=[f"{PROJECT}:/opt/n2s-stream-src", *python_binds()]
+        )
     except ContainerUnavailable as exc:
         PROJECT.chmod(project_mode)
         pytest.skip(f"cannot boot a container here: {exc}")
@@ -132,17 +140,34 @@ def _ready_status_and_a_whole_run_under_the_sandbox(machine):
     state = container.show(UNIT, "ActiveState", "SubState", "StatusText", "User")
     assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
     assert state["StatusText"] == "following /data/acq", state
-    writer = subprocess.run([*N2S, "simulate", "--dir", str(container.root / "data/acq"),
-                             "--frames", "20", "--shape", "32x32", "--rate", "20",
-                             "--log-level", "WARNING"], timeout=120)
+    writer = subprocess.run(
+        [
+            *N2S,
+            "simulate",
+            "--dir",
+            str(container.root / "data/acq"),
+            "--frames",
+            "20",
+            "--shape",
+            "32x32",
+            "--rate",
+            "20",
+            "--log-level",
+            "WARNING",
+        ],
+        timeout=120,
+    )
     assert writer.returncode == 0
     output = container.root / "data/denoised/scan_0001_n2s.h5"
     _wait(lambda: _frames_in(output) == 20, 120, "20 frames written")
     metrics = scrape(ports["main"])  # the HTTP server runs under the sandbox
     assert metrics["n2s_frames_denoised_total"] == 20
     assert metrics['n2s_worker_up{worker="trainer"}'] == 1
-    _wait(lambda: "frames written" in container.show(UNIT, "StatusText")["StatusText"], 15,
-          "a STATUS line")
+    _wait(
+        lambda: "frames written" in container.show(UNIT, "StatusText")["StatusText"],
+        15,
+        "a STATUS line",
+    )
     owner = container.run("stat", "-c", "%U", "/data/denoised/scan_0001_n2s.h5").stdout
     assert owner.strip() == "n2s-stream"
     print(f"READY after {ready_seconds:.1f} s")
@@ -157,8 +182,9 @@ def _the_sandbox_is_in_force(machine):
 
     def can_write(path: str) -> bool:
         probe = f"{path}/.n2s-probe"
-        made = container.run("nsenter", "-t", pid, "-m", "sh", "-c",
-                             f"touch {probe} && rm {probe}", check=False)
+        made = container.run(
+            "nsenter", "-t", pid, "-m", "sh", "-c", f"touch {probe} && rm {probe}", check=False
+        )
         return made.returncode == 0
 
     assert can_write("/data/denoised") and can_write("/var/lib/n2s-stream")
@@ -170,8 +196,11 @@ def _kill_9_is_restarted(machine):
     container, ports = machine
     before = container.show(UNIT, "MainPID", "NRestarts")
     container.run("systemctl", "kill", "-s", "KILL", "--kill-whom=main", UNIT)
-    _wait(lambda: container.show(UNIT, "NRestarts")["NRestarts"] == str(
-        int(before["NRestarts"]) + 1), 30, "a restart")
+    _wait(
+        lambda: container.show(UNIT, "NRestarts")["NRestarts"] == str(int(before["NRestarts"]) + 1),
+        30,
+        "a restart",
+    )
     _wait(lambda: container.show(UNIT, "SubState")["SubState"] == "running", 60, "running")
     assert container.show(UNIT, "MainPID")["MainPID"] != before["MainPID"]
     _wait(lambda: bool(scrape(ports["main"])), 60, "metrics again")
@@ -183,17 +212,35 @@ def _a_hung_daemon_is_killed_by_the_watchdog_and_restarted(machine):
     container, _ = machine
     restarts = int(container.show(UNIT, "NRestarts")["NRestarts"])
     container.run("systemctl", "kill", "-s", "STOP", "--kill-whom=main", UNIT)
-    _wait(lambda: int(container.show(UNIT, "NRestarts")["NRestarts"]) == restarts + 1, 60,
-          "the watchdog's restart")
+    _wait(
+        lambda: int(container.show(UNIT, "NRestarts")["NRestarts"]) == restarts + 1,
+        60,
+        "the watchdog's restart",
+    )
     assert "Watchdog timeout" in container.journal(UNIT)
     _wait(lambda: container.show(UNIT, "SubState")["SubState"] == "running", 60, "running")
 
 
 def _systemctl_stop_drains_while_frames_flow(machine):
     container, _ = machine
-    writer = subprocess.Popen([*N2S, "simulate", "--dir", str(container.root / "data/acq"),
-                               "--frames", "200", "--shape", "64x64", "--rate", "25",
-                               "--name", "scan_0002", "--log-level", "WARNING"])
+    writer = subprocess.Popen(
+        [
+            *N2S,
+            "simulate",
+            "--dir",
+            str(container.root / "data/acq"),
+            "--frames",
+            "200",
+            "--shape",
+            "64x64",
+            "--rate",
+            "25",
+            "--name",
+            "scan_0002",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     output = container.root / "data/denoised/scan_0002_n2s.h5"
     _wait(lambda: _frames_in(output) >= 10, 120, "frames flowing")
     started = time.monotonic()
@@ -221,11 +268,15 @@ def _the_template_reads_its_instance_toml_and_follows_zeromq(machine):
     try:
         container.run("systemctl", "start", instance)
         assert container.show(instance, "StatusText")["StatusText"].startswith(
-            f"following tcp://127.0.0.1:{ports['feed']}")
+            f"following tcp://127.0.0.1:{ports['feed']}"
+        )
         rng = np.random.default_rng(0)
         for index in range(12):
-            push.send_multipart(protocols.native_frame(
-                "scan_0001", index, rng.poisson(20, (32, 32)).astype(np.uint16)))
+            push.send_multipart(
+                protocols.native_frame(
+                    "scan_0001", index, rng.poisson(20, (32, 32)).astype(np.uint16)
+                )
+            )
         push.send_multipart(protocols.native_end("scan_0001", 12))
         output = container.root / "data/denoised/zmq1/scan_0001_n2s.h5"
         _wait(lambda: _frames_in(output) == 12, 120, "12 frames from ZeroMQ")

@@ -30,8 +30,18 @@ import msgpack
 from n2s_stream.names import file_safe
 from n2s_stream.sources.codecs import MessageError
 
-DOCUMENT_NAMES = ("start", "descriptor", "stream_resource", "stream_datum", "event", "stop",
-                  "resource", "datum", "event_page", "datum_page")
+DOCUMENT_NAMES = (
+    "start",
+    "descriptor",
+    "stream_resource",
+    "stream_datum",
+    "event",
+    "stop",
+    "resource",
+    "datum",
+    "event_page",
+    "datum_page",
+)
 HDF5_MIMETYPES = ("application/x-hdf5",)
 LEGACY_HDF5_SPECS = {"AD_HDF5": "/entry/data/data", "AD_HDF5_SWMR": "/entry/data/data"}
 """Resource specs of areaDetector HDF5 files (area-detector-handlers) and their dataset."""
@@ -61,25 +71,25 @@ def decode_message(message: bytes) -> tuple[str, dict[str, Any]]:
     if name not in DOCUMENT_NAMES:
         raise MessageError(f"unknown document name {name[:40]!r}", reason="undecodable")
     if payload[:1] == b"\x80":
-        raise MessageError(f"{name} document is a pickle: refused unread (set the "
-                           "Publisher's serializer to JSON or msgpack)", reason="pickle")
+        raise MessageError(
+            f"{name} document is a pickle: refused unread (set the "
+            "Publisher's serializer to JSON or msgpack)",
+            reason="pickle",
+        )
     try:
         if payload[:1] == b"{":
             document = json.loads(payload)
         elif payload and payload[0] in _MSGPACK_MAP:
             document = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         else:
-            raise MessageError(f"{name} document is neither JSON nor msgpack",
-                               reason="undecodable")
+            raise MessageError(f"{name} document is neither JSON nor msgpack", reason="undecodable")
     except (ValueError, msgpack.UnpackException) as exc:
-        raise MessageError(f"{name} document does not decode: {exc}",
-                           reason="undecodable") from exc
+        raise MessageError(f"{name} document does not decode: {exc}", reason="undecodable") from exc
     if not isinstance(document, dict):
         raise MessageError(f"{name} document is not a mapping", reason="bad_document")
     missing = [key for key in _REQUIRED.get(name, ()) if key not in document]
     if missing:
-        raise MessageError(f"{name} document lacks {', '.join(missing)}",
-                           reason="bad_document")
+        raise MessageError(f"{name} document lacks {', '.join(missing)}", reason="bad_document")
     return name, document
 
 
@@ -97,8 +107,9 @@ class FrameStream:
     multiplier: int
 
 
-def frames_per_event(shape: list[int] | tuple[int, ...] | None,
-                     chunk_shape: list[int] | tuple[int, ...] = ()) -> int | None:
+def frames_per_event(
+    shape: list[int] | tuple[int, ...] | None, chunk_shape: list[int] | tuple[int, ...] = ()
+) -> int | None:
     """Frames per event of a data key's ``shape``: ``[n, H, W]`` gives n, ``[H, W]`` 1;
     None for data that is not images (scalars, waveforms). Without a shape (the
     descriptor came before we listened), a rank-3 ``chunk_shape`` of its resource means
@@ -112,23 +123,33 @@ def frames_per_event(shape: list[int] | tuple[int, ...] | None,
     return None
 
 
-def frame_stream(resource: dict[str, Any], run_start: str,
-                 multiplier: int) -> FrameStream:
+def frame_stream(resource: dict[str, Any], run_start: str, multiplier: int) -> FrameStream:
     """The frame stream a StreamResource announces; `MessageError` (``unsupported``) for
     a mimetype other than HDF5 or a uri that is not a file."""
     if resource["mimetype"] not in HDF5_MIMETYPES:
-        raise MessageError(f"stream_resource {resource['uid']}: mimetype "
-                           f"{resource['mimetype']!r} is not HDF5", reason="unsupported")
+        raise MessageError(
+            f"stream_resource {resource['uid']}: mimetype {resource['mimetype']!r} is not HDF5",
+            reason="unsupported",
+        )
     uri = urlparse(str(resource["uri"]))
     if uri.scheme not in ("file", ""):
-        raise MessageError(f"stream_resource {resource['uid']}: uri {resource['uri']!r} is "
-                           "not a file", reason="unsupported")
+        raise MessageError(
+            f"stream_resource {resource['uid']}: uri {resource['uri']!r} is not a file",
+            reason="unsupported",
+        )
     dataset = resource["parameters"].get("dataset")
     if not isinstance(dataset, str) or not dataset:
-        raise MessageError(f"stream_resource {resource['uid']}: no dataset parameter",
-                           reason="bad_document")
-    return FrameStream(str(resource["uid"]), run_start, str(resource["data_key"]),
-                       unquote(uri.path), dataset, multiplier)
+        raise MessageError(
+            f"stream_resource {resource['uid']}: no dataset parameter", reason="bad_document"
+        )
+    return FrameStream(
+        str(resource["uid"]),
+        run_start,
+        str(resource["data_key"]),
+        unquote(uri.path),
+        dataset,
+        multiplier,
+    )
 
 
 def legacy_stream(resource: dict[str, Any], run_start: str, data_key: str) -> FrameStream:
@@ -137,8 +158,11 @@ def legacy_stream(resource: dict[str, Any], run_start: str, data_key: str) -> Fr
     areaDetector HDF5 file."""
     dataset = LEGACY_HDF5_SPECS.get(str(resource["spec"]))
     if dataset is None:
-        raise MessageError(f"resource {resource['uid']}: spec {resource['spec']!r} is not "
-                           f"one of {', '.join(LEGACY_HDF5_SPECS)}", reason="unsupported")
+        raise MessageError(
+            f"resource {resource['uid']}: spec {resource['spec']!r} is not "
+            f"one of {', '.join(LEGACY_HDF5_SPECS)}",
+            reason="unsupported",
+        )
     root = str(resource.get("root") or "")
     path = str(resource["resource_path"])
     if root:
@@ -146,8 +170,10 @@ def legacy_stream(resource: dict[str, Any], run_start: str, data_key: str) -> Fr
     kwargs = resource.get("resource_kwargs") or {}
     per_point = kwargs.get("frame_per_point", 1)
     if not isinstance(per_point, int) or per_point < 1:
-        raise MessageError(f"resource {resource['uid']}: frame_per_point {per_point!r} is not "
-                           "a positive integer", reason="bad_document")
+        raise MessageError(
+            f"resource {resource['uid']}: frame_per_point {per_point!r} is not a positive integer",
+            reason="bad_document",
+        )
     return FrameStream(str(resource["uid"]), run_start, data_key, path, dataset, per_point)
 
 
@@ -157,9 +183,11 @@ def datums(document: dict[str, Any], name: str) -> list[tuple[str, int]]:
         point = document["datum_kwargs"].get("point_number")
         return [(str(document["datum_id"]), int(point))] if isinstance(point, int) else []
     points = document["datum_kwargs"].get("point_number") or []
-    return [(str(datum_id), int(point))
-            for datum_id, point in zip(document["datum_id"], points, strict=False)
-            if isinstance(point, int)]
+    return [
+        (str(datum_id), int(point))
+        for datum_id, point in zip(document["datum_id"], points, strict=False)
+        if isinstance(point, int)
+    ]
 
 
 def events(document: dict[str, Any], name: str) -> list[dict[str, Any]]:
@@ -167,9 +195,14 @@ def events(document: dict[str, Any], name: str) -> list[dict[str, Any]]:
     if name == "event":
         return [document]
     columns = document["data"]
-    return [{"descriptor": document["descriptor"], "seq_num": seq,
-             "data": {key: values[i] for key, values in columns.items() if i < len(values)}}
-            for i, seq in enumerate(document["seq_num"])]
+    return [
+        {
+            "descriptor": document["descriptor"],
+            "seq_num": seq,
+            "data": {key: values[i] for key, values in columns.items() if i < len(values)},
+        }
+        for i, seq in enumerate(document["seq_num"])
+    ]
 
 
 def series_name(start: dict[str, Any] | None, run_start: str, data_key: str) -> str:

@@ -48,7 +48,8 @@ class LegacyDocuments:
             keys = self._keys.setdefault(str(document["run_start"]), set())
             for key, data_key in document["data_keys"].items():
                 if isinstance(data_key, dict) and str(data_key.get("external", "")).startswith(
-                        "FILESTORE"):
+                    "FILESTORE"
+                ):
                     keys.add(key)
         elif name == "resource":
             self._resources[str(document["uid"])] = document
@@ -80,8 +81,11 @@ class LegacyDocuments:
             located = self._datums.pop(str(event["data"][key]), None)
             if located is None or (self._wanted is not None and key != self._wanted):
                 continue
-            found.append(LegacyPoint(run_start, key, descriptor, located[0], located[1],
-                                     int(event["seq_num"])))
+            found.append(
+                LegacyPoint(
+                    run_start, key, descriptor, located[0], located[1], int(event["seq_num"])
+                )
+            )
         return found
 
     def take_resource(self, uid: str) -> dict[str, Any] | None:

@@ -19,8 +19,10 @@ class DetectorPaths:
 
     def __init__(self, path_map: tuple[str, ...], root: Path | None) -> None:
         if not path_map and root is None:
-            raise UsageError("the Bluesky source needs --bluesky-root FOLDER (announced files "
-                             "must lie under it) or --bluesky-path-map")
+            raise UsageError(
+                "the Bluesky source needs --bluesky-root FOLDER (announced files "
+                "must lie under it) or --bluesky-path-map"
+            )
         self._pairs = parse_path_map(path_map)
         self._root = root
 
@@ -29,11 +31,12 @@ class DetectorPaths:
         it lies under no mapped prefix (or outside ``bluesky_root``)."""
         for remote, local in self._pairs:
             if path == remote or path.startswith(remote.rstrip("/") + "/"):
-                mapped = Path(local) / Path(path[len(remote):].lstrip("/"))
+                mapped = Path(local) / Path(path[len(remote) :].lstrip("/"))
                 return inside(mapped, Path(local), path)
         if self._pairs:
-            raise MessageError(f"{path}: under no prefix of bluesky_path_map",
-                               reason="outside_root")
+            raise MessageError(
+                f"{path}: under no prefix of bluesky_path_map", reason="outside_root"
+            )
         assert self._root is not None  # checked in __init__
         return inside(Path(path), self._root, path)
 
@@ -53,6 +56,7 @@ def inside(path: Path, root: Path, announced: str) -> Path:
     """``path`` resolved, if it stays under ``root`` (no ``..`` or symlink out of it)."""
     resolved, base = path.resolve(), root.resolve()
     if resolved != base and base not in resolved.parents:
-        raise MessageError(f"{announced}: resolves to {resolved}, outside {base}",
-                           reason="outside_root")
+        raise MessageError(
+            f"{announced}: resolves to {resolved}, outside {base}", reason="outside_root"
+        )
     return resolved

@@ -26,8 +26,9 @@ class FrameReader:
         self._emit, self._reject = emit, reject
         self._files: dict[str, h5py.File] = {}
 
-    def read_up_to(self, followed: Followed, stop_row: int | None,
-                    datum: dict[str, Any] | None = None) -> bool:
+    def read_up_to(
+        self, followed: Followed, stop_row: int | None, datum: dict[str, Any] | None = None
+    ) -> bool:
         """Emit the frames from the last one read up to ``stop_row`` (None: all the file
         holds), as far as the file holds them; False once the daemon stops."""
         first_seq = int(datum["seq_nums"]["start"]) if datum and "seq_nums" in datum else None
@@ -37,13 +38,15 @@ class FrameReader:
             try:
                 frames = self._dataset(followed)
                 frames.refresh()
-                available = frames.shape[0] if stop_row is None else min(stop_row,
-                                                                          frames.shape[0])
+                available = frames.shape[0] if stop_row is None else min(stop_row, frames.shape[0])
                 block = frames[start : min(available, start + READ_BATCH)]
             except (OSError, KeyError) as exc:
-                self._reject("unreadable", f"{followed.local_path}: frames {start}-"
-                             f"{'end' if stop_row is None else stop_row - 1} announced but "
-                             f"not readable: {exc}")
+                self._reject(
+                    "unreadable",
+                    f"{followed.local_path}: frames {start}-"
+                    f"{'end' if stop_row is None else stop_row - 1} announced but "
+                    f"not readable: {exc}",
+                )
                 self.close(followed)
                 return True
             if not len(block):
@@ -51,10 +54,20 @@ class FrameReader:
             received = time.time()
             for data in block:
                 row = followed.rows_read
-                seq = (None if first_seq is None
-                       else first_seq + row // followed.stream.multiplier - first_event)
-                frame = Frame(followed.series, row, np.asarray(data), received,
-                              Path(followed.output), source_id=seq, notes=followed.notes)
+                seq = (
+                    None
+                    if first_seq is None
+                    else first_seq + row // followed.stream.multiplier - first_event
+                )
+                frame = Frame(
+                    followed.series,
+                    row,
+                    np.asarray(data),
+                    received,
+                    Path(followed.output),
+                    source_id=seq,
+                    notes=followed.notes,
+                )
                 if not self._emit(frame):
                     return False
                 followed.rows_read = row + 1

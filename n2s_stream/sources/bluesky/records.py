@@ -98,14 +98,23 @@ class RunRecords:
                 path.unlink(missing_ok=True)  # stopped, and written to the end
                 continue
             if not item.stopped and time.time() - path.stat().st_mtime > STALE_RECORD_DAYS * 86400:
-                log.warning("run %s: open for more than %g days; its stop was lost: series %s "
-                            "is not followed any more", stream.run_start, STALE_RECORD_DAYS,
-                            item.series)
+                log.warning(
+                    "run %s: open for more than %g days; its stop was lost: series %s "
+                    "is not followed any more",
+                    stream.run_start,
+                    STALE_RECORD_DAYS,
+                    item.series,
+                )
                 path.unlink(missing_ok=True)
                 continue
             loaded.append(item)
-            log.info("run %s %s: series %s continues at frame %d", stream.run_start,
-                     "stopped" if item.stopped else "still open", item.series, item.rows_read)
+            log.info(
+                "run %s %s: series %s continues at frame %d",
+                stream.run_start,
+                "stopped" if item.stopped else "still open",
+                item.series,
+                item.rows_read,
+            )
         return loaded
 
     def _path(self, uid: str) -> Path:

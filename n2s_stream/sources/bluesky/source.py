@@ -70,8 +70,16 @@ class BlueskySource(BackgroundWorker):
     """Emits the frames that a Bluesky run's documents announce; one output per detector
     stream of each run."""
 
-    def __init__(self, options: BlueskyOptions, *, out_root: Path, state_dir: Path,
-                 emit: Emit, reject: Reject, start_position: StartPosition) -> None:
+    def __init__(
+        self,
+        options: BlueskyOptions,
+        *,
+        out_root: Path,
+        state_dir: Path,
+        emit: Emit,
+        reject: Reject,
+        start_position: StartPosition,
+    ) -> None:
         super().__init__("bluesky-source")
         if options.endpoint is None:
             raise UsageError("the Bluesky source needs --bluesky ENDPOINT")
@@ -86,8 +94,9 @@ class BlueskySource(BackgroundWorker):
         for followed in self._records.load():
             self._followed[followed.stream.uid] = followed
             if followed.descriptors:
-                self._legacy.restore(followed.descriptors, followed.stream.run_start,
-                                     followed.stream.data_key)
+                self._legacy.restore(
+                    followed.descriptors, followed.stream.run_start, followed.stream.data_key
+                )
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.RCVHWM, RECEIVE_LIMIT)
@@ -99,16 +108,24 @@ class BlueskySource(BackgroundWorker):
     @classmethod
     def from_config(cls, config: DaemonConfig, context: SourceContext) -> BlueskySource:
         """The source ``--bluesky`` selects."""
-        return cls(config.bluesky, out_root=config.output.out,
-                   state_dir=config.service.state_dir, emit=context.emit,
-                   reject=context.reject, start_position=context.start_position)
+        return cls(
+            config.bluesky,
+            out_root=config.output.out,
+            state_dir=config.service.state_dir,
+            emit=context.emit,
+            reject=context.reject,
+            start_position=context.start_position,
+        )
 
     def start(self) -> None:
         """Connect to the proxy's output and start reading."""
         assert self.options.endpoint is not None
         self._socket.connect(self.options.endpoint)
-        log.info("following Bluesky documents from %s%s", self.options.endpoint,
-                 f" (prefix {self.options.prefix!r})" if self.options.prefix else "")
+        log.info(
+            "following Bluesky documents from %s%s",
+            self.options.endpoint,
+            f" (prefix {self.options.prefix!r})" if self.options.prefix else "",
+        )
         super().start()
 
     def stop(self) -> None:
@@ -162,12 +179,21 @@ class BlueskySource(BackgroundWorker):
         self._records.prune()
         now = time.monotonic()
         for followed in list(self._followed.values()):
-            if (followed.done or followed.stopped or followed.idle_ended
-                    or now - followed.heard < self.options.idle_end_seconds):
+            if (
+                followed.done
+                or followed.stopped
+                or followed.idle_ended
+                or now - followed.heard < self.options.idle_end_seconds
+            ):
                 continue
-            log.warning("run %s: no document for %.0f s: series %s ends with what %s holds "
-                        "(it continues if the run does)", followed.stream.run_start,
-                        now - followed.heard, followed.series, followed.local_path)
+            log.warning(
+                "run %s: no document for %.0f s: series %s ends with what %s holds "
+                "(it continues if the run does)",
+                followed.stream.run_start,
+                now - followed.heard,
+                followed.series,
+                followed.local_path,
+            )
             followed.idle_ended = True
             if not self._end_series(followed, complete=False):
                 return False
@@ -178,8 +204,12 @@ class BlueskySource(BackgroundWorker):
         """Act on one document; False once the daemon stops."""
         if name == "start":
             self._runs[document["uid"]] = _Run(start=document)
-            log.info("run %s started (scan %s, plan %s)", document["uid"],
-                     document.get("scan_id", "?"), document.get("plan_name", "?"))
+            log.info(
+                "run %s started (scan %s, plan %s)",
+                document["uid"],
+                document.get("scan_id", "?"),
+                document.get("plan_name", "?"),
+            )
         elif name == "descriptor":
             run = self._runs.setdefault(document["run_start"], _Run())
             for key, data_key in document["data_keys"].items():
@@ -195,8 +225,11 @@ class BlueskySource(BackgroundWorker):
         elif name in ("resource", "datum", "datum_page"):
             self._legacy.add(name, document)
         elif name in ("event", "event_page"):
-            return all(self._legacy_frames(point) for event in events(document, name)
-                       for point in self._legacy.points(event))
+            return all(
+                self._legacy_frames(point)
+                for event in events(document, name)
+                for point in self._legacy.points(event)
+            )
         elif name == "stop":
             return self._stop(document)
         return True
@@ -223,18 +256,33 @@ class BlueskySource(BackgroundWorker):
         run = self._runs.get(run_start, _Run())
         local = self._paths.local(stream.path)
         series = series_name(run.start, run_start or stream.uid, stream.data_key)
-        earlier = sum(f.stream.run_start == run_start and f.stream.data_key == stream.data_key
-                      for f in self._followed.values())
+        earlier = sum(
+            f.stream.run_start == run_start and f.stream.data_key == stream.data_key
+            for f in self._followed.values()
+        )
         if earlier:  # the detector started another file in the same run
             series = f"{series}_{earlier + 1}"
         output = self.out_root / f"{series}_n2s.h5"
         position = self._start_position(series, output)
-        followed = Followed(stream, str(local), series, str(output),
-                            start_notes(run.start, stream.data_key), position or 0,
-                            done=position is None, heard=time.monotonic())
+        followed = Followed(
+            stream,
+            str(local),
+            series,
+            str(output),
+            start_notes(run.start, stream.data_key),
+            position or 0,
+            done=position is None,
+            heard=time.monotonic(),
+        )
         self._followed[stream.uid] = followed
-        log.info("run %s: following %s %s as series %s%s", run_start or "?", local,
-                 stream.dataset, series, " (already written)" if followed.done else "")
+        log.info(
+            "run %s: following %s %s as series %s%s",
+            run_start or "?",
+            local,
+            stream.dataset,
+            series,
+            " (already written)" if followed.done else "",
+        )
         return followed
 
     def _legacy_frames(self, point: LegacyPoint) -> bool:
@@ -262,8 +310,7 @@ class BlueskySource(BackgroundWorker):
         resource = self._legacy.take_resource(point.resource)
         if resource is None:
             return None
-        followed = self._start_following(legacy_stream(resource, point.run_start,
-                                                       point.data_key))
+        followed = self._start_following(legacy_stream(resource, point.run_start, point.data_key))
         followed.descriptors = [point.descriptor]
         self._records.save(followed)
         return followed
@@ -289,8 +336,13 @@ class BlueskySource(BackgroundWorker):
             self._records.save(followed)  # a restart before the series is written ends it
             if not self._finish(followed):
                 return False
-            log.info("run %s ended (%s): series %s, %d frames", run_start,
-                     stop.get("exit_status", "?"), followed.series, followed.rows_read)
+            log.info(
+                "run %s ended (%s): series %s, %d frames",
+                run_start,
+                stop.get("exit_status", "?"),
+                followed.series,
+                followed.rows_read,
+            )
         self._runs.pop(run_start, None)  # what was kept of its documents
         self._legacy.forget_run(run_start, self._records.ended_of(run_start))
         return True
@@ -310,9 +362,18 @@ class BlueskySource(BackgroundWorker):
         if not self._reader.read_up_to(followed, None):
             return False
         if followed.rows_read < followed.announced:
-            log.warning("%s: %d frames announced, the file holds %d", followed.local_path,
-                        followed.announced, followed.rows_read)
-        end = SeriesEnd(followed.series, max(followed.rows_read, followed.announced),
-                        Path(followed.output), sender_count=True, complete=complete)
+            log.warning(
+                "%s: %d frames announced, the file holds %d",
+                followed.local_path,
+                followed.announced,
+                followed.rows_read,
+            )
+        end = SeriesEnd(
+            followed.series,
+            max(followed.rows_read, followed.announced),
+            Path(followed.output),
+            sender_count=True,
+            complete=complete,
+        )
         self._reader.close(followed)
         return self._emit(end)
