@@ -247,7 +247,7 @@ def _run(command: str | None, args: argparse.Namespace) -> int:
             _check_config(args.file)
         return 0
     cls, _ = COMMANDS[command]
-    config = layered(cls, command, config_file=args.config, cli=cli_layer(args, cls))
+    config: object = layered(cls, command, config_file=args.config, cli=cli_layer(args, cls))
     RUNNERS[command](config)
     return 0
 

@@ -677,9 +677,9 @@ class RefineOptions:
     max_gb: float = option(
         16.0,
         min=0,
-        help="raw frames kept for refining, all series "
-        "together (state_dir/refine); older spools make "
-        "room for newer ones",
+        help="GiB of raw frames kept for refining, all series together (state_dir/refine); "
+        "waiting spools are kept first come first served, a series that does not fit is "
+        "not refined",
     )
 
 

@@ -103,7 +103,7 @@ def run_demo(
     name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
     frames = int(seconds * DEMO_RATE)
     command = [sys.executable, "-m", "n2s_stream"]
-    variants = [("n2s", "", [])]
+    variants: list[tuple[str, str, list[str]]] = [("n2s", "", [])]
     if context_frames > 1:
         variants.append(
             (
@@ -324,7 +324,7 @@ class _Feed:
     def __init__(self, source: str, acq: Path, name: str) -> None:
         self.source, self.acq, self.name = source, acq, name
         self.pv = f"N2SDEMO:{name}:Image"
-        self._ports = {None: _free_port()}
+        self._ports: dict[str | None, int] = {None: _free_port()}
 
     @property
     def simulator_args(self) -> list[str]:

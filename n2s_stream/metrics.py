@@ -171,7 +171,7 @@ class Metrics:
         )
         self.worker_up = Gauge(
             "n2s_worker_up",
-            "1 while the worker thread runs: source, inference, trainer, follower, http",
+            "1 while the worker thread runs: source, inference, trainer, refiner, follower, http",
             ["worker"],
             registry=registry,
         )

@@ -491,6 +491,7 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
             "they came); denoise runs the checkpoint with torch or onnxruntime"
         )
     amp = amp_enabled(config.amp, device)
+    model: nn.Module | OnnxRuntimeModel  # either runs the forward pass of denoise_series
     model = use_fast_layout(checkpoint.build_model(device), device)
     if config.engine == "onnxruntime":
         model = OnnxRuntimeModel(model, torch.get_num_threads())

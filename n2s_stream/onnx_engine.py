@@ -19,12 +19,16 @@ import logging
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from n2s_stream.config import ENGINES
 from n2s_stream.errors import UsageError
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class OnnxRuntimeModel:
         require_onnxruntime()
         self.model, self.threads = model, threads
         self.fixed_shape_max_pixels = fixed_shape_max_pixels
-        self._sessions: dict[tuple, object] = {}  # by _graph_shape
+        self._sessions: dict[tuple, onnxruntime.InferenceSession] = {}  # by _graph_shape
         self._export_model = copy.deepcopy(model)  # touched by the export thread only
         self._exporter: ThreadPoolExecutor | None = None
         self._export: Future | None = None
@@ -149,7 +153,9 @@ class OnnxRuntimeModel:
             torch.onnx.export(
                 model.eval(),
                 (example,),
-                graph,
+                # torch's annotation says a path; the TorchScript exporter (dynamo=False)
+                # writes to a file-like object as well (torch/onnx/_internal/torchscript_exporter)
+                graph,  # type: ignore[arg-type]
                 input_names=["x"],
                 output_names=["y"],
                 dynamo=False,

@@ -127,7 +127,8 @@ class OutputFormat:
                 import zstandard  # only where zstd is asked for
 
                 compressor = _zstd.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-            return compressor.compress(stored)
+            # zstandard's stub says ByteString; its C backend takes any buffer (an ndarray)
+            return compressor.compress(stored)  # type: ignore[arg-type]
         if self.compression == "none":
             return stored
         raise ValueError(f"{self.compression} is encoded by HDF5, not here")
@@ -142,7 +143,12 @@ def _cast(frame: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 BITSHUFFLE_FILTER = 32008
-FILTER_CODES = {BITSHUFFLE_FILTER: "bslz4", 32015: "zstd", 32024: "sz3", 32013: "zfp"}
+FILTER_CODES: dict[int, Compression] = {
+    BITSHUFFLE_FILTER: "bslz4",
+    32015: "zstd",
+    32024: "sz3",
+    32013: "zfp",
+}
 
 
 def dataset_filters(dataset: h5py.Dataset) -> list[tuple[int, tuple[int, ...]]]:
@@ -162,7 +168,7 @@ def format_of(dataset: h5py.Dataset) -> OutputFormat:
         raise ValueError(
             f"frames stored with HDF5 filters {codes}, which this writer does not write"
         )
-    compression = FILTER_CODES[codes[0]] if codes else "none"
+    compression: Compression = FILTER_CODES[codes[0]] if codes else "none"
     return OutputFormat(dtype=dataset.dtype.name, compression=compression)
 
 

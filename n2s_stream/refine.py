@@ -210,6 +210,7 @@ class Refiner(BackgroundWorker):
             first = spool["raw"][0]
             valid = check_usable(first, spool["pixel_mask"][()] if "pixel_mask" in spool else None)
             snapshot = replace(snapshot, normalizer=self.calibration.normalizer_for(first, valid))
+        assert snapshot.normalizer is not None  # published, or fitted just above
         self.model.load_state_dict(snapshot.weights)
         self.model.eval()
         begun = time.monotonic()

@@ -91,7 +91,7 @@ class SeriesTracker:
     def _state(self, series: str, output: Path) -> _Series:
         state = self._series.get(series)
         if state is None:
-            window = ContextWindow(
+            window: ContextWindow[Any] = ContextWindow(
                 self._masker.context_frames, self._masker.causal, self._masker.register
             )
             state = self._series[series] = _Series(window, output)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import h5py
 import hdf5plugin
@@ -101,7 +103,9 @@ def simulate(config: SimulateConfig) -> Path:
     }[config.layout]
     if config.layout == "eiger":
         _write_eiger_master(main, data_file.name, shape)
-    compression = hdf5plugin.Bitshuffle(nelems=0, cname="lz4") if config.layout == "eiger" else {}
+    compression: Mapping[str, Any] = (
+        hdf5plugin.Bitshuffle(nelems=0, cname="lz4") if config.layout == "eiger" else {}
+    )
     with h5py.File(data_file, "w", libver="latest") as handle:
         ds = handle.create_dataset(
             dataset_path,

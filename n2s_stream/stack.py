@@ -74,7 +74,7 @@ class FrameStack:
         try:
             self.dataset_name, self._segments = _find_segments(self._file, self.path, dataset)
             first = self._segments[0].dataset
-            self.frame_shape: tuple[int, int] = tuple(first.shape[-2:])  # type: ignore[assignment]
+            self.frame_shape: tuple[int, int] = tuple(first.shape[-2:])
             self.dtype = np.dtype(first.dtype)
             self.pixel_mask = self._read_pixel_mask()
         except BaseException:

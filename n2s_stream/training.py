@@ -107,7 +107,9 @@ def weight_average(model: nn.Module, steps: int) -> AveragedModel:
     """
 
     def lerp(
-        averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor
+        averaged: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        current: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        n_averaged: torch.Tensor | int,
     ) -> None:
         torch._foreach_lerp_(averaged, current, max(1.0 / steps, 1.0 / (int(n_averaged) + 1)))
 

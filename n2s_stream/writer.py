@@ -209,7 +209,7 @@ class FrameWriter:
             "opened output %s (%dx%d %s)", self.path, *frame_shape, self.format.describe(mean_count)
         )
 
-    def _attach_layout(self, frame_shape: tuple[int, int], dtype: np.dtype) -> None:
+    def _attach_layout(self, frame_shape: tuple[int, ...], dtype: np.dtype) -> None:
         self._count = 0
         self._frames = self._file["/entry/data/data"]
         if self._frames.dtype.kind == dtype.kind == "f":
@@ -241,7 +241,7 @@ class FrameWriter:
 
     def _create_layout(
         self,
-        frame_shape: tuple[int, int],
+        frame_shape: tuple[int, ...],
         mean_count: float,
         config_text: str,
         source: str,
@@ -295,7 +295,7 @@ class FrameWriter:
     @property
     def frame_shape(self) -> tuple[int, int]:
         """``(H, W)`` of the frames this file holds."""
-        return tuple(self._frames.shape[1:])  # type: ignore[return-value]
+        return tuple(self._frames.shape[1:])
 
     @property
     def n_written(self) -> int:

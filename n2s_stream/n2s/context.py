@@ -22,13 +22,22 @@ series, or a series shorter than the context) is filled with zeros, the normalis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
 from n2s_stream.n2s.registration import register_neighbours
 
 Item = TypeVar("Item")
+
+
+class IndexedFrames(Protocol):
+    """Frames of a series looked up by their index in it: a list or an array of them, or
+    any other object with ``len`` and integer indexing."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> np.ndarray: ...
 
 
 def context_offsets(frames: int, causal: bool) -> list[int]:
@@ -58,7 +67,7 @@ def context_indices(
 
 
 def context_stack(
-    frames: Sequence[np.ndarray],
+    frames: IndexedFrames,
     centre: int,
     offsets: Sequence[int],
     causal: bool,

@@ -316,6 +316,8 @@ class _Registrar(BackgroundWorker):
     def _sync_all(self) -> None:
         """Bring each registration up to date; one the server refuses does not hold up the
         others, and one that keeps failing is tried only every few rounds."""
+        uri = self.sink.options.uri
+        assert uri is not None  # TiledSink refuses options without one; they are frozen
         self._round += 1
         for registration in self.sink.pending():
             if registration.failures and self._round % min(registration.failures, 8):
@@ -329,7 +331,7 @@ class _Registrar(BackgroundWorker):
                     if not self._down:
                         log.warning(
                             "Tiled %s: cannot register %s (%s); retrying",
-                            _shown(self.sink.options.uri),
+                            _shown(uri),
                             registration.path,
                             exc,
                         )
@@ -338,7 +340,7 @@ class _Registrar(BackgroundWorker):
                 if self.sink.failed(registration.ident) == 1:
                     log.warning(
                         "Tiled %s: cannot register %s %s as %s/%s (%s); retrying",
-                        _shown(self.sink.options.uri),
+                        _shown(uri),
                         registration.path,
                         registration.dataset,
                         registration.container,
@@ -347,12 +349,12 @@ class _Registrar(BackgroundWorker):
                     )
                 continue
             if self._down:
-                log.info("Tiled %s answers again", _shown(self.sink.options.uri))
+                log.info("Tiled %s answers again", _shown(uri))
                 self._down = False
             if registration.failures:
                 log.info(
                     "Tiled %s: %s/%s registered after %d failed tries",
-                    _shown(self.sink.options.uri),
+                    _shown(uri),
                     registration.container,
                     registration.key,
                     registration.failures,

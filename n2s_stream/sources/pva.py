@@ -267,6 +267,7 @@ class PvaSource(BackgroundWorker):
                 )
                 series = None
             if series is None:
+                assert self.options.pv is not None  # refused in __init__; options are frozen
                 series = _Series.first(series_name(self.options.pv, time.time()), frame)
                 log.info(
                     "PV %s: series %s started at uniqueId %d",
