@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-faults test-browser lint bench bench-full bench-context \
+.PHONY: setup demo test test-slow test-faults test-browser lint docs docs-pages docs-serve bench bench-full bench-context \
 	bench-soak bench-peers bench-scale gpu-wheels tiled-venv clean
 
 setup: $(VENV)/.installed
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,docs]"
 	touch $@
 
 demo: setup
@@ -43,11 +43,27 @@ test-faults: setup
 test-browser: setup
 	$(PY) -m pytest -q -m browser tests/test_preview.py $(PYTEST_ARGS)
 
+# What CI checks besides the tests: ruff's lint and format, and mypy on the package.
 lint: setup
-	$(VENV)/bin/ruff check n2s_stream tests benchmarks
+	$(VENV)/bin/ruff check n2s_stream tests benchmarks docs/generate.py
+	$(VENV)/bin/ruff format --check n2s_stream tests benchmarks docs/generate.py
+	$(VENV)/bin/mypy n2s_stream
+
+# The documentation site: generated pages must be fresh, and the build strict (a broken
+# link or a page missing from the nav fails; never --quiet, which hides the warnings that
+# --strict counts). `make docs-serve` shows it on :8000.
+docs: setup
+	$(PY) docs/generate.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-pages: setup
+	$(PY) docs/generate.py
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # Every benchmark on small settings, in about 9 minutes on 2 cores, into
-# benchmarks/results/quick/: the README's "make bench" table comes from this.
+# benchmarks/results/quick/: their pages are under Benchmark records in the docs.
 QUICK := benchmarks/results/quick
 bench: setup
 	mkdir -p $(QUICK)

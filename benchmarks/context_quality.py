@@ -10,7 +10,7 @@ follow: quality vs dose and quality vs drift speed, single frame vs K = 3.
 Writes ``benchmarks/results/context_quality.json`` and ``.png``.
 
     python benchmarks/context_quality.py                            # ~12 min on 2 cores
-    python benchmarks/context_quality.py --budget 150 --sweep-budget 60   # README numbers
+    python benchmarks/context_quality.py --budget 150 --sweep-budget 45   # the record's settings
     python benchmarks/context_quality.py --budget 3 --sweep-budget 2 --frames 8 --size 48 \
         --contexts 1 3 --doses 20 --drifts 1          # smoke
 """

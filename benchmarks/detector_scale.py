@@ -741,8 +741,8 @@ DETECTOR_RATES = {
 
 
 def markdown(report: dict) -> str:
-    """The README's tables from a report: what detectors deliver against what one process
-    sustains here, then each size's measurements."""
+    """The detector-scale guide's tables from a report: what detectors deliver against
+    what one process sustains here, then each size's measurements."""
     rows = report["rows"]
     lines = [
         "| detector | delivers | one process here, passthrough / near-free network / "
@@ -894,7 +894,9 @@ def main() -> None:
     )
     parser.add_argument("--write-live", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--markdown", type=Path, help="print the README's tables from this report and exit"
+        "--markdown",
+        type=Path,
+        help="print the detector-scale guide's tables from this report and exit",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "detector_scale.json")
     args = parser.parse_args()

@@ -46,8 +46,7 @@ def test_demo_shows_quality_rising(tmp_path, source):
     assert float(margin) == pytest.approx(float(denoised) - float(classical), abs=0.011)
     assert denoiser == "network", proc.stdout  # it took over from the classical denoiser
     # (by how much, and from which row on, depends on the training steps a loaded 2-core
-    # runner leaves it in 15 s: a CI run had +0.07 dB on its last row, the README's minute
-    # +0.1 to +1.3 dB; so the test asks for "not below", the README shows the margin)
+    # runner leaves it in 15 s, so the test asks for "not below")
     assert float(margin) >= 0.0, proc.stdout
     assert "stopped with status 0" in proc.stdout
     # once the series ended, the newest model refines it: the whole series rises again,

@@ -369,8 +369,8 @@ def test_a_frame_that_cannot_be_encoded_stops_storing_and_leaves_the_frames_befo
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_hdf5s_own_h5dump_reads_uncompressed_outputs(tmp_path, dtype):
-    """The readers table in the README: HDF5's own tools (Debian's hdf5-tools) open an
-    output stored without a codec, in either dtype."""
+    """The readers table in docs/guides/detector-scale.md: HDF5's own tools (Debian's
+    hdf5-tools) open an output stored without a codec, in either dtype."""
     import shutil
 
     if shutil.which("h5dump") is None:

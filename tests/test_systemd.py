@@ -66,7 +66,8 @@ def test_systemd_analyze_verify(tmp_path, name, instance):
     ],
 )
 def test_sandbox_exposure_score(tmp_path, name, instance):
-    """systemd's own rating of the sandbox (0 = locked down, 10 = exposed); README quotes it."""
+    """systemd's own rating of the sandbox (0 = locked down, 10 = exposed); the systemd
+    page of the docs states the bound."""
     (tmp_path / instance).write_text((UNITS / name).read_text())
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(tmp_path / instance)],
