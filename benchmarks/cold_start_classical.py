@@ -1,7 +1,7 @@
 """The first frames of a scan against finely calibrated TV, frame by frame.
 
 The daemon writes the first frames of a scan with a classical denoiser calibrated
-J-invariantly on the first frame (``n2s_stream.coldstart``), unless the shipped pretrained
+J-invariantly on the first frame (``n2s_stream.runtime.coldstart``), unless the shipped pretrained
 network beats it on that frame's masked loss; the issue asks that those frames be never
 below calibrated classical denoising. On first_pass's scan (a 256x256 window drifting
 3 px/frame over real photographs, Poisson noise), for each peak dose, each candidate is
@@ -33,15 +33,21 @@ from first_pass import calibrated_tv, drifting_scan, frame_margins
 from offline_quality import noisy_counts
 from skimage.restoration import denoise_tv_bregman, denoise_tv_chambolle, denoise_wavelet
 
-from n2s_stream.coldstart import GRIDS, ColdStart, Grids, StartingNetwork, calibrate_classical
 from n2s_stream.config import NetworkOptions
-from n2s_stream.denoising import denoise_counts
 from n2s_stream.models import build_model
+from n2s_stream.n2s.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.n2s.specs import Objective
 from n2s_stream.pretrained import starting_model
-from n2s_stream.trainer import VAL_CROP
-from n2s_stream.training import Objective
+from n2s_stream.runtime.coldstart import (
+    GRIDS,
+    ColdStart,
+    Grids,
+    StartingNetwork,
+    calibrate_classical,
+)
+from n2s_stream.runtime.trainer import VAL_CROP
 
 
 def tv_split_bregman(image: np.ndarray, smoothing: float) -> np.ndarray:

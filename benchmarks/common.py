@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from n2s_stream.models import ModelConfig, build_model, use_fast_layout
-from n2s_stream.onnx_engine import OnnxRuntimeModel
+from n2s_stream.models import build_model, use_fast_layout
+from n2s_stream.n2s.specs import ModelConfig
+from n2s_stream.runtime.onnx_engine import OnnxRuntimeModel
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]

@@ -33,13 +33,13 @@ from scipy.ndimage import map_coordinates
 from skimage import data as skdata
 from skimage.color import rgb2gray
 
-from n2s_stream.checkpoint import load_checkpoint
+from n2s_stream.commands.offline import train
 from n2s_stream.config import TrainConfig
-from n2s_stream.denoising import denoise_counts
+from n2s_stream.formats.checkpoint import load_checkpoint
+from n2s_stream.n2s.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.offline import train
+from n2s_stream.n2s.quality import psnr
 from n2s_stream.options import make
-from n2s_stream.quality import psnr
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -35,7 +35,7 @@ from common import (
     with_provenance,
 )
 
-from n2s_stream.metrics import scrape
+from n2s_stream.runtime.metrics import scrape
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ from common import (
     with_provenance,
 )
 
-from n2s_stream.metrics import scrape
+from n2s_stream.runtime.metrics import scrape
 
 
 def wait_for_written(port: int, count: int, daemon: subprocess.Popen, timeout: float) -> dict:

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from common import N2S, RESULTS, free_port, with_provenance
 
-from n2s_stream import denoising
+from n2s_stream.commands.offline import denoise
 from n2s_stream.config import DenoiseConfig
-from n2s_stream.metrics import scrape
-from n2s_stream.offline import denoise
+from n2s_stream.n2s import denoising
 from n2s_stream.options import make
-from n2s_stream.state import newest_checkpoint
+from n2s_stream.runtime.metrics import scrape
+from n2s_stream.runtime.state import newest_checkpoint
 
 VARIANTS = {
     "daemon": [],

@@ -53,23 +53,24 @@ from common import (
     write_report,
 )
 
-from n2s_stream.allocator import keep_freed_memory
 from n2s_stream.config import DaemonConfig
-from n2s_stream.denoising import (
+from n2s_stream.formats import protocols
+from n2s_stream.formats.codecs import bslz4_decode, bslz4_encode
+from n2s_stream.formats.output_format import OutputFormat
+from n2s_stream.formats.writer import FrameWriter
+from n2s_stream.models import build_model, use_fast_layout
+from n2s_stream.n2s.denoising import (
     check_usable,
     denoise_normalized,
     inference_autocast,
     restore_invalid,
 )
-from n2s_stream.metrics import scrape
-from n2s_stream.models import ModelConfig, build_model, use_fast_layout
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import fit_normalizer, normalize_frame
-from n2s_stream.output_format import OutputFormat
+from n2s_stream.n2s.specs import ModelConfig
 from n2s_stream.pretrained import starting_model
-from n2s_stream.sources import protocols
-from n2s_stream.sources.codecs import bslz4_decode, bslz4_encode
-from n2s_stream.writer import FrameWriter
+from n2s_stream.runtime.allocator import keep_freed_memory
+from n2s_stream.runtime.metrics import scrape
 
 SIZES = {"1M": (1062, 1028), "4M": (2162, 2068), "16M": (4362, 4148)}
 """EIGER2 frame sizes, (height, width); ``HxW`` names any other."""

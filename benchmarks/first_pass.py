@@ -39,17 +39,17 @@ from skimage import data as skdata
 from skimage.color import rgb2gray
 from skimage.restoration import calibrate_denoiser, denoise_tv_chambolle
 
-from n2s_stream.checkpoint import Checkpoint, load_checkpoint
+from n2s_stream.commands.offline import train
 from n2s_stream.config import TrainConfig
-from n2s_stream.denoising import denoise_counts
-from n2s_stream.metrics import scrape
+from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint
+from n2s_stream.n2s.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.quality import psnr
 from n2s_stream.n2s.unblind import noise_model, unblind
-from n2s_stream.offline import train
 from n2s_stream.options import make
 from n2s_stream.pretrained import IMAGES as PRETRAINING_IMAGES
-from n2s_stream.quality import psnr
-from n2s_stream.state import newest_checkpoint
+from n2s_stream.runtime.metrics import scrape
+from n2s_stream.runtime.state import newest_checkpoint
 
 STRIP = ("astronaut", "gravel", "coffee", "grass", "camera", "coins", "moon")
 """Photographs and fine textures the shipped pretrained model never saw, taking turns: a

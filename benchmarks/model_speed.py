@@ -23,7 +23,8 @@ import torch
 from common import RESULTS, calls_per_second, with_provenance
 from torch.utils.flop_counter import FlopCounterMode
 
-from n2s_stream.models import ModelConfig, build_model, count_parameters
+from n2s_stream.models import build_model, count_parameters
+from n2s_stream.n2s.specs import ModelConfig
 
 
 def matmul_peak_gflops(n: int = 2048, seconds: float = 2.0) -> float:

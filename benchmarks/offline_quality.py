@@ -38,13 +38,13 @@ from skimage.restoration import (
     denoise_wavelet,
 )
 
-from n2s_stream.checkpoint import load_checkpoint
+from n2s_stream.commands.offline import train
 from n2s_stream.config import TrainConfig
-from n2s_stream.denoising import denoise_counts
+from n2s_stream.formats.checkpoint import load_checkpoint
+from n2s_stream.n2s.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.offline import train
+from n2s_stream.n2s.quality import mean_ssim, psnr
 from n2s_stream.options import make
-from n2s_stream.quality import mean_ssim, psnr
 
 RESULTS = Path(__file__).parent / "results"
 IMAGES = ("camera", "astronaut", "coins", "moon")

@@ -31,12 +31,12 @@ from common import N2S, RESULTS, free_port, pyplot, save_figure, with_provenance
 from offline_quality import n2s, noisy_counts, photo_tiles  # same data, offline reference
 
 from n2s_stream.config import TrainConfig
-from n2s_stream.denoising import denoise_counts
-from n2s_stream.metrics import scrape
+from n2s_stream.formats import protocols
+from n2s_stream.n2s.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.quality import psnr
-from n2s_stream.sources import protocols
-from n2s_stream.state import newest_checkpoint
+from n2s_stream.n2s.quality import psnr
+from n2s_stream.runtime.metrics import scrape
+from n2s_stream.runtime.state import newest_checkpoint
 
 
 def stream_through_daemon(

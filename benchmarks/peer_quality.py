@@ -28,7 +28,7 @@ from common import RESULTS, with_provenance
 from offline_quality import n2s, noisy_counts, photo_tiles
 
 from n2s_stream.config import TrainConfig
-from n2s_stream.quality import mean_ssim, psnr
+from n2s_stream.n2s.quality import mean_ssim, psnr
 
 PEER_SCRIPT = Path(__file__).with_name("peer_n2v.py")
 VARIANTS = ("n2v", "n2v2")

@@ -21,8 +21,8 @@ from first_pass import calibrated_tv, drifting_scan, offline
 from offline_quality import noisy_counts
 
 from n2s_stream.config import TrainConfig
+from n2s_stream.n2s.quality import psnr
 from n2s_stream.options import make
-from n2s_stream.quality import psnr
 
 
 def main() -> None:

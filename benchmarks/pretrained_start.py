@@ -22,7 +22,7 @@ from common import RESULTS, write_report
 from offline_quality import noisy_counts, photo_tiles
 from online_quality import stream_through_daemon
 
-from n2s_stream.quality import psnr
+from n2s_stream.n2s.quality import psnr
 
 VARIANTS = (("from scratch", "--no-pretrained"), ("pretrained", "--pretrained"))
 

@@ -30,9 +30,10 @@ from common import RESULTS, calls_per_second, daemon_model, with_provenance
 from torch.profiler import ProfilerActivity, profile
 
 from n2s_stream.config import TrainConfig
-from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.training import train_step
+from n2s_stream.n2s.specs import ModelConfig
+from n2s_stream.n2s.training import train_step
 
 
 def top_operators(work: Callable[[], object], passes: int, top: int) -> dict:

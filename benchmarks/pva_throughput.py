@@ -30,9 +30,9 @@ import numpy as np
 from common import free_port, write_report
 
 from n2s_stream.config import PvaOptions
-from n2s_stream.frames import Frame
-from n2s_stream.metrics import scrape
+from n2s_stream.runtime.metrics import scrape
 from n2s_stream.sinks.pva import loopback_client_env, loopback_server_env
+from n2s_stream.stages import Frame
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]
@@ -47,8 +47,8 @@ def serve(
     from p4p.server import Server
     from p4p.server.thread import SharedPV
 
-    from n2s_stream.simulate import poisson_frames
-    from n2s_stream.sources.ntndarray import encode
+    from n2s_stream.commands.simulate import poisson_frames
+    from n2s_stream.formats.ntndarray import encode
 
     rng = np.random.default_rng(0)
     frames = [poisson_frames(rng.random((size, size), np.float32), 20.0, rng) for _ in range(4)]

@@ -21,7 +21,7 @@ import torch
 from common import write_report
 from context_quality import drifting_series, train_and_denoise
 
-from n2s_stream.quality import psnr
+from n2s_stream.n2s.quality import psnr
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = (("K=1", 1, False), ("K=3", 3, False), ("K=3 registered", 3, True))

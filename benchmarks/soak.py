@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from common import N2S, RESULTS, free_port, proc_status, pyplot, save_figure, with_provenance
 
-from n2s_stream.metrics import scrape
+from n2s_stream.runtime.metrics import scrape
 
 
 def process_sample(pid: int) -> tuple[float, int, int]:

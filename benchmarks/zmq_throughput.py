@@ -29,12 +29,12 @@ import numpy as np
 import zmq
 from common import with_provenance
 
+from n2s_stream.commands.simulate import poisson_frames
 from n2s_stream.config import ZmqOptions
-from n2s_stream.frames import Frame
-from n2s_stream.metrics import scrape
-from n2s_stream.simulate import poisson_frames
-from n2s_stream.sources import protocols as p
+from n2s_stream.formats import protocols as p
+from n2s_stream.runtime.metrics import scrape
 from n2s_stream.sources.zmq import ZmqSource
+from n2s_stream.stages import Frame
 
 RESULTS = Path(__file__).parent / "results"
 N2S = [sys.executable, "-m", "n2s_stream"]

@@ -144,12 +144,12 @@ def metrics_page() -> str:
     """Every metric the daemon exports, from the ``Metrics`` declarations."""
     from prometheus_client import CollectorRegistry
 
-    from n2s_stream.metrics import Metrics
+    from n2s_stream.runtime.metrics import Metrics
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     out = [
-        GENERATED.format(source="the Metrics class (n2s_stream/metrics.py)"),
+        GENERATED.format(source="the Metrics class (n2s_stream/runtime/metrics.py)"),
         "# Metrics\n\n",
         "Served at `http://127.0.0.1:9750/metrics` by default (`--metrics-addr`, "
         "`--metrics-port`). Counters are exported with the `_total` suffix; histograms "

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from n2s_stream import __version__
-from n2s_stream.allocator import keep_freed_memory
 from n2s_stream.config import (
     DaemonConfig,
     DemoConfig,
@@ -35,6 +34,7 @@ from n2s_stream.options import (
     template,
     unknown_env,
 )
+from n2s_stream.runtime.allocator import keep_freed_memory
 
 log = logging.getLogger("n2s_stream")
 
@@ -161,21 +161,21 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
 
 def _train(config: TrainConfig) -> None:
-    from n2s_stream.offline import train
+    from n2s_stream.commands.offline import train
 
     result = train(config)
     print(f"checkpoints: {result.last}" + (f", {result.best}" if result.best else ""))
 
 
 def _denoise(config: DenoiseConfig) -> None:
-    from n2s_stream.offline import denoise
+    from n2s_stream.commands.offline import denoise
 
     result = denoise(config)
     print(f"wrote {result.n_frames} frames to {result.out}")
 
 
 def _simulate(config: SimulateConfig) -> None:
-    from n2s_stream.simulate import simulate, simulate_pva, simulate_zmq
+    from n2s_stream.commands.simulate import simulate, simulate_pva, simulate_zmq
 
     if config.pva_serve:
         print(f"served {simulate_pva(config)} frames on {config.pva_serve}")
@@ -187,7 +187,7 @@ def _simulate(config: SimulateConfig) -> None:
 
 
 def _demo(config: DemoConfig) -> None:
-    from n2s_stream.demo import run_demo
+    from n2s_stream.commands.demo import run_demo
 
     run_demo(
         config.dir,
@@ -198,7 +198,7 @@ def _demo(config: DemoConfig) -> None:
 
 
 def _merge(config: MergeConfig) -> None:
-    from n2s_stream.merge import merge_shards
+    from n2s_stream.commands.merge import merge_shards
 
     if config.out is None:
         raise UsageError("merge: --out FILE is required")

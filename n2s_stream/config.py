@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from n2s_stream.denoising import Precision
 from n2s_stream.errors import UsageError
-from n2s_stream.models import ModelConfig
-from n2s_stream.n2s.masking import MaskerConfig
-from n2s_stream.n2s.normalize import Normalizer, fit_normalizer
+from n2s_stream.formats.output_format import LOSSY, Compression, OutputDtype, OutputFormat
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective, Precision
 from n2s_stream.options import as_toml, option, section
-from n2s_stream.output_format import LOSSY, Compression, OutputDtype, OutputFormat
-from n2s_stream.training import Objective
+
+if TYPE_CHECKING:
+    from n2s_stream.n2s.normalize import Normalizer
 
 __all__ = [
     "DaemonConfig",
@@ -107,6 +106,8 @@ class NetworkOptions:
     ) -> Normalizer:
         """The normalisation these options describe, fitted on ``(N, H, W)`` ``frames``
         (source units)."""
+        from n2s_stream.n2s.normalize import fit_normalizer  # numpy and torch: at use only
+
         return fit_normalizer(
             frames,
             mode=self.normalize,
@@ -185,7 +186,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How denoised frames are stored (output_format.py): dtype and HDF5 codec."""
+    """How denoised frames are stored (formats/output_format.py): dtype and HDF5 codec."""
 
     output_dtype: OutputDtype = option(
         "float16",
@@ -495,7 +496,7 @@ class BlueskyOptions:
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Online training (trainer.py) and where its model starts."""
+    """Online training (runtime/trainer.py) and where its model starts."""
 
     train: bool = option(True, help="keep training online; --no-train: inference only")
     ckpt: Path | None = option(
@@ -554,7 +555,7 @@ class TrainingOptions:
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """The inference loop (inference.py), its engine and its series bookkeeping."""
+    """The inference loop (runtime/inference.py), its engine and its series bookkeeping."""
 
     device: str = option("auto", help="cpu, cuda, cuda:N or auto")
     threads: int = option(0, min=0, help="torch intra-op threads; 0 = torch's choice")
@@ -654,7 +655,7 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class RefineOptions:
-    """Refined output (refine.py): finished series denoised again with the newest model.
+    """Refined output (runtime/refine.py): finished series denoised again with the newest model.
 
     Once the daemon is idle, into ``/entry/refined/data`` of the series' output."""
 

@@ -23,32 +23,33 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from torch import nn
 
 from n2s_stream import __version__
-from n2s_stream.allocator import keep_freed_memory
-from n2s_stream.buffer import RollingBuffer
-from n2s_stream.calibration import Calibration
-from n2s_stream.coldstart import ColdStart, StartingNetwork
 from n2s_stream.config import DaemonConfig, ServiceOptions
-from n2s_stream.engine import Engine, max_batch
 from n2s_stream.errors import UsageError
-from n2s_stream.heartbeat import Heartbeat
-from n2s_stream.inference import InferenceLoop
-from n2s_stream.intake import Intake
-from n2s_stream.metrics import Metrics, MetricsServer
-from n2s_stream.models import build_model
+from n2s_stream.models import StateDict, build_model
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.onnx_engine import check_engine
+from n2s_stream.n2s.training import resolve_device
 from n2s_stream.pretrained import starting_model
-from n2s_stream.preview import Preview, preview_app
-from n2s_stream.refine import Refiner
-from n2s_stream.series import SeriesTracker
-from n2s_stream.service import Notifier
-from n2s_stream.sinks import RefinedListener, SinkChain, SinkContext, make_sinks
+from n2s_stream.runtime.allocator import keep_freed_memory
+from n2s_stream.runtime.buffer import RollingBuffer
+from n2s_stream.runtime.calibration import Calibration
+from n2s_stream.runtime.coldstart import ColdStart, StartingNetwork
+from n2s_stream.runtime.engine import Engine, max_batch
+from n2s_stream.runtime.heartbeat import Heartbeat
+from n2s_stream.runtime.inference import InferenceLoop
+from n2s_stream.runtime.intake import Intake
+from n2s_stream.runtime.metrics import Metrics, MetricsServer
+from n2s_stream.runtime.onnx_engine import check_engine
+from n2s_stream.runtime.preview import Preview, preview_app
+from n2s_stream.runtime.refine import Refiner
+from n2s_stream.runtime.series import SeriesTracker
+from n2s_stream.runtime.service import Notifier
+from n2s_stream.runtime.snapshot import ModelStore, copy_state
+from n2s_stream.runtime.state import StateDir
+from n2s_stream.runtime.trainer import VAL_CROP, CheckpointFollower, OnlineTrainer
+from n2s_stream.sinks import SinkContext, make_sinks
 from n2s_stream.sinks.hdf5 import Hdf5Sink
-from n2s_stream.snapshot import ModelStore, StateDict, copy_state
 from n2s_stream.sources import Source, SourceContext, make_source
-from n2s_stream.state import StateDir
-from n2s_stream.trainer import VAL_CROP, CheckpointFollower, OnlineTrainer
-from n2s_stream.training import resolve_device
+from n2s_stream.stages import RefinedListener, SinkChain
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ class Daemon:
             frames=self.intake.queue,
             engine=engine,
             series=series,
-            sinks=SinkChain(sinks, self.metrics),
+            sinks=SinkChain(sinks, self.metrics.sink_error),
             store=store,
             calibration=Calibration(store, config.network, cold_start),
             cold_start=cold_start,
@@ -352,7 +353,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        keep_freed_memory()  # before the worker threads start (allocator.py)
+        keep_freed_memory()  # before the worker threads start (runtime/allocator.py)
         try:
             stages = self._start()
         except BaseException:

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from n2s_stream.metrics import scrape
+from n2s_stream.runtime.metrics import scrape
 
 N2S = [sys.executable, "-m", "n2s_stream"]
 FLOAT32 = ("--output-dtype", "float32", "--output-compression", "none")

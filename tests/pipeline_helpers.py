@@ -10,18 +10,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from n2s_stream.buffer import RollingBuffer
-from n2s_stream.calibration import Calibration
 from n2s_stream.config import InferenceOptions, NetworkOptions, OutputOptions, StorageOptions
-from n2s_stream.engine import Engine
-from n2s_stream.inference import InferenceLoop
-from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.series import SeriesTracker
-from n2s_stream.sinks import Sink, SinkChain
+from n2s_stream.runtime.buffer import RollingBuffer
+from n2s_stream.runtime.calibration import Calibration
+from n2s_stream.runtime.engine import Engine
+from n2s_stream.runtime.inference import InferenceLoop
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.series import SeriesTracker
+from n2s_stream.runtime.snapshot import ModelStore
 from n2s_stream.sinks.hdf5 import Hdf5Sink
 from n2s_stream.sinks.training_tap import TrainingTap
-from n2s_stream.snapshot import ModelStore
+from n2s_stream.stages import Sink, SinkChain
 
 
 def make_loop(
@@ -39,7 +39,7 @@ def make_loop(
     extra_sinks: tuple[Sink, ...] = (),
 ) -> InferenceLoop:
     """An `InferenceLoop` over ``frames`` writing outputs as the daemon does."""
-    from n2s_stream.state import StateDir
+    from n2s_stream.runtime.state import StateDir
 
     masker = masker or Masker()
     options = options or InferenceOptions()
@@ -63,7 +63,7 @@ def make_loop(
         max_batch=max_batch,
         engine=Engine(model, masker, device=torch.device("cpu"), options=options, metrics=metrics),
         series=SeriesTracker(masker.config, metrics, last_written=output.last_written),
-        sinks=SinkChain(sinks, metrics),
+        sinks=SinkChain(sinks, metrics.sink_error),
         calibration=Calibration(store, NetworkOptions(), None),
         cold_start=None,
         on_fatal=lambda exc: None,

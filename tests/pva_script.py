@@ -17,7 +17,7 @@ import numpy as np
 from p4p.server import Server
 from p4p.server.thread import SharedPV
 
-from n2s_stream.sources.ntndarray import encode
+from n2s_stream.formats.ntndarray import encode
 
 
 def value_of(step: dict):

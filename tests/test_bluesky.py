@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from daemon_helpers import STARTED, DaemonProcess, free_port, read_output
 
+from n2s_stream.formats.codecs import MessageError
 from n2s_stream.sources.bluesky.documents import decode_message, frame_stream, series_name
-from n2s_stream.sources.codecs import MessageError
 
 PEER = Path(__file__).with_name("bluesky_peer.py")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from n2s_stream.config import BlueskyOptions
-from n2s_stream.frames import Frame, SeriesEnd
 from n2s_stream.sources.bluesky import BlueskySource
+from n2s_stream.stages import Frame, SeriesEnd
 
 RUN = "0123456789abcdef-run"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from n2s_stream.buffer import RollingBuffer
+from n2s_stream.runtime.buffer import RollingBuffer
 
 
 def test_eviction_by_bytes_keeps_the_newest_frames():

@@ -7,11 +7,11 @@ import pickle
 import pytest
 import torch
 
-from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.errors import CheckpointError
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
+from n2s_stream.models import build_model
 from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 
 
 def _save(path, config=None):

@@ -204,7 +204,7 @@ def test_simulate_layouts(tmp_path):
             layout,
         )
         assert proc.returncode == 0, proc.stderr
-    from n2s_stream.stack import open_stack
+    from n2s_stream.formats.stack import open_stack
 
     with open_stack(tmp_path / "eiger" / "scan_0001_master.h5") as stack:
         assert stack.shape == (3, 16, 24)

@@ -10,20 +10,20 @@ import torch
 from daemon_helpers import DaemonProcess, read_output, start_writer, write_stack
 from skimage import data as skdata
 
-from n2s_stream.coldstart import (
+from n2s_stream.commands.simulate import clean_frames, poisson_frames, truth_path
+from n2s_stream.config import NetworkOptions
+from n2s_stream.models import build_model
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.quality import psnr
+from n2s_stream.n2s.specs import OBJECTIVES
+from n2s_stream.pretrained import DEFAULT, SHIPPED, starting_model
+from n2s_stream.runtime.coldstart import (
     CLASSICAL,
     NETWORK,
     ColdStart,
     StartingNetwork,
     calibrate_classical,
 )
-from n2s_stream.config import NetworkOptions
-from n2s_stream.models import build_model
-from n2s_stream.n2s.masking import Masker
-from n2s_stream.pretrained import DEFAULT, SHIPPED, starting_model
-from n2s_stream.quality import psnr
-from n2s_stream.simulate import clean_frames, poisson_frames, truth_path
-from n2s_stream.training import OBJECTIVES
 
 
 def test_calibration_picks_a_denoiser_that_helps():

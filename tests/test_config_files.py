@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from n2s_stream.cli import config_template
 from n2s_stream.config import DaemonConfig, DenoiseConfig, TrainConfig
-from n2s_stream.metrics import Metrics
 from n2s_stream.options import options_of
+from n2s_stream.runtime.metrics import Metrics
 
 CONFIG = Path(__file__).parent.parent / "config"
 

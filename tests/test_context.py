@@ -13,17 +13,18 @@ import torch
 from pipeline_helpers import make_loop
 from prometheus_client import CollectorRegistry
 
-from n2s_stream.buffer import RollingBuffer
+from n2s_stream.commands.offline import denoise, train
 from n2s_stream.config import DenoiseConfig, TrainConfig
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.context import ContextWindow, context_indices, context_offsets
-from n2s_stream.n2s.masking import Masker, MaskerConfig
-from n2s_stream.offline import denoise, train
+from n2s_stream.models import build_model
+from n2s_stream.n2s.context import ContextWindow, context_indices
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.quality import psnr
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, context_offsets
 from n2s_stream.options import make
-from n2s_stream.quality import psnr
-from n2s_stream.snapshot import ModelStore, copy_state
+from n2s_stream.runtime.buffer import RollingBuffer
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.snapshot import ModelStore, copy_state
+from n2s_stream.stages import Frame, SeriesEnd
 
 
 def test_offsets_and_mirroring_at_series_ends():

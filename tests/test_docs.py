@@ -30,8 +30,8 @@ def test_every_option_and_metric_has_a_row():
     from prometheus_client import CollectorRegistry
 
     from n2s_stream.config import DaemonConfig
-    from n2s_stream.metrics import Metrics
     from n2s_stream.options import options_of
+    from n2s_stream.runtime.metrics import Metrics
 
     options = (ROOT / "docs/reference/options.md").read_text()
     for opt in options_of(DaemonConfig):

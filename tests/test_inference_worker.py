@@ -13,11 +13,12 @@ from pipeline_helpers import make_loop
 from prometheus_client import CollectorRegistry
 
 from n2s_stream.config import InferenceOptions
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.inference import InferenceLoop
-from n2s_stream.metrics import Metrics
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.snapshot import ModelStore, copy_state
+from n2s_stream.models import build_model
+from n2s_stream.n2s.specs import ModelConfig
+from n2s_stream.runtime.inference import InferenceLoop
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.snapshot import ModelStore, copy_state
+from n2s_stream.stages import Frame, SeriesEnd
 
 
 def test_queued_frames_are_batched_in_order_once(tmp_path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.models import build_model
 from n2s_stream.n2s.loss import masked_mse
-from n2s_stream.n2s.masking import Masker, MaskerConfig, grid_mask, interpolate_neighbours
+from n2s_stream.n2s.masking import Masker, grid_mask, interpolate_neighbours
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 
 
 def test_phases_cover_every_pixel_exactly_once():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from n2s_stream.models import ModelConfig, build_model, count_parameters
+from n2s_stream.models import build_model, count_parameters
+from n2s_stream.n2s.specs import ModelConfig
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.masking import Masker, MaskerConfig
+from n2s_stream.models import build_model
+from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.neighbor2neighbor import (
     NEIGHBOUR_PAIRS,
     neighbor2neighbor_loss,
     sub_images,
 )
-from n2s_stream.training import self_supervised_loss
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
+from n2s_stream.n2s.training import self_supervised_loss
 
 
 def test_sub_images_take_two_neighbours_of_each_cell_in_every_channel():

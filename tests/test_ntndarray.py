@@ -9,8 +9,8 @@ import lz4.block
 import numpy as np
 import pytest
 
-from n2s_stream.sources.codecs import MessageError, bslz4_encode
-from n2s_stream.sources.ntndarray import decode, encode
+from n2s_stream.formats.codecs import MessageError, bslz4_encode
+from n2s_stream.formats.ntndarray import decode, encode
 
 p4p = pytest.importorskip("p4p", reason="optional extra [pva] not installed")
 from p4p.nt import NTNDArray  # noqa: E402

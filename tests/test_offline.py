@@ -12,14 +12,14 @@ import pytest
 import torch
 from daemon_helpers import write_stack
 
-from n2s_stream.checkpoint import load_checkpoint
+from n2s_stream.commands.offline import denoise, resolve_output, train
 from n2s_stream.config import DenoiseConfig, StorageOptions, TrainConfig
 from n2s_stream.errors import CheckpointError, UsageError
-from n2s_stream.offline import denoise, resolve_output, train
-from n2s_stream.onnx_engine import check_engine
+from n2s_stream.formats.checkpoint import load_checkpoint
+from n2s_stream.n2s.quality import psnr
 from n2s_stream.options import make
 from n2s_stream.pretrained import DEFAULT
-from n2s_stream.quality import psnr
+from n2s_stream.runtime.onnx_engine import check_engine
 
 TINY = dict(device="cpu", width=12, depth=2, patch=32, batch=8, progress=False)
 
@@ -333,7 +333,7 @@ def _swmr_reader(path: str, queue) -> None:
 
 
 def test_output_is_readable_with_swmr_while_open(tmp_path):
-    from n2s_stream.writer import FrameWriter
+    from n2s_stream.formats.writer import FrameWriter
 
     path = tmp_path / "live.h5"
     with FrameWriter(path, frame_shape=(4, 4)) as writer:

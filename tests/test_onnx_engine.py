@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.onnx_engine import OnnxRuntimeModel
+from n2s_stream.models import build_model
+from n2s_stream.n2s.specs import ModelConfig
+from n2s_stream.runtime.onnx_engine import OnnxRuntimeModel
 
 pytest.importorskip("onnxruntime", reason="optional extra [onnx] not installed")
 

@@ -17,12 +17,12 @@ from daemon_helpers import DaemonProcess, read_output, write_stack
 
 from n2s_stream.config import DaemonConfig, DenoiseConfig
 from n2s_stream.errors import InputError, UsageError
+from n2s_stream.formats.codecs import bslz4_encode
+from n2s_stream.formats.output_format import OutputFormat, format_of
+from n2s_stream.formats.stack import open_stack
+from n2s_stream.formats.writer import FrameWriter, whole_frames
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, normalize_frame
 from n2s_stream.options import make
-from n2s_stream.output_format import OutputFormat, format_of
-from n2s_stream.sources.codecs import bslz4_encode
-from n2s_stream.stack import open_stack
-from n2s_stream.writer import FrameWriter, whole_frames
 
 FILTERS = {"none": None, "bslz4": 32008, "zstd": 32015, "sz3": 32024, "zfp": 32013}
 
@@ -113,8 +113,8 @@ def test_a_lossy_codec_is_refused_where_it_cannot_be_stored():
 
 _KILLED_WRITER = """
 import os, signal, sys, numpy as np
-from n2s_stream.output_format import OutputFormat
-from n2s_stream.writer import FrameWriter
+from n2s_stream.formats.output_format import OutputFormat
+from n2s_stream.formats.writer import FrameWriter
 writer = FrameWriter(sys.argv[1], frame_shape=(16, 16), flush_seconds=3600,
                      output_format=OutputFormat("float16", "bslz4"))
 for k in range(5):                # frame 0 is flushed at once, 1-4 wait
@@ -298,8 +298,8 @@ def test_the_queue_is_full_at_its_byte_bound_and_always_takes_one_frame():
     import queue
     from pathlib import Path
 
-    from n2s_stream.frames import Frame, SeriesEnd
-    from n2s_stream.intake import FrameQueue
+    from n2s_stream.runtime.intake import FrameQueue
+    from n2s_stream.stages import Frame, SeriesEnd
 
     def frame(k: int) -> Frame:
         return Frame("s", k, np.zeros((100, 100), np.uint16), 0.0, Path("o.h5"))  # 20 kB
@@ -330,11 +330,10 @@ def test_a_frame_that_cannot_be_encoded_stops_storing_and_leaves_the_frames_befo
     from pathlib import Path
 
     from n2s_stream.config import OutputOptions
-    from n2s_stream.frames import Frame
-    from n2s_stream.metrics import Metrics
-    from n2s_stream.sinks import FrameMeta, SeriesStart
+    from n2s_stream.runtime.metrics import Metrics
+    from n2s_stream.runtime.state import StateDir
     from n2s_stream.sinks.hdf5 import Hdf5Sink, StoreError
-    from n2s_stream.state import StateDir
+    from n2s_stream.stages import Frame, FrameMeta, SeriesStart
 
     real_encode = OutputFormat.encode
 

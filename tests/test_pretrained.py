@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from n2s_stream.checkpoint import load_checkpoint
 from n2s_stream.config import NetworkOptions
+from n2s_stream.formats.checkpoint import load_checkpoint
+from n2s_stream.n2s.specs import OBJECTIVES
 from n2s_stream.options import make
 from n2s_stream.pretrained import DEFAULT, IMAGES, SHIPPED, starting_model
-from n2s_stream.training import OBJECTIVES
 
 pytestmark = pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
 

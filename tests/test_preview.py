@@ -16,7 +16,7 @@ import pytest
 from daemon_helpers import DaemonProcess, start_writer
 from PIL import Image
 
-from n2s_stream.preview import stretch_to_png
+from n2s_stream.runtime.preview import stretch_to_png
 
 
 def _get(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:

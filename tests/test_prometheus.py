@@ -18,7 +18,7 @@ import pytest
 import zmq
 from daemon_helpers import STARTED, DaemonProcess, free_port
 
-from n2s_stream.sources import protocols
+from n2s_stream.formats import protocols
 
 CONFIG = Path(__file__).parent.parent / "config"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")

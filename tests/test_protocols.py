@@ -9,8 +9,8 @@ import cbor2
 import numpy as np
 import pytest
 
-from n2s_stream.sources import protocols as p
-from n2s_stream.sources.codecs import MessageError, bslz4_decode, bslz4_encode
+from n2s_stream.formats import protocols as p
+from n2s_stream.formats.codecs import MessageError, bslz4_decode, bslz4_encode
 
 RNG = np.random.default_rng(0)
 FRAME16 = RNG.poisson(30, (48, 64)).astype(np.uint16)
@@ -139,7 +139,7 @@ def test_stream1_truncated_and_unknown_encoding_after_header():
 
 
 def test_lz4_hdf5_framing_across_blocks():
-    from n2s_stream.sources.codecs import lz4_hdf5_decode, lz4_hdf5_encode
+    from n2s_stream.formats.codecs import lz4_hdf5_decode, lz4_hdf5_encode
 
     big = RNG.poisson(50, (256, 300)).astype(np.uint16)  # 150 kB: three 64 kB blocks
     blob = lz4_hdf5_encode(big)

@@ -18,18 +18,19 @@ import zmq
 from daemon_helpers import N2S, STARTED, DaemonProcess, free_port, read_output, start_writer
 from prometheus_client import CollectorRegistry
 
+from n2s_stream.commands.simulate import truth_path
 from n2s_stream.config import RefineOptions
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
+from n2s_stream.formats import protocols
+from n2s_stream.formats.spool import READY_SUFFIX
+from n2s_stream.formats.superblock import clear_write_flags, lookup3, write_flags
+from n2s_stream.formats.writer import FrameWriter, OutputAccess, RefinedWriter
 from n2s_stream.n2s.augment import augmented, orient, unorient
-from n2s_stream.quality import psnr
-from n2s_stream.refine import Refiner, next_to_refine
-from n2s_stream.simulate import truth_path
-from n2s_stream.sinks.spool import READY_SUFFIX, RawSpool
-from n2s_stream.sources import protocols
-from n2s_stream.state import StateDir
-from n2s_stream.superblock import clear_write_flags, lookup3, write_flags
-from n2s_stream.writer import FrameWriter, OutputAccess, RefinedWriter
+from n2s_stream.n2s.quality import psnr
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.refine import Refiner, next_to_refine
+from n2s_stream.runtime.state import StateDir
+from n2s_stream.sinks.spool import RawSpool
+from n2s_stream.stages import Frame, SeriesEnd
 
 
 def _killed_writer(script: str) -> None:
@@ -105,7 +106,7 @@ def test_refined_writer_resumes_after_a_kill_without_rewriting_the_file(tmp_path
     inode = path.stat().st_ino
     _killed_writer(f"""
         from pathlib import Path
-        from n2s_stream.writer import RefinedWriter
+        from n2s_stream.formats.writer import RefinedWriter
         w = RefinedWriter(Path({str(path)!r}), description="test")
         w.append(np.full((4, 8, 8), 1.0, np.float32), 9)
     """)

@@ -15,11 +15,12 @@ from daemon_helpers import FLOAT32, DaemonProcess, start_writer
 from pipeline_helpers import make_loop
 from prometheus_client import CollectorRegistry
 
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
-from n2s_stream.snapshot import ModelStore, copy_state
+from n2s_stream.models import build_model
+from n2s_stream.n2s.specs import ModelConfig
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.snapshot import ModelStore, copy_state
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
 TESTS = Path(__file__).parent
 

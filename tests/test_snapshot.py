@@ -13,10 +13,10 @@ import torch
 from pipeline_helpers import make_loop
 from prometheus_client import CollectorRegistry
 
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.snapshot import ModelStore
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.snapshot import ModelStore
+from n2s_stream.stages import Frame, SeriesEnd
 
 
 class Constant(torch.nn.Module):

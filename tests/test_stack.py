@@ -14,7 +14,7 @@ import pytest
 from daemon_helpers import write_stack
 
 from n2s_stream.errors import InputError
-from n2s_stream.stack import open_stack
+from n2s_stream.formats.stack import open_stack
 
 FRAMES = np.arange(6 * 5 * 7, dtype=np.uint16).reshape(6, 5, 7)
 
@@ -166,7 +166,7 @@ def test_unreadable_permissions(tmp_path):
             pytest.skip("root reads any file and setpriv is not available")
         prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
     code = (
-        "import sys; from n2s_stream.stack import open_stack\n"
+        "import sys; from n2s_stream.formats.stack import open_stack\n"
         "try:\n    open_stack(sys.argv[1])\n"
         "except Exception as exc:\n    print(exc.reason, '|', exc)\n"
     )

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from n2s_stream.checkpoint import save_checkpoint
 from n2s_stream.errors import UsageError
-from n2s_stream.metrics import Metrics, MetricsServer, scrape
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.formats.checkpoint import save_checkpoint
+from n2s_stream.formats.writer import FrameWriter, close_left_open
+from n2s_stream.models import build_model
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.state import StateDir
-from n2s_stream.writer import FrameWriter, close_left_open
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
+from n2s_stream.runtime.metrics import Metrics, MetricsServer, scrape
+from n2s_stream.runtime.state import StateDir
 
 
 def _save(state: StateDir, version: int) -> None:
@@ -96,7 +96,7 @@ def test_output_left_open_by_a_killed_writer_is_made_readable(tmp_path):
             "-c",
             f"""
 import os, numpy as np
-from n2s_stream.writer import FrameWriter
+from n2s_stream.formats.writer import FrameWriter
 writer = FrameWriter({str(output)!r}, frame_shape=(8, 8))
 for k in range(3):
     writer.append(np.full((1, 8, 8), k, np.float32), source_frames=[k], model_version=0,

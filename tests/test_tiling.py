@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from n2s_stream.denoising import denoise_normalized
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.masking import Masker, MaskerConfig
+from n2s_stream.models import build_model
+from n2s_stream.n2s.denoising import denoise_normalized
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 from n2s_stream.n2s.tiling import spans, tiled_forward
 
 

@@ -9,15 +9,12 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from n2s_stream import training
-from n2s_stream.buffer import RollingBuffer
 from n2s_stream.config import TrainingOptions
-from n2s_stream.metrics import Metrics
-from n2s_stream.models import ModelConfig, build_model, use_fast_layout
+from n2s_stream.models import build_model, use_fast_layout
+from n2s_stream.n2s import training
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.snapshot import ModelStore, copy_state
-from n2s_stream.trainer import OnlineTrainer
-from n2s_stream.training import (
+from n2s_stream.n2s.specs import ModelConfig
+from n2s_stream.n2s.training import (
     LossWatch,
     center_crop,
     make_optimizer,
@@ -25,6 +22,10 @@ from n2s_stream.training import (
     train_step,
     weight_average,
 )
+from n2s_stream.runtime.buffer import RollingBuffer
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.snapshot import ModelStore, copy_state
+from n2s_stream.runtime.trainer import OnlineTrainer
 
 
 def _trainer(buffer, *, busy=lambda: False, publish_every=5, objective="noise2self"):

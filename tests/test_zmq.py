@@ -12,7 +12,7 @@ import pytest
 import zmq
 from daemon_helpers import N2S, STARTED, DaemonProcess, free_port
 
-from n2s_stream.sources import protocols as p
+from n2s_stream.formats import protocols as p
 
 
 def _frames_in(path):

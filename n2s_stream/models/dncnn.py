@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from n2s_stream.models import ModelConfig
+from n2s_stream.n2s.specs import ModelConfig
 
 
 class DnCNN(nn.Module):

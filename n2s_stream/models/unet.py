@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from n2s_stream.models import ModelConfig
+from n2s_stream.n2s.specs import ModelConfig
 
 
 def conv_block(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Sequential:

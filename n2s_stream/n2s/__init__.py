@@ -1,1 +1,5 @@
-"""Pure tensor math of Noise2Self: masking, loss and normalisation. No I/O, no threads."""
+"""Pure computation, no I/O and no threads: the Noise2Self math (masking, loss,
+normalisation, temporal context and its registration, tiling, test-time augmentation,
+un-blinding, Neighbor2Neighbor), the training step (`training`), the one denoise path of
+offline and live use (`denoising`), quality scores (`quality`), and the torch-free
+descriptions of all of these that the config names (`specs`)."""

@@ -27,6 +27,7 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 from n2s_stream.n2s.registration import register_neighbours
+from n2s_stream.n2s.specs import context_offsets
 
 Item = TypeVar("Item")
 
@@ -38,18 +39,6 @@ class IndexedFrames(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int, /) -> np.ndarray: ...
-
-
-def context_offsets(frames: int, causal: bool) -> list[int]:
-    """Offsets of the neighbour channels from the centre: ``[-1, 1, -2, 2, ...]`` (centred)
-    or ``[-1, -2, ...]`` (causal)."""
-    if frames < 1:
-        raise ValueError(f"context_frames must be >= 1, got {frames}")
-    if causal:
-        return [-d for d in range(1, frames)]
-    if frames % 2 == 0:
-        raise ValueError(f"centred context needs an odd number of frames, got {frames}")
-    return [sign * d for d in range(1, frames // 2 + 1) for sign in (-1, 1)]
 
 
 def context_indices(

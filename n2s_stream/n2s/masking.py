@@ -15,41 +15,14 @@ are, since their noise is independent of the centre frame's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from n2s_stream.n2s.context import context_offsets
-
-MASK_MODES = ("interpolate", "zero")
+from n2s_stream.n2s.specs import MaskerConfig
 
 # Neighbour weights for in-filling a hidden pixel; the centre (the pixel itself) is excluded.
 _INTERP_KERNEL = torch.tensor([[0.5, 1.0, 0.5], [1.0, 0.0, 1.0], [0.5, 1.0, 0.5]]) / 6.0
-
-
-@dataclass(frozen=True)
-class MaskerConfig:
-    """How pixels are hidden during training and J-invariant inference."""
-
-    grid_size: int = 4
-    mode: str = "interpolate"
-    mask_as_input: bool = False
-    context_frames: int = 1  # frames the network sees: the centre one and K-1 neighbours
-    causal: bool = False  # neighbours from the past only (no wait for later frames)
-    register: bool = False  # neighbours shifted onto the centre frame (motion from them)
-
-    def __post_init__(self) -> None:
-        if self.grid_size < 2:
-            raise ValueError(f"grid_size must be >= 2, got {self.grid_size}")
-        if self.mode not in MASK_MODES:
-            raise ValueError(f"mask mode must be one of {MASK_MODES}, got {self.mode!r}")
-        context_offsets(self.context_frames, self.causal)  # raises on a bad K
-
-    @property
-    def in_channels(self) -> int:
-        """Input channels of a model fed by this masker: the frames, plus the mask."""
-        return self.context_frames + int(self.mask_as_input)
 
 
 def grid_mask(

@@ -16,17 +16,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from n2s_stream.checkpoint import Checkpoint, load_checkpoint
-from n2s_stream.models import ModelConfig
-from n2s_stream.n2s.masking import MaskerConfig
-from n2s_stream.training import Objective
+from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective
 
 DEFAULT = Path(__file__).with_name("unet_w16_d2_k1.pt")
 SHIPPED: dict[str, Path] = {
     "noise2self": DEFAULT,
     "neighbor2neighbor": Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt"),
 }
-"""The shipped starting model for each training objective (``training.OBJECTIVES``)."""
+"""The shipped starting model for each training objective (``specs.OBJECTIVES``)."""
 
 IMAGES = (
     "text",

@@ -28,13 +28,13 @@ import torch
 from skimage import data as skdata
 from skimage.color import rgb2gray
 
-from n2s_stream.checkpoint import save_checkpoint
-from n2s_stream.models import ModelConfig, build_model
+from n2s_stream.formats.checkpoint import save_checkpoint
+from n2s_stream.models import build_model
 from n2s_stream.n2s.loss import masked_mse
-from n2s_stream.n2s.masking import Masker, MaskerConfig
+from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.n2s.specs import OBJECTIVES, MaskerConfig, ModelConfig
 from n2s_stream.pretrained import IMAGES, SHIPPED
-from n2s_stream.training import OBJECTIVES
 
 log = logging.getLogger("n2s_stream.pretrained")
 

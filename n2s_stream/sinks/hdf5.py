@@ -1,4 +1,4 @@
-"""The denoised frames' files: one growing SWMR HDF5 output per series (``writer.py``),
+"""The denoised frames' files: one growing SWMR HDF5 output per series (``formats/writer.py``),
 and the ledger entry that says where each series stands.
 
 The required sink: a frame it cannot write for an OSError (disk, file system) stops
@@ -26,19 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from n2s_stream.config import OutputOptions, as_toml
-from n2s_stream.denoising import to_source_dtype
 from n2s_stream.errors import OutputError
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
-from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkContext
-from n2s_stream.state import StateDir, last_written_source_frame
-from n2s_stream.writer import (
+from n2s_stream.formats.writer import (
     FrameWriter,
     OutputAccess,
     Provenance,
     close_left_open,
     free_bytes,
 )
+from n2s_stream.n2s.denoising import to_source_dtype
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.state import StateDir, last_written_source_frame
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Abandoned, Frame, FrameMeta, SeriesEnd, SeriesStart
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
-"""The live preview page's table of newest frames (``preview.py`` serves it)."""
+"""The live preview page's table of newest frames (``runtime/preview.py`` serves it)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.preview import Preview
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
+from n2s_stream.runtime.preview import Preview
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
 
 class PreviewSink:

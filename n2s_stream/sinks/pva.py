@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from n2s_stream.errors import UsageError
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
-from n2s_stream.sources.ntndarray import encode
+from n2s_stream.formats.ntndarray import encode
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
 log = logging.getLogger(__name__)
 

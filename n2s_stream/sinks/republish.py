@@ -13,9 +13,9 @@ import logging
 import numpy as np
 import zmq
 
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
-from n2s_stream.sources import protocols
+from n2s_stream.formats import protocols
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The raw frames of each series, kept until the series is refined (``refine.py``).
+"""The raw frames of each series, kept until the series is refined (``runtime/refine.py``).
 
 A feed (ZeroMQ, PVA) cannot be read twice, so refining a series needs its raw frames:
 this sink keeps them, in the order written, in one SWMR HDF5 file per series under
@@ -15,93 +15,25 @@ them is not refined. A spool left by a stopped daemon grows again if its series 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.names import file_safe
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
-from n2s_stream.state import StateDir
-from n2s_stream.writer import free_bytes, open_for_append
+from n2s_stream.formats.spool import (
+    FAILED_SUFFIX,
+    READY_SUFFIX,
+    SpoolFile,
+    eviction_order,
+    spool_name,
+    unfinished_spool,
+)
+from n2s_stream.formats.writer import free_bytes
+from n2s_stream.runtime.state import StateDir
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
 log = logging.getLogger(__name__)
-
-READY_SUFFIX = ".ready.h5"
-FAILED_SUFFIX = ".failed.h5"
-DIGEST_CHARS = 10
-"""Hex digits of the hash that ends a spool's name (``spool_name``)."""
-
-
-def spool_name(series: str, output: Path) -> str:
-    """A file name for the spool of ``series`` written to ``output``: readable, and unique
-    by a hash of both (two sources may name a series alike)."""
-    digest = hashlib.sha1(f"{series}\0{output}".encode()).hexdigest()[:DIGEST_CHARS]
-    return f"{file_safe(Path(series).stem, limit=60)}-{digest}"
-
-
-def spool_part(path: Path) -> tuple[str, int]:
-    """The spool's series part: its name without the part number, and the part number
-    (1, or n for ``<name>-n``: the series resumed after it went idle)."""
-    stem = path.name.removesuffix(READY_SUFFIX).removesuffix(FAILED_SUFFIX).removesuffix(".h5")
-    match = re.fullmatch(rf"(.*-[0-9a-f]{{{DIGEST_CHARS}}})-(\d+)", stem)
-    return (match.group(1), int(match.group(2))) if match else (stem, 1)
-
-
-def _eviction_order(path: Path) -> tuple[int, float]:
-    """Spools to drop first: given up by the refiner, then those a stopped daemon left of
-    series that never ended; oldest first within each."""
-    rank = 0 if path.name.endswith(FAILED_SUFFIX) else 1
-    try:
-        return rank, path.stat().st_mtime
-    except OSError:
-        return rank, 0.0
-
-
-class _Spool:
-    """One series' raw frames: ``raw`` (n, H, W) and ``source_frame`` (n,), growing."""
-
-    def __init__(self, path: Path, frame: Frame, output: Path) -> None:
-        self.path = path
-        if path.exists():
-            self.file = open_for_append(path)
-            self.raw, self.index = self.file["raw"], self.file["source_frame"]
-            whole = min(self.raw.shape[0], self.index.shape[0])
-            self.raw.resize(whole, axis=0)
-            self.index.resize(whole, axis=0)
-        else:
-            self.file = h5py.File(path, "w", libver="latest")
-            shape = frame.data.shape
-            self.raw = self.file.create_dataset(
-                "raw",
-                shape=(0, *shape),
-                maxshape=(None, *shape),
-                chunks=(1, *shape),
-                dtype=frame.data.dtype,
-            )
-            self.index = self.file.create_dataset(
-                "source_frame", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64
-            )
-            if frame.pixel_mask is not None:
-                self.file["pixel_mask"] = frame.pixel_mask
-            self.file.attrs.update({"series": frame.series, "output": str(output)})
-        self.file.swmr_mode = True
-
-    def append(self, frame: Frame) -> None:
-        n = self.raw.shape[0]
-        self.raw.resize(n + 1, axis=0)
-        self.raw[n] = frame.data
-        self.index.resize(n + 1, axis=0)
-        self.index[n] = frame.index
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
 
 
 class RawSpool:
@@ -118,7 +50,7 @@ class RawSpool:
         self.root.mkdir(parents=True, exist_ok=True)
         self._used = self._usage()  # an estimate between scans of the folder
         self._outputs: dict[str, Path] = {}
-        self._open: dict[str, _Spool] = {}
+        self._open: dict[str, SpoolFile] = {}
         self._given_up: set[str] = set()
 
     @classmethod
@@ -149,7 +81,7 @@ class RawSpool:
         if spool is None:
             output = self._output_of(frame.series, frame.output)
             path = self._spool_of(frame.series) or self._path_for(spool_name(frame.series, output))
-            spool = self._open[frame.series] = _Spool(path, frame, output)
+            spool = self._open[frame.series] = SpoolFile(path, frame, output)
             self._used = self._usage()
         try:
             spool.append(frame)
@@ -201,16 +133,7 @@ class RawSpool:
     def _spool_of(self, series: str) -> Path | None:
         """The unfinished spool an earlier run kept for ``series``, if any."""
         in_use = {spool.path for spool in self._open.values()}
-        for path in self.root.glob(f"{file_safe(Path(series).stem, limit=60)}-*.h5"):
-            if path.name.endswith((READY_SUFFIX, FAILED_SUFFIX)) or path in in_use:
-                continue
-            try:
-                with h5py.File(path, "r") as handle:
-                    if handle.attrs.get("series") == series:
-                        return path
-            except OSError as exc:
-                log.warning("%s: unreadable spool (%s)", path.name, exc)
-        return None
+        return unfinished_spool(self.root, series, exclude=in_use)
 
     def _output_of(self, series: str, default: Path) -> Path:
         if series not in self._outputs:
@@ -227,7 +150,7 @@ class RawSpool:
                 continue  # the refiner just removed it
         return total
 
-    def _room_for(self, nbytes: int, spool: _Spool | None) -> bool:
+    def _room_for(self, nbytes: int, spool: SpoolFile | None) -> bool:
         """Whether ``nbytes`` more fit, dropping older spools if need be (not for a series
         that alone passes the cap)."""
         if self._fits(nbytes):
@@ -239,7 +162,7 @@ class RawSpool:
             return False
         in_use = {spool.path for spool in self._open.values()}
         droppable = {p for p in self.root.glob("*.h5") if not p.name.endswith(READY_SUFFIX)}
-        for path in sorted(droppable - in_use, key=_eviction_order):
+        for path in sorted(droppable - in_use, key=eviction_order):
             try:
                 size = path.stat().st_size
                 path.unlink()

@@ -6,7 +6,7 @@ series came from Bluesky documents (``/entry/process/bluesky_start``), else the 
 name; the array's key is ``<data_key>_denoised`` (or ``denoised``) and its metadata
 ``{parent_uid, scan_id, data_key, model_version, program, output}``. The registered shape
 follows the frames written, at most every ``tiled_update_seconds`` and once at the series'
-end. Refined frames (``refine.py``) are registered beside them as ``<data_key>_refined``
+end. Refined frames (``runtime/refine.py``) are registered beside them as ``<data_key>_refined``
 (``/entry/refined/data``) once the refiner has appended them. All calls to the server run
 in a thread of their own: an outage never holds up denoising, it is logged once, counted
 (``n2s_tiled_errors_total``) and retried; one array the server refuses does not hold up
@@ -31,12 +31,12 @@ import numpy as np
 from n2s_stream import __version__
 from n2s_stream.config import TiledOptions
 from n2s_stream.errors import UsageError
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
-from n2s_stream.names import file_safe
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
-from n2s_stream.state import StateDir
-from n2s_stream.worker import BackgroundWorker
+from n2s_stream.formats.names import file_safe
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.state import StateDir
+from n2s_stream.runtime.worker import BackgroundWorker
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from n2s_stream.buffer import RollingBuffer
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.sinks import FrameMeta, SeriesStart, SinkContext
+from n2s_stream.runtime.buffer import RollingBuffer
+from n2s_stream.sinks import SinkContext
+from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
 VAL_EVERY = 10
 EARLY_VAL_EVERY = 3

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.stages import Frame, SeriesEnd
 
 if TYPE_CHECKING:
     from n2s_stream.config import DaemonConfig

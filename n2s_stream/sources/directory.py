@@ -26,11 +26,11 @@ from watchdog.observers.polling import PollingObserver
 
 from n2s_stream.config import DaemonConfig, DirectoryOptions
 from n2s_stream.errors import InputError, UsageError
-from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.formats.stack import FrameStack, open_stack
+from n2s_stream.formats.writer import output_name
+from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import SourceContext
-from n2s_stream.stack import FrameStack, open_stack
-from n2s_stream.worker import BackgroundWorker
-from n2s_stream.writer import output_name
+from n2s_stream.stages import Frame, SeriesEnd
 
 log = logging.getLogger(__name__)
 

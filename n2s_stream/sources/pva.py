@@ -1,6 +1,6 @@
 """Follow an areaDetector NTNDArray PV over EPICS PVAccess (NDPluginPva / NDPluginPvxs).
 
-A p4p monitor delivers each update; ``ntndarray.py`` decodes it. Discovery and ports come
+A p4p monitor delivers each update; ``formats/ntndarray.py`` decodes it. Discovery and ports come
 from the standard ``EPICS_PVA_*`` variables, as for every EPICS client. Series come from the
 stream itself: a new one when ``uniqueId`` goes backwards (a new acquisition reset the
 counter), when the frame shape or type changes, or after ``pva_series_gap`` seconds
@@ -34,13 +34,13 @@ import numpy as np
 
 from n2s_stream.config import DaemonConfig, PvaOptions
 from n2s_stream.errors import OutputError, UsageError
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.names import file_safe
+from n2s_stream.formats.codecs import MessageError
+from n2s_stream.formats.names import file_safe
+from n2s_stream.formats.ntndarray import NDArrayFrame, decode
+from n2s_stream.runtime.state import atomic_write_text, last_provenance_row
+from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext
-from n2s_stream.sources.codecs import MessageError
-from n2s_stream.sources.ntndarray import NDArrayFrame, decode
-from n2s_stream.state import atomic_write_text, last_provenance_row
-from n2s_stream.worker import BackgroundWorker
+from n2s_stream.stages import Frame, SeriesEnd
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Follow a ZeroMQ detector feed (PULL from a PUSH, or SUB to a PUB).
 
 The socket connects, so ZeroMQ reconnects by itself when the detector restarts. Each
-message is decoded by the protocol's decoder (`protocols.py`); frames go downstream with
+message is decoded by the protocol's decoder (`formats/protocols.py`); frames go downstream with
 backpressure (a full queue stops us reading, and the detector's send high-water mark
 then holds frames on its side), undecodable messages are counted under their reason.
 """
@@ -19,11 +19,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from n2s_stream.config import DaemonConfig, ZmqOptions
 from n2s_stream.errors import UsageError
-from n2s_stream.frames import Frame, SeriesEnd
+from n2s_stream.formats.codecs import MessageError
+from n2s_stream.formats.protocols import End, Image, make_decoder
+from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext
-from n2s_stream.sources.codecs import MessageError
-from n2s_stream.sources.protocols import End, Image, make_decoder
-from n2s_stream.worker import BackgroundWorker
+from n2s_stream.stages import Frame, SeriesEnd
 
 log = logging.getLogger(__name__)
 

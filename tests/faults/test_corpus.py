@@ -21,7 +21,7 @@ import zmq
 from daemon_helpers import DaemonProcess, free_port, read_output, without_root_file_access
 from fault_report import FaultFigure
 
-from n2s_stream.sources import protocols as p
+from n2s_stream.formats import protocols as p
 
 pytestmark = pytest.mark.faults
 

@@ -20,8 +20,8 @@ import zmq
 from daemon_helpers import DaemonProcess, free_port, read_output, start_writer
 from fault_report import FaultFigure
 
-from n2s_stream.simulate import clean_frames, poisson_frames
-from n2s_stream.sources import protocols
+from n2s_stream.commands.simulate import clean_frames, poisson_frames
+from n2s_stream.formats import protocols
 
 pytestmark = pytest.mark.faults
 

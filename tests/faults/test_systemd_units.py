@@ -29,8 +29,8 @@ from systemd_container import (
     root_tree,
 )
 
-from n2s_stream.metrics import scrape
-from n2s_stream.sources import protocols
+from n2s_stream.formats import protocols
+from n2s_stream.runtime.metrics import scrape
 
 PROJECT = Path(__file__).resolve().parents[2]
 UNIT = "n2s-stream.service"

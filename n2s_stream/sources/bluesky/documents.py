@@ -27,8 +27,8 @@ from urllib.parse import unquote, urlparse
 
 import msgpack
 
-from n2s_stream.names import file_safe
-from n2s_stream.sources.codecs import MessageError
+from n2s_stream.formats.codecs import MessageError
+from n2s_stream.formats.names import file_safe
 
 DOCUMENT_NAMES = (
     "start",

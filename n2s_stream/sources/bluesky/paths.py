@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from n2s_stream.errors import UsageError
-from n2s_stream.sources.codecs import MessageError
+from n2s_stream.formats.codecs import MessageError
 
 
 class DetectorPaths:

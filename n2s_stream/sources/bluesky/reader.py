@@ -10,9 +10,9 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the filters areaDetector files use)
 import numpy as np
 
-from n2s_stream.frames import Frame
 from n2s_stream.sources import Emit, Reject
 from n2s_stream.sources.bluesky.records import Followed
+from n2s_stream.stages import Frame
 
 READ_BATCH = 16
 """Frames read from the detector's file at once."""

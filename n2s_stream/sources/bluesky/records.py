@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from n2s_stream.errors import OutputError
-from n2s_stream.names import file_safe
+from n2s_stream.formats.names import file_safe
+from n2s_stream.runtime.state import atomic_write_text
 from n2s_stream.sources import StartPosition
 from n2s_stream.sources.bluesky.documents import FrameStream
-from n2s_stream.state import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ import zmq
 
 from n2s_stream.config import BlueskyOptions, DaemonConfig
 from n2s_stream.errors import UsageError
-from n2s_stream.frames import SeriesEnd
+from n2s_stream.formats.codecs import MessageError
+from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext, StartPosition
 from n2s_stream.sources.bluesky.documents import (
     FrameStream,
@@ -44,8 +45,7 @@ from n2s_stream.sources.bluesky.legacy import LegacyDocuments, LegacyPoint
 from n2s_stream.sources.bluesky.paths import DetectorPaths
 from n2s_stream.sources.bluesky.reader import FrameReader
 from n2s_stream.sources.bluesky.records import Followed, RunRecords
-from n2s_stream.sources.codecs import MessageError
-from n2s_stream.worker import BackgroundWorker
+from n2s_stream.stages import SeriesEnd
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from n2s_stream.metrics import LatencyWindow, Metrics
-from n2s_stream.preview import Preview
-from n2s_stream.service import Notifier
+from n2s_stream.runtime.metrics import LatencyWindow, Metrics
+from n2s_stream.runtime.preview import Preview
+from n2s_stream.runtime.service import Notifier
 
 log = logging.getLogger(__name__)
 

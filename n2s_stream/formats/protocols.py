@@ -25,8 +25,7 @@ import cbor2
 import lz4.block
 import numpy as np
 
-from n2s_stream.frames import MAX_FRAME_PIXELS
-from n2s_stream.sources.codecs import (
+from n2s_stream.formats.codecs import (
     ENCODINGS,
     MessageError,
     bslz4_encode,
@@ -34,6 +33,7 @@ from n2s_stream.sources.codecs import (
     lz4_hdf5_decode,
     lz4_hdf5_encode,
 )
+from n2s_stream.stages import MAX_FRAME_PIXELS
 
 PROTOCOLS = ("native", "dectris-stream1", "dectris-stream2")
 _SERIES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -14,7 +14,7 @@ Layout (DESIGN.md):
                                     NDAttributes); NaN where a frame had none of that name
   /entry/process/{program,version,config,source[,cold_start]}
   /entry/refined/data               (m, H, W) the first m frames denoised again once the
-                                    series ended (refine.py), same order as /entry/data/data
+                                    series ended (runtime/refine.py), same order as /entry/data/data
   /entry/refined/model_version      version of the weights that refined each
 
 Frames are stored in the `OutputFormat` asked for (dtype, codec): lossless chunks arrive
@@ -44,11 +44,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the output codecs' filters with h5py)
 import numpy as np
 
 from n2s_stream import __version__
-from n2s_stream.output_format import OutputFormat, filter_options, format_of
-from n2s_stream.superblock import clear_write_flags
+from n2s_stream.formats.output_format import OutputFormat, filter_options, format_of
+from n2s_stream.formats.superblock import clear_write_flags
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from n2s_stream.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from n2s_stream.errors import CheckpointError, OutputError, UsageError
-from n2s_stream.models import ModelConfig
-from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from n2s_stream.formats.writer import whole_frames
+from n2s_stream.models import StateDict
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.snapshot import StateDict
-from n2s_stream.writer import whole_frames
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import h5py
-import hdf5plugin
 import numpy as np
-import torch
 
-from n2s_stream.sources.codecs import bslz4_encode
+from n2s_stream.formats.codecs import bslz4_encode
+
+if TYPE_CHECKING:
+    import h5py
 
 OutputDtype = Literal["float32", "float16"]
 Compression = Literal["none", "bslz4", "zstd", "sz3", "zfp"]
@@ -96,6 +96,8 @@ class OutputFormat:
 
     def dataset_options(self, mean_count: float = 1.0) -> dict:
         """Keyword arguments of ``h5py.Group.create_dataset`` for frames in this format."""
+        import hdf5plugin  # the filters' settings; imported here, the config stays light
+
         options: dict = {"dtype": np.dtype(self.dtype)}
         if self.compression == "bslz4":
             options.update(hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
@@ -138,6 +140,8 @@ def _cast(frame: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``frame`` in ``dtype``, contiguous. float32 to float16 goes through torch, whose
     vectorised conversion is bit-identical to numpy's and ~20x faster at 4 Mpx."""
     if dtype == np.float16 and frame.dtype == np.float32:
+        import torch  # imported here: the config imports this module and stays light
+
         return torch.from_numpy(np.ascontiguousarray(frame)).to(torch.float16).numpy()
     return np.ascontiguousarray(frame, dtype=dtype)
 

@@ -17,9 +17,9 @@ import queue
 import threading
 import time
 
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
-from n2s_stream.series import DroppedFrames
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.series import DroppedFrames
+from n2s_stream.stages import Frame, SeriesEnd
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from n2s_stream.frames import MAX_FRAME_PIXELS
-from n2s_stream.sources.codecs import (
+from n2s_stream.formats.codecs import (
     MessageError,
     bslz4_decode,
     bslz4_encode,
     lz4_decode,
     raw_decode,
 )
+from n2s_stream.stages import MAX_FRAME_PIXELS
 
 SCALAR_TYPES = {
     1: "i1",

@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from n2s_stream.errors import CheckpointError
-from n2s_stream.models import ModelConfig, build_model
-from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.models import StateDict, build_model
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.snapshot import StateDict
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 

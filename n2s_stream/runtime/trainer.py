@@ -21,14 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from n2s_stream.buffer import RollingBuffer
-from n2s_stream.coldstart import ColdStart
 from n2s_stream.config import TrainingOptions
-from n2s_stream.metrics import Metrics
-from n2s_stream.models import use_fast_layout
+from n2s_stream.models import StateDict, use_fast_layout
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.snapshot import ModelStore, StateDict, copy_state
-from n2s_stream.training import (
+from n2s_stream.n2s.training import (
     LossWatch,
     all_finite,
     center_crop,
@@ -37,7 +33,11 @@ from n2s_stream.training import (
     train_step,
     weight_average,
 )
-from n2s_stream.worker import BackgroundWorker
+from n2s_stream.runtime.buffer import RollingBuffer
+from n2s_stream.runtime.coldstart import ColdStart
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.snapshot import ModelStore, copy_state
+from n2s_stream.runtime.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class CheckpointFollower(BackgroundWorker):
 
     def poll(self) -> bool:
         """Load the newest checkpoint if it is newer than what inference has."""
-        from n2s_stream.state import newest_checkpoint
+        from n2s_stream.runtime.state import newest_checkpoint
 
         checkpoint = newest_checkpoint(self.checkpoints)
         if checkpoint is None or checkpoint.version <= self.store.version:

@@ -183,6 +183,10 @@ class Metrics:
             registry=registry,
         )
 
+    def sink_error(self, sink: str) -> None:
+        """Count one failure of the named sink (not required, or closing)."""
+        self.sink_errors.labels(sink=sink).inc()
+
     def reject(self, reason: str, count: int = 1) -> None:
         """Count ``count`` rejected frames or files under ``reason``."""
         self.frames_rejected.labels(reason=reason).inc(count)

@@ -27,16 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from n2s_stream.calibration import Calibration
 from n2s_stream.config import RefineOptions
-from n2s_stream.denoising import check_usable, denoise_series, to_source_dtype
-from n2s_stream.metrics import Metrics
-from n2s_stream.n2s.augment import augmented
-from n2s_stream.n2s.masking import Masker
-from n2s_stream.sinks.spool import FAILED_SUFFIX, READY_SUFFIX, spool_part
-from n2s_stream.snapshot import ModelStore
-from n2s_stream.worker import BackgroundWorker
-from n2s_stream.writer import (
+from n2s_stream.formats.spool import FAILED_SUFFIX, READY_SUFFIX, spool_part
+from n2s_stream.formats.writer import (
     FileBusy,
     OutputAccess,
     RefinedWriter,
@@ -45,6 +38,13 @@ from n2s_stream.writer import (
     whole_frames,
     whole_refined,
 )
+from n2s_stream.n2s.augment import augmented
+from n2s_stream.n2s.denoising import check_usable, denoise_series, to_source_dtype
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.runtime.calibration import Calibration
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.snapshot import ModelStore
+from n2s_stream.runtime.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 

@@ -14,19 +14,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from n2s_stream.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.config import DenoiseConfig, TrainConfig, as_toml
-from n2s_stream.denoising import denoise_series, to_source_dtype
 from n2s_stream.errors import CheckpointError, InputError, UsageError
-from n2s_stream.models import build_model, count_parameters, use_fast_layout
-from n2s_stream.n2s.context import context_indices, context_offsets, context_stack
+from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
+from n2s_stream.formats.stack import FrameStack, open_stack
+from n2s_stream.formats.writer import FrameWriter, output_name
+from n2s_stream.models import StateDict, build_model, count_parameters, use_fast_layout
+from n2s_stream.n2s.context import context_indices, context_stack
+from n2s_stream.n2s.denoising import denoise_series, to_source_dtype
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
-from n2s_stream.onnx_engine import OnnxRuntimeModel, check_engine
-from n2s_stream.pretrained import starting_model
-from n2s_stream.snapshot import StateDict, copy_state
-from n2s_stream.stack import FrameStack, open_stack
-from n2s_stream.training import (
+from n2s_stream.n2s.specs import context_offsets
+from n2s_stream.n2s.training import (
     LossWatch,
     all_finite,
     amp_enabled,
@@ -37,7 +36,9 @@ from n2s_stream.training import (
     sample_patches,
     train_step,
 )
-from n2s_stream.writer import FrameWriter, output_name
+from n2s_stream.pretrained import starting_model
+from n2s_stream.runtime.onnx_engine import OnnxRuntimeModel, check_engine
+from n2s_stream.runtime.snapshot import copy_state
 
 log = logging.getLogger(__name__)
 

@@ -190,7 +190,7 @@ def simulate_zmq(config: SimulateConfig) -> int:
     by its end message, as a detector would; returns the number of frames sent."""
     import zmq
 
-    from n2s_stream.sources import protocols as p
+    from n2s_stream.formats import protocols as p
 
     if config.zmq_bind is None:
         raise UsageError("simulate: give --dir DIR or --zmq-bind ENDPOINT")
@@ -255,8 +255,8 @@ def simulate_pva(config: SimulateConfig, *, linger: float = 3.0) -> int:
     from p4p.server import Server
     from p4p.server.thread import SharedPV
 
+    from n2s_stream.formats.ntndarray import encode
     from n2s_stream.sinks.pva import server_conf
-    from n2s_stream.sources.ntndarray import encode
 
     if config.pva_serve is None:
         raise UsageError("simulate: give --dir, --zmq-bind or --pva-serve")

@@ -26,9 +26,9 @@ import hdf5plugin  # noqa: F401  (registers the compression filters with h5py)
 import numpy as np
 
 from n2s_stream.errors import InputError
-from n2s_stream.frames import MAX_FRAME_PIXELS
-from n2s_stream.output_format import BITSHUFFLE_FILTER, dataset_filters
-from n2s_stream.sources.codecs import MessageError, bslz4_decode, raw_decode
+from n2s_stream.formats.codecs import MessageError, bslz4_decode, raw_decode
+from n2s_stream.formats.output_format import BITSHUFFLE_FILTER, dataset_filters
+from n2s_stream.stages import MAX_FRAME_PIXELS
 
 log = logging.getLogger(__name__)
 

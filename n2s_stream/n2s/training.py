@@ -12,7 +12,6 @@ import math
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.neighbor2neighbor import NEIGHBOUR_PAIRS, even_crop, neighbor2neighbor_loss
+from n2s_stream.n2s.specs import OBJECTIVES, Objective
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,6 @@ def augment(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
     ``flip``."""
     image = np.rot90(image, turns, axes=(-2, -1))
     return image[..., ::-1] if flip else image
-
-
-Objective = Literal["noise2self", "neighbor2neighbor"]
-"""How a training step learns from noisy patches: Noise2Self's masked loss on one hidden
-grid phase per patch (the network learns a blind-spot prediction), or Neighbor2Neighbor's
-sub-image loss (``n2s/neighbor2neighbor.py``: every pixel supervises, no blind spot)."""
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 def self_supervised_loss(

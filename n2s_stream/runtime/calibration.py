@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from n2s_stream.coldstart import ColdStart
 from n2s_stream.config import NetworkOptions
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid
-from n2s_stream.snapshot import ModelStore, Snapshot
+from n2s_stream.runtime.coldstart import ColdStart
+from n2s_stream.runtime.snapshot import ModelStore, Snapshot
 
 log = logging.getLogger(__name__)
 

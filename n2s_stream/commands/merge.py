@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from n2s_stream.errors import UsageError
-from n2s_stream.writer import whole_frames
+from n2s_stream.formats.writer import whole_frames
 
 log = logging.getLogger(__name__)
 

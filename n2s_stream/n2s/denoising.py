@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, normalize_frame, valid_pixels
 from n2s_stream.n2s.tiling import tiled_forward
-from n2s_stream.training import autocast
+from n2s_stream.n2s.training import autocast
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 """A network's forward pass: ``(N, C, H, W)`` normalised input -> ``(N, 1, H, W)``."""
@@ -68,7 +67,6 @@ def prepare(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer) -> Prep
     return Prepared(normalize_frame(data, valid, normalizer), valid)
 
 
-Precision = Literal["float32", "float16", "bfloat16"]
 PRECISIONS: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

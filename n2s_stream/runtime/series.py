@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
 from n2s_stream.n2s.context import ContextWindow
-from n2s_stream.n2s.masking import MaskerConfig
+from n2s_stream.n2s.specs import MaskerConfig
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.stages import Frame, SeriesEnd
 
 log = logging.getLogger(__name__)
 

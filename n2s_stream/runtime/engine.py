@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from n2s_stream.config import InferenceOptions
-from n2s_stream.denoising import HostStaging, denoise_normalized
-from n2s_stream.metrics import Metrics
 from n2s_stream.models import use_fast_layout
+from n2s_stream.n2s.denoising import HostStaging, denoise_normalized
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.onnx_engine import OnnxRuntimeModel
-from n2s_stream.snapshot import Snapshot
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.onnx_engine import OnnxRuntimeModel
+from n2s_stream.runtime.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 
-import torch
 from torch import nn
 
+from n2s_stream.models import StateDict
 from n2s_stream.n2s.normalize import Normalizer
-
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

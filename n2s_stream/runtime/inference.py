@@ -25,20 +25,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from n2s_stream.calibration import Calibration
-from n2s_stream.coldstart import NETWORK, ColdStart
 from n2s_stream.config import InferenceOptions
-from n2s_stream.denoising import Unusable, check_usable, prepare, restore_invalid
-from n2s_stream.engine import Engine
 from n2s_stream.errors import OutputError
-from n2s_stream.frames import Frame, SeriesEnd
-from n2s_stream.metrics import Metrics
+from n2s_stream.formats.writer import numeric_names
+from n2s_stream.n2s.denoising import Unusable, check_usable, prepare, restore_invalid
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.series import Ready, SeriesTracker
-from n2s_stream.sinks import Abandoned, FrameMeta, SeriesStart, SinkChain
-from n2s_stream.snapshot import ModelStore, Snapshot
-from n2s_stream.worker import BackgroundWorker
-from n2s_stream.writer import numeric_names
+from n2s_stream.runtime.calibration import Calibration
+from n2s_stream.runtime.coldstart import NETWORK, ColdStart
+from n2s_stream.runtime.engine import Engine
+from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.series import Ready, SeriesTracker
+from n2s_stream.runtime.snapshot import ModelStore, Snapshot
+from n2s_stream.runtime.worker import BackgroundWorker
+from n2s_stream.stages import Abandoned, Frame, FrameMeta, SeriesEnd, SeriesStart, SinkChain
 
 log = logging.getLogger(__name__)
 
