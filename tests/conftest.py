@@ -13,7 +13,7 @@ import torch
 from daemon_helpers import write_stack
 from fault_report import FaultFigure, figures_in, write_table
 
-from n2s_stream.simulate import clean_frames, poisson_frames
+from n2s_stream.commands.simulate import clean_frames, poisson_frames
 
 # Tests run on 2 cores next to other work (`make test` runs two pytest-xdist workers);
 # keep torch from oversubscribing them.
@@ -45,15 +45,32 @@ def no_leaked_processes():
     reap()
 
 
+POOL_PREFIXES = ("prepare", "encode", "decode", "onnx-export")
+"""Name prefixes of the project's thread pools (``thread_name_prefix``)."""
+
+
+def _ours(thread: threading.Thread) -> bool:
+    """A thread the project started: a worker or server thread whose target is its code,
+    or one of its pools. (Every such thread is a daemon thread, so daemon-ness says
+    nothing; third-party daemon threads, e.g. p4p's or watchdog's, are not ours to stop.)"""
+    target = getattr(thread, "_target", None)
+    owner = getattr(target, "__self__", target)
+    module = getattr(owner, "__module__", "") or type(owner).__module__
+    return module.startswith("n2s_stream") or thread.name.startswith(POOL_PREFIXES)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads():
-    """Fail a test that leaves threads running (STYLE: every worker is stoppable)."""
+    """Fail a test that leaves threads running (STYLE: every worker is stoppable): any
+    new non-daemon thread, and any thread of the project's own."""
     before = set(threading.enumerate())
     yield
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         leaked = [
-            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and (not t.daemon or _ours(t))
         ]
         if not leaked:
             return

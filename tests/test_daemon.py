@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from daemon_helpers import DaemonProcess, read_output, start_writer
 
-from n2s_stream.quality import psnr
-from n2s_stream.simulate import truth_path
+from n2s_stream import __version__
+from n2s_stream.commands.simulate import truth_path
+from n2s_stream.n2s.quality import psnr
 
 
 def _follow_output(path: str, queue, seconds: float) -> None:
@@ -74,7 +75,9 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     assert metrics["n2s_model_version"] >= 1
     assert metrics["n2s_selfsup_val_loss"] > 0
     assert not any(k.startswith("n2s_frames_rejected_total") and v for k, v in metrics.items())
-    build = f'n2s_build_info{{following="{daemon.watch}",source="directory",version="0.1.0"}}'
+    build = (
+        f'n2s_build_info{{following="{daemon.watch}",source="directory",version="{__version__}"}}'
+    )
     assert metrics[build] == 1
 
     with h5py.File(truth_path(daemon.watch / "scan_0001.h5")) as handle:
@@ -202,7 +205,7 @@ def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp
     """A daemon started from scratch with 3-frame context, a 3x3 mask grid and the mask as
     input denoises every frame with the network those options describe, and its
     checkpoint records them."""
-    from n2s_stream.state import newest_checkpoint
+    from n2s_stream.runtime.state import newest_checkpoint
 
     daemon = DaemonProcess(
         tmp_path,

@@ -16,6 +16,8 @@ import pytest
 from daemon_helpers import FLOAT32, N2S, STARTED, DaemonProcess, free_port, read_output
 from pva_helpers import client_env, pva_env, pvapy_reader, scripted_server, server_env
 
+from n2s_stream import __version__
+
 pytest.importorskip("p4p", reason="optional extra [pva] not installed")
 
 
@@ -98,7 +100,7 @@ def test_two_acquisitions_by_acquire_pv_with_gaps_served_back_as_a_pv(tmp_path):
     # uniqueId 10 and 21 of each acquisition never came: 4 gaps, each counted and logged once
     assert metrics["n2s_frames_missing_total"] == 4
     assert log.count("1 frames missing") == 4
-    assert metrics[f'n2s_build_info{{following="{pv}",source="pva",version="0.1.0"}}'] == 1
+    assert metrics[f'n2s_build_info{{following="{pv}",source="pva",version="{__version__}"}}'] == 1
 
     outputs = sorted(daemon.out.glob("*_n2s.h5"))
     assert len(outputs) == 2 and outputs[0].name == f"{first}_n2s.h5"  # names sort by time
