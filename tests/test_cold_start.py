@@ -16,7 +16,7 @@ from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.n2s.specs import OBJECTIVES
-from n2s_stream.pretrained import DEFAULT, SHIPPED, starting_model
+from n2s_stream.pretrained import SHIPPED, starting_model
 from n2s_stream.runtime.coldstart import (
     CLASSICAL,
     NETWORK,
@@ -58,7 +58,6 @@ def _first_frame_decision(weights: dict[str, torch.Tensor] | None) -> tuple[bool
     return cold.active, changes
 
 
-@pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
 def test_a_pretrained_network_that_beats_classical_on_the_first_frame_writes_it():
     network = NetworkOptions()
     shipped = starting_model(network.model_config(), network.masker_config())
@@ -98,8 +97,6 @@ def test_a_starting_network_that_cannot_be_scored_leaves_the_classical_denoiser(
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path, objective):
-    if not SHIPPED[objective].exists():
-        pytest.skip("no shipped model")
     daemon = DaemonProcess(tmp_path, "--no-refine", "--objective", objective)
     daemon.wait_ready()
     assert daemon.scrape()["n2s_cold_start_active"] == 1

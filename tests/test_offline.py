@@ -172,7 +172,6 @@ def test_neighbor2neighbor_training_raises_psnr(noisy_series, tmp_path):
     assert gain > 5.0, f"PSNR gain only {gain:.2f} dB"
 
 
-@pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
 def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplog):
     """``--pretrained`` starts where the daemon starts: after a few steps it denoises far
     better than the same steps from random weights; it needs the default network."""

@@ -111,7 +111,8 @@ def test_a_trainer_that_raises_is_visible_and_inference_goes_on(running_daemon, 
     assert value("n2s_worker_up", {"worker": "source"}) == 1
     port = stages.server.port
     _wait(
-        lambda: "STOPPED" in json.loads(_get(port, "/status.json"))["state"]["training"], seconds=10
+        lambda: "STOPPED" in json.loads(_get(port, "/status.json"))["state"].get("training", ""),
+        seconds=10,
     )
     state = json.loads(_get(port, "/status.json"))["state"]
     assert "simulated trainer bug" in state["training"]

@@ -17,7 +17,13 @@ from n2s_stream.n2s.specs import OBJECTIVES
 from n2s_stream.options import make
 from n2s_stream.pretrained import DEFAULT, IMAGES, SHIPPED, starting_model
 
-pytestmark = pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped model")
+
+def test_every_objective_has_its_shipped_model_in_the_package():
+    """Package data, not an optional download: a missing file is a broken package."""
+    assert set(SHIPPED) == set(OBJECTIVES)
+    missing = [str(path) for path in SHIPPED.values() if not path.is_file()]
+    assert not missing
+    assert DEFAULT in SHIPPED.values()
 
 
 def test_shipped_model_loads_safely_and_fits_only_the_default_network():
@@ -33,7 +39,6 @@ def test_shipped_model_loads_safely_and_fits_only_the_default_network():
     assert starting_model(replace(model, in_channels=3), replace(masker, context_frames=3)) is None
 
 
-@pytest.mark.skipif(not SHIPPED["neighbor2neighbor"].exists(), reason="no shipped model")
 def test_each_objective_starts_from_its_own_shipped_model():
     assert set(SHIPPED) == set(OBJECTIVES)
     network = make(NetworkOptions)

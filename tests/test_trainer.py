@@ -79,15 +79,25 @@ def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
     assert len(sub_image_losses) == (steps if objective == "neighbor2neighbor" else 0)
 
 
-def test_yields_while_inference_is_busy():
+def test_yields_while_inference_is_busy_and_trains_once_it_is_not():
     buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
     buffer.add(np.zeros((24, 24), np.float32))
     buffer.add(np.zeros((24, 24), np.float32))
-    trainer, _, metrics, _ = _trainer(buffer, busy=lambda: True)
+    asked = []
+    inference_busy = True
+
+    def busy() -> bool:
+        asked.append(1)
+        return inference_busy
+
+    trainer, _, metrics, _ = _trainer(buffer, busy=busy)
+    steps = lambda: metrics.registry.get_sample_value("n2s_train_steps_total") or 0  # noqa: E731
     trainer.start()
-    time.sleep(0.5)
+    assert _wait(lambda: len(asked) >= 5)  # the trainer runs and keeps asking
+    assert steps() == 0  # and takes no step while inference is busy
+    inference_busy = False
+    assert _wait(lambda: steps() >= 3)  # it trains as soon as inference is idle
     trainer.stop()
-    assert metrics.registry.get_sample_value("n2s_train_steps_total") == 0
 
 
 def test_non_finite_loss_rolls_back_to_the_last_good_weights():

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
@@ -121,7 +122,7 @@ def preview_app(preview: Preview, metrics_app: Callable[..., Iterable[bytes]]):
         if path == "/metrics":
             return metrics_app(environ, start)
         if path in ("/", "/index.html"):
-            return _reply(start, "200 OK", "text/html; charset=utf-8", PAGE.encode())
+            return _reply(start, "200 OK", "text/html; charset=utf-8", page())
         if path == "/status.json":
             body = json.dumps(_finite(preview.status())).encode()
             return _reply(start, "200 OK", "application/json", body)
@@ -164,91 +165,6 @@ def _reply(
     return [body]
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>n2s-stream live preview</title>
-<style>
-body { font-family: sans-serif; margin: 1em; background: #111; color: #ddd; }
-h1 { font-size: 1.2em; } h2 { font-size: 1em; margin: 0.8em 0 0.3em; }
-.pair { display: flex; gap: 1em; flex-wrap: wrap; }
-figure { margin: 0; } figcaption { font-size: 0.8em; color: #aaa; }
-img { image-rendering: pixelated; width: 320px; background: #000; }
-canvas { background: #1b1b1b; margin-right: 1em; }
-#state { font-family: monospace; white-space: pre; color: #9c9; }
-a { color: #8af; }
-</style></head><body>
-<h1>n2s-stream live preview</h1>
-<div id="state">loading...</div>
-<div id="plots">
-<canvas id="fps" width="300" height="120"></canvas>
-<canvas id="latency" width="300" height="120"></canvas>
-<canvas id="loss" width="300" height="120"></canvas>
-</div>
-<div id="series"></div>
-<p><a href="/metrics">/metrics</a> (Prometheus) &middot; <a href="/status.json">/status.json</a></p>
-<script>
-"use strict";
-let loads = 0;
-function plot(id, history, key, label) {
-  const c = document.getElementById(id), g = c.getContext("2d");
-  g.clearRect(0, 0, c.width, c.height);
-  const pts = history.filter(p => typeof p[key] === "number" && Number.isFinite(p[key]));
-  g.fillStyle = "#aaa"; g.font = "11px sans-serif";
-  const last = pts.length ? pts[pts.length - 1][key] : NaN;
-  g.fillText(label + ": " + (Number.isFinite(last) ? last.toPrecision(3) : "-"), 4, 12);
-  if (pts.length < 2) return;
-  const t0 = pts[0].t, t1 = pts[pts.length - 1].t;
-  let lo = Math.min(...pts.map(p => p[key])), hi = Math.max(...pts.map(p => p[key]));
-  if (hi - lo < 1e-12) { hi += 1; lo -= 1; }
-  g.strokeStyle = "#6cf"; g.beginPath();
-  pts.forEach((p, i) => {
-    const x = (p.t - t0) / Math.max(t1 - t0, 1e-9) * (c.width - 8) + 4;
-    const y = c.height - 4 - (p[key] - lo) / (hi - lo) * (c.height - 22);
-    if (i) g.lineTo(x, y); else g.moveTo(x, y);
-  });
-  g.stroke();
-}
-function figure(series, kind) {
-  const f = document.createElement("figure"), img = document.createElement("img");
-  img.id = "img-" + kind + "-" + series; img.alt = kind + " " + series;
-  img.addEventListener("load", () => { loads += 1; img.dataset.loads =
-    String(Number(img.dataset.loads || 0) + 1); document.body.dataset.loads = String(loads); });
-  const cap = document.createElement("figcaption"); cap.textContent = kind;
-  f.append(img, cap); return f;
-}
-async function refresh() {
-  try {
-    const status = await (await fetch("/status.json", {cache: "no-store"})).json();
-    const s = status.state;
-    document.getElementById("state").textContent = Object.entries(s)
-      .map(([k, v]) => k + ": " + v).join("\\n");
-    plot("fps", status.history, "fps", "frames/s");
-    plot("latency", status.history, "latency_s", "latency (s)");
-    plot("loss", status.history, "selfsup_val_loss", "held-out masked loss");
-    const box = document.getElementById("series");
-    for (const [name, info] of Object.entries(status.series)) {
-      let div = document.getElementById("series-" + name);
-      if (!div) {
-        div = document.createElement("div"); div.id = "series-" + name;
-        const h = document.createElement("h2"), pair = document.createElement("div");
-        pair.className = "pair"; pair.append(figure(name, "raw"), figure(name, "denoised"));
-        div.append(h, pair); box.append(div);
-      }
-      div.querySelector("h2").textContent = name + ": frame " + info.frame;
-      if (div.dataset.frame !== String(info.frame)) {
-        div.dataset.frame = String(info.frame);
-        for (const kind of ["raw", "denoised"]) {
-          document.getElementById("img-" + kind + "-" + name).src =
-            "/preview/" + encodeURIComponent(name) + "/" + kind + ".png?f=" + info.frame;
-        }
-      }
-    }
-    for (const div of [...box.children]) {
-      if (!(div.id.slice(7) in status.series)) div.remove();
-    }
-  } catch (e) {
-    document.getElementById("state").textContent = "daemon not answering: " + e;
-  }
-}
-refresh(); setInterval(refresh, 1000);
-</script></body></html>
-"""
+def page() -> bytes:
+    """The page itself (``preview.html``, package data: HTML and its few lines of script)."""
+    return resources.files("n2s_stream.runtime").joinpath("preview.html").read_bytes()
