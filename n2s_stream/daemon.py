@@ -8,6 +8,7 @@ the flag; a second signal exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -62,7 +63,8 @@ checkpoint follower are not: inference goes on with the last weights, visibly
 
 @dataclass
 class Stages:
-    """The running parts of a daemon, in data-flow order (stopped in this order)."""
+    """The running parts of a daemon: the source and the inference loop first, as frames
+    flow and as `Daemon._shutdown` stops them; then the workers beside the flow."""
 
     source: Source
     inference: InferenceLoop
@@ -124,140 +126,151 @@ class Daemon:
 
     # ---- wiring -------------------------------------------------------------------------
     def _start(self) -> Stages:
-        config = self.config
-        if config.inference.threads:
-            torch.set_num_threads(config.inference.threads)
-        device = resolve_device(config.inference.device)
-        check_engine(config.inference.engine, device)
-        state = self._state = StateDir(
-            config.service.state_dir, on_write_error=self.metrics.state_write_errors.inc, claim=True
-        )
-        self.metrics.unwritten_at_last_stop.set(state.last_stop_unwritten())
-        checkpoint = state.starting_checkpoint(
-            model_from=config.training.model_from, ckpt=config.training.ckpt
-        )
-        if checkpoint is not None:
-            self._model_config = checkpoint.model_config
-            self._masker = Masker(checkpoint.masker_config)
-        torch.manual_seed(config.training.seed)
-        train_model, pretrained = (
-            (checkpoint.build_model(device), False) if checkpoint else self._new_model(device)
-        )
-        store = ModelStore(
-            copy_state(train_model),
-            checkpoint.version if checkpoint else 0,
-            checkpoint.normalizer if checkpoint else None,
-        )
-        self.metrics.model_version.set(store.version)
-        # Only a network without a checkpoint starts cold (without training, the classical
-        # denoiser then writes for good unless the shipped network beat it on the first
-        # frame); a fan-out worker (model_from) has no trainer to measure it and waits for
-        # the training worker's weights.
-        passthrough = config.inference.engine == "passthrough"
-        if passthrough:
-            log.info(
-                "engine passthrough: frames are written as they came, not denoised; "
-                "training, the cold start and refinement are off"
+        # What is opened before the stages exist is closed again if the start fails
+        # (a metrics port taken, a bad option found late): sockets and the state dir's lock.
+        with contextlib.ExitStack() as undo:
+            config = self.config
+            if config.inference.threads:
+                torch.set_num_threads(config.inference.threads)
+            device = resolve_device(config.inference.device)
+            check_engine(config.inference.engine, device)
+            state = self._state = StateDir(
+                config.service.state_dir,
+                on_write_error=self.metrics.state_write_errors.inc,
+                claim=True,
             )
-        training = config.training.train and config.training.model_from is None and not passthrough
-        cold = (
-            config.training.cold_start
-            and checkpoint is None
-            and config.training.model_from is None
-            and not passthrough
-        )
-        refining = config.refine.enabled and not passthrough
-        starting = (
-            StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
-            if cold and pretrained
-            else None
-        )  # the shipped model is single-frame
-        cold_start = ColdStart(active=cold, on_change=self._cold_start_changed, starting=starting)
-        buffer = RollingBuffer(
-            max_frames=config.training.buffer_frames, max_bytes=config.training.buffer_mb * 2**20
-        )
-        val_buffer = RollingBuffer(max_frames=VAL_FRAMES, max_bytes=64 * 2**20)
-        sink_context = SinkContext(
-            config=config,
-            metrics=self.metrics,
-            state=state,
-            stopping=self.stop_requested,
-            preview=self.preview,
-            buffer=buffer,
-            val_buffer=val_buffer,
-            cold_start=cold_start if cold else None,
-        )
-        sinks = make_sinks(sink_context, train=training, refine=refining)
-        inference = self._inference_loop(device, store, cold_start if cold else None, sinks)
-        refiner = None
-        if refining:
-            refiner = Refiner(
-                state.root / "refine",
-                store=store,
-                calibration=inference.calibration,
-                model=build_model(self._model_config).to(device),
-                masker=self._masker,
-                device=device,
-                options=config.refine,
-                jinv=config.inference.jinv,
-                min_free_mb=config.output.min_free_mb,
-                idle=lambda: not inference.busy and self.intake.queue.empty(),
-                network_writes=lambda: not cold_start.active,
+            undo.callback(state.release)
+            self.metrics.unwritten_at_last_stop.set(state.last_stop_unwritten())
+            checkpoint = state.starting_checkpoint(
+                model_from=config.training.model_from, ckpt=config.training.ckpt
+            )
+            if checkpoint is not None:
+                self._model_config = checkpoint.model_config
+                self._masker = Masker(checkpoint.masker_config)
+            torch.manual_seed(config.training.seed)
+            train_model, pretrained = (
+                (checkpoint.build_model(device), False) if checkpoint else self._new_model(device)
+            )
+            store = ModelStore(
+                copy_state(train_model),
+                checkpoint.version if checkpoint else 0,
+                checkpoint.normalizer if checkpoint else None,
+            )
+            self.metrics.model_version.set(store.version)
+            # Only a network without a checkpoint starts cold (without training, the classical
+            # denoiser then writes for good unless the shipped network beat it on the first
+            # frame); a fan-out worker (model_from) has no trainer to measure it and waits for
+            # the training worker's weights.
+            passthrough = config.inference.engine == "passthrough"
+            if passthrough:
+                log.info(
+                    "engine passthrough: frames are written as they came, not denoised; "
+                    "training, the cold start and refinement are off"
+                )
+            training = (
+                config.training.train and config.training.model_from is None and not passthrough
+            )
+            cold = (
+                config.training.cold_start
+                and checkpoint is None
+                and config.training.model_from is None
+                and not passthrough
+            )
+            refining = config.refine.enabled and not passthrough
+            starting = (
+                StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
+                if cold and pretrained
+                else None
+            )  # the shipped model is single-frame
+            cold_start = ColdStart(
+                active=cold, on_change=self._cold_start_changed, starting=starting
+            )
+            buffer = RollingBuffer(
+                max_frames=config.training.buffer_frames,
+                max_bytes=config.training.buffer_mb * 2**20,
+            )
+            val_buffer = RollingBuffer(max_frames=VAL_FRAMES, max_bytes=64 * 2**20)
+            sink_context = SinkContext(
+                config=config,
                 metrics=self.metrics,
-                outputs=sink_context.outputs,
-                on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)],
-            )
-        trainer = None
-        if training:
-            trainer = OnlineTrainer(
-                model=train_model,
-                masker=self._masker,
+                state=state,
+                stopping=self.stop_requested,
+                preview=self.preview,
                 buffer=buffer,
                 val_buffer=val_buffer,
-                store=store,
-                metrics=self.metrics,
-                device=device,
-                options=config.training,
-                busy=lambda: (
-                    inference.busy
-                    or not self.intake.queue.empty()
-                    or (refiner is not None and refiner.busy)
-                ),
-                save=self._save_checkpoint,
-                optimizer_state=checkpoint.optimizer_state if checkpoint else None,
-                step=checkpoint.step if checkpoint else 0,
                 cold_start=cold_start if cold else None,
-                score_start=pretrained,
             )
-        follower = None
-        if config.training.model_from is not None:
-            follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
-        source = make_source(
-            config,
-            SourceContext(
-                emit=self.intake.emit,
-                reject=self.intake.reject,
-                start_position=state.start_position,
-                headers=state.series_headers,
-                ignore=(config.service.state_dir,),
-                dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
-                refused=self.intake.dropped.add,
-            ),
-        )
-        stages = Stages(
-            source,
-            inference,
-            follower,
-            trainer,
-            refiner,
-            store,
-            cold_start,
-            serve_metrics(config.service, self.metrics, self.preview),
-        )
-        self.stages = stages
-        for worker in (inference, trainer, refiner, follower, source):
-            if worker is not None:
-                worker.start()
+            sinks = make_sinks(sink_context, train=training, refine=refining)
+            chain = SinkChain(sinks, self.metrics.sink_error)
+            undo.callback(chain.close)
+            inference = self._inference_loop(device, store, cold_start if cold else None, chain)
+            refiner = None
+            if refining:
+                refiner = Refiner(
+                    state.root / "refine",
+                    store=store,
+                    calibration=inference.calibration,
+                    model=build_model(self._model_config).to(device),
+                    masker=self._masker,
+                    device=device,
+                    options=config.refine,
+                    jinv=config.inference.jinv,
+                    min_free_mb=config.output.min_free_mb,
+                    idle=lambda: not inference.busy and self.intake.queue.empty(),
+                    network_writes=lambda: not cold_start.active,
+                    metrics=self.metrics,
+                    outputs=sink_context.outputs,
+                    on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)],
+                )
+            trainer = None
+            if training:
+                trainer = OnlineTrainer(
+                    model=train_model,
+                    masker=self._masker,
+                    buffer=buffer,
+                    val_buffer=val_buffer,
+                    store=store,
+                    metrics=self.metrics,
+                    device=device,
+                    options=config.training,
+                    busy=lambda: (
+                        inference.busy
+                        or not self.intake.queue.empty()
+                        or (refiner is not None and refiner.busy)
+                    ),
+                    save=self._save_checkpoint,
+                    optimizer_state=checkpoint.optimizer_state if checkpoint else None,
+                    step=checkpoint.step if checkpoint else 0,
+                    cold_start=cold_start if cold else None,
+                    score_start=pretrained,
+                )
+            follower = None
+            if config.training.model_from is not None:
+                follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
+            source = make_source(
+                config,
+                SourceContext(
+                    emit=self.intake.emit,
+                    reject=self.intake.reject,
+                    start_position=state.start_position,
+                    headers=state.series_headers,
+                    ignore=(config.service.state_dir,),
+                    dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
+                    refused=self.intake.dropped.add,
+                ),
+            )
+            undo.callback(source.stop)
+            server = serve_metrics(config.service, self.metrics, self.preview)
+            if server is not None:
+                undo.callback(server.close)
+            stages = Stages(
+                source, inference, follower, trainer, refiner, store, cold_start, server
+            )
+            self.stages = stages
+            undo.pop_all()  # from here on, _shutdown stops what runs
+            for worker in (inference, trainer, refiner, follower, source):
+                if worker is not None:
+                    worker.start()
         return stages
 
     def _new_model(self, device: torch.device) -> tuple[nn.Module, bool]:
@@ -281,10 +294,14 @@ class Daemon:
         return model.to(device), shipped is not None
 
     def _inference_loop(
-        self, device: torch.device, store: ModelStore, cold_start: ColdStart | None, sinks: list
+        self,
+        device: torch.device,
+        store: ModelStore,
+        cold_start: ColdStart | None,
+        sinks: SinkChain,
     ) -> InferenceLoop:
         config = self.config
-        output = next(sink for sink in sinks if isinstance(sink, Hdf5Sink))
+        output = next(sink for sink in sinks.sinks if isinstance(sink, Hdf5Sink))
         engine = Engine(
             build_model(self._model_config).to(device),
             self._masker,
@@ -303,7 +320,7 @@ class Daemon:
             frames=self.intake.queue,
             engine=engine,
             series=series,
-            sinks=SinkChain(sinks, self.metrics.sink_error),
+            sinks=sinks,
             store=store,
             calibration=Calibration(store, config.network, cold_start),
             cold_start=cold_start,
@@ -437,3 +454,5 @@ class Daemon:
                 worker.stop()
         if stages.server is not None:
             stages.server.close()
+        if self._state is not None:
+            self._state.release()

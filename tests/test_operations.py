@@ -349,3 +349,43 @@ def test_a_hung_inference_thread_counts_as_dead(tmp_path):
         hanging.release.set()
         daemon.stop_requested.set()
         thread.join(timeout=60)
+
+
+def test_a_start_that_fails_releases_what_it_opened(tmp_path):
+    """A metrics port already taken fails the start after the republish socket was bound
+    and the state dir claimed: both are released, so a second start in this process binds
+    the same endpoint and claims the same state dir."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    republish = f"tcp://127.0.0.1:{free_port()}"
+    (tmp_path / "acq").mkdir()
+    common = dict(
+        watch=tmp_path / "acq",
+        out=tmp_path / "out",
+        state_dir=tmp_path / "state",
+        device="cpu",
+        zmq_out=republish,
+        cold_start=False,
+        refine=False,
+    )
+    config = make(DaemonConfig, metrics_port=taken.getsockname()[1], **common)
+    daemon = Daemon(config, registry=CollectorRegistry())
+    with pytest.raises(OSError):
+        daemon.run()
+    taken.close()
+    context = zmq.Context()
+    probe = context.socket(zmq.PUB)
+    probe.bind(republish)  # raises "Address already in use" if the failed start kept it
+    probe.close(linger=0)
+    context.term()
+    again = Daemon(make(DaemonConfig, metrics_port=0, **common), registry=CollectorRegistry())
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(again.run()))
+    thread.start()
+    _wait(lambda: again.stages is not None)  # the state dir's lock was given back
+    again.stop_requested.set()
+    thread.join(timeout=60)
+    assert status == [0]

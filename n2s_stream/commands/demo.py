@@ -28,6 +28,7 @@ import numpy as np
 
 from n2s_stream.commands.simulate import truth_path
 from n2s_stream.config import NetworkOptions
+from n2s_stream.formats.writer import OUTPUT_SUFFIX, output_stem, series_output
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.runtime.coldstart import ClassicalDenoiser, calibrate_classical
@@ -187,8 +188,9 @@ def run_demo(
             daemon.stop()
         detector.wait(timeout=30)
     statuses = ", ".join(str(d.process.returncode) for d in daemons)
+    denoised = series_output(daemons[0].out, series_names[0] or "?")
     print(
-        f"denoised series: {daemons[0].out / f'{series_names[0]}_n2s.h5'} (raw: {source_path});"
+        f"denoised series: {denoised} (raw: {source_path});"
         f" the daemon stopped with status {statuses}"
     )
 
@@ -217,7 +219,7 @@ def _print_row(
     returns each daemon's (noisy dB, dB, classical dB, written)."""
     metrics = scrape(daemons[0].port)
     scores = [
-        _newest_quality(d.out / f"{name}_n2s.h5", source, truth, classical if k == 0 else None)
+        _newest_quality(series_output(d.out, name), source, truth, classical if k == 0 else None)
         if truth is not None and name
         else (np.nan, np.nan, np.nan, 0)
         for k, (name, d) in enumerate(zip(names, daemons, strict=True))
@@ -262,7 +264,7 @@ def _print_refined(
     print("series ended; waiting for the refined output (the whole series again, newest model)")
     deadline = time.monotonic() + timeout
     for (label, _, _), daemon, name in zip(variants, daemons, names, strict=True):
-        output = daemon.out / f"{name}_n2s.h5"
+        output = series_output(daemon.out, name or "?")
         while time.monotonic() < deadline:
             if scrape(daemon.port).get("n2s_refined_frames_total", 0) >= frames:
                 try:
@@ -362,8 +364,8 @@ class _Feed:
 
     def find_series(self, out: Path) -> str | None:
         """The series the daemon opened for the PV (named by the PV and its start time)."""
-        found = sorted(out.glob("*_n2s.h5"))
-        return found[-1].name.removesuffix("_n2s.h5") if found else None
+        found = sorted(out.glob("*" + OUTPUT_SUFFIX))
+        return output_stem(found[-1]) if found else None
 
     def describe(self) -> str:
         """Where the frames go, for the first line of the demo."""

@@ -105,9 +105,29 @@ def attribute_column(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]", "_", name).lstrip(".")[:100] or "_"
 
 
+OUTPUT_SUFFIX = "_n2s.h5"
+"""What every output's name ends with; this module alone builds and parses output names."""
+
+
 def output_name(source: Path) -> str:
     """Name of the output file for a source file: ``scan_0001.h5`` → ``scan_0001_n2s.h5``."""
-    return f"{source.stem}_n2s.h5"
+    return source.stem + OUTPUT_SUFFIX
+
+
+def series_output(root: Path, series: str) -> Path:
+    """The output file under ``root`` of a series that a feed names (ZeroMQ, PVA,
+    Bluesky): ``<series>_n2s.h5``."""
+    return root / f"{series}{OUTPUT_SUFFIX}"
+
+
+def output_stem(output: Path) -> str:
+    """The name an output is named after (``scan_0001_n2s.h5`` → ``scan_0001``)."""
+    return output.name.removesuffix(".h5").removesuffix("_n2s")
+
+
+def rerun_output(output: Path, run: int) -> Path:
+    """The output of the ``run``-th series of the same name (``<name>_r2_n2s.h5``...)."""
+    return output.with_name(f"{output_stem(output)}_r{run}{OUTPUT_SUFFIX}")
 
 
 @dataclass(frozen=True)

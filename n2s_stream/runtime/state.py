@@ -26,7 +26,7 @@ from torch import nn
 
 from n2s_stream.errors import CheckpointError, OutputError, UsageError
 from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from n2s_stream.formats.writer import whole_frames
+from n2s_stream.formats.writer import rerun_output, whole_frames
 from n2s_stream.models import StateDict
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
@@ -274,6 +274,7 @@ class StateDir:
             probe.unlink()
         except OSError as exc:
             raise UsageError(f"{self.root}: state directory is not writable: {exc}") from exc
+        self._lock_fd: int | None = None
         if claim:
             self._claim()
         self.series_headers = SeriesHeaders(self.root / "series_headers")
@@ -301,6 +302,13 @@ class StateDir:
         path.write_text(f"{os.getpid()}\n")
         self._lock_fd = handle  # kept open: the lock lives as long as this descriptor
 
+    def release(self) -> None:
+        """Give up the claim (the daemon stopped, or its start failed): another daemon
+        may take this state dir."""
+        handle, self._lock_fd = self._lock_fd, None
+        if handle is not None:
+            os.close(handle)
+
     def start_position(self, series: str, output: Path) -> int | None:
         """Next source frame to read for ``series``; None when it is already complete."""
         entry = self.ledger.entry(series) or {}
@@ -318,9 +326,8 @@ class StateDir:
             return default
         if not entry.get("finished"):
             return Path(entry["output"])
-        stem = default.name.removesuffix("_n2s.h5")
         run = 2
-        while (candidate := default.with_name(f"{stem}_r{run}_n2s.h5")).exists():
+        while (candidate := rerun_output(default, run)).exists():
             run += 1
         self.record(series, output=candidate, written=0, finished=False)
         log.info("series %s seen again after it finished: writing to %s", series, candidate)

@@ -9,8 +9,9 @@ log = logging.getLogger(__name__)
 
 
 class BackgroundWorker:
-    """One named thread running ``_run`` until ``stop()``: sources, trainer, checkpoint
-    follower and inference each subclass it and loop while ``self._stopping`` is unset.
+    """One named thread running ``_run`` until ``stop()``: the sources, the inference loop,
+    the trainer, the refiner, the checkpoint follower and the Tiled registrar each subclass
+    it and loop while ``self._stopping`` is unset.
 
     An exception that escapes ``_run`` is logged with its traceback and kept in
     ``error``; the thread is then dead, and ``alive`` (``n2s_worker_up``) says so."""

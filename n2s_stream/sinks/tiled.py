@@ -32,6 +32,7 @@ from n2s_stream import __version__
 from n2s_stream.config import TiledOptions
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.names import file_safe
+from n2s_stream.formats.writer import output_stem
 from n2s_stream.runtime.metrics import Metrics
 from n2s_stream.runtime.state import StateDir
 from n2s_stream.runtime.worker import BackgroundWorker
@@ -174,7 +175,7 @@ class TiledSink:
                 }
                 refined = file["/entry/refined/data"]
                 frames, frame_shape, dtype = refined.shape[0], refined.shape[1:], refined.dtype
-            series = output.name.removesuffix(".h5").removesuffix("_n2s")
+            series = output_stem(output)
             registration = self._registration(
                 notes,
                 series,

@@ -37,6 +37,7 @@ from n2s_stream.errors import OutputError, UsageError
 from n2s_stream.formats.codecs import MessageError
 from n2s_stream.formats.names import file_safe
 from n2s_stream.formats.ntndarray import NDArrayFrame, decode
+from n2s_stream.formats.writer import series_output
 from n2s_stream.runtime.state import atomic_write_text, last_provenance_row
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext
@@ -368,4 +369,4 @@ class PvaSource(BackgroundWorker):
             log.warning("%s: cannot forget the ended series (%s)", self._record, exc)
 
     def _output(self, series: str) -> Path:
-        return self.out_root / f"{series}_n2s.h5"
+        return series_output(self.out_root, series)

@@ -21,6 +21,7 @@ from n2s_stream.config import DaemonConfig, ZmqOptions
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.codecs import MessageError
 from n2s_stream.formats.protocols import End, Image, make_decoder
+from n2s_stream.formats.writer import series_output
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext
 from n2s_stream.stages import Frame, SeriesEnd
@@ -172,7 +173,7 @@ class ZmqSource(BackgroundWorker):
         log.debug("monitor event %s", event)
 
     def _output(self, series: str) -> Path:
-        return self.out_root / f"{series}_n2s.h5"
+        return series_output(self.out_root, series)
 
     def _forward(self, event: Image | End, received: float) -> bool:
         if isinstance(event, End):

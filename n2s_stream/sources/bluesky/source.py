@@ -29,6 +29,7 @@ import zmq
 from n2s_stream.config import BlueskyOptions, DaemonConfig
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.codecs import MessageError
+from n2s_stream.formats.writer import series_output
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext, StartPosition
 from n2s_stream.sources.bluesky.documents import (
@@ -262,7 +263,7 @@ class BlueskySource(BackgroundWorker):
         )
         if earlier:  # the detector started another file in the same run
             series = f"{series}_{earlier + 1}"
-        output = self.out_root / f"{series}_n2s.h5"
+        output = series_output(self.out_root, series)
         position = self._start_position(series, output)
         followed = Followed(
             stream,
