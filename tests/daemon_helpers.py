@@ -228,3 +228,32 @@ def write_stack(path: Path, frames: np.ndarray, dataset: str = "/data", **kwargs
     with h5py.File(path, "w") as handle:
         handle.create_dataset(dataset, data=frames, **kwargs)
     return path
+
+
+def chromium_dom(url: str, profile: Path, budget_ms: int = 6000) -> subprocess.CompletedProcess:
+    """Render ``url`` in a real headless Chromium and return its run, the DOM after
+    ``budget_ms`` of virtual time on stdout. No background networking: the machines are
+    offline and the pages need none. The caller skips where `shutil.which` finds none."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser is not None
+    return subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

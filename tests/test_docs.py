@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemon_helpers import chromium_dom
 
 ROOT = Path(__file__).parent.parent
 MKDOCS = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
@@ -78,29 +79,9 @@ def test_site_builds_strict_with_every_page(site):
     ],
 )
 def test_page_renders_in_headless_chromium(site, tmp_path, page, expected):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
         pytest.skip("no chromium (Debian: apt install chromium)")
-    proc = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'ud'}",
-            "--virtual-time-budget=3000",
-            "--dump-dom",
-            (site / page).as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = chromium_dom((site / page).as_uri(), tmp_path / "ud", budget_ms=3000)
     dom = proc.stdout
     assert expected in dom, proc.stderr[-2000:]
     # the theme's script ran: Material marks the rendered page with its own attributes

@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, start_writer
+from daemon_helpers import DaemonProcess, chromium_dom, start_writer
 from PIL import Image
 
 from n2s_stream.runtime.preview import stretch_to_png
@@ -80,8 +79,7 @@ def test_page_status_and_images_follow_the_stream(tmp_path):
 
 @pytest.mark.browser
 def test_page_renders_and_updates_in_headless_chromium(tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
         pytest.skip("no chromium (Debian: apt install chromium)")
     daemon = DaemonProcess(tmp_path)
     daemon.wait_ready()
@@ -89,27 +87,7 @@ def test_page_renders_and_updates_in_headless_chromium(tmp_path):
     daemon.wait_for("opened output")
     time.sleep(2.5)
     # no background networking: this machine's network is closed, and the page needs none
-    proc = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'ud'}",
-            "--virtual-time-budget=6000",
-            "--dump-dom",
-            f"http://127.0.0.1:{daemon.port}/",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = chromium_dom(f"http://127.0.0.1:{daemon.port}/", tmp_path / "ud")
     writer.kill()
     writer.wait(timeout=30)
     assert daemon.terminate() == 0
