@@ -203,6 +203,7 @@ class Daemon:
             sinks = make_sinks(sink_context, train=training, refine=refining)
             chain = SinkChain(sinks, self.metrics.sink_error)
             undo.callback(chain.close)
+            chain.start()
             inference = self._inference_loop(device, store, cold_start if cold else None, chain)
             refiner = None
             if refining:
@@ -263,6 +264,7 @@ class Daemon:
             server = serve_metrics(config.service, self.metrics, self.preview)
             if server is not None:
                 undo.callback(server.close)
+                server.start()
             stages = Stages(
                 source, inference, follower, trainer, refiner, store, cold_start, server
             )

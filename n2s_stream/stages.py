@@ -158,6 +158,15 @@ class SinkChain:
         for sink in self.sinks:
             self._call(sink, "end_series", end)
 
+    def start(self) -> None:
+        """Start the sinks that have a ``start()`` method (those that bind a socket or run
+        a thread: construction does neither). A sink that fails to start fails the
+        daemon's start, whatever its policy: its configuration is wrong."""
+        for sink in self.sinks:
+            start = getattr(sink, "start", None)
+            if start is not None:
+                start()
+
     def tick(self) -> None:
         """Once per round of the inference loop (at least every 0.25 s): sinks that have
         a ``tick()`` method (the HDF5 output flushes by time) do their periodic work."""

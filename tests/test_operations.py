@@ -389,3 +389,36 @@ def test_a_start_that_fails_releases_what_it_opened(tmp_path):
     again.stop_requested.set()
     thread.join(timeout=60)
     assert status == [0]
+
+
+def test_construction_binds_nothing_and_starting_does():
+    """Objects are built, then started: building the metrics server and the republishing
+    sink on endpoints already taken succeeds; starting them is what fails."""
+    import socket
+
+    from prometheus_client import CollectorRegistry as Registry
+
+    from n2s_stream.runtime.metrics import MetricsServer
+    from n2s_stream.sinks.republish import ZmqRepublishSink
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    context = zmq.Context()
+    holder = context.socket(zmq.PUB)
+    holder.bind(endpoint)
+    try:
+        server = MetricsServer(Registry(), port=taken.getsockname()[1])
+        sink = ZmqRepublishSink(endpoint)
+        assert not server.alive
+        with pytest.raises(OSError):
+            server.start()
+        with pytest.raises(zmq.ZMQError):
+            sink.start()
+        server.close()
+        sink.close()
+    finally:
+        holder.close(linger=0)
+        context.term()
+        taken.close()

@@ -79,7 +79,10 @@ def test_metrics_endpoint_is_loopback_by_default():
     metrics = Metrics(registry)
     metrics.reject("nan", 2)
     server = MetricsServer(registry, port=0)
+    assert not server.alive  # built, not yet bound
+    server.start()
     try:
+        assert server._server is not None
         assert server._server.server_address[0] == "127.0.0.1"
         assert scrape(server.port)['n2s_frames_rejected_total{reason="nan"}'] == 2
     finally:

@@ -199,7 +199,8 @@ class _QuietHandler(WSGIRequestHandler):
 
 class MetricsServer:
     """The daemon's HTTP endpoint: Prometheus ``/metrics`` and, when given, the preview
-    ``app`` around it; loopback unless an address is configured."""
+    ``app`` around it; loopback unless an address is configured. Built, then `start`ed:
+    only starting binds the port and starts the thread that serves it."""
 
     def __init__(
         self,
@@ -209,40 +210,47 @@ class MetricsServer:
         addr: str = "127.0.0.1",
         app: Callable[..., Iterable[bytes]] | None = None,
     ) -> None:
-        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-            0
-        ][0]
+        self._addr, self._app = addr, app or make_wsgi_app(registry)
+        self._preview = app is not None
+        self.port = port  # the port asked for; once started, the one bound (0: any free)
+        self._server: ThreadingWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind the port (OSError where it is taken) and serve it from a thread."""
+        family = socket.getaddrinfo(
+            self._addr, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0][0]
 
         class Server(ThreadingWSGIServer):
             address_family = family
 
         self._server = make_server(
-            addr,
-            port,
-            app or make_wsgi_app(registry),
-            server_class=Server,
-            handler_class=_QuietHandler,
+            self._addr, self.port, self._app, server_class=Server, handler_class=_QuietHandler
         )
+        self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         self._thread.start()
-        self.port = self._server.server_port
         log.info(
             "metrics on http://%s:%d/metrics%s",
-            addr,
+            self._addr,
             self.port,
-            "" if app is None else f", live preview on http://{addr}:{self.port}/",
+            f", live preview on http://{self._addr}:{self.port}/" if self._preview else "",
         )
 
     @property
     def alive(self) -> bool:
         """True while the HTTP thread serves."""
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
-        """Stop serving and release the port."""
+        """Stop serving and release the port (nothing to do if never started)."""
+        if self._server is None:
+            return
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 class LatencyWindow:

@@ -27,12 +27,18 @@ class ZmqRepublishSink:
     required = False
 
     def __init__(self, endpoint: str, hwm: int = 100) -> None:
+        self.endpoint, self.hwm = endpoint, hwm
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+
+    def start(self) -> None:
+        """Bind the PUB socket (ZMQError where the endpoint is taken)."""
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
-        self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket.setsockopt(zmq.SNDHWM, self.hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(endpoint)
-        log.info("publishing denoised frames on %s", endpoint)
+        self._socket.bind(self.endpoint)
+        log.info("publishing denoised frames on %s", self.endpoint)
 
     @classmethod
     def from_context(cls, context: SinkContext) -> ZmqRepublishSink:
@@ -53,9 +59,13 @@ class ZmqRepublishSink:
             self._send(protocols.native_end(end.series))
 
     def _send(self, message: list[bytes]) -> None:
+        assert self._socket is not None, "start() first"
         self._socket.send_multipart(message, zmq.NOBLOCK)  # PUB never raises Again
 
     def close(self) -> None:
-        """Unbind and release the socket."""
-        self._socket.close()
-        self._context.term()
+        """Unbind and release the socket (nothing to do if never started)."""
+        if self._socket is not None:
+            self._socket.close()
+        if self._context is not None:
+            self._context.term()
+        self._socket = self._context = None

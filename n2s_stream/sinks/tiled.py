@@ -105,6 +105,9 @@ class TiledSink:
         self._registrations: dict[str, _Registration] = {}
         self._lock = threading.Lock()
         self._worker = _Registrar(self)
+
+    def start(self) -> None:
+        """Start the thread that registers outputs (and retries while the server is down)."""
         self._worker.start()
 
     @classmethod

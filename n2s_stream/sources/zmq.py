@@ -66,16 +66,7 @@ class ZmqSource(BackgroundWorker):
         self._socket.setsockopt(zmq.LINGER, 0)
         if config.socket == "sub":
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._tee: zmq.Socket | None = None
-        if config.tee:
-            # The facility's own writer PULLs here and gets every message, untouched: a
-            # second PULL client on the detector would take half of the frames instead.
-            # It never blocks the daemon: a writer that is down or slow loses messages
-            # (counted in n2s_output_dropped_total{output="zmq_tee"}), the daemon none.
-            self._tee = self._context.socket(zmq.PUSH)
-            self._tee.setsockopt(zmq.SNDHWM, config.hwm)
-            self._tee.setsockopt(zmq.LINGER, 1000)  # at stop: 1 s to deliver what is queued
-            self._tee.bind(config.tee)
+        self._tee: zmq.Socket | None = None  # bound by start()
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     @classmethod
@@ -91,7 +82,16 @@ class ZmqSource(BackgroundWorker):
         )
 
     def start(self) -> None:
-        """Connect and start reading."""
+        """Bind the tee (if asked for), connect and start reading."""
+        if self.config.tee:
+            # The facility's own writer PULLs here and gets every message, untouched: a
+            # second PULL client on the detector would take half of the frames instead.
+            # It never blocks the daemon: a writer that is down or slow loses messages
+            # (counted in n2s_output_dropped_total{output="zmq_tee"}), the daemon none.
+            self._tee = self._context.socket(zmq.PUSH)
+            self._tee.setsockopt(zmq.SNDHWM, self.config.hwm)
+            self._tee.setsockopt(zmq.LINGER, 1000)  # at stop: 1 s to deliver what is queued
+            self._tee.bind(self.config.tee)
         self._socket.connect(self.endpoint)
         log.info(
             "following %s (%s, %s)", self.endpoint, self.config.protocol, self.config.socket.upper()
