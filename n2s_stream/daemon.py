@@ -26,7 +26,9 @@ from torch import nn
 from n2s_stream import __version__
 from n2s_stream.config import DaemonConfig, ServiceOptions
 from n2s_stream.errors import UsageError
+from n2s_stream.formats.writer import OutputAccess
 from n2s_stream.models import StateDict, build_model
+from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.training import resolve_device
 from n2s_stream.pretrained import starting_model
@@ -34,7 +36,7 @@ from n2s_stream.runtime.allocator import keep_freed_memory
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.calibration import Calibration
 from n2s_stream.runtime.coldstart import ColdStart, StartingNetwork
-from n2s_stream.runtime.engine import Engine, max_batch
+from n2s_stream.runtime.engine import Engine
 from n2s_stream.runtime.heartbeat import Heartbeat
 from n2s_stream.runtime.inference import InferenceLoop
 from n2s_stream.runtime.intake import Intake
@@ -42,6 +44,7 @@ from n2s_stream.runtime.metrics import Metrics, MetricsServer
 from n2s_stream.runtime.onnx_engine import check_engine
 from n2s_stream.runtime.preview import Preview, preview_app
 from n2s_stream.runtime.refine import Refiner
+from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.series import SeriesTracker
 from n2s_stream.runtime.service import Notifier
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
@@ -199,51 +202,45 @@ class Daemon:
                 buffer=buffer,
                 val_buffer=val_buffer,
                 cold_start=cold_start if cold else None,
+                outputs=OutputAccess(min_free_bytes=int(config.output.min_free_mb * 2**20)),
             )
             sinks = make_sinks(sink_context, train=training, refine=refining)
             chain = SinkChain(sinks, self.metrics.sink_error)
             undo.callback(chain.close)
             chain.start()
-            inference = self._inference_loop(device, store, cold_start if cold else None, chain)
+            scheduler = Scheduler(self.intake.queue)
+            services = Services(store, self.metrics, scheduler, self._fatal)
+            inference = self._inference_loop(device, services, cold_start if cold else None, chain)
+            scheduler.attach(inference=inference)
             refiner = None
             if refining:
                 refiner = Refiner(
                     state.root / "refine",
-                    store=store,
+                    network=Network(
+                        build_model(self._model_config).to(device),
+                        self._masker,
+                        device,
+                        jinv=config.inference.jinv,
+                    ),
+                    services=services,
                     calibration=inference.calibration,
-                    model=build_model(self._model_config).to(device),
-                    masker=self._masker,
-                    device=device,
                     options=config.refine,
-                    jinv=config.inference.jinv,
-                    min_free_mb=config.output.min_free_mb,
-                    idle=lambda: not inference.busy and self.intake.queue.empty(),
-                    network_writes=lambda: not cold_start.active,
-                    metrics=self.metrics,
                     outputs=sink_context.outputs,
+                    cold_start=cold_start,
                     on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)],
                 )
+                scheduler.attach(refiner=refiner)
             trainer = None
             if training:
                 trainer = OnlineTrainer(
-                    model=train_model,
-                    masker=self._masker,
+                    network=Network(train_model, self._masker, device),
                     buffer=buffer,
                     val_buffer=val_buffer,
-                    store=store,
-                    metrics=self.metrics,
-                    device=device,
+                    services=services,
                     options=config.training,
-                    busy=lambda: (
-                        inference.busy
-                        or not self.intake.queue.empty()
-                        or (refiner is not None and refiner.busy)
-                    ),
                     save=self._save_checkpoint,
-                    optimizer_state=checkpoint.optimizer_state if checkpoint else None,
-                    step=checkpoint.step if checkpoint else 0,
+                    resume=checkpoint,
                     cold_start=cold_start if cold else None,
-                    score_start=pretrained,
                 )
             follower = None
             if config.training.model_from is not None:
@@ -298,7 +295,7 @@ class Daemon:
     def _inference_loop(
         self,
         device: torch.device,
-        store: ModelStore,
+        services: Services,
         cold_start: ColdStart | None,
         sinks: SinkChain,
     ) -> InferenceLoop:
@@ -323,13 +320,10 @@ class Daemon:
             engine=engine,
             series=series,
             sinks=sinks,
-            store=store,
-            calibration=Calibration(store, config.network, cold_start),
+            services=services,
+            calibration=Calibration(services.store, config.network, cold_start),
             cold_start=cold_start,
             options=config.inference,
-            max_batch=max_batch(config.inference, device),
-            metrics=self.metrics,
-            on_fatal=self._fatal,
         )
 
     # ---- callbacks from the stages ------------------------------------------------------

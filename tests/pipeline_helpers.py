@@ -17,6 +17,7 @@ from n2s_stream.runtime.calibration import Calibration
 from n2s_stream.runtime.engine import Engine
 from n2s_stream.runtime.inference import InferenceLoop
 from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.series import SeriesTracker
 from n2s_stream.runtime.snapshot import ModelStore
 from n2s_stream.sinks.hdf5 import Hdf5Sink
@@ -55,16 +56,15 @@ def make_loop(
         config_text="",
     )
     sinks = [output, TrainingTap(buffer, val_buffer), *extra_sinks]
-    return InferenceLoop(
+    loop = InferenceLoop(
         frames=frames,
-        store=store,
-        metrics=metrics,
+        services=Services(store, metrics, Scheduler(frames), fail=lambda exc: None),
         options=options,
-        max_batch=max_batch,
         engine=Engine(model, masker, device=torch.device("cpu"), options=options, metrics=metrics),
         series=SeriesTracker(masker.config, metrics, last_written=output.last_written),
         sinks=SinkChain(sinks, metrics.sink_error),
         calibration=Calibration(store, NetworkOptions(), None),
         cold_start=None,
-        on_fatal=lambda exc: None,
     )
+    loop.max_batch = max_batch  # the test's, not the one the options and device give
+    return loop

@@ -97,3 +97,20 @@ def test_the_command_line_help_and_check_config_load_no_torch():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"  # none of the heavy imports
+
+
+def test_no_stage_takes_more_than_eight_parameters():
+    """A stage takes its own config section, the shared services (store, metrics,
+    scheduler) and what it works on; more than eight parameters means loose values."""
+    crowded = []
+    for folder in ("runtime", "sources", "sinks"):
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ClassDef):
+                    continue
+                for init in (f for f in node.body if isinstance(f, ast.FunctionDef)):
+                    if init.name == "__init__":
+                        count = len(init.args.args) - 1 + len(init.args.kwonlyargs)
+                        if count > 8:
+                            crowded.append(f"{path.name}: {node.name} takes {count}")
+    assert not crowded, crowded

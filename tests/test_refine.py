@@ -4,6 +4,7 @@ stands on (test-time augmentation, clearing a killed writer's HDF5 flags)."""
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
 import textwrap
@@ -25,9 +26,11 @@ from n2s_stream.formats.spool import READY_SUFFIX
 from n2s_stream.formats.superblock import clear_write_flags, lookup3, write_flags
 from n2s_stream.formats.writer import FrameWriter, OutputAccess, RefinedWriter
 from n2s_stream.n2s.augment import augmented, orient, unorient
+from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.runtime.metrics import Metrics
 from n2s_stream.runtime.refine import Refiner, next_to_refine
+from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.state import StateDir
 from n2s_stream.sinks.spool import RawSpool
 from n2s_stream.stages import Frame, SeriesEnd
@@ -136,19 +139,18 @@ def test_refined_frames_wait_while_their_output_is_open_for_live_writing(tmp_pat
         handle["refined"] = np.full((4, 8, 8), 2.0, np.float32)
         handle["refined_version"] = np.full(4, 5)
         handle.attrs.update({"refined_from": 0, "output": str(output)})
+    metrics = Metrics(CollectorRegistry())
     refiner = Refiner(
         spool.parent,
-        store=None,
-        calibration=None,
-        model=None,  # type: ignore[arg-type]
-        masker=None,
-        device=torch.device("cpu"),
+        network=Network(None, None, torch.device("cpu")),  # type: ignore[arg-type]
+        services=Services(
+            None,  # type: ignore[arg-type]
+            metrics,
+            Scheduler(queue.Queue()),
+            fail=lambda exc: None,
+        ),
+        calibration=None,  # type: ignore[arg-type]
         options=RefineOptions(),
-        jinv=False,
-        min_free_mb=0,
-        idle=lambda: True,
-        network_writes=lambda: True,
-        metrics=Metrics(CollectorRegistry()),
         outputs=access,
     )
     refiner._stopping.set()  # its waits return at once

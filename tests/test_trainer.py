@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from n2s_stream.config import TrainingOptions
 from n2s_stream.models import build_model, use_fast_layout
 from n2s_stream.n2s import training
+from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.specs import ModelConfig
 from n2s_stream.n2s.training import (
@@ -24,27 +26,33 @@ from n2s_stream.n2s.training import (
 )
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
 from n2s_stream.runtime.trainer import OnlineTrainer
 
 
-def _trainer(buffer, *, busy=lambda: False, publish_every=5, objective="noise2self"):
+class Inference:
+    """Stands for the inference loop in the scheduler: busy as the test says."""
+
+    def __init__(self, busy: bool = False) -> None:
+        self.busy = busy
+
+
+def _trainer(buffer, *, inference=None, publish_every=5, objective="noise2self"):
     model = build_model(ModelConfig(width=4, depth=1))
     metrics = Metrics(CollectorRegistry())
     store = ModelStore(copy_state(model), 0)
+    scheduler = Scheduler(queue.Queue())
+    scheduler.attach(inference=inference or Inference())
     saved = []
     trainer = OnlineTrainer(
-        model=model,
-        masker=Masker(),
+        network=Network(model, Masker(), torch.device("cpu")),
         buffer=buffer,
         val_buffer=RollingBuffer(max_frames=2, max_bytes=2**20),
-        store=store,
-        metrics=metrics,
+        services=Services(store, metrics, scheduler, fail=lambda exc: None),
         options=TrainingOptions(
             patch=16, batch=2, publish_every=publish_every, objective=objective
         ),
-        device=torch.device("cpu"),
-        busy=busy,
         save=lambda m, o, step, version: saved.append((step, version)),
     )
     return trainer, store, metrics, saved
@@ -84,18 +92,22 @@ def test_yields_while_inference_is_busy_and_trains_once_it_is_not():
     buffer.add(np.zeros((24, 24), np.float32))
     buffer.add(np.zeros((24, 24), np.float32))
     asked = []
-    inference_busy = True
 
-    def busy() -> bool:
-        asked.append(1)
-        return inference_busy
+    class Watched:
+        working = True
 
-    trainer, _, metrics, _ = _trainer(buffer, busy=busy)
+        @property
+        def busy(self) -> bool:
+            asked.append(1)
+            return self.working
+
+    inference = Watched()
+    trainer, _, metrics, _ = _trainer(buffer, inference=inference)
     steps = lambda: metrics.registry.get_sample_value("n2s_train_steps_total") or 0  # noqa: E731
     trainer.start()
     assert _wait(lambda: len(asked) >= 5)  # the trainer runs and keeps asking
     assert steps() == 0  # and takes no step while inference is busy
-    inference_busy = False
+    inference.working = False
     assert _wait(lambda: steps() >= 3)  # it trains as soon as inference is idle
     trainer.stop()
 

@@ -557,9 +557,11 @@ class OutputAccess:
     one. HDF5 shares one handle per file within a process, so the live writer and a short
     open (the refiner appending refined frames, a killed writer's flags cleared) must never
     have one output open at once: a short open happens only on outputs not open for live
-    writing, under the lock, and the live writer opens an output under the same lock."""
+    writing, under the lock, and the live writer opens an output under the same lock.
+    ``min_free_bytes``: the space every writer of outputs leaves free on their disk."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_free_bytes: int = 0) -> None:
+        self.min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
         self._live: set[Path] = set()
 

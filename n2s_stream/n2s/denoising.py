@@ -31,6 +31,18 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 """A network's forward pass: ``(N, C, H, W)`` normalised input -> ``(N, 1, H, W)``."""
 
 
+@dataclass
+class Network:
+    """A network ready to run: the module, its masking, the device it runs on, and
+    whether inference through it is J-invariant (every pixel predicted with itself
+    hidden) or a single pass."""
+
+    model: nn.Module
+    masker: Masker
+    device: torch.device
+    jinv: bool = False
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A frame ready for the network: ``normalized`` float32 ``(H, W)`` with unmeasured

@@ -4,5 +4,6 @@ engines it runs (`engine`, `onnx_engine`), calibration and the cold start
 (`calibration`, `coldstart`), the model store (`snapshot`), online training (`trainer`
 over `buffer`), refinement (`refine`), the state directory (`state`),
 metrics, the preview page and systemd (`metrics`, `preview`, `heartbeat`, `service`),
-and the thread and memory helpers (`worker`, `allocator`). The daemon itself
+the CPU priorities and what the stages share (`scheduler`), and the thread and memory
+helpers (`worker`, `allocator`). The daemon itself
 (`n2s_stream.daemon`) builds and wires these with the sources and sinks."""

@@ -147,6 +147,11 @@ class ColdStart:
         """True while the classical denoiser writes frames."""
         return self._active
 
+    @property
+    def has_starting_network(self) -> bool:
+        """A starting network (the shipped pretrained one) is there to be scored."""
+        return self._starting is not None
+
     def denoiser_for(self, frame: np.ndarray) -> ClassicalDenoiser:
         """The calibrated classical denoiser, calibrated on ``frame`` the first time (when
         the starting network is scored on ``frame`` too, and may take over at once)."""

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,10 +32,10 @@ from n2s_stream.n2s.denoising import Unusable, check_usable, prepare, restore_in
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.runtime.calibration import Calibration
 from n2s_stream.runtime.coldstart import NETWORK, ColdStart
-from n2s_stream.runtime.engine import Engine
-from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.engine import Engine, max_batch
+from n2s_stream.runtime.scheduler import Services
 from n2s_stream.runtime.series import Ready, SeriesTracker
-from n2s_stream.runtime.snapshot import ModelStore, Snapshot
+from n2s_stream.runtime.snapshot import Snapshot
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.stages import Abandoned, Frame, FrameMeta, SeriesEnd, SeriesStart, SinkChain
 
@@ -63,19 +63,17 @@ class InferenceLoop(BackgroundWorker):
         engine: Engine,
         series: SeriesTracker,
         sinks: SinkChain,
-        store: ModelStore,
+        services: Services,
         calibration: Calibration,
         cold_start: ColdStart | None,
         options: InferenceOptions,
-        max_batch: int,
-        metrics: Metrics,
-        on_fatal: Callable[[BaseException], None],
     ) -> None:
         super().__init__("inference", join_timeout=120.0)
         self.frames, self.engine, self.series, self.sinks = frames, engine, series, sinks
-        self.store, self.calibration, self.cold_start = store, calibration, cold_start
-        self.options, self.max_batch, self.metrics = options, max_batch, metrics
-        self._on_fatal = on_fatal
+        self.store, self.calibration, self.cold_start = services.store, calibration, cold_start
+        self.options, self.metrics = options, services.metrics
+        self.max_batch = max_batch(options, engine.device)  # frames per forward pass
+        self._on_fatal = services.fail
         self.taken = 0  # frames taken off the queue
         self.written = 0
         self.refused = 0

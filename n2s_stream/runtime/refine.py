@@ -24,8 +24,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-from torch import nn
 
 from n2s_stream.config import RefineOptions
 from n2s_stream.formats.spool import FAILED_SUFFIX, READY_SUFFIX, spool_part
@@ -39,11 +37,10 @@ from n2s_stream.formats.writer import (
     whole_refined,
 )
 from n2s_stream.n2s.augment import augmented
-from n2s_stream.n2s.denoising import check_usable, denoise_series, to_source_dtype
-from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.denoising import Network, check_usable, denoise_series, to_source_dtype
 from n2s_stream.runtime.calibration import Calibration
-from n2s_stream.runtime.metrics import Metrics
-from n2s_stream.runtime.snapshot import ModelStore
+from n2s_stream.runtime.coldstart import ColdStart
+from n2s_stream.runtime.scheduler import Services
 from n2s_stream.runtime.worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
@@ -66,28 +63,23 @@ class Refiner(BackgroundWorker):
         self,
         root: Path,
         *,
-        store: ModelStore,
+        network: Network,
+        services: Services,
         calibration: Calibration,
-        model: nn.Module,
-        masker: Masker,
-        device: torch.device,
         options: RefineOptions,
-        jinv: bool,
-        min_free_mb: float,
-        idle: Callable[[], bool],
-        network_writes: Callable[[], bool],
-        metrics: Metrics,
-        outputs: OutputAccess | None = None,
+        outputs: OutputAccess,
+        cold_start: ColdStart | None = None,
         on_published: Sequence[Callable[[Path], None]] = (),
     ) -> None:
         super().__init__("refiner")
-        self.root, self.store, self.model, self.masker = root, store, model, masker
-        self.calibration = calibration
-        self.device, self.options, self.jinv = device, options, jinv
-        self.min_free_bytes = int(min_free_mb * 2**20)
-        self._idle, self._network_writes, self.metrics = idle, network_writes, metrics
+        self.root, self.store, self.metrics = root, services.store, services.metrics
+        self.model, self.masker, self.device = network.model, network.masker, network.device
+        self.jinv, self.calibration, self.options = network.jinv, calibration, options
+        self.min_free_bytes = outputs.min_free_bytes
+        self._idle = services.scheduler.refiner_may_run
+        self._cold_start = cold_start
         self._on_published = tuple(on_published)  # told of each output that got refined
-        self._outputs = outputs or OutputAccess()  # shared with the live writer
+        self._outputs = outputs  # shared with the live writer
         self._busy = False
         self._idle_since: float | None = None
         self._said: set[str] = set()  # waits already logged
@@ -113,7 +105,7 @@ class Refiner(BackgroundWorker):
         return sorted(self.root.glob("*" + READY_SUFFIX), key=_modified)
 
     def _may_refine(self, spool: Path) -> bool:
-        if not self._network_writes():
+        if self._cold_start is not None and self._cold_start.active:
             self._say_once(
                 "cold",
                 "refining waits: the cold-start classical denoiser still "

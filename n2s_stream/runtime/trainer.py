@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from n2s_stream.config import TrainingOptions
+from n2s_stream.formats.checkpoint import Checkpoint
 from n2s_stream.models import StateDict, use_fast_layout
-from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.training import (
     LossWatch,
     all_finite,
@@ -35,7 +36,7 @@ from n2s_stream.n2s.training import (
 )
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.coldstart import ColdStart
-from n2s_stream.runtime.metrics import Metrics
+from n2s_stream.runtime.scheduler import Services
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
 from n2s_stream.runtime.worker import BackgroundWorker
 
@@ -53,28 +54,28 @@ class OnlineTrainer(BackgroundWorker):
     def __init__(
         self,
         *,
-        model: nn.Module,
-        masker: Masker,
+        network: Network,
         buffer: RollingBuffer,
         val_buffer: RollingBuffer,
-        store: ModelStore,
-        metrics: Metrics,
+        services: Services,
         options: TrainingOptions,
-        device: torch.device,
-        busy: Callable[[], bool],
         save: Callable[[StateDict, torch.optim.Optimizer, int, int], None],
-        optimizer_state: dict | None = None,
-        step: int = 0,
+        resume: Checkpoint | None = None,
         cold_start: ColdStart | None = None,
-        score_start: bool = False,
     ) -> None:
         super().__init__("online-trainer", join_timeout=30.0)
-        self.score_start = score_start  # the starting weights are worth scoring (pretrained)
-        self.model = use_fast_layout(model, device)
-        self.masker, self.buffer, self.val_buffer = masker, buffer, val_buffer
-        self.cold_start = cold_start
-        self.store, self.metrics, self.options, self.device = store, metrics, options, device
-        self._busy, self._save = busy, save
+        # the starting weights are worth scoring against the classical denoiser: the
+        # shipped pretrained network, which the cold start holds
+        self.score_start = cold_start is not None and cold_start.has_starting_network
+        self.model = use_fast_layout(network.model, network.device)
+        self.masker, self.device = network.masker, network.device
+        self.buffer, self.val_buffer, self.cold_start = buffer, val_buffer, cold_start
+        self.store, self.metrics, self.options = services.store, services.metrics, options
+        scheduler = services.scheduler
+        self._busy = lambda: not scheduler.trainer_may_run()
+        self._save = save
+        optimizer_state = resume.optimizer_state if resume is not None else None
+        step = resume.step if resume is not None else 0
         self.val_crop = VAL_CROP
         self.optimizer = make_optimizer(self.model, options.lr)
         self._average = (
