@@ -167,6 +167,11 @@ class SinkChain:
             if start is not None:
                 start()
 
+    def paused(self) -> bool:
+        """A sink holds frames back on purpose (the output disk nearly full): the loop
+        waits without being stuck."""
+        return any(getattr(sink, "paused", False) for sink in self.sinks)
+
     def tick(self) -> None:
         """Once per round of the inference loop (at least every 0.25 s): sinks that have
         a ``tick()`` method (the HDF5 output flushes by time) do their periodic work."""

@@ -96,8 +96,10 @@ class InferenceLoop(BackgroundWorker):
         returned for ``stall_seconds`` counts as dead (a disk-full pause does not)."""
         if not self._thread.is_alive():
             return False
-        paused = self.metrics.registry.get_sample_value("n2s_output_paused") == 1
-        return paused or time.monotonic() - self.last_progress < self.options.stall_seconds
+        return (
+            self.sinks.paused()
+            or time.monotonic() - self.last_progress < self.options.stall_seconds
+        )
 
     @property
     def version(self) -> int:

@@ -73,6 +73,7 @@ class Hdf5Sink:
         config_text: str,
         outputs: OutputAccess | None = None,
     ) -> None:
+        self.paused = False  # holding frames back: the output disk is nearly full
         self.options, self.state, self.metrics = options, state, metrics
         self._stopping = stopping
         self._outputs = outputs or OutputAccess()  # shared with the refiner
@@ -269,11 +270,13 @@ class Hdf5Sink:
             free / 2**20,
             needed / 2**20,
         )
+        self.paused = True
         self.metrics.output_paused.set(1)
         while free < needed:
             if self._stopping.wait(1.0):
                 raise Abandoned(f"stopping while the output disk of {writer.path} is full")
             free = free_bytes(writer.path.parent)
+        self.paused = False
         self.metrics.output_paused.set(0)
         log.info("space returned on the output disk (%.1f MiB free): writing again", free / 2**20)
 

@@ -3,6 +3,8 @@ on without losing or repeating a frame once space returns. A real size-limited t
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from daemon_helpers import FLOAT32, DaemonProcess, mounted_tmpfs, read_output, remount, start_writer
@@ -20,12 +22,14 @@ pytestmark = pytest.mark.faults
 
 
 def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, fault_figures):
-    daemon = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1")
+    daemon = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1", "--stall-seconds", "2")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
     daemon.wait_for("nearly full .* holding frames until space returns", timeout=60)
+    time.sleep(4)  # twice stall_seconds without progress: a pause, not a stall
     metrics = daemon.scrape()
     assert metrics["n2s_output_paused"] == 1
+    assert metrics['n2s_worker_up{worker="inference"}'] == 1
     assert metrics["n2s_frames_denoised_total"] < 200
     assert writer.wait(timeout=60) == 0
     remount(small_disk, "size=32m")
