@@ -71,6 +71,19 @@ def test_every_module_imports_only_its_layer_and_those_below():
     assert not broken, "\n".join(broken)
 
 
+def test_sources_and_sinks_know_nothing_of_each_other():
+    """Both sit above the runtime, side by side: a way in never reaches for a way out."""
+    crossing = []
+    for folder, other in (("sources", "sinks"), ("sinks", "sources")):
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            crossing += [
+                f"{module_name(path)} imports {imported}"
+                for imported in sorted(imports_of(path))
+                if imported.startswith(f"n2s_stream.{other}")
+            ]
+    assert not crossing, crossing
+
+
 def test_every_folder_and_root_module_has_a_layer():
     names = {p.stem for p in PACKAGE.glob("*.py")} | {
         p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()
