@@ -408,6 +408,12 @@ class ZmqOptions:
     max_message_mb: int = option(
         256, min=1, help="larger messages are refused (too_large); 4x it: cut off by ZeroMQ"
     )
+    decode_threads: int = option(
+        2,
+        min=1,
+        help="threads that decode (decompress) frame payloads while the next messages are "
+        "received; frames still go downstream in the order they came",
+    )
     out: str | None = option(
         None,
         example="tcp://127.0.0.1:9800",

@@ -67,6 +67,28 @@ def test_stream2_round_trip(compression):
     assert decoder.masks == {}
 
 
+@pytest.mark.parametrize("protocol", ["native", "dectris-stream1", "dectris-stream2"])
+def test_parse_reads_headers_now_and_leaves_the_pixels_for_later(protocol):
+    """The receiving thread parses; the costly decompression is a `Payload` that a pool
+    decodes (and only then finds a corrupt payload)."""
+    decoder = p.make_decoder(protocol)
+    if protocol == "native":
+        message = p.native_frame("scan_01", 3, FRAME16, "bslz4")
+    elif protocol == "dectris-stream1":
+        decoder.parse(p.stream1_header(1))
+        message = p.stream1_image(1, 3, FRAME16)
+    else:
+        decoder.parse(p.stream2_start(1, FRAME16.shape))
+        message = p.stream2_image(1, 3, FRAME16, "bslz4")
+    (payload,) = decoder.parse(message)
+    assert isinstance(payload, p.Payload) and payload.index == 3
+    assert np.array_equal(payload.decode().data, FRAME16)
+    cut = p.Payload(payload.series, 3, payload.blob[:20], "bslz4", FRAME16.shape, FRAME16.dtype)
+    with pytest.raises(MessageError) as caught:
+        cut.decode()
+    assert caught.value.reason in ("corrupt", "size_mismatch", "truncated")
+
+
 def _native_header(**changes):
     header = {
         "htype": "n2s-frame-1",

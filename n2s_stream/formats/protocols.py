@@ -9,8 +9,11 @@
 - ``dectris-stream2``: CBOR ``start`` / ``image`` / ``end`` maps with multi-dimensional
   (tag 40) typed arrays (RFC 8746) and Dectris compression (tag 56500).
 
-Decoders are small state machines (they remember each series' header); they return
-`Image` and `End` events and raise `MessageError` with a reason for anything else.
+Decoders are small state machines (they remember each series' header). ``parse`` reads a
+message's header and returns its `End` events and `Payload` images, whose pixels are
+decoded later, off the receive thread, by `Payload.decode` (decompression is the costly
+part of a detector-sized frame); ``decode`` does both at once. Anything malformed raises
+`MessageError` with a reason.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cbor2
@@ -58,6 +61,37 @@ class End:
 
 
 Event = Image | End
+
+
+@dataclass(frozen=True)
+class Payload:
+    """An image message whose pixels are not decoded yet: ``blob`` in ``encoding``
+    (``raw``, ``bslz4``, ``lz4``, or ``lz4-hdf5``: stream2's blocked LZ4) of ``shape`` and
+    ``dtype``. Decoding is a pure function of these, safe in any thread."""
+
+    series: str
+    index: int
+    blob: bytes
+    encoding: str
+    shape: tuple[int, int]
+    dtype: np.dtype
+    pixel_mask: np.ndarray | None = None
+
+    def decode(self) -> Image:
+        """The frame (raises `MessageError` for a payload that does not decode)."""
+        if self.encoding == "lz4-hdf5":
+            data = lz4_hdf5_decode(self.blob, self.shape, self.dtype)
+        else:
+            data = decode_payload(self.blob, self.encoding, self.shape, self.dtype)
+        return Image(self.series, self.index, data, self.pixel_mask)
+
+
+Parsed = Payload | End
+
+
+def decoded(parsed: list[Parsed]) -> list[Event]:
+    """``parsed`` with every payload decoded, in order."""
+    return [item.decode() if isinstance(item, Payload) else item for item in parsed]
 
 
 def check_series_name(name: Any) -> str:
@@ -123,6 +157,10 @@ class NativeDecoder:
 
     def decode(self, parts: list[bytes]) -> list[Event]:
         """Events in one multipart message."""
+        return decoded(self.parse(parts))
+
+    def parse(self, parts: list[bytes]) -> list[Parsed]:
+        """Events in one multipart message, images not yet decoded."""
         if not parts:
             raise MessageError("empty message", reason="truncated")
         header = _json(parts[0], "header")
@@ -147,10 +185,8 @@ class NativeDecoder:
                 f"series {series} frame {index}: {len(parts)} parts, expected 2", reason="truncated"
             )
         shape = _frame_shape(header.get("shape"))
-        data = decode_payload(
-            parts[1], header.get("encoding", "raw"), shape, _dtype(header.get("dtype"))
-        )
-        return [Image(series, index, data)]
+        encoding = str(header.get("encoding", "raw"))
+        return [Payload(series, index, parts[1], encoding, shape, _dtype(header.get("dtype")))]
 
 
 def native_frame(series: str, index: int, frame: np.ndarray, encoding: str = "raw") -> list[bytes]:
@@ -212,6 +248,10 @@ class Stream1Decoder:
 
     def decode(self, parts: list[bytes]) -> list[Event]:
         """Events in one multipart message."""
+        return decoded(self.parse(parts))
+
+    def parse(self, parts: list[bytes]) -> list[Parsed]:
+        """Events in one multipart message, images not yet decoded."""
         if not parts:
             raise MessageError("empty message", reason="truncated")
         header = _json(parts[0], "part 1")
@@ -240,7 +280,7 @@ class Stream1Decoder:
         self.masks.pop(series, None)  # a finished series' header is not needed again
         return End(series)
 
-    def _image(self, header: dict[str, Any], parts: list[bytes]) -> Image:
+    def _image(self, header: dict[str, Any], parts: list[bytes]) -> Payload:
         series = stream1_series(header.get("series"))
         index = _field(header, "frame", int)
         if series not in self.masks:
@@ -260,8 +300,8 @@ class Stream1Decoder:
                 f"{series} frame {index}: unknown encoding {info.get('encoding')!r}",
                 reason="unknown_encoding",
             )
-        data = decode_payload(parts[2], encoding, shape, _dtype(info.get("type")))
-        return Image(series, index, data, self.masks[series])
+        dtype = _dtype(info.get("type"))
+        return Payload(series, index, parts[2], encoding, shape, dtype, self.masks[series])
 
 
 def stream1_header(series_id: int, pixel_mask: np.ndarray | None = None) -> list[bytes]:
@@ -383,7 +423,8 @@ _SEMANTIC_DECODERS = {
 }
 
 
-def _stream2_array(value: Any, what: str) -> np.ndarray:
+def _stream2_payload(value: Any, series: str, index: int, what: str) -> Payload:
+    """A stream2 multi-dimensional typed array, not yet decoded."""
     if not isinstance(value, _MultiDim) or not isinstance(value.array, _Typed):
         raise MessageError(f"{what} is not a multi-dimensional typed array", reason="bad_cbor")
     if len(value.shape) != 2:
@@ -391,17 +432,16 @@ def _stream2_array(value: Any, what: str) -> np.ndarray:
     shape = _frame_shape(list(value.shape))
     content, dtype = value.array.content, value.array.dtype
     if isinstance(content, _Compressed):
-        if content.algorithm == "lz4":
-            return lz4_hdf5_decode(content.data, shape, dtype)
-        if content.algorithm != "bslz4":
+        if content.algorithm not in ("lz4", "bslz4"):
             raise MessageError(
                 f"{what}: compression {content.algorithm!r} not supported",
                 reason="unknown_encoding",
             )
-        return decode_payload(content.data, "bslz4", shape, dtype)
+        encoding = "lz4-hdf5" if content.algorithm == "lz4" else "bslz4"
+        return Payload(series, index, content.data, encoding, shape, dtype)
     if not isinstance(content, bytes):
         raise MessageError(f"{what}: typed array content is not bytes", reason="bad_cbor")
-    return decode_payload(content, "raw", shape, dtype)
+    return Payload(series, index, content, "raw", shape, dtype)
 
 
 @dataclass
@@ -412,7 +452,11 @@ class Stream2Decoder:
 
     def decode(self, parts: list[bytes]) -> list[Event]:
         """Events in one message (one CBOR item per ZeroMQ part)."""
-        events: list[Event] = []
+        return decoded(self.parse(parts))
+
+    def parse(self, parts: list[bytes]) -> list[Parsed]:
+        """Events in one message, images not yet decoded."""
+        events: list[Parsed] = []
         for part in parts:
             try:
                 message = cbor2.loads(bytes(part), semantic_decoders=_SEMANTIC_DECODERS)
@@ -427,13 +471,17 @@ class Stream2Decoder:
                 events.append(event)
         return events
 
-    def _message(self, message: Mapping[str, Any]) -> Event | None:
+    def _message(self, message: Mapping[str, Any]) -> Parsed | None:
         kind = message.get("type")
         series = stream1_series(message.get("series_id"))
         if kind == "start":
             masks = message.get("pixel_mask") or {}
             first = next(iter(masks.values()), None) if isinstance(masks, Mapping) else None
-            mask = _stream2_array(first, f"{series} pixel mask") != 0 if first else None
+            mask = (
+                _stream2_payload(first, series, -1, f"{series} pixel mask").decode().data != 0
+                if first
+                else None
+            )
             self.masks[series] = mask if mask is not None and mask.any() else None
             return None
         if kind == "image":
@@ -446,8 +494,9 @@ class Stream2Decoder:
             channels = message.get("data")
             if not isinstance(channels, Mapping) or not channels:
                 raise MessageError(f"{series} image {index}: no data channels", reason="bad_cbor")
-            data = _stream2_array(next(iter(channels.values())), f"{series} image {index}")
-            return Image(series, index, data, self.masks[series])
+            what = f"{series} image {index}"
+            payload = _stream2_payload(next(iter(channels.values())), series, index, what)
+            return replace(payload, pixel_mask=self.masks[series])
         if kind == "end":
             self.masks.pop(series, None)  # a finished series' header is not needed again
             return End(series)

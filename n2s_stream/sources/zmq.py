@@ -1,16 +1,21 @@
 """Follow a ZeroMQ detector feed (PULL from a PUSH, or SUB to a PUB).
 
 The socket connects, so ZeroMQ reconnects by itself when the detector restarts. Each
-message is decoded by the protocol's decoder (`formats/protocols.py`); frames go downstream with
-backpressure (a full queue stops us reading, and the detector's send high-water mark
-then holds frames on its side), undecodable messages are counted under their reason.
+message's header is read by the protocol's decoder (`formats/protocols.py`) on the
+receiving thread; its pixels are decoded (decompressed) by a pool of ``decode_threads``
+while the next messages come in, at most a few frames ahead. Frames go downstream in the
+order they came, with backpressure (a full queue stops us reading, and the detector's send
+high-water mark then holds frames on its side); undecodable messages are counted under
+their reason, in that order too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from n2s_stream.config import DaemonConfig, ZmqOptions
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.codecs import MessageError
-from n2s_stream.formats.protocols import End, Image, make_decoder
+from n2s_stream.formats.protocols import End, Image, Payload, make_decoder
 from n2s_stream.formats.writer import series_output
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext
@@ -67,6 +72,9 @@ class ZmqSource(BackgroundWorker):
         if config.socket == "sub":
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._tee: zmq.Socket | None = None  # bound by start()
+        self._decoders: ThreadPoolExecutor | None = None  # started by start()
+        # decoded or decoding, in arrival order: (frame or end, when it arrived)
+        self._in_hand: deque[tuple[Future[Image] | End, float]] = deque()
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     @classmethod
@@ -92,6 +100,7 @@ class ZmqSource(BackgroundWorker):
             self._tee.setsockopt(zmq.SNDHWM, self.config.hwm)
             self._tee.setsockopt(zmq.LINGER, 1000)  # at stop: 1 s to deliver what is queued
             self._tee.bind(self.config.tee)
+        self._decoders = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
         self._socket.connect(self.endpoint)
         log.info(
             "following %s (%s, %s)", self.endpoint, self.config.protocol, self.config.socket.upper()
@@ -101,6 +110,8 @@ class ZmqSource(BackgroundWorker):
     def stop(self) -> None:
         """Stop reading; what the socket still holds is the detector's to resend."""
         super().stop()
+        if self._decoders is not None:
+            self._decoders.shutdown(cancel_futures=True)
         self._socket.disable_monitor()
         self._monitor.close()
         self._socket.close()
@@ -113,10 +124,12 @@ class ZmqSource(BackgroundWorker):
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         while not self._stopping.is_set():
-            ready = dict(poller.poll(100))
+            ready = dict(poller.poll(0 if self._in_hand else 100))
             if self._monitor in ready:
                 self._log_disconnect()
             if self._socket not in ready:
+                if not self._hand_on(wait=True):  # nothing new: finish what is in hand
+                    return
                 continue
             parts = self._socket.recv_multipart()
             received = time.time()
@@ -131,7 +144,7 @@ class ZmqSource(BackgroundWorker):
                 )
                 continue
             try:
-                events = self._decoder.decode(parts)
+                events = self._decoder.parse(parts)
             except MessageError as exc:
                 self._reject(exc.reason, f"{self.endpoint}: {exc}")
                 continue
@@ -139,9 +152,40 @@ class ZmqSource(BackgroundWorker):
                 log.exception("decoder failed on a message")
                 self._reject("internal_error", f"{self.endpoint}: {exc}")
                 continue
+            assert self._decoders is not None
             for event in events:
-                if not self._forward(event, received):
-                    return
+                decoding = (
+                    self._decoders.submit(event.decode) if isinstance(event, Payload) else event
+                )
+                self._in_hand.append((decoding, received))
+            if not self._hand_on(wait=False):
+                return
+
+    def _hand_on(self, *, wait: bool) -> bool:
+        """Pass on, in order, what is decoded; with ``wait``, or when more than a few
+        frames are in hand, wait for the oldest. False once downstream is stopping."""
+        limit = 2 * self.config.decode_threads
+        while self._in_hand:
+            decoding, received = self._in_hand[0]
+            pending = isinstance(decoding, Future) and not decoding.done()
+            if pending and not wait and len(self._in_hand) <= limit:
+                return True
+            self._in_hand.popleft()
+            if isinstance(decoding, End):
+                event: Image | End = decoding
+            else:
+                try:
+                    event = decoding.result()
+                except MessageError as exc:
+                    self._reject(exc.reason, f"{self.endpoint}: {exc}")
+                    continue
+                except Exception as exc:  # a decoder bug must not stop the feed
+                    log.exception("decoding a frame failed")
+                    self._reject("internal_error", f"{self.endpoint}: {exc}")
+                    continue
+            if not self._forward(event, received):
+                return False
+        return True
 
     def _forward_to_tee(self, parts: list[bytes]) -> None:
         """Pass a raw message on, or count it when the tee's reader cannot take it now."""
