@@ -136,23 +136,9 @@ def test_ledger_appends_a_line_per_change_and_compacts_at_start(tmp_path):
     assert reopened.output_for("s49", tmp_path / "x_n2s.h5") == tmp_path / "out" / "s49_n2s.h5"
 
 
-def test_ledger_skips_a_torn_last_line_and_reads_the_old_format(tmp_path):
+def test_ledger_skips_a_torn_last_line_and_a_bad_entry(tmp_path):
     root = tmp_path / "state"
     root.mkdir()
-    (root / "ledger.json").write_text(
-        json.dumps(
-            {
-                "series": {
-                    "old": {"output": str(tmp_path / "old_n2s.h5"), "written": 4, "finished": True},
-                    "open": {
-                        "output": str(tmp_path / "open_n2s.h5"),
-                        "written": 2,
-                        "finished": False,
-                    },
-                }
-            }
-        )
-    )
     (root / "ledger.jsonl").write_text(
         json.dumps(
             {
@@ -168,9 +154,6 @@ def test_ledger_skips_a_torn_last_line_and_reads_the_old_format(tmp_path):
         + '{"series": "torn", "outp'
     )
     state = StateDir(root)
-    assert not (root / "ledger.json").exists()  # migrated into the journal
-    assert state.ledger.entry("old") == {"finished": True}
-    assert state.ledger.entry("open")["output"] == str(tmp_path / "open_n2s.h5")
     assert state.ledger.entry("new")["written"] == 1
     assert state.ledger.entry("torn") is None and state.ledger.entry("odd") is None
 

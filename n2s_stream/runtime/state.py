@@ -154,8 +154,7 @@ class SeriesLedger:
         self._lock = threading.Lock()
         self._open: dict[str, dict[str, Any]] = {}
         self._finished: set[str] = set()
-        legacy = self.path.with_name("ledger.json")  # before the journal: one JSON object
-        for entry in [*self._read_legacy(legacy), *self._read_journal()]:
+        for entry in self._read_journal():
             try:
                 self._apply(entry)
             except (ValueError, TypeError, KeyError) as exc:
@@ -163,8 +162,6 @@ class SeriesLedger:
         self._rewrite_needed = False
         with self._lock:
             self._rewrite()  # compact: one line per series
-        if legacy.exists() and not self._rewrite_needed:
-            legacy.unlink()
 
     def entry(self, series: str) -> dict[str, Any] | None:
         """``{"output", "written", "finished"}`` for a series, None if never recorded (a
@@ -245,17 +242,6 @@ class SeriesLedger:
                 unreadable,
             )
         return entries
-
-    @staticmethod
-    def _read_legacy(path: Path) -> list[dict[str, Any]]:
-        if not path.exists():
-            return []
-        try:
-            series = dict(json.loads(path.read_text())["series"])
-            return [{"series": name, **entry} for name, entry in series.items()]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("%s unreadable (%s); rebuilding it from the outputs", path, exc)
-            return []
 
 
 class StateDir:
