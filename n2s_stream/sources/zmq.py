@@ -145,12 +145,8 @@ class ZmqSource(BackgroundWorker):
                 continue
             try:
                 events = self._decoder.parse(parts)
-            except MessageError as exc:
-                self._reject(exc.reason, f"{self.endpoint}: {exc}")
-                continue
-            except Exception as exc:  # a decoder bug must not stop the feed
-                log.exception("decoder failed on a message")
-                self._reject("internal_error", f"{self.endpoint}: {exc}")
+            except Exception as exc:  # a decoder bug must not stop the feed either
+                self._refuse(exc)
                 continue
             assert self._decoders is not None
             for event in events:
@@ -176,16 +172,22 @@ class ZmqSource(BackgroundWorker):
             else:
                 try:
                     event = decoding.result()
-                except MessageError as exc:
-                    self._reject(exc.reason, f"{self.endpoint}: {exc}")
-                    continue
-                except Exception as exc:  # a decoder bug must not stop the feed
-                    log.exception("decoding a frame failed")
-                    self._reject("internal_error", f"{self.endpoint}: {exc}")
+                except Exception as exc:
+                    self._refuse(exc)
                     continue
             if not self._forward(event, received):
                 return False
         return True
+
+    def _refuse(self, exc: Exception) -> None:
+        """Count a message or frame that cannot be used under its reason; anything but a
+        `MessageError` is a decoder bug met by odd input (``internal_error``, logged with
+        its traceback), and the feed goes on."""
+        if isinstance(exc, MessageError):
+            self._reject(exc.reason, f"{self.endpoint}: {exc}")
+            return
+        log.exception("decoding a message failed")
+        self._reject("internal_error", f"{self.endpoint}: {exc}")
 
     def _forward_to_tee(self, parts: list[bytes]) -> None:
         """Pass a raw message on, or count it when the tee's reader cannot take it now."""
