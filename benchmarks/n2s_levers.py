@@ -40,9 +40,10 @@ from offline_quality import n2s, noisy_counts, photo_tiles
 from n2s_stream.config import NetworkOptions, TrainConfig
 from n2s_stream.models import build_model
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.optim import make_optimizer
 from n2s_stream.n2s.quality import mean_ssim, psnr
 from n2s_stream.n2s.specs import ModelConfig
-from n2s_stream.n2s.training import make_optimizer, train_step
+from n2s_stream.n2s.training import train_step
 from n2s_stream.n2s.unblind import noise_model, unblind
 
 

@@ -29,8 +29,8 @@ from n2s_stream.errors import UsageError
 from n2s_stream.formats.writer import OutputAccess
 from n2s_stream.models import StateDict, build_model
 from n2s_stream.n2s.denoising import Network
+from n2s_stream.n2s.device import resolve_device
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.n2s.training import resolve_device
 from n2s_stream.pretrained import starting_model
 from n2s_stream.runtime.allocator import keep_freed_memory
 from n2s_stream.runtime.buffer import RollingBuffer

@@ -15,15 +15,10 @@ from n2s_stream.models import build_model, use_fast_layout
 from n2s_stream.n2s import training
 from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.optim import LossWatch, make_optimizer, weight_average
+from n2s_stream.n2s.patches import center_crop
 from n2s_stream.n2s.specs import ModelConfig
-from n2s_stream.n2s.training import (
-    LossWatch,
-    center_crop,
-    make_optimizer,
-    masked_validation_loss,
-    train_step,
-    weight_average,
-)
+from n2s_stream.n2s.training import masked_validation_loss, train_step
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.metrics import Metrics
 from n2s_stream.runtime.scheduler import Scheduler, Services

@@ -22,20 +22,13 @@ from n2s_stream.formats.writer import FrameWriter, output_name
 from n2s_stream.models import StateDict, build_model, count_parameters, use_fast_layout
 from n2s_stream.n2s.context import context_indices, context_stack
 from n2s_stream.n2s.denoising import denoise_series, to_source_dtype
+from n2s_stream.n2s.device import amp_enabled, resolve_device
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
+from n2s_stream.n2s.optim import LossWatch, all_finite, cosine_lr, make_optimizer
+from n2s_stream.n2s.patches import sample_patches
 from n2s_stream.n2s.specs import context_offsets
-from n2s_stream.n2s.training import (
-    LossWatch,
-    all_finite,
-    amp_enabled,
-    cosine_lr,
-    make_optimizer,
-    masked_validation_loss,
-    resolve_device,
-    sample_patches,
-    train_step,
-)
+from n2s_stream.n2s.training import masked_validation_loss, train_step
 from n2s_stream.pretrained import starting_model
 from n2s_stream.runtime.onnx_engine import OnnxRuntimeModel, check_engine
 from n2s_stream.runtime.snapshot import copy_state

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from n2s_stream.n2s.context import ContextWindow
+from n2s_stream.n2s.device import autocast
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, normalize_frame, valid_pixels
 from n2s_stream.n2s.tiling import tiled_forward
-from n2s_stream.n2s.training import autocast
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 """A network's forward pass: ``(N, C, H, W)`` normalised input -> ``(N, 1, H, W)``."""

@@ -7,7 +7,7 @@ from collections import deque
 
 import numpy as np
 
-from n2s_stream.n2s.training import random_crop
+from n2s_stream.n2s.patches import random_crop
 
 
 class RollingBuffer:

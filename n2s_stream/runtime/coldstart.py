@@ -23,7 +23,8 @@ from skimage.restoration import calibrate_denoiser, denoise_tv_chambolle, denois
 from torch import nn
 
 from n2s_stream.n2s.masking import Masker
-from n2s_stream.n2s.training import center_crop, masked_validation_loss
+from n2s_stream.n2s.patches import center_crop
+from n2s_stream.n2s.training import masked_validation_loss
 
 log = logging.getLogger(__name__)
 

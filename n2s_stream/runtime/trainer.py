@@ -25,15 +25,9 @@ from n2s_stream.config import TrainingOptions
 from n2s_stream.formats.checkpoint import Checkpoint
 from n2s_stream.models import StateDict, use_fast_layout
 from n2s_stream.n2s.denoising import Network
-from n2s_stream.n2s.training import (
-    LossWatch,
-    all_finite,
-    center_crop,
-    make_optimizer,
-    masked_validation_loss,
-    train_step,
-    weight_average,
-)
+from n2s_stream.n2s.optim import LossWatch, all_finite, make_optimizer, weight_average
+from n2s_stream.n2s.patches import center_crop
+from n2s_stream.n2s.training import masked_validation_loss, train_step
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.coldstart import ColdStart
 from n2s_stream.runtime.scheduler import Services
