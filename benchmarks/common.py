@@ -29,15 +29,16 @@ def write_report(out: Path, benchmark: str, settings: object, rows: list, **more
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {
-                "benchmark": benchmark,
-                "machine": platform.machine(),
-                "cores": os.cpu_count(),
-                "provenance": STARTED,
-                "settings": vars(settings) | {"out": str(out)},
-                "rows": rows,
-                **more,
-            },
+            with_provenance(
+                {
+                    "benchmark": benchmark,
+                    "machine": platform.machine(),
+                    "cores": os.cpu_count(),
+                    "settings": vars(settings) | {"out": str(out)},
+                    "rows": rows,
+                    **more,
+                }
+            ),
             indent=2,
             default=float,
         )

@@ -67,24 +67,31 @@ def _wait(condition, seconds: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def _in_process_config(tmp_path, **changes) -> DaemonConfig:
+    """A daemon in this process following ``tmp_path/acq`` on the CPU, one thread, no cold
+    start, metrics on any free port: with ``changes`` on top."""
+    (tmp_path / "acq").mkdir(exist_ok=True)
+    return make(
+        DaemonConfig,
+        **{
+            "watch": tmp_path / "acq",
+            "out": tmp_path / "out",
+            "state_dir": tmp_path / "state",
+            "device": "cpu",
+            "metrics_port": 0,
+            "threads": 1,
+            "cold_start": False,
+            "settle_seconds": 2,
+            **changes,
+        },
+    )
+
+
 @pytest.fixture
 def running_daemon(tmp_path):
     """A real daemon in this process (so a test can break one of its workers), following a
     directory that a detector process fills."""
-    (tmp_path / "acq").mkdir()
-    config = make(
-        DaemonConfig,
-        watch=tmp_path / "acq",
-        out=tmp_path / "out",
-        state_dir=tmp_path / "state",
-        device="cpu",
-        metrics_port=0,
-        threads=1,
-        cold_start=False,
-        publish_every=5,
-        settle_seconds=2,
-    )
-    daemon = Daemon(config, registry=CollectorRegistry())
+    daemon = Daemon(_in_process_config(tmp_path, publish_every=5), registry=CollectorRegistry())
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(daemon.run()))
     thread.start()
@@ -317,20 +324,7 @@ class _HangingEngine:
 def test_a_hung_inference_thread_counts_as_dead(tmp_path):
     """Alive but stuck: after stall_seconds without progress the inference worker is down,
     the watchdog stops, and the daemon stops itself (status 1) within its stop bound."""
-    (tmp_path / "acq").mkdir()
-    config = make(
-        DaemonConfig,
-        watch=tmp_path / "acq",
-        out=tmp_path / "out",
-        state_dir=tmp_path / "state",
-        device="cpu",
-        metrics_port=0,
-        threads=1,
-        cold_start=False,
-        settle_seconds=2,
-        stall_seconds=2,
-        stop_timeout=2,
-    )
+    config = _in_process_config(tmp_path, stall_seconds=2, stop_timeout=2)
     daemon = Daemon(config, registry=CollectorRegistry())
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(daemon.run()))
@@ -361,17 +355,8 @@ def test_a_start_that_fails_releases_what_it_opened(tmp_path):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     republish = f"tcp://127.0.0.1:{free_port()}"
-    (tmp_path / "acq").mkdir()
-    common = dict(
-        watch=tmp_path / "acq",
-        out=tmp_path / "out",
-        state_dir=tmp_path / "state",
-        device="cpu",
-        zmq_out=republish,
-        cold_start=False,
-        refine=False,
-    )
-    config = make(DaemonConfig, metrics_port=taken.getsockname()[1], **common)
+    common = {"zmq_out": republish, "refine": False}
+    config = _in_process_config(tmp_path, metrics_port=taken.getsockname()[1], **common)
     daemon = Daemon(config, registry=CollectorRegistry())
     with pytest.raises(OSError):
         daemon.run()
@@ -381,7 +366,7 @@ def test_a_start_that_fails_releases_what_it_opened(tmp_path):
     probe.bind(republish)  # raises "Address already in use" if the failed start kept it
     probe.close(linger=0)
     context.term()
-    again = Daemon(make(DaemonConfig, metrics_port=0, **common), registry=CollectorRegistry())
+    again = Daemon(_in_process_config(tmp_path, **common), registry=CollectorRegistry())
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(again.run()))
     thread.start()

@@ -89,9 +89,17 @@ class Payload:
 Parsed = Payload | End
 
 
-def decoded(parsed: list[Parsed]) -> list[Event]:
-    """``parsed`` with every payload decoded, in order."""
-    return [item.decode() if isinstance(item, Payload) else item for item in parsed]
+class Decoder:
+    """What every protocol's decoder does: ``parse`` a message (its own), and ``decode``
+    it, payloads included."""
+
+    def parse(self, parts: list[bytes]) -> list[Parsed]:
+        """Events in one message, images not yet decoded."""
+        raise NotImplementedError
+
+    def decode(self, parts: list[bytes]) -> list[Event]:
+        """Events in one message, every payload decoded, in order."""
+        return [item.decode() if isinstance(item, Payload) else item for item in self.parse(parts)]
 
 
 def check_series_name(name: Any) -> str:
@@ -152,12 +160,8 @@ def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -
 
 
 # ---- native ----------------------------------------------------------------------------
-class NativeDecoder:
+class NativeDecoder(Decoder):
     """Decoder of the ``native`` protocol."""
-
-    def decode(self, parts: list[bytes]) -> list[Event]:
-        """Events in one multipart message."""
-        return decoded(self.parse(parts))
 
     def parse(self, parts: list[bytes]) -> list[Parsed]:
         """Events in one multipart message, images not yet decoded."""
@@ -239,16 +243,12 @@ def stream1_series(series_id: Any) -> str:
 
 
 @dataclass
-class Stream1Decoder:
+class Stream1Decoder(Decoder):
     """Decoder of SIMPLON stream v1; remembers each series' pixel mask (in ``masks``,
     which the daemon backs with its state dir so a restart keeps them) until the series
     ends: a detector's mask can be tens of MB, and a service sees thousands of series."""
 
     masks: MutableMapping[str, np.ndarray | None] = field(default_factory=dict)
-
-    def decode(self, parts: list[bytes]) -> list[Event]:
-        """Events in one multipart message."""
-        return decoded(self.parse(parts))
 
     def parse(self, parts: list[bytes]) -> list[Parsed]:
         """Events in one multipart message, images not yet decoded."""
@@ -445,14 +445,10 @@ def _stream2_payload(value: Any, series: str, index: int, what: str) -> Payload:
 
 
 @dataclass
-class Stream2Decoder:
+class Stream2Decoder(Decoder):
     """Decoder of Dectris stream2 (CBOR); uses the first channel of each image."""
 
     masks: MutableMapping[str, np.ndarray | None] = field(default_factory=dict)
-
-    def decode(self, parts: list[bytes]) -> list[Event]:
-        """Events in one message (one CBOR item per ZeroMQ part)."""
-        return decoded(self.parse(parts))
 
     def parse(self, parts: list[bytes]) -> list[Parsed]:
         """Events in one message, images not yet decoded."""
@@ -551,7 +547,7 @@ def stream2_end(series_id: int) -> list[bytes]:
 
 def make_decoder(
     protocol: str, headers: MutableMapping[str, np.ndarray | None] | None = None
-) -> NativeDecoder | Stream1Decoder | Stream2Decoder:
+) -> Decoder:
     """The decoder for a ``--zmq-protocol`` name; ``headers`` keeps series headers."""
     if protocol == "native":
         return NativeDecoder()

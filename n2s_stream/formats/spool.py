@@ -35,7 +35,12 @@ def spool_name(series: str, output: Path) -> str:
     """A file name for the spool of ``series`` written to ``output``: readable, and unique
     by a hash of both (two sources may name a series alike)."""
     digest = hashlib.sha1(f"{series}\0{output}".encode()).hexdigest()[:DIGEST_CHARS]
-    return f"{file_safe(Path(series).stem, limit=60)}-{digest}"
+    return f"{_readable(series)}-{digest}"
+
+
+def _readable(series: str) -> str:
+    """The readable part of a spool's name (before its hash)."""
+    return file_safe(Path(series).stem, limit=60)
 
 
 def spool_part(path: Path) -> tuple[str, int]:
@@ -102,7 +107,7 @@ class SpoolFile:
 def unfinished_spool(root: Path, series: str, exclude: set[Path]) -> Path | None:
     """The spool under ``root`` that a series still receiving frames left (not ready,
     not failed, not in ``exclude``), if any."""
-    for path in root.glob(f"{file_safe(Path(series).stem, limit=60)}-*.h5"):
+    for path in root.glob(f"{_readable(series)}-*.h5"):
         if path.name.endswith((READY_SUFFIX, FAILED_SUFFIX)) or path in exclude:
             continue
         try:
