@@ -497,8 +497,20 @@ def run_daemon(
         rss = peak_rss_mb(daemon.pid)
     finally:
         daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=300)
-        log.close()
+        try:
+            daemon.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            # keep what the daemon said: the temporary folder (and its log) goes with us
+            daemon.kill()
+            log.flush()
+            tail = (tmp / f"{name}.log").read_text()[-4000:]
+            print(
+                f"{name}: daemon still running 300 s after SIGTERM; its log ends:\n{tail}",
+                file=sys.stderr,
+            )
+            raise
+        finally:
+            log.close()
     (path,) = out.rglob("*_n2s.h5")
     with h5py.File(path, "r") as output:
         written = output["/entry/provenance/t_written"][()]
