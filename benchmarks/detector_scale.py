@@ -500,7 +500,10 @@ def run_daemon(
         try:
             daemon.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            # keep what the daemon said: the temporary folder (and its log) goes with us
+            # keep what the daemon said, its threads' stacks included: the temporary
+            # folder (and its log) goes with us
+            daemon.send_signal(signal.SIGUSR1)
+            time.sleep(2)
             daemon.kill()
             log.flush()
             tail = (tmp / f"{name}.log").read_text()[-4000:]

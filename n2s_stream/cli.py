@@ -8,7 +8,9 @@ config error, 1 runtime failure; every deliberate error is one line naming what 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,8 +37,12 @@ from n2s_stream.options import (
     unknown_env,
 )
 from n2s_stream.runtime.allocator import keep_freed_memory
+from n2s_stream.runtime.worker import unfinished_threads
 
 log = logging.getLogger("n2s_stream")
+
+EXIT_GRACE_SECONDS = 30.0
+"""How long a stopped daemon waits for its thread pools' workers before it exits anyway."""
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "train": (TrainConfig, "train a denoiser on a noisy HDF5 stack (self-supervised)"),
@@ -157,7 +163,18 @@ def _run_daemon(args: argparse.Namespace) -> int:
         cli=cli_layer(args, DaemonConfig),
         table="daemon",
     )
-    return Daemon(config).run()
+    status = Daemon(config).run()
+    left = unfinished_threads(EXIT_GRACE_SECONDS)
+    if left:
+        log.error(
+            "threads %s still running %.0f s after the stop; their stacks follow, exiting anyway",
+            left,
+            EXIT_GRACE_SECONDS,
+        )
+        faulthandler.dump_traceback(all_threads=True)
+        logging.shutdown()
+        os._exit(status or 1)
+    return status
 
 
 def _train(config: TrainConfig) -> None:

@@ -50,6 +50,7 @@ from n2s_stream.runtime.service import Notifier
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
 from n2s_stream.runtime.state import StateDir
 from n2s_stream.runtime.trainer import VAL_CROP, CheckpointFollower, OnlineTrainer
+from n2s_stream.runtime.worker import dump_stacks_on
 from n2s_stream.sinks import SinkContext, make_sinks
 from n2s_stream.sinks.hdf5 import Hdf5Sink
 from n2s_stream.sources import Source, SourceContext, make_source
@@ -366,6 +367,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            dump_stacks_on(signal.SIGUSR1)
         keep_freed_memory()  # before the worker threads start (runtime/allocator.py)
         try:
             stages = self._start()

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from n2s_stream.config import DaemonConfig
 from n2s_stream.daemon import Daemon
 from n2s_stream.options import make
+from n2s_stream.runtime.worker import unfinished_threads
 
 
 def test_a_tee_nobody_reads_never_stalls_the_daemon(tmp_path):
@@ -407,3 +408,35 @@ def test_construction_binds_nothing_and_starting_does():
         holder.close(linger=0)
         context.term()
         taken.close()
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(tmp_path):
+    """An operator's ``kill -USR1`` on a daemon that seems stuck: each thread's stack goes
+    to the log (the journal), and the daemon keeps writing and stops cleanly after."""
+    import signal
+
+    daemon = DaemonProcess(tmp_path, "--no-cold-start")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=40, rate=20, shape="32x32")
+    _wait(lambda: daemon.scrape().get("n2s_frames_denoised_total", 0) >= 5)
+    daemon.proc.send_signal(signal.SIGUSR1)
+    _wait(lambda: "most recent call first" in daemon.log())
+    assert writer.wait(timeout=60) == 0
+    _wait(lambda: daemon.scrape().get("n2s_frames_denoised_total", 0) == 40)
+    assert daemon.terminate(timeout=120) == 0
+    log = daemon.log()
+    assert 'File "' in log and "in _run" in log  # the workers' frames, by function
+    assert "stopped cleanly after 40 frames" in log
+
+
+def test_unfinished_threads_names_a_pool_worker_that_never_returns():
+    """A non-daemon thread blocked for good is named after the wait, so the CLI exits
+    anyway; once it ends, nothing is left."""
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait, name="decode_0")
+    stuck.start()
+    try:
+        assert unfinished_threads(0.2) == ["decode_0"]
+    finally:
+        release.set()
+    assert unfinished_threads(5.0) == []

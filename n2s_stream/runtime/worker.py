@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +58,26 @@ class BackgroundWorker:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+def unfinished_threads(timeout: float) -> list[str]:
+    """Wait at most ``timeout`` seconds for the process's other non-daemon threads (thread
+    pools' workers) to end; the names of those still running.
+
+    Python waits for every non-daemon thread before a process exits, so one pool worker
+    blocked for good would keep a stopped daemon alive past any bound; the caller exits
+    regardless once this names one."""
+    deadline = time.monotonic() + timeout
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return [
+        t.name for t in threading.enumerate() if t is not current and not t.daemon and t.is_alive()
+    ]
+
+
+def dump_stacks_on(signum: int) -> None:
+    """Write every thread's stack to stderr (the journal) when ``signum`` arrives, so an
+    operator can see where a daemon that seems stuck is (``kill -USR1 PID``)."""
+    faulthandler.register(signum, all_threads=True, chain=False)
