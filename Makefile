@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,docs,interop]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,docs,interop,bench]"
 	touch $@
 
 demo: setup
