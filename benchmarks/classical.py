@@ -43,13 +43,7 @@ def exact_unbiased_inverse(stabilised: np.ndarray) -> np.ndarray:
     """Expected counts from a denoised Anscombe image (Makitalo and Foi's closed form);
     values at or below the transform of zero counts map to 0."""
     d = np.maximum(np.asarray(stabilised, dtype=np.float64), ZERO_COUNTS)
-    counts = (
-        0.25 * d**2
-        + 0.25 * SQRT_3_2 / d
-        - 1.375 / d**2
-        + 0.625 * SQRT_3_2 / d**3
-        - 0.125
-    )
+    counts = 0.25 * d**2 + 0.25 * SQRT_3_2 / d - 1.375 / d**2 + 0.625 * SQRT_3_2 / d**3 - 0.125
     return np.maximum(counts, 0.0)
 
 

@@ -13,6 +13,9 @@ lasted, last weights, single pass), and the same from the shipped model
 offline, offline from the shipped model, live as written, refined
 (``/entry/refined/data``), and the daemon's final weights re-applied without test-time
 augmentation (the TTA lever's A/B); then the same over the frames of each strip image.
+With the ``[bench]`` extra, the classical gold standard too: Anscombe + BM3D frame by
+frame with the exact unbiased inverse (``classical.py``), with its CPU seconds per frame
+(``--no-bm3d`` leaves it out: it costs ~2.5 s a 256x256 frame here).
 Writes ``benchmarks/results/first_pass.json``.
 
     python benchmarks/first_pass.py                  # ~50 min on 2 cores
@@ -29,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+import classical
 import h5py
 import numpy as np
 import torch
@@ -317,7 +321,7 @@ def scores(truth: np.ndarray, stack: np.ndarray | None, first: int, dose: float)
     }
 
 
-SECTION_COLUMNS = ("tv", "offline", "offline_shipped", "live", "refined")
+SECTION_COLUMNS = ("tv", "bm3d", "offline", "offline_shipped", "live", "refined")
 """What the per-image lines print."""
 
 
@@ -396,7 +400,17 @@ def parse_args() -> argparse.Namespace:
         help="also run the daemon with these options (A/B in the same run), "
         "e.g. 'recent32=--recent-frames 32'",
     )
+    parser.add_argument(
+        "--no-bm3d",
+        dest="bm3d",
+        action="store_false",
+        help="leave out the Anscombe + BM3D anchor (without the [bench] extra it is left "
+        "out anyway)",
+    )
     args = parser.parse_args()
+    if args.bm3d and classical.available():
+        print(f"no BM3D row: {classical.available()}", flush=True)
+        args.bm3d = False
     args.strip = tuple(args.strip)
     problem = strip_problem(args.strip)
     if problem:
@@ -416,6 +430,7 @@ def score_row(
     noisy = noisy_counts(clean, dose)
     truth = clean * dose
     lever = {}
+    row_extra: dict = {}
     for label, extra in args.variants.items():
         with tempfile.TemporaryDirectory() as tmp:
             other = live_and_refined(noisy, args, Path(tmp), extra)
@@ -434,6 +449,10 @@ def score_row(
             "refined": run["refined"],
             "final_no_tta": None,
         }
+        if args.bm3d:
+            stacks["bm3d"], row_extra["bm3d_cpu_seconds_per_frame"] = classical.framewise(
+                classical.anscombe_bm3d, noisy
+            )
         if run["checkpoint"] is None:  # the daemon published no trained weights
             print("no checkpoint: the daemon trained too little to publish", flush=True)
         else:
@@ -446,7 +465,7 @@ def score_row(
         "scan_seconds": run["scan_seconds"],
         "refine_seconds": run["refine_seconds"],
         "classical_frames": int(np.sum(run["denoiser"] == 1)),
-    }
+    } | row_extra
     row |= {name: scores(truth, stack, first, dose) for name, stack in stacks.items()}
     row["live_tv_frames_10s"] = frame_margins(truth, stacks["live"], stacks["tv"], first, dose)
     row["variants"] = lever
@@ -479,6 +498,16 @@ def print_row(row: dict, columns: tuple[str, ...]) -> None:
             + ", ".join(f"{c} {by[c]:.2f}" for c in SECTION_COLUMNS if c in by),
             flush=True,
         )
+    if row.get("bm3d"):
+        live, bm3d = row["live"], row["bm3d"]
+        refined_margin = f"{row['refined']['mean'] - bm3d['mean']:+.2f}" if row["refined"] else "-"
+        print(
+            f"{'':11} {'vs BM3D':>15}: live {live['mean'] - bm3d['mean']:+.2f}, "
+            f"first 10 s {live['first_10s'] - bm3d['first_10s']:+.2f}, "
+            f"refined {refined_margin} dB; BM3D "
+            f"{row['bm3d_cpu_seconds_per_frame']:.2f} CPU-s/frame",
+            flush=True,
+        )
     for label, result in row["variants"].items():
         print(
             f"{'':11} {label:>15}: live {result['live']['mean']:.2f} "
@@ -499,9 +528,10 @@ def main() -> None:
         f"{args.frames} frames {args.size}x{args.size} at {args.rate:g} frames/s, seen once; "
         f"mean PSNR dB (first 10 s = {first} frames)"
     )
-    columns = ("noisy", "tv", "offline", "offline_shipped", "live", "refined", "final_no_tta") + (
-        ("final_jinv", "final_unblind", "final_unblind15") if args.unblind else ()
-    )
+    anchor = ("bm3d",) if args.bm3d else ()
+    unblind = ("final_jinv", "final_unblind", "final_unblind15") if args.unblind else ()
+    trained = ("offline", "offline_shipped", "live", "refined", "final_no_tta")
+    columns = ("noisy", "tv", *anchor, *trained, *unblind)
     print(
         f"{'peak':>5} {'drift':>5} "
         + " ".join(f"{c:>15}" for c in columns)

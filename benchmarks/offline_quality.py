@@ -7,7 +7,9 @@ deviation) where asked. For each dose the table gives PSNR/SSIM against the clea
 the noisy input; wavelet, TV and non-local means each calibrated the J-invariant way
 (``skimage.restoration.calibrate_denoiser``: parameters chosen by self-supervised loss,
 no ground truth), plus the best of them; and n2s-stream's UNet trained on the noisy stack
-alone, single-pass and J-invariant. Writes JSON to ``benchmarks/results/``.
+alone, single-pass and J-invariant; with the ``[bench]`` extra and no read noise, the
+classical gold standard Anscombe + BM3D (``classical.py``) with its CPU seconds per frame.
+Writes JSON to ``benchmarks/results/``.
 
     python benchmarks/offline_quality.py                 # full run (a few minutes per dose)
     python benchmarks/offline_quality.py --doses 5 20 --read-noise 2 --out \
@@ -25,6 +27,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import classical as gold
 import h5py
 import numpy as np
 import torch
@@ -106,6 +109,19 @@ def classical(noisy: np.ndarray, clean: np.ndarray, dose: float) -> dict[str, di
     chosen = min(results, key=lambda k: results[k]["selfsup_loss"])
     results["best_by_selfsup_loss"] = dict(results[chosen], method=chosen)
     return results
+
+
+def anscombe_bm3d(noisy: np.ndarray, clean: np.ndarray, dose: float) -> dict | None:
+    """The gold standard for pure Poisson counts, frame by frame (None without the
+    ``[bench]`` extra)."""
+    if gold.available():
+        return None
+    denoised, seconds = gold.framewise(gold.anscombe_bm3d, noisy)
+    return {
+        "psnr": psnr(clean * dose, denoised, data_range=dose),
+        "ssim": mean_ssim(clean * dose, denoised, data_range=dose),
+        "cpu_seconds_per_frame": seconds,
+    }
 
 
 def n2s(
@@ -207,6 +223,7 @@ def main() -> None:
                 "ssim": mean_ssim(clean * dose, noisy, data_range=dose),
             },
             "classical": classical(noisy, clean, dose),
+            "bm3d": anscombe_bm3d(noisy, clean, dose) if args.read_noise == 0 else None,
             "n2s": n2s(noisy, clean, dose, args),
         }
         rows.append(row)
@@ -229,7 +246,7 @@ def print_row(row: dict, header: bool) -> None:
     if header:
         print(
             f"{'dose':>5} {'read':>4} | {'noisy':>12} | {'wavelet':>12} | {'TV':>12} | "
-            f"{'NL-means':>12} | "
+            f"{'NL-means':>12} | {'BM3D':>12} | "
             f"{'N2S single':>12} | {'N2S J-inv':>12} | {'N2S - best classical':>20} | train"
         )
     c, n = row["classical"], row["n2s"]
@@ -242,7 +259,8 @@ def print_row(row: dict, header: bool) -> None:
     print(
         f"{row['dose']:5g} {row['read_noise']:4g} | {cell(row['noisy']):>12} | "
         f"{cell(c['wavelet']):>12} | "
-        f"{cell(c['tv']):>12} | {cell(c['nl_means']):>12} | {cell(n['single_pass']):>12} | "
+        f"{cell(c['tv']):>12} | {cell(c['nl_means']):>12} | "
+        f"{cell(row['bm3d']) if row['bm3d'] else '-':>12} | {cell(n['single_pass']):>12} | "
         f"{cell(n['jinv']):>12} | {best_n2s - best_classical:+19.2f}dB | "
         f"{n['train_seconds']:.0f}s/{n['steps']} steps",
         flush=True,
