@@ -48,12 +48,20 @@ from common import RESULTS, write_report
 from first_pass import calibrated_tv, drifting_scan, live_and_refined, offline
 from scipy.ndimage import maximum_filter, uniform_filter
 
+from n2s_stream.n2s.guards import keep_outliers, preserve_frame_flux, preserve_local_flux
 from n2s_stream.n2s.quality import psnr
 
 SENTINEL = 65535
 """What an EIGER writes in a gap pixel of a 16-bit frame: not a measurement."""
 SCENES = ("powder", "spots", "radiograph")
 METHODS = ("noisy", "tv", "bm3d", "live", "refined", "offline")
+GUARDS = {
+    "flux": preserve_frame_flux,
+    "outliers": keep_outliers,
+    "local4": preserve_local_flux,
+}
+"""Guards (``n2s/guards.py``) applied to the live and refined output: their A/B on the same
+frames at no extra training time."""
 
 
 # ---- the scenes ---------------------------------------------------------------------------
@@ -232,6 +240,15 @@ def denoised_stacks(
         refined = run["refined"]
         stacks["refined"] = None if refined is None else refined[scored].astype(np.float32)
         stacks["offline"] = offline(noisy, run["scan_seconds"], Path(tmp))[scored]
+    for name in ("live", "refined"):
+        output = stacks[name]
+        if output is None:
+            continue
+        raw = noisy[scored].astype(np.float32)
+        for label, guard in GUARDS.items():
+            stacks[f"{name}+{label}"] = np.stack(
+                [guard(frame, counts, ~mask) for frame, counts in zip(output, raw, strict=True)]
+            )
     costs["scan_seconds"] = run["scan_seconds"]
     costs["refine_seconds"] = run["refine_seconds"]
     return stacks, costs
@@ -269,7 +286,7 @@ def score_scene(scene: str, dose: float, args: argparse.Namespace, rng) -> dict:
             spots_scored = [spots[k] for k in scored]
             result |= spot_scores(truth, stack, stacks["noisy"], spots_scored)
         result |= flux_scores(truth[measured], stack[measured])
-        if name in ("live", "refined", "offline") and mask.any():
+        if name.partition("+")[0] in ("live", "refined", "offline") and mask.any():
             gap = stack[:, mask]
             result["masked_kept"] = bool(np.all(~np.isfinite(gap) | (gap >= 65504)))
         row["methods"][name] = result
@@ -295,7 +312,7 @@ def print_row(row: dict) -> None:
     columns = COLUMNS[row["scene"]]
     print(
         f"\n{row['scene']} at {row['dose']:g} counts ({row['scored']} of {row['frames']} "
-        f"frames scored)\n{'method':>10} " + " ".join(f"{c:>22}" for c in columns),
+        f"frames scored)\n{'method':>16} " + " ".join(f"{c:>22}" for c in columns),
         flush=True,
     )
     for name, result in row["methods"].items():

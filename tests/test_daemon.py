@@ -89,6 +89,10 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     noisy_last = psnr(clean[-20:], noisy[-20:], dose)
     assert last > first + 3.0, (first, last)
     assert last > noisy_last + 5.0, (noisy_last, last)
+    # n2s_flux_ratio is one written frame's denoised total over its raw total
+    ratios = frames.astype(np.float64).sum(axis=(1, 2)) / noisy.sum(axis=(1, 2))
+    assert ratios.min() - 1e-3 <= metrics["n2s_flux_ratio"] <= ratios.max() + 1e-3
+    assert 0.8 < metrics["n2s_flux_ratio"] < 1.2
 
 
 def test_sd_notify_messages_arrive(tmp_path):

@@ -147,12 +147,15 @@ def restore_invalid(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) ->
 
 
 def to_source_dtype(frames: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Round and clip float frames into ``dtype`` (integers) or cast (floats)."""
+    """Round and clip float frames into ``dtype`` (integers) or cast (floats: values beyond
+    a narrower float's range, such as a 16-bit sentinel in float16, become inf, which still
+    reads as not measured)."""
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return np.clip(np.rint(frames), info.min, info.max).astype(dtype)
-    return frames.astype(dtype)
+    with np.errstate(over="ignore"):
+        return frames.astype(dtype)
 
 
 def denoise_series(

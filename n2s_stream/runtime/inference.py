@@ -30,6 +30,7 @@ from n2s_stream.errors import OutputError
 from n2s_stream.formats.writer import numeric_names
 from n2s_stream.n2s.denoising import Unusable, check_usable, prepare, restore_invalid
 from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.n2s.quality import flux_ratio
 from n2s_stream.runtime.calibration import Calibration
 from n2s_stream.runtime.coldstart import NETWORK, ColdStart
 from n2s_stream.runtime.engine import Engine, max_batch
@@ -41,6 +42,8 @@ from n2s_stream.stages import Abandoned, Frame, FrameMeta, SeriesEnd, SeriesStar
 
 log = logging.getLogger(__name__)
 
+FLUX_EVERY_SECONDS = 1.0
+"""How often n2s_flux_ratio is measured (on the frame being written then)."""
 PREPARE_AHEAD = 4
 """Frames taken off the queue at once, to be prepared in parallel."""
 
@@ -80,6 +83,7 @@ class InferenceLoop(BackgroundWorker):
         self.lost = 0  # refused as internal_error by a failed batch
         self.unwritten = 0  # accepted, not written when the loop stopped early
         self.last_progress = time.monotonic()  # a loop round or a frame written
+        self._flux_measured_at = -FLUX_EVERY_SECONDS  # n2s_flux_ratio: the next frame
         self._abandon = threading.Event()
         self._working = threading.Event()
         self._preparers: ThreadPoolExecutor | None = None  # started with the first frames
@@ -337,11 +341,20 @@ class InferenceLoop(BackgroundWorker):
                     raise Abandoned("stop bound reached")
                 frame = pending.frame
                 restore_invalid(image, frame.data, pending.valid)
+                self._measure_flux(image, frame.data, pending.valid)
                 self.sinks.write(frame, image, FrameMeta(version, denoiser, pending.valid, stack))
                 self.written += 1
                 self.last_progress = time.monotonic()
                 self.metrics.frames_denoised.inc()
                 self.metrics.frame_latency.observe(time.time() - frame.received_at)
+
+    def _measure_flux(self, denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> None:
+        """``n2s_flux_ratio`` from one frame a second: two sums over a large frame cost
+        milliseconds, too much for every frame of a fast detector."""
+        now = time.monotonic()
+        if now - self._flux_measured_at >= FLUX_EVERY_SECONDS:
+            self._flux_measured_at = now
+            self.metrics.flux_ratio.set(flux_ratio(denoised, raw, valid))
 
     def _reject(self, frame: Frame, reason: str, why: str) -> None:
         self.refused += 1

@@ -132,6 +132,13 @@ class Metrics:
         self.model_version = Gauge(
             "n2s_model_version", "Version of the weights used for inference", registry=registry
         )
+        self.flux_ratio = Gauge(
+            "n2s_flux_ratio",
+            "Denoised total over raw total on the measured pixels of a recent frame (one "
+            "a second): 1 when denoising adds and removes no intensity; a lasting "
+            "departure is a bias that integration would measure",
+            registry=registry,
+        )
 
     def _declare_operations(self, registry: CollectorRegistry) -> None:
         """What operators and alert rules watch: disk, state dir, workers, outputs."""
