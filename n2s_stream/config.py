@@ -658,6 +658,11 @@ class OutputOptions:
     def __post_init__(self) -> None:
         self.storage.check(self.require_reconstructable)
 
+    @property
+    def min_free_bytes(self) -> int:
+        """``min_free_mb`` in bytes: what every writer of outputs leaves free on its disk."""
+        return int(self.min_free_mb * 2**20)
+
 
 @dataclass(frozen=True)
 class RefineOptions:

@@ -203,7 +203,7 @@ class Daemon:
                 buffer=buffer,
                 val_buffer=val_buffer,
                 cold_start=cold_start if cold else None,
-                outputs=OutputAccess(min_free_bytes=int(config.output.min_free_mb * 2**20)),
+                outputs=OutputAccess(min_free_bytes=config.output.min_free_bytes),
             )
             sinks = make_sinks(sink_context, train=training, refine=refining)
             chain = SinkChain(sinks, self.metrics.sink_error)

@@ -259,7 +259,7 @@ class Hdf5Sink:
             raise errors[0]
 
     def _wait_for_space(self, writer: FrameWriter, nbytes: int) -> None:
-        needed = int(self.options.min_free_mb * 2**20) + 4 * nbytes
+        needed = self.options.min_free_bytes + 4 * nbytes
         free = free_bytes(writer.path.parent)
         if free >= needed:
             return

@@ -60,7 +60,7 @@ class RawSpool:
             context.state.root / "refine",
             state=context.state,
             max_bytes=int(context.config.refine.max_gb * 2**30),
-            reserve_bytes=int(2 * context.config.output.min_free_mb * 2**20),
+            reserve_bytes=2 * context.config.output.min_free_bytes,
         )
 
     def open_series(self, start: SeriesStart) -> None:
