@@ -48,6 +48,7 @@ import hdf5plugin  # noqa: F401  (registers the output codecs' filters with h5py
 import numpy as np
 
 from n2s_stream import __version__
+from n2s_stream.errors import OutputError
 from n2s_stream.formats.output_format import OutputFormat, filter_options, format_of
 from n2s_stream.formats.superblock import clear_write_flags
 
@@ -79,6 +80,32 @@ def whole_frames(file: h5py.File) -> int:
         if name not in OPTIONAL_FIELDS or name in provenance
     ]
     return min(file["/entry/data/data"].shape[0], *lengths)
+
+
+def last_written_source_frame(output: Path) -> int | None:
+    """Highest source frame number in an output file's provenance, None if none."""
+    row = last_provenance_row(output)
+    return None if row is None else int(row["source_frame"])
+
+
+def last_provenance_row(output: Path) -> dict[str, float] | None:
+    """The provenance of an output file's last whole frame (``source_frame``,
+    ``t_received``, ``t_source``, ...), None if it has none."""
+    if not output.exists():
+        return None
+    try:
+        with h5py.File(output, "r", swmr=True, locking=False) as handle:
+            whole = whole_frames(handle)
+            if not whole:
+                return None
+            provenance = handle["/entry/provenance"]
+            return {
+                name: float(column[whole - 1])
+                for name, column in provenance.items()
+                if isinstance(column, h5py.Dataset)
+            }
+    except (OSError, KeyError) as exc:
+        raise OutputError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 
 
 def whole_refined(file: h5py.File) -> int:

@@ -19,14 +19,13 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from n2s_stream.errors import CheckpointError, OutputError, UsageError
+from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from n2s_stream.formats.writer import rerun_output, whole_frames
+from n2s_stream.formats.writer import last_written_source_frame, rerun_output
 from n2s_stream.models import StateDict
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
@@ -44,32 +43,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def last_written_source_frame(output: Path) -> int | None:
-    """Highest source frame number in an output file's provenance, None if none."""
-    row = last_provenance_row(output)
-    return None if row is None else int(row["source_frame"])
-
-
-def last_provenance_row(output: Path) -> dict[str, float] | None:
-    """The provenance of an output file's last whole frame (``source_frame``,
-    ``t_received``, ``t_source``, ...), None if it has none."""
-    if not output.exists():
-        return None
-    try:
-        with h5py.File(output, "r", swmr=True, locking=False) as handle:
-            whole = whole_frames(handle)
-            if not whole:
-                return None
-            provenance = handle["/entry/provenance"]
-            return {
-                name: float(column[whole - 1])
-                for name, column in provenance.items()
-                if isinstance(column, h5py.Dataset)
-            }
-    except (OSError, KeyError) as exc:
-        raise OutputError(f"{output}: existing output cannot be read to resume: {exc}") from exc
 
 
 def newest_checkpoint(checkpoints: Path) -> Checkpoint | None:

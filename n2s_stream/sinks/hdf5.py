@@ -33,10 +33,11 @@ from n2s_stream.formats.writer import (
     Provenance,
     close_left_open,
     free_bytes,
+    last_written_source_frame,
 )
 from n2s_stream.n2s.denoising import to_source_dtype
 from n2s_stream.runtime.metrics import Metrics
-from n2s_stream.runtime.state import StateDir, last_written_source_frame
+from n2s_stream.runtime.state import StateDir
 from n2s_stream.sinks import SinkContext
 from n2s_stream.stages import Abandoned, Frame, FrameMeta, SeriesEnd, SeriesStart
 

@@ -37,8 +37,8 @@ from n2s_stream.errors import OutputError, UsageError
 from n2s_stream.formats.codecs import MessageError
 from n2s_stream.formats.names import file_safe
 from n2s_stream.formats.ntndarray import NDArrayFrame, decode
-from n2s_stream.formats.writer import series_output
-from n2s_stream.runtime.state import atomic_write_text, last_provenance_row
+from n2s_stream.formats.writer import last_provenance_row, series_output
+from n2s_stream.runtime.state import atomic_write_text
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext
 from n2s_stream.stages import Frame, SeriesEnd
