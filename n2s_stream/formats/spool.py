@@ -117,3 +117,61 @@ def unfinished_spool(root: Path, series: str, exclude: set[Path]) -> Path | None
         except OSError as exc:
             log.warning("%s: unreadable spool (%s)", path.name, exc)
     return None
+
+
+# ---- reading a spool (the refiner) --------------------------------------------------------
+def output_of(spool: h5py.File) -> Path:
+    """The output file whose rows this spool's frames are."""
+    return Path(spool.attrs["output"])
+
+
+def positions(spool: h5py.File) -> dict[int, int]:
+    """Where each source frame the spool holds is in its ``raw`` frames."""
+    return {int(s): k for k, s in enumerate(spool["source_frame"][:])}
+
+
+def raw_frames(spool: h5py.File) -> h5py.Dataset:
+    """The raw frames, ``(n, H, W)`` in the source's type, in arrival order."""
+    return spool["raw"]
+
+
+def pixel_mask_of(spool: h5py.File) -> np.ndarray | None:
+    """The series' pixel mask (True: not measured), None if it came without one."""
+    return spool["pixel_mask"][()] if "pixel_mask" in spool else None
+
+
+def stored_refined(spool: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """The refined frames and their model versions that the spool holds."""
+    return spool["refined"], spool["refined_version"]
+
+
+def refined_from(spool: h5py.File) -> int:
+    """The first output row the spool's refined frames stand for."""
+    return int(spool.attrs.get("refined_from", 0))
+
+
+def refined_datasets(spool: h5py.File, refined_rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """The spool's growing ``refined`` frames and ``refined_version`` column (created on
+    first use, before SWMR mode, for the output's rows from ``refined_rows`` on: those not
+    refined yet); then SWMR mode, so a kill leaves whole frames."""
+    if "refined" not in spool:
+        shape = spool["raw"].shape[1:]
+        spool.create_dataset(
+            "refined",
+            shape=(0, *shape),
+            maxshape=(None, *shape),
+            chunks=(1, *shape),
+            dtype=np.float32,
+        )
+        spool.create_dataset(
+            "refined_version", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64
+        )
+        spool.attrs["refined_from"] = refined_rows
+    elif "refined_from" not in spool.attrs:  # a spool of an earlier version: from row 0
+        spool.attrs["refined_from"] = 0
+    refined, versions = spool["refined"], spool["refined_version"]
+    whole = min(refined.shape[0], versions.shape[0])
+    refined.resize(whole, axis=0)
+    versions.resize(whole, axis=0)
+    spool.swmr_mode = True
+    return refined, versions

@@ -26,7 +26,18 @@ import h5py
 import numpy as np
 
 from n2s_stream.config import RefineOptions
-from n2s_stream.formats.spool import FAILED_SUFFIX, READY_SUFFIX, spool_part
+from n2s_stream.formats.spool import (
+    FAILED_SUFFIX,
+    READY_SUFFIX,
+    output_of,
+    pixel_mask_of,
+    positions,
+    raw_frames,
+    refined_datasets,
+    refined_from,
+    spool_part,
+    stored_refined,
+)
 from n2s_stream.formats.writer import (
     FileBusy,
     OutputAccess,
@@ -168,7 +179,7 @@ class Refiner(BackgroundWorker):
         goes on from its whole frames), then append them to the output in one short write."""
         try:
             with open_for_append(spool_path) as spool:  # (a killed refiner left it flagged)
-                output = Path(spool.attrs["output"])
+                output = output_of(spool)
                 if not output.exists():
                     raise NotRefinable(f"its output {output} is gone")
                 with h5py.File(output, "r", swmr=True) as file:
@@ -191,16 +202,16 @@ class Refiner(BackgroundWorker):
         """Refine the output's rows that the spool holds (``rows``: its source frames, in
         order; ``refined_rows``: those the output holds refined already) and has not
         refined yet; True once it holds them all."""
-        position = {int(s): k for k, s in enumerate(spool["source_frame"][:])}
-        refined, versions = _refined_datasets(spool, _first_row(rows, position, refined_rows))
+        position = positions(spool)
+        refined, versions = refined_datasets(spool, _first_row(rows, position, refined_rows))
         first_row, stop_row = _rows_held(spool, rows, position)
         start = first_row + min(refined.shape[0], versions.shape[0])
         if start >= stop_row:
             return True
         snapshot = self.store.snapshot()
         if snapshot.normalizer is None:  # a restart without a checkpoint, no frame yet
-            first = spool["raw"][0]
-            valid = check_usable(first, spool["pixel_mask"][()] if "pixel_mask" in spool else None)
+            first = raw_frames(spool)[0]
+            valid = check_usable(first, pixel_mask_of(spool))
             snapshot = replace(snapshot, normalizer=self.calibration.normalizer_for(first, valid))
         assert snapshot.normalizer is not None  # published, or fitted just above
         self.model.load_state_dict(snapshot.weights)
@@ -214,8 +225,8 @@ class Refiner(BackgroundWorker):
             "" if stop_row == len(rows) else f" (up to {stop_row})",
             snapshot.version,
         )
-        raw = spool["raw"]
-        mask = spool["pixel_mask"][()] if "pixel_mask" in spool else None
+        raw = raw_frames(spool)
+        mask = pixel_mask_of(spool)
         first = max(first_row, start - (self.masker.config.context_frames - 1))
 
         def chunks() -> Iterator[tuple[int, np.ndarray]]:
@@ -269,8 +280,8 @@ class Refiner(BackgroundWorker):
         """Append the spool's refined frames to the output; False while another process
         holds the output open or its disk is nearly full (tried again later)."""
         with h5py.File(spool_path, "r") as spool:
-            refined, versions = spool["refined"], spool["refined_version"]
-            first_row = int(spool.attrs.get("refined_from", 0))
+            refined, versions = stored_refined(spool)
+            first_row = refined_from(spool)
             if not self._wait_for_space(output, refined.nbytes):
                 return False
             with self._outputs.opening_briefly(output) as free:
@@ -372,7 +383,7 @@ def _rows_held(spool: h5py.File, rows: np.ndarray, position: dict[int, int]) -> 
     """The output rows this spool refines: from ``refined_from`` on, as long as it holds
     their raw frames (a series that resumed after it went idle has a spool for each part).
     `NotRefinable` if it holds none of them (and some are left to refine)."""
-    first_row = int(spool.attrs["refined_from"])
+    first_row = refined_from(spool)
     stop_row = first_row
     while stop_row < len(rows) and int(rows[stop_row]) in position:
         stop_row += 1
@@ -385,35 +396,8 @@ def _rows_held(spool: h5py.File, rows: np.ndarray, position: dict[int, int]) -> 
     if held_later:
         log.warning(
             "%s: rows from %d on are not refined: the raw frame of row %d was not kept",
-            spool.attrs["output"],
+            output_of(spool),
             stop_row,
             stop_row,
         )
     return first_row, stop_row
-
-
-def _refined_datasets(spool: h5py.File, refined_rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
-    """The spool's growing ``refined`` frames and ``refined_version`` column (created on
-    first use, before SWMR mode, for the output's rows from ``refined_rows`` on: those not
-    refined yet); then SWMR mode, so a kill leaves whole frames."""
-    if "refined" not in spool:
-        shape = spool["raw"].shape[1:]
-        spool.create_dataset(
-            "refined",
-            shape=(0, *shape),
-            maxshape=(None, *shape),
-            chunks=(1, *shape),
-            dtype=np.float32,
-        )
-        spool.create_dataset(
-            "refined_version", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64
-        )
-        spool.attrs["refined_from"] = refined_rows
-    elif "refined_from" not in spool.attrs:  # a spool of an earlier version: from row 0
-        spool.attrs["refined_from"] = 0
-    refined, versions = spool["refined"], spool["refined_version"]
-    whole = min(refined.shape[0], versions.shape[0])
-    refined.resize(whole, axis=0)
-    versions.resize(whole, axis=0)
-    spool.swmr_mode = True
-    return refined, versions
