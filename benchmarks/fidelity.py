@@ -55,8 +55,16 @@ SENTINEL = 65535
 """What an EIGER writes in a gap pixel of a 16-bit frame: not a measurement."""
 SCENES = ("powder", "spots", "radiograph")
 METHODS = ("noisy", "tv", "bm3d", "live", "refined", "offline")
+
+
+def _flux_preserved(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    out = denoised.astype(np.float32)  # a copy: the guard scales in place
+    preserve_frame_flux(out, raw, valid)
+    return out
+
+
 GUARDS = {
-    "flux": preserve_frame_flux,
+    "flux": _flux_preserved,
     "outliers": keep_outliers,
     "local4": preserve_local_flux,
 }
@@ -317,7 +325,7 @@ def print_row(row: dict) -> None:
     )
     for name, result in row["methods"].items():
         kept = "" if "masked_kept" not in result else f"  gaps kept: {result['masked_kept']}"
-        print(f"{name:>10} " + " ".join(f"{result[c]:22.2f}" for c in columns) + kept, flush=True)
+        print(f"{name:>16} " + " ".join(f"{result[c]:22.2f}" for c in columns) + kept, flush=True)
 
 
 def parse_args() -> argparse.Namespace:

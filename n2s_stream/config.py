@@ -247,6 +247,11 @@ class DenoiseConfig:
     jinv: bool = option(
         False, help="J-invariant inference (grid_size**2 passes; never sees the pixel)"
     )
+    preserve_flux: bool = option(
+        False,
+        help="scale each denoised frame to its raw total on the measured pixels "
+        "(no intensity added or removed; benchmarks/fidelity.py)",
+    )
     require_reconstructable: bool = option(
         False, help="write in the input's dtype and counts; needs an exact normalisation"
     )
@@ -578,6 +583,11 @@ class InferenceOptions:
         0, min=0, help="frames per forward pass when they queue; 0 = 8 on CUDA, 1 on CPU"
     )
     jinv: bool = option(False, help="J-invariant inference (grid_size**2 passes)")
+    preserve_flux: bool = option(
+        False,
+        help="scale each denoised frame, live and refined, to its raw total on the "
+        "measured pixels (no intensity added or removed; benchmarks/fidelity.py)",
+    )
     precision: Precision = option(
         "float32",
         help="forward-pass arithmetic: float32, or "

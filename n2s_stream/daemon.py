@@ -26,6 +26,7 @@ from torch import nn
 from n2s_stream import __version__
 from n2s_stream.config import DaemonConfig, ServiceOptions
 from n2s_stream.errors import UsageError
+from n2s_stream.formats.checkpoint import Checkpoint
 from n2s_stream.formats.writer import OutputAccess
 from n2s_stream.models import StateDict, build_model
 from n2s_stream.n2s.denoising import Network
@@ -63,6 +64,15 @@ REQUIRED_WORKERS = ("source", "inference", "http")
 """Workers whose death stops the daemon (exit 1, systemd restarts it). The trainer and the
 checkpoint follower are not: inference goes on with the last weights, visibly
 (``n2s_worker_up``, the status line, the preview page)."""
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which optional stages a daemon runs, from its options and its starting checkpoint."""
+
+    training: bool
+    cold: bool
+    refining: bool
 
 
 @dataclass
@@ -148,47 +158,8 @@ class Daemon:
             checkpoint = state.starting_checkpoint(
                 model_from=config.training.model_from, ckpt=config.training.ckpt
             )
-            if checkpoint is not None:
-                self._model_config = checkpoint.model_config
-                self._masker = Masker(checkpoint.masker_config)
-            torch.manual_seed(config.training.seed)
-            train_model, pretrained = (
-                (checkpoint.build_model(device), False) if checkpoint else self._new_model(device)
-            )
-            store = ModelStore(
-                copy_state(train_model),
-                checkpoint.version if checkpoint else 0,
-                checkpoint.normalizer if checkpoint else None,
-            )
-            self.metrics.model_version.set(store.version)
-            # Only a network without a checkpoint starts cold (without training, the classical
-            # denoiser then writes for good unless the shipped network beat it on the first
-            # frame); a fan-out worker (model_from) has no trainer to measure it and waits for
-            # the training worker's weights.
-            passthrough = config.inference.engine == "passthrough"
-            if passthrough:
-                log.info(
-                    "engine passthrough: frames are written as they came, not denoised; "
-                    "training, the cold start and refinement are off"
-                )
-            training = (
-                config.training.train and config.training.model_from is None and not passthrough
-            )
-            cold = (
-                config.training.cold_start
-                and checkpoint is None
-                and config.training.model_from is None
-                and not passthrough
-            )
-            refining = config.refine.enabled and not passthrough
-            starting = (
-                StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
-                if cold and pretrained
-                else None
-            )  # the shipped model is single-frame
-            cold_start = ColdStart(
-                active=cold, on_change=self._cold_start_changed, starting=starting
-            )
+            roles = self._roles(checkpoint)
+            train_model, store, cold_start = self._starting_model(device, checkpoint, roles)
             buffer = RollingBuffer(
                 max_frames=config.training.buffer_frames,
                 max_bytes=config.training.buffer_mb * 2**20,
@@ -202,19 +173,20 @@ class Daemon:
                 preview=self.preview,
                 buffer=buffer,
                 val_buffer=val_buffer,
-                cold_start=cold_start if cold else None,
+                cold_start=cold_start if roles.cold else None,
                 outputs=OutputAccess(min_free_bytes=config.output.min_free_bytes),
             )
-            sinks = make_sinks(sink_context, train=training, refine=refining)
+            sinks = make_sinks(sink_context, train=roles.training, refine=roles.refining)
             chain = SinkChain(sinks, self.metrics.sink_error)
             undo.callback(chain.close)
             chain.start()
             scheduler = Scheduler(self.intake.queue)
             services = Services(store, self.metrics, scheduler, self._fatal)
-            inference = self._inference_loop(device, services, cold_start if cold else None, chain)
+            cold = cold_start if roles.cold else None
+            inference = self._inference_loop(device, services, cold, chain)
             scheduler.attach(inference=inference)
             refiner = None
-            if refining:
+            if roles.refining:
                 refiner = Refiner(
                     state.root / "refine",
                     network=Network(
@@ -222,6 +194,7 @@ class Daemon:
                         self._masker,
                         device,
                         jinv=config.inference.jinv,
+                        preserve_flux=config.inference.preserve_flux,
                     ),
                     services=services,
                     calibration=inference.calibration,
@@ -232,7 +205,7 @@ class Daemon:
                 )
                 scheduler.attach(refiner=refiner)
             trainer = None
-            if training:
+            if roles.training:
                 trainer = OnlineTrainer(
                     network=Network(train_model, self._masker, device),
                     buffer=buffer,
@@ -241,23 +214,12 @@ class Daemon:
                     options=config.training,
                     save=self._save_checkpoint,
                     resume=checkpoint,
-                    cold_start=cold_start if cold else None,
+                    cold_start=cold,
                 )
             follower = None
             if config.training.model_from is not None:
                 follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
-            source = make_source(
-                config,
-                SourceContext(
-                    emit=self.intake.emit,
-                    reject=self.intake.reject,
-                    start_position=state.start_position,
-                    headers=state.series_headers,
-                    ignore=(config.service.state_dir,),
-                    dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
-                    refused=self.intake.dropped.add,
-                ),
-            )
+            source = self._source(state)
             undo.callback(source.stop)
             server = serve_metrics(config.service, self.metrics, self.preview)
             if server is not None:
@@ -272,6 +234,73 @@ class Daemon:
                 if worker is not None:
                     worker.start()
         return stages
+
+    def _roles(self, checkpoint: Checkpoint | None) -> Roles:
+        """Which of training, the cold start and refinement this daemon runs.
+
+        Only a network without a checkpoint starts cold (without training, the classical
+        denoiser then writes for good unless the shipped network beat it on the first
+        frame); a fan-out worker (model_from) has no trainer to measure it and waits for
+        the training worker's weights. The passthrough engine runs none of them."""
+        config = self.config
+        passthrough = config.inference.engine == "passthrough"
+        if passthrough:
+            log.info(
+                "engine passthrough: frames are written as they came, not denoised; "
+                "training, the cold start and refinement are off"
+            )
+        worker = config.training.model_from is not None
+        return Roles(
+            training=config.training.train and not worker and not passthrough,
+            cold=config.training.cold_start
+            and checkpoint is None
+            and not worker
+            and not passthrough,
+            refining=config.refine.enabled and not passthrough,
+        )
+
+    def _starting_model(
+        self, device: torch.device, checkpoint: Checkpoint | None, roles: Roles
+    ) -> tuple[nn.Module, ModelStore, ColdStart]:
+        """The network training starts from (the checkpoint's, else the shipped or a new
+        one), the store that publishes its weights, and the cold start that guards it."""
+        if checkpoint is not None:
+            self._model_config = checkpoint.model_config
+            self._masker = Masker(checkpoint.masker_config)
+        torch.manual_seed(self.config.training.seed)
+        train_model, pretrained = (
+            (checkpoint.build_model(device), False) if checkpoint else self._new_model(device)
+        )
+        store = ModelStore(
+            copy_state(train_model),
+            checkpoint.version if checkpoint else 0,
+            checkpoint.normalizer if checkpoint else None,
+        )
+        self.metrics.model_version.set(store.version)
+        starting = (
+            StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
+            if roles.cold and pretrained
+            else None
+        )  # the shipped model is single-frame
+        cold_start = ColdStart(
+            active=roles.cold, on_change=self._cold_start_changed, starting=starting
+        )
+        return train_model, store, cold_start
+
+    def _source(self, state: StateDir) -> Source:
+        """The source the config selects, wired to the intake and the state dir."""
+        return make_source(
+            self.config,
+            SourceContext(
+                emit=self.intake.emit,
+                reject=self.intake.reject,
+                start_position=state.start_position,
+                headers=state.series_headers,
+                ignore=(self.config.service.state_dir,),
+                dropped=lambda output: self.metrics.output_dropped.labels(output=output).inc(),
+                refused=self.intake.dropped.add,
+            ),
+        )
 
     def _new_model(self, device: torch.device) -> tuple[nn.Module, bool]:
         """A network without a checkpoint: the shipped pretrained one where it fits the

@@ -529,6 +529,7 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
                 batch=config.batch,
                 amp=amp,
                 pixel_mask=stack.pixel_mask,
+                preserve_flux=config.preserve_flux,
             ):
                 if config.require_reconstructable:
                     denoised = to_source_dtype(denoised, stack.dtype)

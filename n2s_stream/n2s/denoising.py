@@ -23,6 +23,7 @@ from torch import nn
 
 from n2s_stream.n2s.context import ContextWindow
 from n2s_stream.n2s.device import autocast
+from n2s_stream.n2s.guards import preserve_frame_flux
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, normalize_frame, valid_pixels
 from n2s_stream.n2s.tiling import tiled_forward
@@ -35,12 +36,14 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 class Network:
     """A network ready to run: the module, its masking, the device it runs on, and
     whether inference through it is J-invariant (every pixel predicted with itself
-    hidden) or a single pass."""
+    hidden) or a single pass, and whether each output frame keeps its raw total
+    (``preserve_flux``)."""
 
     model: nn.Module
     masker: Masker
     device: torch.device
     jinv: bool = False
+    preserve_flux: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,11 +172,13 @@ def denoise_series(
     batch: int = 8,
     amp: bool = False,
     pixel_mask: np.ndarray | None = None,
+    preserve_flux: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Denoise one series read in ``(first index, (n, H, W) frames)`` chunks, in order;
     yields ``(indices, denoised frames)`` in detector units, float32, ``batch`` at a time.
     Offline, frames with NaN/inf are denoised from their in-filled pixels (the daemon
-    refuses them: see ``check_usable``)."""
+    refuses them: see ``check_usable``). ``preserve_flux``: each frame scaled to its raw
+    total (``n2s/guards.py``)."""
     window: ContextWindow[tuple[int, np.ndarray, np.ndarray]] = ContextWindow(
         masker.config.context_frames, masker.config.causal, masker.config.register
     )
@@ -185,6 +190,8 @@ def denoise_series(
             denoise_normalized(forward, masker, stacks, jinv=jinv, device=device, amp=amp)
         )
         for k, ((_, raw, valid), _) in enumerate(items):
+            if preserve_flux:
+                preserve_frame_flux(denoised[k], raw, valid)
             restore_invalid(denoised[k], raw, valid)
         return np.array([index for (index, _, _), _ in items]), denoised
 

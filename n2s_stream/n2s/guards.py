@@ -7,14 +7,27 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 
-def preserve_frame_flux(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``denoised`` scaled so that its total over the measured pixels equals the raw
-    total: no intensity added to or taken from the frame as a whole."""
-    raw_total = float(np.sum(raw, where=valid, dtype=np.float64))
-    out_total = float(np.sum(denoised, where=valid, dtype=np.float64))
-    if raw_total <= 0 or out_total <= 0:
-        return denoised
-    return np.where(valid, denoised * (raw_total / out_total), denoised).astype(denoised.dtype)
+def flux_ratio(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> float:
+    """Total denoised counts over total raw counts on the measured pixels of one frame: 1
+    when denoising moves intensity around without adding or removing any, so a lasting
+    departure shows a bias in what integration would measure (NaN for a frame without
+    counts)."""
+    where: np.ndarray | bool = True if valid.all() else valid
+    raw_total = float(np.sum(raw, where=where, dtype=np.float64))
+    if raw_total <= 0:
+        return float("nan")
+    return float(np.sum(denoised, where=where, dtype=np.float64)) / raw_total
+
+
+def preserve_frame_flux(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> float:
+    """Scale ``denoised`` (in place) so that its total over the measured pixels equals the
+    raw total: no intensity added to or taken from the frame as a whole. Returns the
+    ratio of the totals before scaling (`flux_ratio`), NaN where either has no counts
+    (left as it was). Unmeasured pixels are scaled too: restore them afterwards."""
+    ratio = flux_ratio(denoised, raw, valid)
+    if np.isfinite(ratio) and ratio > 0:
+        denoised *= np.float32(1.0 / ratio)
+    return ratio
 
 
 def keep_outliers(

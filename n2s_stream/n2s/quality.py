@@ -28,15 +28,3 @@ def mean_ssim(truth: np.ndarray, estimate: np.ndarray, data_range: float | None 
             ]
         )
     )
-
-
-def flux_ratio(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> float:
-    """Total denoised counts over total raw counts on the measured pixels of one frame: 1
-    when denoising moves intensity around without adding or removing any, so a lasting
-    departure shows a bias in what integration would measure (NaN for a frame without
-    counts)."""
-    where: np.ndarray | bool = True if valid.all() else valid
-    raw_total = float(np.sum(raw, where=where, dtype=np.float64))
-    if raw_total <= 0:
-        return float("nan")
-    return float(np.sum(denoised, where=where, dtype=np.float64)) / raw_total

@@ -29,8 +29,8 @@ from n2s_stream.config import InferenceOptions
 from n2s_stream.errors import OutputError
 from n2s_stream.formats.writer import numeric_names
 from n2s_stream.n2s.denoising import Unusable, check_usable, prepare, restore_invalid
+from n2s_stream.n2s.guards import flux_ratio, preserve_frame_flux
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.n2s.quality import flux_ratio
 from n2s_stream.runtime.calibration import Calibration
 from n2s_stream.runtime.coldstart import NETWORK, ColdStart
 from n2s_stream.runtime.engine import Engine, max_batch
@@ -341,16 +341,21 @@ class InferenceLoop(BackgroundWorker):
                     raise Abandoned("stop bound reached")
                 frame = pending.frame
                 restore_invalid(image, frame.data, pending.valid)
-                self._measure_flux(image, frame.data, pending.valid)
+                self._keep_flux(image, frame.data, pending.valid)
                 self.sinks.write(frame, image, FrameMeta(version, denoiser, pending.valid, stack))
                 self.written += 1
                 self.last_progress = time.monotonic()
                 self.metrics.frames_denoised.inc()
                 self.metrics.frame_latency.observe(time.time() - frame.received_at)
 
-    def _measure_flux(self, denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> None:
-        """``n2s_flux_ratio`` from one frame a second: two sums over a large frame cost
-        milliseconds, too much for every frame of a fast detector."""
+    def _keep_flux(self, denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> None:
+        """With ``preserve_flux``, scale the frame to its raw total; ``n2s_flux_ratio`` is
+        the network's own ratio (before that scaling). Without it, the ratio is measured
+        on one frame a second: two sums over a large frame cost milliseconds, too much for
+        every frame of a fast detector."""
+        if self.options.preserve_flux:
+            self.metrics.flux_ratio.set(preserve_frame_flux(denoised, raw, valid))
+            return
         now = time.monotonic()
         if now - self._flux_measured_at >= FLUX_EVERY_SECONDS:
             self._flux_measured_at = now
