@@ -146,7 +146,7 @@ def test_dashboard_and_alert_expressions_return_data_from_a_real_prometheus(tmp_
         status = daemon.terminate()
     assert status == 0, daemon.log()[-2000:]
     print(f"expressions checked against Prometheus: dashboard {checked[0]}, alerts {checked[1]}")
-    assert checked == (21, 13)
+    assert checked == (22, 13)
 
 
 def _check_dashboard(port: int) -> int:

@@ -100,10 +100,11 @@ class InferenceLoop(BackgroundWorker):
         returned for ``stall_seconds`` counts as dead (a disk-full pause does not)."""
         if not self._thread.is_alive():
             return False
-        return (
-            self.sinks.paused()
-            or time.monotonic() - self.last_progress < self.options.stall_seconds
-        )
+        if self.sinks.paused():
+            # the stall clock starts again when the pause ends, not when it began
+            self.last_progress = time.monotonic()
+            return True
+        return time.monotonic() - self.last_progress < self.options.stall_seconds
 
     @property
     def version(self) -> int:
