@@ -1,15 +1,14 @@
 """The classical gold standard for photon counts, as a yardstick beside the daemon.
 
-The Anscombe transform makes Poisson counts roughly Gaussian with unit variance; BM3D
-(frame by frame) or BM4D (over a short window of frames that repeat) removes that noise at
-sigma = 1; Makitalo and Foi's exact unbiased inverse maps the estimate back to expected
+The Anscombe transform makes Poisson counts roughly Gaussian with unit variance; BM3D,
+frame by frame, removes that noise at sigma = 1; Makitalo and Foi's exact unbiased inverse maps the estimate back to expected
 counts without the bias of the algebraic inverse at low counts (M. Makitalo, A. Foi, "A
 closed-form approximation of the exact unbiased inverse of the Anscombe variance-stabilizing
 transformation", IEEE TIP 20(9), 2011).
 
-The ``bm3d`` and ``bm4d`` packages are licensed for non-commercial use only: they are the
-optional benchmark extra ``[bench]`` and never a dependency of the daemon. Without them,
-``available()`` says why and the benchmarks leave the row out.
+The ``bm3d`` package (and ``bm4d``, which it builds on) is licensed for non-commercial use
+only: it is the optional benchmark extra ``[bench]`` and never a dependency of the daemon.
+Without it, ``available()`` says why and the benchmarks leave the row out.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ ZERO_COUNTS = 2 * np.sqrt(3 / 8)
 
 
 def available() -> str | None:
-    """None when BM3D and BM4D can run, else why not (one line)."""
+    """None when BM3D can run, else why not (one line)."""
     try:
         import bm3d  # noqa: F401
-        import bm4d  # noqa: F401
     except ImportError as exc:
         return f"{exc.name} is not installed (pip install -e '.[bench]')"
     return None
@@ -55,30 +53,10 @@ def anscombe_bm3d(frame: np.ndarray) -> np.ndarray:
     return exact_unbiased_inverse(bm3d.bm3d(anscombe(frame), sigma_psd=1.0)).astype(np.float32)
 
 
-def anscombe_bm4d(window: np.ndarray) -> np.ndarray:
-    """A ``(T, H, W)`` window of frames of one unchanging scene denoised together by
-    Anscombe + BM4D (sigma 1) + exact unbiased inverse."""
-    import bm4d
-
-    volume = np.moveaxis(anscombe(window), 0, -1)
-    denoised = bm4d.bm4d(volume, sigma_psd=1.0)
-    return exact_unbiased_inverse(np.moveaxis(denoised, -1, 0)).astype(np.float32)
-
-
 def framewise(
     denoise: Callable[[np.ndarray], np.ndarray], stack: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """``denoise`` applied to each frame of ``stack``; the stack and CPU seconds per frame."""
     started = time.process_time()
     out = np.stack([denoise(frame) for frame in stack])
-    return out, (time.process_time() - started) / len(stack)
-
-
-def windowed(
-    denoise: Callable[[np.ndarray], np.ndarray], stack: np.ndarray, window: int
-) -> tuple[np.ndarray, float]:
-    """``denoise`` applied to consecutive windows of ``window`` frames (the last one may
-    be shorter); the stack and CPU seconds per frame."""
-    started = time.process_time()
-    out = np.concatenate([denoise(stack[k : k + window]) for k in range(0, len(stack), window)])
     return out, (time.process_time() - started) / len(stack)

@@ -506,7 +506,7 @@ def run_daemon(
             time.sleep(2)
             daemon.kill()
             log.flush()
-            tail = (tmp / f"{name}.log").read_text()[-4000:]
+            tail = (tmp / f"{name}.log").read_text()[-30000:]  # the stacks, and before
             print(
                 f"{name}: daemon still running 300 s after SIGTERM; its log ends:\n{tail}",
                 file=sys.stderr,

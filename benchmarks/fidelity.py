@@ -46,7 +46,7 @@ import classical
 import numpy as np
 from common import RESULTS, write_report
 from first_pass import calibrated_tv, drifting_scan, live_and_refined, offline
-from scipy.ndimage import maximum_filter, uniform_filter
+from scipy.ndimage import find_objects, label, maximum_filter, uniform_filter
 
 from n2s_stream.n2s.guards import keep_outliers, preserve_frame_flux, preserve_local_flux
 from n2s_stream.n2s.quality import psnr
@@ -176,9 +176,14 @@ def box_intensities(frame: np.ndarray, spots: np.ndarray) -> np.ndarray:
 
 
 def peaks(frame: np.ndarray, threshold: float) -> np.ndarray:
-    """A standard peak search: (row, column) of the 3x3 local maxima above ``threshold``."""
+    """A standard peak search: (row, column) of the 3x3 local maxima above ``threshold``,
+    a plateau of equal values (integer counts) counted once, at its first pixel."""
     frame = np.nan_to_num(frame.astype(np.float64))
-    return np.argwhere((frame == maximum_filter(frame, size=3)) & (frame > threshold))
+    maxima, count = label((frame == maximum_filter(frame, size=3)) & (frame > threshold))
+    if count == 0:
+        return np.empty((0, 2), int)
+    firsts = find_objects(maxima)
+    return np.array([(rows.start, cols.start) for rows, cols in firsts])
 
 
 def spot_scores(
@@ -257,6 +262,7 @@ def denoised_stacks(
             stacks[f"{name}+{label}"] = np.stack(
                 [guard(frame, counts, ~mask) for frame, counts in zip(output, raw, strict=True)]
             )
+    costs["live_classical_frames"] = int(np.sum(run["denoiser"][scored] == 1))
     costs["scan_seconds"] = run["scan_seconds"]
     costs["refine_seconds"] = run["refine_seconds"]
     return stacks, costs
@@ -296,7 +302,8 @@ def score_scene(scene: str, dose: float, args: argparse.Namespace, rng) -> dict:
         result |= flux_scores(truth[measured], stack[measured])
         if name.partition("+")[0] in ("live", "refined", "offline") and mask.any():
             gap = stack[:, mask]
-            result["masked_kept"] = bool(np.all(~np.isfinite(gap) | (gap >= 65504)))
+            # float16 output holds the sentinel as inf, float32 as itself
+            result["masked_kept"] = bool(np.all(~np.isfinite(gap) | (gap == SENTINEL)))
         row["methods"][name] = result
     return row
 

@@ -15,7 +15,8 @@ offline, offline from the shipped model, live as written, refined
 augmentation (the TTA lever's A/B); then the same over the frames of each strip image.
 With the ``[bench]`` extra, the classical gold standard too: Anscombe + BM3D frame by
 frame with the exact unbiased inverse (``classical.py``), with its CPU seconds per frame
-(``--no-bm3d`` leaves it out: it costs ~2.5 s a 256x256 frame here).
+(``--no-bm3d`` leaves it out: it costs about 5 CPU-seconds a 256x256 frame, 2.5 s on
+2 cores).
 Writes ``benchmarks/results/first_pass.json``.
 
     python benchmarks/first_pass.py                  # ~50 min on 2 cores

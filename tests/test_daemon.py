@@ -169,6 +169,29 @@ def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
     assert frames[:, :16].max() < 1000  # the rest is denoised counts
 
 
+def test_preserve_flux_keeps_each_frames_total_and_leaves_the_gaps_alone(tmp_path):
+    """--preserve-flux: every written frame holds its raw total on the measured pixels;
+    the module gap flagged in pixel_mask keeps its raw value exactly (float32 output)."""
+    from n2s_stream.formats.stack import open_stack
+
+    daemon = DaemonProcess(
+        tmp_path, "--preserve-flux", "--output-dtype", "float32", "--no-refine", "--poll", "0.3"
+    )
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=12, rate=15, layout="eiger", shape="32x40")
+    assert writer.wait(timeout=60) == 0
+    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(12 frames\\)", timeout=60)
+    ratio = daemon.scrape()["n2s_flux_ratio"]
+    assert daemon.terminate() == 0
+    frames, _ = read_output(daemon.out / "scan_0001_n2s.h5")
+    with open_stack(daemon.watch / "scan_0001_master.h5") as stack:
+        raw, measured = stack.read(0, 12).astype(np.float64), ~stack.pixel_mask
+    assert (frames[:, ~measured] == raw[:, ~measured]).all() and (raw[:, ~measured] > 0).all()
+    totals = frames[:, measured].sum(axis=1, dtype=np.float64) / raw[:, measured].sum(axis=1)
+    np.testing.assert_allclose(totals, 1.0, rtol=1e-5)
+    assert 0.5 < ratio < 2.0  # the network's own ratio, before the scaling
+
+
 @pytest.mark.parametrize(
     "engine",
     [

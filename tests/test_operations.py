@@ -436,7 +436,7 @@ def test_unfinished_threads_names_a_pool_worker_that_never_returns():
     stuck = threading.Thread(target=release.wait, name="decode_0")
     stuck.start()
     try:
-        assert unfinished_threads(0.2) == ["decode_0"]
+        assert "decode_0" in unfinished_threads(0.2)
     finally:
         release.set()
-    assert unfinished_threads(5.0) == []
+    assert "decode_0" not in unfinished_threads(5.0)

@@ -33,6 +33,7 @@ def test_preserve_frame_flux_scales_to_the_raw_total_and_reports_the_networks_ra
     assert flux_ratio(denoised, raw, valid) == 54 / 60
     assert preserve_frame_flux(denoised, raw, valid) == 54 / 60
     np.testing.assert_allclose(denoised[valid], [10.0, 20.0, 30.0], rtol=1e-6)
+    assert denoised[1, 1] == 65535.0  # the gap keeps its sentinel
     assert flux_ratio(denoised, raw, valid) == pytest.approx(1.0, abs=1e-6)
 
 

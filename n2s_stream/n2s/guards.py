@@ -20,13 +20,17 @@ def flux_ratio(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> floa
 
 
 def preserve_frame_flux(denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> float:
-    """Scale ``denoised`` (in place) so that its total over the measured pixels equals the
-    raw total: no intensity added to or taken from the frame as a whole. Returns the
-    ratio of the totals before scaling (`flux_ratio`), NaN where either has no counts
-    (left as it was). Unmeasured pixels are scaled too: restore them afterwards."""
+    """Scale the measured pixels of ``denoised`` (in place) so that their total equals the
+    raw total: no intensity added to or taken from the frame as a whole; unmeasured pixels
+    keep their value. Returns the ratio of the totals before scaling (`flux_ratio`), NaN
+    where either has no counts (then nothing changes)."""
     ratio = flux_ratio(denoised, raw, valid)
     if np.isfinite(ratio) and ratio > 0:
-        denoised *= np.float32(1.0 / ratio)
+        scale = np.float32(1.0 / ratio)
+        if valid.all():
+            denoised *= scale
+        else:
+            np.multiply(denoised, scale, out=denoised, where=valid)
     return ratio
 
 

@@ -341,8 +341,8 @@ class InferenceLoop(BackgroundWorker):
                 if self._abandon.is_set():
                     raise Abandoned("stop bound reached")
                 frame = pending.frame
-                restore_invalid(image, frame.data, pending.valid)
                 self._keep_flux(image, frame.data, pending.valid)
+                restore_invalid(image, frame.data, pending.valid)
                 self.sinks.write(frame, image, FrameMeta(version, denoiser, pending.valid, stack))
                 self.written += 1
                 self.last_progress = time.monotonic()

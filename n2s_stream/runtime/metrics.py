@@ -135,8 +135,9 @@ class Metrics:
         self.flux_ratio = Gauge(
             "n2s_flux_ratio",
             "Denoised total over raw total on the measured pixels of a recent frame (one "
-            "a second): 1 when denoising adds and removes no intensity; a lasting "
-            "departure is a bias that integration would measure",
+            "a second; every frame, before its scaling, with preserve_flux): 1 when "
+            "denoising adds and removes no intensity; a lasting departure is a bias "
+            "that integration would measure",
             registry=registry,
         )
 

@@ -188,8 +188,13 @@ class DirectorySource(BackgroundWorker):
             self._observer.stop()
             self._observer.join(timeout=10)
         super().stop()
+        stuck = self.alive  # left behind in a read that does not return (a hung mount)
         if self._decoders is not None:
-            self._decoders.shutdown(wait=True)
+            # never wait here for a decode that does not return: the CLI bounds the exit
+            self._decoders.shutdown(wait=not stuck, cancel_futures=True)
+        if stuck:
+            log.error("the source's files stay open: a read of them does not return")
+            return
         for followed in self._followed.values():
             if followed.stack is not None:
                 followed.stack.close()

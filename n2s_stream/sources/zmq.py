@@ -111,7 +111,8 @@ class ZmqSource(BackgroundWorker):
         """Stop reading; what the socket still holds is the detector's to resend."""
         super().stop()
         if self._decoders is not None:
-            self._decoders.shutdown(cancel_futures=True)
+            # never wait for a decode that does not return: the CLI bounds the exit
+            self._decoders.shutdown(wait=not self.alive, cancel_futures=True)
         self._socket.disable_monitor()
         self._monitor.close()
         self._socket.close()
