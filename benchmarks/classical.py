@@ -1,8 +1,8 @@
 """The classical gold standard for photon counts, as a yardstick beside the daemon.
 
 The Anscombe transform makes Poisson counts roughly Gaussian with unit variance; BM3D,
-frame by frame, removes that noise at sigma = 1; Makitalo and Foi's exact unbiased inverse maps the estimate back to expected
-counts without the bias of the algebraic inverse at low counts (M. Makitalo, A. Foi, "A
+frame by frame, removes that noise at sigma = 1; Makitalo and Foi's exact unbiased inverse
+maps the estimate back to expected counts without the bias of the algebraic inverse at low counts (M. Makitalo, A. Foi, "A
 closed-form approximation of the exact unbiased inverse of the Anscombe variance-stabilizing
 transformation", IEEE TIP 20(9), 2011).
 

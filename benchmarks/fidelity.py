@@ -258,8 +258,8 @@ def denoised_stacks(
         if output is None:
             continue
         raw = noisy[scored].astype(np.float32)
-        for label, guard in GUARDS.items():
-            stacks[f"{name}+{label}"] = np.stack(
+        for guard_name, guard in GUARDS.items():
+            stacks[f"{name}+{guard_name}"] = np.stack(
                 [guard(frame, counts, ~mask) for frame, counts in zip(output, raw, strict=True)]
             )
     costs["live_classical_frames"] = int(np.sum(run["denoiser"][scored] == 1))
