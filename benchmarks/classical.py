@@ -2,9 +2,9 @@
 
 The Anscombe transform makes Poisson counts roughly Gaussian with unit variance; BM3D,
 frame by frame, removes that noise at sigma = 1; Makitalo and Foi's exact unbiased inverse
-maps the estimate back to expected counts without the bias of the algebraic inverse at low counts (M. Makitalo, A. Foi, "A
-closed-form approximation of the exact unbiased inverse of the Anscombe variance-stabilizing
-transformation", IEEE TIP 20(9), 2011).
+maps the estimate back to expected counts without the bias of the algebraic inverse at low
+counts (M. Makitalo, A. Foi, "A closed-form approximation of the exact unbiased inverse of
+the Anscombe variance-stabilizing transformation", IEEE TIP 20(9), 2011).
 
 The ``bm3d`` package (and ``bm4d``, which it builds on) is licensed for non-commercial use
 only: it is the optional benchmark extra ``[bench]`` and never a dependency of the daemon.
