@@ -422,7 +422,8 @@ def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(tmp_path):
     daemon.proc.send_signal(signal.SIGUSR1)
     _wait(lambda: "most recent call first" in daemon.log())
     assert writer.wait(timeout=60) == 0
-    _wait(lambda: daemon.scrape().get("n2s_frames_denoised_total", 0) == 40)
+    written = daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \((\d+) frames\)", timeout=120)
+    assert written.group(1) == "40" and daemon.proc.poll() is None, daemon.log()[-3000:]
     assert daemon.terminate(timeout=120) == 0
     log = daemon.log()
     assert 'File "' in log and "in _run" in log  # the workers' frames, by function

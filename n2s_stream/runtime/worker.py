@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import signal
 import threading
 import time
 
@@ -79,5 +80,12 @@ def unfinished_threads(timeout: float) -> list[str]:
 
 def dump_stacks_on(signum: int) -> None:
     """Write every thread's stack to stderr (the journal) when ``signum`` arrives, so an
-    operator can see where a daemon that seems stuck is (``kill -USR1 PID``)."""
-    faulthandler.register(signum, all_threads=True, chain=False)
+    operator can see where a daemon that seems stuck is (``kill -USR1 PID``). Call it from
+    the main thread: the dump runs there, between bytecodes and holding the GIL, so the
+    other threads' stacks are read while they stand still (a lock wait or a sleep there
+    is interrupted for it)."""
+
+    def dump(_signum: int, _frame: object) -> None:
+        faulthandler.dump_traceback(all_threads=True)
+
+    signal.signal(signum, dump)
