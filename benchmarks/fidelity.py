@@ -287,19 +287,21 @@ def score_scene(scene: str, dose: float, args: argparse.Namespace, rng) -> dict:
     started = time.monotonic()
     stacks, costs = denoised_stacks(noisy, mask, scored, dose, args)
     truth = truth[scored]
+    spots = [spots[k] for k in scored] if spots else spots
     measured = np.broadcast_to(~mask, truth.shape)
+    true_counts = truth[measured]
     row: dict = {"scene": scene, "dose": dose, "frames": args.frames, "scored": len(scored)}
     row |= costs | {"seconds": time.monotonic() - started, "methods": {}}
     for name, stack in stacks.items():
         if stack is None:
             continue
-        result = {"psnr": psnr(truth[measured], stack[measured], data_range=truth.max())}
+        counts = stack[measured]
+        result = {"psnr": psnr(true_counts, counts, data_range=truth.max())}
         if scene == "powder":
             result |= ring_scores(integrator, truth[0], stack, mask)
         elif scene == "spots":
-            spots_scored = [spots[k] for k in scored]
-            result |= spot_scores(truth, stack, stacks["noisy"], spots_scored)
-        result |= flux_scores(truth[measured], stack[measured])
+            result |= spot_scores(truth, stack, stacks["noisy"], spots)
+        result |= flux_scores(true_counts, counts)
         if name.partition("+")[0] in ("live", "refined", "offline") and mask.any():
             gap = stack[:, mask]
             # float16 output holds the sentinel as inf, float32 as itself

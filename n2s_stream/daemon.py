@@ -160,6 +160,7 @@ class Daemon:
             )
             roles = self._roles(checkpoint)
             train_model, store, cold_start = self._starting_model(device, checkpoint, roles)
+            cold = cold_start if roles.cold else None  # what the stages that feed it see
             buffer = RollingBuffer(
                 max_frames=config.training.buffer_frames,
                 max_bytes=config.training.buffer_mb * 2**20,
@@ -173,7 +174,7 @@ class Daemon:
                 preview=self.preview,
                 buffer=buffer,
                 val_buffer=val_buffer,
-                cold_start=cold_start if roles.cold else None,
+                cold_start=cold,
                 outputs=OutputAccess(min_free_bytes=config.output.min_free_bytes),
             )
             sinks = make_sinks(sink_context, train=roles.training, refine=roles.refining)
@@ -182,7 +183,6 @@ class Daemon:
             chain.start()
             scheduler = Scheduler(self.intake.queue)
             services = Services(store, self.metrics, scheduler, self._fatal)
-            cold = cold_start if roles.cold else None
             inference = self._inference_loop(device, services, cold, chain)
             scheduler.attach(inference=inference)
             refiner = None
