@@ -172,6 +172,13 @@ class TrainConfig:
         help="without --ckpt, start from the shipped pretrained "
         "model (as the daemon does) where the network options fit it",
     )
+    pretrained_model: Path | None = option(
+        None,
+        example="/opt/n2s/starting_model.pt",
+        help="with --pretrained, start from this model file "
+        "(python -m n2s_stream.pretrained --out) instead of the shipped one; "
+        "it must fit the network options",
+    )
     pretrained_lr: float = option(
         1e-3,
         min=0,
@@ -531,6 +538,13 @@ class TrainingOptions:
         help="from scratch, the network starts from "
         "the shipped pretrained model (n2s_stream/pretrained) where "
         "the network options fit it",
+    )
+    pretrained_model: Path | None = option(
+        None,
+        example="/opt/n2s/starting_model.pt",
+        help="with pretrained, start from this model file "
+        "(python -m n2s_stream.pretrained --out) instead of the shipped one; "
+        "it must fit the network options",
     )
     patch: int = option(64, min=4, help="training patch side")
     batch: int = option(8, min=1, help="patches per training step")

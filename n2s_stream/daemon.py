@@ -303,18 +303,30 @@ class Daemon:
         )
 
     def _new_model(self, device: torch.device) -> tuple[nn.Module, bool]:
-        """A network without a checkpoint: the shipped pretrained one where it fits the
-        network options (``pretrained``), else random weights; and whether it is the
-        shipped one."""
+        """A network without a checkpoint: the shipped pretrained one (or the file
+        ``pretrained_model``) where it fits the network options (``pretrained``), else
+        random weights; and whether it is a pretrained one."""
         model = build_model(self._model_config)
+        training = self.config.training
         shipped = (
-            starting_model(self._model_config, self._masker.config, self.config.training.objective)
-            if self.config.training.pretrained
+            starting_model(
+                self._model_config,
+                self._masker.config,
+                training.objective,
+                training.pretrained_model,
+            )
+            if training.pretrained
             else None
         )
+        if shipped is None and training.pretrained and training.pretrained_model is not None:
+            raise UsageError(
+                f"pretrained_model {training.pretrained_model}: missing, or it does not fit "
+                "the network options (model, grid, one frame)"
+            )
         if shipped is not None:
             model.load_state_dict(shipped.state_dict)
-            log.info("network starts from the shipped pretrained model %s", shipped.path)
+            origin = "shipped" if training.pretrained_model is None else "given"
+            log.info("network starts from the %s pretrained model %s", origin, shipped.path)
         elif self.config.training.pretrained:
             log.info(
                 "no shipped pretrained model fits these network options: the "

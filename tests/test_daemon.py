@@ -18,6 +18,7 @@ from daemon_helpers import DaemonProcess, read_output, start_writer
 from n2s_stream import __version__
 from n2s_stream.commands.simulate import truth_path
 from n2s_stream.n2s.quality import psnr
+from n2s_stream.pretrained import DEFAULT
 
 
 def _follow_output(path: str, queue, seconds: float) -> None:
@@ -144,6 +145,29 @@ def test_usage_errors(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "--watch" in proc.stderr
+    (tmp_path / "watch").mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "n2s_stream",
+            "--watch",
+            str(tmp_path / "watch"),
+            "--state-dir",
+            str(tmp_path / "s2"),
+            "--metrics-port",
+            "-1",
+            "--width",
+            "8",
+            "--pretrained-model",
+            str(DEFAULT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # a starting model that does not fit the network options: said, not replaced
+    assert proc.returncode == 2 and f"pretrained_model {DEFAULT}: " in proc.stderr
+    assert "does not fit" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.fixture(autouse=True)

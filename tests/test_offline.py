@@ -15,7 +15,7 @@ from daemon_helpers import write_stack
 from n2s_stream.commands.offline import denoise, resolve_output, train
 from n2s_stream.config import DenoiseConfig, StorageOptions, TrainConfig
 from n2s_stream.errors import CheckpointError, UsageError
-from n2s_stream.formats.checkpoint import load_checkpoint
+from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.options import make
 from n2s_stream.pretrained import DEFAULT
@@ -215,6 +215,50 @@ def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplo
     assert all(torch.equal(weights.state_dict[k], v) for k, v in shipped.state_dict.items())
     train(make(TrainConfig, pretrained=True, out_dir=tmp_path / "w12", **{**common, **TINY}))
     assert "no shipped pretrained model fits these network options" in caplog.text
+
+
+def test_training_can_start_from_a_given_starting_model(noisy_series, tmp_path, caplog):
+    """``--pretrained-model`` starts from a model file the training script wrote (a
+    facility's own prior) instead of the shipped one; one that does not fit the network
+    options is refused with its name, not silently replaced by random weights."""
+    caplog.set_level(logging.INFO)
+    path, _, _ = noisy_series
+    given = load_checkpoint(DEFAULT)
+    weights = {**given.state_dict, "head.weight": given.state_dict["head.weight"] + 0.5}
+    own = tmp_path / "own.pt"  # a model of the shipped one's shape, not the shipped one
+    save_checkpoint(
+        own,
+        model=weights,
+        model_config=given.model_config,
+        masker_config=given.masker_config,
+        normalizer=given.normalizer,
+        version=0,
+        step=1,
+    )
+    common = dict(h5=path, epochs=1, steps_per_epoch=2, device="cpu", progress=False)
+    result = train(
+        make(
+            TrainConfig,
+            pretrained=True,
+            pretrained_model=own,
+            pretrained_lr=0.0,
+            out_dir=tmp_path / "own",
+            **common,
+        )
+    )
+    assert f"starting from the given pretrained model {own}" in caplog.text
+    trained = load_checkpoint(result.last).state_dict
+    assert all(torch.equal(trained[k], v) for k, v in weights.items())
+    with pytest.raises(UsageError, match=f"--pretrained-model {own}: .*does not fit"):
+        train(
+            make(
+                TrainConfig,
+                pretrained=True,
+                pretrained_model=own,
+                out_dir=tmp_path / "w12",
+                **{**common, **TINY},
+            )
+        )
 
 
 def test_a_diverging_step_is_rolled_back(noisy_series, tmp_path, caplog):

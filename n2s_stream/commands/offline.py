@@ -323,8 +323,16 @@ def _load_shipped(config: TrainConfig, model: nn.Module) -> bool:
     """Start ``model`` from the shipped model for the objective, as the daemon does; False
     where none fits the network options."""
     shipped = starting_model(
-        config.network.model_config(), config.network.masker_config(), config.objective
+        config.network.model_config(),
+        config.network.masker_config(),
+        config.objective,
+        config.pretrained_model,
     )
+    if shipped is None and config.pretrained_model is not None:
+        raise UsageError(
+            f"--pretrained-model {config.pretrained_model}: missing, or it does not fit "
+            "the network options (model, grid, one frame)"
+        )
     if shipped is None:
         log.info(
             "no shipped pretrained model fits these network options: training starts "
@@ -333,7 +341,8 @@ def _load_shipped(config: TrainConfig, model: nn.Module) -> bool:
         return False
     model.load_state_dict(shipped.state_dict)
     log.info(
-        "starting from the shipped pretrained model %s (peak learning rate %.1e)",
+        "starting from the %s pretrained model %s (peak learning rate %.1e)",
+        "shipped" if config.pretrained_model is None else "given",
         shipped.path,
         config.pretrained_lr,
     )

@@ -42,14 +42,21 @@ IMAGES = (
 """scikit-image's bundled images the shipped models are trained on (no download); the
 benchmarks score on camera, astronaut, coins, moon, coffee and the fine textures gravel and
 grass, which are left out."""
+MORE_IMAGES = ("colorwheel", "horse", "logo", "checkerboard", "shepp_logan_phantom")
+"""... and those added to them with ``--augment`` (with synthetic blobs): drawings,
+silhouettes and a phantom, sharp edges on flat backgrounds."""
 
 
 def starting_model(
-    model: ModelConfig, masker: MaskerConfig, objective: Objective = "noise2self"
+    model: ModelConfig,
+    masker: MaskerConfig,
+    objective: Objective = "noise2self",
+    path: Path | None = None,
 ) -> Checkpoint | None:
-    """The shipped model for ``objective`` when it fits ``model`` and ``masker`` exactly
-    (else None: the network starts from random weights)."""
-    path = SHIPPED.get(objective)
+    """The shipped model for ``objective`` (or the model file ``path``, trained by this
+    package's script with ``--out``) when it fits ``model`` and ``masker`` exactly (else
+    None: the network starts from random weights)."""
+    path = path or SHIPPED.get(objective)
     if path is None or not path.exists() or masker.context_frames != 1:
         return None
     checkpoint = load_checkpoint(path)  # weights_only: never unpickles objects

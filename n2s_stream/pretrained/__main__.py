@@ -25,32 +25,75 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 from skimage import data as skdata
 from skimage.color import rgb2gray
 
-from n2s_stream.formats.checkpoint import save_checkpoint
+from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.models import build_model
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import OBJECTIVES, MaskerConfig, ModelConfig
-from n2s_stream.pretrained import IMAGES, SHIPPED
+from n2s_stream.pretrained import IMAGES, MORE_IMAGES, SHIPPED
 
 log = logging.getLogger("n2s_stream.pretrained")
 
 
-def training_images() -> list[np.ndarray]:
-    """The images of `IMAGES` in grey, values in [0, 1], float32."""
+def training_images(augmented: bool) -> list[np.ndarray]:
+    """The images of `IMAGES` (and, ``augmented``, of `MORE_IMAGES` and `blobs`), values
+    in [0, 1], float32: ``(H, W)`` in grey, or ``(H, W, C)`` colour for ``augmented``,
+    whose patches mix the channels at random."""
     images = []
-    for name in IMAGES:
+    for name in IMAGES + (MORE_IMAGES if augmented else ()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = getattr(skdata, name)()
+            image = np.asarray(getattr(skdata, name)(), dtype=np.float32)
         if image.ndim == 3:
-            image = rgb2gray(image[..., :3])
-        image = image.astype(np.float32)
+            image = image[..., :3] if augmented else rgb2gray(image[..., :3])
         images.append(image / max(float(image.max()), 1e-6))
-    return images
+    return images + (blobs() if augmented else [])
+
+
+def blobs(count: int = 8, side: int = 384) -> list[np.ndarray]:
+    """Synthetic scenes of blurred binary blobs (scikit-image's generator, fixed seeds):
+    sharp-edged particles and pores of several sizes on a flat background, blurred by
+    0-2 pixels, which the photographs have few of."""
+    scenes = []
+    for k in range(count):
+        shape = skdata.binary_blobs(
+            side, blob_size_fraction=0.02 + 0.03 * k, volume_fraction=0.2 + 0.05 * (k % 4), rng=k
+        )
+        scene = gaussian_filter(shape.astype(np.float32), sigma=0.5 * (k % 5))
+        scenes.append((0.1 + 0.9 * scene / max(float(scene.max()), 1e-6)).astype(np.float32))
+    return scenes
+
+
+def varied_scene(
+    image: np.ndarray, rng: np.random.Generator, patch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``patch`` square of ``image`` and the window around it (twice its side, for the
+    frame statistics the daemon would fit), both varied alike: half the scale (2x2
+    averages) a third of the time, a random mix of the colour channels, a random gamma
+    (0.55-1.8), contrast inverted one time in five, a random rotation and flip. Values
+    stay in [0, 1]."""
+    scale = 2 if rng.random() < 0.35 and min(image.shape[:2]) >= 4 * patch else 1
+    side = min(2 * patch * scale, *image.shape[:2]) // scale * scale
+    top = rng.integers(image.shape[0] - side + 1)
+    left = rng.integers(image.shape[1] - side + 1)
+    window = image[top : top + side, left : left + side]
+    if scale == 2:
+        window = window.reshape(side // 2, 2, side // 2, 2, *window.shape[2:]).mean(axis=(1, 3))
+    if window.ndim == 3:
+        window = window @ rng.dirichlet(np.ones(window.shape[2])).astype(np.float32)
+    window = np.clip(window, 0.0, 1.0) ** np.float32(np.exp(rng.uniform(-0.6, 0.6)))
+    if rng.random() < 0.2:
+        window = 1.0 - window
+    window = np.rot90(window, rng.integers(4))
+    if rng.random() < 0.5:
+        window = window[:, ::-1]
+    row, col = (rng.integers(window.shape[k] - patch + 1) for k in (0, 1))
+    return np.ascontiguousarray(window[row : row + patch, col : col + patch]), window
 
 
 def batch(
@@ -59,20 +102,26 @@ def batch(
     size: int,
     patch: int,
     doses: tuple[float, float],
+    augmented: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(noisy, clean)`` patches ``(size, 1, patch, patch)``, both normalised by the noisy
-    patch's source image statistics at its dose."""
+    """``(noisy, clean)`` patches ``(size, 1, patch, patch)``, both normalised by the
+    statistics of the frame they came from at its dose (the whole image; ``augmented``:
+    the varied window around the patch, see `varied_scene`)."""
     noisy, clean = [], []
     for _ in range(size):
         image = images[rng.integers(len(images))]
-        top = rng.integers(image.shape[0] - patch + 1)
-        left = rng.integers(image.shape[1] - patch + 1)
+        if augmented:
+            crop, frame = varied_scene(image, rng, patch)
+        else:
+            top = rng.integers(image.shape[0] - patch + 1)
+            left = rng.integers(image.shape[1] - patch + 1)
+            crop, frame = image[top : top + patch, left : left + patch], image
         dose = float(np.exp(rng.uniform(np.log(doses[0]), np.log(doses[1]))))
-        crop = image[top : top + patch, left : left + patch] * dose
+        crop = crop * dose
         counts = rng.poisson(crop).astype(np.float32)
         mean, spread = (
-            float(image.mean() * dose),
-            float(np.sqrt(image.var() * dose**2 + image.mean() * dose)) or 1.0,
+            float(frame.mean() * dose),
+            float(np.sqrt(frame.var() * dose**2 + frame.mean() * dose)) or 1.0,
         )  # as for the whole frame
         noisy.append((counts - mean) / spread)
         clean.append((crop - mean) / spread)
@@ -93,6 +142,16 @@ def main() -> None:
     parser.add_argument("--max-dose", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also the images of MORE_IMAGES and synthetic blobs, and patches varied in "
+        "scale, colour mix, gamma, contrast and orientation",
+    )
+    parser.add_argument(
+        "--init", type=Path, default=None, help="continue from this model file's weights"
+    )
+    parser.add_argument(
         "--objective",
         choices=OBJECTIVES,
         default="noise2self",
@@ -110,12 +169,16 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     model_config, masker_config = ModelConfig(), MaskerConfig()
     model = build_model(model_config)
+    if args.init is not None:
+        model.load_state_dict(load_checkpoint(args.init).state_dict)
     masker = Masker(masker_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    images = training_images()
+    images = training_images(args.augment)
     for step in range(1, args.steps + 1):
-        noisy, clean = batch(images, rng, args.batch, args.patch, (args.min_dose, args.max_dose))
+        noisy, clean = batch(
+            images, rng, args.batch, args.patch, (args.min_dose, args.max_dose), args.augment
+        )
         if args.objective == "neighbor2neighbor":  # no blind spot: every pixel, unmasked
             loss = torch.mean((model(noisy) - clean) ** 2)
         else:
@@ -144,7 +207,7 @@ def main() -> None:
                     for k, v in vars(args).items()
                     if k != "out"
                 },
-                "images": list(IMAGES),
+                "images": [*IMAGES, *((*MORE_IMAGES, "blobs") if args.augment else ())],
                 "torch": str(torch.__version__),
             }
         },

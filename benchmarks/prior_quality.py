@@ -1,0 +1,107 @@
+"""How good is a starting model before any online training: the first frames' quality.
+
+The daemon's first frames come from its starting model (the shipped one, or the file
+``[training] pretrained_model`` names), before online training has changed it. This scores
+starting-model files on first_pass's scan (a 256x256 window drifting 3 px/frame across
+photographs and textures that no shipped model was trained on), every ``--every``-th frame
+of ``--frames``, with Poisson noise at each ``--doses`` peak: single pass, normalised as the
+daemon normalises (fitted on the first frame), mean PSNR (dB) per dose and per strip
+image. The calibrated TV of first_pass is the floor beside them. Cheap (seconds per model):
+the screen before a first_pass A/B of a new prior. Writes
+``benchmarks/results/prior_quality.json``.
+
+    python benchmarks/prior_quality.py                                   # the shipped model
+    python benchmarks/prior_quality.py --models new=/tmp/prior.pt --out /tmp/p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, write_report
+from first_pass import calibrated_tv, drifting_scan, image_sections
+from offline_quality import noisy_counts
+
+from n2s_stream.config import NetworkOptions
+from n2s_stream.formats.checkpoint import load_checkpoint
+from n2s_stream.n2s.denoising import denoise_counts
+from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.quality import psnr
+from n2s_stream.pretrained import DEFAULT
+
+
+def starting_output(path: Path, noisy: np.ndarray) -> np.ndarray:
+    """The model file's single-pass output on ``noisy`` (counts), normalised with what the
+    daemon would fit on the first frame."""
+    checkpoint = load_checkpoint(path)
+    normalizer = NetworkOptions().fit_normalizer(noisy[:1], source_dtype=np.dtype(np.uint16))
+    model = checkpoint.build_model("cpu")
+    masker = Masker(checkpoint.masker_config)
+    return np.concatenate(
+        [
+            denoise_counts(
+                model, masker, normalizer, noisy[k : k + 8], jinv=False, device=torch.device("cpu")
+            )
+            for k in range(0, len(noisy), 8)
+        ]
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        metavar="LABEL=PATH",
+        help="starting-model files scored beside the shipped one",
+    )
+    parser.add_argument("--doses", type=float, nargs="+", default=[1.0, 5.0, 20.0, 100.0])
+    parser.add_argument("--frames", type=int, default=240)
+    parser.add_argument("--every", type=int, default=4, help="score every n-th frame")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--drift", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "prior_quality.json")
+    args = parser.parse_args()
+    args.models = {"shipped": str(DEFAULT)} | {
+        label: path for label, _, path in (m.partition("=") for m in args.models)
+    }
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(2)
+    clean_scan = drifting_scan(args.frames, args.size, args.drift)
+    picked = np.arange(0, args.frames, args.every)
+    sections = {
+        name: np.flatnonzero(np.isin(picked, frames))
+        for name, frames in image_sections(args.frames, args.size, args.drift).items()
+    }
+    rows = []
+    for dose in args.doses:
+        clean = clean_scan[picked] * dose
+        noisy = noisy_counts(clean_scan, dose)[picked]
+        outputs = {"noisy": noisy, "tv": calibrated_tv(noisy, dose)}
+        outputs |= {label: starting_output(Path(p), noisy) for label, p in args.models.items()}
+        row: dict = {"dose": dose, "frames": len(picked)}
+        for label, stack in outputs.items():
+            row[label] = {"mean": psnr(clean, stack, data_range=dose)} | {
+                name: psnr(clean[frames], stack[frames], data_range=dose)
+                for name, frames in sections.items()
+                if frames.size
+            }
+        rows.append(row)
+        print(
+            f"peak {dose:g}: "
+            + "  ".join(f"{label} {row[label]['mean']:.2f}" for label in outputs),
+            flush=True,
+        )
+    write_report(args.out, "prior_quality", args, rows)
+
+
+if __name__ == "__main__":
+    main()
