@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-faults test-browser lint docs docs-pages docs-serve bench bench-full bench-context \
+.PHONY: setup demo test test-unit test-integration test-slow test-faults test-browser lint docs docs-pages docs-serve bench bench-full bench-context \
 	bench-soak bench-peers bench-scale gpu-wheels tiled-venv clean
 
 setup: $(VENV)/.installed
@@ -25,14 +25,22 @@ demo: setup
 test: setup tiled-venv
 	$(PY) -m pytest -q -n 2 --dist worksteal $(PYTEST_ARGS)
 
-# A Tiled server for tests/test_tiled.py (about 1 GB of packages the daemon never needs:
-# its own venv); where it cannot be installed, that test is skipped.
+# One kind of test at a time (docs/contributing.md, Tests): the in-process units, or the
+# daemon, the commands and their peers as real processes.
+test-unit: setup
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: setup tiled-venv
+	$(PY) -m pytest -q -n 2 --dist worksteal tests/integration $(PYTEST_ARGS)
+
+# A Tiled server for tests/integration/test_tiled.py (about 1 GB of packages the daemon
+# never needs: its own venv); where it cannot be installed, that test is skipped.
 tiled-venv: $(TILED_VENV)/.installed
 
 $(TILED_VENV)/.installed:
 	(python3 -m venv $(TILED_VENV) && $(TILED_VENV)/bin/pip install --quiet \
 		"tiled[server]==0.2.20" && touch $@) \
-		|| echo "Tiled server not installed: tests/test_tiled.py will be skipped"
+		|| echo "Tiled server not installed: tests/integration/test_tiled.py will be skipped"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
@@ -41,7 +49,7 @@ test-faults: setup
 	$(PY) -m pytest -q -m "faults or slow" tests/faults $(PYTEST_ARGS)
 
 test-browser: setup
-	$(PY) -m pytest -q -m browser tests/test_preview.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m browser tests/integration/test_preview.py $(PYTEST_ARGS)
 
 # What CI checks besides the tests: ruff's lint and format, and mypy on the package.
 lint: setup

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from daemon_helpers import write_stack
-from fault_report import FaultFigure, figures_in, write_table
 
 from n2s_stream.commands.simulate import clean_frames, poisson_frames
+from tests.helpers.daemon import write_stack
+from tests.helpers.fault_report import FaultFigure, figures_in, write_table
 
 # Tests run on 2 cores next to other work (`make test` runs two pytest-xdist workers);
 # keep torch from oversubscribing them.
@@ -39,7 +39,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def no_leaked_processes():
     """Kill daemons and detectors a failed test left running, so they cannot slow or
     disturb the tests after it."""
-    from daemon_helpers import reap
+    from tests.helpers.daemon import reap
 
     yield
     reap()

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pytest
-from fault_report import FIGURE_PROPERTY, FaultFigure
+
+from tests.helpers.fault_report import FIGURE_PROPERTY, FaultFigure
 
 
 @pytest.fixture

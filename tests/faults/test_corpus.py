@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 import pytest
 import zmq
-from daemon_helpers import DaemonProcess, free_port, read_output, without_root_file_access
-from fault_report import FaultFigure
 
 from n2s_stream.formats import protocols as p
+from tests.helpers.daemon import DaemonProcess, free_port, read_output, without_root_file_access
+from tests.helpers.fault_report import FaultFigure
 
 pytestmark = pytest.mark.faults
 

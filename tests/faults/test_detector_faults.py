@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, read_output, start_writer
-from fault_report import FaultFigure
+
+from tests.helpers.daemon import DaemonProcess, read_output, start_writer
+from tests.helpers.fault_report import FaultFigure
 
 pytestmark = pytest.mark.faults
 

@@ -7,8 +7,16 @@ import time
 
 import numpy as np
 import pytest
-from daemon_helpers import FLOAT32, DaemonProcess, mounted_tmpfs, read_output, remount, start_writer
-from fault_report import FaultFigure
+
+from tests.helpers.daemon import (
+    FLOAT32,
+    DaemonProcess,
+    mounted_tmpfs,
+    read_output,
+    remount,
+    start_writer,
+)
+from tests.helpers.fault_report import FaultFigure
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import h5py
 import numpy as np
 import pytest
 import zmq
-from daemon_helpers import DaemonProcess, free_port, read_output, start_writer
-from fault_report import FaultFigure
 
 from n2s_stream.commands.simulate import clean_frames, poisson_frames
 from n2s_stream.formats import protocols
+from tests.helpers.daemon import DaemonProcess, free_port, read_output, start_writer
+from tests.helpers.fault_report import FaultFigure
 
 pytestmark = pytest.mark.faults
 

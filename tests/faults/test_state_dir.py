@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 import pytest
-from daemon_helpers import (
+
+from tests.helpers.daemon import (
     N2S,
     DaemonProcess,
     mounted_tmpfs,
@@ -17,7 +18,7 @@ from daemon_helpers import (
     remount,
     start_writer,
 )
-from fault_report import FaultFigure
+from tests.helpers.fault_report import FaultFigure
 
 pytestmark = pytest.mark.faults
 

@@ -20,17 +20,17 @@ import h5py
 import numpy as np
 import pytest
 import zmq
-from daemon_helpers import N2S, free_port
-from systemd_container import (
+
+from n2s_stream.formats import protocols
+from n2s_stream.runtime.metrics import scrape
+from tests.helpers.daemon import N2S, free_port
+from tests.helpers.systemd_container import (
     Container,
     ContainerUnavailable,
     missing_tools,
     python_binds,
     root_tree,
 )
-
-from n2s_stream.formats import protocols
-from n2s_stream.runtime.metrics import scrape
 
 PROJECT = Path(__file__).resolve().parents[2]
 UNIT = "n2s-stream.service"

@@ -1,0 +1,1 @@
+"""The test suite: unit/, integration/, faults/, and the helpers they share (helpers/)."""

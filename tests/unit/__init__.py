@@ -1,0 +1,1 @@
+"""Tests of pure functions and single classes, in-process: no daemon subprocess, no peers."""
