@@ -89,7 +89,7 @@ def varied_scene(
     window = np.clip(window, 0.0, 1.0) ** np.float32(np.exp(rng.uniform(-0.6, 0.6)))
     if rng.random() < 0.2:
         window = 1.0 - window
-    window = np.rot90(window, rng.integers(4))
+    window = np.rot90(window, int(rng.integers(4)))
     if rng.random() < 0.5:
         window = window[:, ::-1]
     row, col = (rng.integers(window.shape[k] - patch + 1) for k in (0, 1))
@@ -142,6 +142,12 @@ def main() -> None:
     parser.add_argument("--max-dose", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--width",
+        type=int,
+        default=ModelConfig.width,
+        help="the network's width (the shipped files: the default network's)",
+    )
+    parser.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -167,7 +173,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model_config, masker_config = ModelConfig(), MaskerConfig()
+    model_config, masker_config = ModelConfig(width=args.width), MaskerConfig()
     model = build_model(model_config)
     if args.init is not None:
         model.load_state_dict(load_checkpoint(args.init).state_dict)
