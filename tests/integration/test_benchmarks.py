@@ -505,7 +505,7 @@ def test_first_pass_refuses_a_strip_it_cannot_score_fairly(tmp_path, strip, reas
     assert not (tmp_path / "f.json").exists()
 
 
-@pytest.mark.slow  # 20 s; tests/unit/test_offline.py checks pretrained_lr itself
+@pytest.mark.slow  # 20 s; tests/integration/test_offline.py checks pretrained_lr itself
 def test_pretrained_lr_runs(tmp_path):
     stdout, report = run_benchmark(
         "pretrained_lr.py",

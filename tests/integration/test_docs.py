@@ -87,3 +87,28 @@ def test_page_renders_in_headless_chromium(site, tmp_path, page, expected):
     assert expected in dom, proc.stderr[-2000:]
     # the theme's script ran: Material marks the rendered page with its own attributes
     assert 'data-md-component="content"' in dom or "md-content" in dom, dom[:2000]
+
+
+def test_every_test_the_docs_cite_exists():
+    """A promise cites the test that checks it (``tests/x/test_y.py::test_z``): the file and
+    a test of that name (or of which it is the start, for a family) must exist, so a moved
+    or renamed test cannot leave a promise pointing at nothing."""
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    cited = {
+        match
+        for page in pages
+        for match in re.findall(r"tests/[\w/]+\.py(?:::\w+)?", page.read_text())
+    }
+    assert len(cited) > 20  # the guarantees table alone cites more
+    missing = []
+    for citation in sorted(cited):
+        path, _, name = citation.partition("::")
+        source = ROOT / path
+        defined = source.is_file() and (
+            not name or re.search(rf"^(async )?def {name}", source.read_text(), re.MULTILINE)
+        )
+        if not defined:
+            missing.append(citation)
+    assert not missing, missing
