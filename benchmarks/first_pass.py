@@ -52,13 +52,14 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.n2s.unblind import noise_model, unblind
 from n2s_stream.options import make
-from n2s_stream.pretrained import IMAGES as PRETRAINING_IMAGES
+from n2s_stream.pretrained import IMAGES, MORE_IMAGES
 from n2s_stream.runtime.metrics import scrape
 from n2s_stream.runtime.state import newest_checkpoint
 
 STRIP = ("astronaut", "gravel", "coffee", "grass", "camera", "coins", "moon")
 """Photographs and fine textures the shipped pretrained model never saw, taking turns: a
 1 px/frame scan crosses from astronaut into gravel, a 3 px/frame one reaches grass."""
+PRETRAINING_IMAGES = IMAGES + MORE_IMAGES
 assert not set(STRIP) & set(PRETRAINING_IMAGES), "scored images must be unseen in pretraining"
 
 

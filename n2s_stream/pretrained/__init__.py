@@ -3,12 +3,14 @@ its first frames instead of starting from random weights.
 
 ``unet_w16_d2_k1.pt`` is the default network (UNet, width 16, depth 2, one frame) trained
 by ``python -m n2s_stream.pretrained`` (``__main__.py``; its settings are recorded in the
-file) on the images of `IMAGES` that scikit-image ships, at several Poisson doses, with the
-same masking as online training and the clean image as the target at the hidden pixels.
+file) on the images of `IMAGES` and `MORE_IMAGES` that scikit-image ships and on synthetic
+blobs, varied patch by patch, at Poisson doses of 1-300 counts, with the same masking as
+online training and the clean image as the target at the hidden pixels.
 It carries no normaliser: the daemon fits one on the live data's first frame, and the
 cold-start comparison against a calibrated classical denoiser still decides when it writes.
 ``unet_w16_d2_k1_nonblind.pt`` is the same network trained without a blind spot (``--objective
-neighbor2neighbor``), the start of online Neighbor2Neighbor training.
+neighbor2neighbor``), the start of online Neighbor2Neighbor training, still by the earlier
+recipe (the photographs of `IMAGES` as they are, 4000 steps; ``--no-augment``).
 """
 
 from __future__ import annotations
