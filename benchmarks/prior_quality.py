@@ -6,7 +6,8 @@ starting-model files on first_pass's scan (a 256x256 window drifting 3 px/frame 
 photographs and textures that no shipped model was trained on), every ``--every``-th frame
 of ``--frames``, with Poisson noise at each ``--doses`` peak: single pass, normalised as the
 daemon normalises (fitted on the first frame), mean PSNR (dB) per dose and per strip
-image. The calibrated TV of first_pass is the floor beside them. Cheap (seconds per model):
+image. The calibrated TV of first_pass is the floor beside them; each file's own record of
+its training (``extra.pretrained``) goes into the result. Cheap (seconds per model):
 the screen before a first_pass A/B of a new prior. Writes
 ``benchmarks/results/prior_quality.json``.
 
@@ -100,7 +101,11 @@ def main() -> None:
             + "  ".join(f"{label} {row[label]['mean']:.2f}" for label in outputs),
             flush=True,
         )
-    write_report(args.out, "prior_quality", args, rows)
+    trained = {  # how each file was made, as it records it (the paths may be temporary)
+        label: load_checkpoint(Path(path)).extra.get("pretrained")
+        for label, path in args.models.items()
+    }
+    write_report(args.out, "prior_quality", args, rows, trained=trained)
 
 
 if __name__ == "__main__":
