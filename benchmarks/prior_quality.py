@@ -18,18 +18,17 @@ the screen before a first_pass A/B of a new prior. Writes
 from __future__ import annotations
 
 import argparse
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from common import RESULTS, write_report
-from first_pass import calibrated_tv, drifting_scan, image_sections
+from first_pass import calibrated_tv, drifting_scan, final_weights, image_sections, section_scores
 from offline_quality import noisy_counts
 
 from n2s_stream.config import NetworkOptions
 from n2s_stream.formats.checkpoint import load_checkpoint
-from n2s_stream.n2s.denoising import denoise_counts
-from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.pretrained import DEFAULT
 
@@ -39,19 +38,11 @@ def starting_output(path: Path, noisy: np.ndarray) -> np.ndarray:
     daemon would fit on the first frame."""
     checkpoint = load_checkpoint(path)
     normalizer = NetworkOptions().fit_normalizer(noisy[:1], source_dtype=np.dtype(np.uint16))
-    model = checkpoint.build_model("cpu")
-    masker = Masker(checkpoint.masker_config)
-    return np.concatenate(
-        [
-            denoise_counts(
-                model, masker, normalizer, noisy[k : k + 8], jinv=False, device=torch.device("cpu")
-            )
-            for k in range(0, len(noisy), 8)
-        ]
-    )
+    return final_weights(replace(checkpoint, normalizer=normalizer), noisy)
 
 
 def parse_args() -> argparse.Namespace:
+    """The settings; ``--models`` as ``{label: path}``, the shipped file first."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--models",
@@ -67,15 +58,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drift", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "prior_quality.json")
     args = parser.parse_args()
-    args.models = {"shipped": str(DEFAULT)} | {
-        label: path for label, _, path in (m.partition("=") for m in args.models)
-    }
+    given = [m.partition("=") for m in args.models]
+    if any(not label or not path or label == "shipped" for label, _, path in given):
+        parser.error("--models: give LABEL=PATH, a label other than 'shipped'")
+    args.models = {"shipped": str(DEFAULT)} | {label: path for label, _, path in given}
     return args
 
 
 def main() -> None:
+    """Score every model at every dose, print a line per dose, write the record."""
     args = parse_args()
-    torch.set_num_threads(2)
     clean_scan = drifting_scan(args.frames, args.size, args.drift)
     picked = np.arange(0, args.frames, args.every)
     sections = {
@@ -89,20 +81,21 @@ def main() -> None:
         outputs = {"noisy": noisy, "tv": calibrated_tv(noisy, dose)}
         outputs |= {label: starting_output(Path(p), noisy) for label, p in args.models.items()}
         row: dict = {"dose": dose, "frames": len(picked)}
-        for label, stack in outputs.items():
-            row[label] = {"mean": psnr(clean, stack, data_range=dose)} | {
-                name: psnr(clean[frames], stack[frames], data_range=dose)
-                for name, frames in sections.items()
-                if frames.size
-            }
+        row |= {
+            label: {"mean": psnr(clean, stack, data_range=dose)} for label, stack in outputs.items()
+        }
+        row["by_image"] = section_scores(clean, dict(outputs), sections, dose)
         rows.append(row)
         print(
             f"peak {dose:g}: "
             + "  ".join(f"{label} {row[label]['mean']:.2f}" for label in outputs),
             flush=True,
         )
-    trained = {  # how each file was made, as it records it (the paths may be temporary)
-        label: load_checkpoint(Path(path)).extra.get("pretrained")
+    trained = {  # how each file was made, as it records it; the paths may be temporary
+        label: {
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "pretrained": load_checkpoint(Path(path)).extra.get("pretrained"),
+        }
         for label, path in args.models.items()
     }
     write_report(args.out, "prior_quality", args, rows, trained=trained)

@@ -189,6 +189,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_objective(self.objective, self.network)
+        if self.pretrained_model is not None and (not self.pretrained or self.ckpt):
+            raise UsageError(
+                "pretrained_model is where training from scratch begins: it needs "
+                "--pretrained and no --ckpt"
+            )
 
 
 @dataclass(frozen=True)
@@ -576,6 +581,13 @@ class TrainingOptions:
         "(0: uniform over the buffer)",
     )
     seed: int = option(0, help="random seed (same seed, same run)")
+
+    def __post_init__(self) -> None:
+        if self.pretrained_model is not None and (not self.pretrained or self.ckpt):
+            raise UsageError(
+                "pretrained_model is where a network without a checkpoint begins: it "
+                "needs pretrained and no ckpt"
+            )
 
 
 @dataclass(frozen=True)

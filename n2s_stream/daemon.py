@@ -318,11 +318,6 @@ class Daemon:
             if training.pretrained
             else None
         )
-        if shipped is None and training.pretrained and training.pretrained_model is not None:
-            raise UsageError(
-                f"pretrained_model {training.pretrained_model}: missing, or it does not fit "
-                "the network options (model, grid, one frame)"
-            )
         if shipped is not None:
             model.load_state_dict(shipped.state_dict)
             origin = "shipped" if training.pretrained_model is None else "given"

@@ -328,11 +328,6 @@ def _load_shipped(config: TrainConfig, model: nn.Module) -> bool:
         config.objective,
         config.pretrained_model,
     )
-    if shipped is None and config.pretrained_model is not None:
-        raise UsageError(
-            f"--pretrained-model {config.pretrained_model}: missing, or it does not fit "
-            "the network options (model, grid, one frame)"
-        )
     if shipped is None:
         log.info(
             "no shipped pretrained model fits these network options: training starts "

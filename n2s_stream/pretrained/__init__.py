@@ -10,7 +10,7 @@ It carries no normaliser: the daemon fits one on the live data's first frame, an
 cold-start comparison against a calibrated classical denoiser still decides when it writes.
 ``unet_w16_d2_k1_nonblind.pt`` is the same network trained without a blind spot (``--objective
 neighbor2neighbor``), the start of online Neighbor2Neighbor training, still by the earlier
-recipe (the photographs of `IMAGES` as they are, 4000 steps; ``--no-augment``).
+recipe (the photographs of `IMAGES` as they are, 4000 steps).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective
 
@@ -55,18 +56,45 @@ def starting_model(
     objective: Objective = "noise2self",
     path: Path | None = None,
 ) -> Checkpoint | None:
-    """The shipped model for ``objective`` (or the model file ``path``, trained by this
-    package's script with ``--out``) when it fits ``model`` and ``masker`` exactly (else
-    None: the network starts from random weights)."""
-    path = path or SHIPPED.get(objective)
-    if path is None or not path.exists() or masker.context_frames != 1:
-        return None
-    checkpoint = load_checkpoint(path)  # weights_only: never unpickles objects
+    """The shipped model for ``objective`` when it fits ``model`` and ``masker`` exactly,
+    else None (the network starts from random weights). A model file ``path`` given by the
+    user (trained by this package's script with ``--out``) must fit: one that is missing,
+    unreadable or made for other options raises `UsageError` saying why."""
+    if path is None:
+        shipped = SHIPPED.get(objective)
+        if shipped is None or not shipped.exists():
+            return None
+        checkpoint = load_checkpoint(shipped)  # weights_only: never unpickles objects
+        return checkpoint if misfit(checkpoint, model, masker, objective) is None else None
+    if not path.is_file():
+        raise UsageError(f"pretrained_model {path}: no such file")
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise UsageError(f"pretrained_model {path}: {exc}") from exc
+    reason = misfit(checkpoint, model, masker, objective)
+    if reason is not None:
+        raise UsageError(f"pretrained_model {path}: {reason}")
+    return checkpoint
+
+
+def misfit(
+    checkpoint: Checkpoint, model: ModelConfig, masker: MaskerConfig, objective: Objective
+) -> str | None:
+    """Why a starting model cannot start a network of ``model`` and ``masker`` trained by
+    ``objective``, or None where it fits exactly."""
+    trained_for = checkpoint.extra.get("pretrained", {}).get("objective", objective)
+    if trained_for != objective:
+        return f"trained for objective {trained_for}, not {objective}"
+    if masker.context_frames != 1:
+        return f"a one-frame model does not fit context_frames {masker.context_frames}"
     single = replace(masker, causal=False, register=False)  # no neighbours: no difference
     if objective == "neighbor2neighbor":  # trained unmasked: the grid does not matter
         single = replace(
             single, grid_size=checkpoint.masker_config.grid_size, mode=checkpoint.masker_config.mode
         )
-    if checkpoint.model_config != model or checkpoint.masker_config != single:
-        return None
-    return checkpoint
+    if checkpoint.model_config != model:
+        return f"made for {checkpoint.model_config}, does not fit {model}"
+    if checkpoint.masker_config != single:
+        return f"made for {checkpoint.masker_config}, does not fit {single}"
+    return None

@@ -10,18 +10,19 @@ masking (one hidden pixel per grid cell, in-filled), with the clean patch
 as the target at the hidden pixels: it learns the blind-spot prediction that online
 Noise2Self training then refines. With ``--objective neighbor2neighbor`` it sees the
 whole noisy patch and learns the clean one at every pixel: the denoiser without a blind
-spot that online Neighbor2Neighbor training refines. Same seed and steps, same weights
+spot that online Neighbor2Neighbor training refines (its shipped file by the earlier
+recipe: `RECIPES` holds each objective's defaults). Same seed and steps, same weights
 (single thread).
 
-    python -m n2s_stream.pretrained                      # 25 minutes on 1 core
-    python -m n2s_stream.pretrained --objective neighbor2neighbor --steps 4000 \
-        --no-augment --min-dose 2                        # the shipped non-blind file
+    python -m n2s_stream.pretrained                                # 25 minutes on 1 core
+    python -m n2s_stream.pretrained --objective neighbor2neighbor  # 11 minutes
     python -m n2s_stream.pretrained --steps 3 --out /tmp/t.pt   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -51,9 +52,10 @@ def training_images(augmented: bool) -> list[np.ndarray]:
     for name in IMAGES + (MORE_IMAGES if augmented else ()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = np.asarray(getattr(skdata, name)(), dtype=np.float32)
-        if image.ndim == 3:
+            image = getattr(skdata, name)()
+        if image.ndim == 3:  # rgb2gray on the stored values: the non-blind file's recipe
             image = image[..., :3] if augmented else rgb2gray(image[..., :3])
+        image = np.asarray(image, dtype=np.float32)
         images.append(image / max(float(image.max()), 1e-6))
     return images + (blobs() if augmented else [])
 
@@ -105,6 +107,7 @@ def batch(
     size: int,
     patch: int,
     doses: tuple[float, float],
+    *,
     augmented: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(noisy, clean)`` patches ``(size, 1, patch, patch)``, both normalised by the
@@ -134,14 +137,28 @@ def batch(
     )
 
 
-def main() -> None:
-    """Train and write the starting model."""
+RECIPES: dict[str, dict[str, object]] = {
+    "noise2self": {"steps": 8000, "min_dose": 1.0, "augment": True},
+    "neighbor2neighbor": {"steps": 4000, "min_dose": 2.0, "augment": False},
+}
+"""The settings that differ between the two shipped files: each objective's defaults, so
+that ``--objective X`` alone remakes the file shipped for X (its record says the same)."""
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256: which weights ``--init`` continued from, whatever the path holds
+    later."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def parse_args() -> argparse.Namespace:
+    """The settings, with the defaults of the chosen objective's recipe (`RECIPES`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--min-dose", type=float, default=1.0)
+    parser.add_argument("--min-dose", type=float)
     parser.add_argument("--max-dose", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -153,7 +170,6 @@ def main() -> None:
     parser.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="also the images of MORE_IMAGES and synthetic blobs, and patches varied in "
         "scale, colour mix, gamma, contrast and orientation",
     )
@@ -170,8 +186,16 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="default: the shipped file for the objective"
     )
+    objective = parser.parse_known_args()[0].objective
+    parser.set_defaults(**RECIPES[objective])
     args = parser.parse_args()
     args.out = args.out or SHIPPED[args.objective]
+    return args
+
+
+def main() -> None:
+    """Train and write the starting model."""
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -186,7 +210,12 @@ def main() -> None:
     images = training_images(args.augment)
     for step in range(1, args.steps + 1):
         noisy, clean = batch(
-            images, rng, args.batch, args.patch, (args.min_dose, args.max_dose), args.augment
+            images,
+            rng,
+            args.batch,
+            args.patch,
+            (args.min_dose, args.max_dose),
+            augmented=args.augment,
         )
         if args.objective == "neighbor2neighbor":  # no blind spot: every pixel, unmasked
             loss = torch.mean((model(noisy) - clean) ** 2)
@@ -217,6 +246,7 @@ def main() -> None:
                     if k != "out"
                 },
                 "images": [*IMAGES, *((*MORE_IMAGES, "blobs") if args.augment else ())],
+                "init_sha256": file_sha256(args.init) if args.init else None,
                 "torch": str(torch.__version__),
             }
         },

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from n2s_stream.pretrained import DEFAULT
+
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 PEER_PYTHON = BENCHMARKS.parent / ".venv-peers" / "bin" / "python"
 HAS_BENCH = all(importlib.util.find_spec(name) for name in ("bm3d", "bm4d", "pyFAI"))
@@ -374,6 +376,33 @@ def test_registered_context_runs(tmp_path):
         "drift 3, jump half-way",
     ]
     assert all(row["K=3 registered"] > row["noisy"] for row in report["rows"])
+
+
+def test_prior_quality_runs(tmp_path):
+    """Starting models scored before any training: the shipped one and a given file (here
+    the same weights, so the same numbers), each well above the noisy frames, each file
+    named with its own record of training and its hash."""
+    _, report = run_benchmark(
+        "prior_quality.py",
+        "--models",
+        f"copy={DEFAULT}",
+        "--frames",
+        "8",
+        "--every",
+        "2",
+        "--size",
+        "64",
+        "--doses",
+        "20",
+        out=tmp_path / "p.json",
+    )
+    (row,) = report["rows"]
+    assert row["frames"] == 4
+    assert row["shipped"]["mean"] > row["noisy"]["mean"] + 5
+    assert row["copy"]["mean"] == pytest.approx(row["shipped"]["mean"], abs=1e-6)
+    assert set(row["by_image"]) == {"astronaut"}
+    assert report["trained"]["copy"] == report["trained"]["shipped"]
+    assert report["trained"]["shipped"]["pretrained"]["augment"] is True
 
 
 @pytest.mark.slow

@@ -249,7 +249,7 @@ def test_training_can_start_from_a_given_starting_model(noisy_series, tmp_path, 
     assert f"starting from the given pretrained model {own}" in caplog.text
     trained = load_checkpoint(result.last).state_dict
     assert all(torch.equal(trained[k], v) for k, v in weights.items())
-    with pytest.raises(UsageError, match=f"--pretrained-model {own}: .*does not fit"):
+    with pytest.raises(UsageError, match=f"pretrained_model {own}: made for .* does not fit"):
         train(
             make(
                 TrainConfig,

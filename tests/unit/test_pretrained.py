@@ -4,18 +4,22 @@ default network (one per training objective), and their training script is repro
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
-from n2s_stream.config import NetworkOptions
+from n2s_stream.config import NetworkOptions, TrainConfig, TrainingOptions
+from n2s_stream.errors import UsageError
 from n2s_stream.formats.checkpoint import load_checkpoint
 from n2s_stream.n2s.specs import OBJECTIVES
 from n2s_stream.options import make
 from n2s_stream.pretrained import DEFAULT, IMAGES, MORE_IMAGES, SHIPPED, starting_model
+from n2s_stream.pretrained.__main__ import batch, training_images
 
 
 def test_every_objective_has_its_shipped_model_in_the_package():
@@ -53,6 +57,58 @@ def test_each_objective_starts_from_its_own_shipped_model():
     assert starting_model(replace(model, width=8), masker, "neighbor2neighbor") is None
     assert starting_model(model, replace(masker, grid_size=2), "neighbor2neighbor") is not None
     assert starting_model(model, replace(masker, grid_size=2), "noise2self") is None
+
+
+def test_a_given_starting_model_must_fit_and_says_why_not(tmp_path):
+    """A model file the user names is used where it fits; otherwise the start stops with
+    the reason (missing, unreadable, another objective, other options) instead of quietly
+    starting from random weights, as a misfit shipped file does."""
+    network = make(NetworkOptions)
+    model, masker = network.model_config(), network.masker_config()
+    own = tmp_path / "own.pt"
+    shutil.copy(DEFAULT, own)
+    assert starting_model(model, masker, "noise2self", own).path == own
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    cases = [
+        (tmp_path / "absent.pt", model, masker, "noise2self", "no such file"),
+        (broken, model, masker, "noise2self", ""),
+        (SHIPPED["neighbor2neighbor"], model, masker, "noise2self", "trained for objective"),
+        (own, model, masker, "neighbor2neighbor", "trained for objective noise2self"),
+        (own, replace(model, width=8), masker, "noise2self", "does not fit"),
+        (own, model, replace(masker, grid_size=2), "noise2self", "does not fit"),
+        (own, model, replace(masker, context_frames=3), "noise2self", "context_frames 3"),
+    ]
+    for path, model_config, masker_config, objective, reason in cases:
+        with pytest.raises(UsageError, match=f"pretrained_model {path}: .*{reason}"):
+            starting_model(model_config, masker_config, objective, path)
+    # the shipped file that does not fit: None, the network starts from random weights
+    assert starting_model(replace(model, width=8), masker) is None
+
+
+def test_a_given_starting_model_needs_a_fresh_start_from_a_pretrained_model(tmp_path):
+    """pretrained_model only says where a network without a checkpoint begins: with
+    pretrained off or a checkpoint given it would be ignored, so it is refused."""
+    with pytest.raises(UsageError, match="needs pretrained and no ckpt"):
+        make(TrainingOptions, pretrained=False, pretrained_model=DEFAULT)
+    with pytest.raises(UsageError, match="needs pretrained and no ckpt"):
+        make(TrainingOptions, ckpt=DEFAULT, pretrained_model=DEFAULT)
+    with pytest.raises(UsageError, match="needs --pretrained and no --ckpt"):
+        make(TrainConfig, h5=DEFAULT, pretrained_model=DEFAULT)  # train: pretrained is off
+    assert make(TrainingOptions, pretrained_model=DEFAULT).pretrained_model == DEFAULT
+
+
+@pytest.mark.parametrize(
+    "augmented, doses, sums",
+    [(False, (2.0, 300.0), (5839.613, 5939.492)), (True, (1.0, 300.0), (-2289.820, -2066.964))],
+)
+def test_training_batches_are_those_the_shipped_files_were_made_from(augmented, doses, sums):
+    """The first batch of each recipe, pinned: a change to the images or the draws (which
+    would stop the slow test below reproducing a shipped file) fails here in seconds."""
+    noisy, clean = batch(
+        training_images(augmented), np.random.default_rng(0), 16, 64, doses, augmented=augmented
+    )
+    assert (float(noisy.sum()), float(clean.sum())) == pytest.approx(sums, abs=0.01)
 
 
 def _train(tmp_path, name: str, *args: str, timeout: float = 600) -> dict[str, torch.Tensor]:
