@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -337,6 +338,50 @@ def print_row(row: dict) -> None:
         print(f"{name:>16} " + " ".join(f"{result[c]:22.2f}" for c in columns) + kept, flush=True)
 
 
+TABLE_METHODS = ("noisy", "tv", "bm3d", "live", "refined", "offline")
+"""The methods of the Quantitative use page's tables, in their order."""
+
+
+def markdown(report: dict) -> str:
+    """The Quantitative use page's tables (powder rings, Bragg spots, radiograph totals)
+    from a report, so the page's figures are the record's."""
+    rows = {(row["scene"], row["dose"]): row["methods"] for row in report["rows"]}
+    doses = sorted({dose for _, dose in rows})
+    names = " | ".join({"tv": "TV", "bm3d": "BM3D"}.get(m, m) for m in TABLE_METHODS)
+
+    def cells(methods: dict, key: str, fmt: str) -> str:
+        return " | ".join(format(methods[m][key], fmt) + " %" for m in TABLE_METHODS)
+
+    def header(first: str, columns: str) -> list[str]:
+        width = first.count("|") + columns.count("|") + 2
+        return [f"| {first} | {columns} |", "|---" * width + "|"]
+
+    out = header("peak counts |", names)
+    for dose in doses:
+        powder = rows.get(("powder", dose))
+        if powder:
+            out.append(f"| {dose:g} | ring bias | {cells(powder, 'ring_bias_pct', '.2f')} |")
+            out.append(f"| | worst ring | {cells(powder, 'worst_ring_bias_pct', '.1f')} |")
+            out.append(f"| | profile error | {cells(powder, 'profile_error_pct', '.2f')} |")
+    out += ["", *header("dose |", names)]
+    for dose in doses:
+        spots = rows.get(("spots", dose))
+        if spots:
+            found = " | ".join(
+                f"{spots[m]['spots_found_pct']:.1f} % / {spots[m]['false_spots_per_frame']:g}"
+                for m in TABLE_METHODS
+            )
+            out.append(f"| {dose:g} | spot bias | {cells(spots, 'spot_bias_pct', '.1f')} |")
+            out.append(f"| | weakest third | {cells(spots, 'weak_spot_bias_pct', '.1f')} |")
+            out.append(f"| | found / false per frame | {found} |")
+    out += ["", *header("peak counts", names)]
+    for dose in doses:
+        radiograph = rows.get(("radiograph", dose))
+        if radiograph:
+            out.append(f"| {dose:g} | {cells(radiograph, 'flux_bias_pct', '.2f')} |")
+    return "\n".join(out)
+
+
 def parse_args() -> argparse.Namespace:
     """The benchmark's options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -349,8 +394,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=2.0, help="frames/s written")
     parser.add_argument("--refine-timeout", type=float, default=300.0)
     parser.add_argument("--no-bm3d", dest="bm3d", action="store_false")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        help="print the Quantitative use page's tables from this report and exit",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
     args = parser.parse_args()
+    if args.markdown:
+        return args
     if "powder" in args.scenes and importlib.util.find_spec("pyFAI") is None:
         parser.error("the powder scene needs pyFAI: pip install -e '.[bench]'")
     if args.bm3d and classical.available():
@@ -362,6 +414,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Every scene at every dose: print the tables, write the JSON."""
     args = parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     rng = np.random.default_rng(0)
     rows = []
     for scene in args.scenes:

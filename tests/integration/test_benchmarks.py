@@ -684,3 +684,13 @@ def test_fidelity_runs(tmp_path):
     assert spots["methods"]["noisy"]["spots_found_pct"] > 90
     assert spots["methods"]["noisy"]["false_spots_per_frame"] > 0
     assert "ring_bias_pct" in stdout and "spots_found_pct" in stdout
+    tables = subprocess.run(  # the Quantitative use page's tables, from this report
+        [sys.executable, BENCHMARKS / "fidelity.py", "--markdown", tmp_path / "fidelity.json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    live_bias = powder["methods"]["live"]["ring_bias_pct"]
+    assert f"| 5 | ring bias | {noisy['ring_bias_pct']:.2f} % |" in tables
+    assert f" {live_bias:.2f} % |" in tables and "| 5 | spot bias |" in tables
