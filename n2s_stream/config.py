@@ -175,9 +175,8 @@ class TrainConfig:
     pretrained_model: Path | None = option(
         None,
         example="/opt/n2s/starting_model.pt",
-        help="with --pretrained, start from this model file "
-        "(python -m n2s_stream.pretrained --out) instead of the shipped one; "
-        "it must fit the network options",
+        help="start from this model file (python -m n2s_stream.pretrained --out) "
+        "instead of the shipped one, as --pretrained does; it must fit the network options",
     )
     pretrained_lr: float = option(
         1e-3,
@@ -189,11 +188,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_objective(self.objective, self.network)
-        if self.pretrained_model is not None and (not self.pretrained or self.ckpt):
+        if self.pretrained_model is not None and self.ckpt:
             raise UsageError(
-                "pretrained_model is where training from scratch begins: it needs "
-                "--pretrained and no --ckpt"
+                "pretrained_model is where training from scratch begins: give it or --ckpt"
             )
+
+    @property
+    def starts_pretrained(self) -> bool:
+        """Whether training without ``ckpt`` starts from a pretrained model: the shipped
+        one (``pretrained``) or the file ``pretrained_model`` names."""
+        return self.pretrained or self.pretrained_model is not None
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,7 @@ def _maybe_resume(config: TrainConfig, model: nn.Module) -> tuple[int, bool]:
     asked for and fitting; returns the version loaded (0 otherwise) and whether the shipped
     model was (it fine-tunes at ``pretrained_lr``)."""
     if config.ckpt is None:
-        return 0, config.pretrained and _load_shipped(config, model)
+        return 0, config.starts_pretrained and _load_shipped(config, model)
     checkpoint = load_checkpoint(config.ckpt)
     checkpoint.check_compatible(config.network.model_config())
     model.load_state_dict(checkpoint.state_dict)

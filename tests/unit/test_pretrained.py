@@ -87,15 +87,18 @@ def test_a_given_starting_model_must_fit_and_says_why_not(tmp_path):
 
 
 def test_a_given_starting_model_needs_a_fresh_start_from_a_pretrained_model(tmp_path):
-    """pretrained_model only says where a network without a checkpoint begins: with
-    pretrained off or a checkpoint given it would be ignored, so it is refused."""
+    """pretrained_model only says where a network without a checkpoint begins: with a
+    checkpoint given (or, in the daemon, pretrained off) it would be ignored, so it is
+    refused; for ``train``, whose pretrained is off by default, naming it is enough."""
     with pytest.raises(UsageError, match="needs pretrained and no ckpt"):
         make(TrainingOptions, pretrained=False, pretrained_model=DEFAULT)
     with pytest.raises(UsageError, match="needs pretrained and no ckpt"):
         make(TrainingOptions, ckpt=DEFAULT, pretrained_model=DEFAULT)
-    with pytest.raises(UsageError, match="needs --pretrained and no --ckpt"):
-        make(TrainConfig, h5=DEFAULT, pretrained_model=DEFAULT)  # train: pretrained is off
+    with pytest.raises(UsageError, match="give it or --ckpt"):
+        make(TrainConfig, h5=DEFAULT, ckpt=DEFAULT, pretrained_model=DEFAULT)
     assert make(TrainingOptions, pretrained_model=DEFAULT).pretrained_model == DEFAULT
+    # offline, naming the file is enough (train's pretrained is off by default)
+    assert make(TrainConfig, h5=DEFAULT, pretrained_model=DEFAULT).starts_pretrained
 
 
 @pytest.mark.parametrize(
