@@ -28,15 +28,14 @@ from first_pass import calibrated_tv, drifting_scan, final_weights, image_sectio
 from offline_quality import noisy_counts
 
 from n2s_stream.config import NetworkOptions
-from n2s_stream.formats.checkpoint import load_checkpoint
+from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.pretrained import DEFAULT
 
 
-def starting_output(path: Path, noisy: np.ndarray) -> np.ndarray:
-    """The model file's single-pass output on ``noisy`` (counts), normalised with what the
-    daemon would fit on the first frame."""
-    checkpoint = load_checkpoint(path)
+def starting_output(checkpoint: Checkpoint, noisy: np.ndarray) -> np.ndarray:
+    """The starting model's single-pass output on ``noisy`` (counts), normalised with what
+    the daemon would fit on the first frame."""
     normalizer = NetworkOptions().fit_normalizer(noisy[:1], source_dtype=np.dtype(np.uint16))
     return final_weights(replace(checkpoint, normalizer=normalizer), noisy)
 
@@ -74,12 +73,13 @@ def main() -> None:
         name: np.flatnonzero(np.isin(picked, frames))
         for name, frames in image_sections(args.frames, args.size, args.drift).items()
     }
+    models = {label: load_checkpoint(Path(path)) for label, path in args.models.items()}
     rows = []
     for dose in args.doses:
         clean = clean_scan[picked] * dose
         noisy = noisy_counts(clean_scan, dose)[picked]
         outputs = {"noisy": noisy, "tv": calibrated_tv(noisy, dose)}
-        outputs |= {label: starting_output(Path(p), noisy) for label, p in args.models.items()}
+        outputs |= {label: starting_output(model, noisy) for label, model in models.items()}
         row: dict = {"dose": dose, "frames": len(picked)}
         row |= {
             label: {"mean": psnr(clean, stack, data_range=dose)} for label, stack in outputs.items()
@@ -94,7 +94,7 @@ def main() -> None:
     trained = {  # how each file was made, as it records it; the paths may be temporary
         label: {
             "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-            "pretrained": load_checkpoint(Path(path)).extra.get("pretrained"),
+            "pretrained": models[label].extra.get("pretrained"),
         }
         for label, path in args.models.items()
     }

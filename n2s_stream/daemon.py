@@ -322,7 +322,7 @@ class Daemon:
             model.load_state_dict(shipped.state_dict)
             origin = "shipped" if training.pretrained_model is None else "given"
             log.info("network starts from the %s pretrained model %s", origin, shipped.path)
-        elif self.config.training.pretrained:
+        elif training.pretrained:
             log.info(
                 "no shipped pretrained model fits these network options: the "
                 "network starts from random weights"
