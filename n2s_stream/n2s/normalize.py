@@ -142,18 +142,18 @@ def fill_invalid(frames: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def normalize_frame(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer) -> np.ndarray:
     """One ``(H, W)`` frame in network units (float32), its unusable pixels in-filled with
-    the mean of its usable ones: `fill_invalid` then ``normalizer.forward``, in one pass
-    over the pixels and without temporaries of the frame's size (at 4 megapixels the
-    two-step form costs several times more)."""
-    shift, divisor = np.float32(normalizer.shift), np.float32(normalizer.divisor)
+    the mean of its usable ones: `fill_invalid` then ``normalizer.forward``, in a few
+    vectorised passes over one array and without temporaries of the frame's size (at 4
+    megapixels the two-step form costs several times more)."""
     out = data.astype(np.float32)  # numpy's cast: torch's is slower for 16-bit integers
-    torch.from_numpy(out).sub_(float(shift)).div_(float(divisor))  # in place, vectorised
+    image = torch.from_numpy(out)
     if not valid.all():
         bad = np.flatnonzero(~valid)
-        flat = data.reshape(-1)
-        kind = np.int64 if data.dtype.kind in "iu" else np.float64
-        total = float(flat.sum(dtype=kind) - flat[bad].sum(dtype=kind))
+        flat = out.reshape(-1)
+        flat[bad] = 0.0  # NaN/inf included: they take no part in the mean
         count = flat.size - bad.size
-        fill = np.float32(total / count) if count else np.float32(0.0)
-        out.reshape(-1)[bad] = (fill - shift) / divisor
+        # torch's float32 sum is vectorised and cascaded: accurate, and 5x faster than
+        # numpy's sum of the integers in int64
+        flat[bad] = np.float32(float(image.sum()) / count) if count else np.float32(0.0)
+    image.sub_(float(np.float32(normalizer.shift))).div_(float(np.float32(normalizer.divisor)))
     return out

@@ -255,6 +255,19 @@ def test_one_pass_normalisation_equals_fill_then_forward(dtype):
     assert np.array_equal(image, expected)
 
 
+def test_one_pass_normalisation_fills_nan_and_inf_with_the_mean_of_the_measured_pixels():
+    # offline denoise takes float frames with NaN/inf and in-fills them; they must not
+    # leak into the fill value
+    data = np.full((6, 5), 3.0, np.float32)
+    data[0, 0], data[2, 3], data[4, 1] = np.nan, np.inf, 5.0
+    valid = np.isfinite(data)
+    normalizer = Normalizer("meanstd", 1.0, 2.0, 1.0, "float32")
+    out = normalize_frame(data, valid, normalizer)
+    fill = (3.0 * 27 + 5.0) / 28
+    assert np.allclose(out[~valid], (fill - 1.0) / 2.0)
+    assert np.array_equal(out[valid], (data[valid] - np.float32(1.0)) / np.float32(2.0))
+
+
 def test_passthrough_daemon_writes_the_frames_as_they_came_in_float16_bslz4(tmp_path):
     rng = np.random.default_rng(5)
     frames = rng.poisson(3.0, (12, 40, 48)).astype(np.uint16)
