@@ -27,10 +27,18 @@ class MessageError(InputError):
 
 def bslz4_encode(array: np.ndarray) -> bytes:
     """Bitshuffle-LZ4 with the 12-byte header, as an Eiger sends ``bs16-lz4<``/``bs32-lz4<``."""
+    return bslz4_chunk(array).tobytes()
+
+
+def bslz4_chunk(array: np.ndarray) -> np.ndarray:
+    """`bslz4_encode` as a uint8 array, copied once (what HDF5's chunk writer takes: at
+    detector sizes a second copy of the bytes costs a millisecond a frame)."""
     array = np.ascontiguousarray(array)
     blocks = bitshuffle.compress_lz4(array, BLOCK_ELEMENTS)
-    header = _BSLZ4_HEADER.pack(array.nbytes, BLOCK_ELEMENTS * array.itemsize)
-    return header + blocks.tobytes()
+    chunk = np.empty(_BSLZ4_HEADER.size + blocks.size, np.uint8)
+    _BSLZ4_HEADER.pack_into(chunk, 0, array.nbytes, BLOCK_ELEMENTS * array.itemsize)
+    chunk[_BSLZ4_HEADER.size :] = blocks
+    return chunk
 
 
 def bslz4_decode(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

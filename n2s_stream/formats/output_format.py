@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from n2s_stream.formats.codecs import bslz4_encode
+from n2s_stream.formats.codecs import bslz4_chunk
 
 if TYPE_CHECKING:
     import h5py
@@ -122,7 +122,7 @@ class OutputFormat:
         GIL for most of its time. In float16, values beyond its range (65504) are inf."""
         stored = _cast(frame, np.dtype(self.dtype))
         if self.compression == "bslz4":
-            return bslz4_encode(stored)
+            return bslz4_chunk(stored)
         if self.compression == "zstd":
             compressor = getattr(_zstd, "compressor", None)
             if compressor is None:
