@@ -7,10 +7,11 @@ Bad frames are rejected with a reason and counted. Stopping drains the queue and
 context window until the stop bound (``stop_by``); what is left then is counted, and a
 directory source reads it again at the next start.
 
-Frames are taken a few at a time (``PREPARE_AHEAD``) and prepared (valid pixels found,
-in-filled, normalised) by a pool of threads while this thread denoises and hands over the
-ones before: at detector sizes preparation costs as much as the I/O. Admission, context
-and the order of frames stay on this thread.
+Frames are taken off the queue a few ahead of the batch being written (``PREPARE_AHEAD``)
+and prepared (valid pixels found, in-filled, normalised) by a pool of threads while this
+thread denoises and hands over the ones before; the same pool restores the denoised frames
+to detector units, several at once: at detector sizes preparation and restoration cost as
+much as the I/O. Admission, context and the order of frames stay on this thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +47,9 @@ log = logging.getLogger(__name__)
 FLUX_EVERY_SECONDS = 1.0
 """How often n2s_flux_ratio is measured (on the frame being written then)."""
 PREPARE_AHEAD = 4
-"""Frames taken off the queue at once, to be prepared in parallel."""
+"""Frames in a batch, and frames taken off the queue beyond it to be prepared meanwhile."""
+POOL_THREADS = 2
+"""Threads that prepare frames and restore denoised ones."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,15 @@ class Pending:
 
     frame: Frame
     valid: np.ndarray
+
+
+@dataclass
+class InHand:
+    """An item taken off the queue, not yet processed; a frame's preparation, once
+    started in the pool."""
+
+    item: Frame | SeriesEnd
+    prepared: Future | None = None
 
 
 class InferenceLoop(BackgroundWorker):
@@ -86,7 +99,8 @@ class InferenceLoop(BackgroundWorker):
         self._flux_measured_at = -FLUX_EVERY_SECONDS  # n2s_flux_ratio: the next frame
         self._abandon = threading.Event()
         self._working = threading.Event()
-        self._preparers: ThreadPoolExecutor | None = None  # started with the first frames
+        self._pool: ThreadPoolExecutor | None = None  # prepares and restores frames
+        self._in_hand: deque[InHand] = deque()  # taken off the queue, not yet processed
 
     @property
     def busy(self) -> bool:
@@ -153,8 +167,8 @@ class InferenceLoop(BackgroundWorker):
             log.error("writing failed: %s", exc)
             self._on_fatal(exc)
         finally:
-            if self._preparers is not None:
-                self._preparers.shutdown(wait=True, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self.sinks.close()
             self.engine.close()
 
@@ -178,33 +192,59 @@ class InferenceLoop(BackgroundWorker):
             self.metrics.frames_unwritten_at_stop.inc(unwritten)
         return max(unwritten, 0)
 
-    def _next_batch(self, *, wait: bool) -> list[Frame | SeriesEnd]:
-        """The next queue item, plus the frames queued right behind it (up to
-        ``max_batch`` or ``PREPARE_AHEAD``): when frames pile up, they are prepared in
-        parallel and one forward pass serves several. A series end closes the batch, so
-        order is kept."""
-        try:
-            batch = [self.frames.get(timeout=0.25) if wait else self.frames.get_nowait()]
-        except queue.Empty:
+    def _next_batch(self, *, wait: bool) -> list[InHand]:
+        """The next items to process: the oldest in hand (else the next queue item) and
+        the frames right behind it, up to ``max_batch`` or ``PREPARE_AHEAD``; a series end
+        closes the batch, so order is kept. Then up to ``PREPARE_AHEAD`` more frames are
+        taken and their preparation started: the pool works on them while this batch is
+        denoised and written."""
+        if not self._in_hand and not self._pull(timeout=0.25 if wait else None):
             return []
-        while isinstance(batch[-1], Frame) and len(batch) < max(self.max_batch, PREPARE_AHEAD):
-            try:
-                batch.append(self.frames.get_nowait())
-            except queue.Empty:
-                break
+        limit = max(self.max_batch, PREPARE_AHEAD)
+        self._pull_ahead(limit)
+        batch = [self._in_hand.popleft()]
+        while self._in_hand and isinstance(batch[-1].item, Frame) and len(batch) < limit:
+            batch.append(self._in_hand.popleft())
+        self._pull_ahead(PREPARE_AHEAD)
         self.metrics.queue_depth.set(self.frames.qsize())
-        self.taken += sum(isinstance(item, Frame) for item in batch)
         return batch
+
+    def _pull_ahead(self, count: int) -> None:
+        """Take queued items, without waiting, until ``count`` are in hand."""
+        while len(self._in_hand) < count and self._pull(timeout=None):
+            pass
+
+    def _pull(self, *, timeout: float | None) -> bool:
+        """Take one item off the queue (waiting at most ``timeout`` seconds; None: not at
+        all) and start preparing it if it is a frame; False if there was none."""
+        try:
+            item = self.frames.get(timeout=timeout) if timeout else self.frames.get_nowait()
+        except queue.Empty:
+            return False
+        in_hand = InHand(item)
+        if isinstance(item, Frame):
+            self.taken += 1
+            normalizer = self.store.snapshot().normalizer  # set once, by the first frame
+            if normalizer is not None:
+                in_hand.prepared = self._workers().submit(_prepared, item, normalizer)
+        self._in_hand.append(in_hand)
+        return True
+
+    def _workers(self) -> ThreadPoolExecutor:
+        """The pool that prepares and restores frames (started with the first frames)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="prepare")
+        return self._pool
 
     def _accounted(self) -> int:
         """Frames taken off the queue that have an outcome: written, refused with a
         reason, or skipped as already written."""
         return self.written + self.refused + self.series.skipped
 
-    def _process_guarded(self, items: list[Frame | SeriesEnd]) -> None:
+    def _process_guarded(self, items: list[InHand]) -> None:
         """Process a batch; a bug met by odd input refuses the frames it touched
         (counted as ``internal_error``, with the traceback logged) and the rest goes on."""
-        frames = [item for item in items if isinstance(item, Frame)]
+        frames = [each.item for each in items if isinstance(each.item, Frame)]
         done_before = self._accounted()
         held_before = self.series.held()
         try:
@@ -223,19 +263,18 @@ class InferenceLoop(BackgroundWorker):
             self.lost += lost
             self.metrics.reject("internal_error", lost)
 
-    def _process(self, items: list[Frame | SeriesEnd]) -> None:
+    def _process(self, items: list[InHand]) -> None:
         """One snapshot for the whole batch; frames are written once their context is
         complete, series ends after their last frame; then the housekeeping."""
         snapshot = self.store.snapshot()
-        ahead = self._prepare_ahead(items, snapshot)
         ready: list[Ready] = []
-        for item in items:
-            if isinstance(item, SeriesEnd):
+        for each in items:
+            if isinstance(each.item, SeriesEnd):
                 self._write(ready, snapshot)
                 ready = []
-                self._end(item, snapshot)
+                self._end(each.item, snapshot)
             else:
-                snapshot, released = self._take(item, snapshot, ahead.get(id(item)))
+                snapshot, released = self._take(each.item, snapshot, each.prepared)
                 ready += released
         self._write(ready, snapshot)
         self._write(self.series.waited_too_long(self.options.context_flush_seconds), snapshot)
@@ -253,25 +292,12 @@ class InferenceLoop(BackgroundWorker):
         self.sinks.end_series(end)
         self.series.closed(end)
 
-    def _prepare_ahead(
-        self, items: list[Frame | SeriesEnd], snapshot: Snapshot
-    ) -> dict[int, Future]:
-        """Start preparing the frames among ``items`` in the pool (once the first frame
-        has set the normaliser); keyed by ``id(frame)``."""
-        frames = [item for item in items if isinstance(item, Frame)]
-        normalizer = snapshot.normalizer
-        if normalizer is None or len(frames) < 2:
-            return {}
-        if self._preparers is None:
-            self._preparers = ThreadPoolExecutor(2, thread_name_prefix="prepare")
-        return {id(frame): self._preparers.submit(_prepared, frame, normalizer) for frame in frames}
-
     def _take(
         self, frame: Frame, snapshot: Snapshot, ahead: Future | None = None
     ) -> tuple[Snapshot, list[Ready]]:
         """Admit one frame and push it into its series' window; returns the snapshot (now
         with a normaliser) and the frames whose context is complete. ``ahead``: the
-        frame's preparation, started in the pool."""
+        frame's preparation, started in the pool (none before the normaliser is set)."""
         before = self.series.seen(frame)
         normalized = None
         try:
@@ -317,8 +343,9 @@ class InferenceLoop(BackgroundWorker):
         )
 
     def _write(self, ready: list[Ready], snapshot: Snapshot) -> None:
-        """Denoise ready frames (one forward pass per run of equal shapes) and hand each
-        to the sinks, in order."""
+        """Denoise ready frames (one forward pass per run of equal shapes), restore them
+        to detector units in the pool, a few at once, and hand each to the sinks, in
+        order."""
         if not ready:
             return
         if self._abandon.is_set():
@@ -326,6 +353,7 @@ class InferenceLoop(BackgroundWorker):
         version = self.engine.use(snapshot)
         normalizer = snapshot.normalizer
         assert normalizer is not None  # set by the first frame's calibration
+        restoring: deque[tuple[Pending, np.ndarray, int, Future]] = deque()
         for group in _runs_of_equal_shape(ready, self.max_batch):
             stacks = (
                 group[0][1][np.newaxis]
@@ -337,30 +365,46 @@ class InferenceLoop(BackgroundWorker):
                 if self.cold_start
                 else (NETWORK, self.engine(stacks))
             )
-            for (pending, stack), image in zip(group, normalizer.inverse(out), strict=True):
-                if self._abandon.is_set():
-                    raise Abandoned("stop bound reached")
-                frame = pending.frame
-                self._keep_flux(image, frame.data, pending.valid)
-                restore_invalid(image, frame.data, pending.valid)
-                self.sinks.write(frame, image, FrameMeta(version, denoiser, pending.valid, stack))
-                self.written += 1
-                self.last_progress = time.monotonic()
-                self.metrics.frames_denoised.inc()
-                self.metrics.frame_latency.observe(time.time() - frame.received_at)
+            for (pending, stack), image in zip(group, out, strict=True):
+                restored = self._workers().submit(
+                    _restored,
+                    image,
+                    pending,
+                    normalizer,
+                    flux=self._flux_due(),
+                    preserve=self.options.preserve_flux,
+                )
+                restoring.append((pending, stack, denoiser, restored))
+            while len(restoring) > POOL_THREADS:
+                self._hand_over(*restoring.popleft(), version)
+        while restoring:
+            self._hand_over(*restoring.popleft(), version)
 
-    def _keep_flux(self, denoised: np.ndarray, raw: np.ndarray, valid: np.ndarray) -> None:
-        """With ``preserve_flux``, scale the frame to its raw total; ``n2s_flux_ratio`` is
-        the network's own ratio (before that scaling). Without it, the ratio is measured
-        on one frame a second: two sums over a large frame cost milliseconds, too much for
-        every frame of a fast detector."""
-        if self.options.preserve_flux:
-            self.metrics.flux_ratio.set(preserve_frame_flux(denoised, raw, valid))
-            return
+    def _hand_over(
+        self, pending: Pending, stack: np.ndarray, denoiser: int, restored: Future, version: int
+    ) -> None:
+        """Give one restored frame to the sinks."""
+        if self._abandon.is_set():
+            raise Abandoned("stop bound reached")
+        image, ratio = restored.result()
+        if ratio is not None:
+            self.metrics.flux_ratio.set(ratio)
+        frame = pending.frame
+        self.sinks.write(frame, image, FrameMeta(version, denoiser, pending.valid, stack))
+        self.written += 1
+        self.last_progress = time.monotonic()
+        self.metrics.frames_denoised.inc()
+        self.metrics.frame_latency.observe(time.time() - frame.received_at)
+
+    def _flux_due(self) -> bool:
+        """Whether the next frame's flux ratio is measured: every frame with
+        ``preserve_flux`` (it is scaled by it), else one frame a second (two sums over a
+        large frame cost milliseconds, too much for every frame of a fast detector)."""
         now = time.monotonic()
-        if now - self._flux_measured_at >= FLUX_EVERY_SECONDS:
+        if self.options.preserve_flux or now - self._flux_measured_at >= FLUX_EVERY_SECONDS:
             self._flux_measured_at = now
-            self.metrics.flux_ratio.set(flux_ratio(denoised, raw, valid))
+            return True
+        return False
 
     def _reject(self, frame: Frame, reason: str, why: str) -> None:
         self.refused += 1
@@ -378,6 +422,22 @@ def _prepared(frame: Frame, normalizer: Normalizer) -> tuple[np.ndarray, np.ndar
     except Exception as exc:
         log.exception("preparing frame %d of %s failed", frame.index, frame.series)
         raise Unusable("internal_error", f"preparation failed: {exc}") from exc
+
+
+def _restored(
+    image: np.ndarray, pending: Pending, normalizer: Normalizer, *, flux: bool, preserve: bool
+) -> tuple[np.ndarray, float | None]:
+    """A denoised frame in detector units, its unmeasured pixels given back their source
+    value; and the network's flux ratio where ``flux`` (else None). With ``preserve``,
+    the frame is scaled to its raw total, before the sentinels return."""
+    denoised = normalizer.inverse(image)
+    raw, valid = pending.frame.data, pending.valid
+    ratio = None
+    if preserve:
+        ratio = preserve_frame_flux(denoised, raw, valid)
+    elif flux:
+        ratio = flux_ratio(denoised, raw, valid)
+    return restore_invalid(denoised, raw, valid), ratio
 
 
 def _runs_of_equal_shape(ready: list[Ready], limit: int) -> Iterator[list[Ready]]:
