@@ -36,7 +36,8 @@ def bslz4_chunk(array: np.ndarray) -> np.ndarray:
     array = np.ascontiguousarray(array)
     blocks = bitshuffle.compress_lz4(array, BLOCK_ELEMENTS)
     chunk = np.empty(_BSLZ4_HEADER.size + blocks.size, np.uint8)
-    _BSLZ4_HEADER.pack_into(chunk, 0, array.nbytes, BLOCK_ELEMENTS * array.itemsize)
+    header = _BSLZ4_HEADER.pack(array.nbytes, BLOCK_ELEMENTS * array.itemsize)
+    chunk[: _BSLZ4_HEADER.size] = np.frombuffer(header, np.uint8)
     chunk[_BSLZ4_HEADER.size :] = blocks
     return chunk
 

@@ -16,7 +16,7 @@ import pytest
 
 from n2s_stream.config import DaemonConfig, DenoiseConfig
 from n2s_stream.errors import InputError, UsageError
-from n2s_stream.formats.codecs import bslz4_encode
+from n2s_stream.formats.codecs import bslz4_chunk, bslz4_decode, bslz4_encode
 from n2s_stream.formats.output_format import OutputFormat, format_of
 from n2s_stream.formats.stack import open_stack
 from n2s_stream.formats.writer import FrameWriter, whole_frames
@@ -400,3 +400,10 @@ def test_hdf5s_own_h5dump_reads_uncompressed_outputs(tmp_path, dtype):
     block = dump.stdout.split("DATA {", 1)[1].split("}", 1)[0]
     values = [float(v) for v in re.sub(r"\(\d+,\d+,\d+\):", "", block).split(",")]
     assert np.array_equal(np.array(values, np.float32), frames.ravel())
+
+
+def test_a_bslz4_chunk_is_the_encoded_bytes_and_decodes_back():
+    frame = np.random.default_rng(2).poisson(3.0, (37, 53)).astype(np.float16)
+    chunk = bslz4_chunk(frame)
+    assert chunk.dtype == np.uint8 and chunk.tobytes() == bslz4_encode(frame)
+    assert np.array_equal(bslz4_decode(chunk.tobytes(), frame.shape, frame.dtype), frame)
