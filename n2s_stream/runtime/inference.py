@@ -291,6 +291,7 @@ class InferenceLoop(BackgroundWorker):
         self._write(self.series.end(end), snapshot)
         self.sinks.end_series(end)
         self.series.closed(end)
+        self.metrics.series_ended.labels(str(end.complete).lower()).inc()
 
     def _take(
         self, frame: Frame, snapshot: Snapshot, ahead: Future | None = None

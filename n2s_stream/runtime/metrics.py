@@ -60,6 +60,13 @@ class Metrics:
         self.frames_missing = Counter(
             "n2s_frames_missing", "Gaps in a series' frame numbers", registry=registry
         )
+        self.series_ended = Counter(
+            "n2s_series_ended",
+            "Series ended, their frames written and outputs closed: complete (the source "
+            "said so) or not (closed for idleness, resumed if frames come)",
+            ["complete"],
+            registry=registry,
+        )
         self.frame_latency = Histogram(
             "n2s_frame_latency_seconds",
             "Time from a frame's arrival to its being written",

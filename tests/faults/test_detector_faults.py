@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers.daemon import DaemonProcess, read_output, start_writer
+from tests.helpers.daemon import DaemonProcess, frames_in, read_output, start_writer
 from tests.helpers.fault_report import FaultFigure
 
 pytestmark = pytest.mark.faults
@@ -23,8 +23,8 @@ def test_detector_writer_killed_mid_file(tmp_path, fault_figures):
     time.sleep(1.5)
     writer.kill()
     writer.wait(timeout=30)
-    found = daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \((\d+) frames\)", timeout=60)
-    n = int(found.group(1))
+    daemon.wait_for_ended(1, timeout=60)
+    n = frames_in(daemon.output("scan_0001_n2s.h5"))
     assert daemon.terminate() == 0
     import h5py
 
@@ -56,10 +56,11 @@ def test_source_file_deleted_while_read(tmp_path, fault_figures):
     (daemon.watch / "scan_0001.h5").unlink()
     writer.kill()
     writer.wait(timeout=30)
-    daemon.wait_for(r"closed output .*scan_0001_n2s.h5", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
     second = start_writer(daemon.watch, frames=10, rate=0, name="scan_0002")
     assert second.wait(timeout=60) == 0
-    daemon.wait_for(r"closed output .*scan_0002_n2s.h5 \(10 frames\)", timeout=60)
+    daemon.wait_for_ended(2, timeout=60)
+    assert frames_in(daemon.output("scan_0002_n2s.h5")) == 10
     assert daemon.terminate() == 0
     index = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
     fault_figures.append(
@@ -81,7 +82,8 @@ def test_source_file_renamed_while_read(tmp_path, fault_figures):
     (daemon.watch / "scan_0001.h5").rename(daemon.watch / "scan_0001_renamed.h5")
     daemon.wait_for("renamed to .*scan_0001_renamed.h5: still series scan_0001")
     assert writer.wait(timeout=60) == 0
-    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(150 frames\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 150
     assert daemon.terminate() == 0
     written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
     assert sorted(p.name for p in daemon.out.iterdir()) == ["scan_0001_n2s.h5"]

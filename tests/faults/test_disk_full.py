@@ -11,6 +11,7 @@ import pytest
 from tests.helpers.daemon import (
     FLOAT32,
     DaemonProcess,
+    frames_in,
     mounted_tmpfs,
     read_output,
     remount,
@@ -42,7 +43,8 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, 
     assert writer.wait(timeout=60) == 0
     remount(small_disk, "size=32m")
     daemon.wait_for("space returned on the output disk", timeout=30)
-    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(200 frames\\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 200
     assert daemon.scrape()["n2s_output_paused"] == 0
     assert daemon.terminate() == 0
     frames, provenance = read_output(small_disk / "scan_0001_n2s.h5")
@@ -88,7 +90,8 @@ def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
     remount(small_disk, "size=32m")
     again = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1", name="restarted")
     again.wait_ready()
-    again.wait_for("closed output .*scan_0001_n2s.h5 \\(200 frames\\)", timeout=120)
+    again.wait_for_ended(1, timeout=120)
+    assert frames_in(again.output("scan_0001_n2s.h5")) == 200
     assert again.terminate() == 0
     _, provenance = read_output(small_disk / "scan_0001_n2s.h5")
     written = provenance["source_frame"]

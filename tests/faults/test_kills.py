@@ -152,7 +152,7 @@ def zmq_trials(tmp_path: Path, figures, *, trials: int, n_frames: int, seed: int
     daemon = DaemonProcess(tmp_path, *feed, name="final")
     daemon.wait_ready()
     detector.release()
-    daemon.wait_for(f"closed output .*{OUTPUT}", timeout=max(120, n_frames / 10))
+    daemon.wait_for_ended(1, timeout=max(120, n_frames / 10))
     detector.wait(timeout=60)
     assert daemon.terminate() == 0
     frames, provenance = read_output(tmp_path / "out" / OUTPUT)

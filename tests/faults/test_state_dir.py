@@ -13,6 +13,7 @@ import pytest
 from tests.helpers.daemon import (
     N2S,
     DaemonProcess,
+    frames_in,
     mounted_tmpfs,
     read_output,
     remount,
@@ -45,7 +46,8 @@ def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
             assert time.monotonic() < deadline, "no checkpoint after the state dir recovered"
             time.sleep(0.2)
         assert writer.wait(timeout=120) == 0
-        daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(300 frames\)", timeout=60)
+        daemon.wait_for_ended(1, timeout=60)
+        assert frames_in(daemon.output("scan_0001_n2s.h5")) == 300
         assert daemon.terminate() == 0
         log = daemon.log()
     written = read_output(daemon.out / "scan_0001_n2s.h5")[1]["source_frame"]
@@ -70,7 +72,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, fault_fi
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=60, rate=30)
     assert writer.wait(timeout=60) == 0
-    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(60 frames\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 60
     deadline = time.monotonic() + 30
     while len(list(daemon.state.glob("checkpoints/ckpt_v*.pt"))) < 2:
         assert time.monotonic() < deadline, "fewer than 2 checkpoints written"

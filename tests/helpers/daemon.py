@@ -95,6 +95,32 @@ class DaemonProcess:
             time.sleep(0.1)
         raise AssertionError(f"{pattern!r} not in daemon log:\n{self.log()[-3000:]}")
 
+    def wait_for_ended(self, series: int = 1, timeout: float = 60.0) -> None:
+        """Wait until ``series`` series have ended in this process (complete, or closed
+        for idleness: their frames written and their outputs closed), by the metric
+        ``n2s_series_ended_total``, not by the log's wording."""
+        assert self.port is not None, "wait_ready() first: the metrics port comes from it"
+        deadline = time.monotonic() + timeout
+        ended = 0.0
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                metrics = scrape(self.port)
+            except OSError:  # the endpoint between two answers
+                metrics = {}
+            ended = sum(v for k, v in metrics.items() if k.startswith("n2s_series_ended_total"))
+            if ended >= series:
+                return
+            time.sleep(0.1)
+        raise AssertionError(
+            f"{ended:g} of {series} series ended; the daemon log ends:\n{self.log()[-3000:]}"
+        )
+
+    def output(self, name: str) -> Path:
+        """The one output file called ``name`` under ``--out`` (outputs may sit in
+        subfolders that mirror the watched directory)."""
+        (path,) = self.out.rglob(name)
+        return path
+
     def wait_ready(self) -> None:
         """Wait for READY; learn the metrics port."""
         self.port = int(self.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
@@ -257,3 +283,9 @@ def chromium_dom(url: str, profile: Path, budget_ms: int = 6000) -> subprocess.C
         text=True,
         timeout=120,
     )
+
+
+def frames_in(path: Path) -> int:
+    """Denoised frames in an output file (``/entry/data/data``)."""
+    with h5py.File(path, "r", swmr=True) as f:
+        return int(f["/entry/data/data"].shape[0])

@@ -20,7 +20,7 @@ import pytest
 from n2s_stream.formats.codecs import MessageError
 from n2s_stream.sources.bluesky.documents import decode_message, frame_stream, series_name
 from tests.helpers.bluesky_run import PEER, bluesky_ready, run_scan, start_proxy
-from tests.helpers.daemon import STARTED, DaemonProcess, read_output
+from tests.helpers.daemon import STARTED, DaemonProcess, frames_in, read_output
 
 
 def test_documents_decode_from_json_and_msgpack_and_pickles_are_refused_unread(tmp_path):
@@ -101,14 +101,16 @@ def test_a_bluesky_run_is_followed_through_the_proxy(tmp_path):
         str(marker),
     )
     series = f"scan{run['scan_id']}_{run['uid'][:8]}_bdet"
-    daemon.wait_for(f"closed output .*{series}_n2s.h5 \\(12 frames\\)", timeout=120)
+    daemon.wait_for_ended(1, timeout=120)
+    assert frames_in(daemon.output(f"{series}_n2s.h5")) == 12
     # a second run, msgpack, that fails after 5 frames: its series ends with those
     failed = run_scan(
         proxy_in, data, "--frames", "12", "--serializers", "msgpack", "--abort-after", "5"
     )
     assert failed["exit_status"] == "fail"
     failed_series = f"scan{failed['scan_id']}_{failed['uid'][:8]}_bdet"
-    daemon.wait_for(f"closed output .*{failed_series}_n2s.h5 \\(5 frames\\)", timeout=120)
+    daemon.wait_for_ended(2, timeout=120)
+    assert frames_in(daemon.output(f"{failed_series}_n2s.h5")) == 5
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
 
@@ -191,7 +193,8 @@ def test_a_restart_mid_run_continues_its_series(tmp_path):
     again.wait_for(r"run \S+ still open: series \S+ continues at frame [1-9]")
     run = json.loads(peer.communicate(timeout=180)[0].strip().splitlines()[-1])
     series = f"scan{run['scan_id']}_{run['uid'][:8]}_bdet"
-    again.wait_for(f"closed output .*{series}_n2s.h5 \\(90 frames\\)", timeout=120)
+    again.wait_for_ended(1, timeout=120)
+    assert frames_in(again.output(f"{series}_n2s.h5")) == 90
     assert again.terminate() == 0, again.log()[-2000:]
     frames, provenance = read_output(again.out / f"{series}_n2s.h5")
     assert frames.shape == (90, 240, 320)
@@ -206,7 +209,8 @@ def test_an_older_area_detectors_resource_and_datums_are_followed(tmp_path):
     daemon, proxy_in, proxy_out, data = _following_daemon(tmp_path)
     run = run_scan(proxy_in, data, "--legacy", "2", "--frames", "10", "--serializers", "msgpack")
     series = f"scan41_{run['uid'][:8]}_adsim_image"
-    daemon.wait_for(f"closed output .*{series}_n2s.h5 \\(20 frames\\)", timeout=120)
+    daemon.wait_for_ended(1, timeout=120)
+    assert frames_in(daemon.output(f"{series}_n2s.h5")) == 20
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
     assert metrics["n2s_frames_denoised_total"] == 20

@@ -18,7 +18,7 @@ from n2s_stream import __version__
 from n2s_stream.commands.simulate import truth_path
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.pretrained import DEFAULT
-from tests.helpers.daemon import DaemonProcess, read_output, start_writer
+from tests.helpers.daemon import DaemonProcess, frames_in, read_output, start_writer
 
 
 def _follow_output(path: str, queue, seconds: float) -> None:
@@ -53,7 +53,8 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     daemon.wait_for("opened output")
     reader.start()
     assert writer.wait(timeout=120) == 0
-    daemon.wait_for("closed output .* \\(80 frames\\)", timeout=120)
+    daemon.wait_for_ended(1, timeout=120)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 80
     seen = queue.get(timeout=60)
     reader.join(timeout=30)
     time.sleep(3)  # let the idle trainer publish a few more versions
@@ -184,7 +185,8 @@ def test_eiger_series_followed_by_polling_with_its_pixel_mask(tmp_path):
     assert "polling every 0.3s" in daemon.log()
     writer = start_writer(daemon.watch, frames=30, rate=15, layout="eiger", shape="32x40")
     assert writer.wait(timeout=60) == 0
-    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(30 frames\\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 30
     assert daemon.terminate() == 0
     frames, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
     assert np.array_equal(provenance["source_frame"], np.arange(30))
@@ -204,7 +206,8 @@ def test_preserve_flux_keeps_each_frames_total_and_leaves_the_gaps_alone(tmp_pat
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=12, rate=15, layout="eiger", shape="32x40")
     assert writer.wait(timeout=60) == 0
-    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(12 frames\\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 12
     ratio = daemon.scrape()["n2s_flux_ratio"]
     assert daemon.terminate() == 0
     frames, _ = read_output(daemon.out / "scan_0001_n2s.h5")
@@ -234,7 +237,8 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=40, rate=10, shape="32x32")
     assert writer.wait(timeout=120) == 0
-    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(40 frames\)", timeout=240)
+    daemon.wait_for_ended(1, timeout=240)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 40
     # Training yields while frames queue (they do during the compile): new weights come
     # once the detector pauses; the next series must be denoised with them.
     deadline = time.monotonic() + 120
@@ -243,7 +247,8 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
         time.sleep(0.5)
     second = start_writer(daemon.watch, frames=5, rate=10, shape="32x32", name="scan_0002")
     assert second.wait(timeout=120) == 0
-    daemon.wait_for(r"closed output .*scan_0002_n2s.h5 \(5 frames\)", timeout=240)
+    daemon.wait_for_ended(2, timeout=240)
+    assert frames_in(daemon.output("scan_0002_n2s.h5")) == 5
     assert daemon.terminate() == 0
     frames, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
     assert np.array_equal(provenance["source_frame"], np.arange(40))
@@ -272,7 +277,8 @@ def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=20, rate=20, shape="32x32")
     assert writer.wait(timeout=60) == 0
-    daemon.wait_for("closed output .* \\(20 frames\\)", timeout=90)
+    daemon.wait_for_ended(1, timeout=90)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 20
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
     assert "internal_error" not in daemon.log()
@@ -295,7 +301,8 @@ def test_without_training_a_model_from_scratch_never_writes(tmp_path):
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=8, rate=20, shape="32x32")
     assert writer.wait(timeout=60) == 0
-    daemon.wait_for("closed output .* \\(8 frames\\)", timeout=90)
+    daemon.wait_for_ended(1, timeout=90)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 8
     assert daemon.terminate() == 0, daemon.log()[-2000:]
     with h5py.File(daemon.out / "scan_0001_n2s.h5") as handle:
         assert handle["/entry/provenance/denoiser"][()].tolist() == [1] * 8

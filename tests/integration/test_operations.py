@@ -17,7 +17,7 @@ from n2s_stream.config import DaemonConfig
 from n2s_stream.daemon import Daemon
 from n2s_stream.options import make
 from n2s_stream.runtime.worker import unfinished_threads
-from tests.helpers.daemon import N2S, STARTED, DaemonProcess, free_port, start_writer
+from tests.helpers.daemon import N2S, STARTED, DaemonProcess, frames_in, free_port, start_writer
 
 
 def test_a_tee_nobody_reads_never_stalls_the_daemon(tmp_path):
@@ -44,7 +44,8 @@ def test_a_tee_nobody_reads_never_stalls_the_daemon(tmp_path):
         ]
     )
     STARTED.append(detector)
-    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(60 frames\\)", timeout=90)
+    daemon.wait_for_ended(1, timeout=90)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 60
     assert detector.wait(timeout=60) == 0
     metrics = daemon.scrape()
     started = time.monotonic()
@@ -170,7 +171,8 @@ def test_sigterm_with_a_full_queue_stops_within_stop_timeout(tmp_path):
     again = DaemonProcess(tmp_path, "--no-cold-start", name="restarted")
     again.wait_ready()
     assert again.scrape()["n2s_frames_unwritten_at_last_stop"] == unwritten
-    again.wait_for("closed output .*scan_0001_n2s.h5 \\(120 frames\\)", timeout=180)
+    again.wait_for_ended(1, timeout=180)
+    assert frames_in(again.output("scan_0001_n2s.h5")) == 120
     assert again.terminate() == 0
     _, provenance = read_output(again.out / "scan_0001_n2s.h5")
     assert provenance["source_frame"].tolist() == list(range(120))
@@ -422,8 +424,9 @@ def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(tmp_path):
     daemon.proc.send_signal(signal.SIGUSR1)
     _wait(lambda: "most recent call first" in daemon.log())
     assert writer.wait(timeout=60) == 0
-    written = daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \((\d+) frames\)", timeout=120)
-    assert written.group(1) == "40" and daemon.proc.poll() is None, daemon.log()[-3000:]
+    daemon.wait_for_ended(1, timeout=120)
+    written = frames_in(daemon.output("scan_0001_n2s.h5"))
+    assert written == 40 and daemon.proc.poll() is None, daemon.log()[-3000:]
     assert daemon.terminate(timeout=120) == 0
     log = daemon.log()
     assert 'File "' in log and "in _run" in log  # the workers' frames, by function

@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from n2s_stream.formats import protocols
-from tests.helpers.daemon import STARTED, DaemonProcess, free_port
+from tests.helpers.daemon import STARTED, DaemonProcess, frames_in, free_port
 
 CONFIG = Path(__file__).parents[2] / "config"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
@@ -130,7 +130,8 @@ def test_dashboard_and_alert_expressions_return_data_from_a_real_prometheus(tmp_
     try:
         _wait(lambda: _up(prom_port), seconds=60)  # scraped before the frames: increase()
         _feed(endpoint)  # sees the counters move
-        daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(4 frames\\)", timeout=90)
+        daemon.wait_for_ended(1, timeout=90)
+        assert frames_in(daemon.output("scan_0001_n2s.h5")) == 4
         _wait(
             lambda: (
                 _query(prom_port, 'n2s_frames_denoised_total{job="n2s-stream"}')

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 
 from n2s_stream import __version__
-from tests.helpers.daemon import FLOAT32, N2S, STARTED, DaemonProcess, free_port, read_output
+from tests.helpers.daemon import (
+    FLOAT32,
+    N2S,
+    STARTED,
+    DaemonProcess,
+    frames_in,
+    free_port,
+    read_output,
+)
 from tests.helpers.pva import client_env, pva_env, pvapy_reader, scripted_server, server_env
 
 pytest.importorskip("p4p", reason="optional extra [pva] not installed")
@@ -90,7 +98,8 @@ def test_two_acquisitions_by_acquire_pv_with_gaps_served_back_as_a_pv(tmp_path):
     first = opened.group(1)
     daemon.wait_for(r"ended after 25 frames \(no frames for 1 s after Acquire went to 0\)")
     daemon.wait_for(r"series \S+ started at uniqueId 28\b")
-    daemon.wait_for(f"closed output .*{first}_n2s.h5 \\(25 frames\\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output(f"{first}_n2s.h5")) == 25
     metrics = _wait_denoised(daemon, 50)
     assert reader.wait(timeout=60) == 0, reader.stdout.read()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
@@ -161,7 +170,7 @@ def test_jpeg_refused_counter_reset_and_a_burst_beyond_the_monitor_queue(tmp_pat
     daemon.wait_ready()
     assert ioc.wait(timeout=120) == 0, (tmp_path / "ioc.log").read_text()
     daemon.wait_for(r"series \S+ ended after \d+ frames \(no frames", timeout=60)
-    daemon.wait_for(r"(closed output[\s\S]*){3}", timeout=60)  # all three series
+    daemon.wait_for_ended(3, timeout=60)
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
 

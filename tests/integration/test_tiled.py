@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.bluesky_run import bluesky_ready, run_scan, start_proxy
-from tests.helpers.daemon import STARTED, DaemonProcess, free_port, read_output
+from tests.helpers.daemon import STARTED, DaemonProcess, frames_in, free_port, read_output
 
 ROOT = Path(__file__).parents[2]
 READ_BACK = """
@@ -95,7 +95,8 @@ def test_outputs_are_registered_in_tiled_and_an_outage_is_retried(tmp_path):
     run = run_scan(proxy_in, data, "--frames", "12", "--serializers", "json")
     series = f"scan{run['scan_id']}_{run['uid'][:8]}_bdet"
     output = daemon.out / f"{series}_n2s.h5"
-    daemon.wait_for(f"closed output .*{series}_n2s.h5 \\(12 frames\\)", timeout=120)
+    daemon.wait_for_ended(1, timeout=120)
+    assert frames_in(daemon.output(f"{series}_n2s.h5")) == 12
     daemon.wait_for("Tiled .* cannot register", timeout=30)
     assert daemon.scrape()["n2s_tiled_errors_total"] >= 1
     server = _tiled_server(tmp_path / "tiled", daemon.out, key, port)

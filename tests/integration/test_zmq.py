@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from n2s_stream.formats import protocols as p
-from tests.helpers.daemon import N2S, STARTED, DaemonProcess, free_port
+from tests.helpers.daemon import N2S, STARTED, DaemonProcess, frames_in, free_port
 
 
 def _frames_in(path):
@@ -53,8 +53,9 @@ def test_each_protocol_two_series_exactly_once(tmp_path, protocol, names):
     STARTED.append(detector)
     daemon = DaemonProcess(tmp_path, "--zmq", endpoint, "--zmq-protocol", protocol)
     daemon.wait_ready()
-    for name in names:
-        daemon.wait_for(f"closed output .*{name}_n2s.h5 \\(12 frames\\)", timeout=90)
+    for ended, name in enumerate(names, start=1):
+        daemon.wait_for_ended(ended, timeout=90)
+        assert frames_in(daemon.output(f"{name}_n2s.h5")) == 12
     assert detector.wait(timeout=60) == 0
     metrics = daemon.scrape()
     assert daemon.terminate() == 0
@@ -91,10 +92,8 @@ def test_series_number_reused_after_end_gets_a_new_file(tmp_path):
             timeout=60,
         )
         assert proc.returncode == 0
-        daemon.wait_for(
-            "closed output .*series_000001" + ("_r2" if run else "") + "_n2s.h5 \\(4 frames\\)",
-            timeout=60,
-        )
+        daemon.wait_for_ended(run + 1, timeout=60)
+        assert frames_in(daemon.output("series_000001" + ("_r2" if run else "") + "_n2s.h5")) == 4
         time.sleep(0.5)
     assert daemon.terminate() == 0
     assert _frames_in(daemon.out / "series_000001_n2s.h5")[1].tolist() == [0, 1, 2, 3]
@@ -180,7 +179,7 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
     # the other worker's frames are not gaps (--shared-feed)
     assert all(w.scrape()["n2s_frames_missing_total"] == 0 for w in workers)
     for worker in workers:  # the end message reached one; the other closes when idle
-        worker.wait_for("closed output .*scan_0001_n2s.h5", timeout=30)
+        worker.wait_for_ended(1, timeout=30)
     for worker in workers:
         assert worker.terminate() == 0
     shards = [w.out / "scan_0001_n2s.h5" for w in workers]
@@ -234,7 +233,8 @@ def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
         for k in range(2, 6):  # frame 2 again: the detector resent it
             push.send_multipart(p.stream1_image(7, k, frames[k]))
         push.send_multipart(p.stream1_end(7))
-        second.wait_for("closed output .*series_000007_n2s.h5 \\(6 frames\\)", timeout=30)
+        second.wait_for_ended(1, timeout=30)
+        assert frames_in(second.output("series_000007_n2s.h5")) == 6
         assert "header details restored" in second.log()
         assert second.terminate() == 0
         # the series ended: its header left the state dir (masks can be tens of MB each)
@@ -269,7 +269,7 @@ def test_drop_policy_counts_what_it_drops(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0
-    daemon.wait_for("closed output .*scan_0001_n2s.h5", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
     metrics = daemon.scrape()
     assert daemon.terminate() == 0
     dropped = metrics.get('n2s_frames_rejected_total{reason="dropped_queue_full"}', 0)
@@ -301,10 +301,8 @@ def test_detector_restart_is_followed_by_reconnecting(tmp_path):
             timeout=60,
         )
         assert proc.returncode == 0
-        daemon.wait_for(
-            "closed output .*scan_0001" + ("_r2" if run else "") + "_n2s.h5 \\(5 frames\\)",
-            timeout=60,
-        )
+        daemon.wait_for_ended(run + 1, timeout=60)
+        assert frames_in(daemon.output("scan_0001" + ("_r2" if run else "") + "_n2s.h5")) == 5
     assert daemon.terminate() == 0
 
 
@@ -354,7 +352,7 @@ def test_inference_worker_adopts_the_training_workers_checkpoints(tmp_path):
     )
     assert proc.returncode == 0
     for worker in (trainer, follower):
-        worker.wait_for("closed output .*scan_0001_n2s.h5", timeout=30)
+        worker.wait_for_ended(1, timeout=30)
     follower.wait_for("adopted model version")
     assert follower.scrape()["n2s_train_steps_total"] == 0
     for worker in (trainer, follower):
@@ -380,7 +378,8 @@ def test_sub_socket_follows_a_publishing_detector(tmp_path):
         for k in range(4):
             pub.send_multipart(p.stream2_image(3, k, frame, "lz4"))
         pub.send_multipart(p.stream2_end(3))
-        daemon.wait_for("closed output .*series_000003_n2s.h5 \\(4 frames\\)", timeout=30)
+        daemon.wait_for_ended(1, timeout=30)
+        assert frames_in(daemon.output("series_000003_n2s.h5")) == 4
         assert daemon.terminate() == 0
     finally:
         pub.close(linger=0)

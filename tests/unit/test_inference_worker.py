@@ -189,6 +189,9 @@ def test_an_idle_series_resumes_without_counting_anything_twice(tmp_path):
     value = metrics.registry.get_sample_value
     assert value("n2s_frames_missing_total") == 0
     assert value("n2s_frames_denoised_total") == 8
+    # one idle close, then the end the source sent
+    assert value("n2s_series_ended_total", {"complete": "false"}) == 1
+    assert value("n2s_series_ended_total", {"complete": "true"}) == 1
 
 
 def test_an_output_that_cannot_be_resumed_refuses_its_series_only(tmp_path):
