@@ -187,21 +187,8 @@ class Daemon:
             scheduler.attach(inference=inference)
             refiner = None
             if roles.refining:
-                refiner = Refiner(
-                    state.root / "refine",
-                    network=Network(
-                        build_model(self._model_config).to(device),
-                        self._masker,
-                        device,
-                        jinv=config.inference.jinv,
-                        preserve_flux=config.inference.preserve_flux,
-                    ),
-                    services=services,
-                    calibration=inference.calibration,
-                    options=config.refine,
-                    outputs=sink_context.outputs,
-                    cold_start=cold_start,
-                    on_published=[s.refined for s in sinks if isinstance(s, RefinedListener)],
+                refiner = self._refiner(
+                    device, services, inference, chain, sink_context.outputs, cold_start
                 )
                 scheduler.attach(refiner=refiner)
             trainer = None
@@ -234,6 +221,37 @@ class Daemon:
                 if worker is not None:
                     worker.start()
         return stages
+
+    def _refiner(
+        self,
+        device: torch.device,
+        services: Services,
+        inference: InferenceLoop,
+        sinks: SinkChain,
+        outputs: OutputAccess,
+        cold_start: ColdStart,
+    ) -> Refiner:
+        """The refiner of finished series: a network of its own, the live calibration,
+        the access to the outputs it shares with the live writer, and the sinks that hear
+        of each refined output."""
+        inference_options = self.config.inference
+        network = Network(
+            build_model(self._model_config).to(device),
+            self._masker,
+            device,
+            jinv=inference_options.jinv,
+            preserve_flux=inference_options.preserve_flux,
+        )
+        return Refiner(
+            self.config.service.state_dir / "refine",
+            network=network,
+            services=services,
+            calibration=inference.calibration,
+            options=self.config.refine,
+            outputs=outputs,
+            cold_start=cold_start,
+            on_published=[s.refined for s in sinks.sinks if isinstance(s, RefinedListener)],
+        )
 
     def _roles(self, checkpoint: Checkpoint | None) -> Roles:
         """Which of training, the cold start and refinement this daemon runs.

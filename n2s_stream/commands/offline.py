@@ -18,7 +18,7 @@ from n2s_stream.config import DenoiseConfig, TrainConfig, as_toml
 from n2s_stream.errors import CheckpointError, InputError, UsageError
 from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.formats.stack import FrameStack, open_stack
-from n2s_stream.formats.writer import FrameWriter, output_name
+from n2s_stream.formats.writer import FrameWriter, OutputHeader, output_name
 from n2s_stream.models import StateDict, build_model, count_parameters, use_fast_layout
 from n2s_stream.n2s.context import context_indices, context_stack
 from n2s_stream.n2s.denoising import denoise_series, to_source_dtype
@@ -519,8 +519,7 @@ def denoise(config: DenoiseConfig) -> DenoiseResult:
             dtype=out_dtype,
             output_format=config.storage.output_format().for_source(stack.dtype),
             mean_count=mean_count,
-            config_text=as_toml(config, "denoise"),
-            source=str(config.h5),
+            header=OutputHeader(as_toml(config, "denoise"), str(config.h5)),
         ) as writer:
             bar = tqdm(total=len(stack), unit="frame", disable=not config.progress)
             for indices, denoised in denoise_series(

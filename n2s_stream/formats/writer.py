@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -188,14 +188,26 @@ class Provenance:
         }
 
 
+@dataclass(frozen=True)
+class OutputHeader:
+    """What a new output records about where its frames come from: the configuration
+    that made it (TOML text), the source (series or file), notes (``/entry/process``),
+    and the names of the per-frame attributes its provenance gets columns for."""
+
+    config_text: str = ""
+    source: str = ""
+    notes: Mapping[str, str] = field(default_factory=dict)
+    attribute_names: Sequence[str] = ()
+
+
 class FrameWriter:
     """Appends denoised frames and their provenance rows to an SWMR output file.
 
-    A new file is created, or with ``resume=True`` an existing one is continued in the
-    format it was begun with: it is first cut back to its whole frames (a frame counts
-    once its last provenance row is in), and a file left "open for write" by a killed
-    process is rewritten first. ``dtype`` overrides ``output_format``'s; ``mean_count``
-    (the series' mean count) sets a lossy codec's error bound.
+    A new file is created with ``header``, or with ``resume=True`` an existing one is
+    continued in the format it was begun with: it is first cut back to its whole frames
+    (a frame counts once its last provenance row is in), and a file left "open for write"
+    by a killed process is rewritten first. ``dtype`` overrides ``output_format``'s;
+    ``mean_count`` (the series' mean count) sets a lossy codec's error bound.
     """
 
     def __init__(
@@ -207,10 +219,7 @@ class FrameWriter:
         output_format: OutputFormat | None = None,
         mean_count: float = 1.0,
         flush_seconds: float = 0.0,
-        config_text: str = "",
-        source: str = "",
-        notes: dict[str, str] | None = None,
-        attribute_names: Sequence[str] = (),
+        header: OutputHeader | None = None,
         resume: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -245,9 +254,7 @@ class FrameWriter:
             return
         self._file = h5py.File(self.path, "w", libver="latest")
         try:
-            self._create_layout(
-                tuple(frame_shape), mean_count, config_text, source, notes or {}, attribute_names
-            )
+            self._create_layout(tuple(frame_shape), mean_count, header or OutputHeader())
             self._file.swmr_mode = True
         except BaseException:
             self._file.close()
@@ -288,13 +295,7 @@ class FrameWriter:
                 ds.resize(whole, axis=0)  # attribute columns may be short: NaN-filled
 
     def _create_layout(
-        self,
-        frame_shape: tuple[int, ...],
-        mean_count: float,
-        config_text: str,
-        source: str,
-        notes: dict[str, str],
-        attribute_names: Sequence[str],
+        self, frame_shape: tuple[int, ...], mean_count: float, header: OutputHeader
     ) -> None:
         self._count = 0
         entry = self._file.create_group("entry")
@@ -313,7 +314,7 @@ class FrameWriter:
         self._provenance = {
             name: _column(provenance, name, kind) for name, kind in PROVENANCE_FIELDS.items()
         }
-        columns = sorted({attribute_column(name) for name in attribute_names})
+        columns = sorted({attribute_column(name) for name in header.attribute_names})
         if len(columns) > MAX_ATTRIBUTES:
             log.warning(
                 "%s: %d attribute names; the first %d (by name) are kept",
@@ -335,9 +336,9 @@ class FrameWriter:
         process.attrs["NX_class"] = "NXprocess"
         process["program"] = "n2s-stream"
         process["version"] = __version__
-        process["config"] = config_text
-        process["source"] = source
-        for key, text in notes.items():
+        process["config"] = header.config_text
+        process["source"] = header.source
+        for key, text in header.notes.items():
             process[key] = text
 
     @property

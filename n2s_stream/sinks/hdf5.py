@@ -30,6 +30,7 @@ from n2s_stream.errors import OutputError
 from n2s_stream.formats.writer import (
     FrameWriter,
     OutputAccess,
+    OutputHeader,
     Provenance,
     close_left_open,
     free_bytes,
@@ -124,10 +125,12 @@ class Hdf5Sink:
                     output_format=self._format.for_source(start.dtype),
                     mean_count=start.mean_count,
                     flush_seconds=self.options.flush_seconds,
-                    config_text=self._config_text,
-                    source=start.series,
-                    notes=start.notes or None,
-                    attribute_names=start.attribute_names,
+                    header=OutputHeader(
+                        self._config_text,
+                        start.series,
+                        start.notes or {},
+                        start.attribute_names,
+                    ),
                     resume=True,
                 )
         except (OSError, KeyError, ValueError) as exc:

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.checkpoint import save_checkpoint
-from n2s_stream.formats.writer import FrameWriter, close_left_open
+from n2s_stream.formats.writer import FrameWriter, OutputHeader, close_left_open
 from n2s_stream.models import build_model
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
@@ -178,7 +178,8 @@ def test_output_keeps_detector_time_and_attributes_and_resumes_an_older_layout(t
     has none; a name the first frame lacked is not kept, since SWMR allows no new
     datasets); an output of an earlier version, without ``t_source``, still resumes."""
     output = tmp_path / "s_n2s.h5"
-    with FrameWriter(output, frame_shape=(4, 4), attribute_names=["Temp", "a/b"]) as writer:
+    header = OutputHeader(attribute_names=["Temp", "a/b"])
+    with FrameWriter(output, frame_shape=(4, 4), header=header) as writer:
         writer.append(
             np.zeros((2, 4, 4), np.float32),
             source_frames=[0, 1],
