@@ -145,7 +145,9 @@ def normalize_frame(data: np.ndarray, valid: np.ndarray, normalizer: Normalizer)
     the mean of its usable ones: `fill_invalid` then ``normalizer.forward``, in a few
     vectorised passes over one array and without temporaries of the frame's size (at 4
     megapixels the two-step form costs several times more)."""
-    out = data.astype(np.float32)  # numpy's cast: torch's is slower for 16-bit integers
+    # numpy's cast (torch's is slower for 16-bit integers), C order: the flat view below
+    # must write into it
+    out = data.astype(np.float32, order="C")
     image = torch.from_numpy(out)
     if not valid.all():
         bad = np.flatnonzero(~valid)

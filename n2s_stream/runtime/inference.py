@@ -7,11 +7,12 @@ Bad frames are rejected with a reason and counted. Stopping drains the queue and
 context window until the stop bound (``stop_by``); what is left then is counted, and a
 directory source reads it again at the next start.
 
-Frames are taken off the queue a few ahead of the batch being written (``PREPARE_AHEAD``)
-and prepared (valid pixels found, in-filled, normalised) by a pool of threads while this
-thread denoises and hands over the ones before; the same pool restores the denoised frames
-to detector units, several at once: at detector sizes preparation and restoration cost as
-much as the I/O. Admission, context and the order of frames stay on this thread.
+Frames are taken off the queue a few ahead of the batch being written (``PREPARE_AHEAD``,
+at most ``AHEAD_BYTES`` of them) and prepared (valid pixels found, in-filled, normalised)
+by a pool of threads while this thread denoises and hands over the ones before; a second
+pool restores the denoised frames to detector units, two at once: at detector sizes
+preparation and restoration cost as much as the I/O. Admission, context and the order of
+frames stay on this thread.
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ from n2s_stream.stages import Abandoned, Frame, FrameMeta, SeriesEnd, SeriesStar
 log = logging.getLogger(__name__)
 
 FLUX_EVERY_SECONDS = 1.0
-"""How often n2s_flux_ratio is measured (on the frame being written then)."""
+"""How often n2s_flux_ratio is measured (on the frame being restored then)."""
 PREPARE_AHEAD = 4
-"""Frames in a batch, and frames taken off the queue beyond it to be prepared meanwhile."""
+"""Frames in a batch (at least), and frames taken off the queue beyond it to be prepared
+meanwhile."""
+AHEAD_BYTES = 64 * 2**20
+"""At most this much raw frame data is taken ahead of the batch (the queue's own bound,
+``queue_mb``, no longer counts it): 4 frames of an EIGER2 4M, 2 of a 16M."""
 POOL_THREADS = 2
-"""Threads that prepare frames and restore denoised ones."""
+"""Threads that prepare frames, and threads that restore denoised ones."""
 
 
 @dataclass(frozen=True)
@@ -99,14 +104,16 @@ class InferenceLoop(BackgroundWorker):
         self._flux_measured_at = -FLUX_EVERY_SECONDS  # n2s_flux_ratio: the next frame
         self._abandon = threading.Event()
         self._working = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None  # prepares and restores frames
+        self._preparers: ThreadPoolExecutor | None = None  # started with the first frames
+        self._restorers: ThreadPoolExecutor | None = None
         self._in_hand: deque[InHand] = deque()  # taken off the queue, not yet processed
 
     @property
     def busy(self) -> bool:
-        """True while a batch is being denoised and written: training waits meanwhile, or
-        both would share the cores and every frame would take twice as long."""
-        return self._working.is_set()
+        """True while a batch is being denoised and written, or frames taken off the queue
+        wait for it: training waits meanwhile, or both would share the cores and every
+        frame would take twice as long."""
+        return self._working.is_set() or bool(self._in_hand)
 
     @property
     def alive(self) -> bool:
@@ -127,7 +134,7 @@ class InferenceLoop(BackgroundWorker):
 
     def stop_by(self, deadline: float, grace: float = 10.0) -> None:
         """Drain (every queued and held frame written) until ``deadline`` (monotonic
-        seconds); past it, stop writing, wait at most ``grace`` for the frame in hand, and
+        seconds); past it, stop writing, wait at most ``grace`` for the frame being written, and
         count what was left (``n2s_frames_unwritten_at_stop_total``), so a stop is bounded
         in every state. Call it after the source stopped, so the count is final."""
         self._stopping.set()
@@ -167,8 +174,9 @@ class InferenceLoop(BackgroundWorker):
             log.error("writing failed: %s", exc)
             self._on_fatal(exc)
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            for pool in (self._preparers, self._restorers):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
             self.sinks.close()
             self.engine.close()
 
@@ -205,14 +213,19 @@ class InferenceLoop(BackgroundWorker):
         batch = [self._in_hand.popleft()]
         while self._in_hand and isinstance(batch[-1].item, Frame) and len(batch) < limit:
             batch.append(self._in_hand.popleft())
-        self._pull_ahead(PREPARE_AHEAD)
-        self.metrics.queue_depth.set(self.frames.qsize())
+        self._pull_ahead(PREPARE_AHEAD, max_bytes=AHEAD_BYTES)
+        self.metrics.queue_depth.set(self.frames.qsize() + len(self._in_hand))
         return batch
 
-    def _pull_ahead(self, count: int) -> None:
-        """Take queued items, without waiting, until ``count`` are in hand."""
+    def _pull_ahead(self, count: int, max_bytes: int | None = None) -> None:
+        """Take queued items, without waiting, until ``count`` are in hand (or frames of
+        ``max_bytes``)."""
         while len(self._in_hand) < count and self._pull(timeout=None):
-            pass
+            if max_bytes is not None and self._bytes_in_hand() >= max_bytes:
+                break
+
+    def _bytes_in_hand(self) -> int:
+        return sum(each.item.data.nbytes for each in self._in_hand if isinstance(each.item, Frame))
 
     def _pull(self, *, timeout: float | None) -> bool:
         """Take one item off the queue (waiting at most ``timeout`` seconds; None: not at
@@ -226,15 +239,22 @@ class InferenceLoop(BackgroundWorker):
             self.taken += 1
             normalizer = self.store.snapshot().normalizer  # set once, by the first frame
             if normalizer is not None:
-                in_hand.prepared = self._workers().submit(_prepared, item, normalizer)
+                in_hand.prepared = self._preparing().submit(_prepared, item, normalizer)
         self._in_hand.append(in_hand)
         return True
 
-    def _workers(self) -> ThreadPoolExecutor:
-        """The pool that prepares and restores frames (started with the first frames)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="prepare")
-        return self._pool
+    def _preparing(self) -> ThreadPoolExecutor:
+        """The pool that prepares frames (started with the first frames)."""
+        if self._preparers is None:
+            self._preparers = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="prepare")
+        return self._preparers
+
+    def _restoring(self) -> ThreadPoolExecutor:
+        """The pool that restores denoised frames: apart from the preparing one, so that
+        the frames being handed over never wait behind the next frames' preparation."""
+        if self._restorers is None:
+            self._restorers = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="restore")
+        return self._restorers
 
     def _accounted(self) -> int:
         """Frames taken off the queue that have an outcome: written, refused with a
@@ -367,7 +387,7 @@ class InferenceLoop(BackgroundWorker):
                 else (NETWORK, self.engine(stacks))
             )
             for (pending, stack), image in zip(group, out, strict=True):
-                restored = self._workers().submit(
+                restored = self._restoring().submit(
                     _restored,
                     image,
                     pending,

@@ -62,11 +62,14 @@ class Metrics:
         )
         self.series_ended = Counter(
             "n2s_series_ended",
-            "Series ended, their frames written and outputs closed: complete (the source "
-            "said so) or not (closed for idleness, resumed if frames come)",
+            "Series ended, each of their frames written or refused and their outputs "
+            "closed: complete (the source said the series ended) or not (closed for "
+            "idleness, resumed if frames come)",
             ["complete"],
             registry=registry,
         )
+        for complete in ("true", "false"):
+            self.series_ended.labels(complete)  # both series, from the start
         self.frame_latency = Histogram(
             "n2s_frame_latency_seconds",
             "Time from a frame's arrival to its being written",

@@ -103,10 +103,7 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         ended = 0.0
         while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                metrics = scrape(self.port)
-            except OSError:  # the endpoint between two answers
-                metrics = {}
+            metrics = scrape(self.port)  # {} while the endpoint does not answer
             ended = sum(v for k, v in metrics.items() if k.startswith("n2s_series_ended_total"))
             if ended >= series:
                 return
@@ -287,5 +284,6 @@ def chromium_dom(url: str, profile: Path, budget_ms: int = 6000) -> subprocess.C
 
 def frames_in(path: Path) -> int:
     """Denoised frames in an output file (``/entry/data/data``)."""
-    with h5py.File(path, "r", swmr=True) as f:
+    # no file lock: the refiner may be opening the finished output at the same moment
+    with h5py.File(path, "r", swmr=True, locking=False) as f:
         return int(f["/entry/data/data"].shape[0])

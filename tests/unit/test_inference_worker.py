@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from n2s_stream.config import InferenceOptions
 from n2s_stream.models import build_model
+from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import ModelConfig
 from n2s_stream.runtime.inference import InferenceLoop
 from n2s_stream.runtime.metrics import Metrics
@@ -21,7 +22,14 @@ from n2s_stream.stages import Frame, SeriesEnd
 from tests.helpers.pipeline import make_loop
 
 
-def test_queued_frames_are_batched_in_order_once(tmp_path):
+@pytest.mark.parametrize(
+    "normalizer",
+    [None, Normalizer("meanstd", 10.0, 3.0, 1.0, "uint16")],
+    ids=["calibrated_by_the_first_frame", "prepared_in_the_pool"],
+)
+def test_queued_frames_are_batched_in_order_once(tmp_path, normalizer):
+    # with a normaliser already known, every frame is prepared in the pool ahead of its
+    # batch (the NaN frame refused there); without one, the first batch is prepared inline
     model = build_model(ModelConfig(width=4, depth=1))
     frames: queue.Queue = queue.Queue()
     metrics = Metrics(CollectorRegistry())
@@ -48,7 +56,7 @@ def test_queued_frames_are_batched_in_order_once(tmp_path):
         tmp_path / "state",
         frames,
         model=build_model(ModelConfig(width=4, depth=1)),
-        store=ModelStore(copy_state(model), 3),
+        store=ModelStore(copy_state(model), 3, normalizer),
         metrics=metrics,
         max_batch=4,
     )

@@ -407,3 +407,12 @@ def test_a_bslz4_chunk_is_the_encoded_bytes_and_decodes_back():
     chunk = bslz4_chunk(frame)
     assert chunk.dtype == np.uint8 and chunk.tobytes() == bslz4_encode(frame)
     assert np.array_equal(bslz4_decode(chunk.tobytes(), frame.shape, frame.dtype), frame)
+
+
+def test_one_pass_normalisation_of_a_fortran_ordered_frame_fills_its_gaps():
+    data = np.asfortranarray(np.random.default_rng(3).poisson(4.0, (12, 9)).astype(np.uint16))
+    data[:, 4] = 65535
+    valid = data != 65535
+    normalizer = Normalizer("meanstd", 4.0, 2.0, 65535.0, "uint16")
+    expected = normalizer.forward(fill_invalid(data[np.newaxis], valid[np.newaxis]))[0]
+    assert np.array_equal(normalize_frame(data, valid, normalizer), expected)
