@@ -23,7 +23,7 @@ from n2s_stream.runtime.coldstart import (
     StartingNetwork,
     calibrate_classical,
 )
-from tests.helpers.daemon import DaemonProcess, read_output, start_writer, write_stack
+from tests.helpers.daemon import DaemonProcess, frames_in, read_output, start_writer, write_stack
 
 
 def test_calibration_picks_a_denoiser_that_helps():
@@ -105,7 +105,8 @@ def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path, ob
     noisy = np.stack([poisson_frames(clean, 20.0, rng) for _ in range(4)]).astype(np.uint16)
     written = write_stack(tmp_path / "scan_0001.h5", noisy, "/entry/data/data")
     written.rename(daemon.watch / written.name)  # appears complete
-    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(4 frames\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 4
     metrics = daemon.scrape()
     assert daemon.terminate() == 0
     assert f"starts from the shipped pretrained model {SHIPPED[objective]}" in daemon.log()
@@ -124,11 +125,13 @@ def test_daemon_switches_once_from_classical_to_network(tmp_path):
     assert daemon.scrape()["n2s_cold_start_active"] == 1
     writer = start_writer(daemon.watch, frames=120, rate=15, seed=1)
     assert writer.wait(timeout=120) == 0
-    daemon.wait_for(r"closed output .*scan_0001_n2s.h5 \(120 frames\)", timeout=120)
+    daemon.wait_for_ended(1, timeout=120)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 120
     daemon.wait_for("cold start over: network held-out loss", timeout=120)
     second = start_writer(daemon.watch, frames=20, rate=0, name="scan_0002", seed=2)
     assert second.wait(timeout=60) == 0
-    daemon.wait_for(r"closed output .*scan_0002_n2s.h5 \(20 frames\)", timeout=60)
+    daemon.wait_for_ended(2, timeout=60)
+    assert frames_in(daemon.output("scan_0002_n2s.h5")) == 20
     metrics = daemon.scrape()
     assert daemon.terminate() == 0
     assert metrics["n2s_cold_start_active"] == 0

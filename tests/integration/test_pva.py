@@ -205,7 +205,7 @@ def test_killed_mid_series_the_restart_continues_the_file(tmp_path):
         r"continues series (\S+) \(written to uniqueId (\d+)\) after a restart", timeout=60
     )
     assert detector.wait(timeout=120) == 0
-    restarted.wait_for(r"closed output .*\(\d+ frames\)", timeout=60)
+    restarted.wait_for_ended(1, timeout=60)
     metrics = restarted.scrape()
     assert restarted.terminate() == 0, restarted.log()[-2000:]
 

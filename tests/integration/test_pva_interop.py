@@ -74,7 +74,7 @@ def test_daemon_follows_pvapy_ad_sim_server(tmp_path):
     )
     STARTED.append(simulator)
     assert simulator.wait(timeout=60) == 0
-    daemon.wait_for(r"closed output .*\(\d+ frames\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
     time.sleep(0.5)
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]

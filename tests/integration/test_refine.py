@@ -33,7 +33,15 @@ from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.state import StateDir
 from n2s_stream.sinks.spool import RawSpool
 from n2s_stream.stages import Frame, SeriesEnd
-from tests.helpers.daemon import N2S, STARTED, DaemonProcess, free_port, read_output, start_writer
+from tests.helpers.daemon import (
+    N2S,
+    STARTED,
+    DaemonProcess,
+    frames_in,
+    free_port,
+    read_output,
+    start_writer,
+)
 
 
 def _killed_writer(script: str) -> None:
@@ -177,7 +185,8 @@ def test_a_finished_series_is_refined_with_the_newest_model(tmp_path):
     writer = start_writer(daemon.watch, frames=n_frames, rate=10, shape="64x64", seed=3)
     output = daemon.out / "scan_0001_n2s.h5"
     assert writer.wait(timeout=120) == 0
-    daemon.wait_for(r"closed output .* \(40 frames\)", timeout=120)
+    daemon.wait_for_ended(1, timeout=120)
+    assert frames_in(output) == 40
     live_then, provenance_then = read_output(output)  # before refining could have begun
     daemon.wait_for(r"wrote 40 refined frames", timeout=120)
     metrics = daemon.scrape()

@@ -20,7 +20,7 @@ from n2s_stream.runtime.metrics import Metrics
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
 from n2s_stream.sinks import SinkContext
 from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
-from tests.helpers.daemon import FLOAT32, DaemonProcess, start_writer
+from tests.helpers.daemon import FLOAT32, DaemonProcess, frames_in, start_writer
 from tests.helpers.pipeline import make_loop
 
 TESTS = Path(__file__).parent
@@ -99,7 +99,8 @@ def test_a_sink_declared_in_a_test_file_is_used_by_the_daemon_through_config(tmp
     assert "sink recorder from test_sinks:RecordingSink" in daemon.log()
     writer = start_writer(daemon.watch, frames=12, rate=20, shape="32x32")
     assert writer.wait(timeout=60) == 0
-    daemon.wait_for("closed output .*scan_0001_n2s.h5 \\(12 frames\\)", timeout=60)
+    daemon.wait_for_ended(1, timeout=60)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 12
     assert daemon.terminate() == 0, daemon.log()[-2000:]
     events = [json.loads(line) for line in (daemon.out / "recorded.jsonl").read_text().splitlines()]
     assert events[0] == {"event": "open", "series": "scan_0001", "shape": [32, 32]}

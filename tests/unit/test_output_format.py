@@ -22,7 +22,7 @@ from n2s_stream.formats.stack import open_stack
 from n2s_stream.formats.writer import FrameWriter, whole_frames
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, normalize_frame
 from n2s_stream.options import make
-from tests.helpers.daemon import DaemonProcess, read_output, write_stack
+from tests.helpers.daemon import DaemonProcess, frames_in, read_output, write_stack
 
 FILTERS = {"none": None, "bslz4": 32008, "zstd": 32015, "sz3": 32024, "zfp": 32013}
 
@@ -291,7 +291,8 @@ def test_passthrough_daemon_writes_the_frames_as_they_came_in_float16_bslz4(tmp_
         chunks=(1, 40, 48),
         **hdf5plugin.Bitshuffle(cname="lz4"),
     )
-    daemon.wait_for(r"closed output .* \(12 frames\)", timeout=120)
+    daemon.wait_for_ended(1, timeout=120)
+    assert frames_in(daemon.output("scan_0001_n2s.h5")) == 12
     metrics = daemon.scrape()
     assert daemon.terminate() == 0, daemon.log()[-2000:]
     assert "engine passthrough" in daemon.log()
