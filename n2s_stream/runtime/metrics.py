@@ -69,7 +69,7 @@ class Metrics:
             registry=registry,
         )
         for complete in ("true", "false"):
-            self.series_ended.labels(complete)  # both series, from the start
+            self.series_ended.labels(complete)  # both label values exported from the start
         self.frame_latency = Histogram(
             "n2s_frame_latency_seconds",
             "Time from a frame's arrival to its being written",

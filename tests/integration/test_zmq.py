@@ -12,12 +12,7 @@ import pytest
 import zmq
 
 from n2s_stream.formats import protocols as p
-from tests.helpers.daemon import N2S, STARTED, DaemonProcess, frames_in, free_port
-
-
-def _frames_in(path):
-    with h5py.File(path, "r") as handle:
-        return (handle["/entry/data/data"][()], handle["/entry/provenance/source_frame"][()])
+from tests.helpers.daemon import N2S, STARTED, DaemonProcess, frames_in, free_port, read_output
 
 
 @pytest.mark.parametrize(
@@ -62,7 +57,8 @@ def test_each_protocol_two_series_exactly_once(tmp_path, protocol, names):
     assert metrics["n2s_frames_received_total"] == 24
     assert metrics["n2s_frames_denoised_total"] == 24
     for name in names:
-        frames, index = _frames_in(daemon.out / f"{name}_n2s.h5")
+        frames, provenance = read_output(daemon.out / f"{name}_n2s.h5")
+        index = provenance["source_frame"]
         assert np.array_equal(index, np.arange(12)) and frames.shape == (12, 32, 40)
         if protocol != "native":  # the Eiger gap row from the pixel mask keeps its value
             assert np.isposinf(frames[:, 16]).all()  # 65535: beyond float16, +inf
@@ -96,8 +92,8 @@ def test_series_number_reused_after_end_gets_a_new_file(tmp_path):
         assert frames_in(daemon.output("series_000001" + ("_r2" if run else "") + "_n2s.h5")) == 4
         time.sleep(0.5)
     assert daemon.terminate() == 0
-    assert _frames_in(daemon.out / "series_000001_n2s.h5")[1].tolist() == [0, 1, 2, 3]
-    assert _frames_in(daemon.out / "series_000001_r2_n2s.h5")[1].tolist() == [0, 1, 2, 3]
+    for name in ("series_000001_n2s.h5", "series_000001_r2_n2s.h5"):
+        assert read_output(daemon.out / name)[1]["source_frame"].tolist() == [0, 1, 2, 3]
 
 
 def test_republish_and_tee(tmp_path):
@@ -197,7 +193,8 @@ def test_fan_out_to_two_workers_then_merge(tmp_path):
         assert handle["/entry/data/data"].is_virtual
     expected = np.empty_like(stack)
     for shard in shards:
-        frames, index = _frames_in(shard)
+        frames, provenance = read_output(shard)
+        index = provenance["source_frame"]
         expected[index] = frames
     assert np.array_equal(stack, expected) and np.isfinite(stack).all()
 
@@ -242,7 +239,8 @@ def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
     finally:
         push.close(linger=0)
         context.term()
-    data, index = _frames_in(tmp_path / "out" / "series_000007_n2s.h5")
+    data, provenance = read_output(tmp_path / "out" / "series_000007_n2s.h5")
+    index = provenance["source_frame"]
     assert index.tolist() == [0, 1, 2, 3, 4, 5]
     assert (data[:, 8] == np.arange(5, 11)[:, None]).all()  # masked row keeps raw counts
 
