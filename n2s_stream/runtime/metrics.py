@@ -92,6 +92,12 @@ class Metrics:
             "model into /entry/refined/data",
             registry=registry,
         )
+        self.series_refined = Counter(
+            "n2s_series_refined",
+            "Series whose refined frames were appended to their output (a series "
+            "that grows after it was refined counts again)",
+            registry=registry,
+        )
         self.tiled_errors = Counter(
             "n2s_tiled_errors",
             "Registrations in Tiled that failed (server down or refusing); retried",

@@ -196,6 +196,7 @@ class Refiner(BackgroundWorker):
         if done:
             spool_path.unlink()
             self._tell_listeners(output)
+            self.metrics.series_refined.inc()
 
     def _refine_into_spool(
         self, spool: h5py.File, rows: np.ndarray, refined_rows: int, output: Path

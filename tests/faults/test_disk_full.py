@@ -3,6 +3,7 @@ on without losing or repeating a frame once space returns. A real size-limited t
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -34,7 +35,8 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, 
     daemon = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1", "--stall-seconds", "2")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
-    daemon.wait_for("nearly full .* holding frames until space returns", timeout=60)
+    daemon.wait_until(lambda m: m["n2s_output_paused"] == 1, "output paused", timeout=60)
+    assert re.search("nearly full .* holding frames until space returns", daemon.log())
     time.sleep(4)  # twice stall_seconds without progress: a pause, not a stall
     metrics = daemon.scrape()
     assert metrics["n2s_output_paused"] == 1
@@ -42,8 +44,9 @@ def test_full_output_disk_pauses_and_resumes_without_loss(tmp_path, small_disk, 
     assert metrics["n2s_frames_denoised_total"] < 200
     assert writer.wait(timeout=60) == 0
     remount(small_disk, "size=32m")
-    daemon.wait_for("space returned on the output disk", timeout=30)
+    daemon.wait_until(lambda m: m["n2s_output_paused"] == 0, "output resumed", timeout=30)
     daemon.wait_for_ended(1, timeout=60)
+    assert "space returned on the output disk" in daemon.log()
     assert frames_in(daemon.output("scan_0001_n2s.h5")) == 200
     assert daemon.scrape()["n2s_output_paused"] == 0
     assert daemon.terminate() == 0
@@ -74,7 +77,7 @@ def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
     daemon = DaemonProcess(tmp_path, *FLOAT32, "--min-free-mb", "1", "--queue-size", "8")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
-    daemon.wait_for("nearly full .* holding frames until space returns", timeout=60)
+    daemon.wait_until(lambda m: m["n2s_output_paused"] == 1, "output paused", timeout=60)
     assert writer.wait(timeout=60) == 0
     deadline = time.monotonic() + 30
     while daemon.scrape()["n2s_queue_depth"] < 8:

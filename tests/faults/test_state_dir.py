@@ -4,6 +4,7 @@ it is writable again."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
@@ -31,18 +32,22 @@ def test_state_dir_read_only_at_run_time(tmp_path, fault_figures):
         daemon = DaemonProcess(tmp_path, "--checkpoint-every", "1", "--no-refine")
         daemon.wait_ready()
         writer = start_writer(daemon.watch, frames=300, rate=20)
-        daemon.wait_for(r"checkpoint \S+ \(step", timeout=60)
+        deadline = time.monotonic() + 60
+        while not list(daemon.state.glob("checkpoints/ckpt_v*.pt")):
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
         remount(state, "ro")
-        daemon.wait_for(r"cannot write checkpoint .*Read-only file system", timeout=30)
+        daemon.wait_for_metric("n2s_state_write_errors_total", 1, timeout=30)
+        assert re.search(r"cannot write checkpoint .*Read-only file system", daemon.log())
         before = daemon.scrape()["n2s_frames_denoised_total"]
         time.sleep(2)
         metrics = daemon.scrape()
         assert metrics["n2s_state_write_errors_total"] >= 1
         assert metrics["n2s_frames_denoised_total"] > before  # denoising went on
-        saved = daemon.log().count(" (step ")  # checkpoints written so far
+        saved = {p.name for p in daemon.state.glob("checkpoints/ckpt_v*.pt")}
         remount(state, "rw")
         deadline = time.monotonic() + 30
-        while daemon.log().count(" (step ") <= saved:
+        while not {p.name for p in daemon.state.glob("checkpoints/ckpt_v*.pt")} - saved:
             assert time.monotonic() < deadline, "no checkpoint after the state dir recovered"
             time.sleep(0.2)
         assert writer.wait(timeout=120) == 0
@@ -82,12 +87,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, fault_fi
     older, newest = sorted(daemon.state.glob("checkpoints/ckpt_v*.pt"))[-2:]
     newest.write_bytes(newest.read_bytes()[:1000])
     again = DaemonProcess(tmp_path, name="restart")
-    again.wait_for(f"skipping checkpoint: .*{newest.name}: not a loadable checkpoint")
-    again.wait_for(f"resuming from .*{older.name}")
     again.wait_ready()
+    assert re.search(
+        f"skipping checkpoint: .*{newest.name}: not a loadable checkpoint", again.log()
+    )
+    assert re.search(f"resuming from .*{older.name}", again.log())
     second = start_writer(again.watch, frames=10, rate=0, name="scan_0002")
     assert second.wait(timeout=60) == 0
-    again.wait_for(r"closed output .*scan_0002_n2s.h5 \(10 frames\)", timeout=60)
+    again.wait_for_ended(1, timeout=60)  # scan_0001 is complete: only scan_0002 is read
+    assert frames_in(again.output("scan_0002_n2s.h5")) == 10
     assert again.terminate() == 0
     fault_figures.append(FaultFigure("corrupt newest checkpoint", 1, 1, sent=10, written=10))
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,17 +99,30 @@ class DaemonProcess:
         """Wait until ``series`` series have ended in this process (complete, or closed
         for idleness: their frames written and their outputs closed), by the metric
         ``n2s_series_ended_total``, not by the log's wording."""
+        self.wait_for_metric("n2s_series_ended_total", series, timeout)
+
+    def wait_for_metric(self, name: str, at_least: float = 1.0, timeout: float = 60.0) -> None:
+        """Wait until the metric ``name`` (summed over its labels) reaches ``at_least``."""
+        self.wait_until(
+            lambda metrics: total(metrics, name) >= at_least, f"{name} >= {at_least:g}", timeout
+        )
+
+    def wait_until(
+        self, condition: Callable[[dict[str, float]], bool], what: str, timeout: float = 60.0
+    ) -> dict[str, float]:
+        """Wait until ``condition`` holds on a scrape of the metrics; return that scrape.
+        Fails with the scrape and the log's end if it never does, or the daemon exits."""
         assert self.port is not None, "wait_ready() first: the metrics port comes from it"
         deadline = time.monotonic() + timeout
-        ended = 0.0
+        metrics: dict[str, float] = {}
         while time.monotonic() < deadline and self.proc.poll() is None:
             metrics = scrape(self.port)  # {} while the endpoint does not answer
-            ended = sum(v for k, v in metrics.items() if k.startswith("n2s_series_ended_total"))
-            if ended >= series:
-                return
+            if metrics and condition(metrics):
+                return metrics
             time.sleep(0.1)
+        seen = {k: v for k, v in metrics.items() if k.startswith("n2s_")}
         raise AssertionError(
-            f"{ended:g} of {series} series ended; the daemon log ends:\n{self.log()[-3000:]}"
+            f"never {what}; last scrape {seen}; the daemon log ends:\n{self.log()[-3000:]}"
         )
 
     def output(self, name: str) -> Path:
@@ -280,6 +293,11 @@ def chromium_dom(url: str, profile: Path, budget_ms: int = 6000) -> subprocess.C
         text=True,
         timeout=120,
     )
+
+
+def total(metrics: dict[str, float], name: str) -> float:
+    """The metric ``name`` summed over its labels (0 where it is not exported)."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 def frames_in(path: Path) -> int:

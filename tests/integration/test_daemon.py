@@ -50,7 +50,7 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     reader = ctx.Process(target=_follow_output, args=(str(output), queue, 8.0))
-    daemon.wait_for("opened output")
+    daemon.wait_for_metric("n2s_frames_denoised_total", 1)
     reader.start()
     assert writer.wait(timeout=120) == 0
     daemon.wait_for_ended(1, timeout=120)

@@ -40,7 +40,7 @@ def test_page_status_and_images_follow_the_stream(tmp_path):
     daemon = DaemonProcess(tmp_path)
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=200, rate=10)
-    daemon.wait_for("opened output")
+    daemon.wait_for_metric("n2s_frames_denoised_total", 1)
     time.sleep(2.5)  # the page's history is sampled every 2 s
     status, kind, body = _get(daemon.port, "/")
     assert status == 200 and kind.startswith("text/html")
@@ -84,7 +84,7 @@ def test_page_renders_and_updates_in_headless_chromium(tmp_path):
     daemon = DaemonProcess(tmp_path)
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=400, rate=20)
-    daemon.wait_for("opened output")
+    daemon.wait_for_metric("n2s_frames_denoised_total", 1)
     time.sleep(2.5)
     # no background networking: this machine's network is closed, and the page needs none
     proc = chromium_dom(f"http://127.0.0.1:{daemon.port}/", tmp_path / "ud")

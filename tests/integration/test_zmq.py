@@ -351,8 +351,8 @@ def test_inference_worker_adopts_the_training_workers_checkpoints(tmp_path):
     assert proc.returncode == 0
     for worker in (trainer, follower):
         worker.wait_for_ended(1, timeout=30)
-    follower.wait_for("adopted model version")
-    assert follower.scrape()["n2s_train_steps_total"] == 0
+    metrics = follower.wait_until(lambda m: m["n2s_model_version"] > 0, "a model adopted")
+    assert metrics["n2s_train_steps_total"] == 0
     for worker in (trainer, follower):
         assert worker.terminate() == 0
     with h5py.File(tmp_path / "b" / "out" / "scan_0001_n2s.h5") as handle:
