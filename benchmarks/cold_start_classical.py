@@ -35,18 +35,13 @@ from skimage.restoration import denoise_tv_bregman, denoise_tv_chambolle, denois
 
 from n2s_stream.config import NetworkOptions
 from n2s_stream.models import build_model
+from n2s_stream.n2s.classical import GRIDS, Grids, calibrate_classical
 from n2s_stream.n2s.denoising import denoise_counts
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import Objective
 from n2s_stream.pretrained import starting_model
-from n2s_stream.runtime.coldstart import (
-    GRIDS,
-    ColdStart,
-    Grids,
-    StartingNetwork,
-    calibrate_classical,
-)
+from n2s_stream.runtime.coldstart import ColdStart, StartingNetwork
 from n2s_stream.runtime.trainer import VAL_CROP
 
 

@@ -215,7 +215,7 @@ def _demo(config: DemoConfig) -> None:
 
 
 def _merge(config: MergeConfig) -> None:
-    from n2s_stream.commands.merge import merge_shards
+    from n2s_stream.formats.vds import merge_shards
 
     if config.out is None:
         raise UsageError("merge: --out FILE is required")

@@ -17,6 +17,7 @@ import numpy as np
 
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.output_format import LOSSY, Compression, OutputDtype, OutputFormat
+from n2s_stream.formats.protocols import ZmqProtocol
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective, Precision
 from n2s_stream.options import as_toml, option, section
 
@@ -36,7 +37,6 @@ __all__ = [
 ENGINES = ("torch", "onnxruntime", "passthrough")  # what runs the daemon's forward passes
 Engine = Literal["torch", "onnxruntime", "passthrough"]
 Normalize = Literal["none", "meanstd", "percentile"]
-ZmqProtocol = Literal["native", "dectris-stream1", "dectris-stream2"]
 
 
 @dataclass(frozen=True)

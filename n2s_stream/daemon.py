@@ -49,7 +49,7 @@ from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.series import SeriesTracker
 from n2s_stream.runtime.service import Notifier
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
-from n2s_stream.runtime.state import StateDir
+from n2s_stream.runtime.state import StateDir, refine_dir
 from n2s_stream.runtime.trainer import VAL_CROP, CheckpointFollower, OnlineTrainer
 from n2s_stream.runtime.worker import dump_stacks_on
 from n2s_stream.sinks import SinkContext, make_sinks
@@ -243,7 +243,7 @@ class Daemon:
             preserve_flux=inference_options.preserve_flux,
         )
         return Refiner(
-            self.config.service.state_dir / "refine",
+            refine_dir(self.config.service.state_dir),
             network=network,
             services=services,
             calibration=inference.calibration,

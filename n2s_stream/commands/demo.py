@@ -29,9 +29,9 @@ import numpy as np
 from n2s_stream.commands.simulate import truth_path
 from n2s_stream.config import NetworkOptions
 from n2s_stream.formats.writer import OUTPUT_SUFFIX, output_stem, series_output
+from n2s_stream.n2s.classical import ClassicalDenoiser, calibrate_classical
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.quality import psnr
-from n2s_stream.runtime.coldstart import ClassicalDenoiser, calibrate_classical
 from n2s_stream.runtime.metrics import scrape
 from n2s_stream.sinks.pva import loopback_client_env, loopback_server_env
 

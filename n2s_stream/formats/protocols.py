@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cbor2
 import lz4.block
@@ -38,7 +38,10 @@ from n2s_stream.formats.codecs import (
 )
 from n2s_stream.stages import MAX_FRAME_PIXELS
 
-PROTOCOLS = ("native", "dectris-stream1", "dectris-stream2")
+ZmqProtocol = Literal["native", "dectris-stream1", "dectris-stream2"]
+"""The ``--zmq-protocol`` names: a new protocol is a name here, a `Decoder` and its branch
+in `make_decoder`."""
+PROTOCOLS: tuple[str, ...] = get_args(ZmqProtocol)
 _SERIES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

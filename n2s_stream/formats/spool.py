@@ -167,8 +167,6 @@ def refined_datasets(spool: h5py.File, refined_rows: int) -> tuple[h5py.Dataset,
             "refined_version", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64
         )
         spool.attrs["refined_from"] = refined_rows
-    elif "refined_from" not in spool.attrs:  # a spool of an earlier version: from row 0
-        spool.attrs["refined_from"] = 0
     refined, versions = spool["refined"], spool["refined_version"]
     whole = min(refined.shape[0], versions.shape[0])
     refined.resize(whole, axis=0)

@@ -1,4 +1,5 @@
-"""``n2s-stream merge``: present the shards of a fanned-out series as one stack.
+"""One stack from the shards of a fanned-out series, as an HDF5 virtual dataset (what
+``n2s-stream merge`` writes).
 
 Each worker of a fan-out writes its own shard (frames in the order it got them). The
 merged file holds an HDF5 virtual dataset ``/entry/data/data`` of shape ``(N, H, W)``

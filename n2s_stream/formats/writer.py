@@ -63,9 +63,6 @@ PROVENANCE_FIELDS = {
     "t_source": np.float64,
     "source_id": np.int64,
 }
-OPTIONAL_FIELDS = ("t_source", "source_id")
-"""Columns that outputs of earlier versions lack: added (NaN) when such a file resumes."""
-
 MAX_ATTRIBUTES = 64
 """Attribute columns per file; more names (a misbehaving feed) are logged and left out."""
 
@@ -74,11 +71,7 @@ def whole_frames(file: h5py.File) -> int:
     """Frames of an output file that are complete: a frame counts once its data and every
     provenance row are in (they are written and flushed in that order)."""
     provenance = file["/entry/provenance"]
-    lengths = [
-        provenance[name].shape[0]
-        for name in PROVENANCE_FIELDS
-        if name not in OPTIONAL_FIELDS or name in provenance
-    ]
+    lengths = [provenance[name].shape[0] for name in PROVENANCE_FIELDS]
     return min(file["/entry/data/data"].shape[0], *lengths)
 
 
@@ -285,9 +278,6 @@ class FrameWriter:
         self.format = replace(self.format, dtype=stored.dtype, compression=stored.compression)
         whole = whole_frames(self._file)
         group = self._file["/entry/provenance"]
-        for name in OPTIONAL_FIELDS:
-            if name not in group:
-                _column(group, name, PROVENANCE_FIELDS[name], length=whole)
         self._provenance = {name: group[name] for name in PROVENANCE_FIELDS}
         self._attributes = dict(group["attributes"].items()) if "attributes" in group else {}
         for ds in (self._frames, *self._provenance.values(), *self._attributes.values()):

@@ -6,6 +6,11 @@ per change of a series (its output file, frames written, finished or not), appen
 fsynced, and compacted to one line per series when the daemon starts. The output files
 themselves are the authority on which source frames were written: the ledger only
 remembers which series are complete and where unfinished ones are being written.
+
+The other folders are named here too, so the whole layout is in one module:
+``series_headers/`` (pixel masks a ZeroMQ series header announced), ``refine/`` (the raw
+spools of series waiting to be refined, `refine_dir`), ``pva/`` (where each followed PV's
+acquisition stands, `pva_dir`) and ``bluesky/`` (the open runs, `bluesky_dir`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,22 @@ from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 3
+
+
+def refine_dir(state_dir: Path) -> Path:
+    """The spools of series waiting to be refined (written by the spool sink, read and
+    removed by the refiner)."""
+    return Path(state_dir) / "refine"
+
+
+def pva_dir(state_dir: Path) -> Path:
+    """One record per followed PV: its current acquisition, so a restart continues it."""
+    return Path(state_dir) / "pva"
+
+
+def bluesky_dir(state_dir: Path) -> Path:
+    """One record per open Bluesky run, so a restart continues its series."""
+    return Path(state_dir) / "bluesky"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -77,13 +77,21 @@ class PvaServeSink:
                 "--pva-serve needs the optional extra: pip install 'n2s-stream[pva]'"
             ) from exc
         self.pv, self.codec = pv, codec
-        self._shared: Any = SharedPV()  # no value (clients wait) until the first frame
+        self._classes = (Server, SharedPV)
+        self._shared: Any = None
+        self._server: Any = None
+
+    def start(self) -> None:
+        """Bind the PVAccess server (loopback unless ``EPICS_PVAS_INTF_ADDR_LIST`` says
+        otherwise)."""
+        server, shared = self._classes
         conf = server_conf(dict(os.environ))
-        self._server: Any = Server(providers=[{pv: self._shared}], conf=conf or None, useenv=True)
+        self._shared = shared()  # no value (clients wait) until the first frame
+        self._server = server(providers=[{self.pv: self._shared}], conf=conf or None, useenv=True)
         log.info(
             "serving denoised frames as PV %s (codec %s; %s)",
-            pv,
-            codec,
+            self.pv,
+            self.codec,
             "loopback" if conf else "interfaces from EPICS_PVAS_INTF_ADDR_LIST",
         )
 
@@ -120,6 +128,9 @@ class PvaServeSink:
         """The PV keeps showing the series' last frame, as NDPluginPva does."""
 
     def close(self) -> None:
-        """Disconnect the viewers and stop serving."""
-        self._shared.close()
-        self._server.stop()
+        """Disconnect the viewers and stop serving (nothing to stop if never started)."""
+        if self._shared is not None:
+            self._shared.close()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None

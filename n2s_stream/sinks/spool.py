@@ -29,7 +29,7 @@ from n2s_stream.formats.spool import (
     unfinished_spool,
 )
 from n2s_stream.formats.writer import free_bytes
-from n2s_stream.runtime.state import StateDir
+from n2s_stream.runtime.state import StateDir, refine_dir
 from n2s_stream.sinks import SinkContext
 from n2s_stream.stages import Frame, FrameMeta, SeriesEnd, SeriesStart
 
@@ -57,7 +57,7 @@ class RawSpool:
     def from_context(cls, context: SinkContext) -> RawSpool:
         """The daemon's spool, under ``state_dir/refine``."""
         return cls(
-            context.state.root / "refine",
+            refine_dir(context.state.root),
             state=context.state,
             max_bytes=int(context.config.refine.max_gb * 2**30),
             reserve_bytes=2 * context.config.output.min_free_bytes,

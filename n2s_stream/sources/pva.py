@@ -38,7 +38,7 @@ from n2s_stream.formats.codecs import MessageError
 from n2s_stream.formats.names import file_safe
 from n2s_stream.formats.ntndarray import NDArrayFrame, decode
 from n2s_stream.formats.writer import last_provenance_row, series_output
-from n2s_stream.runtime.state import atomic_write_text
+from n2s_stream.runtime.state import atomic_write_text, pva_dir
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext
 from n2s_stream.stages import Frame, SeriesEnd
@@ -124,9 +124,10 @@ class PvaSource(BackgroundWorker):
                 "--pva needs the optional extra: pip install 'n2s-stream[pva]'"
             ) from exc
         self.options, self.out_root = options, out_root
-        self._record = state_dir / "pva" / f"{pv_file_name(options.pv)}.json"
+        self._record = pva_dir(state_dir) / f"{pv_file_name(options.pv)}.json"
         self._emit, self._reject, self._refused = emit, reject, refused
-        self._context = Context("pva", nt=False)
+        self._client_class = Context
+        self._context: Any = None  # a p4p client runs threads: made by start()
         self._subscriptions: list[Any] = []
         self._lock = threading.RLock()  # p4p calls back from more than one thread
         self._series: _Series | None = None
@@ -151,6 +152,7 @@ class PvaSource(BackgroundWorker):
         """Subscribe (p4p reconnects by itself when the IOC restarts), then watch for
         acquisitions that went quiet."""
         request = f"record[queueSize={self.options.queue_size}]"
+        self._context = self._client_class("pva", nt=False)
         self._subscriptions.append(
             self._context.monitor(
                 self.options.pv, self._update, request=request, notify_disconnect=True
@@ -171,7 +173,8 @@ class PvaSource(BackgroundWorker):
         for subscription in self._subscriptions:
             subscription.close()
         super().stop()
-        self._context.close()
+        if self._context is not None:  # else never started
+            self._context.close()
 
     def _run(self) -> None:
         while not self._stopping.wait(0.2):

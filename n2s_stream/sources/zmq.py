@@ -63,19 +63,14 @@ class ZmqSource(BackgroundWorker):
         self._dropped = dropped or (lambda output: None)
         self._tee_dropping = False
         self._frames_in: dict[str, int] = {}
-        self._context = zmq.Context()
-        self._socket = self._context.socket(SOCKET_TYPES[config.socket])
-        self._socket.setsockopt(zmq.RCVHWM, config.hwm)
         self._max_bytes = config.max_message_mb << 20
-        self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * self._max_bytes)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        if config.socket == "sub":
-            self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._tee: zmq.Socket | None = None  # bound by start()
+        self._context = zmq.Context()  # no thread until a socket is made: start() makes them
+        self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._tee: zmq.Socket | None = None
         self._decoders: ThreadPoolExecutor | None = None  # started by start()
         # decoded or decoding, in arrival order: (frame or end, when it arrived)
         self._in_hand: deque[tuple[Future[Image] | End, float]] = deque()
-        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     @classmethod
     def from_config(cls, config: DaemonConfig, context: SourceContext) -> ZmqSource:
@@ -91,6 +86,13 @@ class ZmqSource(BackgroundWorker):
 
     def start(self) -> None:
         """Bind the tee (if asked for), connect and start reading."""
+        self._socket = self._context.socket(SOCKET_TYPES[self.config.socket])
+        self._socket.setsockopt(zmq.RCVHWM, self.config.hwm)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * self._max_bytes)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        if self.config.socket == "sub":
+            self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         if self.config.tee:
             # The facility's own writer PULLs here and gets every message, untouched: a
             # second PULL client on the detector would take half of the frames instead.
@@ -113,26 +115,28 @@ class ZmqSource(BackgroundWorker):
         if self._decoders is not None:
             # never wait for a decode that does not return: the CLI bounds the exit
             self._decoders.shutdown(wait=not self.alive, cancel_futures=True)
-        self._socket.disable_monitor()
-        self._monitor.close()
-        self._socket.close()
-        if self._tee is not None:
-            self._tee.close()
+        if self._socket is not None:  # else never started
+            self._socket.disable_monitor()
+        for opened in (self._monitor, self._socket, self._tee):
+            if opened is not None:
+                opened.close()
         self._context.term()
 
     def _run(self) -> None:
+        socket, monitor = self._socket, self._monitor
+        assert socket is not None and monitor is not None, "start() makes the sockets"
         poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(socket, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         while not self._stopping.is_set():
             ready = dict(poller.poll(0 if self._in_hand else 100))
-            if self._monitor in ready:
-                self._log_disconnect()
-            if self._socket not in ready:
+            if monitor in ready:
+                self._log_disconnect(monitor)
+            if socket not in ready:
                 if not self._hand_on(wait=True):  # nothing new: finish what is in hand
                     return
                 continue
-            parts = self._socket.recv_multipart()
+            parts = socket.recv_multipart()
             received = time.time()
             if self._tee is not None:
                 self._forward_to_tee(parts)
@@ -209,8 +213,8 @@ class ZmqSource(BackgroundWorker):
             log.info("%s: the tee's reader takes messages again", self.config.tee)
             self._tee_dropping = False
 
-    def _log_disconnect(self) -> None:
-        event = recv_monitor_message(self._monitor)
+    def _log_disconnect(self, monitor: zmq.Socket) -> None:
+        event = recv_monitor_message(monitor)
         log.warning(
             "%s: detector disconnected (it stopped, or sent a message over %d MiB, "
             "which ZeroMQ refuses); reconnecting",

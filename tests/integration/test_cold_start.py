@@ -12,17 +12,12 @@ from skimage import data as skdata
 from n2s_stream.commands.simulate import clean_frames, poisson_frames, truth_path
 from n2s_stream.config import NetworkOptions
 from n2s_stream.models import build_model
+from n2s_stream.n2s.classical import calibrate_classical
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.n2s.specs import OBJECTIVES
 from n2s_stream.pretrained import SHIPPED, starting_model
-from n2s_stream.runtime.coldstart import (
-    CLASSICAL,
-    NETWORK,
-    ColdStart,
-    StartingNetwork,
-    calibrate_classical,
-)
+from n2s_stream.runtime.coldstart import CLASSICAL, NETWORK, ColdStart, StartingNetwork
 from tests.helpers.daemon import DaemonProcess, frames_in, read_output, start_writer, write_stack
 
 
@@ -127,7 +122,7 @@ def test_daemon_switches_once_from_classical_to_network(tmp_path):
     assert writer.wait(timeout=120) == 0
     daemon.wait_for_ended(1, timeout=120)
     assert frames_in(daemon.output("scan_0001_n2s.h5")) == 120
-    daemon.wait_for("cold start over: network held-out loss", timeout=120)
+    daemon.wait_until(lambda m: m["n2s_cold_start_active"] == 0, "cold start over", 120)
     second = start_writer(daemon.watch, frames=20, rate=0, name="scan_0002", seed=2)
     assert second.wait(timeout=60) == 0
     daemon.wait_for_ended(2, timeout=60)

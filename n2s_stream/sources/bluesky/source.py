@@ -30,6 +30,7 @@ from n2s_stream.config import BlueskyOptions, DaemonConfig
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.codecs import MessageError
 from n2s_stream.formats.writer import series_output
+from n2s_stream.runtime.state import bluesky_dir
 from n2s_stream.runtime.worker import BackgroundWorker
 from n2s_stream.sources import Emit, Reject, SourceContext, StartPosition
 from n2s_stream.sources.bluesky.documents import (
@@ -90,7 +91,7 @@ class BlueskySource(BackgroundWorker):
         self._runs: dict[str, _Run] = {}
         self._legacy = LegacyDocuments(options.data_key)
         self._reader = FrameReader(emit, reject)
-        self._records = RunRecords(state_dir / "bluesky", start_position)
+        self._records = RunRecords(bluesky_dir(state_dir), start_position)
         self._followed: dict[str, Followed] = {}
         for followed in self._records.load():
             self._followed[followed.stream.uid] = followed
@@ -98,13 +99,8 @@ class BlueskySource(BackgroundWorker):
                 self._legacy.restore(
                     followed.descriptors, followed.stream.run_start, followed.stream.data_key
                 )
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.RCVHWM, RECEIVE_LIMIT)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, options.max_message_mb << 20)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        prefix = options.prefix.encode()
-        self._socket.setsockopt(zmq.SUBSCRIBE, prefix + b" " if prefix else b"")
+        self._context = zmq.Context()  # no thread until start() makes the socket
+        self._socket: zmq.Socket | None = None
 
     @classmethod
     def from_config(cls, config: DaemonConfig, context: SourceContext) -> BlueskySource:
@@ -121,6 +117,12 @@ class BlueskySource(BackgroundWorker):
     def start(self) -> None:
         """Connect to the proxy's output and start reading."""
         assert self.options.endpoint is not None
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.RCVHWM, RECEIVE_LIMIT)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, self.options.max_message_mb << 20)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        prefix = self.options.prefix.encode()
+        self._socket.setsockopt(zmq.SUBSCRIBE, prefix + b" " if prefix else b"")
         self._socket.connect(self.options.endpoint)
         log.info(
             "following Bluesky documents from %s%s",
@@ -135,12 +137,15 @@ class BlueskySource(BackgroundWorker):
         if self.alive:
             return  # stuck in a read (logged): its files and socket go with the process
         self._reader.close_all()
-        self._socket.close()
+        if self._socket is not None:  # else never started
+            self._socket.close()
         self._context.term()
 
     def _run(self) -> None:
+        socket = self._socket
+        assert socket is not None, "start() makes the socket"
         poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
+        poller.register(socket, zmq.POLLIN)
         for followed in [f for f in self._followed.values() if f.stopped]:
             if not self._guarded(self._finish, followed):  # stopped while the daemon was down
                 return
@@ -152,7 +157,7 @@ class BlueskySource(BackgroundWorker):
                 pruned = time.monotonic()
             if not poller.poll(100):
                 continue
-            message = self._socket.recv()
+            message = socket.recv()
             try:
                 name, document = decode_message(message)
                 if not self._handle(name, document):
