@@ -122,10 +122,15 @@ def pyplot():
     return plt
 
 
+PNG_PROVENANCE = "Provenance"
+"""The PNG text chunk that holds a plot's `provenance` (JSON), as its report does."""
+
+
 def save_figure(fig, path: Path) -> None:
-    """Lay ``fig`` out and write it as a PNG beside the JSON report."""
+    """Lay ``fig`` out and write it as a PNG beside the JSON report, with the same
+    provenance in a text chunk (``PNG_PROVENANCE``)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={PNG_PROVENANCE: json.dumps(STARTED)})
 
 
 def free_port() -> int:

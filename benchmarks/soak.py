@@ -30,7 +30,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import N2S, RESULTS, free_port, proc_status, pyplot, save_figure, with_provenance
+from common import (
+    N2S,
+    RESULTS,
+    STARTED,
+    free_port,
+    proc_status,
+    pyplot,
+    save_figure,
+    with_provenance,
+)
 
 from n2s_stream.runtime.metrics import scrape
 
@@ -60,7 +69,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     trace_path = args.out.with_suffix(".trace.jsonl")
-    trace_path.unlink(missing_ok=True)
+    if args.trace:  # the samples follow this first line (traced_daemon.py appends them)
+        trace_path.write_text(json.dumps({"provenance": STARTED}) + "\n")
+    else:
+        trace_path.unlink(missing_ok=True)
     launcher = (
         [sys.executable, str(Path(__file__).with_name("traced_daemon.py"))] if args.trace else N2S
     )
@@ -184,7 +196,8 @@ def main() -> None:
 def trace_report(path: Path) -> dict:
     """Print and return each traced memory figure's range and slope over the second half,
     and the source lines that grew most by the end (see traced_daemon.py)."""
-    samples = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    samples = [sample for sample in map(json.loads, lines) if "t" in sample]  # not provenance
     if not samples:
         print("memory trace: no sample (a run shorter than TRACED_DAEMON_EVERY)")
         return {"samples": 0}

@@ -114,3 +114,107 @@ def test_every_test_the_docs_cite_exists():
         if not defined:
             missing.append(citation)
     assert not missing, missing
+
+
+def test_the_output_layout_page_names_everything_a_written_output_holds(tmp_path):
+    """The output layout page is written by hand: every group, dataset and attribute that
+    the writers create (live frames with attribute columns, the process notes, refined
+    frames) must appear in its overview tree, so the page cannot silently fall behind."""
+    import h5py
+    import numpy as np
+
+    from n2s_stream.formats.writer import FrameWriter, OutputHeader, RefinedWriter
+
+    output = tmp_path / "s_n2s.h5"
+    header = OutputHeader(
+        config_text="[daemon]\n",
+        source="s",
+        notes={"cold_start": "tv", "bluesky_start": "{}", "bluesky_data_key": "det"},
+        attribute_names=["Temp"],
+    )
+    with FrameWriter(output, frame_shape=(4, 4), header=header) as writer:
+        writer.append(
+            np.zeros((2, 4, 4), np.float32),
+            source_frames=[0, 1],
+            model_version=0,
+            t_received=1.0,
+            attributes=[{"Temp": 1.0}, {"Temp": 2.0}],
+        )
+    refined = RefinedWriter(output, description="refined")
+    refined.append(np.zeros((2, 4, 4), np.float32), 1)
+    refined.close()
+
+    names: set[str] = set()
+    with h5py.File(output, "r") as handle:
+
+        def visit(path: str, node: h5py.Group | h5py.Dataset) -> None:
+            names.add(path.rsplit("/", 1)[-1])
+            names.update(node.attrs)
+
+        handle.visititems(visit)
+    overview = (ROOT / "docs/reference/output-layout.md").read_text().split("## Overview")[1]
+    overview = overview.split("\n## ")[0]
+    names -= {"Temp"}  # an attribute column: the tree shows it as <name>
+    assert {"source_frame", "refined", "meaning", "NX_class", "config"} <= names
+    missing = sorted(name for name in names if name not in overview)
+    assert not missing, f"docs/reference/output-layout.md's overview lacks {missing}"
+
+
+def test_the_wire_protocols_page_covers_every_protocol_and_refusal():
+    """The wire protocols page is written by hand: each ``--zmq-protocol`` has a section,
+    and every reason the decoders give a refused message has a row."""
+    import re
+
+    from n2s_stream.formats.protocols import PROTOCOLS
+
+    page = (ROOT / "docs/reference/wire-protocols.md").read_text()
+    for protocol in PROTOCOLS:
+        assert f"### Protocol `{protocol}`" in page, protocol
+    sources = "".join(
+        (ROOT / "n2s_stream/formats" / name).read_text() for name in ("protocols.py", "codecs.py")
+    )
+    reasons = set(re.findall(r'reason="([a-z_]+)"', sources))
+    assert {"truncated", "bad_cbor", "size_mismatch"} <= reasons
+    missing = sorted(reason for reason in reasons if f"| `{reason}` |" not in page)
+    assert not missing, f"docs/reference/wire-protocols.md has no row for {missing}"
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    """The tEXt chunks of a PNG file."""
+    import struct
+
+    data, texts, position = path.read_bytes(), {}, 8
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        if data[position + 4 : position + 8] == b"tEXt":
+            key, value = data[position + 8 : position + 8 + length].split(b"\0", 1)
+            texts[key.decode("latin-1")] = value.decode("latin-1")
+        position += 12 + length
+    return texts
+
+
+def test_every_benchmark_result_names_what_produced_it():
+    """Each committed file in ``benchmarks/results`` names its commit, date, package
+    versions, machine and command: a report in its ``provenance``, a plot in its PNG text
+    chunk ``Provenance``, the soak trace on its first line. Prose never has to."""
+    import json
+
+    listed = subprocess.run(
+        ["git", "ls-files", "benchmarks/results"], cwd=ROOT, capture_output=True, text=True
+    )
+    files = [ROOT / name for name in listed.stdout.split()]
+    if not files:
+        pytest.skip("not a git checkout")
+    lacking = []
+    for path in files:
+        if path.suffix == ".json":
+            provenance = json.loads(path.read_text()).get("provenance", {})
+        elif path.suffix == ".png":
+            provenance = json.loads(_png_text(path).get("Provenance", "{}"))
+        elif path.suffix == ".jsonl":
+            provenance = json.loads(path.read_text().split("\n", 1)[0]).get("provenance", {})
+        else:
+            provenance = {}
+        if not all(provenance.get(k) for k in ("commit", "date", "versions", "command", "cpu")):
+            lacking.append(path.relative_to(ROOT).as_posix())
+    assert not lacking, f"results without provenance: {lacking}"
