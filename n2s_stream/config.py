@@ -18,7 +18,7 @@ import numpy as np
 from n2s_stream.errors import UsageError
 from n2s_stream.formats.output_format import LOSSY, Compression, OutputDtype, OutputFormat
 from n2s_stream.formats.protocols import ZmqProtocol
-from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective, Precision
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective, Precision, is_blind
 from n2s_stream.options import as_toml, option, section
 
 if TYPE_CHECKING:
@@ -118,11 +118,12 @@ class NetworkOptions:
 
 
 def check_objective(objective: Objective, network: NetworkOptions) -> None:
-    """Neighbor2Neighbor trains without a blind spot: nothing is hidden, so a mask input
-    channel would carry nothing (refused rather than trained on zeros)."""
-    if objective == "neighbor2neighbor" and network.mask_as_input:
+    """Neighbor2Neighbor and binomial splitting train without a blind spot: nothing is
+    hidden, so a mask input channel would carry nothing (refused rather than trained on
+    zeros)."""
+    if not is_blind(objective) and network.mask_as_input:
         raise UsageError(
-            "objective neighbor2neighbor hides no pixels: mask_as_input applies to noise2self only"
+            f"objective {objective} hides no pixels: mask_as_input applies to noise2self only"
         )
 
 
@@ -149,9 +150,10 @@ class TrainConfig:
     lr: float = option(3e-3, help="peak learning rate, cosine decay", min=0)
     objective: Objective = option(
         "noise2self",
-        help="noise2self (masked loss: blind spot) "
-        "or neighbor2neighbor (pairs of neighbouring pixels: no "
-        "blind spot)",
+        help="noise2self (masked loss: blind spot), "
+        "neighbor2neighbor (pairs of neighbouring pixels: no "
+        "blind spot) or binomial (each frame's photons split in two: no blind spot, "
+        "photon counts only)",
     )
     amp: bool = option(False, help="mixed precision (CUDA only)")
     val_frac: float = option(
@@ -560,9 +562,10 @@ class TrainingOptions:
     lr: float = option(1e-3, min=0, help="learning rate of online training")
     objective: Objective = option(
         "noise2self",
-        help="noise2self (masked loss: blind spot) "
-        "or neighbor2neighbor (pairs of neighbouring pixels: no "
-        "blind spot); held-out scores are masked either way",
+        help="noise2self (masked loss: blind spot), "
+        "neighbor2neighbor (pairs of neighbouring pixels: no "
+        "blind spot) or binomial (each frame's photons split in two: no blind spot, "
+        "photon counts only); held-out scores are masked either way",
     )
     publish_every: int = option(50, min=1, help="training steps between model versions")
     checkpoint_every: float = option(

@@ -264,6 +264,7 @@ class _OfflineRun:
             valid=valid_t,
             scaler=self.scaler,
             amp=self.amp,
+            counts=(self.data.normalizer.shift, self.data.normalizer.divisor),
         )
         self.step += 1
         return float(loss)
@@ -302,7 +303,7 @@ class _OfflineRun:
         )
 
 
-TRAIN_LOSS_NAMES = {"noise2self": "masked", "neighbor2neighbor": "sub-image"}
+TRAIN_LOSS_NAMES = {"noise2self": "masked", "neighbor2neighbor": "sub-image", "binomial": "split"}
 """How the epoch log line names each objective's training loss."""
 
 

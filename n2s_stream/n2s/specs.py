@@ -12,11 +12,21 @@ from typing import Any, Literal, get_args
 MODEL_NAMES = ("unet", "dncnn")
 MASK_MODES = ("interpolate", "zero")
 
-Objective = Literal["noise2self", "neighbor2neighbor"]
+Objective = Literal["noise2self", "neighbor2neighbor", "binomial"]
 """How a training step learns from noisy patches: Noise2Self's masked loss on one hidden
-grid phase per patch (the network learns a blind-spot prediction), or Neighbor2Neighbor's
-sub-image loss (``n2s/neighbor2neighbor.py``: every pixel supervises, no blind spot)."""
+grid phase per patch (the network learns a blind-spot prediction), Neighbor2Neighbor's
+sub-image loss (``n2s/neighbor2neighbor.py``: every pixel supervises, no blind spot), or
+binomial splitting of photon counts (``n2s/binomial.py``: a Noise2Noise pair from one
+frame; photon counts only)."""
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+
+def is_blind(objective: str) -> bool:
+    """Whether a network trained by ``objective`` predicts each pixel without seeing it
+    (Noise2Self); the others see every pixel, are used unmasked, and share a starting
+    model."""
+    return objective == "noise2self"
+
 
 Precision = Literal["float32", "float16", "bfloat16"]
 """The forward pass's arithmetic (``n2s/denoising.py``: float16 and bfloat16 by autocast)."""

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint
-from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective, is_blind
 
 DEFAULT = Path(__file__).with_name("unet_w16_d2_k1.pt")
+NONBLIND = Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt")
 SHIPPED: dict[str, Path] = {
     "noise2self": DEFAULT,
-    "neighbor2neighbor": Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt"),
+    "neighbor2neighbor": NONBLIND,
+    "binomial": NONBLIND,  # trained by Neighbor2Neighbor: the same unmasked use
 }
 """The shipped starting model for each training objective (``specs.OBJECTIVES``)."""
 
@@ -84,12 +86,12 @@ def misfit(
     """Why a starting model cannot start a network of ``model`` and ``masker`` trained by
     ``objective``, or None where it fits exactly."""
     trained_for = checkpoint.extra.get("pretrained", {}).get("objective", objective)
-    if trained_for != objective:
+    if is_blind(trained_for) != is_blind(objective):
         return f"trained for objective {trained_for}, not {objective}"
     if masker.context_frames != 1:
         return f"a one-frame model does not fit context_frames {masker.context_frames}"
     single = replace(masker, causal=False, register=False)  # no neighbours: no difference
-    if objective == "neighbor2neighbor":  # trained unmasked: the grid does not matter
+    if not is_blind(objective):  # trained unmasked: the grid does not matter
         single = replace(
             single, grid_size=checkpoint.masker_config.grid_size, mode=checkpoint.masker_config.mode
         )

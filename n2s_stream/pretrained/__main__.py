@@ -38,7 +38,7 @@ from n2s_stream.models import build_model
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.n2s.specs import OBJECTIVES, MaskerConfig, ModelConfig
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 from n2s_stream.pretrained import IMAGES, MORE_IMAGES, SHIPPED
 
 log = logging.getLogger("n2s_stream.pretrained")
@@ -178,7 +178,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--objective",
-        choices=OBJECTIVES,
+        choices=tuple(RECIPES),  # binomial starts from the neighbor2neighbor file
         default="noise2self",
         help="the online objective the model starts: noise2self (blind spot, "
         "the default file) or neighbor2neighbor (no blind spot)",

@@ -161,6 +161,7 @@ class OnlineTrainer(BackgroundWorker):
         )
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
+        normalizer = self.store.snapshot().normalizer  # set before frames reach the buffer
         loss = float(
             train_step(
                 self.model,
@@ -170,6 +171,7 @@ class OnlineTrainer(BackgroundWorker):
                 rng=self._rng,
                 objective=self.options.objective,
                 valid=valid_t,
+                counts=None if normalizer is None else (normalizer.shift, normalizer.divisor),
             )
         )  # host sync
         self.step += 1

@@ -142,8 +142,9 @@ def test_require_reconstructable_refuses_inexact_checkpoint(trained, noisy_serie
         )
 
 
-def test_neighbor2neighbor_training_raises_psnr(noisy_series, tmp_path):
-    """The other objective, same data and steps as `trained`: single-pass denoising of a
+@pytest.mark.parametrize("objective", ["neighbor2neighbor", "binomial"])
+def test_objectives_without_a_blind_spot_raise_psnr(objective, noisy_series, tmp_path):
+    """The other objectives, same data and steps as `trained`: single-pass denoising of a
     network without a blind spot gains as much."""
     path, clean, dose = noisy_series
     result = train(
@@ -152,13 +153,13 @@ def test_neighbor2neighbor_training_raises_psnr(noisy_series, tmp_path):
             h5=path,
             epochs=6,
             steps_per_epoch=40,
-            objective="neighbor2neighbor",
+            objective=objective,
             out_dir=tmp_path / "r",
             **TINY,
         )
     )
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
-    assert 'objective = "neighbor2neighbor"' in load_checkpoint(result.last).extra["config"]
+    assert f'objective = "{objective}"' in load_checkpoint(result.last).extra["config"]
     out = denoise(
         DenoiseConfig(
             h5=path, ckpt=result.last, out=tmp_path / "o.h5", device="cpu", batch=5, progress=False

@@ -1,0 +1,58 @@
+"""Binomial splitting: a Noise2Noise pair from one frame of photon counts.
+
+Each count ``y ~ Poisson(λ)`` of a pixel splits into ``a ~ Binomial(y, p)`` and
+``b = y - a``; then ``a ~ Poisson(pλ)`` and ``b ~ Poisson((1 - p)λ)`` are independent, so
+``a / p`` and ``b / (1 - p)`` are two noisy images of the same ``λ`` whose noise is
+independent. A network mapping the first to the second learns the clean image
+(Noise2Noise), with every pixel supervising and no blind spot, and no offset between
+neighbours as Neighbor2Neighbor's sub-images have. Afterwards it is used, as a
+Neighbor2Neighbor network is, on the whole unsplit frame, whose noise is a little lower
+(variance ``λ`` instead of ``λ / p``): ``p`` close to 1 keeps that gap small.
+
+It holds only for photon counts (a photon-counting detector, or an integrating one
+calibrated to photons); frames are in normalised units, ``counts = y * divisor + shift``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+KEEP = 0.9
+"""Share ``p`` of each pixel's photons in the network's input; the rest is the target."""
+
+
+def split_counts(
+    counts: torch.Tensor, keep: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split non-negative integer ``counts`` photon by photon: each photon goes to the
+    first part with probability ``keep``. The parts sum to ``counts``."""
+    first = torch.binomial(counts, torch.full_like(counts, keep), generator=generator)
+    return first, counts - first
+
+
+def binomial_split_loss(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    batch: torch.Tensor,
+    *,
+    shift: float,
+    divisor: float,
+    keep: float = KEEP,
+    generator: torch.Generator | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error of ``model`` (unmasked input to denoised centre frame) from the
+    kept part of each centre frame's photons to the rest, both rescaled to the whole
+    frame's intensity, in normalised units. ``batch`` is ``(B, C, H, W)`` normalised
+    (``shift``, ``divisor``: the normaliser); context channels are left whole (their noise
+    is independent of the centre frame's). ``valid`` (``(B, 1, H, W)`` 0/1) drops unusable
+    pixels. Returns a scalar (0 if no pixel counts)."""
+    counts = (batch[:, :1].float() * divisor + shift).round().clamp_min(0.0)
+    kept, rest = split_counts(counts, keep, generator)
+    net_input = batch.clone()
+    net_input[:, :1] = (kept / keep - shift) / divisor
+    target = (rest / (1.0 - keep) - shift) / divisor
+    output = model(net_input).float()
+    weight = torch.ones_like(target) if valid is None else valid.expand_as(target).float()
+    return ((output - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
