@@ -1,7 +1,7 @@
 """The first frames of a scan against finely calibrated TV, frame by frame.
 
 The daemon writes the first frames of a scan with a classical denoiser calibrated
-J-invariantly on the first frame (``n2s_stream.runtime.coldstart``), unless the shipped pretrained
+J-invariantly on the first frame (``n2s_stream.n2s.classical``), unless the shipped pretrained
 network beats it on that frame's masked loss; the issue asks that those frames be never
 below calibrated classical denoising. On first_pass's scan (a 256x256 window drifting
 3 px/frame over real photographs, Poisson noise), for each peak dose, each candidate is

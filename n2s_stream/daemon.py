@@ -49,7 +49,7 @@ from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.series import SeriesTracker
 from n2s_stream.runtime.service import Notifier
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
-from n2s_stream.runtime.state import StateDir, refine_dir
+from n2s_stream.runtime.state import StateDir, checkpoints_dir, refine_dir
 from n2s_stream.runtime.trainer import VAL_CROP, CheckpointFollower, OnlineTrainer
 from n2s_stream.runtime.worker import dump_stacks_on
 from n2s_stream.sinks import SinkContext, make_sinks
@@ -205,7 +205,7 @@ class Daemon:
                 )
             follower = None
             if config.training.model_from is not None:
-                follower = CheckpointFollower(config.training.model_from / "checkpoints", store)
+                follower = CheckpointFollower(checkpoints_dir(config.training.model_from), store)
             source = self._source(state)
             undo.callback(source.stop)
             server = serve_metrics(config.service, self.metrics, self.preview)

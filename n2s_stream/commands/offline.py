@@ -20,6 +20,7 @@ from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.formats.stack import FrameStack, open_stack
 from n2s_stream.formats.writer import FrameWriter, OutputHeader, output_name
 from n2s_stream.models import StateDict, build_model, count_parameters, use_fast_layout
+from n2s_stream.n2s.binomial import photon_counts
 from n2s_stream.n2s.context import context_indices, context_stack
 from n2s_stream.n2s.denoising import denoise_series, to_source_dtype
 from n2s_stream.n2s.device import amp_enabled, resolve_device
@@ -129,6 +130,12 @@ class _OfflineRun:
         self.rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
         self.data = _load_training_data(config, self.rng, self.device)
+        self.counts = None  # the normaliser's map back to photon counts, for binomial
+        if config.objective == "binomial":
+            try:
+                self.counts = photon_counts(self.data.normalizer)
+            except ValueError as exc:
+                raise UsageError(f"{config.h5}: {exc}") from exc
         self.model_config = config.network.model_config()
         self.model = use_fast_layout(build_model(self.model_config).to(self.device), self.device)
         self.masker = Masker(config.network.masker_config())
@@ -264,7 +271,7 @@ class _OfflineRun:
             valid=valid_t,
             scaler=self.scaler,
             amp=self.amp,
-            counts=(self.data.normalizer.shift, self.data.normalizer.divisor),
+            counts=self.counts,
         )
         self.step += 1
         return float(loss)

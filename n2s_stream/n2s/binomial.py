@@ -17,10 +17,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+
+from n2s_stream.n2s.normalize import Normalizer
 
 KEEP = 0.9
 """Share ``p`` of each pixel's photons in the network's input; the rest is the target."""
+
+
+def photon_counts(normalizer: Normalizer) -> tuple[float, float]:
+    """The ``(shift, divisor)`` that turn ``normalizer``'s output back into photon counts;
+    raises ``ValueError`` for frames that are not counts (a float source)."""
+    if np.dtype(normalizer.source_dtype).kind not in "iu":
+        raise ValueError(
+            f"objective binomial splits photon counts, but the frames are "
+            f"{normalizer.source_dtype}: use noise2self or neighbor2neighbor for them"
+        )
+    return normalizer.shift, normalizer.divisor
 
 
 def split_counts(

@@ -40,14 +40,14 @@ def self_supervised_loss(
     random draws (mask phases, pixel pairs, photon splits) from ``rng``; a 0-d float32
     tensor. ``counts``: the normaliser's ``(shift, divisor)`` that turns ``batch`` back
     into photon counts (``binomial`` only)."""
+
+    def unmasked(x: torch.Tensor) -> torch.Tensor:  # + a zero mask channel if any
+        return masker.infer_single_pass(x, model)
+
     if objective == "binomial":
         if counts is None:
             raise ValueError("objective binomial needs the normaliser of photon counts")
         generator = torch.Generator(batch.device).manual_seed(int(rng.integers(2**62)))
-
-        def unmasked(x: torch.Tensor) -> torch.Tensor:
-            return masker.infer_single_pass(x, model)
-
         with autocast(batch.device, amp):
             return binomial_split_loss(
                 unmasked,
@@ -62,12 +62,8 @@ def self_supervised_loss(
         valid = None if valid is None else even_crop(valid)
         size = (batch.shape[0], 1, batch.shape[-2] // 2, batch.shape[-1] // 2)
         choice = torch.from_numpy(rng.integers(len(NEIGHBOUR_PAIRS), size=size))
-
-        def single_pass(x: torch.Tensor) -> torch.Tensor:  # + a zero mask channel if any
-            return masker.infer_single_pass(x, model)
-
         with autocast(batch.device, amp):
-            return neighbor2neighbor_loss(single_pass, batch, choice.to(batch.device), valid=valid)
+            return neighbor2neighbor_loss(unmasked, batch, choice.to(batch.device), valid=valid)
     if objective != "noise2self":
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     # hide one grid phase of each centre frame: net_input (B, C[+1], H, W), mask (B,1,H,W)

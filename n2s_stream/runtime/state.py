@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 3
 
 
+def checkpoints_dir(state_dir: Path) -> Path:
+    """The versioned checkpoints (also what a fan-out worker follows in another state
+    directory, ``model_from``)."""
+    return Path(state_dir) / "checkpoints"
+
+
 def refine_dir(state_dir: Path) -> Path:
     """The spools of series waiting to be refined (written by the spool sink, read and
     removed by the refiner)."""
@@ -246,7 +252,7 @@ class StateDir:
     ) -> None:
         self.root = Path(root)
         self._on_write_error = on_write_error
-        self.checkpoints = self.root / "checkpoints"
+        self.checkpoints = checkpoints_dir(self.root)
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-test"
@@ -396,7 +402,7 @@ class StateDir:
         from scratch."""
         checkpoint = self.latest_checkpoint()
         if checkpoint is None and model_from is not None:
-            checkpoint = newest_checkpoint(model_from / "checkpoints")
+            checkpoint = newest_checkpoint(checkpoints_dir(model_from))
         if checkpoint is not None:
             log.info(
                 "resuming from %s (version %d, step %d)",

@@ -24,6 +24,7 @@ from torch import nn
 from n2s_stream.config import TrainingOptions
 from n2s_stream.formats.checkpoint import Checkpoint
 from n2s_stream.models import StateDict, use_fast_layout
+from n2s_stream.n2s.binomial import photon_counts
 from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.optim import LossWatch, all_finite, make_optimizer, weight_average
 from n2s_stream.n2s.patches import center_crop
@@ -161,7 +162,10 @@ class OnlineTrainer(BackgroundWorker):
         )
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
-        normalizer = self.store.snapshot().normalizer  # set before frames reach the buffer
+        counts = None
+        if self.options.objective == "binomial":
+            normalizer = self.store.snapshot().normalizer  # set before frames reach the buffer
+            counts = None if normalizer is None else photon_counts(normalizer)
         loss = float(
             train_step(
                 self.model,
@@ -171,7 +175,7 @@ class OnlineTrainer(BackgroundWorker):
                 rng=self._rng,
                 objective=self.options.objective,
                 valid=valid_t,
-                counts=None if normalizer is None else (normalizer.shift, normalizer.divisor),
+                counts=counts,
             )
         )  # host sync
         self.step += 1

@@ -79,10 +79,7 @@ def test_sigterm_in_a_disk_full_pause_with_a_full_queue_stops_within_its_bound(
     writer = start_writer(daemon.watch, frames=200, rate=0, shape="64x64")
     daemon.wait_until(lambda m: m["n2s_output_paused"] == 1, "output paused", timeout=60)
     assert writer.wait(timeout=60) == 0
-    deadline = time.monotonic() + 30
-    while daemon.scrape()["n2s_queue_depth"] < 8:
-        assert time.monotonic() < deadline, "the queue never filled"
-        time.sleep(0.2)
+    daemon.wait_for_metric("n2s_queue_depth", 8, timeout=30)
     started = time.monotonic()
     status = daemon.terminate(timeout=60)
     stop_seconds = time.monotonic() - started

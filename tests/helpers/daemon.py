@@ -101,9 +101,12 @@ class DaemonProcess:
         ``n2s_series_ended_total``, not by the log's wording."""
         self.wait_for_metric("n2s_series_ended_total", series, timeout)
 
-    def wait_for_metric(self, name: str, at_least: float = 1.0, timeout: float = 60.0) -> None:
-        """Wait until the metric ``name`` (summed over its labels) reaches ``at_least``."""
-        self.wait_until(
+    def wait_for_metric(
+        self, name: str, at_least: float = 1.0, timeout: float = 60.0
+    ) -> dict[str, float]:
+        """Wait until the metric ``name`` (summed over its labels) reaches ``at_least``;
+        return that scrape."""
+        return self.wait_until(
             lambda metrics: total(metrics, name) >= at_least, f"{name} >= {at_least:g}", timeout
         )
 
@@ -119,7 +122,7 @@ class DaemonProcess:
             metrics = scrape(self.port)  # {} while the endpoint does not answer
             if metrics and condition(metrics):
                 return metrics
-            time.sleep(0.1)
+            time.sleep(0.05)
         seen = {k: v for k, v in metrics.items() if k.startswith("n2s_")}
         raise AssertionError(
             f"never {what}; last scrape {seen}; the daemon log ends:\n{self.log()[-3000:]}"

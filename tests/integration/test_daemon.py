@@ -241,10 +241,7 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
     assert frames_in(daemon.output("scan_0001_n2s.h5")) == 40
     # Training yields while frames queue (they do during the compile): new weights come
     # once the detector pauses; the next series must be denoised with them.
-    deadline = time.monotonic() + 120
-    while daemon.scrape().get("n2s_train_steps_total", 0) < 20:
-        assert time.monotonic() < deadline, "no training after the series"
-        time.sleep(0.5)
+    daemon.wait_for_metric("n2s_train_steps_total", 20, timeout=120)
     second = start_writer(daemon.watch, frames=5, rate=10, shape="32x32", name="scan_0002")
     assert second.wait(timeout=120) == 0
     daemon.wait_for_ended(2, timeout=240)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 
 import h5py
 import numpy as np
@@ -42,11 +41,7 @@ def _simulator(pv: str, env: dict, *args: str) -> subprocess.Popen:
 
 
 def _wait_denoised(daemon: DaemonProcess, count: int, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while (metrics := daemon.scrape()).get("n2s_frames_denoised_total", 0) < count:
-        assert time.monotonic() < deadline, daemon.log()[-3000:]
-        time.sleep(0.2)
-    return metrics
+    return daemon.wait_for_metric("n2s_frames_denoised_total", count, timeout)
 
 
 def test_two_acquisitions_by_acquire_pv_with_gaps_served_back_as_a_pv(tmp_path):

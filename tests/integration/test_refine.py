@@ -188,8 +188,11 @@ def test_a_finished_series_is_refined_with_the_newest_model(tmp_path):
     daemon.wait_for_ended(1, timeout=120)
     assert frames_in(output) == 40
     live_then, provenance_then = read_output(output)  # before refining could have begun
-    daemon.wait_for_metric("n2s_series_refined_total", 1, timeout=120)
-    metrics = daemon.scrape()
+    metrics = daemon.wait_until(  # the pending gauge is set on the refiner's next round
+        lambda m: m.get("n2s_series_refined_total") == 1 and m["n2s_refine_pending_series"] == 0,
+        "the series refined, none pending",
+        timeout=120,
+    )
     assert daemon.terminate() == 0, daemon.log()[-2000:]
 
     live, provenance = read_output(output)
@@ -219,10 +222,7 @@ def test_refining_resumes_after_kill_9(tmp_path):
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=n_frames, rate=0, shape="128x128", seed=4)
     assert writer.wait(timeout=120) == 0
-    deadline = time.monotonic() + 120
-    while daemon.scrape().get("n2s_refined_frames_total", 0) < 3:
-        assert time.monotonic() < deadline, daemon.log()[-2000:]
-        time.sleep(0.05)
+    daemon.wait_for_metric("n2s_refined_frames_total", 3, timeout=120)
     daemon.kill()
     output = daemon.out / "scan_0001_n2s.h5"
     live_before, _ = read_output(output)

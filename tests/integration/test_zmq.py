@@ -218,10 +218,7 @@ def test_restart_mid_series_keeps_the_stream1_header(tmp_path):
         push.send_multipart(p.stream1_header(7, mask))
         for k in range(3):
             push.send_multipart(p.stream1_image(7, k, frames[k]))
-        deadline = time.monotonic() + 30
-        while first.scrape().get("n2s_frames_denoised_total", 0) < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        first.wait_for_metric("n2s_frames_denoised_total", 3, timeout=30)
         assert first.terminate() == 0
         second = DaemonProcess(
             tmp_path, "--zmq", endpoint, "--zmq-protocol", "dectris-stream1", name="second"

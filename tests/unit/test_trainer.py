@@ -15,6 +15,7 @@ from n2s_stream.models import build_model, use_fast_layout
 from n2s_stream.n2s import training
 from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.optim import LossWatch, make_optimizer, weight_average
 from n2s_stream.n2s.patches import center_crop
 from n2s_stream.n2s.specs import ModelConfig
@@ -33,10 +34,10 @@ class Inference:
         self.busy = busy
 
 
-def _trainer(buffer, *, inference=None, publish_every=5, objective="noise2self"):
+def _trainer(buffer, *, inference=None, publish_every=5, objective="noise2self", normalizer=None):
     model = build_model(ModelConfig(width=4, depth=1))
     metrics = Metrics(CollectorRegistry())
-    store = ModelStore(copy_state(model), 0)
+    store = ModelStore(copy_state(model), 0, normalizer)
     scheduler = Scheduler(queue.Queue())
     scheduler.attach(inference=inference or Inference())
     saved = []
@@ -60,11 +61,14 @@ def _wait(condition, seconds=20.0):
     return condition()
 
 
-@pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
+@pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor", "binomial"])
 def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
+    # normalised photon counts (10 on average), as the daemon's buffer holds them
+    counts = Normalizer("meanstd", shift=10.0, divisor=3.0, source_dtype="uint16")
     buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
     for _ in range(4):
-        buffer.add(np.random.default_rng(0).normal(size=(24, 24)).astype(np.float32))
+        frame = np.random.default_rng(0).poisson(10, size=(24, 24))
+        buffer.add(counts.forward(frame))
     sub_image_losses = []
     loss = training.neighbor2neighbor_loss
     monkeypatch.setattr(
@@ -72,14 +76,29 @@ def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
         "neighbor2neighbor_loss",
         lambda *a, **k: sub_image_losses.append(1) or loss(*a, **k),
     )
-    trainer, store, metrics, saved = _trainer(buffer, objective=objective)
+    trainer, store, metrics, saved = _trainer(buffer, objective=objective, normalizer=counts)
     trainer.start()
     assert _wait(lambda: store.version >= 2)
     trainer.stop()
+    assert trainer.error is None
     assert saved and saved[-1][1] == store.version
     steps = metrics.registry.get_sample_value("n2s_train_steps_total")
     assert steps >= 10
     assert len(sub_image_losses) == (steps if objective == "neighbor2neighbor" else 0)
+
+
+def test_binomial_training_refuses_frames_that_are_not_counts():
+    """Float frames cannot be split photon by photon: the trainer stops with that reason
+    (inference goes on with the weights it has), rather than learn from rounded values."""
+    buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
+    for _ in range(4):
+        buffer.add(np.random.default_rng(0).normal(size=(24, 24)).astype(np.float32))
+    floats = Normalizer("meanstd", shift=0.0, divisor=1.0, source_dtype="float32")
+    trainer, store, _, _ = _trainer(buffer, objective="binomial", normalizer=floats)
+    trainer.start()
+    assert _wait(lambda: not trainer.alive)
+    assert "splits photon counts, but the frames are float32" in str(trainer.error)
+    assert store.version == 0
 
 
 def test_yields_while_inference_is_busy_and_trains_once_it_is_not():
