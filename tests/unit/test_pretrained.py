@@ -106,8 +106,9 @@ def test_a_given_starting_model_needs_a_fresh_start_from_a_pretrained_model(tmp_
     [(False, (2.0, 300.0), (5839.613, 5939.492)), (True, (1.0, 300.0), (-2289.820, -2066.964))],
 )
 def test_training_batches_are_those_the_shipped_files_were_made_from(augmented, doses, sums):
-    """The first batch of each recipe, pinned: a change to the images or the draws (which
-    would stop the slow test below reproducing a shipped file) fails here in seconds."""
+    """The first batch of the shipped recipe (augmented) and of the plain one
+    (``--no-augment``), pinned: a change to the images or the draws (which would stop the
+    slow test below reproducing a shipped file) fails here in seconds."""
     noisy, clean = batch(
         training_images(augmented), np.random.default_rng(0), 16, 64, doses, augmented=augmented
     )
@@ -137,7 +138,7 @@ def test_training_script_is_deterministic(tmp_path, objective, augment):
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-@pytest.mark.slow  # the whole training runs: about 25 and 11 minutes on one core
+@pytest.mark.slow  # the whole training runs: about 25 and 29 minutes on one core
 @pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
 def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
     path = SHIPPED[objective]
