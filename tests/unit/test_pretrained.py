@@ -52,7 +52,12 @@ def test_each_objective_starts_from_its_own_shipped_model():
     nonblind = starting_model(model, masker, "neighbor2neighbor")
     assert blind is not None and nonblind is not None
     assert nonblind.extra["pretrained"]["objective"] == "neighbor2neighbor"
-    assert nonblind.extra["pretrained"]["images"] == list(IMAGES)
+    # one recipe for both files: the same images
+    assert nonblind.extra["pretrained"]["images"] == blind.extra["pretrained"]["images"]
+    assert set(IMAGES) < set(nonblind.extra["pretrained"]["images"])
+    binomial = starting_model(model, masker, "binomial")  # the same unmasked use
+    assert binomial is not None
+    assert torch.equal(binomial.state_dict["head.weight"], nonblind.state_dict["head.weight"])
     assert not torch.equal(blind.state_dict["head.weight"], nonblind.state_dict["head.weight"])
     assert starting_model(replace(model, width=8), masker, "neighbor2neighbor") is None
     assert starting_model(model, replace(masker, grid_size=2), "neighbor2neighbor") is not None
