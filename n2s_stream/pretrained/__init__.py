@@ -8,9 +8,9 @@ blobs, varied patch by patch, at Poisson doses of 1-300 counts, with the same ma
 online training and the clean image as the target at the hidden pixels.
 It carries no normaliser: the daemon fits one on the live data's first frame, and the
 cold-start comparison against a calibrated classical denoiser still decides when it writes.
-``unet_w16_d2_k1_nonblind.pt`` is the same network trained without a blind spot (``--objective
-neighbor2neighbor``), the start of online Neighbor2Neighbor training, still by the earlier
-recipe (the photographs of `IMAGES` as they are, 4000 steps).
+``unet_w16_d2_k1_nonblind.pt`` is the same network trained by the same recipe without a
+blind spot (``--objective neighbor2neighbor``): the start of online Neighbor2Neighbor and
+binomial training.
 """
 
 from __future__ import annotations
