@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -249,7 +250,7 @@ def denoised_stacks(
             classical.anscombe_bm3d, classical_input
         )
     with tempfile.TemporaryDirectory() as tmp:
-        run = live_and_refined(noisy, args, Path(tmp))
+        run = live_and_refined(noisy, args, Path(tmp), tuple(shlex.split(args.daemon_options)))
         stacks["live"] = run["live"][scored].astype(np.float32)
         refined = run["refined"]
         stacks["refined"] = None if refined is None else refined[scored].astype(np.float32)
@@ -394,6 +395,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=2.0, help="frames/s written")
     parser.add_argument("--refine-timeout", type=float, default=300.0)
     parser.add_argument("--no-bm3d", dest="bm3d", action="store_false")
+    parser.add_argument(
+        "--daemon-options",
+        default="",
+        help="more options for the daemon's live and refined rows, e.g. '--objective binomial'",
+    )
     parser.add_argument(
         "--markdown",
         type=Path,
