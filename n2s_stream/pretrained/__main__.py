@@ -14,7 +14,7 @@ spot that online Neighbor2Neighbor (and binomial) training refines. `RECIPES` ho
 objective's defaults. Same seed and steps, same weights (single thread).
 
     python -m n2s_stream.pretrained                                # 25 minutes on 1 core
-    python -m n2s_stream.pretrained --objective neighbor2neighbor  # 29 minutes
+    python -m n2s_stream.pretrained --objective neighbor2neighbor  # about as long
     python -m n2s_stream.pretrained --steps 3 --out /tmp/t.pt   # smoke
 """
 
@@ -141,7 +141,7 @@ RECIPES: dict[str, dict[str, object]] = {
     "neighbor2neighbor": {"steps": 8000, "min_dose": 1.0, "augment": True},
 }
 """Each objective's defaults, so that ``--objective X`` alone remakes the file shipped for
-X (its record says the same). Both files are made by one recipe today."""
+X (its record says the same). Both files are made by one recipe."""
 
 
 def file_sha256(path: Path) -> str:

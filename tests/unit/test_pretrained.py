@@ -143,7 +143,7 @@ def test_training_script_is_deterministic(tmp_path, objective, augment):
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-@pytest.mark.slow  # the whole training runs: about 25 and 29 minutes on one core
+@pytest.mark.slow  # the whole training runs: about 25 minutes each on one core
 @pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
 def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
     path = SHIPPED[objective]
