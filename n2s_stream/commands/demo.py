@@ -274,7 +274,9 @@ def _print_refined(
                             refined = out["/entry/refined/data"][()]
                             index = out["/entry/provenance/source_frame"][()]
                             version = int(out["/entry/refined/model_version"][-1])
-                            break
+                            # a series refined while idle is refined again in parts
+                            if len(refined) == len(live):
+                                break
                 except OSError:
                     pass  # being appended to: read it again
             time.sleep(1.0)
