@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.normalize import Normalizer
 
 KEEP = 0.9
@@ -67,6 +68,5 @@ def binomial_split_loss(
     net_input = batch.clone()
     net_input[:, :1] = (kept / keep - shift) / divisor
     target = (rest / (1.0 - keep) - shift) / divisor
-    output = model(net_input).float()
-    weight = torch.ones_like(target) if valid is None else valid.expand_as(target).float()
-    return ((output - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+    every_pixel = torch.ones_like(target)  # no blind spot: every pixel is a target
+    return masked_mse(model(net_input).float(), target, every_pixel, valid)

@@ -70,24 +70,24 @@ class PvaServeSink:
 
     def __init__(self, pv: str, codec: str = "none") -> None:
         try:
-            from p4p.server import Server
-            from p4p.server.thread import SharedPV
+            import p4p.server.thread  # noqa: F401  (what start() needs, checked when built)
         except ImportError as exc:
             raise UsageError(
                 "--pva-serve needs the optional extra: pip install 'n2s-stream[pva]'"
             ) from exc
         self.pv, self.codec = pv, codec
-        self._classes = (Server, SharedPV)
         self._shared: Any = None
         self._server: Any = None
 
     def start(self) -> None:
         """Bind the PVAccess server (loopback unless ``EPICS_PVAS_INTF_ADDR_LIST`` says
         otherwise)."""
-        server, shared = self._classes
+        from p4p.server import Server
+        from p4p.server.thread import SharedPV
+
         conf = server_conf(dict(os.environ))
-        self._shared = shared()  # no value (clients wait) until the first frame
-        self._server = server(providers=[{self.pv: self._shared}], conf=conf or None, useenv=True)
+        self._shared = SharedPV()  # no value (clients wait) until the first frame
+        self._server = Server(providers=[{self.pv: self._shared}], conf=conf or None, useenv=True)
         log.info(
             "serving denoised frames as PV %s (codec %s; %s)",
             self.pv,

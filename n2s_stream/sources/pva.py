@@ -118,7 +118,7 @@ class PvaSource(BackgroundWorker):
         if options.pv is None:
             raise UsageError("the PVA source needs --pva PVNAME")
         try:
-            from p4p.client.thread import Context
+            import p4p.client.thread  # noqa: F401  (what start() needs, checked when built)
         except ImportError as exc:
             raise UsageError(
                 "--pva needs the optional extra: pip install 'n2s-stream[pva]'"
@@ -126,7 +126,6 @@ class PvaSource(BackgroundWorker):
         self.options, self.out_root = options, out_root
         self._record = pva_dir(state_dir) / f"{pv_file_name(options.pv)}.json"
         self._emit, self._reject, self._refused = emit, reject, refused
-        self._client_class = Context
         self._context: Any = None  # a p4p client runs threads: made by start()
         self._subscriptions: list[Any] = []
         self._lock = threading.RLock()  # p4p calls back from more than one thread
@@ -151,8 +150,10 @@ class PvaSource(BackgroundWorker):
     def start(self) -> None:
         """Subscribe (p4p reconnects by itself when the IOC restarts), then watch for
         acquisitions that went quiet."""
+        from p4p.client.thread import Context
+
         request = f"record[queueSize={self.options.queue_size}]"
-        self._context = self._client_class("pva", nt=False)
+        self._context = Context("pva", nt=False)
         self._subscriptions.append(
             self._context.monitor(
                 self.options.pv, self._update, request=request, notify_disconnect=True

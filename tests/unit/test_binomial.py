@@ -12,6 +12,7 @@ from n2s_stream.models import build_model
 from n2s_stream.n2s.binomial import binomial_split_loss, split_counts
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import fit_normalizer
+from n2s_stream.n2s.quality import psnr
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 from n2s_stream.n2s.training import self_supervised_loss, train_step
 
@@ -103,11 +104,9 @@ def test_a_network_learns_to_denoise_photon_counts_from_the_splits(one_thread):
     with torch.no_grad():
         denoised = normalizer.inverse(model(frames[16:]).numpy())
 
-    def psnr(image: np.ndarray) -> float:
-        return float(10 * np.log10(scene.max() ** 2 / np.mean((image - scene) ** 2)))
-
-    noisy = psnr(counts[16:].astype(np.float32))
-    assert psnr(denoised) > noisy + 10.0, (noisy, psnr(denoised))  # 15.1 -> 27.9 dB here
+    noisy = psnr(scene, counts[16:].astype(np.float32), scene.max())
+    gained = psnr(scene, denoised, scene.max())
+    assert gained > noisy + 10.0, (noisy, gained)  # 15.1 -> 27.9 dB here
 
 
 def test_the_objective_needs_the_normaliser_of_counts():
