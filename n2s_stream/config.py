@@ -155,6 +155,13 @@ class TrainConfig:
         "blind spot) or binomial (each frame's photons split in two: no blind spot, "
         "photon counts only)",
     )
+    split_keep: float = option(
+        0.9,
+        min=0.05,
+        max=0.95,
+        help="binomial only: share of each pixel's photons in the network's input (the "
+        "rest is the target)",
+    )
     amp: bool = option(False, help="mixed precision (CUDA only)")
     val_frac: float = option(
         0.0, help="fraction of frames held out for validation", min=0, max=0.999
@@ -566,6 +573,13 @@ class TrainingOptions:
         "neighbor2neighbor (pairs of neighbouring pixels: no "
         "blind spot) or binomial (each frame's photons split in two: no blind spot, "
         "photon counts only); held-out scores are masked either way",
+    )
+    split_keep: float = option(
+        0.9,
+        min=0.05,
+        max=0.95,
+        help="binomial only: share of each pixel's photons in the network's input (the "
+        "rest is the target)",
     )
     publish_every: int = option(50, min=1, help="training steps between model versions")
     checkpoint_every: float = option(

@@ -376,7 +376,7 @@ class Daemon:
             series=series,
             sinks=sinks,
             services=services,
-            calibration=Calibration(services.store, config.network, cold_start),
+            calibration=Calibration(services.store, config.network, cold_start, self.metrics),
             cold_start=cold_start,
             options=config.inference,
         )

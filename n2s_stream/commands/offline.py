@@ -20,7 +20,7 @@ from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.formats.stack import FrameStack, open_stack
 from n2s_stream.formats.writer import FrameWriter, OutputHeader, output_name
 from n2s_stream.models import StateDict, build_model, count_parameters, use_fast_layout
-from n2s_stream.n2s.binomial import photon_counts
+from n2s_stream.n2s.binomial import PhotonSplit, not_photon_counts, photon_split
 from n2s_stream.n2s.context import context_indices, context_stack
 from n2s_stream.n2s.denoising import denoise_series, to_source_dtype
 from n2s_stream.n2s.device import amp_enabled, resolve_device
@@ -28,7 +28,8 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer, fill_invalid, valid_pixels
 from n2s_stream.n2s.optim import LossWatch, all_finite, cosine_lr, make_optimizer
 from n2s_stream.n2s.patches import sample_patches
-from n2s_stream.n2s.specs import context_offsets
+from n2s_stream.n2s.photons import first_counts_per_photon
+from n2s_stream.n2s.specs import Objective, context_offsets
 from n2s_stream.n2s.training import masked_validation_loss, train_step
 from n2s_stream.pretrained import starting_model
 from n2s_stream.runtime.onnx_engine import OnnxRuntimeModel, check_engine
@@ -70,6 +71,7 @@ class _Data:
     val: torch.Tensor | None  # (M, K, h, w) normalised, centre crops
     val_valid: torch.Tensor | None
     normalizer: Normalizer
+    photons: tuple[int, float] | None  # a frame's index and its counts per photon
 
 
 def train(
@@ -130,12 +132,10 @@ class _OfflineRun:
         self.rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
         self.data = _load_training_data(config, self.rng, self.device)
-        self.counts = None  # the normaliser's map back to photon counts, for binomial
-        if config.objective == "binomial":
-            try:
-                self.counts = photon_counts(self.data.normalizer)
-            except ValueError as exc:
-                raise UsageError(f"{config.h5}: {exc}") from exc
+        self.split: PhotonSplit | None = None  # binomial: back to photon counts, and split
+        self.objective = self._objective_in_use()
+        if self.objective == "binomial":
+            self.split = photon_split(self.data.normalizer, config.split_keep)
         self.model_config = config.network.model_config()
         self.model = use_fast_layout(build_model(self.model_config).to(self.device), self.device)
         self.masker = Masker(config.network.masker_config())
@@ -222,7 +222,7 @@ class _OfflineRun:
             "epoch %d/%d: train %s loss %.5f, val masked loss %s, lr %.2e, %.1fs",
             epoch,
             config.epochs,
-            TRAIN_LOSS_NAMES[config.objective],
+            TRAIN_LOSS_NAMES[self.objective],
             train_loss,
             "n/a" if val_loss is None else f"{val_loss:.5f}",
             lr,
@@ -267,14 +267,28 @@ class _OfflineRun:
             self.masker,
             batch,
             rng=self.rng,
-            objective=config.objective,
+            objective=self.objective,
             valid=valid_t,
             scaler=self.scaler,
             amp=self.amp,
-            counts=self.counts,
+            split=self.split,
         )
         self.step += 1
         return float(loss)
+
+    def _objective_in_use(self) -> Objective:
+        """The configured objective; but binomial splitting on frames that are not photon
+        counts trains by neighbor2neighbor instead, as the daemon does (logged)."""
+        config = self.config
+        if config.objective != "binomial":
+            return config.objective
+        index, estimate = self.data.photons or (None, None)
+        why = not_photon_counts(self.data.normalizer, estimate)
+        if why is not None:
+            where = "" if index is None else f" (frame {index})"
+            log.warning("%s%s: %s; training uses neighbor2neighbor instead", config.h5, where, why)
+            return "neighbor2neighbor"
+        return "binomial"
 
     def _roll_back(self, reason: str) -> None:
         """Undo a diverging step: the weights of the last finished epoch (or the start)
@@ -408,7 +422,15 @@ def _load_training_data(
         val=val,
         val_valid=val_valid,
         normalizer=normalizer,
+        photons=_photons(frames, valid, needed),
     )
+
+
+def _photons(frames: np.ndarray, valid: np.ndarray, indices: list[int]) -> tuple[int, float] | None:
+    """The first frame read that tells its counts per photon (its index in the stack),
+    and the estimate."""
+    found = first_counts_per_photon(frames, valid)
+    return None if found is None else (indices[found[0]], found[1])
 
 
 class _ByIndex:

@@ -16,26 +16,55 @@ calibrated to photons); frames are in normalised units, ``counts = y * divisor +
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.normalize import Normalizer
+from n2s_stream.n2s.photons import PHOTON_RANGE, are_photon_counts
 
 KEEP = 0.9
-"""Share ``p`` of each pixel's photons in the network's input; the rest is the target."""
+"""Share ``p`` of each pixel's photons in the network's input; the rest is the target
+(the default of the ``split_keep`` option)."""
 
 
-def photon_counts(normalizer: Normalizer) -> tuple[float, float]:
-    """The ``(shift, divisor)`` that turn ``normalizer``'s output back into photon counts;
-    raises ``ValueError`` for frames that are not counts (a float source)."""
+@dataclass(frozen=True)
+class PhotonSplit:
+    """How normalised frames are split photon by photon: the normaliser's ``shift`` and
+    ``divisor`` that turn them back into counts, and the share ``keep`` of each pixel's
+    photons that goes to the network's input."""
+
+    shift: float
+    divisor: float
+    keep: float = KEEP
+
+
+def not_photon_counts(normalizer: Normalizer, counts_per_photon: float | None) -> str | None:
+    """Why frames of this normaliser, whose noise showed ``counts_per_photon``
+    (``n2s/photons.py``), cannot be split photon by photon; None where they can. An
+    estimate that could not be made (None) does not refuse them."""
     if np.dtype(normalizer.source_dtype).kind not in "iu":
-        raise ValueError(
-            f"objective binomial splits photon counts, but the frames are "
-            f"{normalizer.source_dtype}: use noise2self or neighbor2neighbor for them"
+        return (
+            f"objective binomial splits photon counts, but the frames are {normalizer.source_dtype}"
         )
-    return normalizer.shift, normalizer.divisor
+    if counts_per_photon is not None and not are_photon_counts(counts_per_photon):
+        low, high = PHOTON_RANGE
+        return (
+            f"objective binomial splits photon counts, but the frames' noise shows "
+            f"{counts_per_photon:.2f} counts per photon (outside {low:g}-{high:g})"
+        )
+    return None
+
+
+def photon_split(normalizer: Normalizer, keep: float = KEEP) -> PhotonSplit:
+    """The split of frames normalised by ``normalizer``; raises ``ValueError`` for frames
+    that are not counts (a float source)."""
+    why = not_photon_counts(normalizer, None)
+    if why is not None:
+        raise ValueError(why)
+    return PhotonSplit(normalizer.shift, normalizer.divisor, keep)
 
 
 def split_counts(

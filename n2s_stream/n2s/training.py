@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from n2s_stream.n2s.binomial import binomial_split_loss
+from n2s_stream.n2s.binomial import PhotonSplit, binomial_split_loss
 from n2s_stream.n2s.device import autocast
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker
@@ -34,26 +34,27 @@ def self_supervised_loss(
     objective: Objective = "noise2self",
     valid: torch.Tensor | None = None,
     amp: bool = False,
-    counts: tuple[float, float] | None = None,
+    split: PhotonSplit | None = None,
 ) -> torch.Tensor:
     """The loss of ``model`` on noisy ``batch`` ``(B, C, H, W)`` under ``objective``, its
     random draws (mask phases, pixel pairs, photon splits) from ``rng``; a 0-d float32
-    tensor. ``counts``: the normaliser's ``(shift, divisor)`` that turns ``batch`` back
-    into photon counts (``binomial`` only)."""
+    tensor. ``split``: how ``batch`` turns back into photon counts and is split
+    (``binomial`` only)."""
 
     def unmasked(x: torch.Tensor) -> torch.Tensor:  # + a zero mask channel if any
         return masker.infer_single_pass(x, model)
 
     if objective == "binomial":
-        if counts is None:
+        if split is None:
             raise ValueError("objective binomial needs the normaliser of photon counts")
         generator = torch.Generator(batch.device).manual_seed(int(rng.integers(2**62)))
         with autocast(batch.device, amp):
             return binomial_split_loss(
                 unmasked,
                 batch,
-                shift=counts[0],
-                divisor=counts[1],
+                shift=split.shift,
+                divisor=split.divisor,
+                keep=split.keep,
                 generator=generator,
                 valid=valid,
             )
@@ -87,16 +88,16 @@ def train_step(
     valid: torch.Tensor | None = None,
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
-    counts: tuple[float, float] | None = None,
+    split: PhotonSplit | None = None,
 ) -> torch.Tensor:
     """One self-supervised gradient step; returns the loss (a 0-d tensor, no sync).
 
     ``batch``: ``(B, C, H, W)`` noisy patches (channel 0 the frame, then its context);
-    ``objective``, ``rng`` and ``counts``: see `self_supervised_loss`.
+    ``objective``, ``rng`` and ``split``: see `self_supervised_loss`.
     """
     model.train()
     loss = self_supervised_loss(
-        model, masker, batch, rng=rng, objective=objective, valid=valid, amp=amp, counts=counts
+        model, masker, batch, rng=rng, objective=objective, valid=valid, amp=amp, split=split
     )
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():

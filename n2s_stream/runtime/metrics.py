@@ -6,6 +6,7 @@ Names are a contract (DESIGN.md): dashboards and alerts depend on them.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import urllib.request
@@ -156,6 +157,16 @@ class Metrics:
             "that integration would measure",
             registry=registry,
         )
+
+        self.counts_per_photon = Gauge(
+            "n2s_counts_per_photon",
+            "Counts per photon that the first frame's noise shows (its variance over its "
+            "mean): 1 for photon counts; binomial training falls back to "
+            "neighbor2neighbor far from 1. NaN until measured, or where none of the first "
+            "8 frames could tell (under 50 x 50 pixels, masked or dark)",
+            registry=registry,
+        )
+        self.counts_per_photon.set(math.nan)
 
     def _declare_operations(self, registry: CollectorRegistry) -> None:
         """What operators and alert rules watch: disk, state dir, workers, outputs."""

@@ -20,11 +20,14 @@ from n2s_stream.n2s.normalize import Normalizer
 @dataclass(frozen=True)
 class Snapshot:
     """Weights (never modified once published), their version and the normaliser that
-    maps detector units to the network's (None until the first frame was seen)."""
+    maps detector units to the network's (None until the first frame was seen); and the
+    counts per photon the first frame's noise showed (``n2s/photons.py``; None until
+    measured, or where it could not tell)."""
 
     version: int
     weights: StateDict
     normalizer: Normalizer | None
+    counts_per_photon: float | None = None
 
 
 def copy_state(model: nn.Module) -> StateDict:
@@ -53,7 +56,12 @@ class ModelStore:
         once set (frames in context windows and the training buffer were normalised with
         it); one that comes with the weights (a checkpoint) is adopted only if none is."""
         with self._lock:
-            self._snapshot = Snapshot(version, weights, self._snapshot.normalizer or normalizer)
+            self._snapshot = replace(
+                self._snapshot,
+                version=version,
+                weights=weights,
+                normalizer=self._snapshot.normalizer or normalizer,
+            )
 
     def adopt_normalizer(self, normalizer: Normalizer) -> Normalizer:
         """Set the normaliser if none is set yet; returns the one in force (the first
@@ -63,6 +71,11 @@ class ModelStore:
                 self._snapshot = replace(self._snapshot, normalizer=normalizer)
             assert self._snapshot.normalizer is not None
             return self._snapshot.normalizer
+
+    def set_counts_per_photon(self, estimate: float | None) -> None:
+        """Record what the first frame's noise showed (kept through later publications)."""
+        with self._lock:
+            self._snapshot = replace(self._snapshot, counts_per_photon=estimate)
 
     @property
     def version(self) -> int:

@@ -24,10 +24,11 @@ from torch import nn
 from n2s_stream.config import TrainingOptions
 from n2s_stream.formats.checkpoint import Checkpoint
 from n2s_stream.models import StateDict, use_fast_layout
-from n2s_stream.n2s.binomial import photon_counts
+from n2s_stream.n2s.binomial import not_photon_counts, photon_split
 from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.optim import LossWatch, all_finite, make_optimizer, weight_average
 from n2s_stream.n2s.patches import center_crop
+from n2s_stream.n2s.specs import Objective
 from n2s_stream.n2s.training import masked_validation_loss, train_step
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.coldstart import ColdStart
@@ -88,6 +89,7 @@ class OnlineTrainer(BackgroundWorker):
         self._loss_watch = LossWatch()  # published version: where a rollback returns
         self._scored_start = False
         self._published = False  # nothing to checkpoint before this trainer's first version
+        self._objective: Objective | None = None  # decided at the first step
 
     def _run(self) -> None:
         last_save = time.monotonic()
@@ -162,10 +164,12 @@ class OnlineTrainer(BackgroundWorker):
         )
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
-        counts = None
-        if self.options.objective == "binomial":
-            normalizer = self.store.snapshot().normalizer  # set before frames reach the buffer
-            counts = None if normalizer is None else photon_counts(normalizer)
+        objective = self._objective_in_use()
+        split = None
+        if objective == "binomial":
+            normalizer = self.store.snapshot().normalizer
+            assert normalizer is not None  # set before frames reach the buffer
+            split = photon_split(normalizer, self.options.split_keep)
         loss = float(
             train_step(
                 self.model,
@@ -173,9 +177,9 @@ class OnlineTrainer(BackgroundWorker):
                 self.masker,
                 batch,
                 rng=self._rng,
-                objective=self.options.objective,
+                objective=objective,
                 valid=valid_t,
-                counts=counts,
+                split=split,
             )
         )  # host sync
         self.step += 1
@@ -186,6 +190,28 @@ class OnlineTrainer(BackgroundWorker):
         if self._average is not None:
             self._average.update_parameters(self.model)
         return loss
+
+    def _objective_in_use(self) -> Objective:
+        """The configured objective; but binomial splitting, on frames that are not photon
+        counts (a float source, or frames whose noise shows other than one count per
+        photon), falls back to neighbor2neighbor: the same network without a blind spot,
+        trained on sub-images instead. Decided, and logged, once the counts per photon
+        is known (frames are taken as counts until then)."""
+        if self._objective is not None:
+            return self._objective
+        if self.options.objective != "binomial":
+            self._objective = self.options.objective
+            return self._objective
+        snapshot = self.store.snapshot()
+        assert snapshot.normalizer is not None  # set before frames reach the buffer
+        why = not_photon_counts(snapshot.normalizer, snapshot.counts_per_photon)
+        if why is not None:
+            log.warning("%s: training uses neighbor2neighbor instead", why)
+            self._objective = "neighbor2neighbor"
+            return self._objective
+        if snapshot.counts_per_photon is not None:
+            self._objective = "binomial"
+        return "binomial"
 
     def _roll_back(self, reason: str) -> None:
         """Return the trained and the averaged weights to the last published version: a

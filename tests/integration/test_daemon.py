@@ -4,6 +4,7 @@ HTTP, and the daemon is stopped with real signals."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import shutil
 import socket
@@ -95,6 +96,22 @@ def test_live_series_is_denoised_exactly_once_and_improves(tmp_path):
     ratios = frames.astype(np.float64).sum(axis=(1, 2)) / noisy.sum(axis=(1, 2))
     assert ratios.min() - 1e-3 <= metrics["n2s_flux_ratio"] <= ratios.max() + 1e-3
     assert 0.8 < metrics["n2s_flux_ratio"] < 1.2
+
+
+def test_binomial_training_splits_photons_where_the_first_frame_shows_photon_counts(tmp_path):
+    """The simulator's frames are photon counts: the first frame's noise says one count
+    per photon, exported and logged, and binomial training splits them (no fallback)."""
+    daemon = DaemonProcess(tmp_path, "--objective", "binomial", "--no-cold-start")
+    daemon.wait_ready()
+    assert math.isnan(daemon.scrape()["n2s_counts_per_photon"])  # no frame yet
+    writer = start_writer(daemon.watch, frames=12, rate=20, shape="64x64", seed=2)
+    assert writer.wait(timeout=60) == 0
+    metrics = daemon.wait_for_metric("n2s_train_steps_total", 10)
+    assert daemon.terminate() == 0, daemon.log()[-2000:]
+    assert 0.85 <= metrics["n2s_counts_per_photon"] <= 1.15
+    log = daemon.log()
+    assert "counts per photon, from the noise of frame 1 seen: " in log
+    assert "uses neighbor2neighbor instead" not in log
 
 
 def test_sd_notify_messages_arrive(tmp_path):

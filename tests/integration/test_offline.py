@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 from pathlib import Path
 
 import h5py
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from n2s_stream.commands.offline import denoise, resolve_output, train
+from n2s_stream.commands.simulate import clean_frames, poisson_frames
 from n2s_stream.config import DenoiseConfig, StorageOptions, TrainConfig
 from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
@@ -140,6 +142,30 @@ def test_require_reconstructable_refuses_inexact_checkpoint(trained, noisy_serie
                 progress=False,
             )
         )
+
+
+def test_binomial_trains_by_sub_images_on_a_stack_whose_counts_are_not_photons(tmp_path, caplog):
+    """Two counts a photon: splitting the counts would not give independent halves; as the
+    daemon does, training says why (naming the file, the frame measured and the estimate)
+    and trains by neighbor2neighbor instead."""
+    counts = 2 * poisson_frames(clean_frames(4, (64, 64), seed=3), 20.0, np.random.default_rng(7))
+    path = write_stack(tmp_path / "doubled.h5", counts)
+    config = make(
+        TrainConfig,
+        h5=path,
+        objective="binomial",
+        epochs=1,
+        steps_per_epoch=2,
+        out_dir=tmp_path / "r",
+        **TINY,
+    )
+    with caplog.at_level(logging.INFO):
+        result = train(config)
+    assert len(result.epochs) == 1
+    (warning,) = [r.message for r in caplog.records if "uses neighbor2neighbor" in r.message]
+    estimate = float(re.search(r"doubled.h5 \(frame 0\): .* shows (\d\.\d\d) counts", warning)[1])
+    assert 1.8 <= estimate <= 2.3
+    assert any("train sub-image loss" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("objective", ["neighbor2neighbor", "binomial"])

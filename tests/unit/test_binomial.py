@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from n2s_stream.models import build_model
-from n2s_stream.n2s.binomial import binomial_split_loss, split_counts
+from n2s_stream.n2s.binomial import binomial_split_loss, photon_split, split_counts
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import fit_normalizer
 from n2s_stream.n2s.quality import psnr
@@ -98,7 +98,7 @@ def test_a_network_learns_to_denoise_photon_counts_from_the_splits(one_thread):
             batch,
             rng=rng,
             objective="binomial",
-            counts=(normalizer.shift, normalizer.divisor),
+            split=photon_split(normalizer),
         )
     model.eval()
     with torch.no_grad():

@@ -34,7 +34,15 @@ class Inference:
         self.busy = busy
 
 
-def _trainer(buffer, *, inference=None, publish_every=5, objective="noise2self", normalizer=None):
+def _trainer(
+    buffer,
+    *,
+    inference=None,
+    publish_every=5,
+    objective="noise2self",
+    normalizer=None,
+    split_keep=0.9,
+):
     model = build_model(ModelConfig(width=4, depth=1))
     metrics = Metrics(CollectorRegistry())
     store = ModelStore(copy_state(model), 0, normalizer)
@@ -47,11 +55,29 @@ def _trainer(buffer, *, inference=None, publish_every=5, objective="noise2self",
         val_buffer=RollingBuffer(max_frames=2, max_bytes=2**20),
         services=Services(store, metrics, scheduler, fail=lambda exc: None),
         options=TrainingOptions(
-            patch=16, batch=2, publish_every=publish_every, objective=objective
+            patch=16,
+            batch=2,
+            publish_every=publish_every,
+            objective=objective,
+            split_keep=split_keep,
         ),
         save=lambda m, o, step, version: saved.append((step, version)),
     )
     return trainer, store, metrics, saved
+
+
+def _count_calls(monkeypatch, name: str) -> list[dict]:
+    """A list that grows by the keyword arguments of each call of ``training.<name>``
+    (which still runs)."""
+    calls: list[dict] = []
+    loss = getattr(training, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, name, counted)
+    return calls
 
 
 def _wait(condition, seconds=20.0):
@@ -69,13 +95,7 @@ def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
     for _ in range(4):
         frame = np.random.default_rng(0).poisson(10, size=(24, 24))
         buffer.add(counts.forward(frame))
-    sub_image_losses = []
-    loss = training.neighbor2neighbor_loss
-    monkeypatch.setattr(
-        training,
-        "neighbor2neighbor_loss",
-        lambda *a, **k: sub_image_losses.append(1) or loss(*a, **k),
-    )
+    sub_image_losses = _count_calls(monkeypatch, "neighbor2neighbor_loss")
     trainer, store, metrics, saved = _trainer(buffer, objective=objective, normalizer=counts)
     trainer.start()
     assert _wait(lambda: store.version >= 2)
@@ -87,18 +107,65 @@ def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
     assert len(sub_image_losses) == (steps if objective == "neighbor2neighbor" else 0)
 
 
-def test_binomial_training_refuses_frames_that_are_not_counts():
-    """Float frames cannot be split photon by photon: the trainer stops with that reason
-    (inference goes on with the weights it has), rather than learn from rounded values."""
+@pytest.mark.parametrize(
+    ("source_dtype", "counts_per_photon", "splits"),
+    [
+        ("uint16", 1.02, True),  # photon counts: split photon by photon
+        ("uint16", None, True),  # a first frame too small to tell: taken as counts
+        ("uint16", 2.1, False),  # two counts a photon: not photons
+        ("float32", 1.0, False),  # floats cannot be split
+    ],
+)
+def test_binomial_training_falls_back_to_sub_images_on_frames_that_are_not_photon_counts(
+    source_dtype, counts_per_photon, splits, monkeypatch, caplog
+):
+    """Frames that are not photon counts cannot be split photon by photon: the trainer
+    says why once and trains by neighbor2neighbor (the same network without a blind spot)
+    rather than learn from a wrong split."""
+    normalizer = Normalizer("meanstd", shift=10.0, divisor=3.0, source_dtype=source_dtype)
     buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
     for _ in range(4):
-        buffer.add(np.random.default_rng(0).normal(size=(24, 24)).astype(np.float32))
-    floats = Normalizer("meanstd", shift=0.0, divisor=1.0, source_dtype="float32")
-    trainer, store, _, _ = _trainer(buffer, objective="binomial", normalizer=floats)
+        buffer.add(normalizer.forward(np.random.default_rng(0).poisson(10, size=(24, 24))))
+    split = _count_calls(monkeypatch, "binomial_split_loss")
+    sub_image = _count_calls(monkeypatch, "neighbor2neighbor_loss")
+    trainer, store, _, _ = _trainer(
+        buffer, objective="binomial", normalizer=normalizer, split_keep=0.6
+    )
+    store.set_counts_per_photon(counts_per_photon)
     trainer.start()
-    assert _wait(lambda: not trainer.alive)
-    assert "splits photon counts, but the frames are float32" in str(trainer.error)
-    assert store.version == 0
+    assert _wait(lambda: store.version >= 2)
+    trainer.stop()
+    assert trainer.error is None
+    assert len(split if splits else sub_image) == len(split) + len(sub_image) > 0
+    assert all(call["keep"] == 0.6 for call in split)  # the split_keep option
+    fallbacks = [r.message for r in caplog.records if "uses neighbor2neighbor" in r.message]
+    assert len(fallbacks) == (0 if splits else 1)
+    if source_dtype == "float32":
+        assert "the frames are float32" in fallbacks[0]
+    elif not splits:
+        assert "shows 2.10 counts per photon" in fallbacks[0]
+
+
+def test_binomial_training_decides_once_the_counts_per_photon_is_known(monkeypatch, caplog):
+    """Until a frame could tell, frames are taken as counts; once the estimate says they
+    are not photons, training falls back for good."""
+    normalizer = Normalizer("meanstd", shift=10.0, divisor=3.0, source_dtype="uint16")
+    buffer = RollingBuffer(max_frames=4, max_bytes=2**20)
+    for _ in range(4):
+        buffer.add(normalizer.forward(np.random.default_rng(0).poisson(10, size=(24, 24))))
+    split = _count_calls(monkeypatch, "binomial_split_loss")
+    sub_image = _count_calls(monkeypatch, "neighbor2neighbor_loss")
+    trainer, store, _, _ = _trainer(buffer, objective="binomial", normalizer=normalizer)
+    trainer.start()
+    assert _wait(lambda: len(split) >= 3)
+    store.set_counts_per_photon(3.0)
+    assert _wait(lambda: len(sub_image) >= 3)
+    store.set_counts_per_photon(1.0)  # decided: a later estimate changes nothing
+    before = len(split)
+    assert _wait(lambda: len(sub_image) >= 10)
+    trainer.stop()
+    assert len(split) <= before + 1  # at most the step under way
+    assert sum("uses neighbor2neighbor" in r.message for r in caplog.records) == 1
 
 
 def test_yields_while_inference_is_busy_and_trains_once_it_is_not():
