@@ -117,6 +117,17 @@ class NetworkOptions:
         )
 
 
+def split_keep_option() -> float:
+    """The ``split_keep`` option, the same for the daemon's training and ``train``."""
+    return option(
+        0.9,
+        min=0.05,
+        max=0.95,
+        help="binomial only: share of each pixel's photons in the network's input (the "
+        "rest is the target)",
+    )
+
+
 def check_objective(objective: Objective, network: NetworkOptions) -> None:
     """Neighbor2Neighbor and binomial splitting train without a blind spot: nothing is
     hidden, so a mask input channel would carry nothing (refused rather than trained on
@@ -155,13 +166,7 @@ class TrainConfig:
         "blind spot) or binomial (each frame's photons split in two: no blind spot, "
         "photon counts only)",
     )
-    split_keep: float = option(
-        0.9,
-        min=0.05,
-        max=0.95,
-        help="binomial only: share of each pixel's photons in the network's input (the "
-        "rest is the target)",
-    )
+    split_keep: float = split_keep_option()
     amp: bool = option(False, help="mixed precision (CUDA only)")
     val_frac: float = option(
         0.0, help="fraction of frames held out for validation", min=0, max=0.999
@@ -574,13 +579,7 @@ class TrainingOptions:
         "blind spot) or binomial (each frame's photons split in two: no blind spot, "
         "photon counts only); held-out scores are masked either way",
     )
-    split_keep: float = option(
-        0.9,
-        min=0.05,
-        max=0.95,
-        help="binomial only: share of each pixel's photons in the network's input (the "
-        "rest is the target)",
-    )
+    split_keep: float = split_keep_option()
     publish_every: int = option(50, min=1, help="training steps between model versions")
     checkpoint_every: float = option(
         60.0, min=0, help="seconds between checkpoints (also one at every stop)"
