@@ -285,9 +285,11 @@ class _OfflineRun:
         index, estimate = self.data.photons or (None, None)
         why = not_photon_counts(self.data.normalizer, estimate)
         if why is not None:
-            where = "" if index is None else f" (frame {index})"
+            where = f" (frame {index})" if index is not None and "noise" in why else ""
             log.warning("%s%s: %s; training uses neighbor2neighbor instead", config.h5, where, why)
             return "neighbor2neighbor"
+        if estimate is not None:
+            log.info("%s: frame %d shows %.2f counts per photon", config.h5, index, estimate)
         return "binomial"
 
     def _roll_back(self, reason: str) -> None:

@@ -13,9 +13,9 @@ blocks that hold it, and the median ignores them while they are fewer than half.
 scikit-image's photographs and the simulator's scenes with 1-20 photons at the brightest
 pixel it reads 0.9-1.12, and 1.8-2.25 at two counts per photon
 (``tests/unit/test_photons.py``). Structure grows with brightness faster than photon
-noise, so brighter frames read higher: fine textures (gravel, grass) 1.5-1.8 with 100
-photons at the brightest pixel, smooth photographs 1.2 with 300 and 1.4-1.6 with 1000. A
-dark level (offset) that is not subtracted lowers the estimate.
+noise, so brighter frames read higher: fine textures from about 100 photons at the
+brightest pixel, smooth photographs from several hundred, can read above 1.5. A dark
+level (offset) that is not subtracted lowers the estimate.
 
 Pure numpy; no I/O.
 """

@@ -26,6 +26,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from n2s_stream import __version__
+from n2s_stream.n2s import photons
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class Metrics:
             "Counts per photon that the first frame's noise shows (its variance over its "
             "mean): 1 for photon counts; binomial training falls back to "
             "neighbor2neighbor far from 1. NaN until measured, or where none of the first "
-            "8 frames could tell (under 50 x 50 pixels, masked or dark)",
+            f"{photons.TRIES} frames could tell (too small, masked or dark)",
             registry=registry,
         )
         self.counts_per_photon.set(math.nan)

@@ -144,12 +144,16 @@ def test_require_reconstructable_refuses_inexact_checkpoint(trained, noisy_serie
         )
 
 
-def test_binomial_trains_by_sub_images_on_a_stack_whose_counts_are_not_photons(tmp_path, caplog):
-    """Two counts a photon: splitting the counts would not give independent halves; as the
-    daemon does, training says why (naming the file, the frame measured and the estimate)
-    and trains by neighbor2neighbor instead."""
+@pytest.mark.parametrize("stack", ["doubled counts", "floats"])
+def test_binomial_trains_by_sub_images_on_a_stack_that_is_not_photon_counts(
+    stack, tmp_path, caplog
+):
+    """Two counts a photon, or float frames: splitting would not give independent halves;
+    as the daemon does, training says why (naming the file, and for counts the frame
+    measured and its estimate) and trains by neighbor2neighbor instead."""
     counts = 2 * poisson_frames(clean_frames(4, (64, 64), seed=3), 20.0, np.random.default_rng(7))
-    path = write_stack(tmp_path / "doubled.h5", counts)
+    frames = counts if stack == "doubled counts" else counts.astype(np.float32)
+    path = write_stack(tmp_path / "stack.h5", frames)
     config = make(
         TrainConfig,
         h5=path,
@@ -163,27 +167,36 @@ def test_binomial_trains_by_sub_images_on_a_stack_whose_counts_are_not_photons(t
         result = train(config)
     assert len(result.epochs) == 1
     (warning,) = [r.message for r in caplog.records if "uses neighbor2neighbor" in r.message]
-    estimate = float(re.search(r"doubled.h5 \(frame 0\): .* shows (\d\.\d\d) counts", warning)[1])
-    assert 1.8 <= estimate <= 2.3
+    if stack == "floats":
+        assert "stack.h5: objective binomial splits photon counts, but the frames are float32" in (
+            warning
+        )
+    else:
+        found = re.search(r"stack.h5 \(frame 0\): .* shows (\d\.\d\d) counts per photon", warning)
+        assert found is not None and 1.8 <= float(found[1]) <= 2.3
     assert any("train sub-image loss" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("objective", ["neighbor2neighbor", "binomial"])
-def test_objectives_without_a_blind_spot_raise_psnr(objective, noisy_series, tmp_path):
+def test_objectives_without_a_blind_spot_raise_psnr(objective, noisy_series, tmp_path, caplog):
     """The other objectives, same data and steps as `trained`: single-pass denoising of a
-    network without a blind spot gains as much."""
+    network without a blind spot gains as much (binomial on the simulator's photon counts
+    splits them: no fallback)."""
     path, clean, dose = noisy_series
-    result = train(
-        make(
-            TrainConfig,
-            h5=path,
-            epochs=6,
-            steps_per_epoch=40,
-            objective=objective,
-            out_dir=tmp_path / "r",
-            **TINY,
+    with caplog.at_level(logging.INFO):
+        result = train(
+            make(
+                TrainConfig,
+                h5=path,
+                epochs=6,
+                steps_per_epoch=40,
+                objective=objective,
+                out_dir=tmp_path / "r",
+                **TINY,
+            )
         )
-    )
+    loss_name = {"neighbor2neighbor": "sub-image", "binomial": "split"}[objective]
+    assert any(f"train {loss_name} loss" in r.message for r in caplog.records)
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
     assert f'objective = "{objective}"' in load_checkpoint(result.last).extra["config"]
     out = denoise(
