@@ -283,7 +283,7 @@ class _OfflineRun:
         if config.objective != "binomial":
             return config.objective
         index, estimate = self.data.photons or (None, None)
-        why = not_photon_counts(self.data.normalizer, estimate)
+        why = not_photon_counts(self.data.normalizer.source_dtype, estimate)  # the stack's
         if why is not None:
             where = f" (frame {index})" if index is not None and "noise" in why else ""
             log.warning("%s%s: %s; training uses neighbor2neighbor instead", config.h5, where, why)

@@ -41,14 +41,12 @@ class PhotonSplit:
     keep: float = KEEP
 
 
-def not_photon_counts(normalizer: Normalizer, counts_per_photon: float | None) -> str | None:
-    """Why frames of this normaliser, whose noise showed ``counts_per_photon``
-    (``n2s/photons.py``), cannot be split photon by photon; None where they can. An
+def not_photon_counts(frames_dtype: str, counts_per_photon: float | None) -> str | None:
+    """Why frames of ``frames_dtype`` whose noise showed ``counts_per_photon``
+    (``n2s/photons.py``) cannot be split photon by photon; None where they can. An
     estimate that could not be made (None) does not refuse them."""
-    if np.dtype(normalizer.source_dtype).kind not in "iu":
-        return (
-            f"objective binomial splits photon counts, but the frames are {normalizer.source_dtype}"
-        )
+    if np.dtype(frames_dtype).kind not in "iu":
+        return f"objective binomial splits photon counts, but the frames are {frames_dtype}"
     if counts_per_photon is not None and not are_photon_counts(counts_per_photon):
         low, high = PHOTON_RANGE
         return (
@@ -59,11 +57,8 @@ def not_photon_counts(normalizer: Normalizer, counts_per_photon: float | None) -
 
 
 def photon_split(normalizer: Normalizer, keep: float = KEEP) -> PhotonSplit:
-    """The split of frames normalised by ``normalizer``; raises ``ValueError`` for frames
-    that are not counts (a float source)."""
-    why = not_photon_counts(normalizer, None)
-    if why is not None:
-        raise ValueError(why)
+    """The split of photon counts normalised by ``normalizer`` (whatever the dtype of the
+    frames it was fitted on: `not_photon_counts` judges the frames)."""
     return PhotonSplit(normalizer.shift, normalizer.divisor, keep)
 
 

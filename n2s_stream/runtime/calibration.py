@@ -38,9 +38,12 @@ class Calibration:
     def ready(self, snapshot: Snapshot, data: np.ndarray, valid: np.ndarray) -> Snapshot:
         """``snapshot`` with a normaliser, fitted on ``data`` (a usable ``(H, W)`` frame)
         and published if there was none; the cold-start denoiser calibrated on it too,
-        and its counts per photon measured while unknown."""
+        its dtype noted, and its counts per photon measured while unknown."""
         if snapshot.normalizer is None:
             snapshot = replace(snapshot, normalizer=self.normalizer_for(data, valid))
+        if snapshot.frames_dtype is None:
+            self.store.set_frames_dtype(data.dtype.name)
+            snapshot = replace(snapshot, frames_dtype=data.dtype.name)
         if snapshot.counts_per_photon is None and self._photon_tries < TRIES:
             snapshot = replace(snapshot, counts_per_photon=self._measure_photons(data, valid))
         if self.cold_start is not None and self.cold_start.classical is None:

@@ -22,12 +22,14 @@ class Snapshot:
     """Weights (never modified once published), their version and the normaliser that
     maps detector units to the network's (None until the first frame was seen); and the
     counts per photon the first frame's noise showed (``n2s/photons.py``; None until
-    measured, or where it could not tell)."""
+    measured, or where it could not tell) and the dtype the frames come in (None until the
+    first frame: a normaliser from a checkpoint may have been fitted on another)."""
 
     version: int
     weights: StateDict
     normalizer: Normalizer | None
     counts_per_photon: float | None = None
+    frames_dtype: str | None = None
 
 
 def copy_state(model: nn.Module) -> StateDict:
@@ -76,6 +78,11 @@ class ModelStore:
         """Record what the first frame's noise showed (kept through later publications)."""
         with self._lock:
             self._snapshot = replace(self._snapshot, counts_per_photon=estimate)
+
+    def set_frames_dtype(self, dtype: str) -> None:
+        """Record the dtype the frames come in (kept through later publications)."""
+        with self._lock:
+            self._snapshot = replace(self._snapshot, frames_dtype=dtype)
 
     @property
     def version(self) -> int:

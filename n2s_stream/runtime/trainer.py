@@ -204,7 +204,8 @@ class OnlineTrainer(BackgroundWorker):
             return self._objective
         snapshot = self.store.snapshot()
         assert snapshot.normalizer is not None  # set before frames reach the buffer
-        why = not_photon_counts(snapshot.normalizer, snapshot.counts_per_photon)
+        frames_dtype = snapshot.frames_dtype or snapshot.normalizer.source_dtype
+        why = not_photon_counts(frames_dtype, snapshot.counts_per_photon)
         if why is not None:
             log.warning("%s: training uses neighbor2neighbor instead", why)
             self._objective = "neighbor2neighbor"

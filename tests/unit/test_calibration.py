@@ -37,6 +37,7 @@ def test_the_first_frame_that_can_tell_sets_the_counts_per_photon_for_good():
     valid = np.ones((64, 64), bool)
     snapshot = calibration.ready(store.snapshot(), dark, valid)
     assert snapshot.counts_per_photon is None and math.isnan(_gauge(metrics))
+    assert snapshot.frames_dtype == store.snapshot().frames_dtype == "uint16"
     snapshot = calibration.ready(snapshot, counts, valid)
     measured = snapshot.counts_per_photon
     assert measured is not None and 0.85 <= measured <= 1.15
@@ -44,7 +45,9 @@ def test_the_first_frame_that_can_tell_sets_the_counts_per_photon_for_good():
     later = calibration.ready(snapshot, 2 * counts, valid)  # not measured again
     assert later.counts_per_photon == measured
     store.publish({"w": torch.ones(1)}, 1)  # new weights keep it
-    assert store.snapshot().counts_per_photon == measured and store.snapshot().version == 1
+    published = store.snapshot()
+    assert published.counts_per_photon == measured and published.version == 1
+    assert published.frames_dtype == "uint16"
 
 
 def test_frames_too_small_to_tell_leave_it_unknown_after_a_few(caplog):

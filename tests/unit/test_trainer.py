@@ -108,16 +108,18 @@ def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("source_dtype", "counts_per_photon", "splits"),
+    ("source_dtype", "frames_dtype", "counts_per_photon", "splits"),
     [
-        ("uint16", 1.02, True),  # photon counts: split photon by photon
-        ("uint16", None, True),  # a first frame too small to tell: taken as counts
-        ("uint16", 2.1, False),  # two counts a photon: not photons
-        ("float32", 1.0, False),  # floats cannot be split
+        ("uint16", "uint16", 1.02, True),  # photon counts: split photon by photon
+        ("uint16", None, None, True),  # no frame could tell yet: taken as counts
+        ("uint16", "uint16", 2.1, False),  # two counts a photon: not photons
+        ("float32", None, 1.0, False),  # floats cannot be split
+        ("uint16", "float32", 1.0, False),  # live floats, a normaliser fitted on counts
+        ("float32", "uint16", 1.0, True),  # live counts, a normaliser fitted on floats
     ],
 )
 def test_binomial_training_falls_back_to_sub_images_on_frames_that_are_not_photon_counts(
-    source_dtype, counts_per_photon, splits, monkeypatch, caplog
+    source_dtype, frames_dtype, counts_per_photon, splits, monkeypatch, caplog
 ):
     """Frames that are not photon counts cannot be split photon by photon: the trainer
     says why once and trains by neighbor2neighbor (the same network without a blind spot)
@@ -132,6 +134,8 @@ def test_binomial_training_falls_back_to_sub_images_on_frames_that_are_not_photo
         buffer, objective="binomial", normalizer=normalizer, split_keep=0.6
     )
     store.set_counts_per_photon(counts_per_photon)
+    if frames_dtype is not None:  # as the calibration of the first frame notes it
+        store.set_frames_dtype(frames_dtype)
     trainer.start()
     assert _wait(lambda: store.version >= 2)
     trainer.stop()
@@ -140,7 +144,7 @@ def test_binomial_training_falls_back_to_sub_images_on_frames_that_are_not_photo
     assert all(call["keep"] == 0.6 for call in split)  # the split_keep option
     fallbacks = [r.message for r in caplog.records if "uses neighbor2neighbor" in r.message]
     assert len(fallbacks) == (0 if splits else 1)
-    if source_dtype == "float32":
+    if "float32" in (source_dtype, frames_dtype) and not splits:
         assert "the frames are float32" in fallbacks[0]
     elif not splits:
         assert "shows 2.10 counts per photon" in fallbacks[0]
