@@ -71,7 +71,7 @@ class _Data:
     val: torch.Tensor | None  # (M, K, h, w) normalised, centre crops
     val_valid: torch.Tensor | None
     normalizer: Normalizer
-    photons: tuple[int, float] | None  # a frame's index and its counts per photon
+    photons: tuple[int, float] | None  # binomial on counts: a frame's index, its estimate
 
 
 def train(
@@ -285,7 +285,7 @@ class _OfflineRun:
         index, estimate = self.data.photons or (None, None)
         why = not_photon_counts(self.data.normalizer.source_dtype, estimate)  # the stack's
         if why is not None:
-            where = f" (frame {index})" if index is not None and "noise" in why else ""
+            where = "" if index is None else f" (frame {index})"
             log.warning("%s%s: %s; training uses neighbor2neighbor instead", config.h5, where, why)
             return "neighbor2neighbor"
         if estimate is not None:
@@ -424,7 +424,11 @@ def _load_training_data(
         val=val,
         val_valid=val_valid,
         normalizer=normalizer,
-        photons=_photons(frames, valid, needed),
+        photons=(
+            _photons(frames, valid, needed)
+            if config.objective == "binomial" and np.dtype(source_dtype).kind in "iu"
+            else None  # only binomial asks, and only counts can be photons
+        ),
     )
 
 
