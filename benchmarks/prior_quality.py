@@ -30,7 +30,7 @@ from offline_quality import noisy_counts
 from n2s_stream.config import NetworkOptions
 from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.n2s.quality import psnr
-from n2s_stream.pretrained import DEFAULT
+from n2s_stream.pretrained import BLIND
 
 
 def starting_output(checkpoint: Checkpoint, noisy: np.ndarray) -> np.ndarray:
@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     given = [m.partition("=") for m in args.models]
     if any(not label or not path or label == "shipped" for label, _, path in given):
         parser.error("--models: give LABEL=PATH, a label other than 'shipped'")
-    args.models = {"shipped": str(DEFAULT)} | {label: path for label, _, path in given}
+    args.models = {"shipped": str(BLIND)} | {label: path for label, _, path in given}
     return args
 
 

@@ -134,7 +134,8 @@ def check_objective(objective: Objective, network: NetworkOptions) -> None:
     zeros)."""
     if not is_blind(objective) and network.mask_as_input:
         raise UsageError(
-            f"objective {objective} hides no pixels: mask_as_input applies to noise2self only"
+            f"objective {objective} hides no pixels: mask_as_input applies to noise2self "
+            "only (set objective = noise2self to use it)"
         )
 
 
@@ -573,11 +574,11 @@ class TrainingOptions:
     batch: int = option(8, min=1, help="patches per training step")
     lr: float = option(1e-3, min=0, help="learning rate of online training")
     objective: Objective = option(
-        "noise2self",
-        help="noise2self (masked loss: blind spot), "
-        "neighbor2neighbor (pairs of neighbouring pixels: no "
-        "blind spot) or binomial (each frame's photons split in two: no blind spot, "
-        "photon counts only); held-out scores are masked either way",
+        "binomial",
+        help="binomial (each frame's photons split in two: no blind spot; frames that "
+        "are not photon counts train by neighbor2neighbor instead), "
+        "neighbor2neighbor (pairs of neighbouring pixels: no blind spot) or "
+        "noise2self (masked loss: blind spot); held-out scores are masked either way",
     )
     split_keep: float = split_keep_option()
     publish_every: int = option(50, min=1, help="training steps between model versions")

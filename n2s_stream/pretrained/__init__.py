@@ -1,16 +1,17 @@
 """A starting model shipped with the package, so that the daemon's network is useful from
 its first frames instead of starting from random weights.
 
-``unet_w16_d2_k1.pt`` is the default network (UNet, width 16, depth 2, one frame) trained
-by ``python -m n2s_stream.pretrained`` (``__main__.py``; its settings are recorded in the
-file) on the images of `IMAGES` and `MORE_IMAGES` that scikit-image ships and on synthetic
-blobs, varied patch by patch, at Poisson doses of 1-300 counts, with the same masking as
-online training and the clean image as the target at the hidden pixels.
+``unet_w16_d2_k1.pt`` (`BLIND`) is the default network (UNet, width 16, depth 2, one
+frame) trained by ``python -m n2s_stream.pretrained`` (``__main__.py``; its settings are
+recorded in the file) on the images of `IMAGES` and `MORE_IMAGES` that scikit-image ships
+and on synthetic blobs, varied patch by patch, at Poisson doses of 1-300 counts, with the
+same masking as online training and the clean image as the target at the hidden pixels.
 It carries no normaliser: the daemon fits one on the live data's first frame, and the
 cold-start comparison against a calibrated classical denoiser still decides when it writes.
-``unet_w16_d2_k1_nonblind.pt`` is the same network trained by the same recipe without a
-blind spot (``--objective neighbor2neighbor``): the start of online Neighbor2Neighbor and
-binomial training.
+It starts Noise2Self training. ``unet_w16_d2_k1_nonblind.pt`` (`NONBLIND`) is the same
+network trained by the same recipe without a blind spot (``--objective
+neighbor2neighbor``): the start of the daemon's default, binomial training, and of
+Neighbor2Neighbor's.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective, is_blind
 
-DEFAULT = Path(__file__).with_name("unet_w16_d2_k1.pt")
+BLIND = Path(__file__).with_name("unet_w16_d2_k1.pt")
 NONBLIND = Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt")
 SHIPPED: dict[str, Path] = {
-    "noise2self": DEFAULT,
+    "noise2self": BLIND,
     "neighbor2neighbor": NONBLIND,
     "binomial": NONBLIND,  # trained by Neighbor2Neighbor: the same unmasked use
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from n2s_stream.pretrained import DEFAULT
+from n2s_stream.pretrained import BLIND
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 PEER_PYTHON = BENCHMARKS.parent / ".venv-peers" / "bin" / "python"
@@ -385,7 +385,7 @@ def test_prior_quality_runs(tmp_path):
     _, report = run_benchmark(
         "prior_quality.py",
         "--models",
-        f"copy={DEFAULT}",
+        f"copy={BLIND}",
         "--frames",
         "8",
         "--every",

@@ -18,7 +18,7 @@ import pytest
 from n2s_stream import __version__
 from n2s_stream.commands.simulate import truth_path
 from n2s_stream.n2s.quality import psnr
-from n2s_stream.pretrained import DEFAULT
+from n2s_stream.pretrained import NONBLIND
 from tests.helpers.daemon import DaemonProcess, frames_in, read_output, start_writer
 
 
@@ -178,13 +178,13 @@ def test_usage_errors(tmp_path):
             "--width",
             "8",
             "--pretrained-model",
-            str(DEFAULT),
+            str(NONBLIND),
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )  # a starting model that does not fit the network options: said, not replaced
-    assert proc.returncode == 2 and f"pretrained_model {DEFAULT}: " in proc.stderr
+    assert proc.returncode == 2 and f"pretrained_model {NONBLIND}: " in proc.stderr
     assert "does not fit" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -272,9 +272,9 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
 
 
 def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp_path):
-    """A daemon started from scratch with 3-frame context, a 3x3 mask grid and the mask as
-    input denoises every frame with the network those options describe, and its
-    checkpoint records them."""
+    """A daemon started from scratch training by noise2self with 3-frame context, a 3x3
+    mask grid and the mask as input denoises every frame with the network those options
+    describe, and its checkpoint records them."""
     from n2s_stream.runtime.state import newest_checkpoint
 
     daemon = DaemonProcess(
@@ -283,6 +283,8 @@ def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp
         "3",
         "--grid-size",
         "3",
+        "--objective",
+        "noise2self",  # the mask options belong to the blind spot
         "--mask-as-input",
         "--no-cold-start",
         "--publish-every",

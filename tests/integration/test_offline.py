@@ -19,7 +19,7 @@ from n2s_stream.errors import CheckpointError, UsageError
 from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.n2s.quality import psnr
 from n2s_stream.options import make
-from n2s_stream.pretrained import DEFAULT
+from n2s_stream.pretrained import BLIND
 from n2s_stream.runtime.onnx_engine import check_engine
 from tests.helpers.daemon import write_stack
 
@@ -238,7 +238,7 @@ def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplo
             gains[pretrained] = psnr(clean, handle["/entry/data/data"][()], dose) - psnr(
                 clean, noisy, dose
             )
-    assert f"starting from the shipped pretrained model {DEFAULT}" in caplog.text
+    assert f"starting from the shipped pretrained model {BLIND}" in caplog.text
     assert gains[True] > 5.0 and gains[True] > gains[False] + 3.0, gains
     # from the shipped model the peak learning rate is pretrained_lr, not lr
     unchanged = train(
@@ -251,7 +251,7 @@ def test_training_can_start_from_the_shipped_model(noisy_series, tmp_path, caplo
             **common,
         )
     )
-    weights, shipped = load_checkpoint(unchanged.last), load_checkpoint(DEFAULT)
+    weights, shipped = load_checkpoint(unchanged.last), load_checkpoint(BLIND)
     assert all(torch.equal(weights.state_dict[k], v) for k, v in shipped.state_dict.items())
     train(make(TrainConfig, pretrained=True, out_dir=tmp_path / "w12", **{**common, **TINY}))
     assert "no shipped pretrained model fits these network options" in caplog.text
@@ -263,7 +263,7 @@ def test_training_can_start_from_a_given_starting_model(noisy_series, tmp_path, 
     options is refused with its name, not silently replaced by random weights."""
     caplog.set_level(logging.INFO)
     path, _, _ = noisy_series
-    given = load_checkpoint(DEFAULT)
+    given = load_checkpoint(BLIND)
     weights = {**given.state_dict, "head.weight": given.state_dict["head.weight"] + 0.5}
     own = tmp_path / "own.pt"  # a model of the shipped one's shape, not the shipped one
     save_checkpoint(

@@ -60,6 +60,15 @@ def _other_value(opt: Option) -> Any:
     return "tcp://127.0.0.1:5555" if "zmq" in opt.name or "bind" in opt.name else "other"
 
 
+def _companions(opt: Option, cls: type) -> list[tuple[str, dict[str, Any]]]:
+    """A base layer of the other options that ``opt``'s other value needs: a mask
+    channel only fits noise2self, which the daemon does not train by default."""
+    names = {o.name for o in options_of(cls)}
+    if opt.name == "mask_as_input" and "objective" in names:
+        return [("companions", {"objective": "noise2self"})]
+    return []
+
+
 def _text(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value))
@@ -91,14 +100,15 @@ def test_every_option_round_trips_through_toml_env_and_cli(command, cls, tmp_pat
     for opt in options_of(cls):
         assert len(opt.help) > 8, f"{opt.name}: no help text"
         wanted = _other_value(opt)
+        base = _companions(opt, cls)
         # TOML
         path = tmp_path / "c.toml"
         path.write_text(f"[{table}]\n{opt.name} = {_toml(wanted)}\n")
-        from_file = build(cls, [(str(path), read_toml_table(path, table))])
+        from_file = build(cls, [*base, (str(path), read_toml_table(path, table))])
         assert _value_at(from_file, opt) == wanted, opt.name
         # environment
         environ = {env_prefix(command) + opt.name.upper(): _text(wanted)}
-        from_env = build(cls, [("environment", env_layer(cls, command, environ))])
+        from_env = build(cls, [*base, ("environment", env_layer(cls, command, environ))])
         assert _value_at(from_env, opt) == wanted, opt.name
         # command line
         if opt.positional:
@@ -110,7 +120,7 @@ def test_every_option_round_trips_through_toml_env_and_cli(command, cls, tmp_pat
         else:
             argv = [opt.flag, str(wanted)]
         args = parser.parse_args(argv)
-        from_cli = build(cls, [("command line", cli_layer(args, cls))])
+        from_cli = build(cls, [*base, ("command line", cli_layer(args, cls))])
         assert _value_at(from_cli, opt) == wanted, opt.name
         # and the effective config written to outputs reads back the same
         printed = tmp_path / "printed.toml"
@@ -158,6 +168,8 @@ def test_bounds_and_choices_are_refused_with_source_and_name():
     for command in (DaemonConfig, TrainConfig):  # a mask channel with nothing hidden
         with pytest.raises(UsageError, match="neighbor2neighbor hides no pixels"):
             build(command, [("cli", {"objective": "neighbor2neighbor", "mask_as_input": True})])
+    with pytest.raises(UsageError, match=r"binomial hides no pixels.*objective = noise2self"):
+        build(DaemonConfig, [("cli", {"mask_as_input": True})])  # the daemon's default
     config = build(
         DaemonConfig, [("a", {"zmq": "tcp://h:1", "queue_size": 8}), ("b", {"queue_size": 9})]
     )  # later layers win

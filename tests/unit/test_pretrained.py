@@ -18,7 +18,7 @@ from n2s_stream.errors import UsageError
 from n2s_stream.formats.checkpoint import load_checkpoint
 from n2s_stream.n2s.specs import OBJECTIVES
 from n2s_stream.options import make
-from n2s_stream.pretrained import DEFAULT, IMAGES, MORE_IMAGES, SHIPPED, starting_model
+from n2s_stream.pretrained import BLIND, IMAGES, MORE_IMAGES, SHIPPED, starting_model
 from n2s_stream.pretrained.__main__ import batch, training_images
 
 
@@ -27,11 +27,11 @@ def test_every_objective_has_its_shipped_model_in_the_package():
     assert set(SHIPPED) == set(OBJECTIVES)
     missing = [str(path) for path in SHIPPED.values() if not path.is_file()]
     assert not missing
-    assert DEFAULT in SHIPPED.values()
+    assert BLIND in SHIPPED.values()
 
 
 def test_shipped_model_loads_safely_and_fits_only_the_default_network():
-    shipped = load_checkpoint(DEFAULT)  # torch.load(weights_only=True) inside
+    shipped = load_checkpoint(BLIND)  # torch.load(weights_only=True) inside
     settings = shipped.extra["pretrained"]
     assert settings["script"] == "python -m n2s_stream.pretrained" and settings["steps"] > 0
     # the benchmarks' held-out images stay held out: only the listed ones and synthetic blobs
@@ -71,7 +71,7 @@ def test_a_given_starting_model_must_fit_and_says_why_not(tmp_path):
     network = make(NetworkOptions)
     model, masker = network.model_config(), network.masker_config()
     own = tmp_path / "own.pt"
-    shutil.copy(DEFAULT, own)
+    shutil.copy(BLIND, own)
     assert starting_model(model, masker, "noise2self", own).path == own
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
@@ -96,14 +96,14 @@ def test_a_given_starting_model_needs_a_fresh_start_from_a_pretrained_model(tmp_
     checkpoint given (or, in the daemon, pretrained off) it would be ignored, so it is
     refused; for ``train``, whose pretrained is off by default, naming it is enough."""
     with pytest.raises(UsageError, match="needs pretrained and no ckpt"):
-        make(TrainingOptions, pretrained=False, pretrained_model=DEFAULT)
+        make(TrainingOptions, pretrained=False, pretrained_model=BLIND)
     with pytest.raises(UsageError, match="needs pretrained and no ckpt"):
-        make(TrainingOptions, ckpt=DEFAULT, pretrained_model=DEFAULT)
+        make(TrainingOptions, ckpt=BLIND, pretrained_model=BLIND)
     with pytest.raises(UsageError, match="give it or --ckpt"):
-        make(TrainConfig, h5=DEFAULT, ckpt=DEFAULT, pretrained_model=DEFAULT)
-    assert make(TrainingOptions, pretrained_model=DEFAULT).pretrained_model == DEFAULT
+        make(TrainConfig, h5=BLIND, ckpt=BLIND, pretrained_model=BLIND)
+    assert make(TrainingOptions, pretrained_model=BLIND).pretrained_model == BLIND
     # offline, naming the file is enough (train's pretrained is off by default)
-    assert make(TrainConfig, h5=DEFAULT, pretrained_model=DEFAULT).starts_pretrained
+    assert make(TrainConfig, h5=BLIND, pretrained_model=BLIND).starts_pretrained
 
 
 @pytest.mark.parametrize(
