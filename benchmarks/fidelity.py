@@ -28,7 +28,11 @@ same frames for every method, as a scientist would:
 - radiograph: the flux bias (total denoised over total truth).
 
 PSNR is given beside them, over measured pixels. ``masked_kept`` says whether every gap
-pixel of the daemon's and offline output still reads as not measured.
+pixel of the daemon's and offline output still reads as not measured. The guards of
+``n2s/guards.py`` are applied to what the daemon wrote (``live+flux``, ``refined+outliers``
+...): with the daemon's default ``refine_preserve_flux``, refined frames already hold
+their raw totals, so ``refined+flux`` equals ``refined``; ``--daemon-options
+"--no-refine-preserve-flux"`` measures the refined guard against the unscaled frames.
 
     python benchmarks/fidelity.py      # ~40 min on 2 cores
     python benchmarks/fidelity.py --scenes spots --doses 5 --frames 8 --size 64  # smoke

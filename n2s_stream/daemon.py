@@ -234,13 +234,11 @@ class Daemon:
         """The refiner of finished series: a network of its own, the live calibration,
         the access to the outputs it shares with the live writer, and the sinks that hear
         of each refined output."""
-        inference_options = self.config.inference
         network = Network(
             build_model(self._model_config).to(device),
             self._masker,
             device,
-            jinv=inference_options.jinv,
-            preserve_flux=inference_options.preserve_flux,
+            jinv=self.config.inference.jinv,
         )
         return Refiner(
             refine_dir(self.config.service.state_dir),

@@ -86,7 +86,6 @@ class Refiner(BackgroundWorker):
         self.root, self.store, self.metrics = root, services.store, services.metrics
         self.model, self.masker, self.device = network.model, network.masker, network.device
         self.jinv, self.calibration, self.options = network.jinv, calibration, options
-        self.preserve_flux = network.preserve_flux
         self.min_free_bytes = outputs.min_free_bytes
         self._idle = services.scheduler.refiner_may_run
         self._cold_start = cold_start
@@ -242,7 +241,7 @@ class Refiner(BackgroundWorker):
             snapshot.normalizer,
             chunks(),
             jinv=self.jinv,
-            preserve_flux=self.preserve_flux,
+            preserve_flux=self.options.preserve_flux,
             device=self.device,
             batch=1,
             pixel_mask=mask,

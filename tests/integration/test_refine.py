@@ -22,6 +22,7 @@ from n2s_stream.commands.simulate import truth_path
 from n2s_stream.config import RefineOptions
 from n2s_stream.formats import protocols
 from n2s_stream.formats.spool import READY_SUFFIX
+from n2s_stream.formats.stack import open_stack
 from n2s_stream.formats.superblock import clear_write_flags, lookup3, write_flags
 from n2s_stream.formats.writer import FrameWriter, OutputAccess, RefinedWriter
 from n2s_stream.n2s.augment import augmented, orient, unorient
@@ -205,6 +206,12 @@ def test_a_finished_series_is_refined_with_the_newest_model(tmp_path):
     assert metrics["n2s_refined_frames_total"] == n_frames
     assert metrics["n2s_refine_pending_series"] == 0
     assert not list((daemon.state / "refine").iterdir())  # the spool is gone once done
+
+    with open_stack(daemon.watch / "scan_0001.h5") as stack:
+        raw = stack.read(0, n_frames).astype(np.float64)
+    # refine_preserve_flux (default): each refined frame holds its raw total (float16 sums)
+    totals = refined.sum(axis=(1, 2), dtype=np.float64) / raw.sum(axis=(1, 2))
+    np.testing.assert_allclose(totals, 1.0, rtol=1e-3)
 
     with h5py.File(truth_path(daemon.watch / "scan_0001.h5")) as handle:
         clean = handle["clean"][()] * dose
