@@ -9,8 +9,9 @@ calibrated on the normalised first frame as the daemon does and applied to the f
 ``--frames`` frames; the reference is first_pass's TV (Chambolle, calibrated on the first
 frame over 30 weights). Candidates: the daemon's grids (Chambolle TV or wavelet), TV solved
 to convergence (split Bregman), both in the Anscombe domain (counts taken as photons), and
-the shipped networks (single pass; the default blind-spot one and the one that
-``--objective neighbor2neighbor`` starts from) with whether the daemon lets each write
+the shipped networks (single pass; the blind-spot one that ``--objective noise2self``
+starts from and the non-blind one that the default binomial objective and
+neighbor2neighbor start from) with whether the daemon lets each write
 frame 0. Prints
 the per-frame PSNR margin over the reference (mean, worst, worst frame), the calibration's
 seconds and the seconds per frame; writes ``benchmarks/results/cold_start_classical.json``.

@@ -343,47 +343,70 @@ def print_row(row: dict) -> None:
         print(f"{name:>16} " + " ".join(f"{result[c]:22.2f}" for c in columns) + kept, flush=True)
 
 
-TABLE_METHODS = ("noisy", "tv", "bm3d", "live", "refined", "offline")
-"""The methods of the Quantitative use page's tables, in their order."""
+TABLE_METHODS = {
+    "noisy": "noisy",
+    "TV": "tv",
+    "BM3D": "bm3d",
+    "live": "live",
+    "refined": "refined+flux",
+    "offline": "offline",
+}
+"""The Quantitative use page's columns and the report's methods they show: refined frames
+at their raw totals, as ``refine_preserve_flux`` (the daemon's default) writes them."""
 
 
-def markdown(report: dict) -> str:
-    """The Quantitative use page's tables (powder rings, Bragg spots, radiograph totals)
-    from a report, so the page's figures are the record's."""
-    rows = {(row["scene"], row["dose"]): row["methods"] for row in report["rows"]}
-    doses = sorted({dose for _, dose in rows})
-    names = " | ".join({"tv": "TV", "bm3d": "BM3D"}.get(m, m) for m in TABLE_METHODS)
+def markdown(report: dict, bm3d_report: dict | None = None) -> str:
+    """The Quantitative use page's tables (powder rings, Bragg spots, radiographs) from a
+    report, so the page's figures are the record's; the BM3D column from ``bm3d_report``
+    (a run of the same frames) where the report has none."""
 
-    def cells(methods: dict, key: str, fmt: str) -> str:
-        return " | ".join(format(methods[m][key], fmt) + " %" for m in TABLE_METHODS)
+    def methods_of(scene: str, dose: float) -> dict | None:
+        chosen = [r for r in report["rows"] if (r["scene"], r["dose"]) == (scene, dose)]
+        if not chosen:
+            return None
+        methods = dict(chosen[0]["methods"])
+        if "bm3d" not in methods and bm3d_report is not None:
+            other = [r for r in bm3d_report["rows"] if (r["scene"], r["dose"]) == (scene, dose)]
+            methods["bm3d"] = other[0]["methods"]["bm3d"] if other else {}
+        return methods
 
-    def header(first: str, columns: str) -> list[str]:
-        width = first.count("|") + columns.count("|") + 2
-        return [f"| {first} | {columns} |", "|---" * width + "|"]
+    doses = sorted({row["dose"] for row in report["rows"]})
+    names = " | ".join(TABLE_METHODS)
 
-    out = header("peak counts |", names)
+    def value(methods: dict, column: str, key: str, fmt: str, unit: str = "") -> str:
+        result = methods.get(TABLE_METHODS[column], {})
+        return format(result[key], fmt).replace("-0.00", "0.00") + unit if key in result else "-"
+
+    def cells(methods: dict, key: str, fmt: str, unit: str = " %") -> str:
+        return " | ".join(value(methods, c, key, fmt, unit) for c in TABLE_METHODS)
+
+    def header(first: str) -> list[str]:
+        return [f"| {first} | | {names} |", "|---" * (len(TABLE_METHODS) + 2) + "|"]
+
+    out = header("peak counts")
     for dose in doses:
-        powder = rows.get(("powder", dose))
-        if powder:
+        if powder := methods_of("powder", dose):
             out.append(f"| {dose:g} | ring bias | {cells(powder, 'ring_bias_pct', '.2f')} |")
             out.append(f"| | worst ring | {cells(powder, 'worst_ring_bias_pct', '.1f')} |")
             out.append(f"| | profile error | {cells(powder, 'profile_error_pct', '.2f')} |")
-    out += ["", *header("dose |", names)]
+            out.append(f"| | PSNR (dB) | {cells(powder, 'psnr', '.2f', '')} |")
+    out += ["", *header("dose")]
     for dose in doses:
-        spots = rows.get(("spots", dose))
-        if spots:
+        if spots := methods_of("spots", dose):
             found = " | ".join(
-                f"{spots[m]['spots_found_pct']:.1f} % / {spots[m]['false_spots_per_frame']:g}"
-                for m in TABLE_METHODS
+                value(spots, c, "spots_found_pct", ".1f", " % / ")
+                + value(spots, c, "false_spots_per_frame", "g")
+                for c in TABLE_METHODS
             )
             out.append(f"| {dose:g} | spot bias | {cells(spots, 'spot_bias_pct', '.1f')} |")
             out.append(f"| | weakest third | {cells(spots, 'weak_spot_bias_pct', '.1f')} |")
             out.append(f"| | found / false per frame | {found} |")
-    out += ["", *header("peak counts", names)]
+            out.append(f"| | PSNR (dB) | {cells(spots, 'psnr', '.2f', '')} |")
+    out += ["", *header("peak counts")]
     for dose in doses:
-        radiograph = rows.get(("radiograph", dose))
-        if radiograph:
-            out.append(f"| {dose:g} | {cells(radiograph, 'flux_bias_pct', '.2f')} |")
+        if radiograph := methods_of("radiograph", dose):
+            out.append(f"| {dose:g} | total | {cells(radiograph, 'flux_bias_pct', '.2f')} |")
+            out.append(f"| | PSNR (dB) | {cells(radiograph, 'psnr', '.2f', '')} |")
     return "\n".join(out)
 
 
@@ -402,12 +425,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--daemon-options",
         default="",
-        help="more options for the daemon's live and refined rows, e.g. '--objective binomial'",
+        help="more options for the daemon's live and refined rows, e.g. '--objective noise2self'",
     )
     parser.add_argument(
         "--markdown",
         type=Path,
         help="print the Quantitative use page's tables from this report and exit",
+    )
+    parser.add_argument(
+        "--bm3d-from",
+        type=Path,
+        help="with --markdown: the BM3D column from this report (a run of the same frames)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
     args = parser.parse_args()
@@ -425,7 +453,8 @@ def main() -> None:
     """Every scene at every dose: print the tables, write the JSON."""
     args = parse_args()
     if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+        bm3d = json.loads(args.bm3d_from.read_text()) if args.bm3d_from else None
+        print(markdown(json.loads(args.markdown.read_text()), bm3d))
         return
     rng = np.random.default_rng(0)
     rows = []

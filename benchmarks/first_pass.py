@@ -395,7 +395,8 @@ def parse_args() -> argparse.Namespace:
         "--unblind",
         action="store_true",
         help="also score the un-blind lever on the final weights (J-invariant "
-        "inference, then the posterior mean with the pixel)",
+        "inference, then the posterior mean with the pixel); it needs a blind network, "
+        "so the daemon's main run then trains by --objective noise2self",
     )
     parser.add_argument(
         "--variants",
@@ -443,8 +444,9 @@ def score_row(
             name: scores(truth, other[name], first, dose) for name in ("live", "refined")
         }
         lever[label]["classical_frames"] = int(np.sum(other["denoiser"] == 1))
+    blind = ("--objective", "noise2self") if args.unblind else ()
     with tempfile.TemporaryDirectory() as tmp:
-        run = live_and_refined(noisy, args, Path(tmp))
+        run = live_and_refined(noisy, args, Path(tmp), blind)
         stacks = {
             "noisy": noisy,
             "tv": calibrated_tv(noisy, dose),

@@ -1,17 +1,19 @@
 """How good is a starting model before any online training: the first frames' quality.
 
-The daemon's first frames come from its starting model (the shipped one, or the file
-``[training] pretrained_model`` names), before online training has changed it. This scores
-starting-model files on first_pass's scan (a 256x256 window drifting 3 px/frame across
-photographs and textures that no shipped model was trained on), every ``--every``-th frame
-of ``--frames``, with Poisson noise at each ``--doses`` peak: single pass, normalised as the
-daemon normalises (fitted on the first frame), mean PSNR (dB) per dose and per strip
-image. The calibrated TV of first_pass is the floor beside them; each file's own record of
-its training (``extra.pretrained``) goes into the result. Cheap (seconds per model):
-the screen before a first_pass A/B of a new prior. Writes
+The daemon's first frames come from its starting model (the shipped one for its
+objective, or the file ``[training] pretrained_model`` names), before online training has
+changed it. This scores starting-model files on first_pass's scan (a 256x256 window
+drifting 3 px/frame across photographs and textures that no shipped model was trained
+on), every ``--every``-th frame of ``--frames``, with Poisson noise at each ``--doses``
+peak: single pass, normalised as the daemon normalises (fitted on the first frame), mean
+PSNR (dB) per dose and per strip image. "shipped" is the blind file; ``--models
+nonblind=n2s_stream/pretrained/unet_w16_d2_k1_nonblind.pt`` adds the file the default
+objective starts from. The calibrated TV of first_pass is the floor beside them; each
+file's own record of its training (``extra.pretrained``) goes into the result. Cheap
+(seconds per model): the screen before a first_pass A/B of a new prior. Writes
 ``benchmarks/results/prior_quality.json``.
 
-    python benchmarks/prior_quality.py                                   # the shipped model
+    python benchmarks/prior_quality.py                 # the shipped blind model (noise2self)
     python benchmarks/prior_quality.py --models new=/tmp/prior.pt --out /tmp/p.json
 """
 

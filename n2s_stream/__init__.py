@@ -1,4 +1,5 @@
-"""n2s-stream: self-supervised (Noise2Self) denoising of detector frames, offline and live."""
+"""n2s-stream: self-supervised denoising of detector frames (binomial splitting of photon
+counts, Neighbor2Neighbor, Noise2Self), offline and live."""
 
 from __future__ import annotations
 

@@ -109,7 +109,8 @@ def make_parser() -> argparse.ArgumentParser:
     """The daemon's parser, which also lists the commands."""
     parser = argparse.ArgumentParser(
         prog="n2s-stream",
-        description="Self-supervised (Noise2Self) denoising of detector frames. Without a "
+        description="Self-supervised denoising of detector frames (binomial splitting of "
+        "photon counts, Neighbor2Neighbor, Noise2Self). Without a "
         "command, runs the streaming daemon. Commands: "
         + "; ".join(f"{name}: {summary}" for name, (_, summary) in COMMANDS.items())
         + "; check-config: validate a config file. `n2s-stream COMMAND --help` "

@@ -36,14 +36,12 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 class Network:
     """A network ready to run: the module, its masking, the device it runs on, and
     whether inference through it is J-invariant (every pixel predicted with itself
-    hidden) or a single pass, and whether each output frame keeps its raw total
-    (``preserve_flux``)."""
+    hidden) or a single pass."""
 
     model: nn.Module
     masker: Masker
     device: torch.device
     jinv: bool = False
-    preserve_flux: bool = False
 
 
 @dataclass(frozen=True)

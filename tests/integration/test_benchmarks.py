@@ -694,3 +694,4 @@ def test_fidelity_runs(tmp_path):
     live_bias = powder["methods"]["live"]["ring_bias_pct"]
     assert f"| 5 | ring bias | {noisy['ring_bias_pct']:.2f} % |" in tables
     assert f" {live_bias:.2f} % |" in tables and "| 5 | spot bias |" in tables
+    assert "| | PSNR (dB) |" in tables

@@ -209,9 +209,10 @@ def test_a_finished_series_is_refined_with_the_newest_model(tmp_path):
 
     with open_stack(daemon.watch / "scan_0001.h5") as stack:
         raw = stack.read(0, n_frames).astype(np.float64)
-    # refine_preserve_flux (default): each refined frame holds its raw total (float16 sums)
+    # refine_preserve_flux (default): each refined frame holds its raw total, up to the
+    # rounding of float16 output (unscaled, these frames miss it by up to about 0.5 %)
     totals = refined.sum(axis=(1, 2), dtype=np.float64) / raw.sum(axis=(1, 2))
-    np.testing.assert_allclose(totals, 1.0, rtol=1e-3)
+    np.testing.assert_allclose(totals, 1.0, rtol=2e-4)
 
     with h5py.File(truth_path(daemon.watch / "scan_0001.h5")) as handle:
         clean = handle["clean"][()] * dose
