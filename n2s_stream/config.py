@@ -130,13 +130,21 @@ def split_keep_option() -> float:
     )
 
 
-def check_objective(objective: Objective, network: NetworkOptions) -> None:
+def check_objective(objective: Objective, network: NetworkOptions, jinv: bool = False) -> None:
     """Neighbor2Neighbor and binomial splitting train without a blind spot: nothing is
     hidden, so a mask input channel would carry nothing (refused rather than trained on
-    zeros)."""
-    if not is_blind(objective) and network.mask_as_input:
+    zeros), and J-invariant inference would show the network inputs it never saw in
+    training (each pixel hidden and filled in)."""
+    if is_blind(objective):
+        return
+    if network.mask_as_input:
         raise UsageError(
             f"objective {objective} hides no pixels: mask_as_input applies to noise2self "
+            "only (set objective = noise2self to use it)"
+        )
+    if jinv:
+        raise UsageError(
+            f"objective {objective} trains without a blind spot: jinv applies to noise2self "
             "only (set objective = noise2self to use it)"
         )
 
@@ -631,7 +639,9 @@ class InferenceOptions:
     max_batch: int = option(
         0, min=0, help="frames per forward pass when they queue; 0 = 8 on CUDA, 1 on CPU"
     )
-    jinv: bool = option(False, help="J-invariant inference (grid_size**2 passes)")
+    jinv: bool = option(
+        False, help="J-invariant inference (grid_size**2 passes; objective noise2self only)"
+    )
     preserve_flux: bool = option(
         False,
         help="scale each live denoised frame to its raw total on the measured pixels "
@@ -822,7 +832,7 @@ class DaemonConfig:
     service: ServiceOptions = section(ServiceOptions)
 
     def __post_init__(self) -> None:
-        check_objective(self.training.objective, self.network)
+        check_objective(self.training.objective, self.network, self.inference.jinv)
 
     @property
     def source(self) -> str | None:

@@ -62,9 +62,10 @@ def _other_value(opt: Option) -> Any:
 
 def _companions(opt: Option, cls: type) -> list[tuple[str, dict[str, Any]]]:
     """A base layer of the other options that ``opt``'s other value needs: a mask
-    channel only fits noise2self, which the daemon does not train by default."""
+    channel and J-invariant inference only fit noise2self, which the daemon does not
+    train by default."""
     names = {o.name for o in options_of(cls)}
-    if opt.name == "mask_as_input" and "objective" in names:
+    if opt.name in ("mask_as_input", "jinv") and "objective" in names:
         return [("companions", {"objective": "noise2self"})]
     return []
 
@@ -170,6 +171,9 @@ def test_bounds_and_choices_are_refused_with_source_and_name():
             build(command, [("cli", {"objective": "neighbor2neighbor", "mask_as_input": True})])
     with pytest.raises(UsageError, match=r"binomial hides no pixels.*objective = noise2self"):
         build(DaemonConfig, [("cli", {"mask_as_input": True})])  # the daemon's default
+    with pytest.raises(UsageError, match=r"binomial trains without a blind spot: jinv"):
+        build(DaemonConfig, [("cli", {"jinv": True})])
+    assert build(DaemonConfig, [("cli", {"jinv": True, "objective": "noise2self"})]).inference.jinv
     config = build(
         DaemonConfig, [("a", {"zmq": "tcp://h:1", "queue_size": 8}), ("b", {"queue_size": 9})]
     )  # later layers win
