@@ -47,7 +47,9 @@ class NetworkOptions:
     width: int = option(16, help="channels of the first layer", min=1)
     depth: int = option(2, help="UNet down-samplings", min=0)
     layers: int = option(10, help="DnCNN conv layers", min=2)
-    residual: bool = option(False, help="add the input to the output (then use --jinv)")
+    residual: bool = option(
+        False, help="add the input to the output (then use --jinv, with objective noise2self)"
+    )
     batch_norm: bool = option(False, help="batch normalisation layers")
     grid_size: int = option(4, help="mask grid spacing: one hidden pixel per NxN cell", min=2)
     mask_mode: Literal["interpolate", "zero"] = option(
@@ -765,7 +767,7 @@ class RefineOptions:
     preserve_flux: bool = option(
         True,
         help="scale each refined frame to its raw total on the measured pixels (no "
-        "intensity added or removed: smaller ring and spot biases, PSNR within 0.1 dB)",
+        "intensity added or removed: smaller ring and spot biases at about the same PSNR)",
     )
 
 
