@@ -32,6 +32,7 @@ from n2s_stream.models import StateDict, build_model
 from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.device import resolve_device
 from n2s_stream.n2s.masking import Masker
+from n2s_stream.n2s.specs import Objective
 from n2s_stream.pretrained import starting_model
 from n2s_stream.runtime.allocator import keep_freed_memory
 from n2s_stream.runtime.buffer import RollingBuffer
@@ -391,7 +392,12 @@ class Daemon:
         self.stop_requested.set()
 
     def _save_checkpoint(
-        self, weights: StateDict, optimizer: torch.optim.Optimizer, step: int, version: int
+        self,
+        weights: StateDict,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        version: int,
+        objective: Objective,
     ) -> None:
         assert self.stages is not None and self._state is not None
         normalizer = self.stages.store.snapshot().normalizer
@@ -404,6 +410,7 @@ class Daemon:
                 model_config=self._model_config,
                 masker_config=self._masker.config,
                 normalizer=normalizer,
+                objective=objective,
             )
 
     # ---- lifecycle ----------------------------------------------------------------------

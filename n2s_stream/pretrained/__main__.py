@@ -185,6 +185,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=None, help="default: the shipped file for the objective"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch's threads (the shipped files: 1, the only count whose weights repeat exactly)",
+    )
     objective = parser.parse_known_args()[0].objective
     parser.set_defaults(**RECIPES[objective])
     args = parser.parse_args()
@@ -196,7 +202,7 @@ def main() -> None:
     """Train and write the starting model."""
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model_config, masker_config = ModelConfig(width=args.width), MaskerConfig()

@@ -373,9 +373,11 @@ class StateDir:
         model_config: ModelConfig,
         masker_config: MaskerConfig,
         normalizer: Normalizer,
+        objective: str,
     ) -> None:
-        """Write the checkpoint of ``version`` and keep the newest few; a failed write is
-        logged and counted, not fatal (training goes on, the next interval tries again)."""
+        """Write the checkpoint of ``version`` (with the ``objective`` that trained it) and
+        keep the newest few; a failed write is logged and counted, not fatal (training goes
+        on, the next interval tries again)."""
         path = self.checkpoint_path(version)
         try:
             save_checkpoint(
@@ -387,6 +389,7 @@ class StateDir:
                 optimizer=optimizer,
                 step=step,
                 version=version,
+                extra={"objective": objective},
             )
             self.prune_checkpoints()
         except OSError as exc:

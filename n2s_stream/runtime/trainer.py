@@ -55,7 +55,7 @@ class OnlineTrainer(BackgroundWorker):
         val_buffer: RollingBuffer,
         services: Services,
         options: TrainingOptions,
-        save: Callable[[StateDict, torch.optim.Optimizer, int, int], None],
+        save: Callable[[StateDict, torch.optim.Optimizer, int, int, Objective], None],
         resume: Checkpoint | None = None,
         cold_start: ColdStart | None = None,
     ) -> None:
@@ -90,6 +90,8 @@ class OnlineTrainer(BackgroundWorker):
         self._scored_start = False
         self._published = False  # nothing to checkpoint before this trainer's first version
         self._objective: Objective | None = None  # decided at the first step
+        if resume is not None:
+            log_objective_change(resume, options.objective)
 
     def _run(self) -> None:
         last_save = time.monotonic()
@@ -133,7 +135,8 @@ class OnlineTrainer(BackgroundWorker):
             log.info("no checkpoint: no model version published since the start")
             return
         snapshot = self.store.snapshot()
-        self._save(snapshot.weights, self.optimizer, self.step, snapshot.version)
+        objective = self._objective or self.options.objective
+        self._save(snapshot.weights, self.optimizer, self.step, snapshot.version, objective)
 
     @property
     def published_model(self) -> nn.Module:
@@ -264,6 +267,20 @@ class OnlineTrainer(BackgroundWorker):
         if val_loss is not None and self.cold_start is not None and self.cold_start.active:
             self.cold_start.compare(val_loss, loss_of)
         log.debug("published model version %d (step %d, loss %.4g)", version, self.step, train_loss)
+
+
+def log_objective_change(resume: Checkpoint, objective: Objective) -> None:
+    """Say so when resumed weights were trained by another objective than the configured
+    one (a state dir begun under an older default, or an edited config): training goes
+    on by the configured one, and a network trained with a blind spot loses it."""
+    trained_by = resume.extra.get("objective")
+    if trained_by is not None and trained_by != objective:
+        log.warning(
+            "%s was trained by objective %s; training goes on by the configured %s",
+            resume.path,
+            trained_by,
+            objective,
+        )
 
 
 class CheckpointFollower(BackgroundWorker):

@@ -274,7 +274,7 @@ def test_faster_engines_write_the_same_series(tmp_path, engine):
 def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp_path):
     """A daemon started from scratch training by noise2self with 3-frame context, a 3x3
     mask grid and the mask as input denoises every frame with the network those options
-    describe, and its checkpoint records them."""
+    describe, and its checkpoint records them and the objective."""
     from n2s_stream.runtime.state import newest_checkpoint
 
     daemon = DaemonProcess(
@@ -308,6 +308,7 @@ def test_masking_and_context_options_from_scratch_reach_model_and_checkpoint(tmp
         checkpoint.masker_config.mask_as_input,
     ) == (3, 3, True)
     assert checkpoint.model_config.in_channels == 4
+    assert checkpoint.extra["objective"] == "noise2self"
 
 
 def test_without_training_a_model_from_scratch_never_writes(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 
@@ -11,6 +12,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from n2s_stream.config import TrainingOptions
+from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.models import build_model, use_fast_layout
 from n2s_stream.n2s import training
 from n2s_stream.n2s.denoising import Network
@@ -18,13 +20,13 @@ from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.optim import LossWatch, make_optimizer, weight_average
 from n2s_stream.n2s.patches import center_crop
-from n2s_stream.n2s.specs import ModelConfig
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
 from n2s_stream.n2s.training import masked_validation_loss, train_step
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.metrics import Metrics
 from n2s_stream.runtime.scheduler import Scheduler, Services
 from n2s_stream.runtime.snapshot import ModelStore, copy_state
-from n2s_stream.runtime.trainer import OnlineTrainer
+from n2s_stream.runtime.trainer import OnlineTrainer, log_objective_change
 
 
 class Inference:
@@ -61,7 +63,7 @@ def _trainer(
             objective=objective,
             split_keep=split_keep,
         ),
-        save=lambda m, o, step, version: saved.append((step, version)),
+        save=lambda m, o, step, version, objective: saved.append((step, version, objective)),
     )
     return trainer, store, metrics, saved
 
@@ -102,6 +104,7 @@ def test_publishes_versions_and_checkpoints_on_stop(objective, monkeypatch):
     trainer.stop()
     assert trainer.error is None
     assert saved and saved[-1][1] == store.version
+    assert saved[-1][2] == objective  # what the checkpoint records as having trained it
     steps = metrics.registry.get_sample_value("n2s_train_steps_total")
     assert steps >= 10
     assert len(sub_image_losses) == (steps if objective == "neighbor2neighbor" else 0)
@@ -130,7 +133,7 @@ def test_binomial_training_falls_back_to_sub_images_on_frames_that_are_not_photo
         buffer.add(normalizer.forward(np.random.default_rng(0).poisson(10, size=(24, 24))))
     split = _count_calls(monkeypatch, "binomial_split_loss")
     sub_image = _count_calls(monkeypatch, "neighbor2neighbor_loss")
-    trainer, store, _, _ = _trainer(
+    trainer, store, _, saved = _trainer(
         buffer, objective="binomial", normalizer=normalizer, split_keep=0.6
     )
     store.set_counts_per_photon(counts_per_photon)
@@ -142,6 +145,7 @@ def test_binomial_training_falls_back_to_sub_images_on_frames_that_are_not_photo
     assert trainer.error is None
     assert len(split if splits else sub_image) == len(split) + len(sub_image) > 0
     assert all(call["keep"] == 0.6 for call in split)  # the split_keep option
+    assert saved[-1][2] == ("binomial" if splits else "neighbor2neighbor")  # what trained it
     fallbacks = [r.message for r in caplog.records if "uses neighbor2neighbor" in r.message]
     assert len(fallbacks) == (0 if splits else 1)
     if "float32" in (source_dtype, frames_dtype) and not splits:
@@ -170,6 +174,38 @@ def test_binomial_training_decides_once_the_counts_per_photon_is_known(monkeypat
     trainer.stop()
     assert len(split) <= before + 1  # at most the step under way
     assert sum("uses neighbor2neighbor" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("trained_by", "configured", "warned"),
+    [
+        ("noise2self", "binomial", True),  # a state dir begun under the older default
+        ("binomial", "binomial", False),
+        (None, "binomial", False),  # a checkpoint from before objectives were recorded
+    ],
+)
+def test_resumed_weights_of_another_objective_are_named_in_the_log(
+    trained_by, configured, warned, tmp_path, caplog
+):
+    config = ModelConfig(width=4, depth=1)
+    path = save_checkpoint(
+        tmp_path / "ckpt_v00000003.pt",
+        model=build_model(config),
+        model_config=config,
+        masker_config=MaskerConfig(),
+        normalizer=Normalizer(),
+        version=3,
+        extra={} if trained_by is None else {"objective": trained_by},
+    )
+    resume = load_checkpoint(path)
+    assert resume.extra.get("objective") == trained_by
+    with caplog.at_level(logging.WARNING, logger="n2s_stream.runtime.trainer"):
+        log_objective_change(resume, configured)
+    said = [r.message for r in caplog.records]
+    expected = (
+        f"{path} was trained by objective noise2self; training goes on by the configured binomial"
+    )
+    assert said == ([expected] if warned else [])
 
 
 def test_yields_while_inference_is_busy_and_trains_once_it_is_not():
@@ -291,7 +327,9 @@ def test_published_and_saved_weights_are_the_average_not_the_last_step():
         publish(weights, version, normalizer)
 
     store.publish = watched_publish
-    trainer._save = lambda weights, o, step, version: saved.append((dict(weights), version))
+    trainer._save = lambda weights, o, step, version, objective: saved.append(
+        (dict(weights), version)
+    )
     trainer.start()
     assert _wait(lambda: store.version >= 3)
     trainer.stop()
