@@ -167,6 +167,12 @@ def parse_args() -> argparse.Namespace:
         help="the network's width (the shipped files: the default network's)",
     )
     parser.add_argument(
+        "--depth",
+        type=int,
+        default=ModelConfig.depth,
+        help="the UNet's depth (the shipped files: the default network's)",
+    )
+    parser.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         help="also the images of MORE_IMAGES and synthetic blobs, and patches varied in "
@@ -205,7 +211,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model_config, masker_config = ModelConfig(width=args.width), MaskerConfig()
+    model_config = ModelConfig(width=args.width, depth=args.depth)
+    masker_config = MaskerConfig()
     model = build_model(model_config)
     if args.init is not None:
         model.load_state_dict(load_checkpoint(args.init).state_dict)
