@@ -358,7 +358,8 @@ at their raw totals, as ``refine_preserve_flux`` (the daemon's default) writes t
 def markdown(report: dict, bm3d_report: dict | None = None) -> str:
     """The Quantitative use page's tables (powder rings, Bragg spots, radiographs) from a
     report, so the page's figures are the record's; the BM3D column from ``bm3d_report``
-    (a run of the same frames) where the report has none."""
+    (a run of the same frames, which its noisy scores must show) where the report has
+    none."""
 
     def methods_of(scene: str, dose: float) -> dict | None:
         chosen = [r for r in report["rows"] if (r["scene"], r["dose"]) == (scene, dose)]
@@ -367,6 +368,11 @@ def markdown(report: dict, bm3d_report: dict | None = None) -> str:
         methods = dict(chosen[0]["methods"])
         if "bm3d" not in methods and bm3d_report is not None:
             other = [r for r in bm3d_report["rows"] if (r["scene"], r["dose"]) == (scene, dose)]
+            if other and other[0]["methods"].get("noisy") != methods.get("noisy"):
+                raise SystemExit(
+                    f"--bm3d-from: {scene} at dose {dose:g}: its noisy frames score "
+                    "otherwise than this report's, so they are not the same frames"
+                )
             methods["bm3d"] = other[0]["methods"]["bm3d"] if other else {}
         return methods
 

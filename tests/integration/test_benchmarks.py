@@ -644,6 +644,37 @@ def test_detector_scale_runs(tmp_path):
     assert "| daemon: passthrough |" in tables and "change against float32" in tables
 
 
+def test_fidelity_tables_take_bm3d_only_from_a_run_of_the_same_frames(tmp_path):
+    """--bm3d-from fills the BM3D column from another run only where that run scored the
+    same noisy frames; a run of other frames is refused, naming the scene and dose."""
+
+    def report(noisy_psnr: float, with_bm3d: bool) -> Path:
+        methods = {"noisy": {"psnr": noisy_psnr, "ring_bias_pct": -0.1}}
+        if with_bm3d:
+            methods["bm3d"] = {"psnr": 37.58, "ring_bias_pct": -0.56}
+        path = tmp_path / f"{noisy_psnr}_{with_bm3d}.json"
+        path.write_text(
+            json.dumps({"rows": [{"scene": "powder", "dose": 5.0, "methods": methods}]})
+        )
+        return path
+
+    def tables(bm3d_from: Path) -> subprocess.CompletedProcess:
+        command = [BENCHMARKS / "fidelity.py", "--markdown", report(18.66, False)]
+        return subprocess.run(
+            [sys.executable, *command, "--bm3d-from", bm3d_from],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    same = tables(report(18.66, True))
+    assert same.returncode == 0, same.stderr
+    assert "37.58" in same.stdout
+    other = tables(report(18.70, True))
+    assert other.returncode != 0
+    assert "powder at dose 5: its noisy frames score otherwise" in other.stderr
+
+
 @pytest.mark.skipif(not HAS_BENCH, reason="the [bench] extra (bm3d, bm4d, pyFAI) is not installed")
 def test_fidelity_runs(tmp_path):
     """Powder rings on an EIGER2 4M crop (pyFAI) and Bragg spots, every method scored on
