@@ -43,6 +43,7 @@ from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import Objective
 from n2s_stream.pretrained import starting_model
 from n2s_stream.runtime.coldstart import ColdStart, StartingNetwork
+from n2s_stream.runtime.snapshot import Snapshot
 from n2s_stream.runtime.trainer import VAL_CROP
 
 
@@ -133,9 +134,13 @@ def shipped_network(
     model = build_model(network.model_config())
     model.load_state_dict(shipped.state_dict)
     cold = ColdStart(
-        active=True, on_change=lambda *_: None, starting=StartingNetwork(model, masker, VAL_CROP)
+        active=True,
+        on_change=lambda *_: None,
+        starting=StartingNetwork(model, masker, VAL_CROP, objective),
     )
-    cold.denoiser_for(normalizer.forward(noisy[:1].astype(np.uint16).astype(np.float32))[0])
+    first = noisy[:1].astype(np.uint16)
+    snapshot = Snapshot(0, {}, normalizer, counts_per_photon=1.0, frames_dtype="uint16")
+    cold.denoiser_for(normalizer.forward(first.astype(np.float32))[0], snapshot)
     out = denoise_counts(model, masker, normalizer, noisy, jinv=False, device=torch.device("cpu"))
     return out, "classical writes" if cold.active else "network writes"
 

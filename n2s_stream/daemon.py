@@ -295,7 +295,13 @@ class Daemon:
         )
         self.metrics.model_version.set(store.version)
         starting = (
-            StartingNetwork(copy.deepcopy(train_model), self._masker, VAL_CROP)
+            StartingNetwork(
+                copy.deepcopy(train_model),
+                self._masker,
+                VAL_CROP,
+                self.config.training.objective,
+                self.config.training.split_keep,
+            )
             if roles.cold and pretrained
             else None
         )  # the shipped model is single-frame

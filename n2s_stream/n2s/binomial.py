@@ -62,6 +62,21 @@ def photon_split(normalizer: Normalizer, keep: float = KEEP) -> PhotonSplit:
     return PhotonSplit(normalizer.shift, normalizer.divisor, keep)
 
 
+def scoring_split(
+    objective: str,
+    normalizer: Normalizer,
+    frames_dtype: str,
+    counts_per_photon: float | None,
+    keep: float = KEEP,
+) -> PhotonSplit | None:
+    """The split that held-out frames are scored by, where ``objective`` is binomial and
+    the frames are photon counts (`not_photon_counts`); None where they are scored by
+    the masked loss instead."""
+    if objective != "binomial" or not_photon_counts(frames_dtype, counts_per_photon):
+        return None
+    return photon_split(normalizer, keep)
+
+
 def split_counts(
     counts: torch.Tensor, keep: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

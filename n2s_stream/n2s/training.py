@@ -152,3 +152,59 @@ def masked_validation_loss(
             total += float(loss) * chunk.shape[0]  # host sync, once per chunk
             count += chunk.shape[0]
     return total / max(count, 1)
+
+
+@torch.inference_mode()
+def split_validation_loss(
+    model: nn.Module,
+    frames: torch.Tensor,
+    split: PhotonSplit,
+    *,
+    amp: bool = False,
+    before_chunk: Callable[[], None] | None = None,
+) -> float:
+    """Binomial-split loss on held-out frames of photon counts: a quality estimate of the
+    single pass a network without a blind spot writes, which needs no ground truth.
+
+    Each frame's photons are split (``split.keep`` to the input, the rest the target), so
+    the number is the squared error against the truth plus the target's own noise, the
+    same for every model scored on the same split: it ranks a network and the classical
+    denoiser without the bias of scoring a non-blind network by a masked use it never
+    learnt (`masked_validation_loss`). Frame ``k`` of ``(N, C, H, W)`` is scored on two
+    fixed draws (seeds ``2k`` and ``2k + 1``), so the number is comparable from one
+    evaluation to the next. ``before_chunk`` is called before each frame's passes.
+    """
+    model.eval()
+    total = 0.0
+    for k in range(frames.shape[0]):
+        if before_chunk is not None:
+            before_chunk()
+        for draw in (2 * k, 2 * k + 1):
+            generator = torch.Generator(device=frames.device).manual_seed(draw)
+            with autocast(frames.device, amp):
+                loss = binomial_split_loss(
+                    model,
+                    frames[k : k + 1],
+                    shift=split.shift,
+                    divisor=split.divisor,
+                    keep=split.keep,
+                    generator=generator,
+                )
+            total += float(loss)  # host sync, once per draw
+    return total / max(2 * frames.shape[0], 1)
+
+
+def held_out_loss(
+    model: nn.Module,
+    masker: Masker,
+    frames: torch.Tensor,
+    split: PhotonSplit | None,
+    *,
+    before_chunk: Callable[[], None] | None = None,
+) -> float:
+    """The held-out score the cold start compares a network and the classical denoiser
+    by: the photon-split loss where training splits photons (``split``), which scores the
+    single pass written; else the masked loss. One frame per forward pass."""
+    if split is not None:
+        return split_validation_loss(model, frames, split, before_chunk=before_chunk)
+    return masked_validation_loss(model, masker, frames, batch=1, before_chunk=before_chunk)

@@ -51,7 +51,7 @@ class Calibration:
             image = snapshot.normalizer.forward(fill_invalid(data[np.newaxis], valid[np.newaxis]))[
                 0
             ]
-            self.cold_start.denoiser_for(image)
+            self.cold_start.denoiser_for(image, snapshot)
         return snapshot
 
     def normalizer_for(self, data: np.ndarray, valid: np.ndarray) -> Normalizer:

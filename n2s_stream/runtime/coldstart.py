@@ -4,8 +4,10 @@ A network trained from scratch is worse than its noisy input for its first secon
 its self-supervised loss on held-out frames beats that of a classical denoiser (total
 variation or wavelet, calibrated the J-invariant way on the first frame, as scikit-image's
 ``calibrate_denoiser`` does), the daemon writes the classical result. Both losses are
-measured on the same frames with the same masks and need no ground truth, so the first
-frames of a new sample are never worse than classical denoising. The switch to the network
+measured on the same frames with the same masks (or, where training splits photons, the
+same binomial splits, which score the single pass a network without a blind spot writes)
+and need no ground truth, so the first frames of a new sample are never worse than
+classical denoising. The switch to the network
 happens once; each output frame's provenance says which of the two produced it.
 """
 
@@ -21,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from n2s_stream.n2s.binomial import KEEP, scoring_split
 from n2s_stream.n2s.classical import ClassicalDenoiser, ClassicalModule, calibrate_classical
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.patches import center_crop
-from n2s_stream.n2s.training import masked_validation_loss
+from n2s_stream.n2s.training import held_out_loss
+from n2s_stream.runtime.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +46,29 @@ class StartingNetwork:
     model: nn.Module  # a copy the trainer does not touch; single-frame input
     masker: Masker
     crop: int  # the central crop scored, as the trainer's held-out frames are
+    objective: str = "noise2self"  # binomial: scored by photon splits where it can be
+    keep: float = KEEP  # the share of photons a split keeps (``split_keep``)
 
-    def loss_of(self, image: np.ndarray) -> Callable[[nn.Module], float]:
-        """Masked loss of a module on the normalised ``(H, W)`` ``image``, with the
-        trainer's masks: every phase once (one frame is few pixels to decide on)."""
+    def loss_of(self, image: np.ndarray, snapshot: Snapshot) -> Callable[[nn.Module], float]:
+        """Held-out loss of a module on the normalised ``(H, W)`` ``image`` (`held_out_loss`:
+        split as the trainer splits where the first frame's ``snapshot`` shows photon
+        counts, else masked), with the trainer's masks or draws: every phase once (one
+        frame is few pixels to decide on)."""
         device = next(self.model.parameters()).device
         crop = center_crop(image[np.newaxis, np.newaxis], self.crop).astype(np.float32)
         # masked_validation_loss scores copy k with phases k and k + n/2: all n once (n even)
         copies = np.repeat(crop, max(self.masker.n_phases // 2, 1), axis=0)
         frames = torch.from_numpy(copies).to(device)
-        return partial(masked_validation_loss, masker=self.masker, frames=frames, batch=1)
+        normalizer = snapshot.normalizer
+        assert normalizer is not None  # fitted on this first frame
+        split = scoring_split(
+            self.objective,
+            normalizer,
+            snapshot.frames_dtype or normalizer.source_dtype,
+            snapshot.counts_per_photon,
+            self.keep,
+        )
+        return partial(held_out_loss, masker=self.masker, frames=frames, split=split)
 
 
 class ColdStart:
@@ -82,9 +99,10 @@ class ColdStart:
         """A starting network (the shipped pretrained one) is there to be scored."""
         return self._starting is not None
 
-    def denoiser_for(self, frame: np.ndarray) -> ClassicalDenoiser:
+    def denoiser_for(self, frame: np.ndarray, snapshot: Snapshot) -> ClassicalDenoiser:
         """The calibrated classical denoiser, calibrated on ``frame`` the first time (when
-        the starting network is scored on ``frame`` too, and may take over at once)."""
+        the starting network is scored on ``frame`` too, and may take over at once;
+        ``snapshot`` tells how it is scored)."""
         with self._lock:
             classical = self.classical
             if classical is None:
@@ -97,7 +115,7 @@ class ColdStart:
         if self._starting is not None and self._active:
             starting, self._starting = self._starting, None
             try:
-                loss_of = starting.loss_of(frame)
+                loss_of = starting.loss_of(frame, snapshot)
                 self.compare(loss_of(starting.model), loss_of)
             except (RuntimeError, ValueError) as exc:  # e.g. out of device memory
                 log.warning(

@@ -132,7 +132,8 @@ class Metrics:
         )
         self.selfsup_val_loss = Gauge(
             "n2s_selfsup_val_loss",
-            "Masked loss on held-out frames (no ground truth needed)",
+            "Loss on held-out frames (no ground truth needed): binomial-split under "
+            "binomial training on photon counts, else masked",
             registry=registry,
         )
         self.cold_start_active = Gauge(
@@ -143,8 +144,8 @@ class Metrics:
         )
         self.classical_selfsup_loss = Gauge(
             "n2s_classical_selfsup_loss",
-            "Held-out masked loss of the cold-start classical "
-            "denoiser, on the frames and masks of n2s_selfsup_val_loss",
+            "Held-out loss of the cold-start classical denoiser, "
+            "on the frames and masks (or splits) of n2s_selfsup_val_loss",
             registry=registry,
         )
         self.model_version = Gauge(

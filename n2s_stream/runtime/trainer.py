@@ -24,12 +24,12 @@ from torch import nn
 from n2s_stream.config import TrainingOptions
 from n2s_stream.formats.checkpoint import Checkpoint
 from n2s_stream.models import StateDict, use_fast_layout
-from n2s_stream.n2s.binomial import not_photon_counts, photon_split
+from n2s_stream.n2s.binomial import PhotonSplit, not_photon_counts, photon_split
 from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.optim import LossWatch, all_finite, make_optimizer, weight_average
 from n2s_stream.n2s.patches import center_crop
 from n2s_stream.n2s.specs import Objective
-from n2s_stream.n2s.training import masked_validation_loss, train_step
+from n2s_stream.n2s.training import held_out_loss, train_step
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.coldstart import ColdStart
 from n2s_stream.runtime.scheduler import Services
@@ -217,6 +217,15 @@ class OnlineTrainer(BackgroundWorker):
             self._objective = "binomial"
         return "binomial"
 
+    def _scoring_split(self) -> PhotonSplit | None:
+        """How held-out frames are scored: split photon by photon while training does
+        (binomial on photon counts), else masked."""
+        if self._objective_in_use() != "binomial":
+            return None
+        normalizer = self.store.snapshot().normalizer
+        assert normalizer is not None  # set before frames reach the buffers
+        return photon_split(normalizer, self.options.split_keep)
+
     def _roll_back(self, reason: str) -> None:
         """Return the trained and the averaged weights to the last published version: a
         step's loss is measured before its update, so a bad update has already entered the
@@ -251,9 +260,11 @@ class OnlineTrainer(BackgroundWorker):
             crops = np.ascontiguousarray(center_crop(val_frames, self.val_crop))
             frames = torch.from_numpy(crops).to(self.device)
 
+            split = self._scoring_split()
+
             def loss_of(model: nn.Module) -> float:
-                return masked_validation_loss(
-                    model, self.masker, frames, batch=1, before_chunk=self._wait_while_busy
+                return held_out_loss(
+                    model, self.masker, frames, split, before_chunk=self._wait_while_busy
                 )
 
             val_loss = loss_of(self.published_model)

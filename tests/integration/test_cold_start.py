@@ -18,6 +18,7 @@ from n2s_stream.n2s.quality import psnr
 from n2s_stream.n2s.specs import OBJECTIVES
 from n2s_stream.pretrained import SHIPPED, starting_model
 from n2s_stream.runtime.coldstart import CLASSICAL, NETWORK, ColdStart, StartingNetwork
+from n2s_stream.runtime.snapshot import Snapshot
 from tests.helpers.daemon import DaemonProcess, frames_in, read_output, start_writer, write_stack
 
 
@@ -31,12 +32,14 @@ def test_calibration_picks_a_denoiser_that_helps():
     assert psnr(clean * 20, denoised, 20.0) > psnr(clean * 20, noisy, 20.0) + 4.0
 
 
-def _first_frame_decision(weights: dict[str, torch.Tensor] | None) -> tuple[bool, list]:
+def _first_frame_decision(
+    weights: dict[str, torch.Tensor] | None, objective: str = "noise2self"
+) -> tuple[bool, list]:
     """Whether the cold start is still active after the first frame (a photograph the shipped
-    model never saw, 128x128, peak 20) with a starting network of ``weights`` (None:
-    random), and the metric updates it made."""
+    model never saw, 128x128, peak 20, photon counts) with a starting network of
+    ``weights`` (None: random) trained by ``objective``, and the metric updates it made."""
     clean = skdata.camera()[::4, ::4].astype(np.float64) / 255.0
-    noisy = poisson_frames(clean, 20.0, np.random.default_rng(1)).astype(np.float32)
+    noisy = poisson_frames(clean, 20.0, np.random.default_rng(1)).astype(np.uint16)
     network = NetworkOptions()
     masker = Masker(network.masker_config())
     model = build_model(network.model_config())
@@ -46,29 +49,81 @@ def _first_frame_decision(weights: dict[str, torch.Tensor] | None) -> tuple[bool
     cold = ColdStart(
         active=True,
         on_change=lambda *change: changes.append(change),
-        starting=StartingNetwork(model, masker, crop=256),
+        starting=StartingNetwork(model, masker, crop=256, objective=objective),
     )
-    cold.denoiser_for((noisy - noisy.mean()) / noisy.std())
-    cold.denoiser_for((noisy - noisy.mean()) / noisy.std())  # scored once only
+    snapshot = _first_frame_snapshot(noisy)
+    image = snapshot.normalizer.forward(noisy[np.newaxis])[0]
+    cold.denoiser_for(image, snapshot)
+    cold.denoiser_for(image, snapshot)  # scored once only
     return cold.active, changes
 
 
-def test_a_pretrained_network_that_beats_classical_on_the_first_frame_writes_it():
+def _first_frame_snapshot(frame: np.ndarray, counts_per_photon: float | None = 1.0) -> Snapshot:
+    """What the calibration of ``frame`` tells the cold start: its normaliser, dtype and
+    counts per photon."""
+    normalizer = NetworkOptions().fit_normalizer(frame[np.newaxis], source_dtype=frame.dtype)
+    return Snapshot(0, {}, normalizer, counts_per_photon, frame.dtype.name)
+
+
+@pytest.mark.parametrize("objective", ["noise2self", "binomial"])
+def test_a_pretrained_network_that_beats_classical_on_the_first_frame_writes_it(objective):
     network = NetworkOptions()
-    shipped = starting_model(network.model_config(), network.masker_config())
+    shipped = starting_model(network.model_config(), network.masker_config(), objective)
     assert shipped is not None
-    active, changes = _first_frame_decision(shipped.state_dict)
+    active, changes = _first_frame_decision(shipped.state_dict, objective)
     assert not active
     _, (active_after, classical_loss, network_loss) = changes  # scored once
     assert active_after is False and 0 < network_loss < classical_loss
 
 
-def test_an_untrained_network_does_not_take_the_first_frame():
+@pytest.mark.parametrize("objective", ["noise2self", "binomial"])
+def test_an_untrained_network_does_not_take_the_first_frame(objective):
     torch.manual_seed(0)
-    active, changes = _first_frame_decision(None)
+    active, changes = _first_frame_decision(None, objective)
     assert active
     _, (active_after, classical_loss, network_loss) = changes
     assert active_after is True and network_loss > classical_loss > 0
+
+
+@pytest.mark.parametrize(
+    ("objective", "dtype", "counts_per_photon", "split"),
+    [
+        ("binomial", np.uint16, 1.0, True),  # photon counts: the single pass, by splits
+        ("binomial", np.uint16, 2.5, False),  # not photons: training falls back, masked
+        ("binomial", np.float32, 1.0, False),  # floats cannot be split
+        ("noise2self", np.uint16, 1.0, False),  # a blind network: masked, as it learnt
+    ],
+)
+def test_the_first_frame_is_scored_by_photon_splits_where_training_splits_photons(
+    objective, dtype, counts_per_photon, split
+):
+    """Scored by a masked use, a network without a blind spot is judged on what it never
+    learnt; on photon counts the cold start scores it, and the classical denoiser, on the
+    same binomial splits instead: the number is then their error against the split-off
+    photons, far above a masked loss of the normalised frame's order."""
+    frame = np.random.default_rng(0).poisson(20.0, size=(64, 64)).astype(dtype)
+    snapshot = _first_frame_snapshot(frame, counts_per_photon)
+    network = NetworkOptions()
+    starting = StartingNetwork(
+        build_model(network.model_config()),
+        Masker(network.masker_config()),
+        crop=64,
+        objective=objective,
+        keep=0.9,
+    )
+    loss_of = starting.loss_of(snapshot.normalizer.forward(frame[np.newaxis])[0], snapshot)
+    assert (loss_of.keywords["split"] is not None) is split
+    if split:
+        assert loss_of.keywords["split"].keep == 0.9
+        flat = loss_of(_Constant())  # predicts the mean: the target's variance, 1/(1-keep)
+        assert flat == pytest.approx(1 / (1 - 0.9), rel=0.1)
+
+
+class _Constant(torch.nn.Module):
+    """Predicts the normalised mean (0) everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x[:, :1])
 
 
 class _Failing(torch.nn.Module):
@@ -85,8 +140,10 @@ def test_a_starting_network_that_cannot_be_scored_leaves_the_classical_denoiser(
         on_change=lambda *_: None,
         starting=StartingNetwork(failing, Masker(network.masker_config()), 64),
     )
-    image = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
-    assert cold.denoiser_for(image).name in ("tv", "wavelet")
+    frame = np.random.default_rng(0).poisson(20.0, size=(64, 64)).astype(np.uint16)
+    snapshot = _first_frame_snapshot(frame)
+    image = snapshot.normalizer.forward(frame[np.newaxis])[0]
+    assert cold.denoiser_for(image, snapshot).name in ("tv", "wavelet")
     assert cold.active and "could not be scored on the first frame" in caplog.text
 
 
