@@ -117,6 +117,7 @@ def classical_frames(
 SHIPPED_NETWORKS = {
     "noise2self": "shipped network",
     "neighbor2neighbor": "shipped network, no blind spot",
+    "binomial": "the same, scored by photon splits",
 }
 """The shipped starting model of each training objective, and its row's label."""
 
