@@ -89,15 +89,19 @@ def misfit(
     trained_for = checkpoint.extra.get("pretrained", {}).get("objective", objective)
     if is_blind(trained_for) != is_blind(objective):
         return f"trained for objective {trained_for}, not {objective}"
-    if masker.context_frames != 1:
-        return f"a one-frame model does not fit context_frames {masker.context_frames}"
-    single = replace(masker, causal=False, register=False)  # no neighbours: no difference
-    if not is_blind(objective):  # trained unmasked: the grid does not matter
-        single = replace(
-            single, grid_size=checkpoint.masker_config.grid_size, mode=checkpoint.masker_config.mode
+    trained = checkpoint.masker_config
+    if masker.context_frames != trained.context_frames:
+        return (
+            f"a model of {trained.context_frames} frames does not fit "
+            f"context_frames {masker.context_frames}"
         )
+    fitting = replace(masker, register=trained.register)  # the weights do not depend on it
+    if trained.context_frames == 1:
+        fitting = replace(fitting, causal=False)  # no neighbours: no difference
+    if not is_blind(objective):  # trained unmasked: the grid does not matter
+        fitting = replace(fitting, grid_size=trained.grid_size, mode=trained.mode)
     if checkpoint.model_config != model:
         return f"made for {checkpoint.model_config}, does not fit {model}"
-    if checkpoint.masker_config != single:
-        return f"made for {checkpoint.masker_config}, does not fit {single}"
+    if trained != fitting:
+        return f"made for {trained}, does not fit {fitting}"
     return None

@@ -74,13 +74,16 @@ def blobs(count: int = 8, side: int = 384) -> list[np.ndarray]:
 
 
 def varied_scene(
-    image: np.ndarray, rng: np.random.Generator, patch: int
+    image: np.ndarray, rng: np.random.Generator, patch: int, neighbours: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A ``patch`` square of ``image`` and the window around it (twice its side, for the
     frame statistics the daemon would fit), both varied alike: half the scale (2x2
     averages) a third of the time, a random mix of the colour channels, a random gamma
     (0.55-1.8), contrast inverted one time in five, a random rotation and flip. Values
-    stay in [0, 1]."""
+    stay in [0, 1]. With ``neighbours``, the patch is ``(1 + neighbours, patch, patch)``:
+    the centre square, then squares of the same window as registered neighbouring frames
+    show it (up to a pixel off in each direction), or, one time in ten, another place of
+    the window (a registration that failed, a scene that changed)."""
     scale = 2 if rng.random() < 0.35 and min(image.shape[:2]) >= 4 * patch else 1
     side = min(2 * patch * scale, *image.shape[:2]) // scale * scale
     top = rng.integers(image.shape[0] - side + 1)
@@ -96,8 +99,19 @@ def varied_scene(
     window = np.rot90(window, int(rng.integers(4)))
     if rng.random() < 0.5:
         window = window[:, ::-1]
-    row, col = (rng.integers(window.shape[k] - patch + 1) for k in (0, 1))
-    return np.ascontiguousarray(window[row : row + patch, col : col + patch]), window
+    row, col = (int(rng.integers(window.shape[k] - patch + 1)) for k in (0, 1))
+    squares = [window[row : row + patch, col : col + patch]]
+    for _ in range(neighbours):
+        if rng.random() < 0.1:
+            top, left = (int(rng.integers(window.shape[k] - patch + 1)) for k in (0, 1))
+        else:
+            top, left = (
+                int(np.clip(start + rng.integers(-1, 2), 0, window.shape[k] - patch))
+                for k, start in ((0, row), (1, col))
+            )
+        squares.append(window[top : top + patch, left : left + patch])
+    crop = squares[0] if neighbours == 0 else np.stack(squares)
+    return np.ascontiguousarray(crop), window
 
 
 def batch(
@@ -108,15 +122,17 @@ def batch(
     doses: tuple[float, float],
     *,
     augmented: bool = False,
+    context_frames: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(noisy, clean)`` patches ``(size, 1, patch, patch)``, both normalised by the
-    statistics of the frame they came from at its dose (the whole image; ``augmented``:
-    the varied window around the patch, see `varied_scene`)."""
+    """``(noisy, clean)`` patches, ``(size, context_frames, patch, patch)`` and ``(size, 1,
+    patch, patch)`` (the centre frame's), both normalised by the statistics of the frame
+    they came from at its dose (the whole image; ``augmented``: the varied window around
+    the patch, see `varied_scene`, whose neighbouring frames have noise of their own)."""
     noisy, clean = [], []
     for _ in range(size):
         image = images[rng.integers(len(images))]
         if augmented:
-            crop, frame = varied_scene(image, rng, patch)
+            crop, frame = varied_scene(image, rng, patch, context_frames - 1)
         else:
             top = rng.integers(image.shape[0] - patch + 1)
             left = rng.integers(image.shape[1] - patch + 1)
@@ -130,10 +146,11 @@ def batch(
         )  # as for the whole frame
         noisy.append((counts - mean) / spread)
         clean.append((crop - mean) / spread)
-    return (
-        torch.from_numpy(np.stack(noisy)[:, None]),
-        torch.from_numpy(np.stack(clean)[:, None].astype(np.float32)),
-    )
+    stacked = np.stack(noisy)
+    targets = np.stack(clean).astype(np.float32)
+    if context_frames == 1:
+        return torch.from_numpy(stacked[:, None]), torch.from_numpy(targets[:, None])
+    return torch.from_numpy(stacked), torch.from_numpy(np.ascontiguousarray(targets[:, :1]))
 
 
 RECIPES: dict[str, dict[str, object]] = {
@@ -171,6 +188,13 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=ModelConfig.depth,
         help="the UNet's depth (the shipped files: the default network's)",
+    )
+    parser.add_argument(
+        "--context-frames",
+        type=int,
+        default=1,
+        help="frames the network sees (centred, registered context; needs --augment): "
+        "the shipped files see one",
     )
     parser.add_argument(
         "--augment",
@@ -211,8 +235,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model_config = ModelConfig(width=args.width, depth=args.depth)
-    masker_config = MaskerConfig()
+    if args.context_frames > 1 and not args.augment:
+        raise SystemExit("--context-frames needs --augment (its neighbours come from the window)")
+    masker_config = MaskerConfig(
+        context_frames=args.context_frames, register=args.context_frames > 1
+    )
+    model_config = ModelConfig(
+        width=args.width, depth=args.depth, in_channels=masker_config.in_channels
+    )
     model = build_model(model_config)
     if args.init is not None:
         model.load_state_dict(load_checkpoint(args.init).state_dict)
@@ -228,6 +258,7 @@ def main() -> None:
             args.patch,
             (args.min_dose, args.max_dose),
             augmented=args.augment,
+            context_frames=args.context_frames,
         )
         if args.objective == "neighbor2neighbor":  # no blind spot: every pixel, unmasked
             loss = torch.mean((model(noisy) - clean) ** 2)

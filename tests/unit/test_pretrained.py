@@ -159,3 +159,48 @@ def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
     shipped = load_checkpoint(path).state_dict
     for key, value in shipped.items():
         torch.testing.assert_close(again[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_context_model_is_trained_on_neighbours_and_fits_only_its_context(tmp_path):
+    """``--context-frames 3`` trains on the centre patch and two neighbouring frames of
+    the same window, each with noise of its own (mostly within a pixel of the centre,
+    as registration leaves them), toward the clean centre; the file starts only a network
+    of 3 centred frames."""
+    noisy, clean = batch(
+        training_images(True),
+        np.random.default_rng(0),
+        16,
+        64,
+        (100.0, 100.0),
+        augmented=True,
+        context_frames=3,
+    )
+    assert noisy.shape == (16, 3, 64, 64) and clean.shape == (16, 1, 64, 64)
+    centre, neighbour = noisy[:, 0], noisy[:, 1]
+    assert not torch.equal(centre, neighbour)  # noise of their own
+    same_place = torch.corrcoef(torch.stack([centre.flatten(), neighbour.flatten()]))[0, 1]
+    assert same_place > 0.5  # the same structure, near the same place
+    out = tmp_path / "k3.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "n2s_stream.pretrained",
+        "--objective",
+        "neighbor2neighbor",
+        "--context-frames",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    network = make(NetworkOptions, context_frames=3)
+    model, masker = network.model_config(), network.masker_config()
+    assert starting_model(model, masker, "binomial", out).path == out
+    single = make(NetworkOptions)
+    with pytest.raises(UsageError, match="a model of 3 frames does not fit context_frames 1"):
+        starting_model(single.model_config(), single.masker_config(), "binomial", out)
+    causal = make(NetworkOptions, context_frames=3, causal_context=True)
+    with pytest.raises(UsageError, match="does not fit"):
+        starting_model(causal.model_config(), causal.masker_config(), "binomial", out)
