@@ -2,7 +2,8 @@
 
 The daemon writes the first frames of a scan with a classical denoiser calibrated
 J-invariantly on the first frame (``n2s_stream.n2s.classical``), unless the shipped pretrained
-network beats it on that frame's masked loss; the issue asks that those frames be never
+network beats it on that frame's held-out loss (masked, or by photon splits under binomial
+training); the issue asks that those frames be never
 below calibrated classical denoising. On first_pass's scan (a 256x256 window drifting
 3 px/frame over real photographs, Poisson noise), for each peak dose, each candidate is
 calibrated on the normalised first frame as the daemon does and applied to the first

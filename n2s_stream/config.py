@@ -590,7 +590,8 @@ class TrainingOptions:
         help="binomial (each frame's photons split in two: no blind spot; frames that "
         "are not photon counts train by neighbor2neighbor instead), "
         "neighbor2neighbor (pairs of neighbouring pixels: no blind spot) or "
-        "noise2self (masked loss: blind spot); held-out scores are masked either way",
+        "noise2self (masked loss: blind spot); held-out scores are masked, but by "
+        "photon splits while binomial training splits photons",
     )
     split_keep: float = split_keep_option()
     publish_every: int = option(50, min=1, help="training steps between model versions")

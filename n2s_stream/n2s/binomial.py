@@ -24,6 +24,7 @@ import torch
 from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.photons import PHOTON_RANGE, are_photon_counts
+from n2s_stream.n2s.specs import Objective
 
 KEEP = 0.9
 """Share ``p`` of each pixel's photons in the network's input; the rest is the target
@@ -63,7 +64,7 @@ def photon_split(normalizer: Normalizer, keep: float = KEEP) -> PhotonSplit:
 
 
 def scoring_split(
-    objective: str,
+    objective: Objective,
     normalizer: Normalizer,
     frames_dtype: str,
     counts_per_photon: float | None,

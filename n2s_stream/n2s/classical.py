@@ -1,7 +1,7 @@
 """Classical denoisers for the cold start and the benchmarks: total variation and wavelet
 (scikit-image), their parameters calibrated the J-invariant way on one image (as
 scikit-image's ``calibrate_denoiser`` does: no ground truth), and a wrapper that puts one
-behind the network's interface so the same code and masks score both.
+behind the network's interface so the same code, masks and photon splits score both.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def calibrate_classical(image: np.ndarray, grids: Grids | None = None) -> Classi
 
 class ClassicalModule(nn.Module):
     """A classical denoiser behind the network's interface ``(B, C, H, W) -> (B, 1, H, W)``
-    (it sees channel 0, the masked centre frame), so that its held-out loss is measured by
-    exactly the code and masks that measure the network's."""
+    (it sees channel 0, the centre frame as the network gets it: masked, or the kept part
+    of a photon split), so that its held-out loss is measured by exactly the code, masks
+    and splits that measure the network's."""
 
     def __init__(self, denoiser: ClassicalDenoiser) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -157,10 +158,10 @@ def masked_validation_loss(
 @torch.inference_mode()
 def split_validation_loss(
     model: nn.Module,
+    masker: Masker,
     frames: torch.Tensor,
     split: PhotonSplit,
     *,
-    amp: bool = False,
     before_chunk: Callable[[], None] | None = None,
 ) -> float:
     """Binomial-split loss on held-out frames of photon counts: a quality estimate of the
@@ -172,7 +173,8 @@ def split_validation_loss(
     denoiser without the bias of scoring a non-blind network by a masked use it never
     learnt (`masked_validation_loss`). Frame ``k`` of ``(N, C, H, W)`` is scored on two
     fixed draws (seeds ``2k`` and ``2k + 1``), so the number is comparable from one
-    evaluation to the next. ``before_chunk`` is called before each frame's passes.
+    evaluation to the next; the network runs as it writes, one pass on the unmasked input
+    (``masker.infer_single_pass``). ``before_chunk`` is called before each frame's passes.
     """
     model.eval()
     total = 0.0
@@ -181,15 +183,14 @@ def split_validation_loss(
             before_chunk()
         for draw in (2 * k, 2 * k + 1):
             generator = torch.Generator(device=frames.device).manual_seed(draw)
-            with autocast(frames.device, amp):
-                loss = binomial_split_loss(
-                    model,
-                    frames[k : k + 1],
-                    shift=split.shift,
-                    divisor=split.divisor,
-                    keep=split.keep,
-                    generator=generator,
-                )
+            loss = binomial_split_loss(
+                partial(masker.infer_single_pass, model=model),
+                frames[k : k + 1],
+                shift=split.shift,
+                divisor=split.divisor,
+                keep=split.keep,
+                generator=generator,
+            )
             total += float(loss)  # host sync, once per draw
     return total / max(2 * frames.shape[0], 1)
 
@@ -206,5 +207,5 @@ def held_out_loss(
     by: the photon-split loss where training splits photons (``split``), which scores the
     single pass written; else the masked loss. One frame per forward pass."""
     if split is not None:
-        return split_validation_loss(model, frames, split, before_chunk=before_chunk)
+        return split_validation_loss(model, masker, frames, split, before_chunk=before_chunk)
     return masked_validation_loss(model, masker, frames, batch=1, before_chunk=before_chunk)

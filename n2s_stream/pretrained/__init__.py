@@ -86,7 +86,8 @@ def misfit(
 ) -> str | None:
     """Why a starting model cannot start a network of ``model`` and ``masker`` trained by
     ``objective``, or None where it fits exactly."""
-    trained_for = checkpoint.extra.get("pretrained", {}).get("objective", objective)
+    extra = checkpoint.extra  # the script's record, or a daemon checkpoint's objective
+    trained_for = extra.get("pretrained", {}).get("objective") or extra.get("objective", objective)
     if is_blind(trained_for) != is_blind(objective):
         return f"trained for objective {trained_for}, not {objective}"
     trained = checkpoint.masker_config
@@ -95,7 +96,9 @@ def misfit(
             f"a model of {trained.context_frames} frames does not fit "
             f"context_frames {masker.context_frames}"
         )
-    fitting = replace(masker, register=trained.register)  # the weights do not depend on it
+    # registration aligns the neighbours before the network sees them; either way they
+    # are the same frames, so a model trained with it also starts a network without it
+    fitting = replace(masker, register=trained.register)
     if trained.context_frames == 1:
         fitting = replace(fitting, causal=False)  # no neighbours: no difference
     if not is_blind(objective):  # trained unmasked: the grid does not matter

@@ -103,13 +103,13 @@ def varied_scene(
     squares = [window[row : row + patch, col : col + patch]]
     for _ in range(neighbours):
         if rng.random() < 0.1:
-            top, left = (int(rng.integers(window.shape[k] - patch + 1)) for k in (0, 1))
+            at_row, at_col = (int(rng.integers(window.shape[k] - patch + 1)) for k in (0, 1))
         else:
-            top, left = (
+            at_row, at_col = (
                 int(np.clip(start + rng.integers(-1, 2), 0, window.shape[k] - patch))
                 for k, start in ((0, row), (1, col))
             )
-        squares.append(window[top : top + patch, left : left + patch])
+        squares.append(window[at_row : at_row + patch, at_col : at_col + patch])
     crop = squares[0] if neighbours == 0 else np.stack(squares)
     return np.ascontiguousarray(crop), window
 
@@ -128,6 +128,8 @@ def batch(
     patch, patch)`` (the centre frame's), both normalised by the statistics of the frame
     they came from at its dose (the whole image; ``augmented``: the varied window around
     the patch, see `varied_scene`, whose neighbouring frames have noise of their own)."""
+    if context_frames > 1 and not augmented:
+        raise ValueError("context frames come from the varied window: they need augmented")
     noisy, clean = [], []
     for _ in range(size):
         image = images[rng.integers(len(images))]
@@ -225,6 +227,10 @@ def parse_args() -> argparse.Namespace:
     parser.set_defaults(**RECIPES[objective])
     args = parser.parse_args()
     args.out = args.out or SHIPPED[args.objective]
+    if args.context_frames > 1 and not args.augment:
+        parser.error("--context-frames needs --augment (its neighbours come from the window)")
+    if args.context_frames < 1 or args.context_frames % 2 == 0:
+        parser.error("--context-frames must be odd: the centre frame and as many on each side")
     return args
 
 
@@ -235,8 +241,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    if args.context_frames > 1 and not args.augment:
-        raise SystemExit("--context-frames needs --augment (its neighbours come from the window)")
     masker_config = MaskerConfig(
         context_frames=args.context_frames, register=args.context_frames > 1
     )

@@ -27,6 +27,7 @@ from n2s_stream.n2s.binomial import KEEP, scoring_split
 from n2s_stream.n2s.classical import ClassicalDenoiser, ClassicalModule, calibrate_classical
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.patches import center_crop
+from n2s_stream.n2s.specs import Objective
 from n2s_stream.n2s.training import held_out_loss
 from n2s_stream.runtime.snapshot import Snapshot
 
@@ -41,12 +42,14 @@ class StartingNetwork:
     """The network as it starts (the shipped pretrained model), scored on the first frame
     itself before that frame is written. Weights trained on the scan need held-out frames
     for a fair score; these never saw the scan, so the first frame is as good as a held-out
-    one, and a pretrained network that beats the classical denoiser writes from frame 0."""
+    one, and a pretrained network that beats the classical denoiser writes from frame 0.
+    A network that sees several frames waits for the trainer's held-out frames instead:
+    one frame holds no context."""
 
-    model: nn.Module  # a copy the trainer does not touch; single-frame input
+    model: nn.Module  # a copy the trainer does not touch
     masker: Masker
     crop: int  # the central crop scored, as the trainer's held-out frames are
-    objective: str = "noise2self"  # binomial: scored by photon splits where it can be
+    objective: Objective = "noise2self"  # binomial: scored by photon splits where it can be
     keep: float = KEEP  # the share of photons a split keeps (``split_keep``)
 
     def loss_of(self, image: np.ndarray, snapshot: Snapshot) -> Callable[[nn.Module], float]:
@@ -114,6 +117,13 @@ class ColdStart:
                 )
         if self._starting is not None and self._active:
             starting, self._starting = self._starting, None
+            if starting.masker.config.context_frames > 1:
+                log.info(
+                    "cold start: a starting network of %d frames is scored on the first "
+                    "held-out frames, which hold its context, not on the first frame",
+                    starting.masker.config.context_frames,
+                )
+                return classical
             try:
                 loss_of = starting.loss_of(frame, snapshot)
                 self.compare(loss_of(starting.model), loss_of)
@@ -138,7 +148,8 @@ class ColdStart:
 
     def compare(self, network_loss: float, loss_of: Callable[[nn.Module], float]) -> None:
         """Switch to the network, for good, once its held-out loss is below the classical
-        denoiser's; ``loss_of`` scores a module on the same held-out frames and masks."""
+        denoiser's; ``loss_of`` scores a module on the same held-out frames and masks (or
+        photon splits)."""
         with self._lock:
             classical = self.classical
         if not self._active or classical is None:

@@ -33,7 +33,7 @@ from n2s_stream.formats.checkpoint import Checkpoint, load_checkpoint, save_chec
 from n2s_stream.formats.writer import last_written_source_frame, rerun_output
 from n2s_stream.models import StateDict
 from n2s_stream.n2s.normalize import Normalizer
-from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
+from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class StateDir:
         model_config: ModelConfig,
         masker_config: MaskerConfig,
         normalizer: Normalizer,
-        objective: str,
+        objective: Objective,
     ) -> None:
         """Write the checkpoint of ``version`` (with the ``objective`` that trained it) and
         keep the newest few; a failed write is logged and counted, not fatal (training goes

@@ -1,7 +1,8 @@
 """Online training: keeps improving the model on the rolling buffer, in the background.
 
 The trainer owns its model and optimizer. Every ``publish_every`` steps it scores the
-model on held-out frames (masked loss: no ground truth needed) and publishes a copy of
+model on held-out frames (masked loss, or photon splits under binomial training: no
+ground truth needed) and publishes a copy of
 the weights with a new version number; inference swaps them in between frames. What is
 published, scored and checkpointed is a moving average of the trained weights
 (``average_steps``): steadier from version to version than the weights of one step. Inference
@@ -283,9 +284,11 @@ class OnlineTrainer(BackgroundWorker):
 def log_objective_change(resume: Checkpoint, objective: Objective) -> None:
     """Say so when resumed weights were trained by another objective than the configured
     one (a state dir begun under an older default, or an edited config): training goes
-    on by the configured one, and a network trained with a blind spot loses it."""
+    on by the configured one, and a network trained with a blind spot loses it. Weights
+    that binomial training's fallback made are no news to a binomial config."""
     trained_by = resume.extra.get("objective")
-    if trained_by is not None and trained_by != objective:
+    fell_back = (trained_by, objective) == ("neighbor2neighbor", "binomial")  # and will again
+    if trained_by is not None and trained_by != objective and not fell_back:
         log.warning(
             "%s was trained by objective %s; training goes on by the configured %s",
             resume.path,

@@ -3,6 +3,8 @@ network's held-out loss beats it, then the network does, for good; outputs say w
 
 from __future__ import annotations
 
+import logging
+
 import h5py
 import numpy as np
 import pytest
@@ -117,6 +119,28 @@ def test_the_first_frame_is_scored_by_photon_splits_where_training_splits_photon
         assert loss_of.keywords["split"].keep == 0.9
         flat = loss_of(_Constant())  # predicts the mean: the target's variance, 1/(1-keep)
         assert flat == pytest.approx(1 / (1 - 0.9), rel=0.1)
+
+
+def test_a_starting_network_of_several_frames_waits_for_the_held_out_frames(caplog):
+    """One frame holds no context: a starting network of 3 frames is not scored on it (nor
+    fails to be); the classical denoiser writes until the trainer scores it on held-out
+    frames, which hold their neighbours."""
+    network = NetworkOptions(context_frames=3)
+    cold = ColdStart(
+        active=True,
+        on_change=lambda *_: None,
+        starting=StartingNetwork(
+            build_model(network.model_config()), Masker(network.masker_config()), 64, "binomial"
+        ),
+    )
+    assert cold.has_starting_network  # so the trainer scores it before its first step
+    frame = np.random.default_rng(0).poisson(20.0, size=(64, 64)).astype(np.uint16)
+    snapshot = _first_frame_snapshot(frame)
+    with caplog.at_level(logging.INFO, logger="n2s_stream.runtime.coldstart"):
+        cold.denoiser_for(snapshot.normalizer.forward(frame[np.newaxis])[0], snapshot)
+    assert cold.active
+    assert "scored on the first held-out frames" in caplog.text
+    assert "could not be scored" not in caplog.text
 
 
 class _Constant(torch.nn.Module):

