@@ -96,8 +96,8 @@ def misfit(
             f"a model of {trained.context_frames} frames does not fit "
             f"context_frames {masker.context_frames}"
         )
-    # registration aligns the neighbours before the network sees them; either way they
-    # are the same frames, so a model trained with it also starts a network without it
+    # registration only aligns the neighbours: a model made for registered context (as
+    # the script makes them) loads without it too, the user's choice
     fitting = replace(masker, register=trained.register)
     if trained.context_frames == 1:
         fitting = replace(fitting, causal=False)  # no neighbours: no difference

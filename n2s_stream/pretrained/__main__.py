@@ -226,11 +226,16 @@ def parse_args() -> argparse.Namespace:
     objective = parser.parse_known_args()[0].objective
     parser.set_defaults(**RECIPES[objective])
     args = parser.parse_args()
-    args.out = args.out or SHIPPED[args.objective]
-    if args.context_frames > 1 and not args.augment:
-        parser.error("--context-frames needs --augment (its neighbours come from the window)")
     if args.context_frames < 1 or args.context_frames % 2 == 0:
         parser.error("--context-frames must be odd: the centre frame and as many on each side")
+    if args.context_frames > 1 and not args.augment:
+        parser.error("--context-frames needs --augment (its neighbours come from the window)")
+    shipped_shape = (ModelConfig.width, ModelConfig.depth, 1)
+    if args.out is None and (args.width, args.depth, args.context_frames) != shipped_shape:
+        parser.error(
+            "--width, --depth or --context-frames other than the shipped file's need --out"
+        )
+    args.out = args.out or SHIPPED[args.objective]
     return args
 
 

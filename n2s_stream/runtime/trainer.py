@@ -287,7 +287,7 @@ def log_objective_change(resume: Checkpoint, objective: Objective) -> None:
     on by the configured one, and a network trained with a blind spot loses it. Weights
     that binomial training's fallback made are no news to a binomial config."""
     trained_by = resume.extra.get("objective")
-    fell_back = (trained_by, objective) == ("neighbor2neighbor", "binomial")  # and will again
+    fell_back = (trained_by, objective) == ("neighbor2neighbor", "binomial")  # both unblind
     if trained_by is not None and trained_by != objective and not fell_back:
         log.warning(
             "%s was trained by objective %s; training goes on by the configured %s",

@@ -297,9 +297,9 @@ def test_binomial_training_scores_held_out_frames_by_photon_splits_of_photon_cou
     frames = torch.from_numpy(trainer.val_buffer.snapshot())
     if counts_per_photon == 1.0:
         split = PhotonSplit(20.0, 4.5, 0.9)
-        expected = split_validation_loss(trainer.model, trainer.masker, frames, split)
+        expected = split_validation_loss(trainer.published_model, trainer.masker, frames, split)
     else:
-        expected = masked_validation_loss(trainer.model, trainer.masker, frames)
+        expected = masked_validation_loss(trainer.published_model, trainer.masker, frames)
     assert metrics.selfsup_val_loss._value.get() == pytest.approx(expected)
 
 
@@ -421,3 +421,14 @@ def test_loss_watch_flags_non_finite_and_exploding_losses_without_learning_them(
     assert watch.diverging(20.5) and not watch.diverging(20.3)  # 20x the recent level
     assert watch.describe(30.0) == f"loss 30 (recent {watch.recent:.4g})"
     assert LossWatch().describe(5.0) == "loss 5"
+
+
+def test_split_scores_run_a_network_with_a_mask_channel_as_it_writes():
+    """A state dir begun by noise2self with ``mask_as_input`` and resumed under binomial
+    training: the held-out split score runs the network as inference does (a zero mask
+    channel beside the frame), rather than failing on the channel count."""
+    masker = Masker(MaskerConfig(mask_as_input=True))
+    model = build_model(ModelConfig(width=4, depth=1, in_channels=masker.config.in_channels))
+    frames = torch.from_numpy(np.random.default_rng(0).poisson(20.0, (2, 1, 32, 32)) - 20.0) / 4.5
+    loss = split_validation_loss(model, masker, frames.float(), PhotonSplit(20.0, 4.5, 0.9))
+    assert np.isfinite(loss) and loss > 0
