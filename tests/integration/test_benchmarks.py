@@ -568,13 +568,14 @@ def test_cold_start_classical_runs(tmp_path):
         "20",
         out=tmp_path / "c.json",
     )
-    assert [row["candidate"] for row in report["rows"]][-2:] == [
+    assert [row["candidate"] for row in report["rows"]][-3:] == [
         "shipped network",
         "shipped network, no blind spot",
+        "the same, scored by photon splits",
     ]
     assert all(len(row["margins"]) == 3 for row in report["rows"])
     assert all(
-        row["picked"] in ("network writes", "classical writes") for row in report["rows"][-2:]
+        row["picked"] in ("network writes", "classical writes") for row in report["rows"][-3:]
     )
     assert "shipped network" in stdout
 
