@@ -169,11 +169,7 @@ class OnlineTrainer(BackgroundWorker):
         batch = torch.from_numpy(patches).to(self.device)
         valid_t = None if valid is None else torch.from_numpy(valid).to(self.device)
         objective = self._objective_in_use()
-        split = None
-        if objective == "binomial":
-            normalizer = self.store.snapshot().normalizer
-            assert normalizer is not None  # set before frames reach the buffer
-            split = photon_split(normalizer, self.options.split_keep)
+        split = self._photon_split()
         loss = float(
             train_step(
                 self.model,
@@ -218,9 +214,10 @@ class OnlineTrainer(BackgroundWorker):
             self._objective = "binomial"
         return "binomial"
 
-    def _scoring_split(self) -> PhotonSplit | None:
-        """How held-out frames are scored: split photon by photon while training does
-        (binomial on photon counts), else masked."""
+    def _photon_split(self) -> PhotonSplit | None:
+        """How frames are split photon by photon while binomial training on photon counts
+        is in use, for its steps and its held-out scores; None otherwise (then held-out
+        frames are scored masked)."""
         if self._objective_in_use() != "binomial":
             return None
         normalizer = self.store.snapshot().normalizer
@@ -261,7 +258,7 @@ class OnlineTrainer(BackgroundWorker):
             crops = np.ascontiguousarray(center_crop(val_frames, self.val_crop))
             frames = torch.from_numpy(crops).to(self.device)
 
-            split = self._scoring_split()
+            split = self._photon_split()
 
             def loss_of(model: nn.Module) -> float:
                 return held_out_loss(
