@@ -35,6 +35,7 @@ def write_report(out: Path, benchmark: str, settings: object, rows: list, **more
                     "machine": platform.machine(),
                     "cores": os.cpu_count(),
                     "settings": vars(settings) | {"out": str(out)},
+                    "model_files": model_files(vars(settings)),
                     "rows": rows,
                     **more,
                 }
@@ -44,6 +45,40 @@ def write_report(out: Path, benchmark: str, settings: object, rows: list, **more
         )
     )
     print(f"wrote {out}")
+
+
+def model_files(settings: object) -> dict[str, dict]:
+    """Each model file (``.pt``) the settings name, in an option or a variant's options,
+    with its SHA-256 and the training settings it records: a record names the weights it
+    measured, whatever the path holds later."""
+    import hashlib
+
+    from n2s_stream.errors import CheckpointError
+    from n2s_stream.formats.checkpoint import load_checkpoint
+
+    def strings(value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [text for item in value.values() for text in strings(item)]
+        if isinstance(value, list | tuple):
+            return [text for item in value for text in strings(item)]
+        return [str(value)] if isinstance(value, str | Path) else []
+
+    named = {
+        token
+        for text in strings(settings)
+        for word in text.split()
+        for token in word.split("=")
+        if token.endswith(".pt") and Path(token).is_file()
+    }
+    files = {}
+    for name in sorted(named):
+        entry: dict[str, object] = {"sha256": hashlib.sha256(Path(name).read_bytes()).hexdigest()}
+        try:
+            entry["pretrained"] = load_checkpoint(Path(name)).extra.get("pretrained")
+        except CheckpointError as exc:
+            entry["unreadable"] = str(exc)
+        files[name] = entry
+    return files
 
 
 def with_provenance(report: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from n2s_stream.pretrained import BLIND
+from n2s_stream.pretrained import BLIND, NONBLIND
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 PEER_PYTHON = BENCHMARKS.parent / ".venv-peers" / "bin" / "python"
@@ -463,7 +464,7 @@ def test_first_pass_runs(tmp_path):
         "--rate",
         "8",
         "--variants",
-        "avg0=--average-steps 0 --no-refine",
+        f"avg0=--average-steps 0 --no-refine --pretrained-model {NONBLIND}",
         "--unblind",
         out=tmp_path / "f.json",
         timeout=600,
@@ -491,6 +492,10 @@ def test_first_pass_runs(tmp_path):
     assert gravel["live"] > gravel["noisy"] + 3 and "gravel (13 frames from 11)" in stdout
     assert row["variants"]["avg0"]["refined"] is None
     assert "avg0: live" in stdout
+    # the model file a variant names is recorded with its hash and its own training record
+    named = report["model_files"][str(NONBLIND)]
+    assert named["sha256"] == hashlib.sha256(NONBLIND.read_bytes()).hexdigest()
+    assert named["pretrained"]["objective"] == "neighbor2neighbor"
 
 
 def test_first_pass_scores_each_strip_image_on_the_frames_that_show_it(monkeypatch):
