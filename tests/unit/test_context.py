@@ -248,3 +248,23 @@ def test_registration_falls_back_when_the_scene_jumps():
     registered = register_neighbours({1: a, 3: b}, 2)
     np.testing.assert_array_equal(registered[1], a)
     np.testing.assert_array_equal(registered[3], b)
+
+
+@pytest.mark.parametrize(
+    "shift", [(0.6, 3.0), (-2.3, 0.0), (0.0, 0.0), (5.5, -7.25), (-400.0, 3.0)]
+)
+def test_registration_moves_frames_as_scipy_does(shift):
+    """The neighbours' shift is ndimage's bilinear shift with the edges repeated, in whole
+    and for the central crop where the agreement is judged (a faster route to the same
+    numbers)."""
+    from scipy import ndimage
+
+    from n2s_stream.n2s.registration import _central, shift_image
+
+    image = np.random.default_rng(0).random((300, 257)).astype(np.float32)
+    expected = ndimage.shift(image, shift, order=1, mode="nearest")
+    np.testing.assert_allclose(shift_image(image, np.array(shift)), expected, atol=1e-6)
+    crop = _central(image.shape)
+    cropped = shift_image(image, np.array(shift), crop)
+    assert cropped.shape == (256, 256) and cropped.dtype == np.float32
+    np.testing.assert_allclose(cropped, expected[crop], atol=1e-6)
