@@ -10,7 +10,8 @@ Everything below is measured in one run on this machine:
    chunks, decode, normalise, restore, encode, write whole chunks) in a plain loop with a
    pool of 2 threads, and its I/O-only form (decode, cast, encode);
 3. the time of each stage for one frame on one thread (read, decode, prepare, forward of
-   the near-free and the default network, restore, encode, write);
+   the near-free and the default network, registering 3-frame context's neighbours,
+   restore, encode, write);
 4. the daemon end to end (a subprocess, frames/s from its output's provenance ``t_written``,
    peak RSS): a pre-written file with ``--engine passthrough``, the near-free network
    (``--model dncnn --layers 2 --width 1``) and the default network (UNet 16, training on);
@@ -68,6 +69,7 @@ from n2s_stream.n2s.denoising import (
 )
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import fit_normalizer, normalize_frame
+from n2s_stream.n2s.registration import register_neighbours
 from n2s_stream.n2s.specs import ModelConfig
 from n2s_stream.pretrained import starting_model
 from n2s_stream.runtime.allocator import keep_freed_memory
@@ -252,6 +254,7 @@ def stage_times(
         build_model(ModelConfig("dncnn", width=1, layers=2)).eval(), torch.device("cpu")
     )
     x = torch.from_numpy(prepared)[None, None]
+    drifted = {side: np.roll(prepared, 3 * side, axis=1) for side in (-1, 1)}
     encoded = output.encode(frame.astype(np.float32))
     with h5py.File(path, "w", libver="latest") as file:
         ds = file.create_dataset(
@@ -263,6 +266,8 @@ def stage_times(
             "decode": lambda: bslz4_decode(chunk, frame.shape, frame.dtype),
             "prepare": lambda: normalize_frame(frame, check_usable(frame), normalizer),
             "forward_near_free": lambda: near_free(x),
+            # what 3-frame context adds a frame: its neighbours, drifted 3 px, registered
+            "register_context": lambda: register_neighbours(drifted, 0),
             "restore": lambda: restore_invalid(normalizer.inverse(prepared), frame, valid),
             "encode": lambda: output.encode(prepared),
             "write": lambda: ds.id.write_direct_chunk((next(slots), 0, 0), encoded),

@@ -628,6 +628,7 @@ def test_detector_scale_runs(tmp_path):
         "decode",
         "prepare",
         "forward_near_free",
+        "register_context",
         "restore",
         "encode",
         "write",
