@@ -11,7 +11,9 @@ cold-start comparison against a calibrated classical denoiser still decides when
 It starts Noise2Self training. ``unet_w16_d2_k1_nonblind.pt`` (`NONBLIND`) is the same
 network trained by the same recipe without a blind spot (``--objective
 neighbor2neighbor``): the start of the daemon's default, binomial training, and of
-Neighbor2Neighbor's.
+Neighbor2Neighbor's. ``unet_w16_d2_k3_nonblind.pt`` (`NONBLIND_K3`) is that network for
+three centred frames (``--context-frames 3``): it starts a daemon run with
+``context_frames = 3`` (centred) and a non-blind objective.
 """
 
 from __future__ import annotations
@@ -25,12 +27,22 @@ from n2s_stream.n2s.specs import MaskerConfig, ModelConfig, Objective, is_blind
 
 BLIND = Path(__file__).with_name("unet_w16_d2_k1.pt")
 NONBLIND = Path(__file__).with_name("unet_w16_d2_k1_nonblind.pt")
-SHIPPED: dict[str, Path] = {
-    "noise2self": BLIND,
-    "neighbor2neighbor": NONBLIND,
-    "binomial": NONBLIND,  # trained by Neighbor2Neighbor: the same unmasked use
+NONBLIND_K3 = Path(__file__).with_name("unet_w16_d2_k3_nonblind.pt")
+SHIPPED: dict[tuple[str, int], Path] = {
+    ("noise2self", 1): BLIND,
+    ("neighbor2neighbor", 1): NONBLIND,
+    ("binomial", 1): NONBLIND,  # trained by Neighbor2Neighbor: the same unmasked use
+    ("neighbor2neighbor", 3): NONBLIND_K3,
+    ("binomial", 3): NONBLIND_K3,
 }
-"""The shipped starting model for each training objective (``specs.OBJECTIVES``)."""
+"""The shipped starting model for each training objective (``specs.OBJECTIVES``) and count
+of frames the network sees; a pair not here starts from random weights."""
+
+
+def shipped_model(objective: str, context_frames: int = 1) -> Path | None:
+    """The file shipped for ``objective`` and ``context_frames``, or None where none is."""
+    return SHIPPED.get((objective, context_frames))
+
 
 IMAGES = (
     "text",
@@ -59,12 +71,13 @@ def starting_model(
     objective: Objective = "noise2self",
     path: Path | None = None,
 ) -> Checkpoint | None:
-    """The shipped model for ``objective`` when it fits ``model`` and ``masker`` exactly,
-    else None (the network starts from random weights). A model file ``path`` given by the
+    """The shipped model for ``objective`` and the masker's frames when it fits ``model``
+    and ``masker`` exactly, else None (the network starts from random weights). A model
+    file ``path`` given by the
     user (trained by this package's script with ``--out``) must fit: one that is missing,
     unreadable or made for other options raises `UsageError` saying why."""
     if path is None:
-        shipped = SHIPPED.get(objective)
+        shipped = shipped_model(objective, masker.context_frames)
         if shipped is None or not shipped.exists():
             return None
         checkpoint = load_checkpoint(shipped)  # weights_only: never unpickles objects

@@ -15,6 +15,7 @@ objective's defaults. Same seed and steps, same weights (single thread).
 
     python -m n2s_stream.pretrained                                # 25 minutes on 1 core
     python -m n2s_stream.pretrained --objective neighbor2neighbor  # about as long
+    python -m n2s_stream.pretrained --objective neighbor2neighbor --context-frames 3  # 27 min
     python -m n2s_stream.pretrained --steps 3 --out /tmp/t.pt   # smoke
 """
 
@@ -38,7 +39,7 @@ from n2s_stream.n2s.loss import masked_mse
 from n2s_stream.n2s.masking import Masker
 from n2s_stream.n2s.normalize import Normalizer
 from n2s_stream.n2s.specs import MaskerConfig, ModelConfig
-from n2s_stream.pretrained import IMAGES, MORE_IMAGES, SHIPPED
+from n2s_stream.pretrained import IMAGES, MORE_IMAGES, shipped_model
 
 log = logging.getLogger("n2s_stream.pretrained")
 
@@ -196,7 +197,7 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=1,
         help="frames the network sees (centred, registered context; needs --augment): "
-        "the shipped files see one",
+        "the shipped files see one, or three (--objective neighbor2neighbor)",
     )
     parser.add_argument(
         "--augment",
@@ -215,7 +216,10 @@ def parse_args() -> argparse.Namespace:
         "the default file) or neighbor2neighbor (no blind spot)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="default: the shipped file for the objective"
+        "--out",
+        type=Path,
+        default=None,
+        help="default: the shipped file for the objective and --context-frames",
     )
     parser.add_argument(
         "--threads",
@@ -230,12 +234,11 @@ def parse_args() -> argparse.Namespace:
         parser.error("--context-frames must be odd: the centre frame and as many on each side")
     if args.context_frames > 1 and not args.augment:
         parser.error("--context-frames needs --augment (its neighbours come from the window)")
-    shipped_shape = (ModelConfig.width, ModelConfig.depth, 1)
-    if args.out is None and (args.width, args.depth, args.context_frames) != shipped_shape:
-        parser.error(
-            "--width, --depth or --context-frames other than the shipped file's need --out"
-        )
-    args.out = args.out or SHIPPED[args.objective]
+    shipped = shipped_model(args.objective, args.context_frames)
+    default_network = (args.width, args.depth) == (ModelConfig.width, ModelConfig.depth)
+    if args.out is None and (shipped is None or not default_network):
+        parser.error("--width, --depth or --context-frames other than a shipped file's need --out")
+    args.out = args.out or shipped
     return args
 
 

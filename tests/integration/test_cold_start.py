@@ -185,12 +185,39 @@ def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path, ob
     assert frames_in(daemon.output("scan_0001_n2s.h5")) == 4
     metrics = daemon.scrape()
     assert daemon.terminate() == 0
-    assert f"starts from the shipped pretrained model {SHIPPED[objective]}" in daemon.log()
+    assert f"starts from the shipped pretrained model {SHIPPED[objective, 1]}" in daemon.log()
     assert "cold start over" in daemon.log() and metrics["n2s_cold_start_active"] == 0
     assert 0 < metrics["n2s_selfsup_val_loss"] < metrics["n2s_classical_selfsup_loss"]
     _, provenance = read_output(daemon.out / "scan_0001_n2s.h5")
     assert (provenance["denoiser"] == NETWORK).all()  # the first frame included
     assert provenance["model_version"][0] == 0  # as shipped
+
+
+def test_daemon_starts_a_three_frame_network_from_its_shipped_model(tmp_path):
+    """``--context-frames 3`` under the default objective starts from the shipped 3-frame
+    file: the classical denoiser writes the first frames (one frame holds no context),
+    the trainer scores the shipped weights on held-out frames, and the network writes
+    the rest."""
+    daemon = DaemonProcess(tmp_path, "--context-frames", "3")
+    daemon.wait_ready()
+    writer = start_writer(daemon.watch, frames=30, rate=15, seed=1)
+    assert writer.wait(timeout=60) == 0
+    daemon.wait_for_ended(1, timeout=120)
+    daemon.wait_until(lambda m: m["n2s_cold_start_active"] == 0, "cold start over", 60)
+    second = start_writer(daemon.watch, frames=10, rate=0, name="scan_0002", seed=2)
+    assert second.wait(timeout=60) == 0
+    daemon.wait_for_ended(2, timeout=60)
+    assert daemon.terminate() == 0
+    assert f"starts from the shipped pretrained model {SHIPPED['binomial', 3]}" in daemon.log()
+    assert "scored on the first held-out frames" in daemon.log()
+    assert daemon.log().count("cold start over") == 1
+    _, first = read_output(daemon.out / "scan_0001_n2s.h5")
+    assert first["denoiser"][0] == CLASSICAL
+    assert (np.diff(first["denoiser"].astype(int)) <= 0).all()  # then the network, for good
+    # the first version published is the shipped weights, scored before any training step
+    assert first["model_version"][first["denoiser"] == NETWORK][0] == 1
+    _, provenance = read_output(daemon.out / "scan_0002_n2s.h5")
+    assert (provenance["denoiser"] == NETWORK).all()
 
 
 def test_daemon_switches_once_from_classical_to_network(tmp_path):

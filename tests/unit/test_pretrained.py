@@ -1,6 +1,6 @@
 """The shipped starting models: they load without unpickling objects, fit exactly the
-default network (one per training objective), and their training script is reproducible
-(same settings, same weights)."""
+default network (one per training objective) or its 3-frame centred form (non-blind
+objectives), and their training script is reproducible (same settings, same weights)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,24 @@ from n2s_stream.errors import UsageError
 from n2s_stream.formats.checkpoint import load_checkpoint
 from n2s_stream.n2s.specs import OBJECTIVES
 from n2s_stream.options import make
-from n2s_stream.pretrained import BLIND, IMAGES, MORE_IMAGES, SHIPPED, starting_model
+from n2s_stream.pretrained import (
+    BLIND,
+    IMAGES,
+    MORE_IMAGES,
+    NONBLIND,
+    NONBLIND_K3,
+    SHIPPED,
+    starting_model,
+)
 from n2s_stream.pretrained.__main__ import batch, training_images
 
 
 def test_every_objective_has_its_shipped_model_in_the_package():
     """Package data, not an optional download: a missing file is a broken package."""
-    assert set(SHIPPED) == set(OBJECTIVES)
+    assert {objective for objective, frames in SHIPPED if frames == 1} == set(OBJECTIVES)
     missing = [str(path) for path in SHIPPED.values() if not path.is_file()]
     assert not missing
-    assert BLIND in SHIPPED.values()
+    assert {BLIND, NONBLIND, NONBLIND_K3} == set(SHIPPED.values())
 
 
 def test_shipped_model_loads_safely_and_fits_only_the_default_network():
@@ -45,7 +53,6 @@ def test_shipped_model_loads_safely_and_fits_only_the_default_network():
 
 
 def test_each_objective_starts_from_its_own_shipped_model():
-    assert set(SHIPPED) == set(OBJECTIVES)
     network = make(NetworkOptions)
     model, masker = network.model_config(), network.masker_config()
     blind = starting_model(model, masker, "noise2self")
@@ -64,6 +71,26 @@ def test_each_objective_starts_from_its_own_shipped_model():
     assert starting_model(model, replace(masker, grid_size=2), "noise2self") is None
 
 
+def test_a_centred_three_frame_network_starts_from_its_own_shipped_model():
+    """``context_frames = 3`` (centred) under a non-blind objective starts from the 3-frame
+    file, trained by the same recipe on neighbours of the same window; a causal or blind
+    3-frame network has no shipped file and starts from random weights."""
+    network = make(NetworkOptions, context_frames=3)
+    model, masker = network.model_config(), network.masker_config()
+    for objective in ("binomial", "neighbor2neighbor"):
+        shipped = starting_model(model, masker, objective)
+        assert shipped is not None and shipped.path == NONBLIND_K3
+    settings = shipped.extra["pretrained"]
+    assert settings["context_frames"] == 3 and settings["objective"] == "neighbor2neighbor"
+    assert settings["images"] == load_checkpoint(NONBLIND).extra["pretrained"]["images"]
+    assert shipped.masker_config.context_frames == 3 and not shipped.masker_config.causal
+    assert starting_model(model, masker, "noise2self") is None
+    causal = make(NetworkOptions, context_frames=3, causal_context=True)
+    assert starting_model(causal.model_config(), causal.masker_config(), "binomial") is None
+    unregistered = replace(masker, register=False)  # registration only aligns: it loads
+    assert starting_model(model, unregistered, "binomial") is not None
+
+
 def test_a_given_starting_model_must_fit_and_says_why_not(tmp_path):
     """A model file the user names is used where it fits; otherwise the start stops with
     the reason (missing, unreadable, another objective, other options) instead of quietly
@@ -78,7 +105,7 @@ def test_a_given_starting_model_must_fit_and_says_why_not(tmp_path):
     cases = [
         (tmp_path / "absent.pt", model, masker, "noise2self", "no such file"),
         (broken, model, masker, "noise2self", ""),
-        (SHIPPED["neighbor2neighbor"], model, masker, "noise2self", "trained for objective"),
+        (NONBLIND, model, masker, "noise2self", "trained for objective"),
         (own, model, masker, "neighbor2neighbor", "trained for objective noise2self"),
         (own, replace(model, width=8), masker, "noise2self", "does not fit"),
         (own, model, replace(masker, grid_size=2), "noise2self", "does not fit"),
@@ -143,17 +170,18 @@ def test_training_script_is_deterministic(tmp_path, objective, augment):
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-@pytest.mark.slow  # the whole training runs: about 25 minutes each on one core
-@pytest.mark.parametrize("objective", ["noise2self", "neighbor2neighbor"])
-def test_training_script_reproduces_the_shipped_model(tmp_path, objective):
-    path = SHIPPED[objective]
+@pytest.mark.slow  # the whole training runs: 25-27 minutes each on one core
+@pytest.mark.parametrize("path", sorted(set(SHIPPED.values())), ids=lambda path: path.stem)
+def test_training_script_reproduces_the_shipped_model(tmp_path, path):
     settings = load_checkpoint(path).extra["pretrained"]
     assert settings.get("init") is None  # trained from scratch: the script alone remakes it
     recorded = ("steps", "seed", "batch", "patch", "lr", "min_dose", "max_dose", "objective")
     options = [
         item for key in recorded for item in (f"--{key.replace('_', '-')}", str(settings[key]))
     ]
-    options += ["--width", str(settings.get("width", 16))]  # older records: the default's
+    # older records: the default network's
+    options += ["--width", str(settings.get("width", 16)), "--depth", str(settings.get("depth", 2))]
+    options += ["--context-frames", str(settings.get("context_frames", 1))]
     options += ["--augment" if settings.get("augment") else "--no-augment"]
     again = _train(tmp_path, "again.pt", *options, timeout=2400)
     shipped = load_checkpoint(path).state_dict
@@ -194,16 +222,19 @@ def test_a_context_model_is_trained_on_neighbours_and_fits_only_its_context(tmp_
         str(out),
     ]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    for refused, why in ((["--context-frames", "2"], "must be odd"), ([], "need --out")):
-        shape = refused or ["--context-frames", "3"]
+    refusals = [
+        (["neighbor2neighbor", "--context-frames", "2"], "must be odd"),
+        (["neighbor2neighbor", "--context-frames", "3", "--width", "8"], "need --out"),
+        (["noise2self", "--context-frames", "3"], "need --out"),  # none shipped
+    ]
+    for refused, why in refusals:
         run = subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "n2s_stream.pretrained",
                 "--objective",
-                "neighbor2neighbor",
-                *shape,
+                *refused,
                 "--steps",
                 "1",
             ],
