@@ -20,7 +20,6 @@ file's own record of its training (``extra.pretrained``) goes into the result. C
 from __future__ import annotations
 
 import argparse
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,14 +92,8 @@ def main() -> None:
             + "  ".join(f"{label} {row[label]['mean']:.2f}" for label in outputs),
             flush=True,
         )
-    trained = {  # how each file was made, as it records it; the paths may be temporary
-        label: {
-            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-            "pretrained": models[label].extra.get("pretrained"),
-        }
-        for label, path in args.models.items()
-    }
-    write_report(args.out, "prior_quality", args, rows, trained=trained)
+    # how each file was made, as it records it, goes in as the report's model_files
+    write_report(args.out, "prior_quality", args, rows)
 
 
 if __name__ == "__main__":

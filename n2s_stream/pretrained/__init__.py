@@ -73,9 +73,9 @@ def starting_model(
 ) -> Checkpoint | None:
     """The shipped model for ``objective`` and the masker's frames when it fits ``model``
     and ``masker`` exactly, else None (the network starts from random weights). A model
-    file ``path`` given by the
-    user (trained by this package's script with ``--out``) must fit: one that is missing,
-    unreadable or made for other options raises `UsageError` saying why."""
+    file ``path`` given by the user (trained by this package's script with ``--out``)
+    must fit: one that is missing, unreadable or made for other options raises
+    `UsageError` saying why."""
     if path is None:
         shipped = shipped_model(objective, masker.context_frames)
         if shipped is None or not shipped.exists():

@@ -160,8 +160,8 @@ RECIPES: dict[str, dict[str, object]] = {
     "noise2self": {"steps": 8000, "min_dose": 1.0, "augment": True},
     "neighbor2neighbor": {"steps": 8000, "min_dose": 1.0, "augment": True},
 }
-"""Each objective's defaults, so that ``--objective X`` alone remakes the file shipped for
-X (its record says the same). Both files are made by one recipe."""
+"""Each objective's defaults, so that ``--objective X`` (and ``--context-frames K``) alone
+remakes the file shipped for X (and K frames; its record says the same). All the shipped files are made by one recipe."""
 
 
 def file_sha256(path: Path) -> str:
@@ -212,8 +212,8 @@ def parse_args() -> argparse.Namespace:
         "--objective",
         choices=tuple(RECIPES),  # binomial starts from the neighbor2neighbor file
         default="noise2self",
-        help="the online objective the model starts: noise2self (blind spot, "
-        "the default file) or neighbor2neighbor (no blind spot)",
+        help="the online objective the model starts: noise2self (blind spot) or "
+        "neighbor2neighbor (no blind spot; binomial starts from its files too)",
     )
     parser.add_argument(
         "--out",

@@ -402,8 +402,9 @@ def test_prior_quality_runs(tmp_path):
     assert row["shipped"]["mean"] > row["noisy"]["mean"] + 5
     assert row["copy"]["mean"] == pytest.approx(row["shipped"]["mean"], abs=1e-6)
     assert set(row["by_image"]) == {"astronaut"}
-    assert report["trained"]["copy"] == report["trained"]["shipped"]
-    assert report["trained"]["shipped"]["pretrained"]["augment"] is True
+    files = report["model_files"]  # the copy is named as given, the shipped file too
+    assert files[report["settings"]["models"]["copy"]] == files[str(BLIND)]
+    assert files[str(BLIND)]["pretrained"]["augment"] is True
 
 
 @pytest.mark.slow

@@ -227,6 +227,7 @@ def test_a_context_model_is_trained_on_neighbours_and_fits_only_its_context(tmp_
         (["neighbor2neighbor", "--context-frames", "3", "--width", "8"], "need --out"),
         (["noise2self", "--context-frames", "3"], "need --out"),  # none shipped
     ]
+    before = {path: path.read_bytes() for path in SHIPPED.values()}
     for refused, why in refusals:
         run = subprocess.run(
             [
@@ -242,7 +243,8 @@ def test_a_context_model_is_trained_on_neighbours_and_fits_only_its_context(tmp_
             text=True,
             timeout=120,
         )
-        assert run.returncode == 2 and why in run.stderr  # and no shipped file overwritten
+        assert run.returncode == 2 and why in run.stderr
+    assert all(path.read_bytes() == content for path, content in before.items())
     network = make(NetworkOptions, context_frames=3)
     model, masker = network.model_config(), network.masker_config()
     assert starting_model(model, masker, "binomial", out).path == out
