@@ -305,13 +305,6 @@ class Daemon:
             if roles.cold and pretrained
             else None
         )
-        if starting is not None and self._masker.config.context_frames > 1 and not roles.training:
-            log.warning(
-                "the starting model of %d frames is scored on held-out frames, which only "
-                "training scores: without training the classical denoiser writes every "
-                "frame (start with --no-cold-start to let the network write)",
-                self._masker.config.context_frames,
-            )
         cold_start = ColdStart(
             active=roles.cold, on_change=self._cold_start_changed, starting=starting
         )

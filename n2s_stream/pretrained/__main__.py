@@ -161,7 +161,8 @@ RECIPES: dict[str, dict[str, object]] = {
     "neighbor2neighbor": {"steps": 8000, "min_dose": 1.0, "augment": True},
 }
 """Each objective's defaults, so that ``--objective X`` (and ``--context-frames K``) alone
-remakes the file shipped for X (and K frames; its record says the same). All the shipped files are made by one recipe."""
+remakes the file shipped for X (and K frames; its record says the same). All the shipped
+files are made by one recipe."""
 
 
 def file_sha256(path: Path) -> str:

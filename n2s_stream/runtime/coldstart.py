@@ -43,8 +43,8 @@ class StartingNetwork:
     itself before that frame is written. Weights trained on the scan need held-out frames
     for a fair score; these never saw the scan, so the first frame is as good as a held-out
     one, and a pretrained network that beats the classical denoiser writes from frame 0.
-    A network that sees several frames waits for the trainer's held-out frames instead:
-    one frame holds no context."""
+    A network that sees several frames is scored on the first frame's context stack, once
+    its neighbours have arrived (one frame alone holds no context)."""
 
     model: nn.Module  # a copy the trainer does not touch
     masker: Masker
@@ -53,12 +53,14 @@ class StartingNetwork:
     keep: float = KEEP  # the share of photons a split keeps (``split_keep``)
 
     def loss_of(self, image: np.ndarray, snapshot: Snapshot) -> Callable[[nn.Module], float]:
-        """Held-out loss of a module on the normalised ``(H, W)`` ``image`` (`held_out_loss`:
+        """Held-out loss of a module on the normalised ``(H, W)`` ``image``, or ``(K, H, W)``
+        context stack (centre first), (`held_out_loss`:
         split as the trainer splits where the first frame's ``snapshot`` shows photon
         counts, else masked), with the trainer's masks or draws: every phase once (one
         frame is few pixels to decide on)."""
         device = next(self.model.parameters()).device
-        crop = center_crop(image[np.newaxis, np.newaxis], self.crop).astype(np.float32)
+        stack = image if image.ndim == 3 else image[np.newaxis]
+        crop = center_crop(stack[np.newaxis], self.crop).astype(np.float32)
         # masked_validation_loss scores copy k with phases k and k + n/2: all n once (n even)
         copies = np.repeat(crop, max(self.masker.n_phases // 2, 1), axis=0)
         frames = torch.from_numpy(copies).to(device)
@@ -89,6 +91,7 @@ class ColdStart:
         self._on_change = on_change  # (active, classical loss, network loss) -> metrics
         self._lock = threading.Lock()
         self._starting = starting
+        self._awaiting_context: tuple[StartingNetwork, Snapshot] | None = None
         self.classical: ClassicalDenoiser | None = None
         on_change(active, float("nan"), float("nan"))
 
@@ -120,27 +123,39 @@ class ColdStart:
             if starting.masker.config.context_frames > 1:
                 log.info(
                     "cold start: a starting network of %d frames is scored on the first "
-                    "held-out frames, which hold its context, not on the first frame",
+                    "frame's context, once its neighbours are there",
                     starting.masker.config.context_frames,
                 )
+                self._awaiting_context = (starting, snapshot)
                 return classical
-            try:
-                loss_of = starting.loss_of(frame, snapshot)
-                self.compare(loss_of(starting.model), loss_of)
-            except (RuntimeError, ValueError) as exc:  # e.g. out of device memory
-                log.warning(
-                    "cold start: the starting network could not be scored on the "
-                    "first frame (%s); the classical denoiser writes",
-                    exc,
-                )
+            self._score(starting, frame, snapshot)
         return classical
+
+    def _score(self, starting: StartingNetwork, image: np.ndarray, snapshot: Snapshot) -> None:
+        """Score the starting network against the classical denoiser on ``image`` (a frame,
+        or a context stack) and switch to it if it wins; a failure leaves the classical
+        denoiser writing, said once."""
+        try:
+            loss_of = starting.loss_of(image, snapshot)
+            self.compare(loss_of(starting.model), loss_of)
+        except (RuntimeError, ValueError) as exc:  # e.g. out of device memory
+            log.warning(
+                "cold start: the starting network could not be scored on the first frame "
+                "(%s); the classical denoiser writes",
+                exc,
+            )
 
     def denoise(
         self, stacks: np.ndarray, network: Callable[[np.ndarray], np.ndarray]
     ) -> tuple[int, np.ndarray]:
         """Which denoiser writes now (``CLASSICAL`` while active, else ``NETWORK``) and its
         ``(n, H, W)`` result for normalised ``(n, K, H, W)`` stacks (the classical one sees
-        the centre frame only)."""
+        the centre frame only). A starting network of several frames is scored on the
+        first stack, before it is written."""
+        awaiting, self._awaiting_context = self._awaiting_context, None
+        if awaiting is not None and self._active:
+            starting, snapshot = awaiting
+            self._score(starting, stacks[0], snapshot)
         if not self._active:
             return NETWORK, network(stacks)
         assert self.classical is not None  # calibrated on the first usable frame

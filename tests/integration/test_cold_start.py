@@ -121,26 +121,47 @@ def test_the_first_frame_is_scored_by_photon_splits_where_training_splits_photon
         assert flat == pytest.approx(1 / (1 - 0.9), rel=0.1)
 
 
-def test_a_starting_network_of_several_frames_waits_for_the_held_out_frames(caplog):
-    """One frame holds no context: a starting network of 3 frames is not scored on it (nor
-    fails to be); the classical denoiser writes until the trainer scores it on held-out
-    frames, which hold their neighbours."""
+@pytest.mark.parametrize("shipped", [True, False])
+def test_a_starting_network_of_several_frames_is_scored_on_the_first_context(caplog, shipped):
+    """One frame holds no context: a starting network of 3 frames is scored on the first
+    frame's context stack, before that frame is written. The shipped 3-frame model wins
+    there and writes from frame 0; random weights lose and the classical denoiser
+    writes (the trainer scores again later)."""
     network = NetworkOptions(context_frames=3)
+    model, masker = network.model_config(), network.masker_config()
+    weights = build_model(model)
+    if shipped:
+        checkpoint = starting_model(model, masker, "binomial")
+        assert checkpoint is not None
+        weights.load_state_dict(checkpoint.state_dict)
+    weights.eval()
+    changes: list = []
     cold = ColdStart(
         active=True,
-        on_change=lambda *_: None,
-        starting=StartingNetwork(
-            build_model(network.model_config()), Masker(network.masker_config()), 64, "binomial"
-        ),
+        on_change=lambda *change: changes.append(change),
+        starting=StartingNetwork(weights, Masker(masker), 256, "binomial"),
     )
-    assert cold.has_starting_network  # so the trainer scores it before its first step
-    frame = np.random.default_rng(0).poisson(20.0, size=(64, 64)).astype(np.uint16)
-    snapshot = _first_frame_snapshot(frame)
+    clean = skdata.camera()[::4, ::4].astype(np.float64) / 255.0  # unseen in pretraining
+    rng = np.random.default_rng(1)
+    frames = np.stack([poisson_frames(clean, 20.0, rng) for _ in range(3)]).astype(np.uint16)
+    snapshot = _first_frame_snapshot(frames[0])
+    stacks = snapshot.normalizer.forward(frames)[np.newaxis]  # (1, K, H, W), centre first
     with caplog.at_level(logging.INFO, logger="n2s_stream.runtime.coldstart"):
-        cold.denoiser_for(snapshot.normalizer.forward(frame[np.newaxis])[0], snapshot)
-    assert cold.active
-    assert "scored on the first held-out frames" in caplog.text
-    assert "could not be scored" not in caplog.text
+        cold.denoiser_for(stacks[0, 0], snapshot)
+    assert cold.active and len(changes) == 1  # not scored on the lone frame
+    assert "scored on the first frame's context" in caplog.text
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return weights(torch.from_numpy(batch)).numpy()[:, 0]
+
+    denoiser, out = cold.denoise(stacks, forward)
+    assert out.shape == (1, *clean.shape) and len(changes) == 2  # scored once, here
+    _, classical_loss, network_loss = changes[1]
+    assert denoiser == (NETWORK if shipped else CLASSICAL) and cold.active is not shipped
+    assert (network_loss < classical_loss) is shipped
+    cold.denoise(stacks, forward)
+    assert len(changes) == 2 and "could not be scored" not in caplog.text
 
 
 class _Constant(torch.nn.Module):
@@ -195,9 +216,8 @@ def test_daemon_lets_the_shipped_network_write_from_the_first_frame(tmp_path, ob
 
 def test_daemon_starts_a_three_frame_network_from_its_shipped_model(tmp_path):
     """``--context-frames 3`` under the default objective starts from the shipped 3-frame
-    file: the classical denoiser writes the first frames (one frame holds no context),
-    the trainer scores the shipped weights on held-out frames, and the network writes
-    the rest."""
+    file, scored on the first frame's context before that frame is written: it wins, and
+    the network writes every frame."""
     daemon = DaemonProcess(tmp_path, "--context-frames", "3")
     daemon.wait_ready()
     writer = start_writer(daemon.watch, frames=30, rate=15, seed=1)
@@ -209,13 +229,11 @@ def test_daemon_starts_a_three_frame_network_from_its_shipped_model(tmp_path):
     daemon.wait_for_ended(2, timeout=60)
     assert daemon.terminate() == 0
     assert f"starts from the shipped pretrained model {SHIPPED['binomial', 3]}" in daemon.log()
-    assert "scored on the first held-out frames" in daemon.log()
+    assert "scored on the first frame's context" in daemon.log()
     assert daemon.log().count("cold start over") == 1
     _, first = read_output(daemon.out / "scan_0001_n2s.h5")
-    assert first["denoiser"][0] == CLASSICAL
-    assert (np.diff(first["denoiser"].astype(int)) <= 0).all()  # then the network, for good
-    # the first version published is the shipped weights, scored before any training step
-    assert first["model_version"][first["denoiser"] == NETWORK][0] == 1
+    assert (first["denoiser"] == NETWORK).all()  # the first frame included
+    assert first["model_version"][0] == 0  # as shipped
     _, provenance = read_output(daemon.out / "scan_0002_n2s.h5")
     assert (provenance["denoiser"] == NETWORK).all()
 
