@@ -107,8 +107,9 @@ class ColdStart:
 
     def denoiser_for(self, frame: np.ndarray, snapshot: Snapshot) -> ClassicalDenoiser:
         """The calibrated classical denoiser, calibrated on ``frame`` the first time (when
-        the starting network is scored on ``frame`` too, and may take over at once;
-        ``snapshot`` tells how it is scored)."""
+        a single-frame starting network is scored on ``frame`` too, and may take over at
+        once; ``snapshot`` tells how it is scored; one of several frames is scored by
+        `denoise` on the first whole context stack)."""
         with self._lock:
             classical = self.classical
             if classical is None:
@@ -123,7 +124,7 @@ class ColdStart:
             if starting.masker.config.context_frames > 1:
                 log.info(
                     "cold start: a starting network of %d frames is scored on the first "
-                    "frame's context, once its neighbours are there",
+                    "whole context stack, once its neighbours are there",
                     starting.masker.config.context_frames,
                 )
                 self._awaiting_context = (starting, snapshot)
@@ -138,24 +139,30 @@ class ColdStart:
         try:
             loss_of = starting.loss_of(image, snapshot)
             self.compare(loss_of(starting.model), loss_of)
-        except (RuntimeError, ValueError) as exc:  # e.g. out of device memory
+        except Exception as exc:  # e.g. out of device memory: scoring must never lose a frame
             log.warning(
                 "cold start: the starting network could not be scored on the first frame "
-                "(%s); the classical denoiser writes",
+                "(%s: %s); the classical denoiser writes",
+                type(exc).__name__,
                 exc,
             )
 
     def denoise(
-        self, stacks: np.ndarray, network: Callable[[np.ndarray], np.ndarray]
+        self,
+        stacks: np.ndarray,
+        network: Callable[[np.ndarray], np.ndarray],
+        snapshot: Snapshot | None = None,
     ) -> tuple[int, np.ndarray]:
         """Which denoiser writes now (``CLASSICAL`` while active, else ``NETWORK``) and its
         ``(n, H, W)`` result for normalised ``(n, K, H, W)`` stacks (the classical one sees
         the centre frame only). A starting network of several frames is scored on the
-        first stack, before it is written."""
-        awaiting, self._awaiting_context = self._awaiting_context, None
-        if awaiting is not None and self._active:
-            starting, snapshot = awaiting
-            self._score(starting, stacks[0], snapshot)
+        first stack whose neighbours all exist (not zero-filled), before it is written,
+        as ``snapshot`` (the current one, else the first frame's) says."""
+        awaiting = self._awaiting_context
+        if awaiting is not None and self._active and _whole_context(stacks[0]):
+            self._awaiting_context = None
+            starting, first_snapshot = awaiting
+            self._score(starting, stacks[0], snapshot or first_snapshot)
         if not self._active:
             return NETWORK, network(stacks)
         assert self.classical is not None  # calibrated on the first usable frame
@@ -180,3 +187,9 @@ class ColdStart:
                 classical.describe(),
             )
         self._on_change(self._active, classical_loss, network_loss)
+
+
+def _whole_context(stack: np.ndarray) -> bool:
+    """No neighbour channel of a normalised ``(K, H, W)`` stack is zero-filled (a frame the
+    series does not have: causal context's first frames, a series of one frame)."""
+    return bool(np.all(np.any(stack[1:] != 0, axis=(-2, -1))))

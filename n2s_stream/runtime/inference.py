@@ -382,7 +382,7 @@ class InferenceLoop(BackgroundWorker):
                 else np.stack([stack for _, stack in group])
             )
             denoiser, out = (
-                self.cold_start.denoise(stacks, self.engine)
+                self.cold_start.denoise(stacks, self.engine, snapshot)
                 if self.cold_start
                 else (NETWORK, self.engine(stacks))
             )

@@ -124,9 +124,9 @@ def test_the_first_frame_is_scored_by_photon_splits_where_training_splits_photon
 @pytest.mark.parametrize("shipped", [True, False])
 def test_a_starting_network_of_several_frames_is_scored_on_the_first_context(caplog, shipped):
     """One frame holds no context: a starting network of 3 frames is scored on the first
-    frame's context stack, before that frame is written. The shipped 3-frame model wins
-    there and writes from frame 0; random weights lose and the classical denoiser
-    writes (the trainer scores again later)."""
+    context stack whose neighbours all exist, before that frame is written. The shipped
+    3-frame model wins there and writes from frame 0; random weights lose and the
+    classical denoiser writes (the trainer scores again later)."""
     network = NetworkOptions(context_frames=3)
     model, masker = network.model_config(), network.masker_config()
     weights = build_model(model)
@@ -149,18 +149,22 @@ def test_a_starting_network_of_several_frames_is_scored_on_the_first_context(cap
     with caplog.at_level(logging.INFO, logger="n2s_stream.runtime.coldstart"):
         cold.denoiser_for(stacks[0, 0], snapshot)
     assert cold.active and len(changes) == 1  # not scored on the lone frame
-    assert "scored on the first frame's context" in caplog.text
+    assert "scored on the first whole context stack" in caplog.text
 
     def forward(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return weights(torch.from_numpy(batch)).numpy()[:, 0]
 
-    denoiser, out = cold.denoise(stacks, forward)
+    causal_start = stacks.copy()
+    causal_start[:, 2] = 0  # a neighbour the series does not have yet: zero-filled
+    assert cold.denoise(causal_start, forward, snapshot)[0] == CLASSICAL
+    assert len(changes) == 1  # no context, no score
+    denoiser, out = cold.denoise(stacks, forward, snapshot)
     assert out.shape == (1, *clean.shape) and len(changes) == 2  # scored once, here
     _, classical_loss, network_loss = changes[1]
     assert denoiser == (NETWORK if shipped else CLASSICAL) and cold.active is not shipped
     assert (network_loss < classical_loss) is shipped
-    cold.denoise(stacks, forward)
+    cold.denoise(stacks, forward, snapshot)
     assert len(changes) == 2 and "could not be scored" not in caplog.text
 
 
@@ -229,7 +233,7 @@ def test_daemon_starts_a_three_frame_network_from_its_shipped_model(tmp_path):
     daemon.wait_for_ended(2, timeout=60)
     assert daemon.terminate() == 0
     assert f"starts from the shipped pretrained model {SHIPPED['binomial', 3]}" in daemon.log()
-    assert "scored on the first frame's context" in daemon.log()
+    assert "scored on the first whole context stack" in daemon.log()
     assert daemon.log().count("cold start over") == 1
     _, first = read_output(daemon.out / "scan_0001_n2s.h5")
     assert (first["denoiser"] == NETWORK).all()  # the first frame included
