@@ -51,10 +51,9 @@ def model_files(settings: object) -> dict[str, dict]:
     """Each model file (``.pt``) the settings name, in an option or a variant's options,
     with its SHA-256 and the training settings it records: a record names the weights it
     measured, whatever the path holds later."""
-    import hashlib
-
     from n2s_stream.errors import CheckpointError
     from n2s_stream.formats.checkpoint import load_checkpoint
+    from n2s_stream.pretrained.__main__ import file_sha256
 
     def strings(value: object) -> list[str]:
         if isinstance(value, dict):
@@ -72,7 +71,7 @@ def model_files(settings: object) -> dict[str, dict]:
     }
     files = {}
     for name in sorted(named):
-        entry: dict[str, object] = {"sha256": hashlib.sha256(Path(name).read_bytes()).hexdigest()}
+        entry: dict[str, object] = {"sha256": file_sha256(Path(name))}
         try:
             entry["pretrained"] = load_checkpoint(Path(name)).extra.get("pretrained")
         except CheckpointError as exc:

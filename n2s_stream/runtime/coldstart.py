@@ -91,7 +91,7 @@ class ColdStart:
         self._on_change = on_change  # (active, classical loss, network loss) -> metrics
         self._lock = threading.Lock()
         self._starting = starting
-        self._awaiting_context: tuple[StartingNetwork, Snapshot] | None = None
+        self._awaiting_context: StartingNetwork | None = None  # scored by `denoise`
         self.classical: ClassicalDenoiser | None = None
         on_change(active, float("nan"), float("nan"))
 
@@ -127,7 +127,7 @@ class ColdStart:
                     "whole context stack, once its neighbours are there",
                     starting.masker.config.context_frames,
                 )
-                self._awaiting_context = (starting, snapshot)
+                self._awaiting_context = starting
                 return classical
             self._score(starting, frame, snapshot)
         return classical
@@ -151,18 +151,17 @@ class ColdStart:
         self,
         stacks: np.ndarray,
         network: Callable[[np.ndarray], np.ndarray],
-        snapshot: Snapshot | None = None,
+        snapshot: Snapshot,
     ) -> tuple[int, np.ndarray]:
         """Which denoiser writes now (``CLASSICAL`` while active, else ``NETWORK``) and its
         ``(n, H, W)`` result for normalised ``(n, K, H, W)`` stacks (the classical one sees
         the centre frame only). A starting network of several frames is scored on the
         first stack whose neighbours all exist (not zero-filled), before it is written,
-        as ``snapshot`` (the current one, else the first frame's) says."""
-        awaiting = self._awaiting_context
-        if awaiting is not None and self._active and _whole_context(stacks[0]):
+        as the current ``snapshot`` says."""
+        starting = self._awaiting_context
+        if starting is not None and self._active and _whole_context(stacks[0]):
             self._awaiting_context = None
-            starting, first_snapshot = awaiting
-            self._score(starting, stacks[0], snapshot or first_snapshot)
+            self._score(starting, stacks[0], snapshot)
         if not self._active:
             return NETWORK, network(stacks)
         assert self.classical is not None  # calibrated on the first usable frame
